@@ -1,0 +1,189 @@
+//! Types and constants shared by the eBPF programs (`sidecar-ebpf`) and the sidecar binary.
+//!
+//! Everything here is `#[repr(C)]` and plain old data: the kernel side and user side read the very
+//! same bytes out of BPF maps. Conventions, fixed once so that both sides agree:
+//! - IP addresses are 16-byte IPv6 addresses in network byte order, IPv4 as v4-mapped `::ffff:a.b.c.d`,
+//!   so one map serves both families and a dual-stack socket's v4-mapped peer matches the IPv4 socket
+//!   on the other end of the same connection.
+//! - Ports are in host byte order.
+#![no_std]
+
+/// Names of the `.rodata` globals the loader sets before loading (see `sidecar-ebpf`).
+pub mod globals {
+    /// `u32`: UID whose connections are never redirected (the proxy's own upstream connections).
+    pub const PROXY_UID: &str = "PROXY_UID";
+    /// `u32`: GID whose connections are never redirected (`u32::MAX` = no GID exclusion).
+    pub const PROXY_GID: &str = "PROXY_GID";
+    /// `u16`: the outbound listener port on loopback.
+    pub const OUTBOUND_PORT: &str = "OUTBOUND_PORT";
+    /// `u16`: the inbound listener port (sk_lookup steers captured SYNs to it).
+    pub const INBOUND_PORT: &str = "INBOUND_PORT";
+    /// `u16`: the admin port (never captured inbound).
+    pub const ADMIN_PORT: &str = "ADMIN_PORT";
+    /// `u32`: bit set of [`crate::flags`].
+    pub const FLAGS: &str = "FLAGS";
+}
+
+/// Bits of the `FLAGS` global.
+pub mod flags {
+    /// Only ports present in the include-ports bitmap are redirected.
+    pub const INCLUDE_PORTS: u32 = 1 << 0;
+    /// Only destinations inside the include-CIDRs trie are redirected.
+    pub const INCLUDE_CIDRS: u32 = 1 << 1;
+    /// Emit aya-log debug records (costs a ring write per connect; off by default).
+    pub const DEBUG_LOG: u32 = 1 << 2;
+    /// Outbound fail-open: connect directly when no proxy listens on the outbound port.
+    pub const FAIL_OPEN_OUTBOUND: u32 = 1 << 3;
+    /// Inbound fail-open: deliver to the app when no proxy listens on the inbound port.
+    pub const FAIL_OPEN_INBOUND: u32 = 1 << 4;
+    /// Only ports present in the inbound include bitmap are captured.
+    pub const INBOUND_INCLUDE_PORTS: u32 = 1 << 5;
+}
+
+/// Names of the maps in the eBPF object (kernel object names are limited to 15 bytes).
+pub mod maps {
+    pub const ORIG_DST_BY_COOKIE: &str = "SC_ODST_COOKIE";
+    pub const ORIG_DST_BY_TUPLE: &str = "SC_ODST_TUPLE";
+    pub const POD_IPS: &str = "SC_POD_IPS";
+    pub const EXCLUDE_PORTS: &str = "SC_EXCL_PORTS";
+    pub const INCLUDE_PORTS: &str = "SC_INCL_PORTS";
+    pub const EXCLUDE_CIDRS: &str = "SC_EXCL_CIDRS";
+    pub const INCLUDE_CIDRS: &str = "SC_INCL_CIDRS";
+    pub const STATS: &str = "SC_STATS";
+    pub const INBOUND_LISTENERS: &str = "SC_IN_LISTEN";
+    pub const INBOUND_EXCLUDE_PORTS: &str = "SC_IN_EXCL";
+    pub const INBOUND_INCLUDE_PORTS: &str = "SC_IN_INCL";
+    /// All of our maps, for `status` and for removal checks.
+    pub const ALL: [&str; 11] = [
+        ORIG_DST_BY_COOKIE,
+        ORIG_DST_BY_TUPLE,
+        POD_IPS,
+        EXCLUDE_PORTS,
+        INCLUDE_PORTS,
+        EXCLUDE_CIDRS,
+        INCLUDE_CIDRS,
+        STATS,
+        INBOUND_LISTENERS,
+        INBOUND_EXCLUDE_PORTS,
+        INBOUND_INCLUDE_PORTS,
+    ];
+    /// Slots of the inbound listener SOCKMAP.
+    pub const INBOUND_SLOT_V4: u32 = 0;
+    pub const INBOUND_SLOT_V6: u32 = 1;
+}
+
+/// Program names (function names in `sidecar-ebpf`). Every one starts with [`PROG_PREFIX`] so that
+/// removal and `status` can tell ours from anybody else's.
+pub mod progs {
+    pub const PROG_PREFIX: &str = "sc_";
+    pub const CONNECT4: &str = "sc_connect4";
+    pub const CONNECT6: &str = "sc_connect6";
+    pub const SOCKOPS: &str = "sc_sockops";
+    pub const GETSOCKOPT: &str = "sc_getsockopt";
+    pub const GETPEERNAME4: &str = "sc_getpeername4";
+    pub const GETPEERNAME6: &str = "sc_getpeername6";
+    /// Attached to the pod's network namespace, not its cgroup.
+    pub const SK_LOOKUP: &str = "sc_sk_lookup";
+}
+
+/// Port bitmaps are arrays of `u64` words: port `p` is bit `p % 64` of word `p / 64`.
+pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
+
+/// `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`: the getsockopt optname iptables' REDIRECT answers.
+pub const SO_ORIGINAL_DST: i32 = 80;
+
+/// Key of the original-destination map keyed by connection. `client` is the application's socket
+/// (source of the redirected connection), `server` is the proxy's listener address it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockTuple {
+    pub client_ip: [u32; 4],
+    pub server_ip: [u32; 4],
+    pub client_port: u16,
+    pub server_port: u16,
+}
+
+/// Where the application meant to connect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    /// IPv6 or v4-mapped address, network byte order.
+    pub ip: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Index of each counter in the per-CPU `SC_STATS` array.
+pub mod stats {
+    pub const REDIRECTED: u32 = 0;
+    pub const SKIP_PROXY_UID: u32 = 1;
+    pub const SKIP_LOOPBACK: u32 = 2;
+    pub const SKIP_POD_IP: u32 = 3;
+    pub const SKIP_EXCLUDED_PORT: u32 = 4;
+    pub const SKIP_NOT_INCLUDED_PORT: u32 = 5;
+    pub const SKIP_EXCLUDED_CIDR: u32 = 6;
+    pub const SKIP_NOT_INCLUDED_CIDR: u32 = 7;
+    pub const SKIP_NOT_TCP: u32 = 8;
+    pub const MAP_ERROR: u32 = 9;
+    pub const SOCKOPT_HIT: u32 = 10;
+    pub const SOCKOPT_MISS: u32 = 11;
+    pub const PEERNAME_REWRITTEN: u32 = 12;
+    pub const TUPLE_SAVED: u32 = 13;
+    /// Outbound connect left alone because no proxy listened (fail-open).
+    pub const OUTBOUND_FAIL_OPEN: u32 = 14;
+    /// Inbound SYN steered to the proxy's inbound listener.
+    pub const INBOUND_REDIRECTED: u32 = 15;
+    /// Inbound SYN not captured: proxy/excluded/not-included port.
+    pub const INBOUND_SKIP_PORT: u32 = 16;
+    /// Inbound SYN delivered to the app because no proxy listened (fail-open).
+    pub const INBOUND_FAIL_OPEN: u32 = 17;
+    /// Inbound SYN refused because no proxy listened (fail-closed).
+    pub const INBOUND_REFUSED: u32 = 18;
+    /// The proxy's inbound listener was registered (sockops LISTEN).
+    pub const INBOUND_LISTENER_SEEN: u32 = 19;
+    /// Number of counters (size of the array).
+    pub const COUNT: u32 = 20;
+    /// Counter names, indexed like the constants above (stable: they are metric label values).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "redirected",
+        "skip_proxy_uid",
+        "skip_loopback",
+        "skip_pod_ip",
+        "skip_excluded_port",
+        "skip_not_included_port",
+        "skip_excluded_cidr",
+        "skip_not_included_cidr",
+        "skip_not_tcp",
+        "map_error",
+        "sockopt_hit",
+        "sockopt_miss",
+        "peername_rewritten",
+        "tuple_saved",
+        "outbound_fail_open",
+        "inbound_redirected",
+        "inbound_skip_port",
+        "inbound_fail_open",
+        "inbound_refused",
+        "inbound_listener_seen",
+    ];
+}
+
+/// IPv4 address (network byte order, as the kernel stores it) to the v4-mapped form used in keys.
+#[inline(always)]
+pub const fn v4_mapped(ip4_be: u32) -> [u32; 4] {
+    [0, 0, u32::from_be(0x0000_ffff), ip4_be]
+}
+
+/// Whether a 16-byte key address is v4-mapped.
+#[inline(always)]
+pub const fn is_v4_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_be(0x0000_ffff)
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both are #[repr(C)], Copy, and every bit pattern is valid.
+    unsafe impl aya::Pod for super::SockTuple {}
+    unsafe impl aya::Pod for super::OrigDst {}
+}

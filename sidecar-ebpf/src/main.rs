@@ -1,0 +1,654 @@
+//! Kernel side of the sidecar: the programs `sidecar init` attaches to one pod's cgroup.
+//!
+//! Outbound flow (see ARCHITECTURE.md):
+//! 1. `sc_connect4` / `sc_connect6` (cgroup/connect*): a TCP connect() by an application process is
+//!    rewritten to the proxy's outbound listener on loopback; the original destination is saved under
+//!    the socket cookie.
+//! 2. `sc_sockops` (sock_ops, ACTIVE_ESTABLISHED): once the connection exists, the original destination
+//!    is re-keyed by the connection's 4-tuple, because the proxy's accepted socket is a different socket
+//!    (a different cookie) and the only thing the two ends share is the 4-tuple.
+//! 3. `sc_getsockopt` (cgroup/getsockopt): the proxy calls getsockopt(SOL_IP/SOL_IPV6, SO_ORIGINAL_DST)
+//!    as it would under iptables; we answer from the 4-tuple map.
+//! 4. `sc_getpeername4/6` (cgroup/getpeername*): the application sees its real peer.
+//!
+//! Inbound flow: `sc_sockops` puts the proxy's inbound listener into a SOCKMAP when it calls
+//! listen(); `sc_sk_lookup` (attached to the pod's network namespace) hands SYNs for the pod's
+//! addresses and captured ports to that listener. The proxy reads the original destination with
+//! getsockname(), as nothing was rewritten.
+//!
+//! Fail modes are decided here, per connection: fail-open looks for the proxy's listener first
+//! and leaves the connection alone when there is none.
+//!
+//! Scalars are `.rodata` globals set by the loader; every program reads them with `read_volatile`
+//! because otherwise the compiler folds the default value in at build time.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock_tuple, sk_action, BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
+    },
+    helpers::{
+        bpf_get_current_uid_gid, bpf_get_socket_cookie,
+        generated::{bpf_sk_lookup_tcp, bpf_sk_release},
+    },
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
+    EbpfContext,
+};
+use aya_log_ebpf::debug;
+use sidecar_common::{
+    flags, is_v4_mapped, maps::INBOUND_SLOT_V4, maps::INBOUND_SLOT_V6, stats, v4_mapped, OrigDst,
+    SockTuple, PORT_BITMAP_WORDS, SO_ORIGINAL_DST,
+};
+
+// ---- configuration (.rodata, set at load time) --------------------------------------------------
+
+#[no_mangle]
+static PROXY_UID: u32 = 1337;
+#[no_mangle]
+static PROXY_GID: u32 = 1337;
+#[no_mangle]
+static OUTBOUND_PORT: u16 = 15001;
+#[no_mangle]
+static INBOUND_PORT: u16 = 15006;
+#[no_mangle]
+static ADMIN_PORT: u16 = 15090;
+#[no_mangle]
+static FLAGS: u32 = 0;
+
+#[inline(always)]
+fn cfg<T: Copy>(v: &'static T) -> T {
+    // SAFETY: a valid reference to a static; volatile so the loader's value is read, not the default.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+/// Reads a context field with a load at its fixed offset. The verifier rejects context accesses
+/// through a computed pointer ("dereference of modified ctx ptr"), and LLVM happily turns two
+/// branches reading different fields into one load through a selected pointer. So every field a
+/// program needs is read unconditionally, once, with a volatile load, and the branches pick among
+/// the values rather than among the addresses.
+macro_rules! ctx_read {
+    ($ptr:expr, $($field:tt)+) => {
+        {
+            #[allow(unused_unsafe)]
+            // SAFETY: $ptr is the program's context (or a verifier-checked socket) pointer.
+            let value = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$($field)+)) };
+            value
+        }
+    };
+}
+
+// ---- maps ---------------------------------------------------------------------------------------
+
+/// Original destination by socket cookie (written at connect, read by sockops and getpeername).
+/// LRU so that a burst of connections can never make connect() fail; entries are also removed
+/// when the socket closes (sockops STATE_CB).
+#[map(name = "SC_ODST_COOKIE")]
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+/// Original destination by connection 4-tuple (written by sockops, read by the proxy's getsockopt).
+#[map(name = "SC_ODST_TUPLE")]
+static ORIG_DST_BY_TUPLE: LruHashMap<SockTuple, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+/// The pod's own addresses: traffic to them is pod-local and never redirected.
+#[map(name = "SC_POD_IPS")]
+static POD_IPS: HashMap<[u32; 4], u8> = HashMap::with_max_entries(16, 0);
+
+/// 65536-bit port bitmaps (word = port / 64).
+#[map(name = "SC_EXCL_PORTS")]
+static EXCLUDE_PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
+#[map(name = "SC_INCL_PORTS")]
+static INCLUDE_PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
+
+/// CIDR lists; IPv4 prefixes are stored v4-mapped (prefix length + 96).
+#[map(name = "SC_EXCL_CIDRS")]
+static EXCLUDE_CIDRS: LpmTrie<[u32; 4], u8> = LpmTrie::with_max_entries(1024, 1); // BPF_F_NO_PREALLOC
+#[map(name = "SC_INCL_CIDRS")]
+static INCLUDE_CIDRS: LpmTrie<[u32; 4], u8> = LpmTrie::with_max_entries(1024, 1);
+
+/// The proxy's inbound listeners (slot 0: IPv4, slot 1: IPv6), filled by sockops on listen().
+/// A closed socket leaves the map by itself, which is what makes the fail modes work.
+#[map(name = "SC_IN_LISTEN")]
+static INBOUND_LISTENERS: SockMap = SockMap::with_max_entries(2, 0);
+
+/// Inbound port bitmaps (captured ports): excluded, and the optional include list.
+#[map(name = "SC_IN_EXCL")]
+static INBOUND_EXCLUDE_PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
+#[map(name = "SC_IN_INCL")]
+static INBOUND_INCLUDE_PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
+
+#[map(name = "SC_STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+// ---- decisions shared by connect4 and connect6 --------------------------------------------------
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+const TCP_CLOSE: u32 = 7;
+const LOOPBACK4_BE: u32 = u32::from_be(0x7f00_0001);
+
+#[inline(always)]
+fn port_in(bitmap: &Array<u64>, port: u16) -> bool {
+    match bitmap.get((port as u32) / 64) {
+        Some(word) => (*word >> (port % 64)) & 1 == 1,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn in_cidrs(trie: &LpmTrie<[u32; 4], u8>, ip: [u32; 4]) -> bool {
+    trie.get(Key::new(128, ip)).is_some()
+}
+
+/// Why a connect is left alone, as a stats index; `None` = redirect it.
+#[inline(always)]
+fn skip_reason(ip: [u32; 4], port: u16) -> Option<u32> {
+    let ids = bpf_get_current_uid_gid();
+    let (uid, gid) = (ids as u32, (ids >> 32) as u32);
+    if uid == cfg(&PROXY_UID) || gid == cfg(&PROXY_GID) {
+        return Some(stats::SKIP_PROXY_UID);
+    }
+    if is_loopback(&ip) {
+        return Some(stats::SKIP_LOOPBACK);
+    }
+    // SAFETY: read-only lookup; the value is not kept.
+    if unsafe { POD_IPS.get(&ip) }.is_some() {
+        return Some(stats::SKIP_POD_IP);
+    }
+    let f = cfg(&FLAGS);
+    if f & flags::INCLUDE_PORTS != 0 && !port_in(&INCLUDE_PORTS, port) {
+        return Some(stats::SKIP_NOT_INCLUDED_PORT);
+    }
+    if port_in(&EXCLUDE_PORTS, port) {
+        return Some(stats::SKIP_EXCLUDED_PORT);
+    }
+    if f & flags::INCLUDE_CIDRS != 0 && !in_cidrs(&INCLUDE_CIDRS, ip) {
+        return Some(stats::SKIP_NOT_INCLUDED_CIDR);
+    }
+    if in_cidrs(&EXCLUDE_CIDRS, ip) {
+        return Some(stats::SKIP_EXCLUDED_CIDR);
+    }
+    None
+}
+
+#[inline(always)]
+fn is_loopback(ip: &[u32; 4]) -> bool {
+    if is_v4_mapped(ip) {
+        // 127.0.0.0/8: first byte of the network-order word.
+        (ip[3] & 0xff) == 127
+    } else {
+        ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == u32::from_be(1)
+    }
+}
+
+/// Saves the original destination under the socket cookie. False when it could not be saved, in
+/// which case the connect is not rewritten: the proxy could never learn where it was going.
+#[inline(always)]
+fn save_orig(ctx: &SockAddrContext, ip: [u32; 4], port: u16) -> bool {
+    // SAFETY: the helper only reads the socket behind the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst { ip, port, _pad: 0 };
+    if ORIG_DST_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+        count(stats::MAP_ERROR);
+        return false;
+    }
+    true
+}
+
+/// Whether the proxy listens on loopback:OUTBOUND_PORT in this network namespace. `v6` selects
+/// [::1], else 127.0.0.1. Only consulted in fail-open mode: it costs a socket lookup per connect.
+#[inline(always)]
+fn outbound_listener_present(ctx: &SockAddrContext, v6: bool) -> bool {
+    // SAFETY: bpf_sock_tuple is plain data; an all-zero value is valid.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let port = cfg(&OUTBOUND_PORT).to_be();
+    let size = if v6 {
+        // SAFETY: writing the ipv6 variant of a zeroed union.
+        unsafe {
+            tuple.__bindgen_anon_1.ipv6.daddr[3] = u32::from_be(1);
+            tuple.__bindgen_anon_1.ipv6.dport = port;
+            core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv6)
+        }
+    } else {
+        // SAFETY: writing the ipv4 variant of a zeroed union.
+        unsafe {
+            tuple.__bindgen_anon_1.ipv4.daddr = LOOPBACK4_BE;
+            tuple.__bindgen_anon_1.ipv4.dport = port;
+            core::mem::size_of_val(&tuple.__bindgen_anon_1.ipv4)
+        }
+    };
+    // SAFETY: the tuple lives on our stack for the call; a socket returned is released at once.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk as *mut _);
+    }
+    true
+}
+
+// ---- cgroup/connect4, cgroup/connect6 ------------------------------------------------------------
+
+#[cgroup_sock_addr(connect4)]
+pub fn sc_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's run; fields are verifier-checked.
+    unsafe {
+        if (*sa).type_ != SOCK_STREAM {
+            count(stats::SKIP_NOT_TCP);
+            return 1;
+        }
+        let ip = v4_mapped((*sa).user_ip4);
+        let port = u16::from_be((*sa).user_port as u16);
+        if let Some(reason) = skip_reason(ip, port) {
+            count(reason);
+            return 1;
+        }
+        if cfg(&FLAGS) & flags::FAIL_OPEN_OUTBOUND != 0 && !outbound_listener_present(&ctx, false) {
+            count(stats::OUTBOUND_FAIL_OPEN);
+            return 1;
+        }
+        if !save_orig(&ctx, ip, port) {
+            return 1;
+        }
+        (*sa).user_ip4 = LOOPBACK4_BE;
+        (*sa).user_port = cfg(&OUTBOUND_PORT).to_be() as u32;
+    }
+    count(stats::REDIRECTED);
+    if cfg(&FLAGS) & flags::DEBUG_LOG != 0 {
+        debug!(&ctx, "connect4 redirected to outbound listener");
+    }
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sc_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in sc_connect4. user_ip6 is read and written one 32-bit word at a time because the
+    // verifier only allows 4-byte accesses to it.
+    unsafe {
+        if (*sa).type_ != SOCK_STREAM {
+            count(stats::SKIP_NOT_TCP);
+            return 1;
+        }
+        let ip = [
+            ctx_read!(sa, user_ip6[0]),
+            ctx_read!(sa, user_ip6[1]),
+            ctx_read!(sa, user_ip6[2]),
+            ctx_read!(sa, user_ip6[3]),
+        ];
+        let port = u16::from_be((*sa).user_port as u16);
+        if let Some(reason) = skip_reason(ip, port) {
+            count(reason);
+            return 1;
+        }
+        if cfg(&FLAGS) & flags::FAIL_OPEN_OUTBOUND != 0
+            && !outbound_listener_present(&ctx, !is_v4_mapped(&ip))
+        {
+            count(stats::OUTBOUND_FAIL_OPEN);
+            return 1;
+        }
+        if !save_orig(&ctx, ip, port) {
+            return 1;
+        }
+        if is_v4_mapped(&ip) {
+            // A dual-stack socket going to an IPv4 peer: ::ffff:127.0.0.1 (the IPv4 listener).
+            (*sa).user_ip6[3] = LOOPBACK4_BE;
+        } else {
+            (*sa).user_ip6[0] = 0;
+            (*sa).user_ip6[1] = 0;
+            (*sa).user_ip6[2] = 0;
+            (*sa).user_ip6[3] = u32::from_be(1);
+        }
+        (*sa).user_port = cfg(&OUTBOUND_PORT).to_be() as u32;
+    }
+    count(stats::REDIRECTED);
+    if cfg(&FLAGS) & flags::DEBUG_LOG != 0 {
+        debug!(&ctx, "connect6 redirected to outbound listener");
+    }
+    1
+}
+
+// ---- sock_ops -------------------------------------------------------------------------------------
+
+#[sock_ops]
+pub fn sc_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
+        BPF_SOCK_OPS_STATE_CB => {
+            // args[1] is the new state; forget the connection once it is closed.
+            if ctx.arg(1) == TCP_CLOSE {
+                forget(&ctx);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+/// The 4-tuple of an application socket, as seen from the proxy's accepted socket: the app is the
+/// client, the listener is the server.
+#[inline(always)]
+fn app_tuple(ctx: &SockOpsContext) -> Option<SockTuple> {
+    let ops = ctx.ops;
+    // All loads first, unconditionally (see ctx_read!).
+    let family = ctx_read!(ops, family);
+    let (l4, r4) = (ctx_read!(ops, local_ip4), ctx_read!(ops, remote_ip4));
+    let l6 = [
+        ctx_read!(ops, local_ip6[0]),
+        ctx_read!(ops, local_ip6[1]),
+        ctx_read!(ops, local_ip6[2]),
+        ctx_read!(ops, local_ip6[3]),
+    ];
+    let r6 = [
+        ctx_read!(ops, remote_ip6[0]),
+        ctx_read!(ops, remote_ip6[1]),
+        ctx_read!(ops, remote_ip6[2]),
+        ctx_read!(ops, remote_ip6[3]),
+    ];
+    let local_port = ctx_read!(ops, local_port);
+    let remote_port = ctx_read!(ops, remote_port);
+    let (client_ip, server_ip) = match family {
+        AF_INET => (v4_mapped(l4), v4_mapped(r4)),
+        AF_INET6 => (l6, r6),
+        _ => return None,
+    };
+    Some(SockTuple {
+        client_ip,
+        server_ip,
+        client_port: local_port as u16,
+        // sock_ops exposes remote_port in network byte order in the upper half on little endian;
+        // u32::from_be puts the host-order port in the low 16 bits.
+        server_port: u32::from_be(remote_port) as u16,
+    })
+}
+
+#[inline(always)]
+fn on_active_established(ctx: &SockOpsContext) {
+    // SAFETY: the helper only reads the socket behind the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    let orig = match unsafe { ORIG_DST_BY_COOKIE.get(&cookie) } {
+        Some(orig) => *orig,
+        None => return, // not one of ours (the proxy's own connections land here too)
+    };
+    let Some(tuple) = app_tuple(ctx) else { return };
+    if ORIG_DST_BY_TUPLE.insert(&tuple, &orig, 0).is_err() {
+        count(stats::MAP_ERROR);
+        return;
+    }
+    count(stats::TUPLE_SAVED);
+    // Ask for state callbacks on this socket only, so both entries go when it closes.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// The proxy's inbound listener goes into the SOCKMAP the sk_lookup program reads. Matching on the
+/// port alone is enough: in a pod, only one socket per family can listen on it.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    let family = ctx_read!(ops, family);
+    let port = ctx_read!(ops, local_port);
+    if port != cfg(&INBOUND_PORT) as u32 {
+        return;
+    }
+    let slot = if family == AF_INET6 { INBOUND_SLOT_V6 } else { INBOUND_SLOT_V4 };
+    // SAFETY: ops is the sock_ops context of a listening TCP socket, as the helper requires.
+    if unsafe { INBOUND_LISTENERS.update(slot, ops, 0) }.is_ok() {
+        count(stats::INBOUND_LISTENER_SEEN);
+    } else {
+        count(stats::MAP_ERROR);
+    }
+}
+
+#[inline(always)]
+fn forget(ctx: &SockOpsContext) {
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+    if let Some(tuple) = app_tuple(ctx) {
+        let _ = ORIG_DST_BY_TUPLE.remove(&tuple);
+    }
+}
+
+// ---- cgroup/getsockopt: SO_ORIGINAL_DST -------------------------------------------------------------
+
+#[cgroup_sockopt(getsockopt)]
+pub fn sc_getsockopt(ctx: SockoptContext) -> i32 {
+    let so = ctx.sockopt;
+    // SAFETY: the context pointer is valid; pointer fields are checked by the verifier, and every
+    // write into optval is preceded by the bounds check against optval_end it requires.
+    unsafe {
+        let level = (*so).level;
+        // Only SOL_IP/SOL_IPV6 + SO_ORIGINAL_DST; every other call passes through untouched.
+        if (*so).optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+            return 1;
+        }
+        // Already answered (by conntrack, or by another copy of us during a re-init): leave it.
+        if (*so).retval == 0 {
+            return 1;
+        }
+        let sk = (*so).__bindgen_anon_1.sk;
+        if sk.is_null() {
+            return 1;
+        }
+        // All loads first, unconditionally (see ctx_read!).
+        let family = ctx_read!(sk, family);
+        let (src4, dst4) = (ctx_read!(sk, src_ip4), ctx_read!(sk, dst_ip4));
+        let src6 = [
+            ctx_read!(sk, src_ip6[0]),
+            ctx_read!(sk, src_ip6[1]),
+            ctx_read!(sk, src_ip6[2]),
+            ctx_read!(sk, src_ip6[3]),
+        ];
+        let dst6 = [
+            ctx_read!(sk, dst_ip6[0]),
+            ctx_read!(sk, dst_ip6[1]),
+            ctx_read!(sk, dst_ip6[2]),
+            ctx_read!(sk, dst_ip6[3]),
+        ];
+        let (client_ip, server_ip) = match family {
+            AF_INET => (v4_mapped(dst4), v4_mapped(src4)),
+            AF_INET6 => (dst6, src6),
+            _ => return 1,
+        };
+        let tuple = SockTuple {
+            client_ip,
+            server_ip,
+            client_port: u16::from_be(ctx_read!(sk, dst_port)),
+            server_port: ctx_read!(sk, src_port) as u16,
+        };
+        let orig = match ORIG_DST_BY_TUPLE.get(&tuple) {
+            Some(orig) => *orig,
+            None => {
+                count(stats::SOCKOPT_MISS);
+                return 1;
+            }
+        };
+        let optval = (*so).__bindgen_anon_2.optval as *mut u8;
+        let optval_end = (*so).__bindgen_anon_3.optval_end as *mut u8;
+        if level == SOL_IP {
+            if !is_v4_mapped(&orig.ip) {
+                count(stats::SOCKOPT_MISS);
+                return 1;
+            }
+            // struct sockaddr_in: family(2) port(2, be) addr(4, be) zero(8)
+            if optval.add(16) > optval_end {
+                return 1;
+            }
+            let out = optval as *mut [u32; 4];
+            (*out)[0] = (AF_INET as u32) | ((orig.port.to_be() as u32) << 16);
+            (*out)[1] = orig.ip[3];
+            (*out)[2] = 0;
+            (*out)[3] = 0;
+            (*so).optlen = 16;
+        } else {
+            // struct sockaddr_in6: family(2) port(2) flowinfo(4) addr(16) scope_id(4)
+            if optval.add(28) > optval_end {
+                return 1;
+            }
+            let out = optval as *mut [u32; 7];
+            (*out)[0] = (AF_INET6 as u32) | ((orig.port.to_be() as u32) << 16);
+            (*out)[1] = 0;
+            (*out)[2] = orig.ip[0];
+            (*out)[3] = orig.ip[1];
+            (*out)[4] = orig.ip[2];
+            (*out)[5] = orig.ip[3];
+            (*out)[6] = 0;
+            (*so).optlen = 28;
+        }
+        (*so).retval = 0;
+    }
+    count(stats::SOCKOPT_HIT);
+    1
+}
+
+// ---- cgroup/getpeername4, cgroup/getpeername6 ---------------------------------------------------------
+
+#[inline(always)]
+fn orig_for(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: the helper only reads the socket; the value is copied out at once.
+    unsafe {
+        let cookie = bpf_get_socket_cookie(ctx.as_ptr());
+        ORIG_DST_BY_COOKIE.get(&cookie).copied()
+    }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sc_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = orig_for(&ctx) {
+        if is_v4_mapped(&orig.ip) {
+            // SAFETY: context fields, verifier-checked.
+            unsafe {
+                (*ctx.sock_addr).user_ip4 = orig.ip[3];
+                (*ctx.sock_addr).user_port = orig.port.to_be() as u32;
+            }
+            count(stats::PEERNAME_REWRITTEN);
+        }
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sc_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = orig_for(&ctx) {
+        // SAFETY: context fields, verifier-checked; 4-byte writes only.
+        unsafe {
+            (*ctx.sock_addr).user_ip6[0] = orig.ip[0];
+            (*ctx.sock_addr).user_ip6[1] = orig.ip[1];
+            (*ctx.sock_addr).user_ip6[2] = orig.ip[2];
+            (*ctx.sock_addr).user_ip6[3] = orig.ip[3];
+            (*ctx.sock_addr).user_port = orig.port.to_be() as u32;
+        }
+        count(stats::PEERNAME_REWRITTEN);
+    }
+    1
+}
+
+// ---- sk_lookup: inbound ---------------------------------------------------------------------------
+
+const IPPROTO_TCP: u32 = 6;
+/// Source of the proxy's own connections to the app (Istio's inbound passthrough address).
+const PASSTHROUGH4_BE: u32 = u32::from_be(0x7f00_0006);
+
+#[sk_lookup]
+pub fn sc_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let lk = ctx.lookup;
+    // All loads first, unconditionally (see ctx_read!).
+    let family = ctx_read!(lk, family);
+    let protocol = ctx_read!(lk, protocol);
+    let (local4, remote4) = (ctx_read!(lk, local_ip4), ctx_read!(lk, remote_ip4));
+    let local6 = [
+        ctx_read!(lk, local_ip6[0]),
+        ctx_read!(lk, local_ip6[1]),
+        ctx_read!(lk, local_ip6[2]),
+        ctx_read!(lk, local_ip6[3]),
+    ];
+    let remote6 = [
+        ctx_read!(lk, remote_ip6[0]),
+        ctx_read!(lk, remote_ip6[1]),
+        ctx_read!(lk, remote_ip6[2]),
+        ctx_read!(lk, remote_ip6[3]),
+    ];
+    let port = ctx_read!(lk, local_port) as u16;
+    if protocol != IPPROTO_TCP {
+        return sk_action::SK_PASS;
+    }
+    let (local, remote) = if family == AF_INET {
+        (v4_mapped(local4), v4_mapped(remote4))
+    } else {
+        (local6, remote6)
+    };
+    // Only SYNs for the pod's own addresses; never the proxy's passthrough connections (from
+    // 127.0.0.6), loopback, or the pod talking to itself.
+    // SAFETY: read-only lookups; values are not kept.
+    if unsafe { POD_IPS.get(&local) }.is_none()
+        || is_loopback(&remote)
+        || (family == AF_INET && remote4 == PASSTHROUGH4_BE)
+        || unsafe { POD_IPS.get(&remote) }.is_some()
+    {
+        return sk_action::SK_PASS;
+    }
+    let f = cfg(&FLAGS);
+    if port == cfg(&INBOUND_PORT)
+        || port == cfg(&OUTBOUND_PORT)
+        || port == cfg(&ADMIN_PORT)
+        || port_in(&INBOUND_EXCLUDE_PORTS, port)
+        || (f & flags::INBOUND_INCLUDE_PORTS != 0 && !port_in(&INBOUND_INCLUDE_PORTS, port))
+    {
+        count(stats::INBOUND_SKIP_PORT);
+        return sk_action::SK_PASS;
+    }
+    // An IPv4 SYN may go to a dual-stack IPv6 listener when there is no IPv4 one.
+    let assigned = if family == AF_INET {
+        INBOUND_LISTENERS.redirect_sk_lookup(&ctx, INBOUND_SLOT_V4, 0).is_ok()
+            || INBOUND_LISTENERS.redirect_sk_lookup(&ctx, INBOUND_SLOT_V6, 0).is_ok()
+    } else {
+        INBOUND_LISTENERS.redirect_sk_lookup(&ctx, INBOUND_SLOT_V6, 0).is_ok()
+    };
+    if assigned {
+        count(stats::INBOUND_REDIRECTED);
+        return sk_action::SK_PASS;
+    }
+    if f & flags::FAIL_OPEN_INBOUND != 0 {
+        count(stats::INBOUND_FAIL_OPEN);
+        sk_action::SK_PASS
+    } else {
+        // The lookup fails: the client gets a RST (connection refused), as with iptables and no
+        // proxy.
+        count(stats::INBOUND_REFUSED);
+        sk_action::SK_DROP
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,280 @@
+//! Facts about the host the init step checks before touching the kernel: where cgroup v2 is
+//! mounted, whether a directory is a pod cgroup we may attach to, bpffs, capabilities.
+use std::{
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use super::InitError;
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Mount points of cgroup2 filesystems, from /proc/self/mountinfo. On hybrid hosts (systemd's
+/// "unified" layout) this is /sys/fs/cgroup/unified, on pure v2 hosts /sys/fs/cgroup.
+pub fn cgroup2_mounts() -> Vec<PathBuf> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    parse_mountinfo(&info, "cgroup2")
+}
+
+fn parse_mountinfo(info: &str, fstype: &str) -> Vec<PathBuf> {
+    info.lines()
+        .filter_map(|line| {
+            // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <src> <opts>"
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split(' ').nth(4)?;
+            (right.split(' ').next()? == fstype).then(|| PathBuf::from(unescape(mount_point)))
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v as char);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i] as char);
+        i += 1;
+    }
+    out
+}
+
+fn fs_magic(path: &Path) -> Option<i64> {
+    nix::sys::statfs::statfs(path)
+        .ok()
+        .map(|s| s.filesystem_type().0 as i64)
+}
+
+/// A validated pod cgroup: a cgroup2 directory that is not the root of the hierarchy.
+#[derive(Debug, Clone)]
+pub struct PodCgroup {
+    pub path: PathBuf,
+    /// The cgroup id (inode number of the directory), as `bpftool cgroup` and the kernel show it.
+    pub id: u64,
+}
+
+pub fn pod_cgroup(path: &Path) -> Result<PodCgroup, InitError> {
+    let mounts = cgroup2_mounts();
+    let hint = match mounts.first() {
+        Some(m) => format!("cgroup v2 is mounted at {} here", m.display()),
+        None => {
+            "no cgroup v2 filesystem is mounted here (mount -t cgroup2 none /sys/fs/cgroup)".into()
+        }
+    };
+    let canonical = fs::canonicalize(path).map_err(|e| InitError::Cgroup {
+        path: path.into(),
+        problem: format!("cannot open it ({e})"),
+        fix: format!("pass the pod's existing cgroup v2 directory; {hint}"),
+    })?;
+    let meta = fs::metadata(&canonical).map_err(|e| InitError::Cgroup {
+        path: path.into(),
+        problem: e.to_string(),
+        fix: hint.clone(),
+    })?;
+    if !meta.is_dir() || fs_magic(&canonical) != Some(CGROUP2_SUPER_MAGIC) {
+        return Err(InitError::Cgroup {
+            path: path.into(),
+            problem: "is not a cgroup v2 directory".into(),
+            fix: format!("pass a directory inside the cgroup v2 hierarchy; {hint}"),
+        });
+    }
+    if mounts
+        .iter()
+        .any(|m| fs::canonicalize(m).ok().as_deref() == Some(&canonical))
+    {
+        return Err(InitError::Cgroup {
+            path: path.into(),
+            problem: "is the root of the cgroup v2 hierarchy: attaching there would intercept every process on the host".into(),
+            fix: "pass the pod's own cgroup (a directory below the root)".into(),
+        });
+    }
+    Ok(PodCgroup {
+        path: canonical,
+        id: meta.ino(),
+    })
+}
+
+/// Whether `path` (or its nearest existing ancestor) is on a bpf filesystem.
+pub fn on_bpffs(path: &Path) -> bool {
+    let mut p = Some(path);
+    while let Some(dir) = p {
+        if dir.exists() {
+            return fs_magic(dir) == Some(BPF_FS_MAGIC);
+        }
+        p = dir.parent();
+    }
+    false
+}
+
+/// Capabilities the init step needs, missing from the effective set. Loading needs CAP_BPF (or
+/// CAP_SYS_ADMIN on older kernels); attaching cgroup programs needs CAP_NET_ADMIN; CAP_SYS_ADMIN
+/// covers both.
+pub fn missing_capabilities() -> Vec<&'static str> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let Some(eff) = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    }) else {
+        return Vec::new(); // cannot tell: let the kernel decide and explain its refusal
+    };
+    let has = |cap: u32| eff >> cap & 1 == 1;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF (or CAP_SYS_ADMIN)");
+    }
+    if !has(CAP_NET_ADMIN) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    missing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_on_hybrid_hosts() {
+        let info = "\
+25 1 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid shared:5 - cgroup2 cgroup2 rw,nsdelegate
+27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
+28 1 0:26 / /mnt/with\\040space rw - cgroup2 none rw";
+        assert_eq!(
+            parse_mountinfo(info, "cgroup2"),
+            vec![
+                PathBuf::from("/sys/fs/cgroup/unified"),
+                PathBuf::from("/mnt/with space")
+            ]
+        );
+    }
+}
+
+/// A validated pod network namespace, kept open while the init step attaches to it.
+#[derive(Debug)]
+pub struct PodNetns {
+    pub path: PathBuf,
+    pub file: fs::File,
+    pub inode: u64,
+}
+
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+pub fn pod_netns(path: &Path) -> Result<PodNetns, InitError> {
+    let file = fs::File::open(path).map_err(|e| InitError::Netns {
+        path: path.into(),
+        problem: format!("cannot open it ({e})"),
+        fix: "pass the pod's network namespace, e.g. /proc/<pid of a pod process>/ns/net or /run/netns/<name>".into(),
+    })?;
+    let is_nsfs = nix::sys::statfs::fstatfs(&file)
+        .map(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC)
+        .unwrap_or(false);
+    let inode = file.metadata().map(|m| m.ino()).unwrap_or(0);
+    if !is_nsfs {
+        return Err(InitError::Netns {
+            path: path.into(),
+            problem: "is not a namespace file".into(),
+            fix: "pass /proc/<pid>/ns/net or a bind mount of it (/run/netns/<name>)".into(),
+        });
+    }
+    // The host's namespace: recent kernels give init_net the fixed inode PROC_NET_INIT_INO; older
+    // ones do not, but then the host's PID 1 lives there (visible when the init step runs in the
+    // host PID namespace). Inside a pod without hostPID neither applies, and --host-ip catches
+    // hostNetwork instead.
+    const PROC_NET_INIT_INO: u64 = 0xEFFF_FFF9;
+    let pid1 = fs::metadata("/proc/1/ns/net").map(|m| m.ino()).ok();
+    let pid1_is_host_init = fs::read_to_string("/proc/1/cgroup")
+        .map(|c| c.lines().any(|l| l == "0::/init.scope"))
+        .unwrap_or(false);
+    if inode == PROC_NET_INIT_INO || (pid1_is_host_init && pid1 == Some(inode)) {
+        return Err(InitError::Netns {
+            path: path.into(),
+            problem: "is the host's network namespace (a hostNetwork pod?): capturing there would steer the whole node's traffic".into(),
+            fix: "run the sidecar only in pods with their own network namespace (hostNetwork: false)".into(),
+        });
+    }
+    Ok(PodNetns {
+        path: path.into(),
+        file,
+        inode,
+    })
+}
+
+/// `--cgroup auto`: the pod cgroup is the parent of the cgroup this process (the init container)
+/// runs in. With a private cgroup namespace (the default for containers on cgroup v2) our own path
+/// reads "/", so the init container's cgroup is found by inode in the host's hierarchy, which the
+/// init container must mount (hostPath /sys/fs/cgroup).
+pub fn auto_pod_cgroup() -> Result<PathBuf, InitError> {
+    let not_found = |problem: String| {
+        InitError::Cgroup {
+        path: "auto".into(),
+        problem,
+        fix: "mount the host's cgroup v2 hierarchy into the init container (hostPath /sys/fs/cgroup), or pass --cgroup <the pod's cgroup directory>".into(),
+    }
+    };
+    let own = fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        })
+        .ok_or_else(|| {
+            not_found(
+                "this process is not in a cgroup v2 hierarchy (/proc/self/cgroup has no 0:: line)"
+                    .into(),
+            )
+        })?;
+    let mounts = cgroup2_mounts();
+    let rel = own.trim_start_matches('/');
+    let own_inode = mounts
+        .iter()
+        .find_map(|m| fs::metadata(m.join(rel)).ok().map(|md| md.ino()))
+        .ok_or_else(|| {
+            not_found(format!(
+                "cannot find our own cgroup {own} under any cgroup v2 mount"
+            ))
+        })?;
+    for mount in &mounts {
+        if let Some(dir) = find_inode(mount, own_inode, 16) {
+            if dir != *mount {
+                if let Some(parent) = dir.parent() {
+                    return Ok(parent.to_path_buf());
+                }
+            }
+        }
+    }
+    Err(not_found(format!(
+        "our own cgroup (inode {own_inode}) is the root of every cgroup v2 mount visible here"
+    )))
+}
+
+fn find_inode(dir: &Path, inode: u64, depth: u32) -> Option<PathBuf> {
+    let md = fs::symlink_metadata(dir).ok()?;
+    if md.ino() == inode {
+        return Some(dir.to_path_buf());
+    }
+    if depth == 0 {
+        return None;
+    }
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            if let Some(found) = find_inode(&entry.path(), inode, depth - 1) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,9 @@
+//! The sidecar: an init step that loads and attaches the eBPF interception programs for one pod
+//! (`intercept`), and the proxy that receives the steered connections (`run`, `proxy`).
+pub mod intercept;
+pub mod orig_dst;
+pub mod proxy;
+pub mod run;
+
+/// Exit code for bad configuration or usage (sysexits.h `EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;

@@ -1,0 +1,48 @@
+//! `sidecar`: one binary, one subcommand per job (init step, proxy).
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "sidecar",
+    version,
+    about = "eBPF-assisted transparent interception sidecar"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the interception programs and attach them to one pod's cgroup (privileged init step).
+    Init(sidecar::intercept::InitArgs),
+    /// Run the proxy that receives the intercepted connections.
+    Run(sidecar::run::RunArgs),
+    /// Show what is attached for a pod, the configuration in force and the kernel counters.
+    Status(sidecar::intercept::StatusArgs),
+    /// Remove pins left by pods that are gone (node-level garbage collection).
+    Cleanup(sidecar::intercept::CleanupArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; bad usage exits 64 (EX_USAGE).
+            return if e.use_stderr() {
+                ExitCode::from(sidecar::EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Init(args) => sidecar::intercept::main(args),
+        Command::Run(args) => sidecar::run::main(args),
+        Command::Status(args) => sidecar::intercept::status_main(args),
+        Command::Cleanup(args) => sidecar::intercept::cleanup_main(args),
+    }
+}

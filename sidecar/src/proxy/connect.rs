@@ -1,0 +1,274 @@
+//! Dialling upstreams, and handing a connection dialled during protocol detection to the HTTP
+//! client's pool so that it is not wasted.
+//!
+//! In interception mode the proxy starts connecting to the original destination the moment it
+//! accepts (so a server that speaks first is heard at once). When the client then turns out to
+//! speak HTTP/1, that connection (ready, or still connecting) is parked in the [`Stash`] under its
+//! destination; the pool's [`Connector`] takes from the stash before it dials. A parked entry is
+//! removed again when the client connection that parked it ends ([`StashGuard`]), so nothing
+//! lingers unused.
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::rt::TokioIo;
+use nix::sys::socket::{recv, MsgFlags};
+use tokio::net::TcpStream;
+
+use super::error::ConnectError;
+
+/// A connect that may still be in progress.
+pub(crate) type Dialling = Pin<Box<dyn Future<Output = Result<TcpStream, ConnectError>> + Send>>;
+
+/// Connects to `addr` within `timeout`, with `TCP_NODELAY` set (we forward whole messages; Nagle
+/// would only add latency to request/response traffic).
+pub(crate) async fn dial(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(ConnectError::from_io(addr, e)),
+        Err(_) => return Err(ConnectError::Timeout(addr, timeout)),
+    };
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%addr, error = %e, "cannot set TCP_NODELAY upstream");
+    }
+    Ok(stream)
+}
+
+/// Starts dialling now; the returned future can be moved around (and parked) while in flight.
+pub(crate) fn start_dial(addr: SocketAddr, timeout: Duration) -> Dialling {
+    Box::pin(dial(addr, timeout))
+}
+
+/// True if an idle connection still looks usable: no EOF and no unsolicited bytes waiting.
+/// (An HTTP/1 server that sent something before our first request is closing or confused.)
+pub(crate) fn is_fresh(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        recv(
+            stream.as_raw_fd(),
+            &mut byte,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+        ),
+        Err(nix::errno::Errno::EAGAIN)
+    )
+}
+
+/// An upstream connection made during detection, offered to whoever next dials its destination.
+pub(crate) enum Predial {
+    Ready(TcpStream),
+    Dialling(Dialling),
+}
+
+impl Predial {
+    /// Resolves to a usable connection, or `None` if it turned out stale (dial afresh then).
+    /// `server_may_speak`: the protocol lets the server send first (HTTP/2 SETTINGS), so waiting
+    /// bytes do not make the connection stale.
+    pub(crate) async fn into_stream(
+        self,
+        server_may_speak: bool,
+    ) -> Result<Option<TcpStream>, ConnectError> {
+        match self {
+            Predial::Ready(s) if server_may_speak || is_fresh(&s) => Ok(Some(s)),
+            Predial::Ready(_) => Ok(None),
+            Predial::Dialling(f) => f.await.map(Some),
+        }
+    }
+}
+
+#[derive(Default)]
+struct StashInner {
+    next_id: u64,
+    by_dst: HashMap<SocketAddr, Vec<(u64, Predial)>>,
+}
+
+/// Parked pre-dialled connections, by destination.
+#[derive(Default)]
+pub(crate) struct Stash {
+    inner: Mutex<StashInner>,
+}
+
+impl Stash {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StashInner> {
+        // A panic while holding this lock cannot leave the map inconsistent (each operation is a
+        // single insert or remove), so a poisoned lock is still safe to use.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Parks `predial` for `dst` until taken or until the returned guard is dropped.
+    pub(crate) fn put(self: &Arc<Self>, dst: SocketAddr, predial: Predial) -> StashGuard {
+        let mut inner = self.lock();
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.by_dst.entry(dst).or_default().push((id, predial));
+        StashGuard {
+            stash: Arc::clone(self),
+            dst,
+            id,
+        }
+    }
+
+    /// Takes the most recently parked connection for `dst`, if any.
+    pub(crate) fn take(&self, dst: SocketAddr) -> Option<Predial> {
+        let mut inner = self.lock();
+        let list = inner.by_dst.get_mut(&dst)?;
+        let taken = list.pop().map(|(_, p)| p);
+        if list.is_empty() {
+            inner.by_dst.remove(&dst);
+        }
+        taken
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().by_dst.values().map(Vec::len).sum()
+    }
+}
+
+/// Removes its parked connection (closing it) if nobody took it.
+pub(crate) struct StashGuard {
+    stash: Arc<Stash>,
+    dst: SocketAddr,
+    id: u64,
+}
+
+impl Drop for StashGuard {
+    fn drop(&mut self) {
+        let removed = {
+            let mut inner = self.stash.lock();
+            let Some(list) = inner.by_dst.get_mut(&self.dst) else {
+                return;
+            };
+            let removed = list
+                .iter()
+                .position(|(id, _)| *id == self.id)
+                .map(|i| list.swap_remove(i));
+            if list.is_empty() {
+                inner.by_dst.remove(&self.dst);
+            }
+            removed
+        };
+        // Dropped outside the lock: closing a socket is a syscall.
+        drop(removed);
+    }
+}
+
+/// The HTTP client's connector: parked connection first, else dial (resolving names only in
+/// `--target` mode; interception mode always has an IP literal).
+#[derive(Clone)]
+pub(crate) struct Connector {
+    pub(crate) stash: Arc<Stash>,
+    pub(crate) connect_timeout: Duration,
+}
+
+impl Connector {
+    async fn connect(self, uri: Uri) -> Result<TokioIo<TcpStream>, ConnectError> {
+        let host = uri.host().unwrap_or_default();
+        let port = uri.port_u16().unwrap_or(80);
+        let literal = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = literal.parse::<IpAddr>() {
+            let addr = SocketAddr::new(ip, port);
+            if let Some(predial) = self.stash.take(addr) {
+                if let Some(stream) = predial.into_stream(false).await? {
+                    return Ok(TokioIo::new(stream));
+                }
+            }
+            return dial(addr, self.connect_timeout).await.map(TokioIo::new);
+        }
+        let addrs = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| ConnectError::Resolve(host.to_owned(), e))?;
+        let mut last = None;
+        for addr in addrs {
+            match dial(addr, self.connect_timeout).await {
+                Ok(s) => return Ok(TokioIo::new(s)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            ConnectError::Resolve(
+                host.to_owned(),
+                io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+            )
+        }))
+    }
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Box::pin(self.clone().connect(uri))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn stash_guard_removes_untaken_entry() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        let stash = Arc::new(Stash::default());
+        let s = dial(dst, Duration::from_secs(5)).await.unwrap();
+        let guard = stash.put(dst, Predial::Ready(s));
+        assert_eq!(stash.len(), 1);
+        drop(guard);
+        assert_eq!(stash.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn taken_entry_outlives_guard() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        let stash = Arc::new(Stash::default());
+        let guard = stash.put(
+            dst,
+            Predial::Dialling(start_dial(dst, Duration::from_secs(5))),
+        );
+        let taken = stash.take(dst).expect("parked");
+        drop(guard);
+        let stream = taken.into_stream(false).await.unwrap();
+        assert!(stream.is_some());
+    }
+
+    #[tokio::test]
+    async fn stale_connection_is_not_reused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        let client = dial(dst, Duration::from_secs(5)).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        assert!(is_fresh(&client));
+        server.write_all(b"bye").await.unwrap();
+        // Wait until the bytes are visible, without sleeping.
+        client.readable().await.unwrap();
+        assert!(!is_fresh(&client));
+    }
+
+    #[tokio::test]
+    async fn refused_dial_is_classified() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        drop(listener);
+        let err = dial(dst, Duration::from_secs(5)).await.unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Refused(a) if a == dst),
+            "{err:?}"
+        );
+    }
+}

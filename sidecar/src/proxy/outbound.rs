@@ -1,0 +1,337 @@
+//! Interception mode: one redirected connection from accept to close.
+//!
+//! The upstream connect starts the moment the connection is accepted, and the proxy then waits
+//! for whichever side speaks first:
+//! - the upstream (SMTP, MySQL, SSH, ...): opaque relay at once, no detection delay on any port;
+//! - the client: classify its first bytes; HTTP is served with hyper (the connection already
+//!   dialled goes to the HTTP client's pool), anything else is relayed opaquely.
+//!
+//! There is no timeout while neither side has said anything; only a partial client preface that
+//! might still become HTTP waits (up to `detect_timeout`) for the rest.
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::uri::Authority;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use nix::sys::socket::{recv, MsgFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::connect::{start_dial, Dialling, Predial};
+use super::detect::{classify, Detection, MAX_DETECT_LEN};
+use super::error::ConnectError;
+use super::forward::{forward_h1, forward_h2, Chain, H2Upstream, Route};
+use super::Shared;
+
+/// The upstream side while detecting.
+enum Upstream {
+    Dialling(Dialling),
+    Ready(TcpStream),
+    /// Sent an HTTP/2 SETTINGS frame unprompted (Go and hyper h2c servers do): it now waits for
+    /// the client's preface, so keep waiting for the client (bounded) instead of going opaque.
+    SentH2Settings(TcpStream),
+    Failed,
+}
+
+enum Event {
+    Cancelled,
+    /// The client has `n` bytes waiting (0: it closed without sending anything).
+    Client(io::Result<usize>),
+    Connected(Result<TcpStream, ConnectError>),
+    UpstreamSpoke,
+    Deadline,
+}
+
+enum Decision {
+    Opaque,
+    Http1,
+    Http2,
+    /// The upstream cannot be reached and the client said nothing that we could answer.
+    Reset,
+}
+
+/// Serves one accepted, redirected connection.
+pub(crate) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
+    let dst = match (shared.resolver)(&client) {
+        Ok(dst) => dst,
+        Err(e) => {
+            // Someone dialled the outbound port directly, or the interception is not in place.
+            warn!(%peer, error = %e, "no original destination (connection was not redirected); closing");
+            return;
+        }
+    };
+    if shared.is_own_listener(dst) {
+        warn!(%peer, %dst, "original destination is the proxy itself; closing to avoid a loop");
+        return;
+    }
+    if let Err(e) = client.set_nodelay(true) {
+        debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
+    }
+
+    let mut upstream = Upstream::Dialling(start_dial(dst, shared.config.connect_timeout));
+    let mut buf = [0u8; MAX_DETECT_LEN];
+    let mut seen = 0usize;
+    let mut deadline: Option<Instant> = None;
+    let decision = loop {
+        let event = tokio::select! {
+            biased;
+            // Until the client has said something, a drain may close the connection like an
+            // idle keep-alive connection.
+            _ = shared.cancel.cancelled(), if seen == 0 => Event::Cancelled,
+            // Upstream first: if both have spoken, treating it as opaque is always safe.
+            event = upstream_event(&mut upstream) => event,
+            n = client_bytes(&client, &mut buf, seen) => Event::Client(n),
+            _ = wait_until(deadline) => Event::Deadline,
+        };
+        match event {
+            Event::Cancelled => return,
+            Event::Client(Ok(0)) => break Decision::Opaque,
+            Event::Client(Ok(n)) => {
+                seen = n;
+                match classify(&buf[..n]) {
+                    Detection::Http1 => break Decision::Http1,
+                    Detection::Http2 => break Decision::Http2,
+                    Detection::Opaque => break Decision::Opaque,
+                    Detection::NeedMore => {
+                        deadline.get_or_insert(Instant::now() + shared.config.detect_timeout);
+                    }
+                }
+            }
+            Event::Client(Err(e)) => {
+                debug!(%peer, %dst, error = %e, "client failed during detection");
+                return;
+            }
+            Event::Connected(Ok(stream)) => upstream = Upstream::Ready(stream),
+            Event::Connected(Err(e)) => {
+                warn!(%peer, %dst, error = %e, "connect failed");
+                upstream = Upstream::Failed;
+                // Give an HTTP client the chance to get a 502 that says why; anything else is
+                // reset below, like the failed connect would have been without us.
+                let limit = Instant::now() + shared.config.detect_timeout;
+                deadline = Some(deadline.map_or(limit, |d| d.min(limit)));
+            }
+            Event::UpstreamSpoke => {
+                upstream = match upstream {
+                    Upstream::Ready(s) if starts_with_h2_settings(&s) => {
+                        Upstream::SentH2Settings(s)
+                    }
+                    other => {
+                        upstream = other;
+                        break Decision::Opaque;
+                    }
+                };
+                let limit = Instant::now() + shared.config.detect_timeout;
+                deadline = Some(deadline.map_or(limit, |d| d.min(limit)));
+            }
+            Event::Deadline => {
+                break match upstream {
+                    Upstream::Failed => Decision::Reset,
+                    _ => Decision::Opaque,
+                }
+            }
+        }
+    };
+
+    match decision {
+        Decision::Reset => reset(client),
+        Decision::Opaque => {
+            let upstream = match upstream {
+                Upstream::Ready(s) | Upstream::SentH2Settings(s) => s,
+                Upstream::Dialling(f) => match f.await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(%peer, %dst, error = %e, "connect failed");
+                        return reset(client);
+                    }
+                },
+                Upstream::Failed => return reset(client),
+            };
+            relay(client, upstream, peer, dst).await;
+        }
+        Decision::Http1 | Decision::Http2 => {
+            let authority = match Authority::from_maybe_shared(Bytes::from(dst.to_string())) {
+                Ok(a) => a,
+                // Not expected for a socket address; if it happens, stay out of the way.
+                Err(_) => {
+                    if let Upstream::Ready(s) | Upstream::SentH2Settings(s) = upstream {
+                        return relay(client, s, peer, dst).await;
+                    }
+                    return reset(client);
+                }
+            };
+            let predial = match upstream {
+                Upstream::Ready(s) | Upstream::SentH2Settings(s) => Some(Predial::Ready(s)),
+                Upstream::Dialling(f) => Some(Predial::Dialling(f)),
+                Upstream::Failed => None,
+            };
+            if matches!(decision, Decision::Http2) {
+                serve_h2(shared, client, peer, dst, authority, predial).await;
+            } else {
+                serve_h1(shared, client, peer, dst, authority, predial).await;
+            }
+        }
+    }
+}
+
+async fn serve_h1(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    authority: Authority,
+    predial: Option<Predial>,
+) {
+    debug!(%peer, %dst, "http/1");
+    // Parked until the pool's connector takes it; removed when this connection ends.
+    let _parked = predial.map(|p| shared.stash.put(dst, p));
+    let route = Route {
+        authority,
+        prefix: None,
+    };
+    let svc_shared = Arc::clone(&shared);
+    let service = service_fn(move |req: hyper::Request<Incoming>| {
+        let shared = Arc::clone(&svc_shared);
+        let route = route.clone();
+        async move { Ok::<_, std::convert::Infallible>(forward_h1(&shared, &route, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(client), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shared.cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, %dst, error = %Chain(&e), "http/1 connection ended with an error");
+    }
+}
+
+async fn serve_h2(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    authority: Authority,
+    predial: Option<Predial>,
+) {
+    debug!(%peer, %dst, "h2c prior knowledge");
+    let upstream = Arc::new(H2Upstream::new(dst, authority, predial));
+    let svc_shared = Arc::clone(&shared);
+    let service = service_fn(move |req: hyper::Request<Incoming>| {
+        let shared = Arc::clone(&svc_shared);
+        let upstream = Arc::clone(&upstream);
+        async move { Ok::<_, std::convert::Infallible>(forward_h2(&shared, &upstream, req).await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(client), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shared.cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, %dst, error = %Chain(&e), "h2 connection ended with an error");
+    }
+}
+
+/// Opaque TCP: bytes that were only peeked are still in the client socket, so the relay sends
+/// them like everything else. Half-closes are propagated by `copy_bidirectional`.
+async fn relay(mut client: TcpStream, mut upstream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    debug!(%peer, %dst, "opaque tcp");
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => debug!(%peer, %dst, bytes_up = up, bytes_down = down, "tcp closed"),
+        Err(e) => debug!(%peer, %dst, error = %e, "tcp relay ended with an error"),
+    }
+}
+
+/// Closes with RST so that the client sees a failure (as it would have without us), not an
+/// orderly end of stream.
+fn reset(client: TcpStream) {
+    if let Err(e) = client.set_zero_linger() {
+        debug!(error = %e, "cannot set SO_LINGER 0");
+    }
+    drop(client);
+}
+
+async fn upstream_event(upstream: &mut Upstream) -> Event {
+    match upstream {
+        Upstream::Dialling(dialling) => Event::Connected(dialling.await),
+        Upstream::Ready(stream) => {
+            // Data, EOF and errors all mean "the server acted first": relay opaquely.
+            let mut byte = [0u8; 1];
+            let _ = stream.peek(&mut byte).await;
+            Event::UpstreamSpoke
+        }
+        Upstream::SentH2Settings(_) | Upstream::Failed => std::future::pending().await,
+    }
+}
+
+/// True if the upstream's first bytes are an HTTP/2 frame header of a SETTINGS frame
+/// (type 4, no flags, stream 0): the server connection preface of RFC 9113 3.4.
+fn starts_with_h2_settings(stream: &TcpStream) -> bool {
+    let mut head = [0u8; 9];
+    match recv(
+        stream.as_raw_fd(),
+        &mut head,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(9) => is_h2_settings_header(&head),
+        _ => false,
+    }
+}
+
+pub(super) fn is_h2_settings_header(head: &[u8; 9]) -> bool {
+    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]);
+    // SETTINGS payloads are 6-byte entries; 16384 is the smallest maximum frame size.
+    head[3] == 4 && head[4] == 0 && head[5..9] == [0, 0, 0, 0] && length % 6 == 0 && length <= 16384
+}
+
+/// Waits until the client has more than `seen` bytes waiting (or closed), and peeks them.
+///
+/// `peek` alone cannot wait for *more* data: with bytes already waiting the socket stays
+/// readable and peek returns at once. Inside `async_io`, "no new bytes" is reported as
+/// `WouldBlock`, which clears tokio's readiness only if no new readiness event arrived since the
+/// check, so no wake-up can be lost.
+pub(super) async fn client_bytes(
+    client: &TcpStream,
+    buf: &mut [u8],
+    seen: usize,
+) -> io::Result<usize> {
+    client
+        .async_io(Interest::READABLE, || {
+            let n = recv(
+                client.as_raw_fd(),
+                buf,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(io::Error::from)?;
+            if n == 0 || n > seen {
+                Ok(n)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        })
+        .await
+}
+
+async fn wait_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,522 @@
+//! In-process tests of the forwarding paths on 127.0.0.1, with an injected original-destination
+//! resolver instead of eBPF. No sleeps, no timing assertions: the only timeouts are guards that
+//! turn a hang into a failure.
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use http::header::{CONNECTION, HOST, UPGRADE};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::*;
+
+/// Turns a hang into a failure; never an assertion about speed.
+async fn guard<T>(fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), fut)
+        .await
+        .expect("test hung")
+}
+
+fn fixed(addr: SocketAddr) -> Resolver {
+    Arc::new(move |_: &TcpStream| Ok(addr))
+}
+
+async fn start_proxy(config: ProxyConfig, resolver: Resolver) -> (Proxy, SocketAddr) {
+    let proxy = start(config, resolver).await.expect("proxy starts");
+    let addr = proxy.local_addrs()[0];
+    (proxy, addr)
+}
+
+fn loopback_config() -> ProxyConfig {
+    ProxyConfig::new(["127.0.0.1:0".parse().expect("literal")])
+}
+
+async fn intercepting(upstream: SocketAddr) -> (Proxy, SocketAddr) {
+    start_proxy(loopback_config(), fixed(upstream)).await
+}
+
+type EchoBody = http_body_util::combinators::WithTrailers<
+    Full<Bytes>,
+    std::future::Ready<Option<Result<HeaderMap, Infallible>>>,
+>;
+
+/// An HTTP upstream (HTTP/1 and h2c) that describes each request in response headers:
+/// `x-conn-id` (which accepted connection), `x-seen-*` (what arrived), and a trailer.
+/// `Upgrade: echo` requests get a 101 and an echo of the upgraded bytes.
+async fn http_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let id = conns.fetch_add(1, Ordering::SeqCst);
+            let service = service_fn(move |mut req: Request<Incoming>| async move {
+                let mut resp =
+                    Response::new(Full::new(Bytes::from_static(b"hello")).with_trailers(
+                        std::future::ready(Some(Ok({
+                            let mut t = HeaderMap::new();
+                            t.insert("x-trailer", HeaderValue::from_static("done"));
+                            t
+                        }))),
+                    ));
+                let seen = |v: Option<&HeaderValue>| {
+                    v.cloned().unwrap_or(HeaderValue::from_static("<none>"))
+                };
+                let h = resp.headers_mut();
+                h.insert("x-conn-id", HeaderValue::from(id));
+                h.insert(
+                    "x-seen-forwarded-by",
+                    seen(req.headers().get("x-forwarded-by")),
+                );
+                h.insert("x-seen-host", seen(req.headers().get(HOST)));
+                h.insert("x-seen-connection", seen(req.headers().get(CONNECTION)));
+                h.insert(
+                    "x-seen-path",
+                    HeaderValue::from_str(req.uri().path_and_query().map_or("", |p| p.as_str()))
+                        .unwrap(),
+                );
+                h.insert(
+                    "x-seen-authority",
+                    HeaderValue::from_str(req.uri().authority().map_or("<none>", |a| a.as_str()))
+                        .unwrap(),
+                );
+                h.insert(
+                    "x-seen-version",
+                    HeaderValue::from_str(&format!("{:?}", req.version())).unwrap(),
+                );
+                if req.headers().get(UPGRADE).is_some_and(|u| u == "echo") {
+                    let on_upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(upgraded) = on_upgrade.await else {
+                            return;
+                        };
+                        let mut io = TokioIo::new(upgraded);
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = io.read(&mut buf).await {
+                            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                    resp.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                    resp.headers_mut()
+                        .insert(UPGRADE, HeaderValue::from_static("echo"));
+                }
+                Ok::<Response<EchoBody>, Infallible>(resp)
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP upstream that optionally greets first, then echoes everything until EOF.
+async fn tcp_upstream(greeting: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if stream.write_all(greeting).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn h1_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    sender
+}
+
+async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn get(uri: &str, host: &str) -> Request<Empty<Bytes>> {
+    Request::get(uri)
+        .header(HOST, host)
+        .body(Empty::new())
+        .unwrap()
+}
+
+fn header<'a>(resp: &'a Response<Incoming>, name: &str) -> &'a str {
+    resp.headers()
+        .get(name)
+        .map_or("<missing>", |v| v.to_str().unwrap_or("<binary>"))
+}
+
+#[tokio::test]
+async fn http1_is_forwarded_with_forwarded_by_and_host_kept() {
+    let upstream = http_upstream().await;
+    let (_proxy, proxy_addr) = intercepting(upstream).await;
+    guard(async {
+        let mut client = h1_client(proxy_addr).await;
+        let mut req = get("/hello?x=1", "example.test:8080");
+        req.headers_mut()
+            .insert("x-private", HeaderValue::from_static("secret"));
+        req.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("x-private"));
+        let resp = client.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "x-seen-forwarded-by"), "sidecar");
+        assert_eq!(header(&resp, "x-seen-host"), "example.test:8080");
+        assert_eq!(header(&resp, "x-seen-path"), "/hello?x=1");
+        assert_eq!(header(&resp, "x-seen-version"), "HTTP/1.1");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"hello");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keep_alive_reuses_one_upstream_connection() {
+    let upstream = http_upstream().await;
+    let (_proxy, proxy_addr) = intercepting(upstream).await;
+    guard(async {
+        let mut client = h1_client(proxy_addr).await;
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            client.ready().await.unwrap();
+            let resp = client.send_request(get("/", "a.test")).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            ids.push(header(&resp, "x-conn-id").to_owned());
+            resp.into_body().collect().await.unwrap();
+        }
+        assert_eq!(ids[0], ids[1], "both requests on one upstream connection");
+        // The connection dialled during detection was the one used: nothing else was opened.
+        assert_eq!(ids[0], "0");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn new_client_connections_share_the_upstream_pool() {
+    let upstream = http_upstream().await;
+    let (proxy, proxy_addr) = intercepting(upstream).await;
+    guard(async {
+        let mut first = h1_client(proxy_addr).await;
+        let resp = first.send_request(get("/", "a.test")).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        drop(first);
+        let mut second = h1_client(proxy_addr).await;
+        let resp = second.send_request(get("/", "a.test")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body().collect().await.unwrap();
+    })
+    .await;
+    assert!(guard(proxy.shutdown(Duration::from_secs(10))).await);
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_goes_upstream_as_h2_with_trailers() {
+    let upstream = http_upstream().await;
+    let (_proxy, proxy_addr) = intercepting(upstream).await;
+    guard(async {
+        let mut client = h2_client(proxy_addr).await;
+        let req = Request::get("http://example.test:8080/h2path")
+            .header("te", "trailers")
+            .body(Empty::new())
+            .unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "x-seen-version"), "HTTP/2.0");
+        assert_eq!(header(&resp, "x-seen-authority"), "example.test:8080");
+        assert_eq!(header(&resp, "x-seen-forwarded-by"), "sidecar");
+        assert_eq!(header(&resp, "x-seen-path"), "/h2path");
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers relayed");
+        assert_eq!(trailers["x-trailer"], "done");
+        assert_eq!(&collected.to_bytes()[..], b"hello");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn opaque_tcp_is_relayed_byte_exact() {
+    let upstream = tcp_upstream(b"").await;
+    let (_proxy, proxy_addr) = intercepting(upstream).await;
+    // Starts like a TLS record, so detection decides "opaque" from the first byte.
+    let payload: Vec<u8> = (0..256 * 1024u32)
+        .map(|i| if i == 0 { 0x16 } else { (i * 7 + 3) as u8 })
+        .collect();
+    let expected = payload.clone();
+    let received = guard(async move {
+        let stream = TcpStream::connect(proxy_addr).await.unwrap();
+        let (mut r, mut w) = stream.into_split();
+        let writer = tokio::spawn(async move {
+            w.write_all(&payload).await.unwrap();
+            // Half-close: the echo server sees EOF and closes, which ends our read.
+            w.shutdown().await.unwrap();
+        });
+        let mut received = Vec::new();
+        r.read_to_end(&mut received).await.unwrap();
+        writer.await.unwrap();
+        received
+    })
+    .await;
+    assert_eq!(received.len(), expected.len());
+    assert!(received == expected, "bytes differ");
+}
+
+#[tokio::test]
+async fn server_speaks_first_without_detection_delay() {
+    let upstream = tcp_upstream(b"220 ready\r\n").await;
+    let mut config = loopback_config();
+    // A detection wait would now last a minute and trip the 20 s hang guard.
+    config.detect_timeout = Duration::from_secs(60);
+    let (_proxy, proxy_addr) = start_proxy(config, fixed(upstream)).await;
+    guard(async {
+        let mut stream = TcpStream::connect(proxy_addr).await.unwrap();
+        let mut greeting = [0u8; 11];
+        stream.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(&greeting, b"220 ready\r\n");
+        // And the connection stays a faithful relay afterwards.
+        stream.write_all(b"EHLO x\r\n").await.unwrap();
+        let mut echo = [0u8; 8];
+        stream.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"EHLO x\r\n");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refused_upstream_gives_502_naming_the_culprit() {
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let (_proxy, proxy_addr) = intercepting(closed).await;
+    guard(async {
+        let mut client = h1_client(proxy_addr).await;
+        let resp = client.send_request(get("/", "gone.test")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(header(&resp, "x-sidecar-error"), "upstream-connect-refused");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refused_upstream_resets_opaque_client() {
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let (_proxy, proxy_addr) = intercepting(closed).await;
+    guard(async {
+        let mut stream = TcpStream::connect(proxy_addr).await.unwrap();
+        stream.write_all(&[0x16, 3, 1, 0, 5]).await.unwrap();
+        let mut buf = [0u8; 16];
+        let outcome = stream.read(&mut buf).await;
+        assert!(
+            matches!(&outcome, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{outcome:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn target_mode_sends_everything_to_the_target() {
+    let upstream = http_upstream().await;
+    let mut config = loopback_config();
+    config.target = Some(Target::parse(&format!("http://{upstream}")).unwrap());
+    let no_resolver: Resolver =
+        Arc::new(|_: &TcpStream| Err(io::Error::other("no lookup in target mode")));
+    let (_proxy, proxy_addr) = start_proxy(config, no_resolver).await;
+    guard(async {
+        let mut client = h1_client(proxy_addr).await;
+        let resp = client.send_request(get("/t", "front.test")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "x-seen-forwarded-by"), "sidecar");
+        assert_eq!(header(&resp, "x-seen-host"), "front.test");
+        assert_eq!(header(&resp, "x-seen-path"), "/t");
+
+        // h2c clients are served too; the upstream hop is HTTP/1.1 with the authority as Host.
+        let mut h2 = h2_client(proxy_addr).await;
+        let req = Request::get("http://front.test/h2")
+            .body(Empty::new())
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "x-seen-version"), "HTTP/1.1");
+        assert_eq!(header(&resp, "x-seen-host"), "front.test");
+        assert_eq!(header(&resp, "x-seen-forwarded-by"), "sidecar");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn target_mode_prefixes_the_target_path() {
+    let upstream = http_upstream().await;
+    let mut config = loopback_config();
+    config.target = Some(Target::parse(&format!("http://{upstream}/api/")).unwrap());
+    let (_proxy, proxy_addr) = start_proxy(config, fixed(upstream)).await;
+    guard(async {
+        let mut client = h1_client(proxy_addr).await;
+        let resp = client.send_request(get("/v1?q=2", "x")).await.unwrap();
+        assert_eq!(header(&resp, "x-seen-path"), "/api/v1?q=2");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn upgrade_is_tunnelled() {
+    let upstream = http_upstream().await;
+    let (_proxy, proxy_addr) = intercepting(upstream).await;
+    guard(async {
+        let mut client = h1_client(proxy_addr).await;
+        let req = Request::get("/ws")
+            .header(HOST, "ws.test")
+            .header(CONNECTION, "upgrade")
+            .header(UPGRADE, "echo")
+            .body(Empty::new())
+            .unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(header(&resp, "x-seen-connection"), "upgrade");
+        let upgraded = hyper::upgrade::on(resp).await.unwrap();
+        let mut io = TokioIo::new(upgraded);
+        io.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn destination_equal_to_own_listener_is_refused() {
+    let own: Arc<OnceLock<SocketAddr>> = Arc::new(OnceLock::new());
+    let resolver_own = Arc::clone(&own);
+    let resolver: Resolver = Arc::new(move |_: &TcpStream| {
+        resolver_own
+            .get()
+            .copied()
+            .ok_or_else(|| io::Error::other("not started"))
+    });
+    let (_proxy, proxy_addr) = start_proxy(loopback_config(), resolver).await;
+    own.set(proxy_addr).unwrap();
+    guard(async {
+        let mut stream = TcpStream::connect(proxy_addr).await.unwrap();
+        let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        let outcome = stream.read(&mut buf).await;
+        assert!(matches!(outcome, Ok(0) | Err(_)), "{outcome:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn direct_dial_without_redirect_is_closed() {
+    // The real resolver: on a plain loopback connection SO_ORIGINAL_DST either fails or (with
+    // conntrack) names our own listener; both end in a close.
+    let (_proxy, proxy_addr) = start_proxy(loopback_config(), original_dst_resolver()).await;
+    guard(async {
+        let mut stream = TcpStream::connect(proxy_addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let outcome = stream.read(&mut buf).await;
+        assert!(matches!(outcome, Ok(0) | Err(_)), "{outcome:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_and_stops_accepting() {
+    let upstream = http_upstream().await;
+    let (proxy, proxy_addr) = intercepting(upstream).await;
+    let mut client = guard(h1_client(proxy_addr)).await;
+    let resp = guard(client.send_request(get("/", "a.test")))
+        .await
+        .unwrap();
+    guard(resp.into_body().collect()).await.unwrap();
+    // An idle keep-alive connection does not hold the drain up.
+    assert!(guard(proxy.shutdown(Duration::from_secs(10))).await);
+    assert!(TcpStream::connect(proxy_addr).await.is_err());
+}
+
+#[tokio::test]
+async fn optional_listener_that_cannot_bind_is_skipped() {
+    let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = loopback_config();
+    config.listen.push(ListenAddr {
+        addr: taken.local_addr().unwrap(),
+        required: false,
+    });
+    let proxy = start(config.clone(), fixed(taken.local_addr().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(proxy.local_addrs().len(), 1);
+    config.listen[1].required = true;
+    let err = start(config, fixed(taken.local_addr().unwrap()))
+        .await
+        .err()
+        .expect("a required listener must bind");
+    assert!(err.to_string().contains("cannot listen on"), "{err}");
+}
+
+#[tokio::test]
+async fn partial_preface_waits_for_more_bytes() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    let mut buf = [0u8; detect::MAX_DETECT_LEN];
+    client.write_all(b"GE").await.unwrap();
+    let n = guard(outbound_client_bytes(&server, &mut buf, 0))
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(classify(&buf[..n]), Detection::NeedMore);
+    {
+        // With no new bytes, waiting for more must not complete.
+        let more = outbound_client_bytes(&server, &mut buf, 2);
+        tokio::pin!(more);
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(more.as_mut().poll(cx))).await;
+        assert!(polled.is_pending());
+        client.write_all(b"T / HTTP/1.1\r\n").await.unwrap();
+        let n = guard(more).await.unwrap();
+        assert!(n > 2);
+    }
+    assert_eq!(classify(&buf[..6]), Detection::Http1);
+}
+
+use outbound::client_bytes as outbound_client_bytes;

@@ -1,0 +1,308 @@
+//! Plain-std clients and their JSON-able results: what the probe app (`sidecar-probe`) runs inside
+//! the pod, and what a test thread runs when it plays a process outside the pod cgroup. Blocking
+//! std sockets on purpose: an app that knows nothing about the mesh.
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Bounds every connect so that a redirect into nowhere fails the test instead of hanging it.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds every read and write for the same reason.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the app saw of one HTTP exchange.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HttpReply {
+    pub status: u16,
+    /// Response headers in order, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    /// getpeername() of the app's socket right after connect.
+    pub peer: String,
+    /// getsockname() of the app's socket right after connect.
+    pub local: String,
+}
+
+impl HttpReply {
+    /// First value of a response header (name case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the app saw of one echo exchange.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EchoReply {
+    /// True when every byte sent came back, in order.
+    pub ok: bool,
+    pub sent: usize,
+    pub received: usize,
+    /// Offset of the first byte that came back different, if any.
+    pub first_difference: Option<usize>,
+    /// Why reading stopped early, if it did.
+    pub error: Option<String>,
+    pub peer: String,
+    pub local: String,
+}
+
+/// What the app saw of a server-speaks-first exchange.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GreetingReply {
+    /// The first line the server sent, without the line ending.
+    pub line: String,
+    pub peer: String,
+    pub local: String,
+}
+
+fn connect(addr: SocketAddr) -> Result<(TcpStream, String, String), String> {
+    // std picks the socket family from the address: [::ffff:a.b.c.d] gives an AF_INET6 socket
+    // connecting to an IPv4-mapped address, which is a case the interception must handle.
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| format!("getpeername after connecting to {addr}: {e}"))?;
+    let local = stream
+        .local_addr()
+        .map_err(|e| format!("getsockname after connecting to {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
+        .map_err(|e| format!("set socket timeouts: {e}"))?;
+    Ok((stream, peer.to_string(), local.to_string()))
+}
+
+/// GET `path` from `addr` over HTTP/1.1 with `Connection: close`; `host` defaults to `addr`.
+pub fn http_get(addr: SocketAddr, path: &str, host: Option<&str>) -> Result<HttpReply, String> {
+    let (mut stream, peer, local) = connect(addr)?;
+    let host = host.map_or_else(|| addr.to_string(), str::to_string);
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sidecar-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send request to {addr}: {e}"))?;
+    let (status, headers, body) =
+        read_response(&stream).map_err(|e| format!("read response from {addr}: {e}"))?;
+    Ok(HttpReply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        peer,
+        local,
+    })
+}
+
+type Response = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// Reads one HTTP/1.x response, framed by Content-Length, chunked encoding, or end of stream; does
+/// not rely on the server closing when the length is known.
+fn read_response(stream: &TcpStream) -> io::Result<Response> {
+    let mut reader = BufReader::new(stream);
+    let status_line = read_line(&mut reader)?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| invalid(format!("bad status line {status_line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        let line = read_line(&mut reader)?;
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| invalid(format!("bad header line {line:?}")))?;
+        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+    }
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        loop {
+            let size_line = read_line(&mut reader)?;
+            let size_hex = size_line.split(';').next().unwrap_or("").trim();
+            let size = usize::from_str_radix(size_hex, 16)
+                .map_err(|_| invalid(format!("bad chunk size line {size_line:?}")))?;
+            if size == 0 {
+                // Trailers (if any) up to the empty line.
+                while !read_line(&mut reader)?.is_empty() {}
+                break;
+            }
+            let start = body.len();
+            body.resize(start + size, 0);
+            reader.read_exact(&mut body[start..])?;
+            read_line(&mut reader)?;
+        }
+    } else if let Some(len) = find("content-length") {
+        let len: usize = len
+            .parse()
+            .map_err(|_| invalid(format!("bad content-length {len:?}")))?;
+        body.resize(len, 0);
+        reader.read_exact(&mut body)?;
+    } else if status != 204 && status != 304 {
+        reader.read_to_end(&mut body)?;
+    }
+    Ok((status, headers, body))
+}
+
+fn read_line(reader: &mut impl BufRead) -> io::Result<String> {
+    let mut line = Vec::new();
+    if reader.read_until(b'\n', &mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed mid-response",
+        ));
+    }
+    while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        line.pop();
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// `n` deterministic pseudo-random bytes that are not HTTP (the first byte is 0x00), not UTF-8
+/// (lone continuation bytes), and full of CR LF sequences that a line-based proxy would mangle.
+pub fn opaque_payload(n: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(n);
+    const MARKERS: [&[u8]; 4] = [b"\x00\xff\xfe\x80", b"\r\n", b"\r\n\r\n", b"\xc3\x28\n\r"];
+    let mut i = 0usize;
+    while out.len() < n {
+        if i % 97 == 0 {
+            out.extend_from_slice(MARKERS[(i / 97) % MARKERS.len()]);
+        } else {
+            // xorshift64*: cheap and reproducible, no dependency.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            out.push((state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8);
+        }
+        i += 1;
+    }
+    out.truncate(n);
+    out
+}
+
+/// Sends `n` opaque bytes to an echo server and reads `n` bytes back (writing on another thread so
+/// that neither side's buffers can deadlock the exchange).
+pub fn tcp_echo(addr: SocketAddr, n: usize) -> Result<EchoReply, String> {
+    let (stream, peer, local) = connect(addr)?;
+    let payload = opaque_payload(n);
+    let mut writer = stream
+        .try_clone()
+        .map_err(|e| format!("clone socket: {e}"))?;
+    let to_send = payload.clone();
+    let sender = std::thread::spawn(move || writer.write_all(&to_send));
+
+    let mut received = Vec::with_capacity(n);
+    let mut error = None;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut reader = &stream;
+    while received.len() < n {
+        match reader.read(&mut buf) {
+            Ok(0) => {
+                error = Some("connection closed before all bytes came back".to_string());
+                break;
+            }
+            Ok(k) => received.extend_from_slice(&buf[..k]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                error = Some(format!("read: {e}"));
+                break;
+            }
+        }
+    }
+    // Unblocks the writer if reading stopped early.
+    let _ = stream.shutdown(Shutdown::Both);
+    match sender.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            error.get_or_insert(format!("write: {e}"));
+        }
+        Err(_) => {
+            error.get_or_insert("writer thread panicked".to_string());
+        }
+    }
+    let first_difference = payload
+        .iter()
+        .zip(&received)
+        .position(|(a, b)| a != b)
+        .or_else(|| (received.len() > n).then_some(n));
+    Ok(EchoReply {
+        ok: received == payload,
+        sent: n,
+        received: received.len(),
+        first_difference,
+        error,
+        peer,
+        local,
+    })
+}
+
+/// Connects, sends nothing, and waits up to `timeout` for the server's first line.
+pub fn greeting(addr: SocketAddr, timeout: Duration) -> Result<GreetingReply, String> {
+    let (stream, peer, local) = connect(addr)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| format!("set read timeout: {e}"))?;
+    let mut reader = BufReader::new(&stream);
+    let mut line = Vec::new();
+    match reader.read_until(b'\n', &mut line) {
+        Ok(0) => Err(format!(
+            "connection to {addr} closed before the server sent a greeting"
+        )),
+        Ok(_) => {
+            while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                line.pop();
+            }
+            Ok(GreetingReply {
+                line: String::from_utf8_lossy(&line).into_owned(),
+                peer,
+                local,
+            })
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(format!(
+                "no greeting from {addr} within {} ms (got {:?} so far): the server speaks first, \
+                 so something in between held its bytes back",
+                timeout.as_millis(),
+                String::from_utf8_lossy(&line)
+            ))
+        }
+        Err(e) => Err(format!("read greeting from {addr}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opaque_payload_is_deterministic_binary_and_not_http() {
+        let a = opaque_payload(65536);
+        assert_eq!(a, opaque_payload(65536));
+        assert_eq!(a.len(), 65536);
+        assert_eq!(a[0], 0);
+        assert!(std::str::from_utf8(&a).is_err());
+        assert!(a.windows(2).filter(|w| w == b"\r\n").count() > 100);
+    }
+}

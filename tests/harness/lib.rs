@@ -1,0 +1,69 @@
+//! Test harness for the sidecar's privileged integration tests: a `Pod` fixture (network namespaces
+//! joined by a veth, a cgroup2 directory of its own, cleanup on drop), mock upstream servers living in
+//! the "remote" namespace, the probe app's client code and output types, and polling helpers.
+//!
+//! Everything here follows /work/shared/testing.md: traffic only goes to addresses inside
+//! namespaces the fixture made, programs are only ever attached to a cgroup the fixture made, and the
+//! fixture removes all of it even when the test panics.
+//!
+//! A test reads as a short story:
+//! ```no_run
+//! use sidecar_tests::Pod;
+//! let mut pod = Pod::new();
+//! let alpha = pod.http_upstream("10.200.0.1:8080", "alpha");
+//! pod.init(&[]);
+//! pod.start_proxy(&[]);
+//! let reply = pod.app_http("10.200.0.1:8080");
+//! assert_eq!(alpha.only_request().header("x-forwarded-by"), Some("sidecar"));
+//! # let _ = reply;
+//! ```
+
+pub mod bpf;
+pub mod client;
+pub mod env;
+pub mod netns;
+mod pod;
+pub mod upstream;
+
+use std::time::{Duration, Instant};
+
+pub use client::{EchoReply, GreetingReply, HttpReply};
+pub use pod::{
+    AppRun, InitRunner, Pod, POD_IP4, POD_IP6, PROXY_GID, PROXY_UID, REMOTE_IP4, REMOTE_IP6,
+};
+pub use upstream::{SeenRequest, Upstream};
+
+/// How often `eventually` re-checks its condition. Short, because every caller waits on something
+/// that normally happens within milliseconds; the deadline is what bounds the wait.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Polls `condition` until it returns true or `timeout` passes; returns whether it became true.
+/// Use this instead of sleeping for "long enough".
+pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    poll_until(timeout, || condition().then_some(())).is_some()
+}
+
+/// Polls `probe` until it yields a value or `timeout` passes.
+pub fn poll_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// `assert_eventually!(timeout, condition, "message {}", args)`: panics with the message when the
+/// condition has not become true before the timeout.
+#[macro_export]
+macro_rules! assert_eventually {
+    ($timeout:expr, $cond:expr, $($msg:tt)+) => {
+        if !$crate::eventually($timeout, || $cond) {
+            panic!($($msg)+);
+        }
+    };
+}

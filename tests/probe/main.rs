@@ -1,0 +1,150 @@
+//! `sidecar-probe`: the "application" the integration tests run inside the pod. Plain blocking
+//! std sockets, no knowledge of the mesh; prints exactly one JSON object on stdout.
+//!
+//! ```text
+//! sidecar-probe http      --connect ADDR [--path /x] [--host H]   -> {status, headers, body, peer, local}
+//! sidecar-probe tcp-echo  --connect ADDR --bytes N                -> {ok, sent, received, peer, ...}
+//! sidecar-probe greeting  --connect ADDR --timeout-ms T           -> {line, peer, local}
+//! sidecar-probe whoami                                             -> {uid, gid, groups, cgroup, netns}
+//! ```
+//! On failure: `{"error": "..."}` and a non-zero exit (1 for a failed exchange, 64 for bad usage).
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde::Serialize;
+use sidecar_tests::client;
+
+const USAGE: &str = "usage: sidecar-probe http --connect ADDR [--path /x] [--host H]\n\
+                     \x20      sidecar-probe tcp-echo --connect ADDR --bytes N\n\
+                     \x20      sidecar-probe greeting --connect ADDR --timeout-ms T";
+
+enum Failure {
+    Usage(String),
+    Exchange(String),
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(Failure::Usage(msg)) => {
+            println!("{}", serde_json::json!({ "error": msg }));
+            eprintln!("{USAGE}");
+            ExitCode::from(64)
+        }
+        Err(Failure::Exchange(msg)) => {
+            println!("{}", serde_json::json!({ "error": msg }));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<String, Failure> {
+    let (command, rest) = args
+        .split_first()
+        .ok_or_else(|| Failure::Usage("missing subcommand".to_string()))?;
+    if command == "whoami" {
+        return whoami();
+    }
+    let opts = Options::parse(rest)?;
+    let addr: SocketAddr = opts
+        .required("--connect")?
+        .parse()
+        .map_err(|e| Failure::Usage(format!("--connect: {e}")))?;
+    match command.as_str() {
+        "http" => {
+            let path = opts.get("--path").unwrap_or("/");
+            to_json(client::http_get(addr, path, opts.get("--host")))
+        }
+        "tcp-echo" => {
+            let n = opts.number("--bytes")?;
+            let reply = client::tcp_echo(addr, n as usize).map_err(Failure::Exchange)?;
+            let ok = reply.ok;
+            let json = to_json(Ok(reply))?;
+            if ok {
+                Ok(json)
+            } else {
+                // Still print what came back: the test shows where the bytes diverged.
+                Err(Failure::Exchange(format!("echo mismatch: {json}")))
+            }
+        }
+        "greeting" => {
+            let ms = opts.number("--timeout-ms")?;
+            to_json(client::greeting(addr, Duration::from_millis(ms)))
+        }
+        other => Err(Failure::Usage(format!("unknown subcommand {other:?}"))),
+    }
+}
+
+/// Where this process runs: lets the harness check its own plumbing (cgroup, netns, credentials).
+fn whoami() -> Result<String, Failure> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| Failure::Exchange(format!("read /proc/self/status: {e}")))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| Failure::Exchange(format!("read /proc/self/cgroup: {e}")))?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        .unwrap_or_default();
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .map(|p| p.to_string_lossy().into_owned())
+        .map_err(|e| Failure::Exchange(format!("readlink /proc/self/ns/net: {e}")))?;
+    let json = serde_json::json!({
+        "uid": field("Uid:").first(),
+        "gid": field("Gid:").first(),
+        "groups": field("Groups:"),
+        "cgroup": cgroup,
+        "netns": netns,
+    });
+    Ok(json.to_string())
+}
+
+fn to_json<T: Serialize>(result: Result<T, String>) -> Result<String, Failure> {
+    let value = result.map_err(Failure::Exchange)?;
+    serde_json::to_string(&value).map_err(|e| Failure::Exchange(format!("encode output: {e}")))
+}
+
+/// `--flag value` pairs.
+struct Options<'a>(Vec<(&'a str, &'a str)>);
+
+impl<'a> Options<'a> {
+    fn parse(args: &'a [String]) -> Result<Self, Failure> {
+        let mut pairs = Vec::new();
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            if !flag.starts_with("--") {
+                return Err(Failure::Usage(format!("unexpected argument {flag:?}")));
+            }
+            let value = it
+                .next()
+                .ok_or_else(|| Failure::Usage(format!("{flag} needs a value")))?;
+            pairs.push((flag.as_str(), value.as_str()));
+        }
+        Ok(Options(pairs))
+    }
+
+    fn get(&self, flag: &str) -> Option<&'a str> {
+        self.0.iter().find(|(f, _)| *f == flag).map(|(_, v)| *v)
+    }
+
+    fn required(&self, flag: &str) -> Result<&'a str, Failure> {
+        self.get(flag)
+            .ok_or_else(|| Failure::Usage(format!("missing {flag}")))
+    }
+
+    fn number(&self, flag: &str) -> Result<u64, Failure> {
+        self.required(flag)?
+            .parse()
+            .map_err(|e| Failure::Usage(format!("{flag}: {e}")))
+    }
+}

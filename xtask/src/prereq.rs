@@ -1,0 +1,325 @@
+//! Build prerequisites for the eBPF crate, each checked and installed only if missing (so a second
+//! run changes nothing), one line per step. Recipe: shared/toolchain.md.
+//!
+//! 1. Debian packages: llvm-22-dev (bpf-linker links it), bpftool and iproute2 (tests inspect with
+//!    them). `apt-get update` runs once, only when something must be installed.
+//! 2. The nightly toolchain and its rust-src (`-Z build-std=core`).
+//! 3. bpf-linker built against that same LLVM major (a plain `cargo install bpf-linker` wants a newer
+//!    LLVM than Debian ships and fails to link).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use crate::cmd::{self, probe, Ctx};
+use crate::say;
+
+/// LLVM major shared by rustc nightly, Debian's llvm-22-dev and bpf-linker. bpf-linker reads the
+/// bitcode rustc emits, so its LLVM must not be older than rustc's.
+pub const LLVM_MAJOR: u32 = 22;
+const BPF_LINKER_VERSION: &str = "~0.13";
+
+fn llvm_prefix() -> PathBuf {
+    PathBuf::from(format!("/usr/lib/llvm-{LLVM_MAJOR}"))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Install what is missing.
+    Install,
+    /// Only report; fail if anything is missing (`cargo xtask prereqs --check`).
+    CheckOnly,
+}
+
+pub fn ensure(ctx: &Ctx, mode: Mode) -> Result<()> {
+    let started = Instant::now();
+    let mut missing = Vec::new();
+    debian_packages(ctx, mode, &mut missing)?;
+    nightly(ctx, mode, &mut missing)?;
+    bpf_linker(ctx, mode, &mut missing)?;
+    if !missing.is_empty() {
+        bail!(
+            "missing prerequisites: {}. Run `cargo xtask prereqs` (as root) to install them.",
+            missing.join(", ")
+        );
+    }
+    say!(
+        "prerequisites: all present ({})",
+        cmd::elapsed(started.elapsed())
+    );
+    Ok(())
+}
+
+struct DebPackage {
+    name: String,
+    /// What the check looked at, for the progress line.
+    found: Option<String>,
+}
+
+fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<()> {
+    let llvm_pkg = format!("llvm-{LLVM_MAJOR}-dev");
+    let packages = [
+        DebPackage {
+            found: llvm_dev_found(ctx, &llvm_pkg),
+            name: llvm_pkg,
+        },
+        DebPackage {
+            name: "bpftool".into(),
+            found: ctx.find_program("bpftool").map(|p| p.display().to_string()),
+        },
+        DebPackage {
+            name: "iproute2".into(),
+            found: ctx.find_program("ip").map(|p| p.display().to_string()),
+        },
+    ];
+    let mut to_install = Vec::new();
+    for p in &packages {
+        match &p.found {
+            Some(what) => say!("check Debian package {}: present ({what})", p.name),
+            None => {
+                say!("check Debian package {}: missing", p.name);
+                to_install.push(p.name.clone());
+            }
+        }
+    }
+    if to_install.is_empty() {
+        return Ok(());
+    }
+    let list = to_install.join(" ");
+    if mode == Mode::CheckOnly {
+        say!(
+            "would run: apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y {list}"
+        );
+        missing.extend(to_install);
+        return Ok(());
+    }
+    if !ctx.is_root {
+        bail!(
+            "Debian packages {list} must be installed and that needs root: run as root, or install \
+             them yourself: `sudo apt-get update && sudo apt-get install -y {list}`"
+        );
+    }
+    let hint = format!(
+        "check that Debian's package lists are reachable and that no other apt/dpkg is stuck, then \
+         run `apt-get update && apt-get install -y {list}` yourself and retry"
+    );
+    // Wait for a dpkg lock held by another apt run (e.g. unattended-upgrades on a fresh VM)
+    // instead of failing at once.
+    let lock_wait = "DPkg::Lock::Timeout=300";
+    cmd::run(
+        ctx.cmd("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["-o", lock_wait, "update"]),
+        "apt-get update",
+        Some(&hint),
+    )?;
+    cmd::run(
+        ctx.cmd("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["-o", lock_wait, "install", "-y"])
+            .args(&to_install),
+        &format!("apt-get install {list}"),
+        Some(&hint),
+    )?;
+    // Re-check: apt can exit 0 without giving us what we test for (e.g. a virtual package).
+    for name in &to_install {
+        let ok = match name.as_str() {
+            "bpftool" => ctx.find_program("bpftool").is_some(),
+            "iproute2" => ctx.find_program("ip").is_some(),
+            llvm => llvm_dev_found(ctx, llvm).is_some(),
+        };
+        if !ok {
+            bail!("{name} was installed but the check for it still fails; {hint}");
+        }
+        say!("check Debian package {name}: now present");
+    }
+    Ok(())
+}
+
+/// llvm-N-dev counts as present if dpkg says so, or if its shared library and llvm-config (all that
+/// building bpf-linker with LLVM_PREFIX uses) are there, e.g. on a non-Debian-packaged LLVM.
+fn llvm_dev_found(ctx: &Ctx, pkg: &str) -> Option<String> {
+    let dpkg = probe(ctx.cmd("dpkg-query").args(["-W", "-f=${Status}", pkg]));
+    if dpkg.is_some_and(|s| s.contains("install ok installed")) {
+        return Some("dpkg: installed".into());
+    }
+    let prefix = llvm_prefix();
+    let lib = find_libllvm(&prefix.join("lib"))?;
+    let config = prefix.join("bin/llvm-config");
+    config
+        .is_file()
+        .then(|| format!("{} and {}", lib.display(), config.display()))
+}
+
+fn find_libllvm(dir: &Path) -> Option<PathBuf> {
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM") && n.contains(".so"))
+        })
+}
+
+fn nightly(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<()> {
+    let Some(list) = probe(ctx.cmd("rustup").args(["toolchain", "list"])) else {
+        bail!(
+            "`rustup toolchain list` failed: rustup is needed to get the nightly toolchain. Install \
+             rustup (https://rustup.rs) or put $CARGO_HOME/bin on PATH (source ~/.cargo/env)."
+        );
+    };
+    // "nightly-x86_64-unknown-linux-gnu (active)": the plain nightly channel, not a dated
+    // "nightly-2025-01-01-..." one, because the build runs `cargo +nightly`.
+    let present = list.lines().find_map(|l| {
+        let name = l.split_whitespace().next()?;
+        let rest = name.strip_prefix("nightly-")?;
+        (!rest.starts_with(|c: char| c.is_ascii_digit())).then(|| name.to_string())
+    });
+    match present {
+        Some(name) => say!("check nightly toolchain: present ({name})"),
+        None if mode == Mode::CheckOnly => {
+            say!("check nightly toolchain: missing; would run: rustup toolchain install nightly --profile minimal");
+            missing.push("nightly toolchain".into());
+            // rust-src and the LLVM check need the toolchain; nothing more to look at.
+            return Ok(());
+        }
+        None => {
+            say!("check nightly toolchain: missing -> installing");
+            cmd::run(
+                ctx.cmd("rustup")
+                    .args(["toolchain", "install", "nightly", "--profile", "minimal"]),
+                "rustup toolchain install nightly",
+                Some("check network access to the Rust distribution server, or install a nightly toolchain yourself: `rustup toolchain install nightly --profile minimal`"),
+            )?;
+        }
+    }
+
+    let installed = probe(ctx.cmd("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    // Component names carry the target ("rust-std-x86_64-...") except rust-src, which is "rust-src".
+    if installed.lines().any(|l| l.trim() == "rust-src") {
+        say!("check rust-src for nightly: present");
+    } else if mode == Mode::CheckOnly {
+        say!("check rust-src for nightly: missing; would run: rustup component add rust-src --toolchain nightly");
+        missing.push("rust-src (nightly)".into());
+    } else {
+        say!("check rust-src for nightly: missing -> installing");
+        cmd::run(
+            ctx.cmd("rustup")
+                .args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+            "rustup component add rust-src --toolchain nightly",
+            Some("`-Z build-std=core` needs the standard library sources; check access to the Rust distribution server and run `rustup component add rust-src --toolchain nightly` yourself"),
+        )?;
+    }
+
+    // A nightly newer than bpf-linker's LLVM emits bitcode bpf-linker cannot read; say so here
+    // instead of letting the link fail with an obscure bitcode error.
+    let vv = probe(ctx.cmd("rustup").args(["run", "nightly", "rustc", "-vV"])).unwrap_or_default();
+    let llvm = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version:"))
+        .map(str::trim);
+    match llvm.and_then(|v| v.split('.').next()?.parse::<u32>().ok()) {
+        Some(major) if major > LLVM_MAJOR => bail!(
+            "nightly rustc uses LLVM {major} but bpf-linker is built against LLVM {LLVM_MAJOR}: \
+             install a nightly that uses LLVM {LLVM_MAJOR} (e.g. `rustup toolchain install nightly-<date>` \
+             and make it `nightly`), or raise LLVM_MAJOR in xtask/src/prereq.rs and reinstall bpf-linker"
+        ),
+        Some(major) => say!("check nightly's LLVM: {major} (bpf-linker's is {LLVM_MAJOR}): ok"),
+        None => say!("check nightly's LLVM: unknown (`rustc +nightly -vV` printed no LLVM version); continuing"),
+    }
+    Ok(())
+}
+
+fn bpf_linker(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<()> {
+    let version = probe(ctx.cmd("bpf-linker").arg("--version")).map(|v| v.trim().to_string());
+    let mut reinstall = false;
+    match &version {
+        Some(v) => match linked_llvm_major(ctx) {
+            // Older than rustc's LLVM: it cannot read the bitcode. A newer one can, so keep it.
+            Some(major) if major < LLVM_MAJOR => {
+                say!("check bpf-linker: {v}, but linked against LLVM {major}, older than {LLVM_MAJOR} -> reinstalling");
+                reinstall = true;
+            }
+            Some(major) => {
+                say!("check bpf-linker: present ({v}, LLVM {major})");
+                return Ok(());
+            }
+            // Statically linked (or no ldd): trust it; the eBPF build will tell.
+            None => {
+                say!("check bpf-linker: present ({v})");
+                return Ok(());
+            }
+        },
+        None => say!("check bpf-linker: `bpf-linker --version` failed (not installed or broken)"),
+    }
+
+    let mut install = ctx.cargo();
+    install
+        .env("LLVM_PREFIX", llvm_prefix())
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{LLVM_MAJOR}"));
+    if reinstall {
+        install.arg("--force");
+    }
+    if mode == Mode::CheckOnly {
+        say!("would run: {}", cmd::display(&install));
+        missing.push("bpf-linker".into());
+        return Ok(());
+    }
+    say!(
+        "installing bpf-linker into {}/bin (about 4 minutes on 2 cores)",
+        ctx.cargo_home.display()
+    );
+    cmd::run(
+        &mut install,
+        "cargo install bpf-linker",
+        Some(&format!(
+            "it needs llvm-{LLVM_MAJOR}-dev (/usr/lib/llvm-{LLVM_MAJOR}/bin/llvm-config) and crates.io; \
+             a plain `cargo install bpf-linker` does not work here"
+        )),
+    )?;
+    match probe(ctx.cmd("bpf-linker").arg("--version")) {
+        Some(v) => say!("check bpf-linker: now present ({})", v.trim()),
+        None => bail!(
+            "bpf-linker was installed but `bpf-linker --version` still fails; is {}/bin writable and \
+             on PATH?",
+            ctx.cargo_home.display()
+        ),
+    }
+    Ok(())
+}
+
+/// The LLVM major of the libLLVM bpf-linker is dynamically linked against ("libLLVM.so.22.1").
+fn linked_llvm_major(ctx: &Ctx) -> Option<u32> {
+    let path = ctx.find_program("bpf-linker")?;
+    let out = probe(ctx.cmd("ldd").arg(path))?;
+    out.lines().find_map(|l| {
+        let name = l.split_whitespace().next()?;
+        let rest = name
+            .strip_prefix("libLLVM.so.")
+            .or_else(|| name.strip_prefix("libLLVM-"))?;
+        rest.split(['.', '-']).next()?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_prefix_matches_major() {
+        assert_eq!(llvm_prefix(), Path::new("/usr/lib/llvm-22"));
+    }
+}

@@ -1,0 +1,121 @@
+//! `cargo xtask test`: the project's one test command (README, CI). Runs every test, the privileged
+//! ones included, then the format check and clippy. It never skips: without root it fails.
+
+use std::ffi::OsString;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use crate::cmd::{self, probe, Ctx};
+use crate::{ebpf, host, prereq, say};
+
+pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
+    let started = Instant::now();
+    // Environment first: it takes a second, the builds take minutes.
+    host::require_privileged_host(ctx, "cargo xtask test")?;
+    prereq::ensure(ctx, prereq::Mode::Install)?;
+    ensure_stable_component(ctx, "rustfmt", &["fmt", "--version"])?;
+    ensure_stable_component(ctx, "clippy", &["clippy", "--version"])?;
+    ebpf::build(ctx, ebpf::Profile::Release)?;
+
+    // A build failure leaves nothing to test: stop here.
+    cmd::run(
+        ctx.cargo().args(["build", "--workspace", "--all-targets"]),
+        "cargo build --workspace --all-targets",
+        None,
+    )?;
+    let sidecar = ctx.debug_bin("sidecar");
+    if !sidecar.is_file() {
+        bail!(
+            "{} does not exist after the build; the integration tests need it",
+            sidecar.display()
+        );
+    }
+
+    // From here on, run every step and report all failures together.
+    let mut results: Vec<(&str, Result<()>)> = Vec::new();
+
+    let mut tests = if probe(ctx.cargo().args(["nextest", "--version"])).is_some() {
+        let mut c = ctx.cargo();
+        // Threads and per-test timeouts live in .config/nextest.toml. `--no-tests=warn`:
+        // a filter given after `--` may legitimately match nothing.
+        c.args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--no-fail-fast",
+            "--no-tests=warn",
+        ]);
+        c
+    } else {
+        say!("cargo-nextest not found: using cargo test (no per-test timeout)");
+        let mut c = ctx.cargo();
+        c.args(["test", "--workspace", "--no-fail-fast"]);
+        c
+    };
+    tests
+        .args(extra)
+        .env("SIDECAR_BIN", &sidecar)
+        .env("SIDECAR_PROBE_BIN", ctx.debug_bin("sidecar-probe"));
+    results.push(("tests", cmd::run(&mut tests, "tests", None)));
+
+    results.push((
+        "format check",
+        cmd::run(
+            ctx.cargo().args(["fmt", "--all", "--", "--check"]),
+            "cargo fmt --check",
+            Some("run `cargo fmt --all`"),
+        ),
+    ));
+    // sidecar-ebpf is its own workspace, so `--all` above does not reach it. (No `--all` here:
+    // with it cargo-fmt follows the path dependency back into the main workspace.)
+    let ebpf_manifest = ctx.root.join(ebpf::CRATE_DIR).join("Cargo.toml");
+    results.push((
+        "format check (sidecar-ebpf)",
+        cmd::run(
+            ctx.cargo()
+                .arg("fmt")
+                .arg("--manifest-path")
+                .arg(&ebpf_manifest)
+                .args(["--", "--check"]),
+            "cargo fmt --check (sidecar-ebpf)",
+            Some("run `cargo fmt --manifest-path sidecar-ebpf/Cargo.toml`"),
+        ),
+    ));
+    // Warnings are printed but do not fail the run (yet); deny-level lints still do.
+    results.push((
+        "clippy",
+        cmd::run(
+            ctx.cargo().args(["clippy", "--workspace", "--all-targets"]),
+            "cargo clippy",
+            None,
+        ),
+    ));
+
+    say!("summary ({} in all):", cmd::elapsed(started.elapsed()));
+    for (name, r) in &results {
+        say!("  {name}: {}", if r.is_ok() { "ok" } else { "FAILED" });
+    }
+    // The first failure decides the exit code, as if that tool had been run alone.
+    match results.into_iter().find_map(|(_, r)| r.err()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// rustfmt and clippy ship with most toolchains but not with a `minimal` profile.
+fn ensure_stable_component(ctx: &Ctx, component: &str, check: &[&str]) -> Result<()> {
+    if let Some(v) = probe(ctx.cargo().args(check)) {
+        say!("check {component}: present ({})", v.trim());
+        return Ok(());
+    }
+    say!("check {component}: missing -> rustup component add {component}");
+    // No --toolchain: rustup uses RUSTUP_TOOLCHAIN, i.e. the toolchain running xtask.
+    cmd::run(
+        ctx.cmd("rustup").args(["component", "add", component]),
+        &format!("rustup component add {component}"),
+        Some(&format!(
+            "install it yourself with `rustup component add {component}`"
+        )),
+    )
+}
