@@ -117,6 +117,22 @@ fn non_root_user_is_refused() {
     assert_nothing_attached(&pod);
 }
 
+#[test]
+fn netns_that_is_not_a_namespace_file_is_refused() {
+    require_bpffs();
+    let mut pod = Pod::new();
+    // A directory of ours: it opens fine, but it is not a namespace.
+    let not_ns = pod.log_dir().to_string_lossy().into_owned();
+
+    let out = pod.try_init(&["--netns", &not_ns]);
+
+    let stderr = assert_refused(&out, "--netns that is not a namespace");
+    assert_mentions_any(&stderr, &[&not_ns], "names the path");
+    assert_mentions_any(&stderr, &["namespace"], "says a namespace was expected");
+    assert_mentions_any(&stderr, &["/proc/", "/run/netns"], "says what to pass");
+    assert_nothing_attached(&pod);
+}
+
 /// A temporary directory removed on drop, even when the test panics.
 struct TempDir(PathBuf);
 

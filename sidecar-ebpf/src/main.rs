@@ -414,7 +414,11 @@ fn on_listen(ctx: &SockOpsContext) {
     if port != cfg(&INBOUND_PORT) as u32 {
         return;
     }
-    let slot = if family == AF_INET6 { INBOUND_SLOT_V6 } else { INBOUND_SLOT_V4 };
+    let slot = if family == AF_INET6 {
+        INBOUND_SLOT_V6
+    } else {
+        INBOUND_SLOT_V4
+    };
     // SAFETY: ops is the sock_ops context of a listening TCP socket, as the helper requires.
     if unsafe { INBOUND_LISTENERS.update(slot, ops, 0) }.is_ok() {
         count(stats::INBOUND_LISTENER_SEEN);
@@ -623,10 +627,16 @@ pub fn sc_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     // An IPv4 SYN may go to a dual-stack IPv6 listener when there is no IPv4 one.
     let assigned = if family == AF_INET {
-        INBOUND_LISTENERS.redirect_sk_lookup(&ctx, INBOUND_SLOT_V4, 0).is_ok()
-            || INBOUND_LISTENERS.redirect_sk_lookup(&ctx, INBOUND_SLOT_V6, 0).is_ok()
+        INBOUND_LISTENERS
+            .redirect_sk_lookup(&ctx, INBOUND_SLOT_V4, 0)
+            .is_ok()
+            || INBOUND_LISTENERS
+                .redirect_sk_lookup(&ctx, INBOUND_SLOT_V6, 0)
+                .is_ok()
     } else {
-        INBOUND_LISTENERS.redirect_sk_lookup(&ctx, INBOUND_SLOT_V6, 0).is_ok()
+        INBOUND_LISTENERS
+            .redirect_sk_lookup(&ctx, INBOUND_SLOT_V6, 0)
+            .is_ok()
     };
     if assigned {
         count(stats::INBOUND_REDIRECTED);

@@ -1,6 +1,9 @@
 //! The sidecar: an init step that loads and attaches the eBPF interception programs for one pod
 //! (`intercept`), and the proxy that receives the steered connections (`run`, `proxy`).
+pub mod doctor;
+pub mod inject;
 pub mod intercept;
+pub mod logs;
 pub mod orig_dst;
 pub mod proxy;
 pub mod run;

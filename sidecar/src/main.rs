@@ -24,6 +24,12 @@ enum Command {
     Status(sidecar::intercept::StatusArgs),
     /// Remove pins left by pods that are gone (node-level garbage collection).
     Cleanup(sidecar::intercept::CleanupArgs),
+    /// Forward the application's log file to an HTTP collector (at least once, through rotations).
+    Logs(sidecar::logs::LogsArgs),
+    /// Add the sidecar to Kubernetes workload manifests (reads YAML, writes YAML).
+    Inject(sidecar::inject::InjectArgs),
+    /// Check that this node has what the sidecar needs (kernel, cgroup v2, bpffs, capabilities).
+    Doctor(sidecar::doctor::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,5 +50,8 @@ fn main() -> ExitCode {
         Command::Run(args) => sidecar::run::main(args),
         Command::Status(args) => sidecar::intercept::status_main(args),
         Command::Cleanup(args) => sidecar::intercept::cleanup_main(args),
+        Command::Logs(args) => sidecar::logs::main(args),
+        Command::Inject(args) => sidecar::inject::main(args),
+        Command::Doctor(args) => sidecar::doctor::main(args),
     }
 }

@@ -16,7 +16,8 @@ pub const SO_ORIGINAL_DST: libc::c_int = 80;
 /// The destination the client originally dialled before it was redirected to us.
 ///
 /// Errors with `ENOENT` / `ENOPROTOOPT` when the connection was not redirected (someone dialled
-/// the proxy port directly); see [`is_not_redirected`].
+/// the proxy port directly); see [`is_not_redirected`]. Where conntrack tracks loopback it may
+/// instead answer with the proxy's own address: callers must refuse that (loop guard).
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     let fd = stream.as_raw_fd();
     match stream.local_addr()? {

@@ -451,7 +451,11 @@ async fn run(settings: Settings) -> ExitCode {
         Some(t) => format!("target {}", t.as_str()),
         None => "intercept".to_owned(),
     };
-    let service = settings.proxy.service_name.clone().unwrap_or_default();
+    let service = settings
+        .proxy
+        .service_name
+        .clone()
+        .unwrap_or_else(|| "-".to_owned());
     let proxy = match proxy::start(settings.proxy, proxy::original_dst_resolver()).await {
         Ok(p) => p,
         Err(e) => {

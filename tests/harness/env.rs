@@ -3,13 +3,17 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Once, OnceLock};
 use std::time::Duration;
 
 /// Every name this harness gives to a system object (cgroup, netns, temp dir) starts with this,
 /// followed by `<pid>-<n>`; the sweep only ever touches names of that exact shape.
 pub const NAME_PREFIX: &str = "sidecar-test-";
+
+/// Children get a fixed, minimal environment: nothing from the developer's shell (SIDECAR_*,
+/// TARGET_URL, ...) can change what a test exercises.
+pub const CHILD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The default bpffs pin root of `sidecar init` (see the CLI contract).
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sidecar";
@@ -171,6 +175,19 @@ pub fn sidecar_bin() -> PathBuf {
     );
 }
 
+/// Runs `sidecar <args>` as root from the test process (outside any pod), with the same fixed,
+/// minimal environment as the pod's children, and returns what happened.
+pub fn run_sidecar(args: &[&str]) -> Output {
+    Command::new(sidecar_bin())
+        .args(args)
+        .env_clear()
+        .env("PATH", CHILD_PATH)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn sidecar {args:?}: {e}"))
+}
+
 /// The probe app (`sidecar-probe`, built by this package): $SIDECAR_PROBE_BIN, else next to this
 /// executable.
 pub fn probe_bin() -> PathBuf {
@@ -247,6 +264,21 @@ pub fn sweep_leftovers() {
                     if !pid_alive(pid) && entry.path().is_dir() {
                         eprintln!("sweep: removing leftover cgroup {}", entry.path().display());
                         sweep_cgroup(&entry.path());
+                    }
+                }
+            }
+        }
+        // Private pin roots (`bpf::PinRoot`): /sys/fs/bpf/sidecar-test-<pid>-<n>-pins.
+        if let Ok(entries) = fs::read_dir("/sys/fs/bpf") {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some((pid, Some("pins"))) = parse_name(&name) {
+                    if !pid_alive(pid) {
+                        eprintln!(
+                            "sweep: removing leftover pin root {}",
+                            entry.path().display()
+                        );
+                        let _ = fs::remove_dir_all(entry.path());
                     }
                 }
             }

@@ -23,14 +23,17 @@ pub mod client;
 pub mod env;
 pub mod netns;
 mod pod;
+pub mod status;
 pub mod upstream;
 
 use std::time::{Duration, Instant};
 
 pub use client::{EchoReply, GreetingReply, HttpReply};
 pub use pod::{
-    AppRun, InitRunner, Pod, POD_IP4, POD_IP6, PROXY_GID, PROXY_UID, REMOTE_IP4, REMOTE_IP6,
+    AppRun, InitRunner, Pod, INBOUND_PORT, POD_IP4, POD_IP6, PROXY_GID, PROXY_UID, REMOTE_IP4,
+    REMOTE_IP6,
 };
+pub use status::{Counters, Status};
 pub use upstream::{SeenRequest, Upstream};
 
 /// How often `eventually` re-checks its condition. Short, because every caller waits on something

@@ -19,6 +19,7 @@ use serde_json::Value;
 use crate::client::{self, EchoReply, GreetingReply, HttpReply};
 use crate::env::{self, DEFAULT_PIN_ROOT, NAME_PREFIX};
 use crate::netns;
+use crate::status::{Counters, Status};
 use crate::upstream::Upstream;
 
 /// The pod's own addresses (passed to `sidecar init --pod-ip`).
@@ -34,6 +35,10 @@ const REMOTE_EXTRA_IP4: [&str; 2] = ["10.200.0.3", "10.200.0.4"];
 pub const PROXY_UID: u32 = 1337;
 pub const PROXY_GID: u32 = 1337;
 const OUTBOUND_PORT: u16 = 15001;
+/// The proxy's inbound listeners: 0.0.0.0:15006 and [::]:15006.
+pub const INBOUND_PORT: u16 = 15006;
+/// The proxy's inbound listeners (IPv4 and IPv6) each enter the kernel's SOCKMAP once per start.
+const INBOUND_LISTENERS: u64 = 2;
 
 /// How long a freshly spawned proxy may take to listen: a debug build on a busy 2-core machine.
 const PROXY_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,9 +47,6 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 const LINK_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Lines of a child's log printed when a test fails.
 const LOG_TAIL_LINES: usize = 300;
-/// Children get a fixed, minimal environment: nothing from the developer's shell (SIDECAR_*,
-/// TARGET_URL, ...) can change what a test exercises.
-const CHILD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -307,7 +309,7 @@ impl Pod {
     fn base_command(program: &Path) -> Command {
         let mut cmd = Command::new(program);
         cmd.env_clear()
-            .env("PATH", CHILD_PATH)
+            .env("PATH", env::CHILD_PATH)
             .current_dir("/")
             .stdin(Stdio::null());
         cmd
@@ -348,8 +350,8 @@ impl Pod {
     }
 
     /// Runs `sidecar init` for this pod as root from outside the pod; panics (showing stderr)
-    /// unless it succeeds.
-    pub fn init(&mut self, extra: &[&str]) {
+    /// unless it succeeds. Returns its output (stdout says what it attached and collected).
+    pub fn init(&mut self, extra: &[&str]) -> Output {
         env::require_bpffs();
         let out = self.try_init(extra);
         if !out.status.success() {
@@ -360,6 +362,20 @@ impl Pod {
                 String::from_utf8_lossy(&out.stdout)
             );
         }
+        out
+    }
+
+    /// `init` with `--netns <the pod's netns>`: inbound capture (sk_lookup) as well as outbound.
+    pub fn init_with_netns(&mut self, extra: &[&str]) -> Output {
+        let netns = self.netns_path().to_string_lossy().into_owned();
+        let mut args = vec!["--netns", netns.as_str()];
+        args.extend_from_slice(extra);
+        self.init(&args)
+    }
+
+    /// The pod's network namespace as `sidecar init --netns` takes it (/run/netns/<name>).
+    pub fn netns_path(&self) -> PathBuf {
+        netns::netns_path(&self.pod_ns)
     }
 
     /// Runs `sidecar init` for this pod as root and returns what happened, success or not.
@@ -407,16 +423,76 @@ impl Pod {
 
     /// `sidecar init --remove` for this pod's cgroup (default pin root and pod id).
     pub fn remove(&mut self) -> Output {
+        self.remove_with(&[])
+    }
+
+    /// `sidecar init --remove --cgroup <this pod's cgroup> <extra>` (e.g. `--pin-root DIR`).
+    pub fn remove_with(&mut self, extra: &[&str]) -> Output {
         let mut cmd = Self::base_command(&self.sidecar_exec());
-        cmd.args(["init", "--remove", "--cgroup"]).arg(&self.cgroup);
+        cmd.args(["init", "--remove", "--cgroup"])
+            .arg(&self.cgroup)
+            .args(extra);
         cmd.output()
             .unwrap_or_else(|e| panic!("spawn sidecar init --remove: {e}"))
     }
 
+    /// `sidecar status --cgroup <this pod's cgroup> --json` (default pin root and pod id), parsed;
+    /// panics unless it succeeds.
+    pub fn status(&mut self) -> Status {
+        let text = self.sidecar_status(&["--json"]);
+        serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("sidecar status --json printed something else ({e}):\n{text}")
+        })
+    }
+
+    /// `sidecar status` as a human reads it (the table).
+    pub fn status_table(&mut self) -> String {
+        self.sidecar_status(&[])
+    }
+
+    /// The kernel counters of this pod, from `sidecar status --json`.
+    pub fn counters(&mut self) -> Counters {
+        self.status().counters
+    }
+
+    fn sidecar_status(&mut self, extra: &[&str]) -> String {
+        let mut cmd = Self::base_command(&self.sidecar_exec());
+        cmd.args(["status", "--cgroup"])
+            .arg(&self.cgroup)
+            .args(extra);
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("spawn sidecar status: {e}"));
+        if !out.status.success() {
+            panic!(
+                "sidecar status {extra:?} failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Starts `sidecar run <extra>` inside the pod as uid/gid 1337 with SIDECAR_LOG=debug, and
-    /// waits until it listens on 127.0.0.1:15001. Returns its pid.
+    /// waits until it listens on 127.0.0.1:15001. Returns its pid. Starting it again after
+    /// `stop_proxy` is a restart (each run logs to a file of its own).
     pub fn start_proxy(&mut self, extra: &[&str]) -> u32 {
-        let log = self.dir.join("proxy.log");
+        let run = 1 + self
+            .children
+            .iter()
+            .filter(|s| s.label.starts_with("proxy"))
+            .count();
+        let (log, label) = if run == 1 {
+            (
+                self.dir.join("proxy.log"),
+                "proxy (sidecar run)".to_string(),
+            )
+        } else {
+            (
+                self.dir.join(format!("proxy-{run}.log")),
+                format!("proxy run #{run} (sidecar run)"),
+            )
+        };
         let file = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let file2 = file
             .try_clone()
@@ -438,13 +514,67 @@ impl Pod {
             self.name,
             log.display()
         );
-        self.children.push(Spawned {
-            label: "proxy (sidecar run)".to_string(),
-            child,
-            log,
-        });
+        self.children.push(Spawned { label, child, log });
         self.wait_listening(pid, OUTBOUND_PORT, false);
         pid
+    }
+
+    /// `start_proxy`, then waits for its inbound side: listening on 0.0.0.0:15006 and
+    /// [::]:15006, and both listeners registered in the kernel (the sockops LISTEN callback puts
+    /// them in the SOCKMAP that sk_lookup reads; the counter `inbound_listener_seen` moves by
+    /// two). The pod must have been initialised with `init_with_netns`. Returns the proxy's pid.
+    ///
+    /// Waiting on the counter, not only on the socket state: the kernel lists a socket as
+    /// listening a moment before that callback runs, and a fail-closed pod refuses SYNs meanwhile.
+    pub fn start_proxy_with_inbound(&mut self, extra: &[&str]) -> u32 {
+        let before = self.counters().get("inbound_listener_seen");
+        let pid = self.start_proxy(extra);
+        self.wait_listening(pid, INBOUND_PORT, false);
+        self.wait_listening(pid, INBOUND_PORT, true);
+        let target = before + INBOUND_LISTENERS;
+        let mut seen = before;
+        let registered = crate::eventually(PROXY_START_TIMEOUT, || {
+            seen = self.counters().get("inbound_listener_seen");
+            seen >= target
+        });
+        if !registered {
+            panic!(
+                "the proxy (pid {pid}) listens on port {INBOUND_PORT}, but the kernel registered \
+                 {} of its {INBOUND_LISTENERS} inbound listeners within {PROXY_START_TIMEOUT:?} \
+                 (counter inbound_listener_seen {before} -> {seen}): is the proxy in the pod \
+                 cgroup, and was init run with --netns?\n{}",
+                seen - before,
+                self.logs_of(pid)
+            );
+        }
+        pid
+    }
+
+    /// Stops the running proxy the hard way (SIGKILL to its pid, then waits for it): a crashed
+    /// proxy, which is what the fail modes are about. Its listeners are closed by the time the
+    /// wait returns (the kernel closes a dying process's files before reporting its exit), which
+    /// also takes them out of the kernel's SOCKMAP. Panics if the proxy had already exited.
+    pub fn stop_proxy(&mut self) {
+        let Some(spawned) = self
+            .children
+            .iter_mut()
+            .rev()
+            .find(|s| s.label.starts_with("proxy"))
+        else {
+            panic!("no proxy started in pod {}", self.name);
+        };
+        let pid = spawned.child.id();
+        if let Ok(Some(status)) = spawned.child.try_wait() {
+            let log = format_log(&spawned.label, &spawned.log);
+            panic!("the proxy (pid {pid}) had already exited ({status}) before the test stopped it:\n{log}");
+        }
+        if let Err(e) = spawned.child.kill() {
+            panic!("kill proxy pid {pid}: {e}");
+        }
+        if let Err(e) = spawned.child.wait() {
+            panic!("wait for proxy pid {pid}: {e}");
+        }
+        eprintln!("pod {}: proxy pid {pid} stopped (SIGKILL)", self.name);
     }
 
     /// Waits until something in the pod listens on [::]-family port `port` (v6) or the v4 one,
@@ -484,17 +614,20 @@ impl Pod {
         self.wait_listening(pid, OUTBOUND_PORT, true);
     }
 
+    /// The most recently started proxy.
     fn proxy_pid(&self) -> Option<u32> {
         self.children
             .iter()
+            .rev()
             .find(|s| s.label.starts_with("proxy"))
             .map(|s| s.child.id())
     }
 
-    /// Everything the proxy has logged so far.
+    /// Everything the most recently started proxy has logged so far.
     pub fn proxy_log(&self) -> String {
         self.children
             .iter()
+            .rev()
             .find(|s| s.label.starts_with("proxy"))
             .map(|s| fs::read_to_string(&s.log).unwrap_or_default())
             .unwrap_or_default()
@@ -574,10 +707,82 @@ impl Pod {
     /// `/` from `addr`: "a process outside the pod".
     pub fn outside_http(&self, addr: &str) -> HttpReply {
         let target = sock(addr);
-        match netns::in_netns(&self.pod_ns, move || client::http_get(target, "/", None)) {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(e)) => panic!("outside-the-pod request to {addr} failed: {e}"),
-            Err(e) => panic!("enter netns {}: {e}", self.pod_ns),
+        let result = in_namespace(&self.pod_ns, move || client::http_get(target, "/", None));
+        result.unwrap_or_else(|e| panic!("outside-the-pod request to {addr} failed: {e}"))
+    }
+
+    /// A client in the remote namespace (another host, as far as the pod can tell) GETs `/` from
+    /// `addr` (e.g. "10.200.0.2:8080", the pod's address). Panics unless it gets a response.
+    pub fn remote_http(&self, addr: &str) -> HttpReply {
+        self.try_remote_http(addr)
+            .unwrap_or_else(|e| panic!("request from the remote netns to {addr} failed: {e}"))
+    }
+
+    /// `remote_http`, returning the failure (e.g. "... Connection refused") instead of panicking.
+    pub fn try_remote_http(&self, addr: &str) -> Result<HttpReply, String> {
+        let target = sock(addr);
+        in_namespace(&self.remote_ns, move || client::http_get(target, "/", None))
+    }
+
+    /// A client in the remote namespace sends `bytes` opaque bytes to an echo server at `addr`.
+    pub fn remote_echo(&self, addr: &str, bytes: usize) -> EchoReply {
+        let target = sock(addr);
+        in_namespace(&self.remote_ns, move || client::tcp_echo(target, bytes))
+            .unwrap_or_else(|e| panic!("echo from the remote netns to {addr} failed: {e}"))
+    }
+
+    /// A client in the remote namespace connects to `addr`, sends nothing, and reads the server's
+    /// first line.
+    pub fn remote_greeting(&self, addr: &str, timeout: Duration) -> GreetingReply {
+        let target = sock(addr);
+        in_namespace(&self.remote_ns, move || client::greeting(target, timeout))
+            .unwrap_or_else(|e| panic!("greeting from the remote netns to {addr} failed: {e}"))
+    }
+
+    /// An HTTP server of the app, in the pod's network namespace (see `Upstream::http`; it
+    /// answers `hello from <name>` and records each request's headers and peer address). It runs
+    /// in the test process, outside the pod cgroup, which does not matter for inbound capture:
+    /// sk_lookup works per network namespace.
+    pub fn app_http_server(&self, addr: &str, name: &str) -> Upstream {
+        Upstream::http(&self.pod_ns, addr, name)
+    }
+
+    /// A TCP echo server of the app, in the pod's network namespace.
+    pub fn app_echo_server(&self, addr: &str, name: &str) -> Upstream {
+        Upstream::echo(&self.pod_ns, addr, name)
+    }
+
+    /// A server-speaks-first server of the app, in the pod's network namespace.
+    pub fn app_greeting_server(&self, addr: &str, name: &str) -> Upstream {
+        Upstream::greeting(&self.pod_ns, addr, name)
+    }
+
+    /// Deletes the pod's network namespace as the kubelet does when a pod goes away, without
+    /// `sidecar init --remove`: what the pod pinned stays in bpffs. Kills what the pod started
+    /// first (a process or socket inside keeps a namespace alive). Servers returned by
+    /// `app_*_server` live in the test process: drop them before calling this.
+    pub fn delete_netns(&mut self) {
+        self.kill_children();
+        self.pod_netns = None;
+        let pod_ns = self.pod_ns.clone();
+        ip(&["netns", "del", &pod_ns]);
+        self.netns_created.retain(|ns| *ns != pod_ns);
+    }
+
+    /// Deletes the pod's cgroup as the kubelet does when a pod goes away, without
+    /// `sidecar init --remove` (its members are killed first).
+    pub fn delete_cgroup(&mut self) {
+        self.kill_children();
+        if !env::remove_cgroup_tree(&self.cgroup, CLEANUP_TIMEOUT) {
+            panic!("could not remove cgroup {}", self.cgroup.display());
+        }
+        self.cgroup_created = false;
+    }
+
+    fn kill_children(&mut self) {
+        for spawned in &mut self.children {
+            let _ = spawned.child.kill();
+            let _ = spawned.child.wait();
         }
     }
 
@@ -607,10 +812,7 @@ impl Drop for Pod {
     fn drop(&mut self) {
         // Never panic here: a panic during unwinding aborts and skips the rest of the cleanup.
         let failed = self.failed || std::thread::panicking();
-        for spawned in &mut self.children {
-            let _ = spawned.child.kill();
-            let _ = spawned.child.wait();
-        }
+        self.kill_children();
         if failed {
             for spawned in &self.children {
                 eprint!("{}", format_log(&spawned.label, &spawned.log));
@@ -794,6 +996,17 @@ fn ip(args: &[&str]) {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// Runs `f` on a thread in the named network namespace (see `netns::in_netns`).
+fn in_namespace<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    match netns::in_netns(ns, f) {
+        Ok(result) => result,
+        Err(e) => panic!("enter netns {ns}: {e}"),
     }
 }
 

@@ -1,5 +1,6 @@
-//! Mock upstream servers living in the pod's "remote" network namespace and run by the test
-//! process itself: a thread joins the namespace and binds there (the listening socket stays in that
+//! Mock servers run by the test process itself in one of the fixture's network namespaces: the
+//! upstreams of outbound tests live in the "remote" namespace, the app's servers of inbound tests
+//! in the pod's. A thread joins the namespace and binds there (the listening socket stays in that
 //! namespace), then serves on a current-thread tokio runtime until the `Upstream` is dropped. They
 //! record what arrived so that tests assert on what the destination really saw.
 use std::convert::Infallible;

@@ -61,9 +61,13 @@ enum Decision {
 pub(crate) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
     let dst = match (shared.resolver)(&client) {
         Ok(dst) => dst,
+        Err(e) if crate::orig_dst::is_not_redirected(&e) => {
+            // Someone dialled the outbound port directly: there is nowhere to forward to.
+            warn!(%peer, error = %e, "connection was not redirected (no original destination); closing");
+            return;
+        }
         Err(e) => {
-            // Someone dialled the outbound port directly, or the interception is not in place.
-            warn!(%peer, error = %e, "no original destination (connection was not redirected); closing");
+            warn!(%peer, error = %e, "cannot read the original destination; closing");
             return;
         }
     };
@@ -85,7 +89,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
             // Until the client has said something, a drain may close the connection like an
             // idle keep-alive connection.
             _ = shared.cancel.cancelled(), if seen == 0 => Event::Cancelled,
-            // Upstream first: if both have spoken, treating it as opaque is always safe.
+            // Upstream first: if both have spoken, opaque is always safe (and an h2 server's
+            // SETTINGS frame is recognised below, so h2c is still detected).
             event = upstream_event(&mut upstream) => event,
             n = client_bytes(&client, &mut buf, seen) => Event::Client(n),
             _ = wait_until(deadline) => Event::Deadline,
@@ -141,30 +146,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
 
     match decision {
         Decision::Reset => reset(client),
-        Decision::Opaque => {
-            let upstream = match upstream {
-                Upstream::Ready(s) | Upstream::SentH2Settings(s) => s,
-                Upstream::Dialling(f) => match f.await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(%peer, %dst, error = %e, "connect failed");
-                        return reset(client);
-                    }
-                },
-                Upstream::Failed => return reset(client),
-            };
-            relay(client, upstream, peer, dst).await;
-        }
+        Decision::Opaque => opaque(client, upstream, peer, dst).await,
         Decision::Http1 | Decision::Http2 => {
             let authority = match Authority::from_maybe_shared(Bytes::from(dst.to_string())) {
                 Ok(a) => a,
                 // Not expected for a socket address; if it happens, stay out of the way.
-                Err(_) => {
-                    if let Upstream::Ready(s) | Upstream::SentH2Settings(s) = upstream {
-                        return relay(client, s, peer, dst).await;
-                    }
-                    return reset(client);
-                }
+                Err(_) => return opaque(client, upstream, peer, dst).await,
             };
             let predial = match upstream {
                 Upstream::Ready(s) | Upstream::SentH2Settings(s) => Some(Predial::Ready(s)),
@@ -247,6 +234,22 @@ async fn serve_h2(
     if let Err(e) = result {
         debug!(%peer, %dst, error = %Chain(&e), "h2 connection ended with an error");
     }
+}
+
+/// Opaque TCP once the upstream connection is there; a failed connect resets the client.
+async fn opaque(client: TcpStream, upstream: Upstream, peer: SocketAddr, dst: SocketAddr) {
+    let upstream = match upstream {
+        Upstream::Ready(s) | Upstream::SentH2Settings(s) => s,
+        Upstream::Dialling(f) => match f.await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%peer, %dst, error = %e, "connect failed");
+                return reset(client);
+            }
+        },
+        Upstream::Failed => return reset(client),
+    };
+    relay(client, upstream, peer, dst).await;
 }
 
 /// Opaque TCP: bytes that were only peeked are still in the client socket, so the relay sends

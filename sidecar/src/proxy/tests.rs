@@ -3,6 +3,7 @@
 //! turn a hang into a failure.
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
@@ -15,6 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
 use super::*;
 
@@ -52,6 +54,65 @@ type EchoBody = http_body_util::combinators::WithTrailers<
 /// `x-conn-id` (which accepted connection), `x-seen-*` (what arrived), and a trailer.
 /// `Upgrade: echo` requests get a 101 and an echo of the upgraded bytes.
 async fn http_upstream() -> SocketAddr {
+    describing_upstream(false, None).await
+}
+
+/// Like [`http_upstream`], but HTTP/2 only, so it sends its SETTINGS frame as soon as it accepts,
+/// as Go and hyper h2c servers do. `spoke` gets a message once that frame is on the wire.
+async fn h2_only_upstream(spoke: Option<mpsc::UnboundedSender<()>>) -> SocketAddr {
+    describing_upstream(true, spoke).await
+}
+
+/// Reports the first completed write, so a test can order events without sleeping.
+struct NotifyOnWrite {
+    inner: TcpStream,
+    spoke: Option<mpsc::UnboundedSender<()>>,
+}
+
+impl tokio::io::AsyncRead for NotifyOnWrite {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for NotifyOnWrite {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(_))) {
+            if let Some(spoke) = self.spoke.take() {
+                let _ = spoke.send(());
+            }
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn describing_upstream(
+    h2_only: bool,
+    spoke: Option<mpsc::UnboundedSender<()>>,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
@@ -117,11 +178,21 @@ async fn http_upstream() -> SocketAddr {
                 }
                 Ok::<Response<EchoBody>, Infallible>(resp)
             });
+            let spoke = spoke.clone();
             tokio::spawn(async move {
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .await;
+                let io = TokioIo::new(NotifyOnWrite {
+                    inner: stream,
+                    spoke,
+                });
+                if h2_only {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, service)
+                        .await;
+                } else {
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let _ = builder.serve_connection_with_upgrades(io, service).await;
+                }
             });
         }
     });
@@ -227,10 +298,12 @@ async fn keep_alive_reuses_one_upstream_connection() {
 }
 
 #[tokio::test]
-async fn new_client_connections_share_the_upstream_pool() {
+async fn sequential_client_connections_are_served_and_drained() {
     let upstream = http_upstream().await;
     let (proxy, proxy_addr) = intercepting(upstream).await;
     guard(async {
+        // The second connection's pre-dialled upstream connection stays parked (the pool has an
+        // idle one) until that client connection ends; it must not hold up the drain.
         let mut first = h1_client(proxy_addr).await;
         let resp = first.send_request(get("/", "a.test")).await.unwrap();
         resp.into_body().collect().await.unwrap();
@@ -266,6 +339,55 @@ async fn h2c_prior_knowledge_goes_upstream_as_h2_with_trailers() {
         assert_eq!(&collected.to_bytes()[..], b"hello");
     })
     .await;
+}
+
+#[tokio::test]
+async fn h2c_to_a_server_that_sends_settings_first_is_still_http() {
+    // Whichever arrives first at the proxy, the client preface or the server's SETTINGS, the
+    // connection must be recognised as HTTP/2 (the forwarded-by header proves the HTTP path).
+    let (spoke_tx, mut spoke) = mpsc::unbounded_channel();
+    let upstream = h2_only_upstream(Some(spoke_tx)).await;
+    let (_proxy, proxy_addr) = intercepting(upstream).await;
+    guard(async {
+        // First the common order (client preface first), then the server's SETTINGS
+        // certainly first: the client holds its preface until the server has written.
+        for settings_first in [false, true] {
+            let stream = TcpStream::connect(proxy_addr).await.unwrap();
+            if settings_first {
+                spoke.recv().await.expect("upstream wrote its SETTINGS");
+            }
+            let (mut client, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+                TokioExecutor::new(),
+                TokioIo::new(stream),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let req = Request::get("http://grpc.test/svc/Method")
+                .body(Empty::new())
+                .unwrap();
+            let resp = client.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(header(&resp, "x-seen-forwarded-by"), "sidecar");
+            assert_eq!(header(&resp, "x-seen-authority"), "grpc.test");
+            // Drain the notification of the first round's connection.
+            while spoke.try_recv().is_ok() {}
+        }
+    })
+    .await;
+}
+
+#[test]
+fn h2_settings_frame_headers_are_recognised() {
+    use super::outbound::is_h2_settings_header;
+    assert!(is_h2_settings_header(&[0, 0, 18, 4, 0, 0, 0, 0, 0]));
+    assert!(is_h2_settings_header(&[0, 0, 0, 4, 0, 0, 0, 0, 0]));
+    // SETTINGS ACK, other frame types, non-zero stream, odd lengths, greetings.
+    assert!(!is_h2_settings_header(&[0, 0, 0, 4, 1, 0, 0, 0, 0]));
+    assert!(!is_h2_settings_header(&[0, 0, 8, 6, 0, 0, 0, 0, 0]));
+    assert!(!is_h2_settings_header(&[0, 0, 6, 4, 0, 0, 0, 0, 1]));
+    assert!(!is_h2_settings_header(&[0, 0, 7, 4, 0, 0, 0, 0, 0]));
+    assert!(!is_h2_settings_header(b"220 ready"));
 }
 
 #[tokio::test]
@@ -520,3 +642,27 @@ async fn partial_preface_waits_for_more_bytes() {
 }
 
 use outbound::client_bytes as outbound_client_bytes;
+
+/// `--workers 2` runs a multi-threaded runtime: the same paths must hold there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_works_on_a_multi_threaded_runtime() {
+    let http = http_upstream().await;
+    let (_proxy, proxy_addr) = intercepting(http).await;
+    let tcp = tcp_upstream(b"").await;
+    let (_tcp_proxy, tcp_proxy_addr) = intercepting(tcp).await;
+    guard(async {
+        let mut client = h1_client(proxy_addr).await;
+        for _ in 0..3 {
+            client.ready().await.unwrap();
+            let resp = client.send_request(get("/mt", "mt.test")).await.unwrap();
+            assert_eq!(header(&resp, "x-seen-forwarded-by"), "sidecar");
+            resp.into_body().collect().await.unwrap();
+        }
+        let mut stream = TcpStream::connect(tcp_proxy_addr).await.unwrap();
+        stream.write_all(b"\x00binary\xff").await.unwrap();
+        let mut back = [0u8; 8];
+        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"\x00binary\xff");
+    })
+    .await;
+}

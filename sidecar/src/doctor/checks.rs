@@ -1,0 +1,567 @@
+//! The individual checks of `sidecar doctor`, in the order they are printed.
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use aya::maps::MapType;
+use aya::programs::ProgramType;
+use aya::sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper};
+
+use super::{Check, DoctorArgs};
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The oldest kernel with everything the programs use: bpf links for cgroups (5.7), CAP_BPF and
+/// the getpeername hooks (5.8), sk_lookup (5.9); 5.10 is the LTS that has them all.
+const MIN_KERNEL: (u32, u32) = (5, 10);
+
+pub fn all(args: &DoctorArgs) -> Vec<Check> {
+    let mut checks = vec![kernel()];
+    checks.extend(program_types());
+    checks.push(helpers());
+    checks.push(map_types());
+    let root = cgroup2(args.cgroup_root.as_deref());
+    let root_dir = root.1.clone();
+    checks.push(root.0);
+    checks.push(bpffs(&args.bpffs));
+    checks.push(btf());
+    checks.push(capabilities());
+    checks.push(jit());
+    checks.push(conflicts(root_dir.as_deref(), args.cgroup.as_deref()));
+    checks
+}
+
+fn kernel() -> Check {
+    let release = match nix::sys::utsname::uname() {
+        Ok(u) => u.release().to_string_lossy().into_owned(),
+        Err(e) => {
+            return Check::fail(
+                "kernel",
+                format!("cannot read the kernel version: {e}"),
+                "check /proc is mounted",
+            )
+        }
+    };
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    let version = match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor),
+        _ => {
+            return Check::warn(
+                "kernel",
+                format!("{release}: version not recognised"),
+                "make sure the kernel is 5.10 or newer",
+            )
+        }
+    };
+    if version >= MIN_KERNEL {
+        Check::pass("kernel", format!("{release} (5.10 or newer needed)"))
+    } else {
+        Check::fail(
+            "kernel",
+            format!("{release} is older than 5.10"),
+            "use a node image with kernel 5.10 or newer (bpf links for cgroups, CAP_BPF, getpeername hooks, sk_lookup)",
+        )
+    }
+}
+
+fn probe_error(e: impl std::fmt::Display) -> (String, String) {
+    (
+        format!("cannot probe: {e}"),
+        "run `sidecar doctor` as root, or in a container with the BPF, NET_ADMIN and SYS_ADMIN capabilities".into(),
+    )
+}
+
+/// The program types the object contains, with what they are for.
+fn program_types() -> Vec<Check> {
+    [
+        (
+            ProgramType::CgroupSockAddr,
+            "cgroup_sock_addr",
+            "connect4/6, getpeername4/6 (outbound redirect)",
+        ),
+        (
+            ProgramType::SockOps,
+            "sock_ops",
+            "original destination by 4-tuple, inbound listener registration",
+        ),
+        (
+            ProgramType::CgroupSockopt,
+            "cgroup_sockopt",
+            "SO_ORIGINAL_DST answers",
+        ),
+        (ProgramType::SkLookup, "sk_lookup", "inbound capture"),
+    ]
+    .into_iter()
+    .map(|(ty, name, purpose)| {
+        let name = format!("program type {name}");
+        match is_program_supported(ty) {
+            Ok(true) => Check::pass(name, format!("supported ({purpose})")),
+            Ok(false) => Check::fail(
+                name,
+                format!("not supported by this kernel (needed for {purpose})"),
+                "use a kernel 5.10 or newer built with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF",
+            ),
+            Err(e) => {
+                let (detail, fix) = probe_error(e);
+                Check::fail(name, detail, fix)
+            }
+        }
+    })
+    .collect()
+}
+
+fn helpers() -> Check {
+    let needed = [
+        (
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_get_socket_cookie,
+            "get_socket_cookie",
+        ),
+        (
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_get_current_uid_gid,
+            "get_current_uid_gid",
+        ),
+        (
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_sk_lookup_tcp,
+            "sk_lookup_tcp",
+        ),
+        (
+            ProgramType::CgroupSockAddr,
+            BpfHelper::BPF_FUNC_sk_release,
+            "sk_release",
+        ),
+        (
+            ProgramType::SockOps,
+            BpfHelper::BPF_FUNC_get_socket_cookie,
+            "get_socket_cookie",
+        ),
+        (
+            ProgramType::SockOps,
+            BpfHelper::BPF_FUNC_sock_map_update,
+            "sock_map_update",
+        ),
+        (
+            ProgramType::SkLookup,
+            BpfHelper::BPF_FUNC_sk_assign,
+            "sk_assign",
+        ),
+    ];
+    let mut missing = Vec::new();
+    for (ty, helper, name) in needed {
+        match is_helper_supported(ty, helper) {
+            Ok(true) => {}
+            Ok(false) => missing.push(format!("{name} in {ty:?}")),
+            Err(e) => {
+                let (detail, fix) = probe_error(e);
+                return Check::fail("helpers", detail, fix);
+            }
+        }
+    }
+    if missing.is_empty() {
+        Check::pass(
+            "helpers",
+            format!("all {} helper uses available", needed.len()),
+        )
+    } else {
+        Check::fail(
+            "helpers",
+            format!("missing: {}", missing.join(", ")),
+            "use a kernel 5.10 or newer",
+        )
+    }
+}
+
+fn map_types() -> Check {
+    let needed = [
+        (MapType::Array, "array"),
+        (MapType::Hash, "hash"),
+        (MapType::LruHash, "lru_hash"),
+        (MapType::LpmTrie, "lpm_trie"),
+        (MapType::PerCpuArray, "percpu_array"),
+        (MapType::SockMap, "sockmap"),
+    ];
+    let mut missing = Vec::new();
+    for (ty, name) in needed {
+        match is_map_supported(ty) {
+            Ok(true) => {}
+            Ok(false) => missing.push(name),
+            Err(e) => {
+                let (detail, fix) = probe_error(e);
+                return Check::fail("map types", detail, fix);
+            }
+        }
+    }
+    if missing.is_empty() {
+        Check::pass("map types", needed.map(|(_, n)| n).join(", "))
+    } else {
+        Check::fail(
+            "map types",
+            format!("missing: {}", missing.join(", ")),
+            "use a kernel 5.10 or newer",
+        )
+    }
+}
+
+fn fs_magic(path: &Path) -> io::Result<i64> {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as i64)
+        .map_err(io::Error::from)
+}
+
+/// The cgroup v2 check, and the hierarchy's root for the conflict check.
+fn cgroup2(given: Option<&Path>) -> (Check, Option<PathBuf>) {
+    const NAME: &str = "cgroup v2";
+    let Some(root) = given else {
+        let mounts = crate::intercept::cgroup2_mounts();
+        return match mounts.first() {
+            None => (
+                Check::fail(
+                    NAME,
+                    "no cgroup2 filesystem is mounted",
+                    "boot the node with cgroup v2 (systemd.unified_cgroup_hierarchy=1; Kubernetes 1.25+ supports it), or mount it: mount -t cgroup2 none /sys/fs/cgroup",
+                ),
+                None,
+            ),
+            Some(m) if m == Path::new("/sys/fs/cgroup") => {
+                (Check::pass(NAME, format!("mounted at {} (unified)", m.display())), Some(m.clone()))
+            }
+            Some(m) => (
+                Check::warn(
+                    NAME,
+                    format!("mounted at {} (hybrid: cgroup v1 controllers at /sys/fs/cgroup)", m.display()),
+                    "fine for `sidecar init --cgroup DIR`; in Kubernetes pods get their own cgroup v2 directories only on cgroup v2 nodes: boot with systemd.unified_cgroup_hierarchy=1",
+                ),
+                Some(m.clone()),
+            ),
+        };
+    };
+    let fix = format!(
+        "mount the node's cgroup v2 hierarchy at {} (in a pod: a hostPath volume of /sys/fs/cgroup), or pass --cgroup-root with where it is",
+        root.display()
+    );
+    match fs_magic(root) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => (
+            Check::fail(NAME, format!("{} does not exist", root.display()), fix),
+            None,
+        ),
+        Err(e) => (
+            Check::fail(NAME, format!("{}: {e}", root.display()), fix),
+            None,
+        ),
+        Ok(CGROUP2_SUPER_MAGIC) => (
+            Check::pass(NAME, format!("{} is a cgroup2 filesystem", root.display())),
+            Some(root.into()),
+        ),
+        Ok(magic) => (
+            Check::fail(
+                NAME,
+                format!(
+                    "{} is not a cgroup2 filesystem ({})",
+                    root.display(),
+                    fs_name(magic)
+                ),
+                fix,
+            ),
+            None,
+        ),
+    }
+}
+
+fn bpffs(path: &Path) -> Check {
+    const NAME: &str = "bpffs";
+    let fix = format!(
+        "mount it: mount -t bpf bpf {p} (at boot: an fstab line `bpffs {p} bpf defaults 0 0`); in a pod: a hostPath volume of the node's /sys/fs/bpf",
+        p = path.display()
+    );
+    match fs_magic(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Check::fail(NAME, format!("{} does not exist", path.display()), fix)
+        }
+        Err(e) => Check::fail(NAME, format!("{}: {e}", path.display()), fix),
+        Ok(BPF_FS_MAGIC) => Check::pass(NAME, format!("{} is a bpf filesystem", path.display())),
+        Ok(magic) => Check::fail(
+            NAME,
+            format!(
+                "{} is not a bpf filesystem ({}): pins would not outlive `sidecar init`",
+                path.display(),
+                fs_name(magic)
+            ),
+            fix,
+        ),
+    }
+}
+
+fn fs_name(magic: i64) -> String {
+    match magic {
+        0x0102_1994 => "tmpfs".into(),
+        0xef53 => "ext4".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683e => "btrfs".into(),
+        0x794c_7630 => "overlayfs".into(),
+        0x6265_6572 => "sysfs".into(),
+        0x9fa0 => "proc".into(),
+        0x2762_5a9d => "cgroup v1".into(),
+        0x6367_7270 => "cgroup2".into(),
+        other => format!("filesystem type {other:#x}"),
+    }
+}
+
+fn btf() -> Check {
+    if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Check::pass("kernel BTF", "/sys/kernel/btf/vmlinux present")
+    } else {
+        Check::warn(
+            "kernel BTF",
+            "/sys/kernel/btf/vmlinux missing",
+            "the programs load without it; bpftool prints maps as raw bytes. Kernels built with CONFIG_DEBUG_INFO_BTF have it",
+        )
+    }
+}
+
+fn capabilities() -> Check {
+    const NAME: &str = "capabilities";
+    const CAPS: [(u32, &str); 3] = [
+        (39, "CAP_BPF"),
+        (12, "CAP_NET_ADMIN"),
+        (21, "CAP_SYS_ADMIN"),
+    ];
+    let effective = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    });
+    let Some(effective) = effective else {
+        return Check::fail(
+            NAME,
+            "cannot read CapEff from /proc/self/status",
+            "check /proc is mounted",
+        );
+    };
+    let missing: Vec<&str> = CAPS
+        .iter()
+        .filter(|(bit, _)| effective >> bit & 1 == 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if missing.is_empty() {
+        Check::pass(NAME, "CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN")
+    } else {
+        Check::fail(
+            NAME,
+            format!("missing {}", missing.join(", ")),
+            "run as root; in Kubernetes the init container adds BPF, NET_ADMIN and SYS_ADMIN (sidecar inject does this)",
+        )
+    }
+}
+
+fn jit() -> Check {
+    match fs::read_to_string("/proc/sys/net/core/bpf_jit_enable").map(|s| s.trim().to_owned()) {
+        Ok(v) if v == "0" => Check::warn(
+            "bpf JIT",
+            "disabled: programs are interpreted, every connect() costs more",
+            "sysctl -w net.core.bpf_jit_enable=1",
+        ),
+        Ok(v) => Check::pass("bpf JIT", format!("enabled ({v})")),
+        // Kernels built with CONFIG_BPF_JIT_ALWAYS_ON may hide the knob.
+        Err(_) => Check::pass("bpf JIT", "no knob (always on, or not configurable)"),
+    }
+}
+
+// ---- programs already attached to the hooks we use ----------------------------------------------
+
+/// The attach points our programs use (enum bpf_attach_type), with names as bpftool prints them.
+const OUR_HOOKS: [(u32, &str); 6] = [
+    (3, "sock_ops"),
+    (10, "connect4"),
+    (11, "connect6"),
+    (21, "getsockopt"),
+    (29, "getpeername4"),
+    (30, "getpeername6"),
+];
+const BPF_PROG_QUERY: libc::c_int = 16;
+const BPF_F_ALLOW_OVERRIDE: u32 = 1;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+/// Our programs' names start with this (see sidecar-ebpf): they are never conflicts.
+const OUR_PREFIX: &str = "sc_";
+
+/// The head of the kernel's `bpf_attr` for BPF_PROG_QUERY; the kernel zero-fills the rest.
+#[repr(C)]
+#[derive(Default)]
+struct QueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+}
+
+/// Programs attached directly to `cgroup` at `attach_type`, and the attach flags.
+fn query(cgroup: &OwnedFd, attach_type: u32) -> io::Result<(u32, Vec<u32>)> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = QueryAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid BPF_PROG_QUERY attribute whose prog_ids buffer holds prog_cnt u32s
+    // and outlives the call; the kernel writes only within them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut attr as *mut QueryAttr,
+            std::mem::size_of::<QueryAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ids.truncate(attr.prog_cnt as usize);
+    Ok((attr.attach_flags, ids))
+}
+
+/// The cgroups whose programs also run for a pod: the root, the kubepods slices (ancestors of
+/// every pod on a Kubernetes node), and the ancestors of `--cgroup`.
+fn cgroups_to_check(root: &Path, pod: Option<&Path>) -> Vec<PathBuf> {
+    let mut dirs = vec![root.to_path_buf()];
+    let kubepods = |dir: &Path| -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("kubepods"))
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for level1 in kubepods(root) {
+        dirs.extend(kubepods(&level1));
+        dirs.push(level1);
+    }
+    if let Some(pod) = pod.and_then(|p| fs::canonicalize(p).ok()) {
+        let root = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+        for dir in pod.ancestors().take_while(|d| d.starts_with(&root)) {
+            if !dirs.iter().any(|d| d == dir) {
+                dirs.push(dir.to_path_buf());
+            }
+        }
+    }
+    dirs
+}
+
+fn conflicts(root: Option<&Path>, pod: Option<&Path>) -> Check {
+    const NAME: &str = "other programs";
+    let Some(root) = root else {
+        return Check::warn(
+            NAME,
+            "not checked: no cgroup v2 hierarchy",
+            "fix the cgroup v2 check first",
+        );
+    };
+    let names: HashMap<u32, String> = aya::programs::loaded_programs()
+        .flatten()
+        .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_owned()))
+        .collect();
+    let mut blocking = Vec::new();
+    let mut replaced = Vec::new();
+    let mut alongside = Vec::new();
+    let mut checked = 0;
+    for dir in cgroups_to_check(root, pod) {
+        let Ok(fd) = fs::File::open(&dir).map(OwnedFd::from) else {
+            continue;
+        };
+        for (attach_type, hook) in OUR_HOOKS {
+            let (flags, ids) = match query(&fd, attach_type) {
+                Ok(r) => r,
+                // EINVAL: a hook this kernel does not have; the program type check reports that.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
+                Err(e) => {
+                    return Check::warn(
+                        NAME,
+                        format!("not checked: querying {} failed: {e}", dir.display()),
+                        "run `sidecar doctor` as root",
+                    )
+                }
+            };
+            checked += 1;
+            for id in ids {
+                let name = names.get(&id).map(String::as_str).unwrap_or("?");
+                if name.starts_with(OUR_PREFIX) {
+                    continue;
+                }
+                let what = format!("{hook} {name} (id {id}) on {}", dir.display());
+                if flags & BPF_F_ALLOW_MULTI != 0 {
+                    alongside.push(what);
+                } else if flags & BPF_F_ALLOW_OVERRIDE != 0 {
+                    replaced.push(what);
+                } else {
+                    blocking.push(what);
+                }
+            }
+        }
+    }
+    if !blocking.is_empty() {
+        return Check::fail(
+            NAME,
+            format!("attached without BPF_F_ALLOW_MULTI, so the kernel refuses ours below them: {}", blocking.join("; ")),
+            "find their owner with `bpftool cgroup tree` and have it attach with BPF_F_ALLOW_MULTI (or as a bpf link)",
+        );
+    }
+    if !replaced.is_empty() || !alongside.is_empty() {
+        let mut detail = Vec::new();
+        if !alongside.is_empty() {
+            detail.push(format!("run after ours: {}", alongside.join("; ")));
+        }
+        if !replaced.is_empty() {
+            detail.push(format!(
+                "overridable, so ours replaces them in the pod: {}",
+                replaced.join("; ")
+            ));
+        }
+        return Check::warn(
+            NAME,
+            detail.join(". "),
+            "usually harmless (after our rewrite they see a loopback destination); check they do not also answer SO_ORIGINAL_DST or rewrite getpeername",
+        );
+    }
+    Check::pass(
+        NAME,
+        format!("none on our hooks ({checked} cgroup hooks checked)"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_paths_are_named() {
+        let (check, root) = cgroup2(Some(Path::new("/nonexistent/cgroup")));
+        assert_eq!(check.status, super::super::Status::Fail);
+        assert!(
+            check.detail.contains("/nonexistent/cgroup does not exist"),
+            "{}",
+            check.detail
+        );
+        assert!(root.is_none());
+        let check = bpffs(Path::new("/proc"));
+        assert_eq!(check.status, super::super::Status::Fail);
+        assert!(
+            check.detail.contains("/proc is not a bpf filesystem"),
+            "{}",
+            check.detail
+        );
+    }
+}

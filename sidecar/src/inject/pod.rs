@@ -1,0 +1,622 @@
+//! What `sidecar inject` adds to one pod template: the per-workload settings read from its
+//! annotations, the privileged init container, the proxy as a native sidecar, the two host
+//! volumes and the Prometheus scrape annotations.
+use super::yaml::Node;
+use crate::intercept::Cidr;
+
+/// Prefix of every annotation the injector reads.
+pub const PREFIX: &str = "sidecar.mesh.dev/";
+
+pub const INIT_CONTAINER: &str = "sidecar-init";
+pub const PROXY_CONTAINER: &str = "sidecar-proxy";
+pub const BPFFS_VOLUME: &str = "sidecar-bpffs";
+pub const CGROUP_VOLUME: &str = "sidecar-cgroup";
+/// Where the init container sees the node's cgroup2 hierarchy. Not /sys/fs/cgroup: the container
+/// runtime mounts the container's own (namespaced) cgroup there.
+pub const HOST_CGROUP_MOUNT: &str = "/host/cgroup";
+/// The proxy's admin port (metrics, probes): `sidecar init`'s default, never captured inbound.
+pub const ADMIN_PORT: i64 = 15090;
+/// `sidecar init`'s default proxy UID/GID: connections from it are never redirected.
+pub const PROXY_UID: i64 = 1337;
+
+/// The proxy's default resources: the seed proxy's, which fit a busy service; the idle proxy
+/// measures about 10 MiB resident. Override per workload with the proxy-* annotations.
+pub const DEFAULT_PROXY_CPU_REQUEST: &str = "100m";
+pub const DEFAULT_PROXY_MEMORY_REQUEST: &str = "128Mi";
+pub const DEFAULT_PROXY_CPU_LIMIT: &str = "500m";
+pub const DEFAULT_PROXY_MEMORY_LIMIT: &str = "512Mi";
+
+/// Containers another mesh's injector adds; two meshes in one pod would fight over traffic.
+const OTHER_MESH_CONTAINERS: [&str; 2] = ["istio-proxy", "linkerd-proxy"];
+
+/// What a value of an annotation must look like.
+#[derive(Clone, Copy)]
+enum Kind {
+    OnOff,
+    Ports,
+    Cidrs,
+    FailMode,
+    Quantity,
+    Word,
+}
+
+/// One row of the annotation table: the annotation (after the prefix), the `SIDECAR_*` variable it
+/// becomes on the init container (if any), and what its value must look like.
+struct Annotation {
+    name: &'static str,
+    init_env: Option<&'static str>,
+    kind: Kind,
+}
+
+/// Every annotation the injector understands, in the order their variables are written. Any other
+/// `sidecar.mesh.dev/` annotation is a typo and is refused.
+const ANNOTATIONS: &[Annotation] = &[
+    Annotation {
+        name: "inject",
+        init_env: None,
+        kind: Kind::OnOff,
+    },
+    Annotation {
+        name: "exclude-outbound-ports",
+        init_env: Some("SIDECAR_EXCLUDE_OUTBOUND_PORTS"),
+        kind: Kind::Ports,
+    },
+    Annotation {
+        name: "include-outbound-ports",
+        init_env: Some("SIDECAR_INCLUDE_OUTBOUND_PORTS"),
+        kind: Kind::Ports,
+    },
+    Annotation {
+        name: "exclude-outbound-cidrs",
+        init_env: Some("SIDECAR_EXCLUDE_OUTBOUND_CIDRS"),
+        kind: Kind::Cidrs,
+    },
+    Annotation {
+        name: "include-outbound-cidrs",
+        init_env: Some("SIDECAR_INCLUDE_OUTBOUND_CIDRS"),
+        kind: Kind::Cidrs,
+    },
+    Annotation {
+        name: "exclude-inbound-ports",
+        init_env: Some("SIDECAR_EXCLUDE_INBOUND_PORTS"),
+        kind: Kind::Ports,
+    },
+    Annotation {
+        name: "include-inbound-ports",
+        init_env: Some("SIDECAR_INCLUDE_INBOUND_PORTS"),
+        kind: Kind::Ports,
+    },
+    Annotation {
+        name: "fail-mode-outbound",
+        init_env: Some("SIDECAR_FAIL_MODE_OUTBOUND"),
+        kind: Kind::FailMode,
+    },
+    Annotation {
+        name: "fail-mode-inbound",
+        init_env: Some("SIDECAR_FAIL_MODE_INBOUND"),
+        kind: Kind::FailMode,
+    },
+    Annotation {
+        name: "proxy-cpu-request",
+        init_env: None,
+        kind: Kind::Quantity,
+    },
+    Annotation {
+        name: "proxy-cpu-limit",
+        init_env: None,
+        kind: Kind::Quantity,
+    },
+    Annotation {
+        name: "proxy-memory-request",
+        init_env: None,
+        kind: Kind::Quantity,
+    },
+    Annotation {
+        name: "proxy-memory-limit",
+        init_env: None,
+        kind: Kind::Quantity,
+    },
+    Annotation {
+        name: "image",
+        init_env: None,
+        kind: Kind::Word,
+    },
+    Annotation {
+        name: "service-name",
+        init_env: None,
+        kind: Kind::Word,
+    },
+    Annotation {
+        name: "proxy-log-level",
+        init_env: None,
+        kind: Kind::Word,
+    },
+];
+
+/// The names of all annotations, for documentation and error messages.
+pub fn annotation_names() -> impl Iterator<Item = String> {
+    ANNOTATIONS.iter().map(|a| format!("{PREFIX}{}", a.name))
+}
+
+/// The annotations that apply to one pod template: the template's own, then those of the
+/// enclosing objects (the workload, a CronJob's job template), nearest first.
+pub struct Annotations<'a> {
+    maps: Vec<&'a Node>,
+}
+
+impl<'a> Annotations<'a> {
+    pub fn new(maps: Vec<&'a Node>) -> Self {
+        Annotations { maps }
+    }
+
+    fn get(&self, name: &str) -> Option<&'a str> {
+        let key = format!("{PREFIX}{name}");
+        self.maps
+            .iter()
+            .find_map(|m| m.get(&key))
+            .and_then(Node::as_str)
+            .map(str::trim)
+    }
+
+    /// `Some(reason)` when the workload opted out.
+    pub fn opted_out(&self) -> Option<String> {
+        match self.get("inject") {
+            Some(v) if matches!(v.to_ascii_lowercase().as_str(), "false" | "disabled") => {
+                Some(format!("opted out ({PREFIX}inject: \"{v}\")"))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Per-workload settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub image: String,
+    pub service_name: String,
+    pub init_env: Vec<(&'static str, String)>,
+    pub proxy_log: Option<String>,
+    pub cpu_request: String,
+    pub cpu_limit: String,
+    pub memory_request: String,
+    pub memory_limit: String,
+}
+
+impl Settings {
+    /// Reads and checks every annotation; all problems are returned at once.
+    pub fn from_annotations(
+        annotations: &Annotations<'_>,
+        default_image: &str,
+        default_service: &str,
+    ) -> Result<Settings, Vec<String>> {
+        let mut errors = Vec::new();
+        // Typos first: an annotation that does nothing is worse than an error.
+        for map in &annotations.maps {
+            if let Node::Map { entries, .. } = map {
+                for (key, _) in entries {
+                    let Some(name) = key.as_str().and_then(|k| k.strip_prefix(PREFIX)) else {
+                        continue;
+                    };
+                    if !ANNOTATIONS.iter().any(|a| a.name == name) {
+                        errors.push(format!(
+                            "unknown annotation {PREFIX}{name}; known: {}",
+                            ANNOTATIONS
+                                .iter()
+                                .map(|a| a.name)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                }
+            }
+        }
+        let mut init_env = Vec::new();
+        let mut value_of = |name: &str| -> Option<String> {
+            let spec = ANNOTATIONS.iter().find(|a| a.name == name)?;
+            let value = annotations.get(name)?;
+            match check(spec.kind, value) {
+                Ok(()) => Some(value.to_owned()),
+                Err(problem) => {
+                    errors.push(format!("annotation {PREFIX}{name}: \"{value}\": {problem}"));
+                    None
+                }
+            }
+        };
+        let _ = value_of("inject");
+        for spec in ANNOTATIONS {
+            if let (Some(env), Some(value)) = (spec.init_env, value_of(spec.name)) {
+                init_env.push((env, value));
+            }
+        }
+        let image = value_of("image").unwrap_or_else(|| default_image.to_owned());
+        let service_name = value_of("service-name").unwrap_or_else(|| default_service.to_owned());
+        let proxy_log = value_of("proxy-log-level");
+        let cpu_request = value_of("proxy-cpu-request");
+        let cpu_limit = value_of("proxy-cpu-limit");
+        let memory_request = value_of("proxy-memory-request");
+        let memory_limit = value_of("proxy-memory-limit");
+        let mut pair = |what: &str,
+                        request: Option<String>,
+                        limit: Option<String>,
+                        defaults: (&str, &str)| {
+            let request_set = request.is_some();
+            let limit_set = limit.is_some();
+            let request = request.unwrap_or_else(|| defaults.0.to_owned());
+            let limit = limit.unwrap_or_else(|| defaults.1.to_owned());
+            if let (Some(r), Some(l)) = (quantity(&request), quantity(&limit)) {
+                if r > l {
+                    errors.push(format!(
+                        "proxy {what} request {request} is above its limit {limit}{}",
+                        match (request_set, limit_set) {
+                            (true, false) =>
+                                format!(" (the default): also set {PREFIX}proxy-{what}-limit"),
+                            (false, true) => format!(
+                                " (the request's default): also set {PREFIX}proxy-{what}-request"
+                            ),
+                            _ => String::new(),
+                        }
+                    ));
+                }
+            }
+            (request, limit)
+        };
+        let (cpu_request, cpu_limit) = pair(
+            "cpu",
+            cpu_request,
+            cpu_limit,
+            (DEFAULT_PROXY_CPU_REQUEST, DEFAULT_PROXY_CPU_LIMIT),
+        );
+        let (memory_request, memory_limit) = pair(
+            "memory",
+            memory_request,
+            memory_limit,
+            (DEFAULT_PROXY_MEMORY_REQUEST, DEFAULT_PROXY_MEMORY_LIMIT),
+        );
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Settings {
+            image,
+            service_name,
+            init_env,
+            proxy_log,
+            cpu_request,
+            cpu_limit,
+            memory_request,
+            memory_limit,
+        })
+    }
+}
+
+fn check(kind: Kind, value: &str) -> Result<(), String> {
+    let items = || value.split(',').map(str::trim).filter(|s| !s.is_empty());
+    match kind {
+        Kind::OnOff => match value.to_ascii_lowercase().as_str() {
+            "true" | "false" | "enabled" | "disabled" => Ok(()),
+            _ => Err("expected \"true\" or \"false\"".into()),
+        },
+        Kind::FailMode => match value {
+            "open" | "closed" => Ok(()),
+            _ => Err("expected \"open\" or \"closed\"".into()),
+        },
+        Kind::Ports => {
+            if items().next().is_none() {
+                return Err("empty; expected ports and ranges such as 22,9000-9010".into());
+            }
+            items().try_for_each(|item| {
+                let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p != 0);
+                let ok = match item.split_once('-') {
+                    Some((lo, hi)) => {
+                        matches!((port(lo), port(hi)), (Some(lo), Some(hi)) if lo <= hi)
+                    }
+                    None => port(item).is_some(),
+                };
+                if ok {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{item:?} is not a port (1-65535) or a range such as 9000-9010"
+                    ))
+                }
+            })
+        }
+        Kind::Cidrs => {
+            if items().next().is_none() {
+                return Err("empty; expected CIDRs such as 10.0.0.0/8,fd00::/8".into());
+            }
+            items().try_for_each(|item| Cidr::parse(item).map(|_| ()))
+        }
+        Kind::Quantity => match quantity(value) {
+            Some(q) if q > 0.0 => Ok(()),
+            _ => Err("expected a Kubernetes quantity such as 250m, 1, 64Mi or 1Gi".into()),
+        },
+        Kind::Word => {
+            if value.is_empty() || value.chars().any(char::is_whitespace) {
+                Err("expected one word without spaces".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A Kubernetes resource quantity as a number (`250m` = 0.25, `1Ki` = 1024), for comparisons.
+fn quantity(s: &str) -> Option<f64> {
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(split);
+    if number.is_empty() || number.starts_with('-') {
+        return None;
+    }
+    let number: f64 = number.parse().ok()?;
+    let factor = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        s if s.starts_with(['e', 'E']) => 10f64.powi(s[1..].parse().ok()?),
+        _ => return None,
+    };
+    Some(number * factor)
+}
+
+/// Why this pod cannot get the sidecar, if it cannot.
+pub fn skip_reason(spec: &Node) -> Option<String> {
+    if spec.get("hostNetwork").is_some_and(Node::is_true) {
+        return Some(
+            "hostNetwork: true (the pod shares the node's network namespace; capturing there would \
+             steer the whole node's traffic)"
+                .into(),
+        );
+    }
+    let containers = ["containers", "initContainers"]
+        .iter()
+        .filter_map(|k| spec.get(k).and_then(Node::items))
+        .flatten();
+    for c in containers {
+        if let Some(name) = c.get("name").and_then(Node::as_str) {
+            if OTHER_MESH_CONTAINERS.contains(&name) {
+                return Some(format!("already has {name} (another service mesh)"));
+            }
+        }
+    }
+    if spec
+        .path(&["nodeSelector", "kubernetes.io/os"])
+        .and_then(Node::as_str)
+        == Some("windows")
+    {
+        return Some("a Windows pod (eBPF cgroup hooks are Linux only)".into());
+    }
+    None
+}
+
+fn env_value(name: &str, value: &str) -> Node {
+    Node::map([("name", Node::str(name)), ("value", Node::str(value))])
+}
+
+fn env_field(name: &str, field: &str) -> Node {
+    Node::map([
+        ("name", Node::str(name)),
+        (
+            "valueFrom",
+            Node::map([("fieldRef", Node::map([("fieldPath", Node::str(field))]))]),
+        ),
+    ])
+}
+
+fn resources(cpu_request: &str, memory_request: &str, cpu_limit: &str, memory_limit: &str) -> Node {
+    Node::map([
+        (
+            "requests",
+            Node::map([
+                ("cpu", Node::str(cpu_request)),
+                ("memory", Node::str(memory_request)),
+            ]),
+        ),
+        (
+            "limits",
+            Node::map([
+                ("cpu", Node::str(cpu_limit)),
+                ("memory", Node::str(memory_limit)),
+            ]),
+        ),
+    ])
+}
+
+fn strings(items: &[&str]) -> Node {
+    Node::seq(items.iter().map(|s| Node::str(*s)))
+}
+
+fn http_probe(path: &str, period: i64, failures: i64) -> Node {
+    Node::map([
+        (
+            "httpGet",
+            Node::map([("path", Node::str(path)), ("port", Node::int(ADMIN_PORT))]),
+        ),
+        ("periodSeconds", Node::int(period)),
+        ("failureThreshold", Node::int(failures)),
+    ])
+}
+
+/// `sidecar init`: attaches the programs to this pod's cgroup and network namespace, then exits.
+pub fn init_container(s: &Settings) -> Node {
+    let mut env = vec![
+        // The pin directory is named after the pod, so `sidecar status` and cleanup find it.
+        env_field("SIDECAR_POD_ID", "metadata.uid"),
+        // Comma-separated, both families on dual-stack clusters: never redirected.
+        env_field("SIDECAR_POD_IPS", "status.podIPs"),
+        // A pod IP equal to the node's means hostNetwork, which init refuses.
+        env_field("SIDECAR_HOST_IP", "status.hostIP"),
+        env_value("SIDECAR_CGROUP_ROOT", HOST_CGROUP_MOUNT),
+    ];
+    env.extend(
+        s.init_env
+            .iter()
+            .map(|(name, value)| env_value(name, value)),
+    );
+    Node::map([
+        ("name", Node::str(INIT_CONTAINER)),
+        ("image", Node::str(&s.image)),
+        (
+            "args",
+            strings(&["init", "--cgroup", "auto", "--netns", "/proc/self/ns/net"]),
+        ),
+        ("env", Node::seq(env)),
+        // Loading and verifying takes a moment of CPU once; the maps' kernel memory is charged here.
+        ("resources", resources("10m", "32Mi", "500m", "128Mi")),
+        (
+            "securityContext",
+            Node::map([
+                // bpf(2), pinning in the node's bpffs and opening the node's cgroup directories.
+                ("runAsUser", Node::int(0)),
+                ("runAsGroup", Node::int(0)),
+                ("runAsNonRoot", Node::bool(false)),
+                ("privileged", Node::bool(false)),
+                ("readOnlyRootFilesystem", Node::bool(true)),
+                (
+                    "capabilities",
+                    Node::map([
+                        ("drop", strings(&["ALL"])),
+                        ("add", strings(&["BPF", "NET_ADMIN", "SYS_ADMIN"])),
+                    ]),
+                ),
+                // Container AppArmor profiles deny writes under /sys/fs/*, where the pins go.
+                (
+                    "appArmorProfile",
+                    Node::map([("type", Node::str("Unconfined"))]),
+                ),
+            ]),
+        ),
+        (
+            "volumeMounts",
+            Node::seq([
+                Node::map([
+                    ("name", Node::str(BPFFS_VOLUME)),
+                    ("mountPath", Node::str("/sys/fs/bpf")),
+                ]),
+                Node::map([
+                    ("name", Node::str(CGROUP_VOLUME)),
+                    ("mountPath", Node::str(HOST_CGROUP_MOUNT)),
+                    ("readOnly", Node::bool(true)),
+                ]),
+            ]),
+        ),
+    ])
+}
+
+/// `sidecar run` as a native sidecar: started before the app (and before the app's own init
+/// containers), stopped after it, so a Job still completes.
+pub fn proxy_container(s: &Settings) -> Node {
+    let mut env = vec![env_value("SIDECAR_SERVICE_NAME", &s.service_name)];
+    if let Some(level) = &s.proxy_log {
+        env.push(env_value("SIDECAR_LOG", level));
+    }
+    Node::map([
+        ("name", Node::str(PROXY_CONTAINER)),
+        ("image", Node::str(&s.image)),
+        ("args", strings(&["run"])),
+        ("restartPolicy", Node::str("Always")),
+        ("env", Node::seq(env)),
+        (
+            "ports",
+            Node::seq([Node::map([
+                ("name", Node::str("sidecar-admin")),
+                ("containerPort", Node::int(ADMIN_PORT)),
+                ("protocol", Node::str("TCP")),
+            ])]),
+        ),
+        (
+            "resources",
+            resources(
+                &s.cpu_request,
+                &s.memory_request,
+                &s.cpu_limit,
+                &s.memory_limit,
+            ),
+        ),
+        // The app starts once this passes: its first connections find the proxy listening.
+        ("startupProbe", http_probe("/live", 1, 30)),
+        ("readinessProbe", http_probe("/ready", 5, 3)),
+        ("livenessProbe", http_probe("/live", 10, 3)),
+        (
+            "securityContext",
+            Node::map([
+                // The UID (and GID) the kernel hooks never redirect.
+                ("runAsUser", Node::int(PROXY_UID)),
+                ("runAsGroup", Node::int(PROXY_UID)),
+                ("runAsNonRoot", Node::bool(true)),
+                ("privileged", Node::bool(false)),
+                ("allowPrivilegeEscalation", Node::bool(false)),
+                ("readOnlyRootFilesystem", Node::bool(true)),
+                ("capabilities", Node::map([("drop", strings(&["ALL"]))])),
+                (
+                    "seccompProfile",
+                    Node::map([("type", Node::str("RuntimeDefault"))]),
+                ),
+            ]),
+        ),
+    ])
+}
+
+pub fn volumes() -> [Node; 2] {
+    let host_dir = |name: &str, path: &str| {
+        Node::map([
+            ("name", Node::str(name)),
+            (
+                "hostPath",
+                Node::map([("path", Node::str(path)), ("type", Node::str("Directory"))]),
+            ),
+        ])
+    };
+    [
+        host_dir(BPFFS_VOLUME, "/sys/fs/bpf"),
+        host_dir(CGROUP_VOLUME, "/sys/fs/cgroup"),
+    ]
+}
+
+/// Pod annotations for Prometheus' kubernetes-pods scrape config.
+pub const SCRAPE_ANNOTATIONS: [(&str, &str); 3] = [
+    ("prometheus.io/scrape", "true"),
+    ("prometheus.io/port", "15090"),
+    ("prometheus.io/path", "/metrics"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(quantity("250m"), Some(0.25));
+        assert_eq!(quantity("1"), Some(1.0));
+        assert_eq!(quantity("64Mi"), Some(64.0 * 1024.0 * 1024.0));
+        assert_eq!(quantity("1e3"), Some(1000.0));
+        assert_eq!(quantity("1.5Gi"), Some(1.5 * 1024f64.powi(3)));
+        assert_eq!(quantity("lots"), None);
+        assert_eq!(quantity("10MB"), None);
+        assert_eq!(quantity("-1"), None);
+    }
+
+    #[test]
+    fn value_checks() {
+        assert!(check(Kind::Ports, "22, 9000-9010").is_ok());
+        assert!(check(Kind::Ports, "0").is_err());
+        assert!(check(Kind::Ports, "9010-9000").is_err());
+        assert!(check(Kind::Ports, "http").is_err());
+        assert!(check(Kind::Cidrs, "10.0.0.0/8,fd00::/8").is_ok());
+        assert!(check(Kind::Cidrs, "10.0.0.0/33").is_err());
+        assert!(check(Kind::FailMode, "open").is_ok());
+        assert!(check(Kind::FailMode, "Open").is_err());
+    }
+}
