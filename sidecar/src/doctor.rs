@@ -18,8 +18,8 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 #[derive(clap::Args, Debug, Clone)]
 pub struct DoctorArgs {
     /// The cgroup v2 hierarchy to check (default: the cgroup2 mount found in /proc/self/mountinfo).
-    /// In a container, the node's hierarchy mounted from the host (e.g. /host/cgroup).
-    #[arg(long, env = "SIDECAR_CGROUP_ROOT", value_name = "DIR")]
+    /// In a container, the node's hierarchy mounted from the host (e.g. /host/sys/fs/cgroup).
+    #[arg(long, value_name = "DIR")]
     pub cgroup_root: Option<PathBuf>,
 
     /// The bpf filesystem the pins go to.
@@ -122,7 +122,12 @@ impl Report {
             };
             let _ = writeln!(s, "{:<width$}  {result:<6}  {}", c.name, c.detail);
             if let Some(fix) = &c.fix {
-                let _ = writeln!(s, "{:<width$}  {:<6}  fix: {fix}", "", "");
+                let label = if c.status == Status::Fail {
+                    "fix"
+                } else {
+                    "note"
+                };
+                let _ = writeln!(s, "{:<width$}  {:<6}  {label}: {fix}", "", "");
             }
         }
         let failed = self

@@ -49,7 +49,7 @@ pub struct Outcome {
 /// Injects every workload in `text`. On any problem (bad YAML, bad annotations), returns every
 /// problem found and no output.
 pub fn inject(text: &str, image: &str) -> Result<Outcome, Vec<String>> {
-    let mut docs = yaml::parse_documents(text).map_err(|e| vec![format!("not valid YAML: {e}")])?;
+    let mut docs = yaml::parse_documents(text).map_err(|e| vec![yaml_error(text, &e)])?;
     let mut out = Outcome::default();
     let mut errors = Vec::new();
     for doc in &mut docs {
@@ -62,20 +62,27 @@ pub fn inject(text: &str, image: &str) -> Result<Outcome, Vec<String>> {
     Ok(out)
 }
 
+/// The parser's message, with the line it points at and a caret under the column.
+fn yaml_error(text: &str, e: &yaml::ParseError) -> String {
+    let mut message = format!("not valid YAML: {e}");
+    if let Some(line) = text.lines().nth(e.line.saturating_sub(1)) {
+        let caret = " ".repeat(line.chars().take(e.column.saturating_sub(1)).count());
+        message.push_str(&format!("\n      {line}\n      {caret}^"));
+    }
+    message
+}
+
 /// Where, below the resource, its pod template is, and where the annotations that apply to it
-/// are (nearest first). None for kinds that have no pods.
-fn layout(kind: &str) -> Option<Vec<&'static [&'static str]>> {
-    Some(match kind {
-        "Pod" => vec![&[]],
-        "Deployment"
-        | "StatefulSet"
-        | "DaemonSet"
-        | "ReplicaSet"
-        | "ReplicationController"
-        | "Job" => {
-            vec![&["spec", "template"], &[]]
-        }
-        "CronJob" => vec![
+/// are (nearest first). None for kinds that have no pods, and for custom resources that reuse a
+/// built-in kind's name in another API group (a Volcano `Job` has no `spec.template`).
+fn layout(api_version: &str, kind: &str) -> Option<Vec<&'static [&'static str]>> {
+    let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
+    Some(match (group, kind) {
+        ("", "Pod") => vec![&[]],
+        ("", "ReplicationController")
+        | ("apps" | "extensions", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
+        | ("batch", "Job") => vec![&["spec", "template"], &[]],
+        ("batch", "CronJob") => vec![
             &["spec", "jobTemplate", "spec", "template"],
             &["spec", "jobTemplate"],
             &[],
@@ -110,7 +117,11 @@ fn process(
             return;
         }
     }
-    let Some(layout) = layout(&kind) else {
+    let api_version = doc
+        .get("apiVersion")
+        .and_then(Node::as_str)
+        .unwrap_or_default();
+    let Some(layout) = layout(api_version, &kind) else {
         out.others += 1;
         return;
     };
@@ -241,7 +252,7 @@ fn apply(template: &mut Node, settings: &pod::Settings) -> Result<String, String
         }
     }
     let annotations = template
-        .map_entry("metadata")
+        .map_entry_before("metadata", "spec")
         .and_then(|m| m.map_entry("annotations"))
         .ok_or("metadata.annotations is not a mapping")?;
     let (port_key, port) = pod::SCRAPE_ANNOTATIONS[1];

@@ -154,26 +154,76 @@ pub fn status_main(args: StatusArgs) -> ExitCode {
 pub struct CleanupArgs {
     #[arg(long, env = "SIDECAR_PIN_ROOT", default_value = config::DEFAULT_PIN_ROOT)]
     pub pin_root: PathBuf,
+    /// Repeat every DURATION (e.g. 10m) until SIGTERM/SIGINT, for a node DaemonSet; default: once.
+    #[arg(long, env = "SIDECAR_CLEANUP_INTERVAL", value_name = "DURATION")]
+    pub interval: Option<String>,
 }
 
-pub fn cleanup_main(args: CleanupArgs) -> ExitCode {
-    if let Err(e) = check_privileges() {
-        eprintln!("sidecar cleanup: error: {e}");
-        return ExitCode::from(e.exit_code());
-    }
-    let removed = collect_garbage(&args.pin_root);
+fn cleanup_once(pin_root: &Path) {
+    let removed = collect_garbage(pin_root);
+    let mut out = io::stdout().lock();
     for dir in &removed {
-        println!(
+        let _ = writeln!(
+            out,
             "sidecar cleanup: removed stale pins of a pod that is gone: {}",
             dir.display()
         );
     }
-    println!(
+    let _ = writeln!(
+        out,
         "sidecar cleanup: {} stale pod pin director{} removed",
         removed.len(),
         if removed.len() == 1 { "y" } else { "ies" }
     );
-    ExitCode::SUCCESS
+}
+
+pub fn cleanup_main(args: CleanupArgs) -> ExitCode {
+    if let Err(e) = check_privileges() {
+        let _ = writeln!(io::stderr(), "sidecar cleanup: error: {e}");
+        return ExitCode::from(e.exit_code());
+    }
+    let Some(interval) = &args.interval else {
+        cleanup_once(&args.pin_root);
+        return ExitCode::SUCCESS;
+    };
+    let period = match crate::run::parse_duration(interval) {
+        Ok(d) if !d.is_zero() => d,
+        _ => {
+            let _ = writeln!(
+                io::stderr(),
+                "sidecar cleanup: error: invalid configuration:\n  --interval {interval:?}: expected a duration such as 30s or 10m"
+            );
+            return ExitCode::from(crate::EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = writeln!(
+                io::stderr(),
+                "sidecar cleanup: error: cannot start the runtime: {e}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return ExitCode::FAILURE;
+        };
+        loop {
+            cleanup_once(&args.pin_root);
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = term.recv() => return ExitCode::SUCCESS,
+                _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            }
+        }
+    })
 }
 
 /// `--cgroup auto` means "the parent of my own cgroup" (the init container's pod).

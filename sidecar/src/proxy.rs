@@ -1,13 +1,14 @@
-//! The userspace proxy: accepts connections on the outbound listeners and forwards them, to
-//! their original destination (interception mode) or to one fixed `--target` (reverse-proxy
-//! mode). [`start`] is the programmatic entry used by `sidecar run`, tests and benchmarks.
+//! The userspace proxy: accepts captured connections (outbound on 15001, inbound on 15006) and
+//! forwards them to their original destination, or, in reverse-proxy mode, every request to one
+//! fixed `--target`. [`start`] is the programmatic entry used by `sidecar run`, tests and
+//! benchmarks.
 mod connect;
 mod detect;
 mod error;
 mod forward;
-mod outbound;
 #[cfg(test)]
 mod tests;
+mod transparent;
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,7 +22,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use nix::sys::socket::{setsockopt, sockopt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -30,8 +32,11 @@ pub use detect::{classify, Detection, H2_PREFACE};
 pub use error::{ConnectError, Culprit, ProxyError};
 pub use forward::{error_response, ProxyBody, X_FORWARDED_BY, X_SIDECAR_ERROR};
 
-use connect::{Connector, Stash};
+pub use connect::INBOUND_PASSTHROUGH_V4;
+
+use connect::{Connector, Source, Stash};
 use forward::{forward_h1, Chain, Route};
+use transparent::Direction;
 
 /// Connect timeout: an upstream that has not completed a handshake in 1 s on a cluster network is
 /// almost certainly gone; failing fast lets the caller retry elsewhere.
@@ -110,7 +115,10 @@ impl Target {
 /// Everything the proxy needs; `sidecar run` builds it from flags and environment.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
+    /// Outbound listeners (redirected connections of the app), or the `--target` listeners.
     pub listen: Vec<ListenAddr>,
+    /// Inbound listeners (connections to the app, steered by sk_lookup); unused with `--target`.
+    pub inbound: Vec<ListenAddr>,
     /// `Some`: reverse-proxy mode, every request goes there. `None`: interception mode.
     pub target: Option<Target>,
     pub service_name: Option<String>,
@@ -121,7 +129,7 @@ pub struct ProxyConfig {
 }
 
 impl ProxyConfig {
-    /// Interception mode on `listen` (all required) with default timeouts.
+    /// Interception mode on `listen` (all required, outbound only) with default timeouts.
     pub fn new(listen: impl IntoIterator<Item = SocketAddr>) -> Self {
         ProxyConfig {
             listen: listen
@@ -131,6 +139,7 @@ impl ProxyConfig {
                     required: true,
                 })
                 .collect(),
+            inbound: Vec::new(),
             target: None,
             service_name: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -141,8 +150,9 @@ impl ProxyConfig {
     }
 }
 
-/// Finds where a redirected connection was going. The real one is
-/// [`crate::orig_dst::original_dst`]; tests pass their own.
+/// Finds where a captured connection was going. The real ones are
+/// [`crate::orig_dst::original_dst`] (outbound) and the local address (inbound); tests pass
+/// their own.
 pub type Resolver = Arc<dyn Fn(&TcpStream) -> io::Result<SocketAddr> + Send + Sync>;
 
 /// The kernel's answer to `SO_ORIGINAL_DST`.
@@ -150,12 +160,64 @@ pub fn original_dst_resolver() -> Resolver {
     Arc::new(crate::orig_dst::original_dst)
 }
 
+/// Inbound: sk_lookup hands the SYN to our listener unchanged, so the connection's own local
+/// address is where the client was going.
+pub fn local_addr_resolver() -> Resolver {
+    Arc::new(TcpStream::local_addr)
+}
+
+/// Destination lookups for both directions.
+#[derive(Clone)]
+pub struct Resolvers {
+    pub outbound: Resolver,
+    pub inbound: Resolver,
+}
+
+impl Resolvers {
+    /// What the kernel says: `SO_ORIGINAL_DST` outbound, the local address inbound.
+    pub fn kernel() -> Self {
+        Resolvers {
+            outbound: original_dst_resolver(),
+            inbound: local_addr_resolver(),
+        }
+    }
+}
+
+/// One direction's way out: its HTTP/1 client (pool) and the parked pre-dialled connections.
+/// Inbound and outbound never share connections: inbound ones come from 127.0.0.6.
+pub(crate) struct Egress {
+    pub(crate) client: Client<Connector, Incoming>,
+    pub(crate) stash: Arc<Stash>,
+    pub(crate) source: Source,
+}
+
+impl Egress {
+    fn new(config: &ProxyConfig, source: Source) -> Self {
+        let stash = Arc::new(Stash::default());
+        let connector = Connector {
+            stash: Arc::clone(&stash),
+            connect_timeout: config.connect_timeout,
+            source,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .build(connector);
+        Egress {
+            client,
+            stash,
+            source,
+        }
+    }
+}
+
 /// State shared by every connection of one proxy.
 pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
-    pub(crate) resolver: Resolver,
-    pub(crate) client: Client<Connector, Incoming>,
-    pub(crate) stash: Arc<Stash>,
+    pub(crate) resolvers: Resolvers,
+    pub(crate) outbound: Egress,
+    pub(crate) inbound: Egress,
+    /// Every bound listener address, both directions (loop guard).
     pub(crate) listening: Vec<SocketAddr>,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
@@ -178,14 +240,21 @@ impl Shared {
 /// A running proxy.
 pub struct Proxy {
     local_addrs: Vec<SocketAddr>,
+    inbound_addrs: Vec<SocketAddr>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Proxy {
-    /// The addresses actually bound (port 0 resolved), in configuration order.
+    /// The outbound (or `--target`) addresses actually bound (port 0 resolved), in
+    /// configuration order.
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// The inbound addresses actually bound.
+    pub fn inbound_addrs(&self) -> &[SocketAddr] {
+        &self.inbound_addrs
     }
 
     /// Stops accepting, lets in-flight connections finish (HTTP connections close once their
@@ -200,46 +269,39 @@ impl Proxy {
     }
 }
 
-/// Binds the listeners and starts serving on the current tokio runtime.
+/// Binds the listeners and starts serving on the current tokio runtime; outbound destinations
+/// come from `resolver`, inbound ones from the local address.
 ///
 /// An address with `required: false` that cannot be bound is skipped with a warning; any other
-/// bind failure is an error naming the address. `resolver` is ignored in `--target` mode.
+/// bind failure is an error naming the address. Resolvers are unused in `--target` mode.
 pub async fn start(config: ProxyConfig, resolver: Resolver) -> io::Result<Proxy> {
-    let mut listeners = Vec::with_capacity(config.listen.len());
-    for listen in &config.listen {
-        match TcpListener::bind(listen.addr).await {
-            Ok(listener) => listeners.push(listener),
-            Err(e) if !listen.required => {
-                warn!(addr = %listen.addr, error = %e, "optional listener not bound (IPv6 disabled?); continuing without it");
-            }
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot listen on {}: {e}", listen.addr),
-                ))
-            }
-        }
-    }
-    if listeners.is_empty() {
+    start_with_resolvers(
+        config,
+        Resolvers {
+            outbound: resolver,
+            inbound: local_addr_resolver(),
+        },
+    )
+    .await
+}
+
+/// [`start`] with both directions' destination lookups given (tests emulate sk_lookup so).
+pub async fn start_with_resolvers(config: ProxyConfig, resolvers: Resolvers) -> io::Result<Proxy> {
+    let outbound_listeners = bind_all(&config.listen)?;
+    if outbound_listeners.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::AddrNotAvailable,
             "no outbound listener could be bound",
         ));
     }
-    let local_addrs = listeners
-        .iter()
-        .map(TcpListener::local_addr)
-        .collect::<io::Result<Vec<_>>>()?;
-
-    let stash = Arc::new(Stash::default());
-    let connector = Connector {
-        stash: Arc::clone(&stash),
-        connect_timeout: config.connect_timeout,
+    let inbound_listeners = if config.target.is_some() {
+        Vec::new()
+    } else {
+        bind_all(&config.inbound)?
     };
-    let client = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .build(connector);
+    let local_addrs = addrs_of(&outbound_listeners)?;
+    let inbound_addrs = addrs_of(&inbound_listeners)?;
+
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let target_route = config.target.as_ref().map(|t| Route {
@@ -247,26 +309,85 @@ pub async fn start(config: ProxyConfig, resolver: Resolver) -> io::Result<Proxy>
         prefix: t.prefix.clone(),
     });
     let shared = Arc::new(Shared {
+        outbound: Egress::new(&config, Source::Any),
+        inbound: Egress::new(&config, Source::Passthrough),
         config,
-        resolver,
-        client,
-        stash,
-        listening: local_addrs.clone(),
+        resolvers,
+        listening: local_addrs.iter().chain(&inbound_addrs).copied().collect(),
         cancel: cancel.clone(),
         tracker: tracker.clone(),
         target_route,
     });
-    for listener in listeners {
-        tracker.spawn(accept_loop(listener, Arc::clone(&shared)));
+    let outbound_kind = if shared.target_route.is_some() {
+        Kind::Target
+    } else {
+        Kind::Transparent(Direction::Outbound)
+    };
+    for listener in outbound_listeners {
+        tracker.spawn(accept_loop(listener, outbound_kind, Arc::clone(&shared)));
+    }
+    for (listener, addr) in inbound_listeners.into_iter().zip(&inbound_addrs) {
+        let kind = Kind::Transparent(Direction::Inbound {
+            listener_port: addr.port(),
+        });
+        tracker.spawn(accept_loop(listener, kind, Arc::clone(&shared)));
     }
     Ok(Proxy {
         local_addrs,
+        inbound_addrs,
         cancel,
         tracker,
     })
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+fn bind_all(listen: &[ListenAddr]) -> io::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::with_capacity(listen.len());
+    for l in listen {
+        match bind(l.addr) {
+            Ok(listener) => listeners.push(listener),
+            Err(e) if !l.required => {
+                warn!(addr = %l.addr, error = %e, "optional listener not bound (IPv6 disabled?); continuing without it");
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {}: {e}", l.addr),
+                ))
+            }
+        }
+    }
+    Ok(listeners)
+}
+
+/// Binds with `SO_REUSEADDR` (restart while old connections linger in TIME_WAIT) and, for IPv6,
+/// `IPV6_V6ONLY`, so that `[::]:15006` and `0.0.0.0:15006` can both be bound.
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => {
+            let socket = TcpSocket::new_v6()?;
+            setsockopt(&socket, sockopt::Ipv6V6Only, &true)?;
+            socket
+        }
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    // The kernel caps this at net.core.somaxconn.
+    socket.listen(4096)
+}
+
+fn addrs_of(listeners: &[TcpListener]) -> io::Result<Vec<SocketAddr>> {
+    listeners.iter().map(TcpListener::local_addr).collect()
+}
+
+/// What a listener's connections are.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Transparent(Direction),
+    Target,
+}
+
+async fn accept_loop(listener: TcpListener, kind: Kind, shared: Arc<Shared>) {
     loop {
         let accepted = tokio::select! {
             biased;
@@ -276,15 +397,17 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         match accepted {
             Ok((stream, peer)) => {
                 let conn_shared = Arc::clone(&shared);
-                if shared.target_route.is_some() {
-                    shared
+                match kind {
+                    Kind::Target => shared
                         .tracker
-                        .spawn(serve_target(conn_shared, stream, peer));
-                } else {
-                    shared
-                        .tracker
-                        .spawn(outbound::serve(conn_shared, stream, peer));
-                }
+                        .spawn(serve_target(conn_shared, stream, peer)),
+                    Kind::Transparent(direction) => shared.tracker.spawn(transparent::serve(
+                        conn_shared,
+                        direction,
+                        stream,
+                        peer,
+                    )),
+                };
             }
             Err(e) if is_per_connection_error(&e) => {
                 debug!(error = %e, "accept: connection failed before it was accepted");
@@ -322,7 +445,7 @@ async fn serve_target(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) 
         let shared = Arc::clone(&svc_shared);
         async move {
             let response = match &shared.target_route {
-                Some(route) => forward_h1(&shared, route, req).await,
+                Some(route) => forward_h1(&shared, &shared.outbound, route, req).await,
                 None => error_response(ProxyError::ProxyBadRequest),
             };
             Ok::<_, std::convert::Infallible>(response)

@@ -3,6 +3,7 @@
 //! | flag | environment | default | why |
 //! |---|---|---|---|
 //! | `--outbound` | `SIDECAR_OUTBOUND` | `127.0.0.1:15001,[::1]:15001` | where the eBPF connect hooks send captured connections; loopback only, never `0.0.0.0`. The default `[::1]` is skipped with a warning if IPv6 is off. |
+//! | `--inbound` | `SIDECAR_INBOUND` | `0.0.0.0:15006,[::]:15006` | where sk_lookup steers connections to the app's captured ports; `none` turns inbound off. The default `[::]` is skipped with a warning if IPv6 is off. Not used with `--target`. |
 //! | `--target` | `SIDECAR_TARGET`, `TARGET_URL` | none | reverse-proxy mode (no interception): every request goes to this `http://` URL |
 //! | `--service-name` | `SIDECAR_SERVICE_NAME`, `SERVICE_NAME` | none | names this workload in logs (and metrics) |
 //! | `--connect-timeout` | `SIDECAR_CONNECT_TIMEOUT` | `1s` | see [`crate::proxy::DEFAULT_CONNECT_TIMEOUT`] |
@@ -29,6 +30,9 @@ use crate::proxy::{self, ListenAddr, ProxyConfig, Target};
 
 /// Default listeners: the addresses the eBPF programs redirect to (IPv4 and IPv6).
 pub const DEFAULT_OUTBOUND: &str = "127.0.0.1:15001,[::1]:15001";
+/// Inbound listeners: any address, because sk_lookup hands over SYNs for the pod's addresses
+/// (Istio's 15006). Only steered connections arrive: nothing else dials this port.
+pub const DEFAULT_INBOUND: &str = "0.0.0.0:15006,[::]:15006";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Arguments of `sidecar run`. Values are parsed and checked by [`Settings::from_args`] rather
@@ -39,6 +43,11 @@ pub struct RunArgs {
     /// [default: 127.0.0.1:15001,[::1]:15001]
     #[arg(long, env = "SIDECAR_OUTBOUND", value_name = "ADDR[,ADDR...]")]
     pub outbound: Option<String>,
+
+    /// Listen addresses for captured inbound connections, comma-separated, or `none`
+    /// [default: 0.0.0.0:15006,[::]:15006]
+    #[arg(long, env = "SIDECAR_INBOUND", value_name = "ADDR[,ADDR...]|none")]
+    pub inbound: Option<String>,
 
     /// Reverse-proxy mode: send every request to this http:// URL instead of the original
     /// destination (also read from TARGET_URL)
@@ -163,20 +172,19 @@ impl Settings {
         let mut errors = Vec::new();
         let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
 
-        let listen = match &args.outbound {
-            None => parse_outbound(DEFAULT_OUTBOUND)
-                .map(|addrs| {
-                    addrs
-                        .into_iter()
-                        .map(|addr| ListenAddr {
-                            addr,
-                            // IPv6 may be disabled in the pod; IPv4 loopback always exists.
-                            required: addr.is_ipv4(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-            Some(value) => match parse_outbound(value) {
+        let mut listeners = |key: &'static str, value: Option<&String>, default: &str| {
+            let Some(value) = value else {
+                // IPv6 may be disabled in the pod: only the default IPv6 address may be missing.
+                return parse_addrs(default)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|addr| ListenAddr {
+                        addr,
+                        required: addr.is_ipv4(),
+                    })
+                    .collect();
+            };
+            match parse_addrs(value) {
                 Ok(addrs) => addrs
                     .into_iter()
                     .map(|addr| ListenAddr {
@@ -186,13 +194,26 @@ impl Settings {
                     .collect(),
                 Err(problem) => {
                     errors.push(ConfigError {
-                        key: "--outbound / SIDECAR_OUTBOUND",
+                        key,
                         value: value.clone(),
                         problem,
                     });
                     Vec::new()
                 }
-            },
+            }
+        };
+        let listen = listeners(
+            "--outbound / SIDECAR_OUTBOUND",
+            args.outbound.as_ref(),
+            DEFAULT_OUTBOUND,
+        );
+        let inbound = match args.inbound.as_deref().map(str::trim) {
+            Some(off) if off.eq_ignore_ascii_case("none") => Vec::new(),
+            _ => listeners(
+                "--inbound / SIDECAR_INBOUND",
+                args.inbound.as_ref(),
+                DEFAULT_INBOUND,
+            ),
         };
 
         let (target_key, target_value) = match &args.target {
@@ -324,6 +345,7 @@ impl Settings {
             ) if errors.is_empty() => Ok(Settings {
                 proxy: ProxyConfig {
                     listen,
+                    inbound,
                     target,
                     service_name,
                     connect_timeout,
@@ -342,7 +364,7 @@ impl Settings {
 }
 
 /// `ADDR[,ADDR...]`, each `IPv4:PORT` or `[IPv6]:PORT`.
-fn parse_outbound(value: &str) -> Result<Vec<SocketAddr>, String> {
+fn parse_addrs(value: &str) -> Result<Vec<SocketAddr>, String> {
     let mut addrs = Vec::new();
     for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let addr: SocketAddr = item.parse().map_err(|_| {
@@ -463,13 +485,25 @@ async fn run(settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let addrs = proxy
-        .local_addrs()
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    info!(addresses = %addrs, %mode, %service, workers = settings.workers, "listening");
+    let list = |addrs: &[SocketAddr]| {
+        if addrs.is_empty() {
+            "-".to_owned()
+        } else {
+            addrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    };
+    info!(
+        addresses = %list(proxy.local_addrs()),
+        inbound = %list(proxy.inbound_addrs()),
+        %mode,
+        %service,
+        workers = settings.workers,
+        "listening"
+    );
 
     let signal_name = tokio::select! {
         _ = term.recv() => "SIGTERM",
@@ -529,6 +563,19 @@ mod tests {
         assert_eq!(s.log_filter, "info");
         assert!(s.proxy.target.is_none());
         assert_eq!(
+            s.proxy.inbound,
+            vec![
+                ListenAddr {
+                    addr: "0.0.0.0:15006".parse().unwrap(),
+                    required: true
+                },
+                ListenAddr {
+                    addr: "[::]:15006".parse().unwrap(),
+                    required: false
+                },
+            ]
+        );
+        assert_eq!(
             s.proxy.listen,
             vec![
                 ListenAddr {
@@ -546,6 +593,7 @@ mod tests {
     fn defaults() -> RunArgs {
         RunArgs {
             outbound: None,
+            inbound: None,
             target: None,
             service_name: None,
             connect_timeout: "1s".into(),
@@ -563,6 +611,8 @@ mod tests {
         let a = args(&[
             "--outbound",
             "127.0.0.1:0, [::1]:0",
+            "--inbound",
+            "none",
             "--target",
             "http://127.0.0.1:8080/api/",
             "--connect-timeout",
@@ -575,6 +625,7 @@ mod tests {
         let s = Settings::from_args(&a, &no_env).unwrap();
         assert_eq!(s.proxy.listen.len(), 2);
         assert!(s.proxy.listen.iter().all(|l| l.required));
+        assert!(s.proxy.inbound.is_empty());
         assert_eq!(
             s.proxy.target.as_ref().map(Target::as_str),
             Some("http://127.0.0.1:8080/api/")
@@ -606,6 +657,7 @@ mod tests {
     fn every_bad_key_is_reported() {
         let a = RunArgs {
             outbound: Some("127.0.0.1:15001,localhost".into()),
+            inbound: Some("0.0.0.0:99999".into()),
             target: Some("https://backend".into()),
             connect_timeout: "1".into(),
             request_timeout: "0s".into(),
@@ -618,6 +670,7 @@ mod tests {
         let expected = "\
 sidecar run: invalid configuration:
   --outbound / SIDECAR_OUTBOUND = \"127.0.0.1:15001,localhost\": \"localhost\" is not an address; use IP:PORT or [IPv6]:PORT, e.g. 127.0.0.1:15001
+  --inbound / SIDECAR_INBOUND = \"0.0.0.0:99999\": \"0.0.0.0:99999\" is not an address; use IP:PORT or [IPv6]:PORT, e.g. 127.0.0.1:15001
   --target / SIDECAR_TARGET = \"https://backend\": https targets are not supported (the proxy speaks plain HTTP to its target; TLS origination is out of scope): use http://
   --connect-timeout / SIDECAR_CONNECT_TIMEOUT = \"1\": missing unit; expected a whole number with a unit (ms, s, m, h), e.g. 1s or 500ms
   --request-timeout / SIDECAR_REQUEST_TIMEOUT = \"0s\": must be greater than zero
@@ -628,7 +681,7 @@ sidecar run: invalid configuration:
         assert!(text.starts_with(expected), "got:\n{text}");
         assert!(text.contains("SIDECAR_LOG = \"sidecar=loud\": not a log filter"));
         assert!(text.ends_with("`sidecar run --help` lists every key"));
-        assert_eq!(err.0.len(), 7);
+        assert_eq!(err.0.len(), 8);
     }
 
     #[test]

@@ -17,6 +17,19 @@
 //! assert_eq!(alpha.only_request().header("x-forwarded-by"), Some("sidecar"));
 //! # let _ = reply;
 //! ```
+//!
+//! Inbound, the app's server lives in the pod's netns and the client in the remote one:
+//! ```no_run
+//! use sidecar_tests::Pod;
+//! let mut pod = Pod::new();
+//! let app = pod.app_http_server("0.0.0.0:8080", "app");
+//! pod.init_with_netns(&[]);
+//! pod.start_proxy_with_inbound(&[]);
+//! let reply = pod.remote_http("10.200.0.2:8080");
+//! assert_eq!(app.only_request().peer.ip().to_string(), "127.0.0.6");
+//! pod.stop_proxy(); // fail modes: what happens with no proxy; start_proxy* again to restart
+//! # let _ = reply;
+//! ```
 
 pub mod bpf;
 pub mod client;

@@ -1,8 +1,9 @@
 //! Project automation, run as `cargo xtask <command>` (alias in .cargo/config.toml).
 //!
-//! Each command is a module with a `run` function; adding one (e.g. `bench`) means one entry in
-//! COMMANDS, one match arm in `dispatch` and the module.
+//! Each command is a module with a `run` function; adding one means one entry in COMMANDS, one
+//! match arm in `dispatch` and the module.
 
+mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
@@ -33,6 +34,7 @@ const COMMANDS: &[(&str, &str)] = &[
         "demo [-- ARGS]",
         "prerequisites, builds, then runs target/debug/sidecar-demo (needs root)",
     ),
+    (bench::USAGE, bench::HELP),
     (
         "check-host",
         "check what the privileged tests need from this machine: root with CAP_BPF, CAP_SYS_ADMIN \
@@ -67,6 +69,7 @@ enum Command {
     Demo { extra: Vec<OsString> },
     Prereqs { mode: prereq::Mode },
     CheckHost,
+    Bench(bench::Options),
 }
 
 fn parse(args: Vec<OsString>) -> Result<Parsed> {
@@ -121,6 +124,7 @@ fn parse(args: Vec<OsString>) -> Result<Parsed> {
             };
             Command::Prereqs { mode }
         }
+        Some("bench") => Command::Bench(bench::Options::parse(&rest)?),
         Some("check-host") => {
             flags(&rest, &[])?;
             Command::CheckHost
@@ -151,6 +155,7 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Demo { extra } => demo::run(ctx, &extra),
         Command::Prereqs { mode } => prereq::ensure(ctx, mode),
         Command::CheckHost => host::require_privileged_host(ctx, "cargo xtask check-host"),
+        Command::Bench(opts) => bench::run(ctx, &opts),
     }
 }
 

@@ -323,3 +323,78 @@ mod tests {
         assert_eq!(llvm_prefix(), Path::new("/usr/lib/llvm-22"));
     }
 }
+
+/// Version of the offline Kubernetes schema validator the manifest tests use.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// Tools only the tests need: kubernetes-validate (PyPI) in a venv under target/tools, so nothing
+/// is installed into the system Python. Returns the path of its script, which the tests receive
+/// as $KUBERNETES_VALIDATE.
+pub fn test_tools(ctx: &Ctx) -> Result<PathBuf> {
+    let venv = ctx.target_dir.join("tools/kubernetes-validate");
+    let script = venv.join("bin/kubernetes-validate");
+    if script.is_file() {
+        say!(
+            "check {KUBERNETES_VALIDATE}: present ({})",
+            script.display()
+        );
+        return Ok(script);
+    }
+    say!(
+        "check {KUBERNETES_VALIDATE}: missing, installing into {}",
+        venv.display()
+    );
+    let hint = "check that PyPI is reachable; or install it yourself and set KUBERNETES_VALIDATE to its script";
+    let python = ctx.find_program("python3").ok_or_else(|| {
+        anyhow::anyhow!("python3 is not installed: `apt-get install -y python3 python3-venv`")
+    })?;
+    let venv_ok = ctx
+        .cmd(&python)
+        .args(["-m", "venv", "--help"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !venv_ok {
+        if !ctx.is_root {
+            bail!("python3-venv is missing and installing it needs root: `sudo apt-get install -y python3-venv`");
+        }
+        cmd::run(
+            ctx.cmd("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args([
+                    "-o",
+                    "DPkg::Lock::Timeout=300",
+                    "install",
+                    "-y",
+                    "python3-venv",
+                ]),
+            "apt-get install python3-venv",
+            Some(hint),
+        )?;
+    }
+    // A half-made venv from an interrupted run would make `venv` succeed and pip fail oddly.
+    let _ = fs::remove_dir_all(&venv);
+    cmd::run(
+        ctx.cmd(&python).arg("-m").arg("venv").arg(&venv),
+        "python3 -m venv",
+        Some(hint),
+    )?;
+    cmd::run(
+        ctx.cmd(venv.join("bin/pip")).args([
+            "install",
+            "--disable-pip-version-check",
+            "--quiet",
+            KUBERNETES_VALIDATE,
+        ]),
+        &format!("pip install {KUBERNETES_VALIDATE}"),
+        Some(hint),
+    )?;
+    if !script.is_file() {
+        bail!(
+            "pip installed {KUBERNETES_VALIDATE} but {} is missing; {hint}",
+            script.display()
+        );
+    }
+    say!("check {KUBERNETES_VALIDATE}: now present");
+    Ok(script)
+}

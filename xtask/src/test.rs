@@ -17,6 +17,7 @@ pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
     ensure_stable_component(ctx, "rustfmt", &["fmt", "--version"])?;
     ensure_stable_component(ctx, "clippy", &["clippy", "--version"])?;
     ebpf::build(ctx, ebpf::Profile::Release)?;
+    let kubernetes_validate = prereq::test_tools(ctx)?;
 
     // A build failure leaves nothing to test: stop here.
     cmd::run(
@@ -56,7 +57,8 @@ pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
     tests
         .args(extra)
         .env("SIDECAR_BIN", &sidecar)
-        .env("SIDECAR_PROBE_BIN", ctx.debug_bin("sidecar-probe"));
+        .env("SIDECAR_PROBE_BIN", ctx.debug_bin("sidecar-probe"))
+        .env("KUBERNETES_VALIDATE", &kubernetes_validate);
     results.push(("tests", cmd::run(&mut tests, "tests", None)));
 
     results.push((

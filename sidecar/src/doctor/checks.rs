@@ -82,17 +82,17 @@ fn program_types() -> Vec<Check> {
         (
             ProgramType::CgroupSockAddr,
             "cgroup_sock_addr",
-            "connect4/6, getpeername4/6 (outbound redirect)",
+            "connect4/6, getpeername4/6: outbound redirect",
         ),
         (
             ProgramType::SockOps,
             "sock_ops",
-            "original destination by 4-tuple, inbound listener registration",
+            "original destination by 4-tuple, inbound listener",
         ),
         (
             ProgramType::CgroupSockopt,
             "cgroup_sockopt",
-            "SO_ORIGINAL_DST answers",
+            "getsockopt: SO_ORIGINAL_DST",
         ),
         (ProgramType::SkLookup, "sk_lookup", "inbound capture"),
     ]
@@ -100,7 +100,7 @@ fn program_types() -> Vec<Check> {
     .map(|(ty, name, purpose)| {
         let name = format!("program type {name}");
         match is_program_supported(ty) {
-            Ok(true) => Check::pass(name, format!("supported ({purpose})")),
+            Ok(true) => Check::pass(name, format!("supported; {purpose}")),
             Ok(false) => Check::fail(
                 name,
                 format!("not supported by this kernel (needed for {purpose})"),
@@ -209,6 +209,8 @@ fn map_types() -> Check {
     }
 }
 
+// The field is i64 on x86_64 and aarch64 glibc, i32 elsewhere: the cast is not always a no-op.
+#[allow(clippy::unnecessary_cast)]
 fn fs_magic(path: &Path) -> io::Result<i64> {
     nix::sys::statfs::statfs(path)
         .map(|s| s.filesystem_type().0 as i64)

@@ -12,8 +12,10 @@ pub const PROXY_CONTAINER: &str = "sidecar-proxy";
 pub const BPFFS_VOLUME: &str = "sidecar-bpffs";
 pub const CGROUP_VOLUME: &str = "sidecar-cgroup";
 /// Where the init container sees the node's cgroup2 hierarchy. Not /sys/fs/cgroup: the container
-/// runtime mounts the container's own (namespaced) cgroup there.
-pub const HOST_CGROUP_MOUNT: &str = "/host/cgroup";
+/// runtime mounts the container's own (namespaced) cgroup there. Deeper than /sys/fs/cgroup on
+/// purpose: containerd orders mounts by depth, so this one comes after the container's own in
+/// mountinfo, which `--cgroup auto` reads first to learn its own cgroup.
+pub const HOST_CGROUP_MOUNT: &str = "/host/sys/fs/cgroup";
 /// The proxy's admin port (metrics, probes): `sidecar init`'s default, never captured inbound.
 pub const ADMIN_PORT: i64 = 15090;
 /// `sidecar init`'s default proxy UID/GID: connections from it are never redirected.
@@ -198,14 +200,23 @@ impl Settings {
                         continue;
                     };
                     if !ANNOTATIONS.iter().any(|a| a.name == name) {
-                        errors.push(format!(
-                            "unknown annotation {PREFIX}{name}; known: {}",
-                            ANNOTATIONS
-                                .iter()
-                                .map(|a| a.name)
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ));
+                        let closest = ANNOTATIONS
+                            .iter()
+                            .map(|a| (edit_distance(a.name, name), a.name))
+                            .min();
+                        errors.push(match closest {
+                            Some((distance, known)) if distance <= 3 => format!(
+                                "unknown annotation {PREFIX}{name}: did you mean {PREFIX}{known}?"
+                            ),
+                            _ => format!(
+                                "unknown annotation {PREFIX}{name}; known: {}",
+                                ANNOTATIONS
+                                    .iter()
+                                    .map(|a| a.name)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        });
                     }
                 }
             }
@@ -235,31 +246,29 @@ impl Settings {
         let cpu_limit = value_of("proxy-cpu-limit");
         let memory_request = value_of("proxy-memory-request");
         let memory_limit = value_of("proxy-memory-limit");
-        let mut pair = |what: &str,
-                        request: Option<String>,
-                        limit: Option<String>,
-                        defaults: (&str, &str)| {
-            let request_set = request.is_some();
-            let limit_set = limit.is_some();
-            let request = request.unwrap_or_else(|| defaults.0.to_owned());
-            let limit = limit.unwrap_or_else(|| defaults.1.to_owned());
-            if let (Some(r), Some(l)) = (quantity(&request), quantity(&limit)) {
-                if r > l {
-                    errors.push(format!(
-                        "proxy {what} request {request} is above its limit {limit}{}",
-                        match (request_set, limit_set) {
-                            (true, false) =>
-                                format!(" (the default): also set {PREFIX}proxy-{what}-limit"),
-                            (false, true) => format!(
+        let mut pair =
+            |what: &str, request: Option<String>, limit: Option<String>, defaults: (&str, &str)| {
+                let request_set = request.is_some();
+                let limit_set = limit.is_some();
+                let request = request.unwrap_or_else(|| defaults.0.to_owned());
+                let limit = limit.unwrap_or_else(|| defaults.1.to_owned());
+                if let (Some(r), Some(l)) = (quantity(&request), quantity(&limit)) {
+                    if r > l {
+                        errors.push(format!(
+                            "proxy {what} request {request} is above its limit {limit}{}",
+                            match (request_set, limit_set) {
+                                (true, false) =>
+                                    format!(" (the default): also set {PREFIX}proxy-{what}-limit"),
+                                (false, true) => format!(
                                 " (the request's default): also set {PREFIX}proxy-{what}-request"
                             ),
-                            _ => String::new(),
-                        }
-                    ));
+                                _ => String::new(),
+                            }
+                        ));
+                    }
                 }
-            }
-            (request, limit)
-        };
+                (request, limit)
+            };
         let (cpu_request, cpu_limit) = pair(
             "cpu",
             cpu_request,
@@ -338,6 +347,22 @@ fn check(kind: Kind, value: &str) -> Result<(), String> {
             }
         }
     }
+}
+
+/// Levenshtein distance, for "did you mean" on annotation typos.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// A Kubernetes resource quantity as a number (`250m` = 0.25, `1Ki` = 1024), for comparisons.
@@ -458,7 +483,6 @@ pub fn init_container(s: &Settings) -> Node {
         env_field("SIDECAR_POD_IPS", "status.podIPs"),
         // A pod IP equal to the node's means hostNetwork, which init refuses.
         env_field("SIDECAR_HOST_IP", "status.hostIP"),
-        env_value("SIDECAR_CGROUP_ROOT", HOST_CGROUP_MOUNT),
     ];
     env.extend(
         s.init_env
@@ -606,6 +630,16 @@ mod tests {
         assert_eq!(quantity("lots"), None);
         assert_eq!(quantity("10MB"), None);
         assert_eq!(quantity("-1"), None);
+    }
+
+    #[test]
+    fn typos_are_close() {
+        assert_eq!(
+            edit_distance("exclude-outbound-port", "exclude-outbound-ports"),
+            1
+        );
+        assert_eq!(edit_distance("image", "image"), 0);
+        assert_eq!(edit_distance("", "abc"), 3);
     }
 
     #[test]

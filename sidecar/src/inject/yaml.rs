@@ -210,28 +210,37 @@ impl Node {
         }
     }
 
-    /// Like [`Node::seq_entry`], but a new key goes just before `before` (where a person would
-    /// write it) instead of at the end.
-    pub fn seq_entry_before(&mut self, key: &str, before: &str) -> Option<&mut Vec<Node>> {
+    /// Inserts an empty `value` under `key` just before `before` (where a person would write it)
+    /// when `key` is absent; does nothing otherwise.
+    fn insert_before(&mut self, key: &str, before: &str, value: Node) {
         if let Node::Map { entries, .. } = self {
             if !entries.iter().any(|(k, _)| k.as_str() == Some(key)) {
                 let at = entries
                     .iter()
                     .position(|(k, _)| k.as_str() == Some(before))
                     .unwrap_or(entries.len());
-                entries.insert(
-                    at,
-                    (
-                        Node::str(key),
-                        Node::Seq {
-                            items: Vec::new(),
-                            tag: None,
-                        },
-                    ),
-                );
+                entries.insert(at, (Node::str(key), value));
             }
         }
+    }
+
+    /// Like [`Node::seq_entry`], but a new key goes just before `before` instead of at the end.
+    pub fn seq_entry_before(&mut self, key: &str, before: &str) -> Option<&mut Vec<Node>> {
+        self.insert_before(key, before, Node::seq([]));
         self.seq_entry(key)
+    }
+
+    /// Like [`Node::map_entry`], but a new key goes just before `before` instead of at the end.
+    pub fn map_entry_before(&mut self, key: &str, before: &str) -> Option<&mut Node> {
+        self.insert_before(
+            key,
+            before,
+            Node::Map {
+                entries: Vec::new(),
+                tag: None,
+            },
+        );
+        self.map_entry(key)
     }
 
     /// The mapping under `key`, created (empty) when absent or null. None when something else is
@@ -278,7 +287,27 @@ pub fn parse_documents(text: &str) -> Result<Vec<Node>, ParseError> {
         let (event, span) = event?;
         builder.event(event, span)?;
     }
-    Ok(builder.documents)
+    let mut documents = builder.documents;
+    // A block scalar that runs to the end of a file without a final line break has no trailing
+    // newline (YAML spec, and libyaml, which Kubernetes' reader follows); the parser adds one.
+    let last_line = text.rsplit('\n').next().unwrap_or_default().trim();
+    if !text.ends_with('\n') && !last_line.is_empty() && !last_line.starts_with('#') {
+        if let Some(s) = documents.last_mut().and_then(last_scalar) {
+            if matches!(s.style, Style::Literal | Style::Folded) && s.value.ends_with('\n') {
+                s.value.pop();
+            }
+        }
+    }
+    Ok(documents)
+}
+
+/// The scalar written last (the last value of the last entry, recursively), if it is one.
+fn last_scalar(node: &mut Node) -> Option<&mut Scalar> {
+    match node {
+        Node::Scalar(s) => Some(s),
+        Node::Seq { items, .. } => items.last_mut().and_then(last_scalar),
+        Node::Map { entries, .. } => entries.last_mut().and_then(|(_, v)| last_scalar(v)),
+    }
 }
 
 enum Open {
@@ -513,7 +542,7 @@ fn emit_entries(entries: &[(Node, Node)], col: usize, first_inline: bool, out: &
             indent(col, out);
         }
         match key {
-            Node::Scalar(s) => out.push_str(&scalar_text(s, col)),
+            Node::Scalar(s) => out.push_str(&key_text(s)),
             // The parser accepts scalar keys only.
             other => emit_inline(other, col, out),
         }
@@ -605,6 +634,22 @@ fn push_tagged(tag: &Option<String>, text: &str, out: &mut String) {
         out.push(' ');
     }
     out.push_str(text);
+}
+
+/// A mapping key: always on one line (a block scalar or multi-line key is written double-quoted;
+/// an empty plain key, which is null, as `~`).
+fn key_text(s: &Scalar) -> String {
+    match s.style {
+        Style::Plain if s.value.is_empty() && s.tag.is_none() => "~".to_owned(),
+        Style::Literal | Style::Folded => {
+            let quoted = Scalar {
+                style: Style::DoubleQuoted,
+                ..s.clone()
+            };
+            scalar_text(&quoted, 0)
+        }
+        _ => scalar_text(s, 0),
+    }
 }
 
 fn scalar_text(s: &Scalar, col: usize) -> String {
@@ -739,6 +784,16 @@ spec:
     }
 
     #[test]
+    fn odd_keys_stay_on_one_line() {
+        assert_eq!(roundtrip(": null key\n"), "~: null key\n");
+        assert_eq!(roundtrip("? |\n  block\n: v\n"), "\"block\\n\": v\n");
+        assert_eq!(
+            roundtrip("'quoted key': v\n\"a\\tb\": w\n"),
+            "'quoted key': v\n\"a\\tb\": w\n"
+        );
+    }
+
+    #[test]
     fn flow_style_becomes_block_style() {
         assert_eq!(
             roundtrip("a: {b: [1, 'x'], c: {}}\n"),
@@ -768,6 +823,17 @@ d:
         // Content a literal block cannot carry goes double-quoted.
         assert_eq!(roundtrip("a: |2\n    leading\n"), "a: \"  leading\\n\"\n");
         assert_eq!(roundtrip("a: \"x\\r\\ny\"\n"), "a: \"x\\r\\ny\"\n");
+    }
+
+    #[test]
+    fn block_scalar_at_the_end_of_input_without_a_line_break() {
+        let docs = parse_documents("a:\n  b: |\n    one\n    two").unwrap();
+        assert_eq!(
+            docs[0].path(&["a", "b"]).and_then(Node::as_str),
+            Some("one\ntwo")
+        );
+        let docs = parse_documents("a: |\n  one\n").unwrap();
+        assert_eq!(docs[0].get("a").and_then(Node::as_str), Some("one\n"));
     }
 
     #[test]

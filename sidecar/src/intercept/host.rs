@@ -14,19 +14,31 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Mount points of cgroup2 filesystems, from /proc/self/mountinfo. On hybrid hosts (systemd's
 /// "unified" layout) this is /sys/fs/cgroup/unified, on pure v2 hosts /sys/fs/cgroup.
 pub fn cgroup2_mounts() -> Vec<PathBuf> {
+    cgroup2_mounts_with_root()
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect()
+}
+
+/// cgroup2 mounts with their mountinfo "root" field: "/" for a mount of our own cgroup
+/// namespace's root, something else for a bind mount of a subtree or of the host's hierarchy.
+fn cgroup2_mounts_with_root() -> Vec<(PathBuf, String)> {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
     parse_mountinfo(&info, "cgroup2")
 }
 
-fn parse_mountinfo(info: &str, fstype: &str) -> Vec<PathBuf> {
+fn parse_mountinfo(info: &str, fstype: &str) -> Vec<(PathBuf, String)> {
     info.lines()
         .filter_map(|line| {
             // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <src> <opts>"
             let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split(' ').nth(4)?;
-            (right.split(' ').next()? == fstype).then(|| PathBuf::from(unescape(mount_point)))
+            let mut fields = left.split(' ');
+            let root = fields.nth(3)?;
+            let mount_point = fields.next()?;
+            (right.split(' ').next()? == fstype)
+                .then(|| (PathBuf::from(unescape(mount_point)), unescape(root)))
         })
         .collect()
 }
@@ -140,27 +152,6 @@ pub fn missing_capabilities() -> Vec<&'static str> {
         missing.push("CAP_NET_ADMIN");
     }
     missing
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_cgroup2_on_hybrid_hosts() {
-        let info = "\
-25 1 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
-26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid shared:5 - cgroup2 cgroup2 rw,nsdelegate
-27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
-28 1 0:26 / /mnt/with\\040space rw - cgroup2 none rw";
-        assert_eq!(
-            parse_mountinfo(info, "cgroup2"),
-            vec![
-                PathBuf::from("/sys/fs/cgroup/unified"),
-                PathBuf::from("/mnt/with space")
-            ]
-        );
-    }
 }
 
 /// A validated pod network namespace, kept open while the init step attaches to it.
@@ -277,4 +268,25 @@ fn find_inode(dir: &Path, inode: u64, depth: u32) -> Option<PathBuf> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_on_hybrid_hosts() {
+        let info = "\
+25 1 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid shared:5 - cgroup2 cgroup2 rw,nsdelegate
+27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
+28 1 0:26 / /mnt/with\\040space rw - cgroup2 none rw";
+        assert_eq!(
+            parse_mountinfo(info, "cgroup2"),
+            vec![
+                (PathBuf::from("/sys/fs/cgroup/unified"), "/".to_string()),
+                (PathBuf::from("/mnt/with space"), "/".to_string())
+            ]
+        );
+    }
 }

@@ -27,6 +27,10 @@ pub struct StatusArgs {
     pub pod_id: Option<String>,
     #[arg(long, env = "SIDECAR_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
     pub pin_root: PathBuf,
+    /// The pod's network namespace: checks that the inbound program is attached to it (the link
+    /// itself is found from the pins either way).
+    #[arg(long, env = "SIDECAR_NETNS")]
+    pub netns: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -180,9 +184,36 @@ pub fn collect(args: &StatusArgs) -> Result<Status, InitError> {
                     })
                     .collect();
                 list.sort();
-                config.insert(key, list.join(","));
+                config.insert(
+                    key,
+                    if list.is_empty() {
+                        "-".into()
+                    } else {
+                        list.join(",")
+                    },
+                );
             }
         }
+    }
+    if let Some(path) = &args.netns {
+        let inode = fs::metadata(path)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .map_err(InitError::io(format!("open netns {}", path.display())))?;
+        let attached = programs
+            .iter()
+            .any(|p| p.target == format!("netns {inode}"));
+        config.insert(
+            "netns",
+            format!(
+                "{} (inode {inode}): {}",
+                path.display(),
+                if attached {
+                    "inbound capture attached"
+                } else {
+                    "NOT attached: run `sidecar init --netns` for it"
+                }
+            ),
+        );
     }
     Ok(Status {
         pin_dir: dir,

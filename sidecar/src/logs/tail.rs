@@ -496,8 +496,12 @@ impl Tailer {
         } else {
             0
         };
-        let fp = read_prefix(&file, FP_MAX).unwrap_or_default();
-        let fp = if start == 0 { Vec::new() } else { fp };
+        // Read from 0, the fingerprint is captured as the bytes go by; from the end, now.
+        let fp = if start == 0 {
+            Vec::new()
+        } else {
+            read_prefix(&file, FP_MAX).unwrap_or_default()
+        };
         debug!(file = %self.cfg.path.display(), inode = id.ino, start, "reading a new log file");
         self.waiting_logged = false;
         self.files.push(Tracked::open_at(
@@ -514,9 +518,9 @@ impl Tailer {
     fn check_truncation(&mut self, i: usize, size: u64) {
         let f = &self.files[i];
         let shrunk = size < f.read_pos();
-        // The fingerprint check costs one small pread; only worth it when the size moved.
+        // Checked on every look, not only when the size moved: a file truncated and rewritten
+        // to the very same size (equal-length lines) is otherwise invisible. One small pread.
         let rewritten = !shrunk
-            && size != f.size
             && !f.fp.is_empty()
             && read_prefix(&f.file, f.fp.len()).is_ok_and(|p| p != f.fp);
         if !shrunk && !rewritten {
@@ -788,6 +792,9 @@ impl Filler {
 
             let mut batch = Batch::new(limits, &service);
             loop {
+                // Once stopping, one last step takes what the file already holds (up to the
+                // batch's limits), so lines written before SIGTERM go out with this batch.
+                let stopping = shutdown.is_cancelled();
                 let now = Instant::now();
                 let acked = acked.clone();
                 let (t, b, step) = tokio::task::spawn_blocking(move || {
@@ -798,10 +805,10 @@ impl Filler {
                 .await
                 .context("tail task")?;
                 (tailer, batch) = (t, b);
-                if step == Step::Full || batch.is_due(Instant::now()) || shutdown.is_cancelled() {
+                if step == Step::Full || batch.is_due(Instant::now()) || stopping {
                     break;
                 }
-                if step == Step::Progress {
+                if step == Step::Progress || shutdown.is_cancelled() {
                     continue;
                 }
                 let mut wake = tokio::time::Instant::now() + poll_interval;

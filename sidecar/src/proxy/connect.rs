@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,18 +19,66 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper_util::rt::TokioIo;
-use nix::sys::socket::{recv, MsgFlags};
-use tokio::net::TcpStream;
+use nix::sys::socket::{recv, setsockopt, sockopt, MsgFlags};
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::error::ConnectError;
 
 /// A connect that may still be in progress.
 pub(crate) type Dialling = Pin<Box<dyn Future<Output = Result<TcpStream, ConnectError>> + Send>>;
 
+/// Istio's inbound passthrough source: the app sees connections from the proxy coming from here,
+/// which tells them apart from its own loopback traffic (and keeps inbound capture off them).
+pub const INBOUND_PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+
+/// The source address of upstream connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Whatever the kernel picks (outbound).
+    Any,
+    /// Inbound, to the app: from 127.0.0.6 for IPv4; for IPv6 (no spare loopback addresses) from
+    /// the destination's own address, the pod's.
+    Passthrough,
+}
+
+impl Source {
+    fn local_for(self, dst: SocketAddr) -> Option<SocketAddr> {
+        match (self, dst) {
+            (Source::Any, _) => None,
+            (Source::Passthrough, SocketAddr::V4(_)) => {
+                Some(SocketAddr::new(INBOUND_PASSTHROUGH_V4.into(), 0))
+            }
+            (Source::Passthrough, SocketAddr::V6(v6)) => {
+                Some(SocketAddr::new((*v6.ip()).into(), 0))
+            }
+        }
+    }
+}
+
 /// Connects to `addr` within `timeout`, with `TCP_NODELAY` set (we forward whole messages; Nagle
 /// would only add latency to request/response traffic).
-pub(crate) async fn dial(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+pub(crate) async fn dial(
+    addr: SocketAddr,
+    timeout: Duration,
+    source: Source,
+) -> Result<TcpStream, ConnectError> {
+    let connect = async {
+        match source.local_for(addr) {
+            None => TcpStream::connect(addr).await,
+            Some(local) => {
+                let socket = match local {
+                    SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => TcpSocket::new_v6()?,
+                };
+                // Choose the source port at connect time, by 4-tuple: binding first would
+                // otherwise use up one ephemeral port per connection whatever the destination.
+                let _ = setsockopt(&socket, sockopt::IpBindAddressNoPort, &true);
+                socket.bind(local)?;
+                socket.connect(addr).await
+            }
+        }
+    };
+    let stream = match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::from_io(addr, e)),
         Err(_) => return Err(ConnectError::Timeout(addr, timeout)),
@@ -42,8 +90,8 @@ pub(crate) async fn dial(addr: SocketAddr, timeout: Duration) -> Result<TcpStrea
 }
 
 /// Starts dialling now; the returned future can be moved around (and parked) while in flight.
-pub(crate) fn start_dial(addr: SocketAddr, timeout: Duration) -> Dialling {
-    Box::pin(dial(addr, timeout))
+pub(crate) fn start_dial(addr: SocketAddr, timeout: Duration, source: Source) -> Dialling {
+    Box::pin(dial(addr, timeout, source))
 }
 
 /// True if an idle connection still looks usable: no EOF and no unsolicited bytes waiting.
@@ -165,6 +213,7 @@ impl Drop for StashGuard {
 pub(crate) struct Connector {
     pub(crate) stash: Arc<Stash>,
     pub(crate) connect_timeout: Duration,
+    pub(crate) source: Source,
 }
 
 impl Connector {
@@ -179,14 +228,16 @@ impl Connector {
                     return Ok(TokioIo::new(stream));
                 }
             }
-            return dial(addr, self.connect_timeout).await.map(TokioIo::new);
+            return dial(addr, self.connect_timeout, self.source)
+                .await
+                .map(TokioIo::new);
         }
         let addrs = tokio::net::lookup_host((host, port))
             .await
             .map_err(|e| ConnectError::Resolve(host.to_owned(), e))?;
         let mut last = None;
         for addr in addrs {
-            match dial(addr, self.connect_timeout).await {
+            match dial(addr, self.connect_timeout, self.source).await {
                 Ok(s) => return Ok(TokioIo::new(s)),
                 Err(e) => last = Some(e),
             }
@@ -225,7 +276,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dst = listener.local_addr().unwrap();
         let stash = Arc::new(Stash::default());
-        let s = dial(dst, Duration::from_secs(5)).await.unwrap();
+        let s = dial(dst, Duration::from_secs(5), Source::Any)
+            .await
+            .unwrap();
         let guard = stash.put(dst, Predial::Ready(s));
         assert_eq!(stash.len(), 1);
         drop(guard);
@@ -239,7 +292,7 @@ mod tests {
         let stash = Arc::new(Stash::default());
         let guard = stash.put(
             dst,
-            Predial::Dialling(start_dial(dst, Duration::from_secs(5))),
+            Predial::Dialling(start_dial(dst, Duration::from_secs(5), Source::Any)),
         );
         let taken = stash.take(dst).expect("parked");
         drop(guard);
@@ -251,7 +304,9 @@ mod tests {
     async fn stale_connection_is_not_reused() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dst = listener.local_addr().unwrap();
-        let client = dial(dst, Duration::from_secs(5)).await.unwrap();
+        let client = dial(dst, Duration::from_secs(5), Source::Any)
+            .await
+            .unwrap();
         let (mut server, _) = listener.accept().await.unwrap();
         assert!(is_fresh(&client));
         server.write_all(b"bye").await.unwrap();
@@ -261,11 +316,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn passthrough_connections_come_from_127_0_0_6() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        let _client = dial(dst, Duration::from_secs(5), Source::Passthrough)
+            .await
+            .unwrap();
+        let (_server, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer.ip(), IpAddr::from(INBOUND_PASSTHROUGH_V4));
+    }
+
+    #[tokio::test]
     async fn refused_dial_is_classified() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dst = listener.local_addr().unwrap();
         drop(listener);
-        let err = dial(dst, Duration::from_secs(5)).await.unwrap_err();
+        let err = dial(dst, Duration::from_secs(5), Source::Any)
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, ConnectError::Refused(a) if a == dst),
             "{err:?}"

@@ -19,9 +19,9 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{debug, warn};
 
-use super::connect::{dial, Predial};
+use super::connect::{dial, Predial, Source};
 use super::error::ProxyError;
-use super::Shared;
+use super::{Egress, Shared};
 
 /// The body we answer with: the upstream's, streamed through, or a short local one.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -137,10 +137,11 @@ pub(crate) fn strip_hop_by_hop(
     upgrade
 }
 
-/// Forwards one request through the pooled HTTP/1 client (interception of HTTP/1 clients, and
+/// Forwards one request through `egress`'s pooled HTTP/1 client (intercepted HTTP/1 clients, and
 /// every request in `--target` mode).
 pub(crate) async fn forward_h1(
     shared: &Shared,
+    egress: &Egress,
     route: &Route,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
@@ -190,7 +191,7 @@ pub(crate) async fn forward_h1(
         .insert(X_FORWARDED_BY.clone(), FORWARDED_BY_VALUE.clone());
     let req = Request::from_parts(head, body);
 
-    let sent = tokio::time::timeout(shared.config.request_timeout, shared.client.request(req));
+    let sent = tokio::time::timeout(shared.config.request_timeout, egress.client.request(req));
     let mut resp = match sent.await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => return fail(ProxyError::classify(&e), &route.authority, &Chain(&e)),
@@ -244,6 +245,7 @@ async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
 pub(crate) struct H2Upstream {
     dst: SocketAddr,
     authority: Authority,
+    source: Source,
     state: tokio::sync::Mutex<H2State>,
 }
 
@@ -253,10 +255,16 @@ struct H2State {
 }
 
 impl H2Upstream {
-    pub(crate) fn new(dst: SocketAddr, authority: Authority, predial: Option<Predial>) -> Self {
+    pub(crate) fn new(
+        dst: SocketAddr,
+        authority: Authority,
+        source: Source,
+        predial: Option<Predial>,
+    ) -> Self {
         H2Upstream {
             dst,
             authority,
+            source,
             state: tokio::sync::Mutex::new(H2State {
                 predial,
                 sender: None,
@@ -284,7 +292,7 @@ impl H2Upstream {
         };
         let stream = match predialled {
             Some(stream) => stream,
-            None => dial(self.dst, timeout).await.map_err(|e| {
+            None => dial(self.dst, timeout, self.source).await.map_err(|e| {
                 warn!(dst = %self.dst, error = %e, "connect failed");
                 ProxyError::from(&e)
             })?,

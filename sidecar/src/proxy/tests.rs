@@ -118,7 +118,7 @@ async fn describing_upstream(
     let conns = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 return;
             };
             let id = conns.fetch_add(1, Ordering::SeqCst);
@@ -136,6 +136,10 @@ async fn describing_upstream(
                 };
                 let h = resp.headers_mut();
                 h.insert("x-conn-id", HeaderValue::from(id));
+                h.insert(
+                    "x-seen-peer-ip",
+                    HeaderValue::from_str(&peer.ip().to_string()).unwrap(),
+                );
                 h.insert(
                     "x-seen-forwarded-by",
                     seen(req.headers().get("x-forwarded-by")),
@@ -379,7 +383,7 @@ async fn h2c_to_a_server_that_sends_settings_first_is_still_http() {
 
 #[test]
 fn h2_settings_frame_headers_are_recognised() {
-    use super::outbound::is_h2_settings_header;
+    use super::transparent::is_h2_settings_header;
     assert!(is_h2_settings_header(&[0, 0, 18, 4, 0, 0, 0, 0, 0]));
     assert!(is_h2_settings_header(&[0, 0, 0, 4, 0, 0, 0, 0, 0]));
     // SETTINGS ACK, other frame types, non-zero stream, odd lengths, greetings.
@@ -641,7 +645,7 @@ async fn partial_preface_waits_for_more_bytes() {
     assert_eq!(classify(&buf[..6]), Detection::Http1);
 }
 
-use outbound::client_bytes as outbound_client_bytes;
+use transparent::client_bytes as outbound_client_bytes;
 
 /// `--workers 2` runs a multi-threaded runtime: the same paths must hold there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -665,4 +669,115 @@ async fn forwarding_works_on_a_multi_threaded_runtime() {
         assert_eq!(&back, b"\x00binary\xff");
     })
     .await;
+}
+
+fn erroring() -> Resolver {
+    Arc::new(|_: &TcpStream| Err(io::Error::other("not this direction")))
+}
+
+/// Inbound on 127.0.0.1 with `dst` standing in for what sk_lookup would have kept as the local
+/// address (a test cannot steer SYNs).
+async fn inbound_to(dst: SocketAddr) -> (Proxy, SocketAddr) {
+    let mut config = loopback_config();
+    config.inbound = vec![ListenAddr {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        required: true,
+    }];
+    let proxy = start_with_resolvers(
+        config,
+        Resolvers {
+            outbound: erroring(),
+            inbound: fixed(dst),
+        },
+    )
+    .await
+    .unwrap();
+    let addr = proxy.inbound_addrs()[0];
+    (proxy, addr)
+}
+
+#[tokio::test]
+async fn inbound_http_reaches_the_app_from_the_passthrough_address() {
+    let app = http_upstream().await;
+    let (_proxy, inbound) = inbound_to(app).await;
+    guard(async {
+        let mut client = h1_client(inbound).await;
+        let resp = client
+            .send_request(get("/in", "10.200.0.2:8080"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "x-seen-forwarded-by"), "sidecar");
+        assert_eq!(header(&resp, "x-seen-host"), "10.200.0.2:8080");
+        assert_eq!(header(&resp, "x-seen-peer-ip"), "127.0.0.6");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn inbound_opaque_tcp_is_relayed() {
+    let app = tcp_upstream(b"+OK\r\n").await;
+    let (_proxy, inbound) = inbound_to(app).await;
+    guard(async {
+        let mut stream = TcpStream::connect(inbound).await.unwrap();
+        let mut greeting = [0u8; 5];
+        stream.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(&greeting, b"+OK\r\n");
+        stream.write_all(b"\x01\x02").await.unwrap();
+        let mut echo = [0u8; 2];
+        stream.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"\x01\x02");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn inbound_connection_dialled_directly_is_closed() {
+    // With the real inbound lookup (the local address), a client that dials the inbound port
+    // itself would be forwarded to the proxy again.
+    let mut config = loopback_config();
+    config.inbound = vec![ListenAddr {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        required: true,
+    }];
+    let proxy = start_with_resolvers(config, Resolvers::kernel())
+        .await
+        .unwrap();
+    let inbound = proxy.inbound_addrs()[0];
+    guard(async {
+        let mut stream = TcpStream::connect(inbound).await.unwrap();
+        let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        let outcome = stream.read(&mut buf).await;
+        assert!(matches!(outcome, Ok(0) | Err(_)), "{outcome:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ipv4_and_ipv6_wildcards_bind_the_same_port() {
+    let v4 = bind("0.0.0.0:0".parse().unwrap()).unwrap();
+    let port = v4.local_addr().unwrap().port();
+    // Hosts with IPv6 disabled cannot run this case.
+    if TcpListener::bind("[::1]:0").await.is_err() {
+        return;
+    }
+    let v6 = bind(SocketAddr::new("::".parse().unwrap(), port));
+    assert!(
+        v6.is_ok(),
+        "IPV6_V6ONLY must let [::] share the port: {v6:?}"
+    );
+}
+
+#[tokio::test]
+async fn target_mode_has_no_inbound_side() {
+    let upstream = http_upstream().await;
+    let mut config = loopback_config();
+    config.inbound = vec![ListenAddr {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        required: true,
+    }];
+    config.target = Some(Target::parse(&format!("http://{upstream}")).unwrap());
+    let proxy = start(config, erroring()).await.unwrap();
+    assert!(proxy.inbound_addrs().is_empty());
 }

@@ -1,4 +1,8 @@
-//! Interception mode: one redirected connection from accept to close.
+//! Interception mode, both directions: one captured connection from accept to close.
+//!
+//! Outbound connections were redirected by the connect hooks; their destination comes from
+//! `SO_ORIGINAL_DST`. Inbound connections were steered to our listener by sk_lookup; their
+//! destination is simply the socket's local address, and they go to the app from 127.0.0.6.
 //!
 //! The upstream connect starts the moment the connection is accepted, and the proxy then waits
 //! for whichever side speaks first:
@@ -28,6 +32,7 @@ use super::connect::{start_dial, Dialling, Predial};
 use super::detect::{classify, Detection, MAX_DETECT_LEN};
 use super::error::ConnectError;
 use super::forward::{forward_h1, forward_h2, Chain, H2Upstream, Route};
+use super::Egress;
 use super::Shared;
 
 /// The upstream side while detecting.
@@ -57,29 +62,64 @@ enum Decision {
     Reset,
 }
 
-/// Serves one accepted, redirected connection.
-pub(crate) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
-    let dst = match (shared.resolver)(&client) {
+/// Which way a captured connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// From the app to the world (the 15001 listeners).
+    Outbound,
+    /// From the world to the app (the 15006 listeners); the port is the listener's own.
+    Inbound { listener_port: u16 },
+}
+
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound { .. } => "inbound",
+        }
+    }
+}
+
+/// Serves one accepted, captured connection.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    direction: Direction,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    let resolver = match direction {
+        Direction::Outbound => &shared.resolvers.outbound,
+        Direction::Inbound { .. } => &shared.resolvers.inbound,
+    };
+    let dir = direction.name();
+    let dst = match resolver(&client) {
         Ok(dst) => dst,
         Err(e) if crate::orig_dst::is_not_redirected(&e) => {
             // Someone dialled the outbound port directly: there is nowhere to forward to.
-            warn!(%peer, error = %e, "connection was not redirected (no original destination); closing");
+            warn!(dir, %peer, error = %e, "connection was not redirected (no original destination); closing");
             return;
         }
         Err(e) => {
-            warn!(%peer, error = %e, "cannot read the original destination; closing");
+            warn!(dir, %peer, error = %e, "cannot read the original destination; closing");
             return;
         }
     };
-    if shared.is_own_listener(dst) {
-        warn!(%peer, %dst, "original destination is the proxy itself; closing to avoid a loop");
+    let dialled_directly =
+        matches!(direction, Direction::Inbound { listener_port } if dst.port() == listener_port);
+    if dialled_directly || shared.is_own_listener(dst) {
+        warn!(dir, %peer, %dst, "destination is the proxy itself; closing to avoid a loop");
         return;
     }
+    let egress = shared.egress(direction);
     if let Err(e) = client.set_nodelay(true) {
         debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
     }
 
-    let mut upstream = Upstream::Dialling(start_dial(dst, shared.config.connect_timeout));
+    let mut upstream = Upstream::Dialling(start_dial(
+        dst,
+        shared.config.connect_timeout,
+        egress.source,
+    ));
     let mut buf = [0u8; MAX_DETECT_LEN];
     let mut seen = 0usize;
     let mut deadline: Option<Instant> = None;
@@ -158,26 +198,51 @@ pub(crate) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
                 Upstream::Dialling(f) => Some(Predial::Dialling(f)),
                 Upstream::Failed => None,
             };
+            let conn = Conn {
+                direction,
+                peer,
+                dst,
+                authority,
+                predial,
+            };
             if matches!(decision, Decision::Http2) {
-                serve_h2(shared, client, peer, dst, authority, predial).await;
+                serve_h2(shared, conn, client).await;
             } else {
-                serve_h1(shared, client, peer, dst, authority, predial).await;
+                serve_h1(shared, conn, client).await;
             }
         }
     }
 }
 
-async fn serve_h1(
-    shared: Arc<Shared>,
-    client: TcpStream,
+/// A connection found to be HTTP, about to be served.
+struct Conn {
+    direction: Direction,
     peer: SocketAddr,
     dst: SocketAddr,
     authority: Authority,
     predial: Option<Predial>,
-) {
-    debug!(%peer, %dst, "http/1");
+}
+
+impl Shared {
+    fn egress(&self, direction: Direction) -> &Egress {
+        match direction {
+            Direction::Outbound => &self.outbound,
+            Direction::Inbound { .. } => &self.inbound,
+        }
+    }
+}
+
+async fn serve_h1(shared: Arc<Shared>, conn: Conn, client: TcpStream) {
+    let Conn {
+        direction,
+        peer,
+        dst,
+        authority,
+        predial,
+    } = conn;
+    debug!(dir = direction.name(), %peer, %dst, "http/1");
     // Parked until the pool's connector takes it; removed when this connection ends.
-    let _parked = predial.map(|p| shared.stash.put(dst, p));
+    let _parked = predial.map(|p| shared.egress(direction).stash.put(dst, p));
     let route = Route {
         authority,
         prefix: None,
@@ -186,7 +251,10 @@ async fn serve_h1(
     let service = service_fn(move |req: hyper::Request<Incoming>| {
         let shared = Arc::clone(&svc_shared);
         let route = route.clone();
-        async move { Ok::<_, std::convert::Infallible>(forward_h1(&shared, &route, req).await) }
+        async move {
+            let egress = shared.egress(direction);
+            Ok::<_, std::convert::Infallible>(forward_h1(&shared, egress, &route, req).await)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(client), service)
@@ -204,16 +272,17 @@ async fn serve_h1(
     }
 }
 
-async fn serve_h2(
-    shared: Arc<Shared>,
-    client: TcpStream,
-    peer: SocketAddr,
-    dst: SocketAddr,
-    authority: Authority,
-    predial: Option<Predial>,
-) {
-    debug!(%peer, %dst, "h2c prior knowledge");
-    let upstream = Arc::new(H2Upstream::new(dst, authority, predial));
+async fn serve_h2(shared: Arc<Shared>, conn: Conn, client: TcpStream) {
+    let Conn {
+        direction,
+        peer,
+        dst,
+        authority,
+        predial,
+    } = conn;
+    debug!(dir = direction.name(), %peer, %dst, "h2c prior knowledge");
+    let source = shared.egress(direction).source;
+    let upstream = Arc::new(H2Upstream::new(dst, authority, source, predial));
     let svc_shared = Arc::clone(&shared);
     let service = service_fn(move |req: hyper::Request<Incoming>| {
         let shared = Arc::clone(&svc_shared);

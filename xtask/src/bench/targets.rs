@@ -1,0 +1,494 @@
+//! The things being compared, their generated configurations, and how each is started and
+//! addressed. Every proxy gets one worker thread, adds one request header (`X-Forwarded-By`,
+//! what the sidecar adds), keeps upstream connections alive in a pool, and logs no access lines.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::lab::{
+    self, Lab, Net, Place, Proc, IPT_UPSTREAM_IP, OUTBOUND_PORT, UPSTREAM_IP, UPSTREAM_PORT,
+};
+use super::load::{self, Tools};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Direct,
+    SidecarEbpf,
+    SidecarIptables,
+    SidecarAddressed,
+    Nginx,
+    Haproxy,
+    Envoy,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] = [
+        Target::Direct,
+        Target::SidecarEbpf,
+        Target::SidecarIptables,
+        Target::SidecarAddressed,
+        Target::Nginx,
+        Target::Haproxy,
+        Target::Envoy,
+    ];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::SidecarEbpf => "sidecar-ebpf",
+            Target::SidecarIptables => "sidecar-iptables",
+            Target::SidecarAddressed => "sidecar",
+            Target::Nginx => "nginx",
+            Target::Haproxy => "haproxy",
+            Target::Envoy => "envoy",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Target> {
+        Target::ALL.into_iter().find(|t| t.key() == key)
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Target::Direct => "load generator straight to the upstream (the baseline)",
+            Target::SidecarEbpf => {
+                "sidecar in interception mode, app connections captured by the eBPF programs"
+            }
+            Target::SidecarIptables => {
+                "sidecar in interception mode behind iptables REDIRECT (nat OUTPUT, owner match) \
+                 in a namespace of its own"
+            }
+            Target::SidecarAddressed => {
+                "sidecar as a reverse proxy (`--target`), addressed directly, no interception"
+            }
+            Target::Nginx => "nginx reverse proxy, 1 worker, upstream keepalive pool",
+            Target::Haproxy => "HAProxy reverse proxy, nbthread 1",
+            Target::Envoy => "Envoy reverse proxy, --concurrency 1",
+        }
+    }
+
+    pub fn is_proxy(self) -> bool {
+        self != Target::Direct
+    }
+
+    /// Listening port of a reverse-proxy target in the pod namespace.
+    fn port(self) -> u16 {
+        match self {
+            Target::SidecarAddressed => 15101,
+            Target::Nginx => 15102,
+            Target::Haproxy => 15103,
+            Target::Envoy => 15104,
+            Target::Direct | Target::SidecarEbpf | Target::SidecarIptables => OUTBOUND_PORT,
+        }
+    }
+}
+
+/// Paths of everything that gets started.
+pub struct Programs {
+    pub sidecar: PathBuf,
+    pub nginx: PathBuf,
+    pub haproxy: PathBuf,
+    pub envoy: PathBuf,
+}
+
+/// The lab's fixed cgroups.
+pub struct Cgroups {
+    /// Load generators of every target but the eBPF one.
+    pub load: PathBuf,
+    /// The eBPF pod: programs attached here; `app` and proxy leaves below it.
+    pub pod: PathBuf,
+    pub pod_app: PathBuf,
+}
+
+/// A target that is up and answering.
+pub struct Live {
+    pub target: Target,
+    pub proc: Option<Proc>,
+    /// The proxy's own cgroup (CPU and RSS are read from its processes).
+    pub proxy_cgroup: Option<PathBuf>,
+    /// Where the load generator runs and what it requests.
+    pub load: Place,
+    pub url: String,
+}
+
+/// Starts the upstream: nginx, 1 worker, a fixed 3-byte answer that echoes `X-Forwarded-By` back
+/// as `X-Seen-Forwarded-By` (how the check proves a request went through a proxy).
+pub fn start_upstream(lab: &mut Lab, nginx: &Path) -> Result<Proc> {
+    let cgroup = lab.cgroup("upstream")?;
+    let dir = lab.dir.join("upstream-nginx");
+    let conf = nginx_conf(
+        &dir,
+        &format!(
+            "server {{
+        listen {UPSTREAM_PORT} backlog=4096;
+        location / {{
+            default_type text/plain;
+            add_header X-Seen-Forwarded-By $http_x_forwarded_by always;
+            return 200 \"ok\\n\";
+        }}
+    }}"
+        ),
+    )?;
+    let place = Place {
+        net: Net::Up,
+        cgroup: cgroup.clone(),
+        cpu: lab.cpus.upstream,
+        proxy_user: false,
+    };
+    let mut cmd = lab.command(&place, nginx);
+    cmd.arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg(dir.join("error.log"));
+    let mut proc = lab.spawn("upstream nginx", &cgroup, cmd, None)?;
+    let pid = proc.pid();
+    let ok = lab::poll(READY_TIMEOUT, || {
+        proc.exited().is_none() && listening(pid, UPSTREAM_PORT)
+    });
+    if !ok {
+        bail!(
+            "the upstream nginx did not listen on :{UPSTREAM_PORT} ({}):\n{}\n{}",
+            proc.exited().unwrap_or_else(|| "still running".into()),
+            proc.log_tail(),
+            lab::tail(&dir.join("error.log"), 20)
+        );
+    }
+    Ok(proc)
+}
+
+/// Starts `target` (nothing for `direct`) and waits until a request through it is answered by the
+/// upstream, carrying the proxy's header exactly when a proxy is in the path.
+pub fn start(
+    lab: &mut Lab,
+    programs: &Programs,
+    tools: &Tools,
+    cgroups: &Cgroups,
+    target: Target,
+) -> Result<Live> {
+    let key = target.key();
+    let load_place = |net, cgroup: &Path| Place {
+        net,
+        cgroup: cgroup.to_path_buf(),
+        cpu: lab.cpus.load,
+        proxy_user: false,
+    };
+    let upstream_url = format!("http://{UPSTREAM_IP}:{UPSTREAM_PORT}/");
+    let local_url = format!("http://127.0.0.1:{}/", target.port());
+    let (load, url) = match target {
+        Target::Direct => (load_place(Net::Pod, &cgroups.load), upstream_url.clone()),
+        // The app asks for the upstream itself; the kernel sends it to the proxy.
+        Target::SidecarEbpf => (load_place(Net::Pod, &cgroups.pod_app), upstream_url.clone()),
+        Target::SidecarIptables => (
+            load_place(Net::Ipt, &cgroups.load),
+            format!("http://{IPT_UPSTREAM_IP}:{UPSTREAM_PORT}/"),
+        ),
+        _ => (load_place(Net::Pod, &cgroups.load), local_url),
+    };
+    let mut live = Live {
+        target,
+        proc: None,
+        proxy_cgroup: None,
+        load,
+        url,
+    };
+    if target.is_proxy() {
+        let cgroup = match target {
+            Target::SidecarEbpf => lab.cgroup(&format!("pod/proxy-{}", next()))?,
+            _ => lab.cgroup(&format!("proxy-{key}-{}", next()))?,
+        };
+        let place = Place {
+            net: if target == Target::SidecarIptables {
+                Net::Ipt
+            } else {
+                Net::Pod
+            },
+            cgroup: cgroup.clone(),
+            cpu: lab.cpus.proxy,
+            // Both capture mechanisms exempt uid 1337; the others run as root like the load.
+            proxy_user: target == Target::SidecarEbpf
+                || target == Target::SidecarIptables
+                || target == Target::SidecarAddressed,
+        };
+        let cmd = proxy_command(lab, programs, &place, target, &upstream_url)?;
+        live.proc = Some(lab.spawn(key, &cgroup, cmd, None)?);
+        live.proxy_cgroup = Some(cgroup);
+    }
+    wait_answering(lab, tools, &mut live)?;
+    Ok(live)
+}
+
+fn next() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn proxy_command(
+    lab: &mut Lab,
+    programs: &Programs,
+    place: &Place,
+    target: Target,
+    upstream_url: &str,
+) -> Result<std::process::Command> {
+    let upstream = format!("{UPSTREAM_IP}:{UPSTREAM_PORT}");
+    let port = target.port();
+    Ok(match target {
+        Target::Direct => bail!("direct has no proxy"),
+        Target::SidecarEbpf | Target::SidecarIptables => {
+            let mut cmd = lab.command(place, &programs.sidecar);
+            // Defaults: outbound 127.0.0.1:15001 (+[::1]), 1 worker; every feature at its default.
+            cmd.arg("run").args(["--service-name", "bench"]);
+            cmd
+        }
+        Target::SidecarAddressed => {
+            let mut cmd = lab.command(place, &programs.sidecar);
+            cmd.arg("run")
+                .args(["--service-name", "bench"])
+                .arg("--outbound")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--target")
+                .arg(upstream_url.trim_end_matches('/'));
+            cmd
+        }
+        Target::Nginx => {
+            let dir = lab.dir.join(format!("nginx-{}", next()));
+            let conf = nginx_conf(
+                &dir,
+                &format!(
+                    "upstream up {{
+        server {upstream};
+        keepalive 1024;
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-By sidecar;
+        }}
+    }}"
+                ),
+            )?;
+            let mut cmd = lab.command(place, &programs.nginx);
+            cmd.arg("-p")
+                .arg(&dir)
+                .arg("-c")
+                .arg(&conf)
+                .arg("-e")
+                .arg(dir.join("error.log"));
+            cmd
+        }
+        Target::Haproxy => {
+            let conf = lab.file("haproxy", "cfg");
+            fs::write(
+                &conf,
+                format!(
+                    "global
+    nbthread 1
+    # HAProxy wants 2 descriptors per connection and refuses to start if the open-files limit
+    # cannot cover maxconn; 5,000 leaves room for the 1,000-connection phase.
+    maxconn 5000
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 300s
+    timeout server 30s
+    timeout http-keep-alive 300s
+
+frontend fe
+    bind 127.0.0.1:{port}
+    http-request set-header X-Forwarded-By sidecar
+    default_backend be
+
+backend be
+    server up {upstream}
+"
+                ),
+            )?;
+            let mut cmd = lab.command(place, &programs.haproxy);
+            cmd.arg("-db").arg("-f").arg(&conf);
+            cmd
+        }
+        Target::Envoy => {
+            let conf = lab.file("envoy", "yaml");
+            fs::write(&conf, envoy_conf(port))?;
+            let mut cmd = lab.command(place, &programs.envoy);
+            cmd.arg("-c")
+                .arg(&conf)
+                .args(["--concurrency", "1", "--disable-hot-restart"])
+                .args(["--log-level", "warn"]);
+            cmd
+        }
+    })
+}
+
+/// An nginx main configuration around `http_body`: 1 worker, foreground, every path inside
+/// `dir` (nothing of the system nginx is read or written), no access log, long keep-alive.
+fn nginx_conf(dir: &Path, http_body: &str) -> Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile 65536;
+events {{
+    worker_connections 20000;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    {http_body}
+}}
+"
+        ),
+    )
+    .with_context(|| format!("write {}", conf.display()))?;
+    Ok(conf)
+}
+
+fn envoy_conf(port: u16) -> String {
+    format!(
+        r#"static_resources:
+  listeners:
+  - name: bench
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              request_headers_to_add:
+              - header: {{ key: x-forwarded-by, value: sidecar }}
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    # The defaults (1024) would turn the 1,000-connection phase into a test of these limits.
+    circuit_breakers:
+      thresholds:
+      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {UPSTREAM_IP}, port_value: {UPSTREAM_PORT} }}
+"#
+    )
+}
+
+/// Polls with one request at a time until the target answers 200 "ok" from the upstream, with
+/// the proxy's header when there is a proxy, failing fast if the proxy exits.
+fn wait_answering(lab: &mut Lab, tools: &Tools, live: &mut Live) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut last;
+    loop {
+        if let Some(proc) = live.proc.as_mut() {
+            if let Some(status) = proc.exited() {
+                bail!(
+                    "{} exited ({status}) before answering:\n{}",
+                    live.target.key(),
+                    proc.log_tail()
+                );
+            }
+        }
+        match load::check(lab, tools, &live.load, &live.url) {
+            Ok(c) if c.status == 200 && c.body == "ok" => {
+                let via_proxy = c.forwarded_by.as_deref() == Some("sidecar");
+                if via_proxy == live.target.is_proxy() {
+                    return Ok(());
+                }
+                // A request that bypassed the proxy (or a direct one that did not) means the
+                // wiring is wrong: measuring it would compare the wrong things.
+                bail!(
+                    "{}: a request to {} was answered {} the proxy (X-Forwarded-By seen by the \
+                     upstream: {:?})",
+                    live.target.key(),
+                    live.url,
+                    if via_proxy { "through" } else { "without" },
+                    c.forwarded_by
+                );
+            }
+            Ok(c) => last = format!("HTTP {} {:?}", c.status, c.body),
+            Err(e) => last = format!("{e:#}"),
+        }
+        // Polling interval: the next attempt is another process start.
+        std::thread::sleep(Duration::from_millis(50));
+        if started.elapsed() > READY_TIMEOUT {
+            let log = live.proc.as_ref().map(Proc::log_tail).unwrap_or_default();
+            bail!(
+                "{} did not answer at {} within {READY_TIMEOUT:?}; last attempt: {last}\n{log}",
+                live.target.key(),
+                live.url
+            );
+        }
+    }
+}
+
+/// True when the network namespace of `pid` has a TCP listener on `port` (/proc/<pid>/net/tcp:
+/// local port in hex, state 0A).
+fn listening(pid: u32, port: u16) -> bool {
+    let want = format!("{port:04X}");
+    ["tcp", "tcp6"].iter().any(|f| {
+        fs::read_to_string(format!("/proc/{pid}/net/{f}"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let fields: Vec<&str> = l.split_whitespace().collect();
+                fields.len() > 3
+                    && fields[1].rsplit(':').next() == Some(want.as_str())
+                    && fields[3] == "0A"
+            })
+    })
+}
+
+/// Stops a target (its whole cgroup) and removes the cgroup.
+pub fn stop(lab: &mut Lab, live: Live) -> Result<()> {
+    if let Some(proc) = live.proc {
+        lab.stop(proc)?;
+    }
+    if let Some(cg) = &live.proxy_cgroup {
+        lab.remove_cgroup(cg);
+    }
+    Ok(())
+}
