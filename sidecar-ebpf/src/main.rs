@@ -263,6 +263,15 @@ pub fn sc_connect4(ctx: SockAddrContext) -> i32 {
         let port = u16::from_be((*sa).user_port as u16);
         if let Some(reason) = skip_reason(ip, port) {
             count(reason);
+            if cfg(&FLAGS) & flags::DEBUG_LOG != 0 {
+                debug!(
+                    &ctx,
+                    "connect4 {:i}:{} left alone (reason {})",
+                    u32::from_be(ip[3]),
+                    port,
+                    reason
+                );
+            }
             return 1;
         }
         if cfg(&FLAGS) & flags::FAIL_OPEN_OUTBOUND != 0 && !outbound_listener_present(&ctx, false) {
@@ -274,10 +283,15 @@ pub fn sc_connect4(ctx: SockAddrContext) -> i32 {
         }
         (*sa).user_ip4 = LOOPBACK4_BE;
         (*sa).user_port = cfg(&OUTBOUND_PORT).to_be() as u32;
-    }
-    count(stats::REDIRECTED);
-    if cfg(&FLAGS) & flags::DEBUG_LOG != 0 {
-        debug!(&ctx, "connect4 redirected to outbound listener");
+        count(stats::REDIRECTED);
+        if cfg(&FLAGS) & flags::DEBUG_LOG != 0 {
+            debug!(
+                &ctx,
+                "connect4 {:i}:{} redirected to the outbound listener",
+                u32::from_be(ip[3]),
+                port
+            );
+        }
     }
     1
 }
@@ -325,7 +339,7 @@ pub fn sc_connect6(ctx: SockAddrContext) -> i32 {
     }
     count(stats::REDIRECTED);
     if cfg(&FLAGS) & flags::DEBUG_LOG != 0 {
-        debug!(&ctx, "connect6 redirected to outbound listener");
+        debug!(&ctx, "connect6 redirected to the outbound listener");
     }
     1
 }

@@ -10,6 +10,7 @@ mod config;
 mod host;
 mod status;
 mod sys;
+mod trace;
 
 use std::{
     fs,
@@ -32,6 +33,7 @@ pub use config::{Cidr, ConfigErrors, FailMode, InitArgs, InitConfig, PortSet};
 pub use host::{cgroup2_mounts, pod_cgroup, PodCgroup};
 use sidecar_common::{flags, globals, maps, progs};
 pub use status::{Status, StatusArgs};
+pub use trace::{main as trace_main, TraceArgs};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded by build.rs (empty when it was not
 /// built).

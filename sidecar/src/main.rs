@@ -22,6 +22,8 @@ enum Command {
     Run(sidecar::run::RunArgs),
     /// Show what is attached for a pod, the configuration in force and the kernel counters.
     Status(sidecar::intercept::StatusArgs),
+    /// Print the kernel-side debug records of a pod initialised with --debug-log.
+    Trace(sidecar::intercept::TraceArgs),
     /// Remove pins left by pods that are gone (node-level garbage collection).
     Cleanup(sidecar::intercept::CleanupArgs),
     /// Forward the application's log file to an HTTP collector (at least once, through rotations).
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         Command::Init(args) => sidecar::intercept::main(args),
         Command::Run(args) => sidecar::run::main(args),
         Command::Status(args) => sidecar::intercept::status_main(args),
+        Command::Trace(args) => sidecar::intercept::trace_main(args),
         Command::Cleanup(args) => sidecar::intercept::cleanup_main(args),
         Command::Logs(args) => sidecar::logs::main(args),
         Command::Inject(args) => sidecar::inject::main(args),

@@ -267,6 +267,17 @@ fn port_ranges(words: &[u64]) -> String {
     }
 }
 
+/// The FLAGS global of the pod's programs, if readable.
+pub(super) fn rodata_flags(dir: &Path) -> Option<u32> {
+    let bytes = read_rodata(dir)?;
+    let obj = object::File::parse(OBJECT).ok()?;
+    let sym = obj.symbols().find(|s| s.name() == Ok(globals::FLAGS))?;
+    let section = obj.section_by_index(sym.section_index()?).ok()?;
+    let off = (sym.address() - section.address()) as usize;
+    let b = bytes.get(off..off + 4)?;
+    Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 /// The scalar settings live in the programs' frozen `.rodata` map; their offsets come from the
 /// symbol table of the embedded object (the same object `sidecar init` loaded, when the binaries
 /// match).

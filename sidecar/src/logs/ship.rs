@@ -447,6 +447,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retries_back_off_until_accepted() {
+        let _turn = crate::logs::tests::METRICS_LOCK.lock().await;
         let t = Arc::new(Scripted::new(vec![retry(), retry(), retry(), retry()]));
         let mut b = Backoff::with_seed(Duration::from_secs(1), Duration::from_secs(30), 7);
         let mut expected = Backoff::with_seed(Duration::from_secs(1), Duration::from_secs(30), 7);
@@ -471,6 +472,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retry_after_is_honoured() {
+        let _turn = crate::logs::tests::METRICS_LOCK.lock().await;
         let t = Arc::new(Scripted::new(vec![Outcome::Retry {
             reason: "429".into(),
             retry_after: Some(Duration::from_secs(12)),
@@ -484,6 +486,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn rejections_are_not_retried() {
+        let _turn = crate::logs::tests::METRICS_LOCK.lock().await;
         let t = Arc::new(Scripted::new(vec![Outcome::Rejected { status: 400 }]));
         let mut b = Backoff::with_seed(Duration::from_millis(1), Duration::from_millis(2), 7);
         let d = deliver(&t, &mut b, &batch(), &CancellationToken::new()).await;
@@ -493,6 +496,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_shutdown_deadline_abandons_an_endless_retry() {
+        let _turn = crate::logs::tests::METRICS_LOCK.lock().await;
         let t = Arc::new(Scripted::new(vec![retry(); 10_000]));
         let mut b = Backoff::with_seed(Duration::from_secs(1), Duration::from_secs(30), 7);
         let stop = CancellationToken::new();

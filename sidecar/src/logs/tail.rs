@@ -842,7 +842,7 @@ impl Filler {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::logs::tests::TempDir;
+    use crate::logs::tests::{TempDir, METRICS_LOCK};
     use std::io::Write;
 
     pub(crate) fn cfg(path: &Path) -> TailConfig {
@@ -907,6 +907,7 @@ pub(crate) mod tests {
 
     #[test]
     fn partial_lines_wait_for_their_newline() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-partial");
         let path = dir.path().join("app.log");
         append(&path, b"one\ntw");
@@ -924,6 +925,7 @@ pub(crate) mod tests {
 
     #[test]
     fn waits_for_a_file_that_does_not_exist_yet() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-missing");
         let path = dir.path().join("app.log");
         let mut t = Tailer::new(cfg(&path), None);
@@ -934,6 +936,7 @@ pub(crate) mod tests {
 
     #[test]
     fn long_lines_are_cut_and_memory_stays_bounded() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-long");
         let path = dir.path().join("app.log");
         let mut t = Tailer::new(cfg(&path), None);
@@ -960,6 +963,7 @@ pub(crate) mod tests {
 
     #[test]
     fn rename_rotation_finishes_the_old_file_first() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-rename");
         let path = dir.path().join("app.log");
         append(&path, &lines(0..5));
@@ -976,6 +980,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_rotated_file_still_written_to_is_read_until_quiet() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-rotate-wait");
         let path = dir.path().join("app.log");
         let mut c = cfg(&path);
@@ -999,6 +1004,7 @@ pub(crate) mod tests {
 
     #[test]
     fn copytruncate_reads_the_rest_from_the_copy() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-copytruncate");
         let path = dir.path().join("app.log");
         append(&path, &lines(0..5));
@@ -1018,6 +1024,7 @@ pub(crate) mod tests {
 
     #[test]
     fn copytruncate_rewritten_past_our_offset_is_seen_by_its_first_bytes() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-copytruncate-grown");
         let path = dir.path().join("app.log");
         append(&path, &lines(0..3));
@@ -1035,6 +1042,7 @@ pub(crate) mod tests {
 
     #[test]
     fn resumes_from_a_checkpoint_without_repeating_or_skipping() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-resume");
         let path = dir.path().join("app.log");
         append(&path, &lines(0..5));
@@ -1049,6 +1057,7 @@ pub(crate) mod tests {
 
     #[test]
     fn resumes_a_file_rotated_while_stopped() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-resume-rotated");
         let path = dir.path().join("app.log");
         append(&path, &lines(0..5));
@@ -1065,6 +1074,7 @@ pub(crate) mod tests {
 
     #[test]
     fn resumes_a_file_copytruncated_while_stopped() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-resume-copy");
         let path = dir.path().join("app.log");
         append(&path, &lines(0..5));
@@ -1086,6 +1096,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_new_file_on_a_reused_inode_is_not_resumed_mid_way() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-inode-reuse");
         let path = dir.path().join("app.log");
         append(&path, &lines(0..5));
@@ -1102,6 +1113,7 @@ pub(crate) mod tests {
 
     #[test]
     fn read_from_end_skips_history_only_without_a_checkpoint() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-end");
         let path = dir.path().join("app.log");
         append(&path, &lines(0..5));
@@ -1115,6 +1127,7 @@ pub(crate) mod tests {
 
     #[test]
     fn batches_split_exactly_at_line_boundaries() {
+        let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-split");
         let path = dir.path().join("app.log");
         append(&path, &lines(0..10));

@@ -183,8 +183,9 @@ fn append(path: &Path, text: &str) {
     }
 }
 
-/// Tests that run a forwarder take turns: the metrics are process-wide.
-static METRICS_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Tests that move the process-wide metrics (anything that reads lines or delivers batches)
+/// take turns, so that counts can be asserted exactly.
+pub(crate) static METRICS_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_gzipped_batches_counts_metrics_and_checkpoints() {
