@@ -412,30 +412,15 @@ fn load_attach_pin(
     if let Some(ns) = netns {
         let name = progs::SK_LOOKUP;
         let path = dir.join(format!("link_{name}"));
-        let attach_err =
-            |e: ProgramError| InitError::kernel(format!("load {name}"), load_fix)(e.into());
-        let program = ebpf.program_mut(name).ok_or_else(|| InitError::Kernel {
-            what: format!("find program {name} in the embedded object"),
-            detail: "missing".into(),
-            fix: "rebuild with `cargo xtask build-ebpf`: the object does not match this binary"
-                .into(),
-        })?;
-        let p: &mut SkLookup = program.try_into().map_err(attach_err)?;
-        p.load().map_err(attach_err)?;
-        let prog_fd = p.fd().map_err(attach_err)?.as_fd();
-        // aya cannot hand out a pinnable sk_lookup link either: create and pin it directly.
-        let link = sys::link_create(prog_fd, ns.file.as_fd(), sys::BPF_SK_LOOKUP).map_err(|e| {
-            InitError::kernel(
-                format!("attach {name} to netns {}", ns.path.display()),
-                load_fix,
-            )(e.into())
-        })?;
-        sys::obj_pin(link.as_fd(), &path).map_err(|e| {
-            InitError::kernel(format!("pin {}", path.display()), bpffs_hint)(e.into())
-        })?;
-        pinned.push(PinnedLink::from_pin(&path).map_err(|e| {
-            InitError::kernel(format!("open pin {}", path.display()), bpffs_hint)(e.into())
-        })?);
+        let pin = load_attach_pin_one(
+            &mut ebpf,
+            name,
+            ns.file.as_fd(),
+            &path,
+            load_fix,
+            bpffs_hint,
+        )?;
+        pinned.push(pin);
     }
     // Maps are pinned for `sidecar status`; `.rodata` as "rodata" (bpffs refuses '.' in names).
     for (name, map) in ebpf.maps() {
@@ -452,11 +437,12 @@ fn load_attach_pin(
     Ok(pinned)
 }
 
-/// Loads one program, attaches it to the cgroup through a bpf_link and pins the link at `path`.
+/// Loads one program, attaches it through a bpf_link to `target` (the pod's cgroup, or its netns
+/// for sk_lookup) and pins the link at `path`.
 fn load_attach_pin_one(
     ebpf: &mut Ebpf,
     name: &str,
-    cgroup: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
     path: &Path,
     load_fix: &str,
     bpffs_hint: &str,
@@ -479,18 +465,28 @@ fn load_attach_pin_one(
         progs::SOCKOPS => {
             let p: &mut SockOps = program.try_into().map_err(attach_err)?;
             p.load().map_err(attach_err)?;
-            let id = p.attach(cgroup, mode).map_err(attach_err)?;
+            let id = p.attach(target, mode).map_err(attach_err)?;
             p.take_link(id)
                 .map_err(attach_err)?
                 .try_into()
                 .map_err(|e: aya::programs::links::LinkError| pin_err(e.into()))?
         }
-        progs::GETSOCKOPT => {
-            // aya cannot hand out a pinnable link for sockopt programs: create and pin it directly.
-            let p: &mut CgroupSockopt = program.try_into().map_err(attach_err)?;
-            p.load().map_err(attach_err)?;
-            let prog_fd = p.fd().map_err(attach_err)?.as_fd();
-            let link = sys::link_create(prog_fd, cgroup, sys::BPF_CGROUP_GETSOCKOPT)
+        // aya 0.14 attaches these two but cannot turn their links into pinnable ones: create and
+        // pin the link directly.
+        progs::GETSOCKOPT | progs::SK_LOOKUP => {
+            let (prog_fd, attach_type) = if name == progs::GETSOCKOPT {
+                let p: &mut CgroupSockopt = program.try_into().map_err(attach_err)?;
+                p.load().map_err(attach_err)?;
+                (
+                    p.fd().map_err(attach_err)?.as_fd(),
+                    sys::BPF_CGROUP_GETSOCKOPT,
+                )
+            } else {
+                let p: &mut SkLookup = program.try_into().map_err(attach_err)?;
+                p.load().map_err(attach_err)?;
+                (p.fd().map_err(attach_err)?.as_fd(), sys::BPF_SK_LOOKUP)
+            };
+            let link = sys::link_create(prog_fd, target, attach_type)
                 .map_err(|e| InitError::kernel(format!("attach {name}"), load_fix)(e.into()))?;
             sys::obj_pin(link.as_fd(), path).map_err(|e| pin_err(e.into()))?;
             return PinnedLink::from_pin(path).map_err(|e| pin_err(e.into()));
@@ -498,7 +494,7 @@ fn load_attach_pin_one(
         _ => {
             let p: &mut CgroupSockAddr = program.try_into().map_err(attach_err)?;
             p.load().map_err(attach_err)?;
-            let id = p.attach(cgroup, mode).map_err(attach_err)?;
+            let id = p.attach(target, mode).map_err(attach_err)?;
             p.take_link(id)
                 .map_err(attach_err)?
                 .try_into()
