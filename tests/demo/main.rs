@@ -90,7 +90,7 @@ fn http_step(pod: &Pod, checks: &mut Checks, upstream: &Upstream) {
 }
 
 fn main() -> ExitCode {
-    println!("== sidecar demo: transparent outbound interception with eBPF ==\n");
+    println!("== sidecar demo: transparent outbound and inbound interception with eBPF ==\n");
     let mut checks = Checks::default();
     let mut pod = Pod::new();
     println!(
@@ -109,11 +109,15 @@ fn main() -> ExitCode {
         alpha.addr, beta.addr, echo.addr, greeter.addr
     );
 
+    // The app's own server, inside the pod (for inbound).
+    let app_server = pod.app_http_server("0.0.0.0:8080", "app");
+
     println!(
-        "\n-- sidecar init --cgroup {} --pod-ip {POD_IP4},{POD_IP6}",
-        pod.cgroup().display()
+        "\n-- sidecar init --cgroup {} --netns {} --pod-ip {POD_IP4},{POD_IP6}",
+        pod.cgroup().display(),
+        pod.netns_path().display()
     );
-    pod.init(&[]);
+    pod.init_with_netns(&[]);
     for program in cgroup_programs(pod.cgroup()) {
         println!(
             "   attached: {:<14} id {:<6} {}",
@@ -122,8 +126,10 @@ fn main() -> ExitCode {
     }
 
     println!("\n-- sidecar run (in the pod, as uid {PROXY_UID})");
-    let pid = pod.start_proxy(&[]);
-    println!("   proxy pid {pid} listening on 127.0.0.1:15001");
+    let pid = pod.start_proxy_with_inbound(&[]);
+    println!(
+        "   proxy pid {pid} listening on 127.0.0.1:15001 (outbound) and 0.0.0.0:15006 (inbound)"
+    );
 
     http_step(&pod, &mut checks, &alpha);
     http_step(&pod, &mut checks, &beta);
@@ -203,10 +209,45 @@ fn main() -> ExitCode {
         "not intercepted: only the pod's cgroup is captured",
     );
 
+    println!(
+        "\n-- inbound: a client in the remote netns: GET http://{POD_IP4}:8080/ (the app's port)"
+    );
+    match pod.try_remote_http(&format!("{POD_IP4}:8080")) {
+        Ok(reply) => {
+            println!(
+                "   client got: {} {:?}",
+                reply.status,
+                reply.body.trim_end()
+            );
+            let seen = app_server.requests();
+            if let Some(req) = seen.last() {
+                println!(
+                    "   the app saw: GET {} from {}, X-Forwarded-By: {}",
+                    req.path,
+                    req.peer,
+                    req.header("x-forwarded-by").unwrap_or("(none)")
+                );
+            }
+            checks.check(
+                seen.last().is_some_and(|r| {
+                    r.peer.ip().to_string() == "127.0.0.6"
+                        && r.header("x-forwarded-by") == Some("sidecar")
+                }),
+                "inbound went through the proxy (sk_lookup steered the SYN; the app sees 127.0.0.6)",
+            );
+        }
+        Err(e) => checks.check(false, format!("inbound request: {e}")),
+    }
+
+    println!("\n-- sidecar status --cgroup {}", pod.cgroup().display());
+    for line in pod.status_table().lines() {
+        println!("   {line}");
+    }
+
     let log_lines = pod.proxy_log().lines().count();
     println!("\n(proxy wrote {log_lines} log lines; they are printed if the demo fails)");
 
-    drop((alpha, beta, echo, greeter));
+    drop((alpha, beta, echo, greeter, app_server));
     println!("\n-- cleaning up (init --remove, netns, cgroup)");
     let failed = !checks.failed.is_empty();
     if failed {
