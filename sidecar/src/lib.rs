@@ -1,10 +1,14 @@
 //! The sidecar: an init step that loads and attaches the eBPF interception programs for one pod
 //! (`intercept`), and the proxy that receives the steered connections (`run`, `proxy`).
+pub mod admin;
 pub mod doctor;
 pub mod inject;
 pub mod intercept;
+pub mod lifecycle;
 pub mod logs;
+pub mod metrics;
 pub mod orig_dst;
+pub mod policy;
 pub mod proxy;
 pub mod run;
 

@@ -19,7 +19,11 @@ enum Command {
     /// Load the interception programs and attach them to one pod's cgroup (privileged init step).
     Init(sidecar::intercept::InitArgs),
     /// Run the proxy that receives the intercepted connections.
-    Run(sidecar::run::RunArgs),
+    Run(Box<sidecar::run::RunArgs>),
+    /// Wait until the running sidecar reports ready (for an app's entrypoint or a postStart hook).
+    WaitReady(sidecar::lifecycle::client::WaitReadyArgs),
+    /// Ask the running sidecar to drain and exit (for a Job's last step).
+    Shutdown(sidecar::lifecycle::client::ShutdownArgs),
     /// Show what is attached for a pod, the configuration in force and the kernel counters.
     Status(sidecar::intercept::StatusArgs),
     /// Print the kernel-side debug records of a pod initialised with --debug-log.
@@ -49,7 +53,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Init(args) => sidecar::intercept::main(args),
-        Command::Run(args) => sidecar::run::main(args),
+        Command::Run(args) => sidecar::run::main(*args),
+        Command::WaitReady(args) => sidecar::lifecycle::client::wait_ready_main(args),
+        Command::Shutdown(args) => sidecar::lifecycle::client::shutdown_main(args),
         Command::Status(args) => sidecar::intercept::status_main(args),
         Command::Trace(args) => sidecar::intercept::trace_main(args),
         Command::Cleanup(args) => sidecar::intercept::cleanup_main(args),

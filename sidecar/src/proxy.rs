@@ -28,9 +28,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::lifecycle::{serve_until_drained, FirstRequest};
+use crate::metrics::access::{Observer, UpstreamName};
+use crate::metrics::conn::{ActiveConns, ConnGuard, CountedIo};
+use crate::metrics::{DestinationMetrics, Dir, ProxyMetrics};
+use crate::policy::retry::UpstreamBody;
+use crate::policy::{Policies, PolicyConfig};
+
 pub use detect::{classify, Detection, H2_PREFACE};
 pub use error::{ConnectError, Culprit, ProxyError};
-pub use forward::{error_response, ProxyBody, X_FORWARDED_BY, X_SIDECAR_ERROR};
+pub use forward::{error_response, ProxyBody, X_FORWARDED_BY, X_SIDECAR_ATTEMPT, X_SIDECAR_ERROR};
 
 pub use connect::INBOUND_PASSTHROUGH_V4;
 
@@ -122,8 +129,8 @@ pub struct ProxyConfig {
     /// `Some`: reverse-proxy mode, every request goes there. `None`: interception mode.
     pub target: Option<Target>,
     pub service_name: Option<String>,
-    pub connect_timeout: Duration,
-    pub request_timeout: Duration,
+    /// Connect and request timeouts, circuit breakers, retries: defaults and per destination.
+    pub policy: PolicyConfig,
     pub detect_timeout: Duration,
     pub pool_idle_timeout: Duration,
 }
@@ -142,8 +149,7 @@ impl ProxyConfig {
             inbound: Vec::new(),
             target: None,
             service_name: None,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            policy: PolicyConfig::default(),
             detect_timeout: DEFAULT_DETECT_TIMEOUT,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
         }
@@ -183,20 +189,38 @@ impl Resolvers {
     }
 }
 
+/// What the proxy records: metrics (registered by the caller, or nowhere) and the access log.
+#[derive(Clone)]
+pub struct Telemetry {
+    pub metrics: Arc<ProxyMetrics>,
+    /// One `access` log line per request.
+    pub access_log: bool,
+}
+
+impl Default for Telemetry {
+    /// Metrics counted but exported nowhere; no access log.
+    fn default() -> Self {
+        Telemetry {
+            metrics: ProxyMetrics::unregistered(),
+            access_log: false,
+        }
+    }
+}
+
 /// One direction's way out: its HTTP/1 client (pool) and the parked pre-dialled connections.
 /// Inbound and outbound never share connections: inbound ones come from 127.0.0.6.
 pub(crate) struct Egress {
-    pub(crate) client: Client<Connector, Incoming>,
+    pub(crate) client: Client<Connector, UpstreamBody>,
     pub(crate) stash: Arc<Stash>,
     pub(crate) source: Source,
 }
 
 impl Egress {
-    fn new(config: &ProxyConfig, source: Source) -> Self {
+    fn new(config: &ProxyConfig, source: Source, policies: &Arc<Policies>) -> Self {
         let stash = Arc::new(Stash::default());
         let connector = Connector {
             stash: Arc::clone(&stash),
-            connect_timeout: config.connect_timeout,
+            policies: Arc::clone(policies),
             source,
         };
         let client = Client::builder(TokioExecutor::new())
@@ -219,9 +243,19 @@ pub(crate) struct Shared {
     pub(crate) inbound: Egress,
     /// Every bound listener address, both directions (loop guard).
     pub(crate) listening: Vec<SocketAddr>,
+    /// Stops everything (outbound, and inbound through its child token).
     pub(crate) cancel: CancellationToken,
+    /// Stops the inbound side (and `--target` listeners) first when draining.
+    pub(crate) inbound_cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
     target_route: Option<Route>,
+    /// Per-destination policies and their state (breakers, retry budgets).
+    pub(crate) policies: Arc<Policies>,
+    pub(crate) telemetry: Telemetry,
+    /// Open downstream connections per direction (the drain waits on them).
+    pub(crate) active: [Arc<ActiveConns>; 2],
+    /// `--target` mode: the target's request metrics and name, resolved once.
+    target_dest: Option<(Arc<DestinationMetrics>, Arc<str>)>,
 }
 
 impl Shared {
@@ -235,6 +269,52 @@ impl Shared {
                         && (dst_ip.is_loopback() || dst_ip.is_unspecified())))
         })
     }
+
+    /// The token that stops connections of `dir`.
+    pub(crate) fn stop_token(&self, dir: Dir) -> &CancellationToken {
+        match dir {
+            Dir::Inbound => &self.inbound_cancel,
+            Dir::Outbound => &self.cancel,
+        }
+    }
+
+    pub(crate) fn active(&self, dir: Dir) -> &Arc<ActiveConns> {
+        match dir {
+            Dir::Inbound => &self.active[0],
+            Dir::Outbound => &self.active[1],
+        }
+    }
+
+    /// How requests of one `--target` connection are recorded.
+    fn target_observer(&self, peer: SocketAddr) -> Arc<Observer> {
+        let (dest, upstream) = match &self.target_dest {
+            Some((dest, name)) => (Arc::clone(dest), Arc::clone(name)),
+            // Not reached: target connections only exist in `--target` mode.
+            None => (
+                self.telemetry.metrics.named_destination(Dir::Inbound, "-"),
+                Arc::from("-"),
+            ),
+        };
+        Arc::new(Observer {
+            metrics: Arc::clone(&self.telemetry.metrics),
+            dest,
+            access_log: self.telemetry.access_log,
+            peer,
+            upstream: UpstreamName::Name(upstream),
+        })
+    }
+
+    /// How requests of one connection to `dst` are recorded. Shared by the connection's
+    /// requests: one reference count per request, no more.
+    pub(crate) fn observer(&self, dir: Dir, dst: SocketAddr, peer: SocketAddr) -> Arc<Observer> {
+        Arc::new(Observer {
+            metrics: Arc::clone(&self.telemetry.metrics),
+            dest: self.telemetry.metrics.destination(dir, dst),
+            access_log: self.telemetry.access_log,
+            peer,
+            upstream: UpstreamName::Addr(dst),
+        })
+    }
 }
 
 /// A running proxy.
@@ -242,7 +322,9 @@ pub struct Proxy {
     local_addrs: Vec<SocketAddr>,
     inbound_addrs: Vec<SocketAddr>,
     cancel: CancellationToken,
+    inbound_cancel: CancellationToken,
     tracker: TaskTracker,
+    active: [Arc<ActiveConns>; 2],
 }
 
 impl Proxy {
@@ -261,11 +343,35 @@ impl Proxy {
     /// current requests are answered) for up to `drain`. Returns false if the deadline cut some
     /// connections short; the caller then drops them by leaving the runtime.
     pub async fn shutdown(self, drain: Duration) -> bool {
+        self.stop_all();
+        tokio::time::timeout(drain, self.wait_all()).await.is_ok()
+    }
+
+    /// First step of a drain: the inbound (and `--target`) listeners accept what the kernel has
+    /// already queued, then close; their HTTP connections finish the request in progress (a
+    /// connection that has not sent one yet gets `--detect-timeout` to do so) and close.
+    /// Outbound goes on.
+    pub fn stop_inbound(&self) {
+        self.inbound_cancel.cancel();
+    }
+
+    /// Stops both directions the same way.
+    pub fn stop_all(&self) {
         self.cancel.cancel();
+    }
+
+    /// Open downstream connections of `dir`.
+    pub fn active(&self, dir: Dir) -> &ActiveConns {
+        match dir {
+            Dir::Inbound => &self.active[0],
+            Dir::Outbound => &self.active[1],
+        }
+    }
+
+    /// Waits until every connection task has ended (call after a stop).
+    pub async fn wait_all(&self) {
         self.tracker.close();
-        tokio::time::timeout(drain, self.tracker.wait())
-            .await
-            .is_ok()
+        self.tracker.wait().await;
     }
 }
 
@@ -287,6 +393,15 @@ pub async fn start(config: ProxyConfig, resolver: Resolver) -> io::Result<Proxy>
 
 /// [`start`] with both directions' destination lookups given (tests emulate sk_lookup so).
 pub async fn start_with_resolvers(config: ProxyConfig, resolvers: Resolvers) -> io::Result<Proxy> {
+    start_observed(config, resolvers, Telemetry::default()).await
+}
+
+/// [`start_with_resolvers`], recording into `telemetry` (what `sidecar run` uses).
+pub async fn start_observed(
+    config: ProxyConfig,
+    resolvers: Resolvers,
+    telemetry: Telemetry,
+) -> io::Result<Proxy> {
     let outbound_listeners = bind_all(&config.listen)?;
     if outbound_listeners.is_empty() {
         return Err(io::Error::new(
@@ -303,20 +418,48 @@ pub async fn start_with_resolvers(config: ProxyConfig, resolvers: Resolvers) -> 
     let inbound_addrs = addrs_of(&inbound_listeners)?;
 
     let cancel = CancellationToken::new();
+    let inbound_cancel = cancel.child_token();
     let tracker = TaskTracker::new();
-    let target_route = config.target.as_ref().map(|t| Route {
-        authority: t.authority.clone(),
-        prefix: t.prefix.clone(),
+    let active = [
+        Arc::new(ActiveConns::default()),
+        Arc::new(ActiveConns::default()),
+    ];
+    let target_dest = config.target.as_ref().map(|t| {
+        let name: Arc<str> = t.authority.as_str().into();
+        (
+            telemetry.metrics.named_destination(Dir::Inbound, &name),
+            name,
+        )
+    });
+    let policies = Arc::new(Policies::new(&config.policy));
+    let target_route = config.target.as_ref().map(|t| {
+        let label = || match &target_dest {
+            Some((metrics, _)) => Arc::clone(metrics.label()),
+            None => Arc::from(t.authority.as_str()),
+        };
+        Route {
+            authority: t.authority.clone(),
+            prefix: t.prefix.clone(),
+            dest: policies.target(t.authority.as_str(), Some(&label)),
+            by_name: policies.has_name_rules(),
+            default_port: t.authority.port_u16().unwrap_or(80),
+            forwarded_for: None,
+        }
     });
     let shared = Arc::new(Shared {
-        outbound: Egress::new(&config, Source::Any),
-        inbound: Egress::new(&config, Source::Passthrough),
+        outbound: Egress::new(&config, Source::Any, &policies),
+        inbound: Egress::new(&config, Source::Passthrough, &policies),
+        policies,
         config,
         resolvers,
         listening: local_addrs.iter().chain(&inbound_addrs).copied().collect(),
         cancel: cancel.clone(),
+        inbound_cancel: inbound_cancel.clone(),
         tracker: tracker.clone(),
         target_route,
+        telemetry,
+        active: active.clone(),
+        target_dest,
     });
     let outbound_kind = if shared.target_route.is_some() {
         Kind::Target
@@ -336,7 +479,9 @@ pub async fn start_with_resolvers(config: ProxyConfig, resolvers: Resolvers) -> 
         local_addrs,
         inbound_addrs,
         cancel,
+        inbound_cancel,
         tracker,
+        active,
     })
 }
 
@@ -387,28 +532,88 @@ enum Kind {
     Target,
 }
 
+impl Kind {
+    /// `--target` mode fronts one service: it counts, and drains, as inbound.
+    fn dir(self) -> Dir {
+        match self {
+            Kind::Transparent(direction) => direction.dir(),
+            Kind::Target => Dir::Inbound,
+        }
+    }
+}
+
+/// Starts serving one accepted connection.
+fn spawn_conn(shared: &Arc<Shared>, kind: Kind, stream: TcpStream, peer: SocketAddr) {
+    let dir = kind.dir();
+    let conn = ConnGuard::open(&shared.telemetry.metrics, dir, shared.active(dir));
+    let conn_shared = Arc::clone(shared);
+    match kind {
+        Kind::Target => shared
+            .tracker
+            .spawn(serve_target(conn_shared, stream, peer, conn)),
+        Kind::Transparent(direction) => shared.tracker.spawn(transparent::serve(
+            conn_shared,
+            direction,
+            stream,
+            peer,
+            conn,
+        )),
+    };
+}
+
+/// On stop: accepts what the kernel has already queued (those clients have completed their
+/// handshake; closing the listener would reset them), then closes the listener, after which the
+/// kernel refuses new connections.
+fn accept_backlog(listener: TcpListener, kind: Kind, shared: &Arc<Shared>) {
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot take over the listener to drain its backlog");
+            return;
+        }
+    };
+    let mut accepted = 0usize;
+    loop {
+        // The listener is non-blocking: WouldBlock means the queue is empty.
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let stream = stream
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpStream::from_std(stream));
+                match stream {
+                    Ok(stream) => {
+                        accepted += 1;
+                        spawn_conn(shared, kind, stream, peer);
+                    }
+                    Err(e) => debug!(%peer, error = %e, "cannot register a queued connection"),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if is_per_connection_error(&e) => continue,
+            Err(e) => {
+                warn!(error = %e, "accepting the backlog failed; closing the listener");
+                break;
+            }
+        }
+    }
+    if accepted > 0 {
+        debug!(
+            accepted,
+            "accepted the listener's backlog before closing it"
+        );
+    }
+}
+
 async fn accept_loop(listener: TcpListener, kind: Kind, shared: Arc<Shared>) {
+    let stop = shared.stop_token(kind.dir()).clone();
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = shared.cancel.cancelled() => break,
+            _ = stop.cancelled() => return accept_backlog(listener, kind, &shared),
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let conn_shared = Arc::clone(&shared);
-                match kind {
-                    Kind::Target => shared
-                        .tracker
-                        .spawn(serve_target(conn_shared, stream, peer)),
-                    Kind::Transparent(direction) => shared.tracker.spawn(transparent::serve(
-                        conn_shared,
-                        direction,
-                        stream,
-                        peer,
-                    )),
-                };
-            }
+            Ok((stream, peer)) => spawn_conn(&shared, kind, stream, peer),
             Err(e) if is_per_connection_error(&e) => {
                 debug!(error = %e, "accept: connection failed before it was accepted");
             }
@@ -417,7 +622,7 @@ async fn accept_loop(listener: TcpListener, kind: Kind, shared: Arc<Shared>) {
                 // briefly (rate limiting, not synchronisation) and let connections finish.
                 warn!(error = %e, "accept failed; retrying shortly");
                 tokio::select! {
-                    _ = shared.cancel.cancelled() => break,
+                    _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 }
             }
@@ -436,31 +641,45 @@ fn is_per_connection_error(e: &io::Error) -> bool {
 }
 
 /// `--target` mode: HTTP/1 and h2c (auto-detected by hyper-util), every request to the target.
-async fn serve_target(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
+async fn serve_target(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, conn: ConnGuard) {
     if let Err(e) = client.set_nodelay(true) {
         debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
     }
+    let observer = shared.target_observer(peer);
+    // A reverse proxy in front of one service: its requests come from other hosts.
+    let route = shared
+        .target_route
+        .as_ref()
+        .map(|r| Arc::new(r.for_client(peer)));
+    let first = Arc::new(FirstRequest::default());
+    let svc_first = Arc::clone(&first);
     let svc_shared = Arc::clone(&shared);
     let service = service_fn(move |req: hyper::Request<Incoming>| {
+        svc_first.mark();
         let shared = Arc::clone(&svc_shared);
+        let observer = observer.clone();
+        let route = route.clone();
         async move {
-            let response = match &shared.target_route {
-                Some(route) => forward_h1(&shared, &shared.outbound, route, req).await,
-                None => error_response(ProxyError::ProxyBadRequest),
-            };
+            let response = crate::metrics::access::observe(&observer, req, |req| async {
+                match &route {
+                    Some(route) => forward_h1(&shared, &shared.outbound, route, req).await,
+                    None => error_response(ProxyError::ProxyBadRequest),
+                }
+            })
+            .await;
             Ok::<_, std::convert::Infallible>(response)
         }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+    let io = TokioIo::new(CountedIo::new(client, conn));
+    let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shared.cancel.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let stop = &shared.inbound_cancel;
+    let limit = shared.config.detect_timeout;
+    let result = serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
+        c.graceful_shutdown()
+    })
+    .await;
     if let Err(e) = result {
         debug!(%peer, error = %Chain(&*e), "connection ended with an error");
     }

@@ -79,11 +79,58 @@ fn connect(addr: SocketAddr) -> Result<(TcpStream, String, String), String> {
 
 /// GET `path` from `addr` over HTTP/1.1 with `Connection: close`; `host` defaults to `addr`.
 pub fn http_get(addr: SocketAddr, path: &str, host: Option<&str>) -> Result<HttpReply, String> {
+    http_request(
+        addr,
+        &HttpRequest {
+            path,
+            host,
+            ..HttpRequest::default()
+        },
+    )
+}
+
+/// An HTTP/1.1 request as the probe sends it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    /// Defaults to the address connected to.
+    pub host: Option<&'a str>,
+    /// Extra headers, `Name: value` each.
+    pub headers: &'a [&'a str],
+    /// Sent with a `Content-Length` when not empty (or when the method usually has a body).
+    pub body: &'a str,
+}
+
+impl Default for HttpRequest<'_> {
+    fn default() -> Self {
+        HttpRequest {
+            method: "GET",
+            path: "/",
+            host: None,
+            headers: &[],
+            body: "",
+        }
+    }
+}
+
+/// Sends one request over HTTP/1.1 with `Connection: close` and reads the response.
+pub fn http_request(addr: SocketAddr, req: &HttpRequest<'_>) -> Result<HttpReply, String> {
     let (mut stream, peer, local) = connect(addr)?;
-    let host = host.map_or_else(|| addr.to_string(), str::to_string);
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sidecar-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    let host = req.host.map_or_else(|| addr.to_string(), str::to_string);
+    let mut request = format!(
+        "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sidecar-probe\r\nAccept: */*\r\nConnection: close\r\n",
+        req.method, req.path
     );
+    for h in req.headers {
+        request.push_str(h);
+        request.push_str("\r\n");
+    }
+    if !req.body.is_empty() || matches!(req.method, "POST" | "PUT" | "PATCH") {
+        request.push_str(&format!("Content-Length: {}\r\n", req.body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(req.body);
     stream
         .write_all(request.as_bytes())
         .map_err(|e| format!("send request to {addr}: {e}"))?;
@@ -250,6 +297,215 @@ pub fn tcp_echo(addr: SocketAddr, n: usize) -> Result<EchoReply, String> {
         error,
         peer,
         local,
+    })
+}
+
+/// What the app saw of a WebSocket exchange.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WebSocketReply {
+    /// The status of the handshake response (101 when upgraded).
+    pub status: u16,
+    /// `Sec-WebSocket-Accept` matched the key sent.
+    pub accept_ok: bool,
+    /// The text of the frame that came back.
+    pub echoed: String,
+    pub peer: String,
+}
+
+/// Opens a WebSocket (the RFC 6455 handshake over HTTP/1.1), sends one masked text frame and
+/// reads one frame back.
+pub fn websocket(addr: SocketAddr, message: &str) -> Result<WebSocketReply, String> {
+    let (mut stream, peer, _) = connect(addr)?;
+    let key = crate::wire::base64(b"sidecar-probe-16");
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send handshake to {addr}: {e}"))?;
+    let mut reader = BufReader::new(&stream);
+    let status_line = read_line(&mut reader).map_err(|e| format!("read handshake: {e}"))?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let mut accept = None;
+    loop {
+        let line = read_line(&mut reader).map_err(|e| format!("read handshake: {e}"))?;
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("sec-websocket-accept") {
+                accept = Some(value.trim().to_string());
+            }
+        }
+    }
+    if status != 101 {
+        return Ok(WebSocketReply {
+            status,
+            accept_ok: false,
+            echoed: String::new(),
+            peer,
+        });
+    }
+    let accept_ok = accept.as_deref() == Some(crate::wire::websocket_accept(&key).as_str());
+    let frame = crate::wire::ws_frame(1, message.as_bytes(), Some([0x37, 0xfa, 0x21, 0x3d]));
+    // The reader may have buffered nothing past the handshake: the server sends no frame first.
+    let mut writer = &stream;
+    writer
+        .write_all(&frame)
+        .map_err(|e| format!("send frame: {e}"))?;
+    let (opcode, payload) =
+        crate::wire::read_ws_frame(&mut reader).map_err(|e| format!("read frame: {e}"))?;
+    if opcode != 1 {
+        return Err(format!("expected a text frame back, got opcode {opcode}"));
+    }
+    Ok(WebSocketReply {
+        status,
+        accept_ok,
+        echoed: String::from_utf8_lossy(&payload).into_owned(),
+        peer,
+    })
+}
+
+/// What the app saw of a unary gRPC call.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GrpcReply {
+    /// The HTTP/2 `:status`.
+    pub status: u16,
+    /// The `grpc-status` trailer (None if it did not arrive as a trailer).
+    pub grpc_status: Option<String>,
+    pub grpc_message: Option<String>,
+    /// The message of the single response frame.
+    pub message: String,
+    /// Response headers and trailers, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub trailers: Vec<(String, String)>,
+}
+
+/// One unary gRPC call over h2c with prior knowledge (what gRPC clients do in a mesh): POST
+/// `/sidecar.test.Echo/Unary`, `te: trailers`, one framed message; the status comes in trailers.
+pub fn grpc_unary(addr: SocketAddr, message: &str) -> Result<GrpcReply, String> {
+    use http_body_util::BodyExt;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    runtime.block_on(async move {
+        let call = async {
+            let stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect to {addr}: {e}"))?;
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            .map_err(|e| format!("h2 handshake with {addr}: {e}"))?;
+            tokio::spawn(conn);
+            let body = http_body_util::Full::new(bytes::Bytes::from(crate::wire::grpc_frame(
+                message.as_bytes(),
+            )));
+            let req = hyper::Request::builder()
+                .method("POST")
+                .uri(format!("http://{addr}/sidecar.test.Echo/Unary"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(body)
+                .map_err(|e| format!("build request: {e}"))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("gRPC call to {addr}: {e}"))?;
+            let (head, body) = resp.into_parts();
+            let collected = body
+                .collect()
+                .await
+                .map_err(|e| format!("read gRPC response body: {e}"))?;
+            let pairs = |h: &hyper::HeaderMap| -> Vec<(String, String)> {
+                h.iter()
+                    .map(|(n, v)| {
+                        (
+                            n.as_str().to_string(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect()
+            };
+            let trailers = collected.trailers().map(pairs).unwrap_or_default();
+            let bytes = collected.to_bytes();
+            let find = |name: &str| {
+                trailers
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.clone())
+            };
+            Ok(GrpcReply {
+                status: head.status.as_u16(),
+                grpc_status: find("grpc-status"),
+                grpc_message: find("grpc-message"),
+                message: crate::wire::grpc_unframe(&bytes)
+                    .map(|m| String::from_utf8_lossy(m).into_owned())
+                    .unwrap_or_default(),
+                headers: pairs(&head.headers),
+                trailers: trailers.clone(),
+            })
+        };
+        match tokio::time::timeout(IO_TIMEOUT, call).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "gRPC call to {addr} took longer than {IO_TIMEOUT:?}"
+            )),
+        }
+    })
+}
+
+/// What the app saw of a connection it left idle.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IdleReply {
+    /// The first message came back (the relay worked before going idle).
+    pub echoed: bool,
+    /// How the connection ended: `eof`, `reset`, or `open` (still open at the timeout).
+    pub ended: String,
+    /// Milliseconds from the echo to the end (or to the timeout).
+    pub after_ms: u64,
+}
+
+/// Sends "ping" to an echo server, reads it back, then sends nothing and waits up to `timeout`
+/// for the connection to be closed by someone else.
+pub fn tcp_idle(addr: SocketAddr, timeout: Duration) -> Result<IdleReply, String> {
+    let (mut stream, _, _) = connect(addr)?;
+    stream
+        .write_all(b"ping")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut got = [0u8; 4];
+    let echoed = stream.read_exact(&mut got).is_ok() && &got == b"ping";
+    let start = std::time::Instant::now();
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| format!("set read timeout: {e}"))?;
+    let mut byte = [0u8; 1];
+    let ended = match stream.read(&mut byte) {
+        Ok(0) => "eof",
+        Ok(_) => return Err("unexpected bytes on an idle connection".to_string()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            "open"
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset",
+        Err(e) => return Err(format!("read: {e}")),
+    };
+    Ok(IdleReply {
+        echoed,
+        ended: ended.to_string(),
+        after_ms: start.elapsed().as_millis() as u64,
     })
 }
 

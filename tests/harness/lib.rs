@@ -38,10 +38,11 @@ pub mod netns;
 mod pod;
 pub mod status;
 pub mod upstream;
+pub mod wire;
 
 use std::time::{Duration, Instant};
 
-pub use client::{EchoReply, GreetingReply, HttpReply};
+pub use client::{EchoReply, GreetingReply, GrpcReply, HttpReply, IdleReply, WebSocketReply};
 pub use pod::{
     AppRun, InitRunner, Pod, INBOUND_PORT, POD_IP4, POD_IP6, PROXY_GID, PROXY_UID, REMOTE_IP4,
     REMOTE_IP6,

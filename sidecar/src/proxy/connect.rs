@@ -23,6 +23,7 @@ use nix::sys::socket::{recv, setsockopt, sockopt, MsgFlags};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::error::ConnectError;
+use crate::policy::Policies;
 
 /// A connect that may still be in progress.
 pub(crate) type Dialling = Pin<Box<dyn Future<Output = Result<TcpStream, ConnectError>> + Send>>;
@@ -212,7 +213,8 @@ impl Drop for StashGuard {
 #[derive(Clone)]
 pub(crate) struct Connector {
     pub(crate) stash: Arc<Stash>,
-    pub(crate) connect_timeout: Duration,
+    /// Where the connect timeout of a destination comes from.
+    pub(crate) policies: Arc<Policies>,
     pub(crate) source: Source,
 }
 
@@ -220,6 +222,11 @@ impl Connector {
     async fn connect(self, uri: Uri) -> Result<TokioIo<TcpStream>, ConnectError> {
         let host = uri.host().unwrap_or_default();
         let port = uri.port_u16().unwrap_or(80);
+        let connect_timeout = match self.source {
+            Source::Any => self.policies.connect_timeout(host, port),
+            // Inbound goes to the app: destination rules are for outbound traffic.
+            Source::Passthrough => self.policies.defaults().connect_timeout,
+        };
         let literal = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = literal.parse::<IpAddr>() {
             let addr = SocketAddr::new(ip, port);
@@ -228,7 +235,7 @@ impl Connector {
                     return Ok(TokioIo::new(stream));
                 }
             }
-            return dial(addr, self.connect_timeout, self.source)
+            return dial(addr, connect_timeout, self.source)
                 .await
                 .map(TokioIo::new);
         }
@@ -237,7 +244,7 @@ impl Connector {
             .map_err(|e| ConnectError::Resolve(host.to_owned(), e))?;
         let mut last = None;
         for addr in addrs {
-            match dial(addr, self.connect_timeout, self.source).await {
+            match dial(addr, connect_timeout, self.source).await {
                 Ok(s) => return Ok(TokioIo::new(s)),
                 Err(e) => last = Some(e),
             }

@@ -44,14 +44,21 @@ pub enum ProxyError {
     UpstreamConnectFailed,
     /// No response head within the request timeout.
     UpstreamTimeout,
-    /// The upstream closed or reset the connection before a complete response head.
+    /// The upstream closed the connection before a complete response head.
     UpstreamClosed,
+    /// The upstream reset the connection (RST) before a complete response head.
+    UpstreamReset,
+    /// The destination's circuit breaker is open: the request was not sent.
+    UpstreamBreakerOpen,
     /// The upstream answered with something that is not valid HTTP.
     UpstreamProtocol,
     /// The upstream failed in a way we could not classify.
     Upstream,
     /// The downstream request body broke off while we were forwarding it.
     DownstreamBody,
+    /// The downstream request body did not arrive within the request timeout (it was being
+    /// read in full so that the request could be retried).
+    DownstreamTimeout,
     /// The request cannot be forwarded as given (for example CONNECT inside an HTTP connection).
     ProxyUnsupported,
     /// The request could not be turned into an upstream request.
@@ -76,9 +83,12 @@ impl ProxyError {
             ProxyError::UpstreamConnectFailed => "upstream-connect-failed",
             ProxyError::UpstreamTimeout => "upstream-timeout",
             ProxyError::UpstreamClosed => "upstream-closed",
+            ProxyError::UpstreamReset => "upstream-reset",
+            ProxyError::UpstreamBreakerOpen => "upstream-breaker-open",
             ProxyError::UpstreamProtocol => "upstream-protocol-error",
             ProxyError::Upstream => "upstream-error",
             ProxyError::DownstreamBody => "downstream-body-error",
+            ProxyError::DownstreamTimeout => "downstream-timeout",
             ProxyError::ProxyUnsupported => "proxy-unsupported-request",
             ProxyError::ProxyBadRequest => "proxy-bad-request",
         }
@@ -89,7 +99,9 @@ impl ProxyError {
             ProxyError::UpstreamConnectTimeout | ProxyError::UpstreamTimeout => {
                 StatusCode::GATEWAY_TIMEOUT
             }
+            ProxyError::UpstreamBreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::DownstreamBody | ProxyError::ProxyBadRequest => StatusCode::BAD_REQUEST,
+            ProxyError::DownstreamTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ProxyUnsupported => StatusCode::NOT_IMPLEMENTED,
             _ => StatusCode::BAD_GATEWAY,
         }
@@ -97,7 +109,7 @@ impl ProxyError {
 
     pub fn culprit(self) -> Culprit {
         match self {
-            ProxyError::DownstreamBody => Culprit::Downstream,
+            ProxyError::DownstreamBody | ProxyError::DownstreamTimeout => Culprit::Downstream,
             ProxyError::ProxyUnsupported | ProxyError::ProxyBadRequest => Culprit::Proxy,
             _ => Culprit::Upstream,
         }
@@ -111,6 +123,7 @@ impl ProxyError {
                 | ProxyError::UpstreamConnectUnreachable
                 | ProxyError::UpstreamConnectTimeout
                 | ProxyError::UpstreamConnectFailed
+                | ProxyError::UpstreamBreakerOpen
         )
     }
 
@@ -123,9 +136,16 @@ impl ProxyError {
             ProxyError::UpstreamConnectFailed => "sidecar: connecting to the upstream failed\n",
             ProxyError::UpstreamTimeout => "sidecar: the upstream did not answer in time\n",
             ProxyError::UpstreamClosed => "sidecar: the upstream closed the connection\n",
+            ProxyError::UpstreamReset => "sidecar: the upstream reset the connection\n",
+            ProxyError::UpstreamBreakerOpen => {
+                "sidecar: circuit breaker open: the upstream failed repeatedly, not trying it now\n"
+            }
             ProxyError::UpstreamProtocol => "sidecar: the upstream sent invalid HTTP\n",
             ProxyError::Upstream => "sidecar: the upstream request failed\n",
             ProxyError::DownstreamBody => "sidecar: the request body broke off\n",
+            ProxyError::DownstreamTimeout => {
+                "sidecar: the request body did not arrive within the request timeout\n"
+            }
             ProxyError::ProxyUnsupported => "sidecar: this request cannot be proxied here\n",
             ProxyError::ProxyBadRequest => "sidecar: the request cannot be forwarded\n",
         }
@@ -150,7 +170,11 @@ impl ProxyError {
                     return ProxyError::UpstreamProtocol;
                 }
                 if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                    return ProxyError::UpstreamClosed;
+                    return if caused_by_reset(h) {
+                        ProxyError::UpstreamReset
+                    } else {
+                        ProxyError::UpstreamClosed
+                    };
                 }
                 if h.is_body_write_aborted() || h.is_user() {
                     // Our body is the downstream request body: it failed, not the upstream.
@@ -161,10 +185,12 @@ impl ProxyError {
             }
             if let Some(io) = e.downcast_ref::<io::Error>() {
                 return match io.kind() {
-                    io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::UnexpectedEof => ProxyError::UpstreamClosed,
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {
+                        ProxyError::UpstreamReset
+                    }
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof => {
+                        ProxyError::UpstreamClosed
+                    }
                     io::ErrorKind::TimedOut => ProxyError::UpstreamTimeout,
                     _ if saw_connect => ProxyError::UpstreamConnectFailed,
                     _ => ProxyError::Upstream,
@@ -178,6 +204,21 @@ impl ProxyError {
             ProxyError::Upstream
         }
     }
+}
+
+/// True if an io error below `err` is a connection reset (the peer sent RST).
+fn caused_by_reset(err: &(dyn StdError + 'static)) -> bool {
+    let mut next = err.source();
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+            );
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// hyper reports a failing request body as a user error whose source is the body's own error.
@@ -234,12 +275,24 @@ mod tests {
             ProxyError::UpstreamConnectRefused,
             ProxyError::UpstreamTimeout,
             ProxyError::UpstreamClosed,
+            ProxyError::UpstreamReset,
+            ProxyError::UpstreamBreakerOpen,
             ProxyError::Upstream,
         ] {
             assert!(e.code().starts_with("upstream-"));
             assert_eq!(e.culprit(), Culprit::Upstream);
         }
         assert!(ProxyError::ProxyUnsupported.code().starts_with("proxy-"));
+        let open = ProxyError::UpstreamBreakerOpen;
+        assert_eq!(open.code(), "upstream-breaker-open");
+        assert_eq!(open.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(open.retry_safe(), "nothing was sent");
+        assert_eq!(ProxyError::UpstreamReset.code(), "upstream-reset");
+        assert_eq!(
+            ProxyError::DownstreamTimeout.status(),
+            StatusCode::REQUEST_TIMEOUT
+        );
+        assert_eq!(ProxyError::DownstreamTimeout.culprit(), Culprit::Downstream);
         assert!(ProxyError::DownstreamBody.code().starts_with("downstream-"));
         assert_eq!(
             ProxyError::UpstreamConnectRefused.status(),

@@ -1,27 +1,48 @@
-//! HTTP forwarding: turns a downstream request into an upstream one (hop-by-hop headers out,
-//! `X-Forwarded-By` in, authority kept), sends it, and relays the answer or answers locally with
-//! a status and an `x-sidecar-error` header that says who failed.
+//! HTTP forwarding: turns a downstream request into an upstream one (hop-by-hop headers out;
+//! `X-Forwarded-By`, `x-request-id`, `traceparent` and, from other hosts, `x-forwarded-for` in;
+//! authority kept), sends it under the destination's policies (circuit breaker, request timeout,
+//! retries within the budget), and relays the answer or answers locally with a status and an
+//! `x-sidecar-error` header that says who failed.
+//!
+//! One request, step by step ([`exchange`]): ask the breaker (open: 503 at once, nothing sent);
+//! keep the body for replay if the request may be retried (idempotent method, body known to be
+//! small); send; report the outcome to the breaker; on a retryable failure (connect error, reset,
+//! 503 by default) and while attempts, the deadline and the budget allow, pause (jittered) and
+//! send again. Nothing is retried once a response is being relayed: the decision is made on the
+//! response head, before any byte goes downstream.
+use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt;
-use std::net::SocketAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, TE, TRANSFER_ENCODING, UPGRADE,
+};
+use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
 };
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::connect::{dial, Predial, Source};
 use super::error::ProxyError;
 use super::{Egress, Shared};
+use crate::policy::breaker::Rejected;
+use crate::policy::headers::{self, X_REQUEST_ID};
+use crate::policy::idle::{self, Relayed};
+use crate::policy::retry::{backoff, is_idempotent, Replay, UpstreamBody};
+use crate::policy::Destination;
 
 /// The body we answer with: the upstream's, streamed through, or a short local one.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -30,18 +51,279 @@ pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 // neither validates nor allocates header names.
 pub static X_FORWARDED_BY: HeaderName = HeaderName::from_static("x-forwarded-by");
 pub static X_SIDECAR_ERROR: HeaderName = HeaderName::from_static("x-sidecar-error");
+/// On retried attempts only: which attempt this is (2, 3, ...), so the upstream can tell.
+pub static X_SIDECAR_ATTEMPT: HeaderName = HeaderName::from_static("x-sidecar-attempt");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static FORWARDED_BY_VALUE: HeaderValue = HeaderValue::from_static("sidecar");
 
 /// Where requests of one downstream connection go: the original destination (interception) or
-/// the `--target` URL.
+/// the `--target` URL, and under which policies.
 #[derive(Clone, Debug)]
 pub(crate) struct Route {
     /// Pool key and dial address: an IP literal in interception mode.
     pub(crate) authority: Authority,
     /// Path prefix of a `--target` URL with a path (`http://svc:8080/api`), else `None`.
     pub(crate) prefix: Option<Arc<str>>,
+    /// The policies and their state (breaker, budget) for this connection's destination; a
+    /// config rule for the request's authority overrides it per request (see `by_name`).
+    pub(crate) dest: Arc<Destination>,
+    /// Look up name rules by the request's `Host` (outbound and `--target` with name rules).
+    pub(crate) by_name: bool,
+    /// The port of an authority without one (the connection's destination port).
+    pub(crate) default_port: u16,
+    /// Requests from other hosts (inbound, `--target`): the client, for `x-forwarded-for`.
+    pub(crate) forwarded_for: Option<IpAddr>,
+}
+
+impl Route {
+    /// The same route for requests of the client at `peer` (adds the forwarding headers).
+    pub(crate) fn for_client(&self, peer: SocketAddr) -> Route {
+        Route {
+            forwarded_for: Some(peer.ip()),
+            ..self.clone()
+        }
+    }
+
+    /// The destination of one request: a name rule for its authority, else the connection's.
+    fn destination(&self, shared: &Shared, authority: Option<&str>) -> Option<Arc<Destination>> {
+        if !self.by_name {
+            return None;
+        }
+        shared.policies.by_authority(authority?, self.default_port)
+    }
+}
+
+/// Why a request got no upstream response: the error (status and header), what to log, and
+/// for an open breaker, when to come back.
+pub(crate) struct Failed {
+    err: ProxyError,
+    detail: Cow<'static, str>,
+    retry_after: Option<Duration>,
+}
+
+impl Failed {
+    fn new(err: ProxyError, detail: impl Into<Cow<'static, str>>) -> Self {
+        Failed {
+            err,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    /// From an error of the upstream HTTP client (hyper, hyper-util, our connector).
+    fn from_error(e: &(dyn StdError + 'static)) -> Self {
+        Failed::new(ProxyError::classify(e), Chain(e).to_string())
+    }
+
+    fn rejected(r: Rejected) -> Self {
+        Failed {
+            err: ProxyError::UpstreamBreakerOpen,
+            detail: Cow::Borrowed(match r.state {
+                crate::policy::breaker::State::HalfOpen => {
+                    "circuit breaker half-open, probe in flight"
+                }
+                _ => "circuit breaker open",
+            }),
+            retry_after: Some(r.retry_after),
+        }
+    }
+
+    fn timeout() -> Self {
+        Failed::new(
+            ProxyError::UpstreamTimeout,
+            "no response within the request timeout",
+        )
+    }
+}
+
+/// The local answer for a request that failed at `dest`, logged, with the request id.
+fn failed(f: Failed, dest: &Destination, request_id: &HeaderValue) -> Response<ProxyBody> {
+    if f.err == ProxyError::UpstreamBreakerOpen {
+        // The state change was logged when it happened; one line per refused request would
+        // flood the log exactly when it matters.
+        debug!(destination = dest.name(), reason = %f.detail, "request refused");
+    } else {
+        warn!(
+            destination = dest.name(),
+            error = %f.detail,
+            code = f.err.code(),
+            status = f.err.status().as_u16(),
+            "request failed"
+        );
+    }
+    let mut resp = error_response(f.err);
+    let headers = resp.headers_mut();
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    if let Some(after) = f.retry_after {
+        // Whole seconds, rounded up, at least 1 (RFC 9110 10.2.3).
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    resp
+}
+
+/// The request headers every forwarded request gets from the policies; returns the request id.
+fn policy_headers(headers: &mut HeaderMap, forwarded_for: Option<IpAddr>) -> HeaderValue {
+    headers.insert(X_FORWARDED_BY.clone(), FORWARDED_BY_VALUE.clone());
+    let id = headers::ensure_request_id(headers);
+    headers::ensure_traceparent(headers);
+    if let Some(client) = forwarded_for {
+        headers::add_forwarded(headers, client);
+    }
+    id
+}
+
+/// A request body, ready to be sent once or several times.
+enum Prepared {
+    Stream(Incoming),
+    Replay(Replay),
+}
+
+/// Keeps the body in memory if it is empty or has a known length within `max`; else leaves it
+/// streaming (the request will not be retried).
+async fn prepare_replay(
+    body: Incoming,
+    headers: &HeaderMap,
+    max: usize,
+    deadline: Instant,
+) -> Result<Prepared, Failed> {
+    if body.is_end_stream() {
+        return Ok(Prepared::Replay(Replay::default()));
+    }
+    let length = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match length {
+        Some(n) if n <= max as u64 => {}
+        _ => return Ok(Prepared::Stream(body)),
+    }
+    match tokio::time::timeout_at(deadline, Limited::new(body, max).collect()).await {
+        Ok(Ok(collected)) => {
+            let trailers = collected.trailers().cloned();
+            Ok(Prepared::Replay(Replay::new(
+                collected.to_bytes(),
+                trailers,
+            )))
+        }
+        Ok(Err(e)) => Err(Failed::new(
+            ProxyError::DownstreamBody,
+            format!("reading the request body: {e}"),
+        )),
+        Err(_) => Err(Failed::new(
+            ProxyError::DownstreamTimeout,
+            "the request body did not arrive within the request timeout",
+        )),
+    }
+}
+
+/// A copy of a request head (extensions are not copied: nothing upstream reads them).
+fn clone_head(head: &Parts) -> Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers.clone();
+    req.into_parts().0
+}
+
+/// What an attempt's result was, for the breaker and the retry decision.
+fn summary(result: &Result<Response<Incoming>, Failed>) -> Result<StatusCode, ProxyError> {
+    match result {
+        Ok(resp) => Ok(resp.status()),
+        Err(f) => Err(f.err),
+    }
+}
+
+async fn attempt<S, F>(
+    send: &mut S,
+    req: Request<UpstreamBody>,
+    deadline: Instant,
+) -> Result<Response<Incoming>, Failed>
+where
+    S: FnMut(Request<UpstreamBody>) -> F,
+    F: Future<Output = Result<Response<Incoming>, Failed>>,
+{
+    match tokio::time::timeout_at(deadline, send(req)).await {
+        Ok(result) => result,
+        Err(_) => Err(Failed::timeout()),
+    }
+}
+
+/// Sends one request to `dest` under its policies (see the module documentation); `send` makes
+/// one attempt.
+async fn exchange<S, F>(
+    dest: &Destination,
+    head: Parts,
+    body: Incoming,
+    mut send: S,
+) -> Result<Response<Incoming>, Failed>
+where
+    S: FnMut(Request<UpstreamBody>) -> F,
+    F: Future<Output = Result<Response<Incoming>, Failed>>,
+{
+    let policy = dest.policy();
+    let deadline = Instant::now() + policy.request_timeout;
+    let mut permit = dest.admit().map_err(Failed::rejected)?;
+    // Only requests that are sent pay into the retry budget: an outage refused by the breaker
+    // must not save up retries for the moment it ends.
+    dest.count_request();
+    let retry = &policy.retry;
+    let prepared = if retry.max_retries > 0 && is_idempotent(&head.method) {
+        // A failure here is the client's: the permit is dropped unreported (ignored).
+        prepare_replay(body, &head.headers, retry.max_body_bytes, deadline).await?
+    } else {
+        Prepared::Stream(body)
+    };
+    let replay = match prepared {
+        Prepared::Stream(body) => {
+            let req = Request::from_parts(head, UpstreamBody::Streaming(body));
+            let result = attempt(&mut send, req, deadline).await;
+            dest.report(permit, dest.outcome(summary(&result)));
+            return result;
+        }
+        Prepared::Replay(replay) => replay,
+    };
+    let mut number = 1u32;
+    loop {
+        let mut parts = clone_head(&head);
+        if number > 1 {
+            parts
+                .headers
+                .insert(X_SIDECAR_ATTEMPT.clone(), HeaderValue::from(number));
+        }
+        let req = Request::from_parts(parts, UpstreamBody::Replay(replay.body()));
+        let result = attempt(&mut send, req, deadline).await;
+        let outcome = summary(&result);
+        dest.report(permit, dest.outcome(outcome));
+        if number > retry.max_retries || !dest.is_retryable(outcome) {
+            return result;
+        }
+        let pause = backoff(retry.backoff, number);
+        if Instant::now() + pause >= deadline {
+            return result;
+        }
+        if !dest.take_retry() {
+            debug!(
+                destination = dest.name(),
+                "retry budget exhausted; not retrying"
+            );
+            return result;
+        }
+        tokio::time::sleep(pause).await;
+        permit = match dest.admit() {
+            Ok(p) => p,
+            // This very failure may have opened the breaker: answer with what we got.
+            Err(_) => return result,
+        };
+        let cause = match outcome {
+            Ok(status) => Cow::Owned(status.as_u16().to_string()),
+            Err(e) => Cow::Borrowed(e.code()),
+        };
+        number += 1;
+        debug!(destination = dest.name(), attempt = number, %cause, "retrying");
+    }
 }
 
 /// A local answer for `err`.
@@ -187,26 +469,25 @@ pub(crate) async fn forward_h1(
     if head.version == Version::HTTP_2 {
         head.version = Version::HTTP_11;
     }
-    head.headers
-        .insert(X_FORWARDED_BY.clone(), FORWARDED_BY_VALUE.clone());
-    let req = Request::from_parts(head, body);
+    let request_id = policy_headers(&mut head.headers, route.forwarded_for);
+    let host = head.headers.get(HOST).and_then(|h| h.to_str().ok());
+    let named = route.destination(shared, host);
+    let dest = named.as_deref().unwrap_or(&route.dest);
 
-    let sent = tokio::time::timeout(shared.config.request_timeout, egress.client.request(req));
-    let mut resp = match sent.await {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return fail(ProxyError::classify(&e), &route.authority, &Chain(&e)),
-        Err(_) => {
-            return fail(
-                ProxyError::UpstreamTimeout,
-                &route.authority,
-                &"no response within the request timeout",
-            )
-        }
+    let result = exchange(dest, head, body, |req| {
+        let sent = egress.client.request(req);
+        async move { sent.await.map_err(|e| Failed::from_error(&e)) }
+    })
+    .await;
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(f) => return failed(f, dest, &request_id),
     };
     match downstream_upgrade {
         Some(downstream) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let upstream = hyper::upgrade::on(&mut resp);
-            shared.tracker.spawn(tunnel(downstream, upstream));
+            let idle = dest.policy().idle_timeout;
+            shared.tracker.spawn(tunnel(downstream, upstream, idle));
             strip_hop_by_hop(resp.headers_mut(), true, false);
         }
         _ => {
@@ -216,8 +497,9 @@ pub(crate) async fn forward_h1(
     resp.map(Either::Left)
 }
 
-/// After a `101 Switching Protocols`, both sides speak the new protocol: relay bytes.
-async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
+/// After a `101 Switching Protocols`, both sides speak the new protocol: relay bytes (until both
+/// are done, or nothing moved for `idle`).
+async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade, idle: Duration) {
     let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
         Ok(both) => both,
         Err(e) => {
@@ -227,13 +509,14 @@ async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
     };
     let mut downstream = TokioIo::new(downstream);
     let mut upstream = TokioIo::new(upstream);
-    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-        Ok((up, down)) => debug!(
+    match idle::copy_bidirectional(&mut downstream, &mut upstream, idle).await {
+        Relayed::Done(Ok((up, down))) => debug!(
             bytes_up = up,
             bytes_down = down,
             "upgraded connection closed"
         ),
-        Err(e) => debug!(error = %e, "upgraded connection failed"),
+        Relayed::Done(Err(e)) => debug!(error = %e, "upgraded connection failed"),
+        Relayed::Idle => debug!(?idle, "upgraded connection idle; closed"),
     }
 }
 
@@ -244,26 +527,28 @@ async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
 /// connection per downstream connection keeps both right, and h2 multiplexes anyway.
 pub(crate) struct H2Upstream {
     dst: SocketAddr,
-    authority: Authority,
+    /// Policies of the connection's destination (and the dial's connect timeout).
+    route: Route,
     source: Source,
     state: tokio::sync::Mutex<H2State>,
 }
 
 struct H2State {
     predial: Option<Predial>,
-    sender: Option<SendRequest<Incoming>>,
+    sender: Option<SendRequest<UpstreamBody>>,
 }
 
 impl H2Upstream {
+    /// `route.authority` is the `:authority` used when the client sent none.
     pub(crate) fn new(
         dst: SocketAddr,
-        authority: Authority,
+        route: Route,
         source: Source,
         predial: Option<Predial>,
     ) -> Self {
         H2Upstream {
             dst,
-            authority,
+            route,
             source,
             state: tokio::sync::Mutex::new(H2State {
                 predial,
@@ -274,7 +559,7 @@ impl H2Upstream {
 
     /// The live sender, (re)connecting if there is none: first with the connection dialled
     /// during detection, later by dialling again.
-    async fn sender(&self, shared: &Shared) -> Result<SendRequest<Incoming>, ProxyError> {
+    async fn sender(&self) -> Result<SendRequest<UpstreamBody>, Failed> {
         let mut state = self.state.lock().await;
         if let Some(sender) = &state.sender {
             if !sender.is_closed() {
@@ -282,28 +567,31 @@ impl H2Upstream {
             }
         }
         state.sender = None;
-        let timeout = shared.config.connect_timeout;
+        let timeout = self.route.dest.policy().connect_timeout;
+        let connect_failed = |e: super::error::ConnectError| Failed {
+            err: ProxyError::from(&e),
+            detail: Cow::Owned(e.to_string()),
+            retry_after: None,
+        };
         let predialled = match state.predial.take() {
-            Some(predial) => predial.into_stream(true).await.map_err(|e| {
-                warn!(dst = %self.dst, error = %e, "connect failed");
-                ProxyError::from(&e)
-            })?,
+            Some(predial) => predial.into_stream(true).await.map_err(connect_failed)?,
             None => None,
         };
         let stream = match predialled {
             Some(stream) => stream,
-            None => dial(self.dst, timeout, self.source).await.map_err(|e| {
-                warn!(dst = %self.dst, error = %e, "connect failed");
-                ProxyError::from(&e)
-            })?,
+            None => dial(self.dst, timeout, self.source)
+                .await
+                .map_err(connect_failed)?,
         };
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| {
-                warn!(dst = %self.dst, error = %Chain(&e), "h2 handshake failed");
-                ProxyError::UpstreamProtocol
+                Failed::new(
+                    ProxyError::UpstreamProtocol,
+                    format!("h2 handshake failed: {}", Chain(&e)),
+                )
             })?;
         let dst = self.dst;
         tokio::spawn(async move {
@@ -329,7 +617,7 @@ pub(crate) async fn forward_h2(
             .headers()
             .get(HOST)
             .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-            .unwrap_or_else(|| upstream.authority.clone());
+            .unwrap_or_else(|| upstream.route.authority.clone());
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = Some(Scheme::HTTP);
         parts.authority = Some(authority);
@@ -341,27 +629,23 @@ pub(crate) async fn forward_h2(
             Err(e) => return fail(ProxyError::ProxyBadRequest, &upstream.dst, &e),
         }
     }
-    req.headers_mut()
-        .insert(X_FORWARDED_BY.clone(), FORWARDED_BY_VALUE.clone());
+    let route = &upstream.route;
+    let request_id = policy_headers(req.headers_mut(), route.forwarded_for);
+    let named = route.destination(shared, req.uri().authority().map(Authority::as_str));
+    let dest = named.as_deref().unwrap_or(&route.dest);
 
-    let exchange = async {
-        let mut sender = upstream.sender(shared).await?;
-        sender.send_request(req).await.map_err(|e| {
-            let err = ProxyError::classify(&e);
-            warn!(dst = %upstream.dst, error = %Chain(&e), code = err.code(), "request failed");
-            err
-        })
-    };
-    let mut resp = match tokio::time::timeout(shared.config.request_timeout, exchange).await {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(err)) => return error_response(err),
-        Err(_) => {
-            return fail(
-                ProxyError::UpstreamTimeout,
-                &upstream.dst,
-                &"no response within the request timeout",
-            )
-        }
+    let (head, body) = req.into_parts();
+    let result = exchange(dest, head, body, |req| async move {
+        let mut sender = upstream.sender().await?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| Failed::from_error(&e))
+    })
+    .await;
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(f) => return failed(f, dest, &request_id),
     };
     strip_hop_by_hop(resp.headers_mut(), false, false);
     resp.map(Either::Left)

@@ -16,6 +16,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
@@ -28,12 +29,18 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::connect::{start_dial, Dialling, Predial};
+use super::connect::{dial, start_dial, Dialling, Predial};
 use super::detect::{classify, Detection, MAX_DETECT_LEN};
 use super::error::ConnectError;
 use super::forward::{forward_h1, forward_h2, Chain, H2Upstream, Route};
 use super::Egress;
 use super::Shared;
+use crate::lifecycle::{serve_until_drained, FirstRequest};
+use crate::metrics::access::observe;
+use crate::metrics::conn::{ConnGuard, CountedIo};
+use crate::metrics::Dir;
+use crate::policy::idle::{self, Relayed};
+use crate::policy::Destination;
 
 /// The upstream side while detecting.
 enum Upstream {
@@ -42,7 +49,11 @@ enum Upstream {
     /// Sent an HTTP/2 SETTINGS frame unprompted (Go and hyper h2c servers do): it now waits for
     /// the client's preface, so keep waiting for the client (bounded) instead of going opaque.
     SentH2Settings(TcpStream),
-    Failed,
+    /// The connect failed; the `x-sidecar-error` code of why (for the metrics of a reset).
+    Failed(&'static str),
+    /// Not dialled: the destination's circuit breaker is open. An HTTP client gets its 503
+    /// without the upstream being touched; anything else is dialled once it shows what it is.
+    Held,
 }
 
 enum Event {
@@ -73,19 +84,24 @@ pub(crate) enum Direction {
 
 impl Direction {
     fn name(self) -> &'static str {
+        self.dir().as_str()
+    }
+
+    pub(crate) fn dir(self) -> Dir {
         match self {
-            Direction::Outbound => "outbound",
-            Direction::Inbound { .. } => "inbound",
+            Direction::Outbound => Dir::Outbound,
+            Direction::Inbound { .. } => Dir::Inbound,
         }
     }
 }
 
-/// Serves one accepted, captured connection.
+/// Serves one accepted, captured connection; `conn` keeps its books until it closes.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     direction: Direction,
     client: TcpStream,
     peer: SocketAddr,
+    conn: ConnGuard,
 ) {
     let resolver = match direction {
         Direction::Outbound => &shared.resolvers.outbound,
@@ -97,10 +113,18 @@ pub(crate) async fn serve(
         Err(e) if crate::orig_dst::is_not_redirected(&e) => {
             // Someone dialled the outbound port directly: there is nowhere to forward to.
             warn!(dir, %peer, error = %e, "connection was not redirected (no original destination); closing");
+            shared
+                .telemetry
+                .metrics
+                .error(direction.dir(), "proxy-not-redirected");
             return;
         }
         Err(e) => {
             warn!(dir, %peer, error = %e, "cannot read the original destination; closing");
+            shared
+                .telemetry
+                .metrics
+                .error(direction.dir(), "proxy-no-original-destination");
             return;
         }
     };
@@ -108,6 +132,10 @@ pub(crate) async fn serve(
         matches!(direction, Direction::Inbound { listener_port } if dst.port() == listener_port);
     if dialled_directly || shared.is_own_listener(dst) {
         warn!(dir, %peer, %dst, "destination is the proxy itself; closing to avoid a loop");
+        shared
+            .telemetry
+            .metrics
+            .error(direction.dir(), "proxy-loop");
         return;
     }
     let egress = shared.egress(direction);
@@ -115,20 +143,41 @@ pub(crate) async fn serve(
         debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
     }
 
-    let mut upstream = Upstream::Dialling(start_dial(
-        dst,
-        shared.config.connect_timeout,
-        egress.source,
-    ));
+    // Policies (connect and idle timeouts now, breaker and the rest per request), resolved
+    // once per connection.
+    let dest = match direction {
+        Direction::Outbound => {
+            let label = || {
+                let metrics = shared.telemetry.metrics.destination(Dir::Outbound, dst);
+                Arc::clone(metrics.label())
+            };
+            shared.policies.outbound(dst, Some(&label))
+        }
+        Direction::Inbound { .. } => shared.policies.inbound(),
+    };
+    let mut deadline: Option<Instant> = None;
+    let mut upstream = if dest.is_open() {
+        // Server-speaks-first protocols would wait for a dial that never comes: bounded.
+        deadline = Some(Instant::now() + shared.config.detect_timeout);
+        Upstream::Held
+    } else {
+        Upstream::Dialling(start_dial(
+            dst,
+            dest.policy().connect_timeout,
+            egress.source,
+        ))
+    };
     let mut buf = [0u8; MAX_DETECT_LEN];
     let mut seen = 0usize;
-    let mut deadline: Option<Instant> = None;
+    let stop = shared.stop_token(direction.dir()).clone();
+    let mut draining = false;
     let decision = loop {
         let event = tokio::select! {
             biased;
-            // Until the client has said something, a drain may close the connection like an
-            // idle keep-alive connection.
-            _ = shared.cancel.cancelled(), if seen == 0 => Event::Cancelled,
+            // A drain closes a connection whose client has said nothing yet, like an idle
+            // keep-alive connection, but only after `detect_timeout`: a connection accepted a
+            // moment ago usually has its request on the way, and closing it would lose it.
+            _ = stop.cancelled(), if seen == 0 && !draining => Event::Cancelled,
             // Upstream first: if both have spoken, opaque is always safe (and an h2 server's
             // SETTINGS frame is recognised below, so h2c is still detected).
             event = upstream_event(&mut upstream) => event,
@@ -136,7 +185,12 @@ pub(crate) async fn serve(
             _ = wait_until(deadline) => Event::Deadline,
         };
         match event {
-            Event::Cancelled => return,
+            Event::Cancelled => {
+                draining = true;
+                let limit = Instant::now() + shared.config.detect_timeout;
+                deadline = Some(deadline.map_or(limit, |d| d.min(limit)));
+            }
+            Event::Deadline if draining && seen == 0 => return,
             Event::Client(Ok(0)) => break Decision::Opaque,
             Event::Client(Ok(n)) => {
                 seen = n;
@@ -156,7 +210,11 @@ pub(crate) async fn serve(
             Event::Connected(Ok(stream)) => upstream = Upstream::Ready(stream),
             Event::Connected(Err(e)) => {
                 warn!(%peer, %dst, error = %e, "connect failed");
-                upstream = Upstream::Failed;
+                if draining && seen == 0 {
+                    // Nothing to answer, nowhere to go: do not wait out the grace period.
+                    return reset(client);
+                }
+                upstream = Upstream::Failed(super::error::ProxyError::from(&e).code());
                 // Give an HTTP client the chance to get a 502 that says why; anything else is
                 // reset below, like the failed connect would have been without us.
                 let limit = Instant::now() + shared.config.detect_timeout;
@@ -177,7 +235,7 @@ pub(crate) async fn serve(
             }
             Event::Deadline => {
                 break match upstream {
-                    Upstream::Failed => Decision::Reset,
+                    Upstream::Failed(_) => Decision::Reset,
                     _ => Decision::Opaque,
                 }
             }
@@ -185,25 +243,39 @@ pub(crate) async fn serve(
     };
 
     match decision {
-        Decision::Reset => reset(client),
-        Decision::Opaque => opaque(client, upstream, peer, dst).await,
+        Decision::Reset => {
+            let reason = match &upstream {
+                Upstream::Failed(reason) => reason,
+                _ => "proxy-reset",
+            };
+            shared.telemetry.metrics.error(direction.dir(), reason);
+            reset(client)
+        }
+        Decision::Opaque => {
+            opaque(&shared, direction, &dest, client, conn, upstream, peer, dst).await
+        }
         Decision::Http1 | Decision::Http2 => {
             let authority = match Authority::from_maybe_shared(Bytes::from(dst.to_string())) {
                 Ok(a) => a,
                 // Not expected for a socket address; if it happens, stay out of the way.
-                Err(_) => return opaque(client, upstream, peer, dst).await,
+                Err(_) => {
+                    return opaque(&shared, direction, &dest, client, conn, upstream, peer, dst)
+                        .await
+                }
             };
             let predial = match upstream {
                 Upstream::Ready(s) | Upstream::SentH2Settings(s) => Some(Predial::Ready(s)),
                 Upstream::Dialling(f) => Some(Predial::Dialling(f)),
-                Upstream::Failed => None,
+                Upstream::Failed(_) | Upstream::Held => None,
             };
+            let client = CountedIo::new(client, conn);
             let conn = Conn {
                 direction,
                 peer,
                 dst,
                 authority,
                 predial,
+                dest,
             };
             if matches!(decision, Decision::Http2) {
                 serve_h2(shared, conn, client).await;
@@ -221,6 +293,7 @@ struct Conn {
     dst: SocketAddr,
     authority: Authority,
     predial: Option<Predial>,
+    dest: Arc<Destination>,
 }
 
 impl Shared {
@@ -232,102 +305,176 @@ impl Shared {
     }
 }
 
-async fn serve_h1(shared: Arc<Shared>, conn: Conn, client: TcpStream) {
+async fn serve_h1(shared: Arc<Shared>, conn: Conn, client: CountedIo<TcpStream>) {
     let Conn {
         direction,
         peer,
         dst,
         authority,
         predial,
+        dest,
     } = conn;
     debug!(dir = direction.name(), %peer, %dst, "http/1");
     // Parked until the pool's connector takes it; removed when this connection ends.
     let _parked = predial.map(|p| shared.egress(direction).stash.put(dst, p));
-    let route = Route {
-        authority,
-        prefix: None,
-    };
+    let observer = shared.observer(direction.dir(), dst, peer);
+    let route = Arc::new(route_for(&shared, direction, authority, dst, peer, dest));
+    let first = Arc::new(FirstRequest::default());
+    let svc_first = Arc::clone(&first);
     let svc_shared = Arc::clone(&shared);
     let service = service_fn(move |req: hyper::Request<Incoming>| {
+        svc_first.mark();
         let shared = Arc::clone(&svc_shared);
-        let route = route.clone();
+        let route = Arc::clone(&route);
+        let observer = observer.clone();
         async move {
             let egress = shared.egress(direction);
-            Ok::<_, std::convert::Infallible>(forward_h1(&shared, egress, &route, req).await)
+            let resp = observe(&observer, req, |req| {
+                forward_h1(&shared, egress, &route, req)
+            });
+            Ok::<_, std::convert::Infallible>(resp.await)
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(client), service)
         .with_upgrades();
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shared.cancel.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let stop = shared.stop_token(direction.dir());
+    let limit = shared.config.detect_timeout;
+    let result = serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
+        c.graceful_shutdown()
+    })
+    .await;
     if let Err(e) = result {
         debug!(%peer, %dst, error = %Chain(&e), "http/1 connection ended with an error");
     }
 }
 
-async fn serve_h2(shared: Arc<Shared>, conn: Conn, client: TcpStream) {
+async fn serve_h2(shared: Arc<Shared>, conn: Conn, client: CountedIo<TcpStream>) {
     let Conn {
         direction,
         peer,
         dst,
         authority,
         predial,
+        dest,
     } = conn;
     debug!(dir = direction.name(), %peer, %dst, "h2c prior knowledge");
     let source = shared.egress(direction).source;
-    let upstream = Arc::new(H2Upstream::new(dst, authority, source, predial));
+    let observer = shared.observer(direction.dir(), dst, peer);
+    let route = route_for(&shared, direction, authority, dst, peer, dest);
+    let upstream = Arc::new(H2Upstream::new(dst, route, source, predial));
+    let first = Arc::new(FirstRequest::default());
+    let svc_first = Arc::clone(&first);
     let svc_shared = Arc::clone(&shared);
     let service = service_fn(move |req: hyper::Request<Incoming>| {
+        svc_first.mark();
         let shared = Arc::clone(&svc_shared);
         let upstream = Arc::clone(&upstream);
-        async move { Ok::<_, std::convert::Infallible>(forward_h2(&shared, &upstream, req).await) }
+        let observer = observer.clone();
+        async move {
+            let resp = observe(&observer, req, |req| forward_h2(&shared, &upstream, req));
+            Ok::<_, std::convert::Infallible>(resp.await)
+        }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .serve_connection(TokioIo::new(client), service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shared.cancel.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let stop = shared.stop_token(direction.dir());
+    let limit = shared.config.detect_timeout;
+    let result = serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
+        c.graceful_shutdown()
+    })
+    .await;
     if let Err(e) = result {
         debug!(%peer, %dst, error = %Chain(&e), "h2 connection ended with an error");
     }
 }
 
+/// Where the HTTP requests of one connection go, under which policies.
+fn route_for(
+    shared: &Shared,
+    direction: Direction,
+    authority: Authority,
+    dst: SocketAddr,
+    peer: SocketAddr,
+    dest: Arc<Destination>,
+) -> Route {
+    let outbound = direction == Direction::Outbound;
+    Route {
+        authority,
+        prefix: None,
+        dest,
+        // Name rules are for outbound traffic (the app's dependencies).
+        by_name: outbound && shared.policies.has_name_rules(),
+        default_port: dst.port(),
+        // Inbound requests come from other hosts: say who the client was.
+        forwarded_for: (!outbound).then_some(peer.ip()),
+    }
+}
+
 /// Opaque TCP once the upstream connection is there; a failed connect resets the client.
-async fn opaque(client: TcpStream, upstream: Upstream, peer: SocketAddr, dst: SocketAddr) {
+// The connection's pieces are passed as they are: bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
+async fn opaque(
+    shared: &Shared,
+    direction: Direction,
+    dest: &Destination,
+    client: TcpStream,
+    conn: ConnGuard,
+    upstream: Upstream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) {
     let upstream = match upstream {
         Upstream::Ready(s) | Upstream::SentH2Settings(s) => s,
         Upstream::Dialling(f) => match f.await {
             Ok(s) => s,
             Err(e) => {
                 warn!(%peer, %dst, error = %e, "connect failed");
+                let reason = super::error::ProxyError::from(&e).code();
+                shared.telemetry.metrics.error(direction.dir(), reason);
                 return reset(client);
             }
         },
-        Upstream::Failed => return reset(client),
+        Upstream::Failed(reason) => {
+            shared.telemetry.metrics.error(direction.dir(), reason);
+            return reset(client);
+        }
+        Upstream::Held => {
+            let source = shared.egress(direction).source;
+            match dial(dst, dest.policy().connect_timeout, source).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(%peer, %dst, error = %e, "connect failed");
+                    let reason = super::error::ProxyError::from(&e).code();
+                    shared.telemetry.metrics.error(direction.dir(), reason);
+                    return reset(client);
+                }
+            }
+        }
     };
-    relay(client, upstream, peer, dst).await;
+    let idle = dest.policy().idle_timeout;
+    relay(CountedIo::new(client, conn), upstream, peer, dst, idle).await;
 }
 
 /// Opaque TCP: bytes that were only peeked are still in the client socket, so the relay sends
-/// them like everything else. Half-closes are propagated by `copy_bidirectional`.
-async fn relay(mut client: TcpStream, mut upstream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+/// them like everything else. Half-closes are propagated; nothing moving for `idle` closes both.
+async fn relay(
+    mut client: CountedIo<TcpStream>,
+    mut upstream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    idle: Duration,
+) {
     debug!(%peer, %dst, "opaque tcp");
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => debug!(%peer, %dst, bytes_up = up, bytes_down = down, "tcp closed"),
-        Err(e) => debug!(%peer, %dst, error = %e, "tcp relay ended with an error"),
+    match idle::copy_bidirectional(&mut client, &mut upstream, idle).await {
+        Relayed::Done(Ok((up, down))) => {
+            debug!(%peer, %dst, bytes_up = up, bytes_down = down, "tcp closed")
+        }
+        Relayed::Done(Err(e)) => debug!(%peer, %dst, error = %e, "tcp relay ended with an error"),
+        Relayed::Idle => debug!(%peer, %dst, ?idle, "tcp connection idle; closed"),
     }
 }
 
@@ -349,7 +496,9 @@ async fn upstream_event(upstream: &mut Upstream) -> Event {
             let _ = stream.peek(&mut byte).await;
             Event::UpstreamSpoke
         }
-        Upstream::SentH2Settings(_) | Upstream::Failed => std::future::pending().await,
+        Upstream::SentH2Settings(_) | Upstream::Failed(_) | Upstream::Held => {
+            std::future::pending().await
+        }
     }
 }
 

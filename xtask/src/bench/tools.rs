@@ -63,6 +63,7 @@ const BASE_PROGRAMS: &[(&str, &str)] = &[
     ("taskset", "util-linux"),
     ("prlimit", "util-linux"),
     ("setpriv", "util-linux"),
+    ("nice", "coreutils"),
     ("ip", "iproute2"),
     ("sysctl", "procps"),
 ];

@@ -1,0 +1,262 @@
+//! The admin port (default `0.0.0.0:15090`, never captured by the kernel programs): probes,
+//! Prometheus, the configuration in force, and `POST /shutdown` for Jobs.
+//!
+//! | path | method | answer |
+//! |---|---|---|
+//! | `/live` | GET | 200 `live` once the proxy's listeners are bound (also while draining); 503 before |
+//! | `/ready` | GET | 200 `ready` when listeners, interception (`--pin-dir`) and app probe (`--app-probe`) all hold; else 503 listing what does not; 503 while draining |
+//! | `/metrics` | GET | Prometheus text exposition (0.0.4) |
+//! | `/config` | GET | the configuration in force, JSON |
+//! | `/shutdown` | POST | 202 `draining`: starts the drain as SIGTERM does; 403 unless the peer is a loopback address; 405 for other methods |
+//!
+//! Anything else: 404. `HEAD` is answered like `GET` without a body.
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use crate::lifecycle::{Readiness, Trigger};
+use crate::proxy::INBOUND_PASSTHROUGH_V4;
+
+/// Default admin listener: every address, so that the kubelet's probes and Prometheus reach it on
+/// the pod IP (Istio's 15090 is the metrics port the seed used).
+pub const DEFAULT_ADMIN: &str = "0.0.0.0:15090";
+/// A client that has not sent its request head in this long is dropped (probes send at once).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the admin endpoints answer from.
+pub struct AdminState {
+    pub readiness: Arc<Readiness>,
+    pub registry: Registry,
+    /// `/config`, rendered once at start-up.
+    pub config: String,
+    pub shutdown: UnboundedSender<Trigger>,
+}
+
+/// Serves the admin endpoints on `listener` until `cancel`.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "admin: accept failed");
+                // Out of descriptors: let connections finish rather than spin (rate limiting).
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        let state = Arc::clone(&state);
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(answer(&state, peer, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = cancel.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Only the pod itself may stop the sidecar: a loopback peer, but not 127.0.0.6, the source of
+/// the proxy's own inbound connections (a captured admin port would otherwise let the whole
+/// network in through the proxy).
+pub fn may_shutdown(peer: SocketAddr) -> bool {
+    let ip = peer.ip().to_canonical();
+    ip.is_loopback() && ip != IpAddr::V4(INBOUND_PASSTHROUGH_V4)
+}
+
+fn answer(state: &AdminState, peer: SocketAddr, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let method = req.method();
+    let read = method == Method::GET || method == Method::HEAD;
+    let mut resp = match req.uri().path() {
+        "/live" | "/ready" | "/metrics" | "/config" if !read => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into()).with_header(ALLOW, "GET, HEAD")
+        }
+        "/live" if state.readiness.is_listening() => text(StatusCode::OK, "live\n".into()),
+        "/live" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not live: listeners not bound yet\n".into(),
+        ),
+        "/ready" => match state.readiness.check() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(problems) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {}\n", problems.join("; ")),
+            ),
+        },
+        "/metrics" => text(StatusCode::OK, crate::metrics::render(&state.registry))
+            .with_header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"),
+        "/config" => {
+            text(StatusCode::OK, state.config.clone()).with_header(CONTENT_TYPE, "application/json")
+        }
+        "/shutdown" if method != Method::POST => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into()).with_header(ALLOW, "POST")
+        }
+        "/shutdown" if !may_shutdown(peer) => {
+            tracing::warn!(%peer, "refused POST /shutdown from a non-loopback peer");
+            text(
+                StatusCode::FORBIDDEN,
+                "forbidden: /shutdown answers only from inside the pod (loopback)\n".into(),
+            )
+        }
+        "/shutdown" => {
+            let already = state.readiness.is_draining();
+            let _ = state.shutdown.send(Trigger::Admin(peer));
+            text(
+                StatusCode::ACCEPTED,
+                if already {
+                    "draining (already)\n".into()
+                } else {
+                    "draining\n".into()
+                },
+            )
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live, /ready, /metrics, /config, POST /shutdown\n".into(),
+        ),
+    };
+    if method == Method::HEAD {
+        *resp.body_mut() = Full::new(Bytes::new());
+    }
+    resp
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+trait WithHeader {
+    fn with_header(self, name: http::HeaderName, value: &'static str) -> Self;
+}
+
+impl WithHeader for Response<Full<Bytes>> {
+    fn with_header(mut self, name: http::HeaderName, value: &'static str) -> Self {
+        self.headers_mut()
+            .insert(name, HeaderValue::from_static(value));
+        self
+    }
+}
+
+/// Loopback of the admin listener's family, for clients in this process.
+pub fn loopback_of(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn only_loopback_may_shut_down() {
+        assert!(may_shutdown("127.0.0.1:5000".parse().unwrap()));
+        assert!(may_shutdown("[::1]:5000".parse().unwrap()));
+        assert!(may_shutdown("[::ffff:127.0.0.1]:5000".parse().unwrap()));
+        assert!(!may_shutdown("127.0.0.6:5000".parse().unwrap()));
+        assert!(!may_shutdown("10.0.0.1:5000".parse().unwrap()));
+        assert!(!may_shutdown("[fd00::1]:5000".parse().unwrap()));
+    }
+
+    async fn get(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.unwrap();
+        let status = crate::lifecycle::parse_status(raw.as_bytes()).unwrap();
+        let body = raw.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer() {
+        let readiness = Arc::new(Readiness::new(false, false));
+        let registry = Registry::new();
+        let counter = prometheus::IntCounter::new("test_total", "a test counter").unwrap();
+        registry.register(Box::new(counter.clone())).unwrap();
+        counter.inc();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let state = Arc::new(AdminState {
+            readiness: Arc::clone(&readiness),
+            registry,
+            config: "{\"admin\":\"x\"}".into(),
+            shutdown: tx,
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve(listener, state, cancel.clone()));
+
+        assert_eq!(get(addr, "GET", "/live").await.0, 503);
+        let (status, body) = get(addr, "GET", "/ready").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (503, "not ready: listeners: listeners not bound yet\n")
+        );
+        readiness.set_listening();
+        assert_eq!(get(addr, "GET", "/live").await, (200, "live\n".into()));
+        assert_eq!(get(addr, "GET", "/ready").await, (200, "ready\n".into()));
+        let (status, body) = get(addr, "GET", "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("test_total 1"), "{body}");
+        assert_eq!(get(addr, "GET", "/config").await.1, "{\"admin\":\"x\"}");
+        assert_eq!(get(addr, "GET", "/shutdown").await.0, 405);
+        assert_eq!(get(addr, "POST", "/ready").await.0, 405);
+        assert_eq!(get(addr, "GET", "/nope").await.0, 404);
+        assert_eq!(
+            get(addr, "POST", "/shutdown").await,
+            (202, "draining\n".into())
+        );
+        assert!(matches!(rx.recv().await, Some(Trigger::Admin(p)) if p.ip().is_loopback()));
+        cancel.cancel();
+    }
+}

@@ -1,0 +1,733 @@
+//! Readiness, shutdown triggers and the drain: when the sidecar says it is ready, what makes it
+//! stop, and the order in which it lets go of the app's traffic.
+//!
+//! Readiness is a set of latches (linkerd's idea): the listeners are bound, the pod's interception
+//! is in place (`--pin-dir`), the app answers its probe (`--app-probe`); ready when all that are
+//! configured hold and no drain has started.
+//!
+//! The drain (SIGTERM, `POST /shutdown`, the app exiting, the shutdown file):
+//! 1. `/ready` turns false;
+//! 2. inbound listeners close (the backlog is accepted first, so no connection the kernel already
+//!    accepted is reset); in-flight inbound requests finish, kept-alive connections close;
+//! 3. outbound keeps working until every inbound connection is done, `--drain-min` has passed,
+//!    the app has no outbound connection open (and, with `--exit-with-app`, has exited);
+//! 4. outbound stops; what is still open may finish; exit 0.
+//!
+//! Everything after step 1 is bounded by `--drain-timeout`; a second SIGTERM/SIGINT ends at once.
+pub mod client;
+mod watch;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::metrics::Dir;
+use crate::proxy::Proxy;
+
+pub use watch::{watch_app, watch_shutdown_file, AppTarget};
+
+/// Default poll interval of the app probe and the interception check: as Kubernetes' shortest
+/// probe period, so readiness follows the app within a second without measurable cost.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// A probe that has not answered in this long has failed (Kubernetes' default probe timeout).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Link pins that must exist for outbound interception to be in place (`link_<program>`).
+const REQUIRED_LINKS: [&str; 4] = [
+    sidecar_common::progs::CONNECT4,
+    sidecar_common::progs::CONNECT6,
+    sidecar_common::progs::SOCKOPS,
+    sidecar_common::progs::GETSOCKOPT,
+];
+
+/// Why the sidecar started to stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    Signal(&'static str),
+    /// `POST /shutdown` from this loopback peer.
+    Admin(SocketAddr),
+    /// The `--exit-with-app` process exited.
+    AppExited(u32),
+    /// The `--shutdown-file` appeared.
+    ShutdownFile(PathBuf),
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Trigger::Signal(name) => write!(f, "{name}"),
+            Trigger::Admin(peer) => write!(f, "POST /shutdown from {peer}"),
+            Trigger::AppExited(pid) => write!(f, "the app (pid {pid}) exited"),
+            Trigger::ShutdownFile(path) => write!(f, "{} appeared", path.display()),
+        }
+    }
+}
+
+/// One readiness condition: `None` while it holds, else why not.
+struct Condition {
+    required: bool,
+    problem: Mutex<Option<String>>,
+}
+
+impl Condition {
+    fn new(required: bool, initially: &str) -> Self {
+        Condition {
+            required,
+            problem: Mutex::new(required.then(|| initially.to_owned())),
+        }
+    }
+
+    fn set(&self, result: Result<(), String>) {
+        // A poisoned lock only means a panic elsewhere while holding it; the value is a string.
+        *self.problem.lock().unwrap_or_else(PoisonError::into_inner) = result.err();
+    }
+
+    fn problem(&self) -> Option<String> {
+        if !self.required {
+            return None;
+        }
+        self.problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The readiness latches. Checked by `/ready` (rarely), so plain locks are fine.
+pub struct Readiness {
+    listeners: Condition,
+    interception: Condition,
+    app: Condition,
+    draining: AtomicBool,
+}
+
+impl Readiness {
+    /// `interception`/`app`: whether those conditions are checked at all.
+    pub fn new(interception: bool, app: bool) -> Readiness {
+        Readiness {
+            listeners: Condition::new(true, "listeners not bound yet"),
+            interception: Condition::new(interception, "interception not checked yet"),
+            app: Condition::new(app, "app not probed yet"),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_listening(&self) {
+        self.listeners.set(Ok(()));
+    }
+
+    pub fn set_interception(&self, result: Result<(), String>) {
+        self.interception.set(result);
+    }
+
+    pub fn set_app(&self, result: Result<(), String>) {
+        self.app.set(result);
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// True once the listeners are bound (what `/live` reports).
+    pub fn is_listening(&self) -> bool {
+        self.listeners.problem().is_none()
+    }
+
+    /// `Ok` when ready, else every unmet condition.
+    pub fn check(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.is_draining() {
+            problems.push("draining (shutting down)".to_owned());
+        }
+        for (name, c) in [
+            ("listeners", &self.listeners),
+            ("interception", &self.interception),
+            ("app", &self.app),
+        ] {
+            if let Some(p) = c.problem() {
+                problems.push(format!("{name}: {p}"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// `--app-probe`: how to tell that the app is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppProbe {
+    /// GET `path` from `authority` (host:port); 200-399 is ready, as Kubernetes' httpGet.
+    Http { authority: String, path: String },
+    /// A TCP connect to `authority` succeeds.
+    Tcp { authority: String },
+}
+
+impl AppProbe {
+    /// `http://HOST:PORT/PATH` or `tcp://HOST:PORT`.
+    pub fn parse(value: &str) -> Result<AppProbe, String> {
+        let hint =
+            "expected http://HOST:PORT/PATH or tcp://HOST:PORT, e.g. http://127.0.0.1:8080/healthz";
+        let value = value.trim();
+        let (scheme, rest) = value.split_once("://").ok_or_else(|| hint.to_owned())?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let port_ok = authority.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok {
+            return Err(format!("{authority:?} needs a host and a port; {hint}"));
+        }
+        match scheme.to_ascii_lowercase().as_str() {
+            "http" => {
+                if path
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+                {
+                    return Err(format!(
+                        "the path {path:?} has spaces or control characters"
+                    ));
+                }
+                Ok(AppProbe::Http {
+                    authority: authority.to_owned(),
+                    path: path.to_owned(),
+                })
+            }
+            "tcp" if path == "/" => Ok(AppProbe::Tcp {
+                authority: authority.to_owned(),
+            }),
+            "tcp" => Err(format!("a tcp probe has no path; {hint}")),
+            _ => Err(hint.to_owned()),
+        }
+    }
+
+    /// One probe; `Err` says why the app is not ready.
+    pub async fn probe(&self) -> Result<(), String> {
+        match tokio::time::timeout(PROBE_TIMEOUT, self.probe_inner()).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("{self}: no answer within {PROBE_TIMEOUT:?}")),
+        }
+    }
+
+    async fn probe_inner(&self) -> Result<(), String> {
+        let authority = match self {
+            AppProbe::Http { authority, .. } | AppProbe::Tcp { authority } => authority,
+        };
+        let mut stream = TcpStream::connect(authority.as_str())
+            .await
+            .map_err(|e| format!("{self}: {e}"))?;
+        let AppProbe::Http { path, .. } = self else {
+            return Ok(());
+        };
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: sidecar-probe\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("{self}: {e}"))?;
+        let status = read_status(&mut stream)
+            .await
+            .map_err(|e| format!("{self}: {e}"))?;
+        if (200..400).contains(&status) {
+            Ok(())
+        } else {
+            Err(format!("{self}: status {status}"))
+        }
+    }
+}
+
+impl fmt::Display for AppProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AppProbe::Http { authority, path } => write!(f, "http://{authority}{path}"),
+            AppProbe::Tcp { authority } => write!(f, "tcp://{authority}"),
+        }
+    }
+}
+
+/// Reads an HTTP/1 status line (bounded) and returns its code.
+pub(crate) async fn read_status(stream: &mut TcpStream) -> io::Result<u16> {
+    let mut head = Vec::with_capacity(64);
+    let mut buf = [0u8; 64];
+    while !head.contains(&b'\n') && head.len() < 1024 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    parse_status(&head).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "not an HTTP response: {:?}",
+                String::from_utf8_lossy(&head[..head.len().min(40)])
+            ),
+        )
+    })
+}
+
+/// The code of `HTTP/1.x NNN ...`.
+pub(crate) fn parse_status(head: &[u8]) -> Option<u16> {
+    let line = head.split(|b| *b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut parts = line.split_whitespace();
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    parts.next()?.parse().ok()
+}
+
+/// `Ok` when the pod's interception is in place: the outbound link pins exist in `pin_dir`.
+pub fn check_interception(pin_dir: &Path) -> Result<(), String> {
+    let mut missing = Vec::new();
+    for prog in REQUIRED_LINKS {
+        let pin = pin_dir.join(format!("link_{prog}"));
+        match std::fs::metadata(&pin) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(prog),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(format!(
+                    "cannot look into {}: {e} (the pin directories must be searchable by the \
+                     proxy's user: mode 0755)",
+                    pin_dir.display()
+                ))
+            }
+            Err(e) => return Err(format!("cannot check {}: {e}", pin.display())),
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else if missing.len() == REQUIRED_LINKS.len() {
+        Err(format!(
+            "nothing attached: no link pins in {} (has `sidecar init` run for this pod?)",
+            pin_dir.display()
+        ))
+    } else {
+        Err(format!(
+            "incomplete: {} missing in {}",
+            missing.join(", "),
+            pin_dir.display()
+        ))
+    }
+}
+
+/// Keeps the interception and app conditions up to date, every `interval`, until the drain.
+pub async fn keep_checking(
+    readiness: &Readiness,
+    pin_dir: Option<PathBuf>,
+    probe: Option<AppProbe>,
+    interval: Duration,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_ready = None;
+    loop {
+        ticks.tick().await;
+        if readiness.is_draining() {
+            return;
+        }
+        if let Some(dir) = &pin_dir {
+            readiness.set_interception(check_interception(dir));
+        }
+        if let Some(probe) = &probe {
+            readiness.set_app(probe.probe().await);
+        }
+        let now = readiness.check();
+        if was_ready.as_ref() != Some(&now.is_ok()) {
+            match &now {
+                Ok(()) => tracing::info!("ready"),
+                Err(problems) => tracing::info!(problems = %problems.join("; "), "not ready"),
+            }
+            was_ready = Some(now.is_ok());
+        }
+    }
+}
+
+/// Tells a connection's drain when its first request has started. hyper's HTTP/1
+/// `graceful_shutdown` closes at once a connection it has not read anything from, even when the
+/// client's request is already waiting in the socket (protocol detection only peeked at it): a
+/// connection accepted just before a drain would lose its request. So the drain lets the first
+/// request start before it asks hyper to shut the connection down.
+#[derive(Default)]
+pub(crate) struct FirstRequest {
+    seen: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl FirstRequest {
+    /// Called by the service for every request: one relaxed load after the first.
+    pub(crate) fn mark(&self) {
+        if !self.seen.load(Ordering::Relaxed) {
+            self.seen.store(true, Ordering::Release);
+            // Stores a permit if nobody waits yet, so `wait` cannot miss it.
+            self.notify.notify_one();
+        }
+    }
+
+    /// Returns once the first request has started, or after `limit` (a client that sent part
+    /// of a request head and stalled).
+    pub(crate) async fn wait(&self, limit: Duration) {
+        if self.seen.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, self.notify.notified()).await;
+    }
+}
+
+/// Serves one HTTP connection (`conn`) until it ends; once `stop` fires, lets its first request
+/// start (see [`FirstRequest`]), then asks it to shut down gracefully: the request in progress
+/// is answered, and the connection closes instead of waiting for another.
+pub(crate) async fn serve_until_drained<C: std::future::Future>(
+    mut conn: std::pin::Pin<&mut C>,
+    stop: &tokio_util::sync::CancellationToken,
+    first: &FirstRequest,
+    limit: Duration,
+    graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> C::Output {
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = stop.cancelled() => {}
+    }
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = first.wait(limit) => {}
+    }
+    graceful_shutdown(conn.as_mut());
+    conn.await
+}
+
+/// How the drain goes; see the module documentation.
+#[derive(Debug, Clone)]
+pub struct DrainPlan {
+    /// Bound on everything after `/ready` turned false.
+    pub deadline: Duration,
+    /// Outbound stays open at least this long (for apps that get SIGTERM at the same time and
+    /// still call out while they stop).
+    pub min: Duration,
+}
+
+/// How the drain ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every connection finished.
+    Drained,
+    /// The deadline passed; `open` connections were still open (they are cut).
+    DeadlineReached { inbound: usize, outbound: usize },
+    /// A second signal.
+    Forced(&'static str),
+}
+
+/// Runs the drain (steps 1-4 of the module documentation) on `proxy`. `app_done` resolves when
+/// the app is known to have exited (pending forever when nobody watches it); `force` when a
+/// second signal arrives.
+pub async fn drain(
+    proxy: &Proxy,
+    readiness: &Readiness,
+    plan: &DrainPlan,
+    app_done: impl std::future::Future<Output = ()>,
+    watching_app: bool,
+    force: impl std::future::Future<Output = &'static str>,
+) -> DrainOutcome {
+    let started = Instant::now();
+    readiness.set_draining();
+    proxy.stop_inbound();
+    let steps = async {
+        proxy.active(Dir::Inbound).wait_idle().await;
+        tracing::debug!("inbound drained");
+        tokio::time::sleep_until(started + plan.min).await;
+        if watching_app {
+            app_done.await;
+            tracing::debug!("the app has exited");
+        }
+        proxy.active(Dir::Outbound).wait_idle().await;
+        tracing::debug!("the app has no outbound connection open; stopping outbound");
+        proxy.stop_all();
+        proxy.wait_all().await;
+    };
+    tokio::select! {
+        biased;
+        signal = force => DrainOutcome::Forced(signal),
+        done = tokio::time::timeout_at(started + plan.deadline, steps) => match done {
+            Ok(()) => DrainOutcome::Drained,
+            Err(_) => DrainOutcome::DeadlineReached {
+                inbound: proxy.active(Dir::Inbound).get(),
+                outbound: proxy.active(Dir::Outbound).get(),
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_parse() {
+        assert_eq!(
+            AppProbe::parse("http://127.0.0.1:8080/healthz"),
+            Ok(AppProbe::Http {
+                authority: "127.0.0.1:8080".into(),
+                path: "/healthz".into()
+            })
+        );
+        assert_eq!(
+            AppProbe::parse("HTTP://localhost:80"),
+            Ok(AppProbe::Http {
+                authority: "localhost:80".into(),
+                path: "/".into()
+            })
+        );
+        assert_eq!(
+            AppProbe::parse("tcp://[::1]:5432"),
+            Ok(AppProbe::Tcp {
+                authority: "[::1]:5432".into()
+            })
+        );
+        for bad in [
+            "127.0.0.1:8080",
+            "http://127.0.0.1/healthz",
+            "http://:8080/",
+            "tcp://127.0.0.1:5432/x",
+            "ftp://h:1",
+            "http://h:0/",
+        ] {
+            assert!(AppProbe::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            AppProbe::parse("http://127.0.0.1:8080/healthz")
+                .unwrap()
+                .to_string(),
+            "http://127.0.0.1:8080/healthz"
+        );
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status(b"HTTP/1.1 204 No Content\r\n"), Some(204));
+        assert_eq!(parse_status(b"HTTP/1.0 503\r\n"), Some(503));
+        assert_eq!(parse_status(b"SSH-2.0\r\n"), None);
+        assert_eq!(parse_status(b""), None);
+    }
+
+    #[test]
+    fn readiness_latches() {
+        let r = Readiness::new(true, false);
+        let problems = r.check().unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        r.set_listening();
+        r.set_interception(Err("nothing attached".into()));
+        assert_eq!(
+            r.check().unwrap_err(),
+            vec!["interception: nothing attached".to_owned()]
+        );
+        r.set_interception(Ok(()));
+        assert!(r.check().is_ok());
+        r.set_draining();
+        assert_eq!(r.check().unwrap_err().len(), 1);
+        assert!(r.is_listening());
+    }
+
+    #[test]
+    fn interception_pins() {
+        let dir = std::env::temp_dir().join(format!("sidecar-lifecycle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(check_interception(&dir)
+            .unwrap_err()
+            .contains("nothing attached"));
+        for prog in &REQUIRED_LINKS[..2] {
+            std::fs::write(dir.join(format!("link_{prog}")), b"").unwrap();
+        }
+        let err = check_interception(&dir).unwrap_err();
+        assert!(
+            err.contains("incomplete") && err.contains("sc_sockops"),
+            "{err}"
+        );
+        for prog in &REQUIRED_LINKS[2..] {
+            std::fs::write(dir.join(format!("link_{prog}")), b"").unwrap();
+        }
+        assert_eq!(check_interception(&dir), Ok(()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An upstream that answers every request `200 ok` (one per connection).
+    async fn ok_upstream() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A client whose connection and request are already queued in the kernel when the drain
+    /// starts, before the proxy ran at all (a current-thread runtime runs the proxy's tasks only
+    /// when the test yields). It must get its answer: accepted from the backlog, detected, and
+    /// served by hyper before the connection is shut down.
+    async fn queued_request_is_answered(proxy: &Proxy, addr: SocketAddr) {
+        use std::io::{Read, Write};
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client
+            .write_all(b"GET /queued HTTP/1.1\r\nhost: a.test\r\n\r\n")
+            .unwrap();
+        proxy.stop_inbound();
+        let answer = tokio::task::spawn_blocking(move || {
+            client
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut raw = String::new();
+            let _ = client.read_to_string(&mut raw);
+            raw
+        });
+        let raw = answer.await.unwrap();
+        assert!(raw.starts_with("HTTP/1.1 200 OK"), "{raw:?}");
+        assert!(raw.ends_with("ok"), "{raw:?}");
+        tokio::time::timeout(Duration::from_secs(20), proxy.active(Dir::Inbound).wait_idle())
+            .await
+            .expect("inbound drained");
+    }
+
+    #[tokio::test]
+    async fn drain_answers_inbound_requests_queued_before_it() {
+        let upstream = ok_upstream().await;
+        let mut config = crate::proxy::ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]);
+        config.inbound = vec![crate::proxy::ListenAddr {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            required: true,
+        }];
+        let fixed: crate::proxy::Resolver = std::sync::Arc::new(move |_: &TcpStream| Ok(upstream));
+        let proxy = crate::proxy::start_with_resolvers(
+            config,
+            crate::proxy::Resolvers {
+                outbound: fixed.clone(),
+                inbound: fixed,
+            },
+        )
+        .await
+        .unwrap();
+        let addr = proxy.inbound_addrs()[0];
+        queued_request_is_answered(&proxy, addr).await;
+        // Inbound is closed now; outbound still accepts.
+        assert!(TcpStream::connect(addr).await.is_err());
+        assert!(TcpStream::connect(proxy.local_addrs()[0]).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn drain_answers_target_requests_queued_before_it() {
+        let upstream = ok_upstream().await;
+        let mut config = crate::proxy::ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]);
+        config.target = Some(crate::proxy::Target::parse(&format!("http://{upstream}")).unwrap());
+        let proxy = crate::proxy::start(config, crate::proxy::original_dst_resolver())
+            .await
+            .unwrap();
+        let addr = proxy.local_addrs()[0];
+        queued_request_is_answered(&proxy, addr).await;
+        assert!(TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_outbound_then_stops() {
+        let upstream = ok_upstream().await;
+        let fixed: crate::proxy::Resolver = std::sync::Arc::new(move |_: &TcpStream| Ok(upstream));
+        let proxy = crate::proxy::start(
+            crate::proxy::ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]),
+            fixed,
+        )
+        .await
+        .unwrap();
+        let addr = proxy.local_addrs()[0];
+        // The app's open outbound connection (it has not sent anything yet).
+        let app_conn = TcpStream::connect(addr).await.unwrap();
+        let readiness = Readiness::new(false, false);
+        readiness.set_listening();
+        let plan = DrainPlan {
+            deadline: Duration::from_secs(30),
+            min: Duration::ZERO,
+        };
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+        let drain = drain(
+            &proxy,
+            &readiness,
+            &plan,
+            std::future::pending(),
+            false,
+            std::future::pending(),
+        );
+        tokio::pin!(drain);
+        // Draining: not ready, and outbound still takes new connections.
+        tokio::select! {
+            _ = &mut drain => panic!("the drain must wait for the app's connection"),
+            _ = async {
+                while proxy.active(Dir::Outbound).get() < 1 {
+                    tokio::task::yield_now().await;
+                }
+                assert!(readiness.check().is_err());
+                let extra = TcpStream::connect(addr).await.unwrap();
+                drop(extra);
+                drop(app_conn);
+                let _ = closed_tx.send(());
+            } => {}
+        }
+        let _ = closed_rx.await;
+        let outcome = tokio::time::timeout(Duration::from_secs(20), drain)
+            .await
+            .expect("the drain ends once the app's connections are gone");
+        assert_eq!(outcome, DrainOutcome::Drained);
+        assert!(TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn http_probe_reads_the_status() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for status in ["503 Service Unavailable", "200 OK"] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 256];
+                let _ = s.read(&mut buf).await;
+                let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                s.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        let probe = AppProbe::parse(&format!("http://{addr}/healthz")).unwrap();
+        let err = probe.probe().await.unwrap_err();
+        assert!(err.ends_with("status 503"), "{err}");
+        assert_eq!(probe.probe().await, Ok(()));
+        let refused = AppProbe::parse("tcp://127.0.0.1:1").unwrap();
+        assert!(refused.probe().await.is_err());
+    }
+}

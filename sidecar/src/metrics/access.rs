@@ -1,0 +1,123 @@
+//! Recording one proxied HTTP request: the request metrics, the proxy's own errors, and the
+//! optional access log (one line per request under the tracing target `access`).
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use http_body_util::Either;
+use tokio::time::Instant;
+
+use super::{method_label, DestinationMetrics, ProxyMetrics};
+use crate::proxy::{ProxyBody, X_SIDECAR_ERROR};
+
+/// The tracing target of access log lines (`SIDECAR_LOG=warn,access=info` keeps them alone).
+pub const ACCESS_TARGET: &str = "access";
+
+/// What the requests of one downstream connection are recorded against; built once per
+/// connection.
+#[derive(Clone)]
+pub(crate) struct Observer {
+    pub(crate) metrics: Arc<ProxyMetrics>,
+    pub(crate) dest: Arc<DestinationMetrics>,
+    pub(crate) access_log: bool,
+    pub(crate) peer: SocketAddr,
+    /// Where requests go, for the access log.
+    pub(crate) upstream: UpstreamName,
+}
+
+/// The original destination (no allocation per connection), or the `--target` authority.
+#[derive(Debug, Clone)]
+pub(crate) enum UpstreamName {
+    Addr(SocketAddr),
+    Name(Arc<str>),
+}
+
+impl std::fmt::Display for UpstreamName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamName::Addr(a) => write!(f, "{a}"),
+            UpstreamName::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// The request fields the access log prints, taken before the request is forwarded (only when
+/// the access log is on: they cost a clone).
+struct Head {
+    method: http::Method,
+    authority: String,
+    path: String,
+}
+
+impl Head {
+    fn of<B>(req: &Request<B>) -> Head {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "-".to_owned());
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+        Head {
+            method: req.method().clone(),
+            authority,
+            path,
+        }
+    }
+}
+
+/// Forwards `req` with `forward` and records the outcome: counts, duration to the response head,
+/// the reason of a locally made answer, and the access log line.
+pub(crate) async fn observe<B, F, Fut>(
+    obs: &Observer,
+    req: Request<B>,
+    forward: F,
+) -> Response<ProxyBody>
+where
+    F: FnOnce(Request<B>) -> Fut,
+    Fut: Future<Output = Response<ProxyBody>>,
+{
+    let start = Instant::now();
+    let method = method_label(req.method());
+    let head = obs.access_log.then(|| Head::of(&req));
+    let resp = forward(req).await;
+    let elapsed = start.elapsed();
+    let status = resp.status();
+    obs.dest.record_as(method, status, elapsed);
+    // Only answers the proxy made itself (a local body): an upstream sidecar's error header
+    // relayed through us is not our error.
+    let local_error = match resp.body() {
+        Either::Right(_) => resp
+            .headers()
+            .get(&X_SIDECAR_ERROR)
+            .map(|v| v.to_str().unwrap_or("unknown")),
+        Either::Left(_) => None,
+    };
+    if let Some(reason) = local_error {
+        obs.metrics.error(obs.dest.direction(), reason);
+    }
+    if let Some(head) = head {
+        tracing::info!(
+            target: ACCESS_TARGET,
+            direction = %obs.dest.direction().as_str(),
+            method = %head.method,
+            authority = %head.authority,
+            path = %head.path,
+            status = status.as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream = %obs.upstream,
+            peer = %obs.peer,
+            error = %local_error.unwrap_or("-"),
+        );
+    }
+    resp
+}

@@ -1,0 +1,806 @@
+//! Policy configuration: the defaults from flags / environment and from the `[defaults]` section
+//! of the config file (`--config FILE`, `SIDECAR_CONFIG`), and per-destination overrides from its
+//! `[[destination]]` sections. Every bad key is reported at once (`sidecar run` exits 64).
+//!
+//! Precedence, lowest first: built-in defaults, the file's `[defaults]`, flags / environment
+//! variables that are set, a matching `[[destination]]` (first match in file order wins).
+//!
+//! ```toml
+//! [defaults]
+//! request_timeout = "10s"
+//! breaker.consecutive_failures = 5
+//!
+//! [[destination]]
+//! match = "10.0.0.7:80"           # original destination address, or
+//! request_timeout = "2s"
+//! [destination.breaker]
+//! open_time = "30s"
+//! failure_on = ["connect", "timeout", "503"]
+//!
+//! [[destination]]
+//! match = "api.example:443"       # a request authority (Host / :authority)
+//! retry = { max_retries = 0 }
+//! ```
+//!
+//! | key | type | default | flag / environment | meaning |
+//! |---|---|---|---|---|
+//! | `connect_timeout` | duration | `1s` | `--connect-timeout` / `SIDECAR_CONNECT_TIMEOUT` | TCP connect to the upstream; a timeout answers 504 (opaque TCP: reset) |
+//! | `request_timeout` | duration | `30s` | `--request-timeout` / `SIDECAR_REQUEST_TIMEOUT` | request head to response head, retries included; answers 504 |
+//! | `idle_timeout` | duration | `1h` | `--idle-timeout` / `SIDECAR_IDLE_TIMEOUT` | opaque TCP and upgraded (WebSocket) connections with no bytes either way are closed |
+//! | `breaker.consecutive_failures` | integer | `5` | `--breaker-consecutive-failures` / `SIDECAR_BREAKER_CONSECUTIVE_FAILURES` | failures in a row that open the breaker; 0 = never |
+//! | `breaker.failure_rate` | number or `"off"` | off | `--breaker-failure-rate` / `SIDECAR_BREAKER_FAILURE_RATE` | fraction (0 < r <= 1) of failures in the window that opens the breaker |
+//! | `breaker.failure_rate_window` | duration | `10s` | | the sliding window of the failure rate |
+//! | `breaker.failure_rate_min_requests` | integer | `20` | | outcomes needed in the window before the rate counts |
+//! | `breaker.open_time` | duration | `10s` | `--breaker-open-time` / `SIDECAR_BREAKER_OPEN_TIME` | how long the breaker stays open (answering 503) after a trip |
+//! | `breaker.max_open_time` | duration | `5m` | | the open time doubles on each re-trip up to this |
+//! | `breaker.half_open_probes` | integer | `1` | | requests let through at once while half-open |
+//! | `breaker.failure_on` | list | `["connect", "reset", "timeout", "5xx"]` (5xx without 501, 505) | | what counts as a failure: `connect`, `reset`, `timeout`, `5xx`, or status codes `500`..`599` |
+//! | `retry.max_retries` | integer | `2` | `--max-retries` / `SIDECAR_MAX_RETRIES` | retries per request (idempotent methods only); 0 = none |
+//! | `retry.on` | list | `["connect", "reset", "503"]` | | what is retried: `connect`, `reset`, `5xx`, or status codes |
+//! | `retry.budget_ratio` | number | `0.2` | `--retry-budget-ratio` / `SIDECAR_RETRY_BUDGET_RATIO` | retries allowed per request over the window (0.2 = 20 %) |
+//! | `retry.budget_min_per_second` | integer | `10` | `--retry-budget-min-per-second` / `SIDECAR_RETRY_BUDGET_MIN_PER_SECOND` | retries always allowed per second of the window |
+//! | `retry.budget_window` | duration | `10s` | | the budget's sliding window |
+//! | `retry.max_body_bytes` | integer | `65536` | | request bodies up to this size (with a known length) are kept for replay; larger ones are not retried |
+//! | `retry.backoff` | duration | `25ms` | | base of the jittered exponential pause between attempts (`0s`: none) |
+//!
+//! Durations are strings with a unit: `500ms`, `2s`, `1m`, `1h`. Lists may also be given as one
+//! comma-separated string (that is how flags and environment variables give them).
+use std::path::Path;
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use super::retry::FailureSet;
+use super::{DestinationPolicy, DestinationRule, Match, PolicyConfig};
+use crate::run::parse_duration;
+
+/// One bad key: where (file section and key, or flag), the value given, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    pub key: String,
+    pub value: String,
+    pub problem: String,
+}
+
+/// A value as given: from TOML (typed) or from a flag / environment variable (always text).
+#[derive(Debug, Clone, Copy)]
+enum Raw<'a> {
+    Toml(&'a Value),
+    Text(&'a str),
+}
+
+impl<'a> Raw<'a> {
+    /// The value as the user wrote it, for error messages.
+    fn shown(&self) -> String {
+        match self.text() {
+            Some(s) => s.to_owned(),
+            None => match self {
+                Raw::Toml(v) => v.to_string(),
+                Raw::Text(s) => (*s).to_owned(),
+            },
+        }
+    }
+
+    /// A string value (all flag values are).
+    fn text(&self) -> Option<&'a str> {
+        match *self {
+            Raw::Text(s) => Some(s),
+            Raw::Toml(Value::String(s)) => Some(s.as_str()),
+            Raw::Toml(_) => None,
+        }
+    }
+}
+
+type Apply = fn(&mut DestinationPolicy, Raw<'_>) -> Result<(), String>;
+
+/// One setting of a `[defaults]` or `[[destination]]` section.
+struct Key {
+    /// The key inside a section (`breaker.open_time`).
+    path: &'static str,
+    apply: Apply,
+}
+
+/// A flag / environment variable that sets one key of the defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct Flag<'a> {
+    /// The key it sets, as in the table above.
+    pub path: &'static str,
+    /// How it is named in errors (`--breaker-open-time / SIDECAR_BREAKER_OPEN_TIME`).
+    pub name: &'static str,
+    /// `None`: not given (the file's or the built-in default applies).
+    pub value: Option<&'a str>,
+}
+
+const KEYS: &[Key] = &[
+    Key {
+        path: "connect_timeout",
+        apply: |p, v| positive_duration(v).map(|d| p.connect_timeout = d),
+    },
+    Key {
+        path: "request_timeout",
+        apply: |p, v| positive_duration(v).map(|d| p.request_timeout = d),
+    },
+    Key {
+        path: "idle_timeout",
+        apply: |p, v| positive_duration(v).map(|d| p.idle_timeout = d),
+    },
+    Key {
+        path: "breaker.consecutive_failures",
+        apply: |p, v| count(v, 0, 1_000_000).map(|n| p.breaker.consecutive_failures = n),
+    },
+    Key {
+        path: "breaker.failure_rate",
+        apply: |p, v| rate(v).map(|r| p.breaker.failure_rate = r),
+    },
+    Key {
+        path: "breaker.failure_rate_window",
+        apply: |p, v| positive_duration(v).map(|d| p.breaker.failure_rate_window = d),
+    },
+    Key {
+        path: "breaker.failure_rate_min_requests",
+        apply: |p, v| count(v, 1, 1_000_000).map(|n| p.breaker.failure_rate_min_requests = n),
+    },
+    Key {
+        path: "breaker.open_time",
+        apply: |p, v| positive_duration(v).map(|d| p.breaker.open_time = d),
+    },
+    Key {
+        path: "breaker.max_open_time",
+        apply: |p, v| positive_duration(v).map(|d| p.breaker.max_open_time = d),
+    },
+    Key {
+        path: "breaker.half_open_probes",
+        apply: |p, v| count(v, 1, 10_000).map(|n| p.breaker.half_open_probes = n),
+    },
+    Key {
+        path: "breaker.failure_on",
+        apply: |p, v| failure_set(v, true).map(|s| p.failure_on = s),
+    },
+    Key {
+        path: "retry.max_retries",
+        apply: |p, v| count(v, 0, 10).map(|n| p.retry.max_retries = n),
+    },
+    Key {
+        path: "retry.on",
+        apply: |p, v| failure_set(v, false).map(|s| p.retry.on = s),
+    },
+    Key {
+        path: "retry.budget_ratio",
+        apply: |p, v| ratio(v).map(|r| p.retry.budget.ratio = r),
+    },
+    Key {
+        path: "retry.budget_min_per_second",
+        apply: |p, v| count(v, 0, 1_000_000).map(|n| p.retry.budget.min_per_second = n),
+    },
+    Key {
+        path: "retry.budget_window",
+        apply: |p, v| positive_duration(v).map(|d| p.retry.budget.window = d),
+    },
+    Key {
+        path: "retry.max_body_bytes",
+        apply: |p, v| count(v, 0, 64 * 1024 * 1024).map(|n| p.retry.max_body_bytes = n as usize),
+    },
+    Key {
+        path: "retry.backoff",
+        apply: |p, v| duration(v).map(|d| p.retry.backoff = d),
+    },
+];
+
+/// The sub-tables a section may have.
+const SUBTABLES: &[&str] = &["breaker", "retry"];
+
+fn key(path: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.path == path)
+}
+
+fn duration(v: Raw<'_>) -> Result<Duration, String> {
+    match v.text() {
+        Some(s) => parse_duration(s),
+        None => Err("expected a duration string with a unit, e.g. \"500ms\" or \"2s\"".to_owned()),
+    }
+}
+
+fn positive_duration(v: Raw<'_>) -> Result<Duration, String> {
+    let d = duration(v)?;
+    if d.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(d)
+}
+
+fn count(v: Raw<'_>, min: u32, max: u32) -> Result<u32, String> {
+    let expected = || format!("expected a whole number from {min} to {max}");
+    let n: i64 = match (v, v.text()) {
+        (Raw::Toml(Value::Integer(n)), _) => *n,
+        (_, Some(s)) => s.trim().parse().map_err(|_| expected())?,
+        (_, None) => return Err(expected()),
+    };
+    match u32::try_from(n) {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from {min} to {max}")),
+    }
+}
+
+fn number(v: Raw<'_>, expected: &str) -> Result<f64, String> {
+    let x = match (v, v.text()) {
+        (Raw::Toml(Value::Float(x)), _) => *x,
+        (Raw::Toml(Value::Integer(n)), _) => *n as f64,
+        (_, Some(s)) => {
+            let s = s.trim();
+            match s.strip_suffix('%') {
+                Some(pct) => pct.trim().parse::<f64>().map(|p| p / 100.0),
+                None => s.parse::<f64>(),
+            }
+            .map_err(|_| expected.to_owned())?
+        }
+        (_, None) => return Err(expected.to_owned()),
+    };
+    if x.is_finite() {
+        Ok(x)
+    } else {
+        Err(expected.to_owned())
+    }
+}
+
+fn rate(v: Raw<'_>) -> Result<Option<f64>, String> {
+    if v.text()
+        .is_some_and(|s| s.trim().eq_ignore_ascii_case("off"))
+    {
+        return Ok(None);
+    }
+    let expected = "expected a fraction above 0 and at most 1 (e.g. 0.5 or \"50%\"), or \"off\"";
+    match number(v, expected)? {
+        x if x > 0.0 && x <= 1.0 => Ok(Some(x)),
+        _ => Err(expected.to_owned()),
+    }
+}
+
+fn ratio(v: Raw<'_>) -> Result<f64, String> {
+    let expected = "expected a fraction from 0 to 1 (e.g. 0.2 or \"20%\")";
+    match number(v, expected)? {
+        x if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err(expected.to_owned()),
+    }
+}
+
+/// `["connect", "reset", "timeout", "5xx", "503"]` or `"connect,reset,503"`.
+fn failure_set(v: Raw<'_>, for_breaker: bool) -> Result<FailureSet, String> {
+    let items: Vec<&str> = match (v, v.text()) {
+        (_, Some(s)) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect(),
+        (Raw::Toml(Value::Array(a)), _) => {
+            let mut items = Vec::with_capacity(a.len());
+            for item in a {
+                match item {
+                    Value::String(s) => items.push(s.trim()),
+                    Value::Integer(n) => {
+                        return Err(format!(
+                            "write status codes as strings: \"{n}\" (a list of strings)"
+                        ))
+                    }
+                    _ => return Err("expected a list of strings".to_owned()),
+                }
+            }
+            items
+        }
+        (_, None) => return Err("expected a list of strings".to_owned()),
+    };
+    let kinds = if for_breaker {
+        "connect, reset, timeout, 5xx or a status code 500-599"
+    } else {
+        "connect, reset, 5xx or a status code 500-599"
+    };
+    let mut set = FailureSet::empty();
+    for item in items {
+        match item.to_ascii_lowercase().as_str() {
+            "connect" => set.connect = true,
+            "reset" => set.reset = true,
+            "timeout" if for_breaker => set.timeout = true,
+            "timeout" => {
+                return Err(
+                    "timeouts are not retried: the request timeout covers all attempts; \
+                     use connect, reset, 5xx or status codes"
+                        .to_owned(),
+                )
+            }
+            "5xx" => set.add_all_5xx(),
+            code => {
+                let ok = code.parse::<u16>().is_ok_and(|c| set.add_status(c));
+                if !ok {
+                    return Err(format!("unknown entry {item:?}; expected {kinds}"));
+                }
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// Checks rules between keys of one resolved section.
+fn check(policy: &DestinationPolicy) -> Vec<(&'static str, String, String)> {
+    let mut problems = Vec::new();
+    if policy.breaker.max_open_time < policy.breaker.open_time {
+        problems.push((
+            "breaker.max_open_time",
+            format!("{:?}", policy.breaker.max_open_time),
+            format!(
+                "must not be shorter than breaker.open_time ({:?})",
+                policy.breaker.open_time
+            ),
+        ));
+    }
+    problems
+}
+
+/// Reads the optional config file and the flags into a [`PolicyConfig`], or every problem found.
+pub fn load(file: Option<&Path>, flags: &[Flag<'_>]) -> Result<PolicyConfig, Vec<KeyError>> {
+    let mut errors = Vec::new();
+    let parsed = match file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => match text.parse::<Table>() {
+                Ok(table) => Some((path.display().to_string(), table)),
+                Err(e) => {
+                    errors.push(KeyError {
+                        key: "--config / SIDECAR_CONFIG".to_owned(),
+                        value: path.display().to_string(),
+                        problem: format!("not valid TOML: {}", e.to_string().trim_end()),
+                    });
+                    None
+                }
+            },
+            Err(e) => {
+                errors.push(KeyError {
+                    key: "--config / SIDECAR_CONFIG".to_owned(),
+                    value: path.display().to_string(),
+                    problem: format!("cannot read the config file: {e}"),
+                });
+                None
+            }
+        },
+    };
+    let config = parse_layers(
+        parsed.as_ref().map(|(n, t)| (n.as_str(), t)),
+        flags,
+        &mut errors,
+    );
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(errors)
+    }
+}
+
+/// [`load`] from text (tests, and anyone embedding the proxy).
+pub fn from_str(name: &str, text: &str, flags: &[Flag<'_>]) -> Result<PolicyConfig, Vec<KeyError>> {
+    let mut errors = Vec::new();
+    let table = match text.parse::<Table>() {
+        Ok(t) => t,
+        Err(e) => {
+            return Err(vec![KeyError {
+                key: name.to_owned(),
+                value: String::new(),
+                problem: format!("not valid TOML: {}", e.to_string().trim_end()),
+            }])
+        }
+    };
+    let config = parse_layers(Some((name, &table)), flags, &mut errors);
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_layers(
+    file: Option<(&str, &Table)>,
+    flags: &[Flag<'_>],
+    errors: &mut Vec<KeyError>,
+) -> PolicyConfig {
+    let mut defaults = DestinationPolicy::default();
+    let mut rules: Vec<(String, Match, &Table)> = Vec::new();
+    if let Some((name, table)) = file {
+        for (k, v) in table {
+            match (k.as_str(), v) {
+                ("defaults", Value::Table(section)) => {
+                    apply_section(
+                        &mut defaults,
+                        section,
+                        &format!("{name}: [defaults]"),
+                        errors,
+                    );
+                }
+                ("destination", Value::Array(list)) => {
+                    for (i, item) in list.iter().enumerate() {
+                        let label = format!("{name}: [[destination]] #{}", i + 1);
+                        let Value::Table(section) = item else {
+                            errors.push(KeyError {
+                                key: label,
+                                value: item.to_string(),
+                                problem: "expected a table".to_owned(),
+                            });
+                            continue;
+                        };
+                        match section.get("match") {
+                            Some(Value::String(m)) => match Match::parse(m) {
+                                Ok(matcher) => {
+                                    let label = format!("{label} ({m})");
+                                    if rules.iter().any(|(_, other, _)| *other == matcher) {
+                                        errors.push(KeyError {
+                                            key: format!("{label} match"),
+                                            value: m.clone(),
+                                            problem: "another [[destination]] above has the same match"
+                                                .to_owned(),
+                                        });
+                                    } else {
+                                        rules.push((label, matcher, section));
+                                    }
+                                }
+                                Err(problem) => errors.push(KeyError {
+                                    key: format!("{label} match"),
+                                    value: m.clone(),
+                                    problem,
+                                }),
+                            },
+                            Some(other) => errors.push(KeyError {
+                                key: format!("{label} match"),
+                                value: other.to_string(),
+                                problem: "expected a string like \"10.0.0.7:80\" or \"api.example:443\""
+                                    .to_owned(),
+                            }),
+                            None => errors.push(KeyError {
+                                key: format!("{label} match"),
+                                value: String::new(),
+                                problem: "missing; every [[destination]] needs match = \"IP:PORT\" or \"HOST:PORT\""
+                                    .to_owned(),
+                            }),
+                        }
+                    }
+                }
+                ("defaults", other) => errors.push(KeyError {
+                    key: format!("{name}: defaults"),
+                    value: other.to_string(),
+                    problem: "expected a [defaults] table".to_owned(),
+                }),
+                ("destination", other) => errors.push(KeyError {
+                    key: format!("{name}: destination"),
+                    value: other.to_string(),
+                    problem: "expected [[destination]] sections (an array of tables)".to_owned(),
+                }),
+                (other, v) => errors.push(KeyError {
+                    key: format!("{name}: {other}"),
+                    value: Raw::Toml(v).shown(),
+                    problem: "unknown section; expected [defaults] or [[destination]]".to_owned(),
+                }),
+            }
+        }
+    }
+    for flag in flags {
+        let Some(value) = flag.value else {
+            continue;
+        };
+        let Some(k) = key(flag.path) else {
+            continue;
+        };
+        if let Err(problem) = (k.apply)(&mut defaults, Raw::Text(value)) {
+            errors.push(KeyError {
+                key: flag.name.to_owned(),
+                value: value.to_owned(),
+                problem,
+            });
+        }
+    }
+    let defaults_label = match file {
+        Some((name, _)) => format!("{name}: [defaults] (with flags)"),
+        None => "flags".to_owned(),
+    };
+    for (k, v, problem) in check(&defaults) {
+        errors.push(KeyError {
+            key: format!("{defaults_label} {k}"),
+            value: v,
+            problem,
+        });
+    }
+    let mut destinations = Vec::with_capacity(rules.len());
+    for (label, matcher, section) in rules {
+        let mut policy = defaults.clone();
+        let before = errors.len();
+        apply_section(&mut policy, section, &label, errors);
+        if errors.len() == before {
+            for (k, v, problem) in check(&policy) {
+                errors.push(KeyError {
+                    key: format!("{label} {k}"),
+                    value: v,
+                    problem,
+                });
+            }
+        }
+        destinations.push(DestinationRule { matcher, policy });
+    }
+    PolicyConfig {
+        defaults,
+        destinations,
+    }
+}
+
+/// Applies every key of one section (and its `breaker` / `retry` sub-tables).
+fn apply_section(
+    policy: &mut DestinationPolicy,
+    section: &Table,
+    label: &str,
+    errors: &mut Vec<KeyError>,
+) {
+    for (k, v) in section {
+        if k == "match" && label.contains("[[destination]]") {
+            continue;
+        }
+        match v {
+            Value::Table(sub) if SUBTABLES.contains(&k.as_str()) => {
+                for (sk, sv) in sub {
+                    apply_key(policy, &format!("{k}.{sk}"), sv, label, errors);
+                }
+            }
+            Value::Table(_) => errors.push(KeyError {
+                key: format!("{label} {k}"),
+                value: "(a table)".to_owned(),
+                problem: format!("unknown table; valid tables here: {}", SUBTABLES.join(", ")),
+            }),
+            _ => apply_key(policy, k, v, label, errors),
+        }
+    }
+}
+
+fn apply_key(
+    policy: &mut DestinationPolicy,
+    path: &str,
+    value: &Value,
+    label: &str,
+    errors: &mut Vec<KeyError>,
+) {
+    let raw = Raw::Toml(value);
+    match key(path) {
+        Some(k) => {
+            if let Err(problem) = (k.apply)(policy, raw) {
+                errors.push(KeyError {
+                    key: format!("{label} {path}"),
+                    value: raw.shown(),
+                    problem,
+                });
+            }
+        }
+        None => errors.push(KeyError {
+            key: format!("{label} {path}"),
+            value: raw.shown(),
+            problem: unknown_key(path),
+        }),
+    }
+}
+
+/// "unknown key", with the closest valid key when one is near (a typo), else the valid ones at
+/// that level.
+fn unknown_key(path: &str) -> String {
+    let (prefix, _) = path.rsplit_once('.').unwrap_or(("", path));
+    let siblings: Vec<&str> = KEYS
+        .iter()
+        .map(|k| k.path)
+        .filter(|p| p.rsplit_once('.').map_or("", |(pre, _)| pre) == prefix)
+        .collect();
+    let nearest = KEYS
+        .iter()
+        .map(|k| (edit_distance(k.path, path), k.path))
+        .min()
+        .filter(|(d, _)| *d <= 3);
+    match nearest {
+        Some((_, near)) => format!("unknown key; did you mean {near}?"),
+        None if prefix.is_empty() => format!(
+            "unknown key; valid keys here: {}, and the tables breaker and retry",
+            siblings.join(", ")
+        ),
+        None if siblings.is_empty() => {
+            format!("unknown key; valid tables: {}", SUBTABLES.join(", "))
+        }
+        None => format!("unknown key; valid keys here: {}", siblings.join(", ")),
+    }
+}
+
+/// Levenshtein distance (short strings, error path only).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    fn flag<'a>(path: &'static str, value: Option<&'a str>) -> Flag<'a> {
+        Flag {
+            path,
+            name: path,
+            value,
+        }
+    }
+
+    fn render(errors: &[KeyError]) -> String {
+        errors
+            .iter()
+            .map(|e| format!("{} = {:?}: {}\n", e.key, e.value, e.problem))
+            .collect()
+    }
+
+    #[test]
+    fn no_file_no_flags_gives_the_defaults() {
+        let c = load(None, &[]).unwrap();
+        assert_eq!(c, PolicyConfig::default());
+        assert_eq!(c.defaults.breaker.consecutive_failures, 5);
+        assert_eq!(c.defaults.breaker.open_time, Duration::from_secs(10));
+        assert_eq!(c.defaults.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.defaults.connect_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn file_defaults_flags_and_destinations_layer() {
+        let text = r#"
+            [defaults]
+            request_timeout = "10s"
+            connect_timeout = "3s"
+            breaker.open_time = "20s"
+
+            [[destination]]
+            match = "10.0.0.7:80"
+            request_timeout = "2s"
+            [destination.breaker]
+            consecutive_failures = 3
+            failure_on = ["connect", "503"]
+            [destination.retry]
+            max_retries = 0
+
+            [[destination]]
+            match = "API.example:443"
+            retry = { on = "connect,5xx", budget_ratio = "50%" }
+            breaker = { failure_rate = 0.5, failure_rate_min_requests = 4 }
+        "#;
+        let flags = [
+            flag("connect_timeout", Some("250ms")),
+            flag("request_timeout", None),
+            flag("breaker.consecutive_failures", Some("7")),
+        ];
+        let c = from_str("policy.toml", text, &flags).unwrap();
+        let d = &c.defaults;
+        assert_eq!(d.request_timeout, Duration::from_secs(10), "file default");
+        assert_eq!(
+            d.connect_timeout,
+            Duration::from_millis(250),
+            "the flag wins"
+        );
+        assert_eq!(d.breaker.open_time, Duration::from_secs(20));
+        assert_eq!(d.breaker.consecutive_failures, 7);
+
+        let [a, b] = &c.destinations[..] else {
+            panic!("two rules: {:?}", c.destinations)
+        };
+        assert_eq!(a.matcher, Match::Addr("10.0.0.7:80".parse().unwrap()));
+        assert_eq!(a.policy.request_timeout, Duration::from_secs(2));
+        assert_eq!(
+            a.policy.connect_timeout,
+            Duration::from_millis(250),
+            "inherited"
+        );
+        assert_eq!(a.policy.breaker.consecutive_failures, 3);
+        assert_eq!(
+            a.policy.breaker.open_time,
+            Duration::from_secs(20),
+            "inherited"
+        );
+        assert!(a.policy.failure_on.connect && !a.policy.failure_on.reset);
+        assert!(a
+            .policy
+            .failure_on
+            .has_status(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(!a
+            .policy
+            .failure_on
+            .has_status(StatusCode::INTERNAL_SERVER_ERROR));
+        assert_eq!(a.policy.retry.max_retries, 0);
+
+        assert_eq!(
+            b.matcher,
+            Match::Authority {
+                host: "api.example".into(),
+                port: 443
+            }
+        );
+        assert_eq!(b.policy.retry.on.describe(), "connect,5xx");
+        assert_eq!(b.policy.retry.budget.ratio, 0.5);
+        assert_eq!(b.policy.breaker.failure_rate, Some(0.5));
+        assert_eq!(b.policy.breaker.failure_rate_min_requests, 4);
+    }
+
+    /// What users read when the file and flags are wrong: every problem at once.
+    #[test]
+    fn every_bad_key_is_reported() {
+        let text = r#"
+            colour = "blue"
+            [defaults]
+            request_timout = "10s"
+            idle_timeout = 30
+            breaker.open_time = "0s"
+            breaker.max_open_time = "1s"
+            [defaults.retry]
+            on = ["timeout"]
+            budget_ratio = 1.5
+            [defaults.tls]
+            mode = "strict"
+
+            [[destination]]
+            match = "10.0.0.7"
+            [[destination]]
+            request_timeout = "1s"
+            [[destination]]
+            match = "svc:80"
+            breaker = { failure_on = ["connect", 404], consecutive_failures = -1 }
+            [[destination]]
+            match = "SVC:80"
+            [[destination]]
+            match = "other:80"
+            breaker = { open_time = "1m", max_open_time = "30s" }
+        "#;
+        let flags = [flag("retry.max_retries", Some("many"))];
+        let errors = from_str("policy.toml", text, &flags).unwrap_err();
+        let expected = r#"policy.toml: colour = "blue": unknown section; expected [defaults] or [[destination]]
+policy.toml: [defaults] breaker.open_time = "0s": must be greater than zero
+policy.toml: [defaults] idle_timeout = "30": expected a duration string with a unit, e.g. "500ms" or "2s"
+policy.toml: [defaults] request_timout = "10s": unknown key; did you mean request_timeout?
+policy.toml: [defaults] retry.budget_ratio = "1.5": expected a fraction from 0 to 1 (e.g. 0.2 or "20%")
+policy.toml: [defaults] retry.on = "[\"timeout\"]": timeouts are not retried: the request timeout covers all attempts; use connect, reset, 5xx or status codes
+policy.toml: [defaults] tls = "(a table)": unknown table; valid tables here: breaker, retry
+policy.toml: [[destination]] #1 match = "10.0.0.7": missing port; expected IP:PORT, [IPv6]:PORT or HOST:PORT, e.g. 10.0.0.7:80 or api.example:443
+policy.toml: [[destination]] #2 match = "": missing; every [[destination]] needs match = "IP:PORT" or "HOST:PORT"
+policy.toml: [[destination]] #4 (SVC:80) match = "SVC:80": another [[destination]] above has the same match
+retry.max_retries = "many": expected a whole number from 0 to 10
+policy.toml: [defaults] (with flags) breaker.max_open_time = "1s": must not be shorter than breaker.open_time (10s)
+policy.toml: [[destination]] #3 (svc:80) breaker.consecutive_failures = "-1": expected a whole number from 0 to 1000000
+policy.toml: [[destination]] #3 (svc:80) breaker.failure_on = "[\"connect\", 404]": write status codes as strings: "404" (a list of strings)
+policy.toml: [[destination]] #5 (other:80) breaker.max_open_time = "30s": must not be shorter than breaker.open_time (60s)
+"#;
+        assert_eq!(render(&errors), expected);
+    }
+
+    #[test]
+    fn unreadable_or_invalid_files_are_reported() {
+        let errors = load(Some(Path::new("/nonexistent/sidecar.toml")), &[]).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].problem.starts_with("cannot read the config file"));
+        let errors = from_str("p.toml", "[defaults\n", &[]).unwrap_err();
+        assert!(
+            errors[0].problem.starts_with("not valid TOML"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn off_and_percentages() {
+        let flags = [
+            flag("breaker.failure_rate", Some("25%")),
+            flag("retry.budget_ratio", Some("0.1")),
+        ];
+        let c = load(None, &flags).unwrap();
+        assert_eq!(c.defaults.breaker.failure_rate, Some(0.25));
+        assert_eq!(c.defaults.retry.budget.ratio, 0.1);
+        let c = from_str("p", "[defaults]\nbreaker.failure_rate = \"off\"\n", &[]).unwrap();
+        assert_eq!(c.defaults.breaker.failure_rate, None);
+    }
+}

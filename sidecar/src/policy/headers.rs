@@ -1,0 +1,246 @@
+//! Request headers the proxy adds: `x-request-id` (kept when present, else generated), W3C
+//! `traceparent` (propagated when valid, else a new trace is started), and, on requests coming in
+//! from other hosts, `x-forwarded-for` / `forwarded` / `x-forwarded-proto`.
+//!
+//! Identifiers come from `fastrand` (a per-thread wyrand generator): unpredictability is not
+//! needed for correlation ids, speed is.
+use std::net::IpAddr;
+
+use http::header::FORWARDED;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Writes `value`'s low `out.len()` nibbles as lowercase hex, most significant first.
+fn hex_into(out: &mut [u8], mut value: u128) {
+    for slot in out.iter_mut().rev() {
+        *slot = HEX[(value & 0xf) as usize];
+        value >>= 4;
+    }
+}
+
+/// A random UUID (version 4, RFC 9562) as `x-request-id` value; 36 bytes built on the stack.
+fn new_request_id(random: u128) -> HeaderValue {
+    // Version 4 in bits 76..80, variant 0b10 in bits 62..64.
+    let id = (random & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
+    let mut buf = [b'-'; 36];
+    hex_into(&mut buf[0..8], id >> 96);
+    hex_into(&mut buf[9..13], id >> 80);
+    hex_into(&mut buf[14..18], id >> 64);
+    hex_into(&mut buf[19..23], id >> 48);
+    hex_into(&mut buf[24..36], id);
+    // Only hex digits and dashes: always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// Keeps the request's `x-request-id` or adds a new one; returns the value in force (for the
+/// proxy's own error answers, so a failed request can be found in both sides' logs).
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&X_REQUEST_ID) {
+        if !id.is_empty() {
+            return id.clone();
+        }
+    }
+    let id = new_request_id(fastrand::u128(..));
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+/// True for a `traceparent` this proxy can propagate (W3C Trace Context level 1, section 3.2):
+/// `version-traceid-parentid-flags`, lowercase hex, version not `ff`, ids not all zeros; a future
+/// version may append fields after the flags.
+pub fn is_valid_traceparent(value: &[u8]) -> bool {
+    fn hex(s: &[u8]) -> bool {
+        s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+    if value.len() < 55 {
+        return false;
+    }
+    let (version, trace, parent, flags) =
+        (&value[0..2], &value[3..35], &value[36..52], &value[53..55]);
+    let dashes = value[2] == b'-' && value[35] == b'-' && value[52] == b'-';
+    let shape = dashes && hex(version) && hex(trace) && hex(parent) && hex(flags);
+    let rest_ok = match version {
+        b"00" => value.len() == 55,
+        _ => value.len() == 55 || value[55] == b'-',
+    };
+    shape
+        && version != b"ff"
+        && rest_ok
+        && trace.iter().any(|b| *b != b'0')
+        && parent.iter().any(|b| *b != b'0')
+}
+
+/// Propagates a valid `traceparent` untouched; otherwise starts a trace: a new trace id and
+/// parent id, flags `01` (sampled: the proxy is the trace's root and lets the services record
+/// it). An invalid or orphaned `tracestate` is dropped with it, as the specification asks.
+pub fn ensure_traceparent(headers: &mut HeaderMap) {
+    let valid = headers.get_all(&TRACEPARENT).iter().count() == 1
+        && headers
+            .get(&TRACEPARENT)
+            .is_some_and(|v| is_valid_traceparent(v.as_bytes()));
+    if valid {
+        return;
+    }
+    headers.remove(&TRACESTATE);
+    let trace = loop {
+        let t = fastrand::u128(..);
+        if t != 0 {
+            break t;
+        }
+    };
+    let parent = fastrand::u64(1..);
+    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    hex_into(&mut buf[3..35], trace);
+    hex_into(&mut buf[36..52], u128::from(parent));
+    if let Ok(value) = HeaderValue::from_bytes(&buf) {
+        headers.insert(TRACEPARENT.clone(), value);
+    }
+}
+
+/// Records the client of a request coming from another host: appends its address to
+/// `x-forwarded-for` (as Go's and nginx's reverse proxies do) and to `forwarded` (RFC 7239), and
+/// sets `x-forwarded-proto: http` unless present.
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr) {
+    let client = client.to_canonical();
+    let xff = {
+        let mut joined = String::new();
+        for v in headers.get_all(&X_FORWARDED_FOR) {
+            if let Ok(s) = v.to_str() {
+                let s = s.trim();
+                if !s.is_empty() {
+                    joined.push_str(s);
+                    joined.push_str(", ");
+                }
+            }
+        }
+        joined.push_str(&client.to_string());
+        joined
+    };
+    if let Ok(v) = HeaderValue::try_from(xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    let element = match client {
+        IpAddr::V4(ip) => format!("for={ip};proto=http"),
+        // RFC 7239 6: IPv6 addresses are bracketed and quoted.
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto=http"),
+    };
+    if let Ok(v) = HeaderValue::try_from(element) {
+        headers.append(FORWARDED, v);
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), PROTO_HTTP.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_uuid_v4_and_kept_when_present() {
+        let id = new_request_id(u128::MAX);
+        assert_eq!(id, "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        let id = new_request_id(0);
+        assert_eq!(id, "00000000-0000-4000-8000-000000000000");
+
+        let mut h = HeaderMap::new();
+        let generated = ensure_request_id(&mut h);
+        assert_eq!(generated.len(), 36);
+        assert_eq!(h[&X_REQUEST_ID], generated);
+        let again = ensure_request_id(&mut h);
+        assert_eq!(again, generated, "kept");
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            X_REQUEST_ID.clone(),
+            HeaderValue::from_static("client-chosen"),
+        );
+        assert_eq!(ensure_request_id(&mut h), "client-chosen");
+        assert_ne!(
+            ensure_request_id(&mut HeaderMap::new()),
+            ensure_request_id(&mut HeaderMap::new())
+        );
+    }
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn traceparent_validation() {
+        assert!(is_valid_traceparent(VALID.as_bytes()));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(!is_valid_traceparent(bad.as_bytes()), "{bad:?}");
+        }
+        // A later version may carry more fields.
+        assert!(is_valid_traceparent(
+            b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future"
+        ));
+    }
+
+    #[test]
+    fn valid_traceparent_is_propagated_untouched() {
+        let mut h = HeaderMap::new();
+        h.insert(&TRACEPARENT, HeaderValue::from_static(VALID));
+        h.insert(&TRACESTATE, HeaderValue::from_static("vendor=1"));
+        ensure_traceparent(&mut h);
+        assert_eq!(h[&TRACEPARENT], VALID);
+        assert_eq!(h[&TRACESTATE], "vendor=1");
+    }
+
+    #[test]
+    fn missing_or_invalid_traceparent_starts_a_trace() {
+        let mut h = HeaderMap::new();
+        ensure_traceparent(&mut h);
+        let started = h[&TRACEPARENT].to_str().unwrap().to_owned();
+        assert!(is_valid_traceparent(started.as_bytes()), "{started}");
+        assert!(started.starts_with("00-") && started.ends_with("-01"));
+
+        let mut h = HeaderMap::new();
+        h.insert(&TRACEPARENT, HeaderValue::from_static("garbage"));
+        h.insert(&TRACESTATE, HeaderValue::from_static("vendor=1"));
+        ensure_traceparent(&mut h);
+        assert!(is_valid_traceparent(h[&TRACEPARENT].as_bytes()));
+        assert!(
+            !h.contains_key(&TRACESTATE),
+            "tracestate of a broken trace is dropped"
+        );
+    }
+
+    #[test]
+    fn forwarded_headers_are_appended() {
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, "10.0.0.9".parse().unwrap());
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
+        assert_eq!(h[FORWARDED], "for=10.0.0.9;proto=http");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2"));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        add_forwarded(&mut h, "fd00::9".parse().unwrap());
+        assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, fd00::9");
+        assert_eq!(h[FORWARDED], "for=\"[fd00::9]\";proto=http");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https", "kept");
+
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, "::ffff:10.0.0.9".parse().unwrap());
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9", "v4-mapped shown as IPv4");
+    }
+}
