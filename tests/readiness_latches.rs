@@ -122,5 +122,8 @@ fn without_pin_dir_or_probe_only_the_listeners_count() {
     );
     assert_eq!(config["readiness"]["app"], "not checked (no --app-probe)");
     assert_eq!(config["ebpf_counters"], "not exported (no --pin-dir)");
-    assert_eq!(config["admin"], "0.0.0.0:15090");
+    assert_eq!(
+        config["admin"],
+        serde_json::json!(["0.0.0.0:15090", "[::]:15090"])
+    );
 }

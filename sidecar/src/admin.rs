@@ -30,9 +30,10 @@ use tokio_util::sync::CancellationToken;
 use crate::lifecycle::{Readiness, Trigger};
 use crate::proxy::INBOUND_PASSTHROUGH_V4;
 
-/// Default admin listener: every address, so that the kubelet's probes and Prometheus reach it on
-/// the pod IP (Istio's 15090 is the metrics port the seed used).
-pub const DEFAULT_ADMIN: &str = "0.0.0.0:15090";
+/// Default admin listeners: every address of both families, so that the kubelet's probes and
+/// Prometheus reach it on the pod IP, IPv6-only clusters included (the IPv6 one is skipped with a
+/// warning when IPv6 is off). 15090 is the metrics port the seed used (Istio's).
+pub const DEFAULT_ADMIN: &str = "0.0.0.0:15090,[::]:15090";
 /// A client that has not sent its request head in this long is dropped (probes send at once).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 

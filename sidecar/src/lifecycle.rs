@@ -14,6 +14,27 @@
 //! 4. outbound stops; what is still open may finish; exit 0.
 //!
 //! Everything after step 1 is bounded by `--drain-timeout`; a second SIGTERM/SIGINT ends at once.
+//!
+//! In Kubernetes:
+//! - **Start order.** As a native sidecar (what `sidecar inject` writes) the proxy's startup
+//!   probe on `/live` holds the app's containers until the listeners are bound. `/ready` also
+//!   covers the interception when the proxy container mounts the node's bpffs read-only and gets
+//!   `SIDECAR_PIN_DIR=/sys/fs/bpf/sidecar/$(POD_UID)` (`POD_UID` from `metadata.uid`). As a
+//!   classic sidecar container, start the app with `sidecar wait-ready --timeout 60s && exec app`,
+//!   or put `sidecar wait-ready` in the proxy container's `postStart` hook (the kubelet starts the
+//!   next container only once it returns).
+//! - **Jobs.** Native sidecars need nothing: once the Job's containers have exited the kubelet
+//!   sends SIGTERM, and the proxy, with no app connection left, exits at once. With a classic
+//!   sidecar container, end the app's command with one of: `sidecar shutdown` (or
+//!   `curl -X POST http://127.0.0.1:15090/shutdown`); `touch /var/run/sidecar/done` with
+//!   `--shutdown-file /var/run/sidecar/done` and an `emptyDir` mounted in both containers; or,
+//!   with `shareProcessNamespace: true`, `--exit-with-app /var/run/sidecar/app.pid` and the app
+//!   writing its PID there (`echo $$ > /var/run/sidecar/app.pid; exec app`).
+//! - **Rollouts.** The kubelet sends SIGTERM and takes the pod out of the endpoints at the same
+//!   time; requests already accepted are answered, later ones are refused by the kernel and
+//!   retried elsewhere by the client. Keep `--drain-timeout` below the pod's
+//!   `terminationGracePeriodSeconds`. Classic sidecars, whose app gets SIGTERM at the same moment,
+//!   should set `--drain-min` (a few seconds) so that the app can still call out while it stops.
 pub mod client;
 mod watch;
 
@@ -586,7 +607,9 @@ mod tests {
                         }
                     }
                     let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
                         .await;
                 });
             }
@@ -616,9 +639,12 @@ mod tests {
         let raw = answer.await.unwrap();
         assert!(raw.starts_with("HTTP/1.1 200 OK"), "{raw:?}");
         assert!(raw.ends_with("ok"), "{raw:?}");
-        tokio::time::timeout(Duration::from_secs(20), proxy.active(Dir::Inbound).wait_idle())
-            .await
-            .expect("inbound drained");
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            proxy.active(Dir::Inbound).wait_idle(),
+        )
+        .await
+        .expect("inbound drained");
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@
 //! | `--workers` | `SIDECAR_WORKERS` | `1` | a sidecar should be small: 1 = single-threaded runtime |
 //! | `--drain-timeout` | `SIDECAR_DRAIN_TIMEOUT` | `30s` | bound on the whole drain (Kubernetes' default grace period) |
 //! | `--drain-min` | `SIDECAR_DRAIN_MIN` | `0s` | outbound stays open at least this long after the drain starts; `0s` suits native sidecars (the app has exited before the proxy gets SIGTERM); classic sidecars, whose app gets SIGTERM at the same time, want a few seconds (Istio uses 5 s) |
-//! | `--admin` | `SIDECAR_ADMIN` | `0.0.0.0:15090` | admin listener: `/live`, `/ready`, `/metrics`, `/config`, `POST /shutdown` (see [`crate::admin`]); `none` turns it off. Never captured by the kernel programs (`sidecar init --admin-port`) |
+//! | `--admin` | `SIDECAR_ADMIN` | `0.0.0.0:15090,[::]:15090` | admin listeners: `/live`, `/ready`, `/metrics`, `/config`, `POST /shutdown` (see [`crate::admin`]); `none` turns them off. Never captured by the kernel programs (`sidecar init --admin-port`). The default `[::]` is skipped with a warning if IPv6 is off |
 //! | `--app-probe` | `SIDECAR_APP_PROBE` | none | `/ready` also needs the app: `http://HOST:PORT/PATH` (200-399) or `tcp://HOST:PORT`; use a loopback address (a pod IP would go through inbound capture) |
 //! | `--app-probe-interval` | `SIDECAR_APP_PROBE_INTERVAL` | `1s` | how often the app probe and the interception check run |
 //! | `--pin-dir` | `SIDECAR_PIN_DIR` | none | this pod's pin directory (`<pin root>/<pod id>`): `/ready` also needs the interception (the link pins present), and the kernel counters are exported when the stats map pin is readable. Without it neither is checked (`/config` says so) |
@@ -181,11 +181,12 @@ pub struct RunArgs {
     )]
     pub drain_min: String,
 
-    /// Admin listener (/live /ready /metrics /config, POST /shutdown), or `none`
+    /// Admin listeners (/live /ready /metrics /config, POST /shutdown), comma-separated, or
+    /// `none`
     #[arg(
         long,
         env = "SIDECAR_ADMIN",
-        value_name = "ADDR|none",
+        value_name = "ADDR[,ADDR...]|none",
         default_value = crate::admin::DEFAULT_ADMIN
     )]
     pub admin: String,
@@ -233,7 +234,8 @@ pub struct RunArgs {
 /// Admin, readiness, drain and telemetry settings (see the table at the top).
 #[derive(Debug, Clone)]
 pub struct LifecycleSettings {
-    pub admin: Option<SocketAddr>,
+    /// Empty: no admin listener.
+    pub admin: Vec<ListenAddr>,
     pub app_probe: Option<AppProbe>,
     pub probe_interval: Duration,
     pub pin_dir: Option<PathBuf>,
@@ -255,14 +257,26 @@ impl LifecycleSettings {
             });
         };
         let admin = match args.admin.trim() {
-            off if off.eq_ignore_ascii_case("none") => Some(None),
-            value => match value.parse::<SocketAddr>() {
-                Ok(addr) => Some(Some(addr)),
-                Err(_) => {
+            off if off.eq_ignore_ascii_case("none") => Some(Vec::new()),
+            value => match parse_addrs(value) {
+                Ok(addrs) => {
+                    // As for the other listeners: only the default's IPv6 address may be missing.
+                    let default = value == crate::admin::DEFAULT_ADMIN;
+                    Some(
+                        addrs
+                            .into_iter()
+                            .map(|addr| ListenAddr {
+                                addr,
+                                required: !default || addr.is_ipv4(),
+                            })
+                            .collect(),
+                    )
+                }
+                Err(problem) => {
                     bad(
                         "--admin / SIDECAR_ADMIN",
                         &args.admin,
-                        "expected IP:PORT (e.g. 0.0.0.0:15090) or none".to_owned(),
+                        format!("{problem}, or none"),
                     );
                     None
                 }
@@ -838,23 +852,31 @@ async fn run(settings: Settings) -> ExitCode {
     let (trigger_tx, mut trigger_rx) = tokio::sync::mpsc::unbounded_channel::<Trigger>();
     let background = tokio_util::sync::CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
-    if let Some(addr) = life.admin {
-        let listener = match bind_admin(addr) {
-            Ok(l) => l,
+    let mut admin_addrs = Vec::new();
+    let state = Arc::new(crate::admin::AdminState {
+        readiness: Arc::clone(&readiness),
+        registry: registry.clone(),
+        config: config_json(&config_for_admin, &proxy).to_string(),
+        shutdown: trigger_tx.clone(),
+    });
+    for l in &life.admin {
+        let listener = match proxy::bind(l.addr) {
+            Ok(listener) => listener,
+            Err(e) if !l.required => {
+                warn!(addr = %l.addr, error = %e, "optional admin listener not bound (IPv6 disabled?); continuing without it");
+                continue;
+            }
             Err(e) => {
-                error!(%addr, error = %e, "cannot listen on the admin address (--admin)");
+                error!(addr = %l.addr, error = %e, "cannot listen on the admin address (--admin)");
                 return ExitCode::FAILURE;
             }
         };
-        let state = Arc::new(crate::admin::AdminState {
-            readiness: Arc::clone(&readiness),
-            registry: registry.clone(),
-            config: config_json(&config_for_admin, &proxy).to_string(),
-            shutdown: trigger_tx.clone(),
-        });
+        admin_addrs.push(l.addr);
+        let state = Arc::clone(&state);
         tokio::spawn(crate::admin::serve(listener, state, background.clone()));
-    } else {
-        warn!("admin listener off (--admin none): no probes, metrics or /shutdown");
+    }
+    if admin_addrs.is_empty() {
+        warn!("no admin listener (--admin none): no probes, metrics or /shutdown");
     }
     {
         let readiness = Arc::clone(&readiness);
@@ -911,7 +933,7 @@ async fn run(settings: Settings) -> ExitCode {
     info!(
         addresses = %list(proxy.local_addrs()),
         inbound = %list(proxy.inbound_addrs()),
-        admin = %life.admin.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        admin = %list(&admin_addrs),
         %mode,
         %service,
         workers = settings.workers,
@@ -955,18 +977,6 @@ async fn run(settings: Settings) -> ExitCode {
         ),
     }
     ExitCode::SUCCESS
-}
-
-/// The admin listener; `SO_REUSEADDR` so that a restarted proxy can bind while old connections
-/// linger in TIME_WAIT.
-fn bind_admin(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(128)
 }
 
 /// `500ms`, `1s`, `2m`: durations as the flags take them.
@@ -1045,7 +1055,7 @@ pub fn config_json(settings: &Settings, proxy: &proxy::Proxy) -> serde_json::Val
         "workers": settings.workers,
         "drain_timeout": fmt_duration(settings.drain_timeout),
         "drain_min": fmt_duration(life.drain_min),
-        "admin": life.admin.map(|a| a.to_string()),
+        "admin": life.admin.iter().map(|l| l.addr.to_string()).collect::<Vec<_>>(),
         "readiness": {
             "listeners": "required",
             "interception": match &life.pin_dir {
@@ -1216,6 +1226,77 @@ mod tests {
         );
         assert_eq!(s.workers, 2);
         assert_eq!(s.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn lifecycle_flags() {
+        let s = Settings::from_args(&defaults(), &no_env).unwrap();
+        let admin: Vec<_> = s
+            .lifecycle
+            .admin
+            .iter()
+            .map(|l| (l.addr.to_string(), l.required))
+            .collect();
+        assert_eq!(
+            admin,
+            [
+                ("0.0.0.0:15090".to_owned(), true),
+                ("[::]:15090".to_owned(), false)
+            ]
+        );
+        assert_eq!(s.lifecycle.max_destinations, 100);
+        assert_eq!(s.lifecycle.drain_min, Duration::ZERO);
+        assert!(s.lifecycle.pin_dir.is_none() && s.lifecycle.app_probe.is_none());
+
+        let a = args(&[
+            "--admin",
+            "none",
+            "--app-probe",
+            "http://127.0.0.1:8080/healthz",
+            "--pin-dir",
+            "/sys/fs/bpf/sidecar/pod",
+            "--exit-with-app",
+            "/run/app.pid",
+            "--access-log",
+            "--drain-min",
+            "5s",
+        ]);
+        let s = Settings::from_args(&a, &no_env).unwrap();
+        assert!(s.lifecycle.admin.is_empty());
+        assert!(s.lifecycle.access_log);
+        assert_eq!(s.lifecycle.drain_min, Duration::from_secs(5));
+        assert_eq!(
+            s.lifecycle.exit_with_app,
+            Some(AppTarget::PidFile("/run/app.pid".into()))
+        );
+
+        let bad = RunArgs {
+            admin: "localhost:15090".into(),
+            app_probe: Some("127.0.0.1:8080".into()),
+            app_probe_interval: "1ms".into(),
+            pin_dir: Some("relative/dir".into()),
+            exit_with_app: Some("app.pid".into()),
+            shutdown_file: Some("done".into()),
+            max_destinations: "0".into(),
+            drain_min: "soon".into(),
+            ..defaults()
+        };
+        let err = Settings::from_args(&bad, &no_env).unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "--admin / SIDECAR_ADMIN",
+                "--app-probe / SIDECAR_APP_PROBE",
+                "--app-probe-interval / SIDECAR_APP_PROBE_INTERVAL",
+                "--drain-min / SIDECAR_DRAIN_MIN",
+                "--pin-dir / SIDECAR_PIN_DIR",
+                "--exit-with-app / SIDECAR_EXIT_WITH_APP",
+                "--shutdown-file / SIDECAR_SHUTDOWN_FILE",
+                "--max-destinations / SIDECAR_MAX_DESTINATIONS",
+            ],
+            "{err}"
+        );
     }
 
     #[test]
