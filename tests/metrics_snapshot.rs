@@ -63,11 +63,14 @@ fn metrics_after_scripted_requests() {
     let _app = pod.app_http_server("0.0.0.0:8080", "app");
     pod.init_with_netns(&[]);
     let pin_dir = pod.status().pin_dir;
-    // What `sidecar init` has to do for the proxy (UID 1337, no capabilities) to read the kernel
-    // counters: make the stats map pin world-readable (the proxy opens it read-only).
+    // `sidecar init` makes the stats map pin world-readable so that the proxy (UID 1337, no
+    // capabilities) can open it read-only and export the kernel counters.
     let stats = format!("{pin_dir}/map_SC_STATS");
-    fs::set_permissions(&stats, fs::Permissions::from_mode(0o444))
-        .unwrap_or_else(|e| panic!("chmod {stats}: {e}"));
+    let mode = fs::metadata(&stats)
+        .unwrap_or_else(|e| panic!("stat {stats}: {e}"))
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o444, "{stats} mode {mode:o}");
     let before = pod.counters().get("inbound_listener_seen");
     let mut sidecar = Sidecar::start(
         &pod,

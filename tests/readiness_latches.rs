@@ -54,6 +54,12 @@ fn ready_only_after_init_listeners_and_app() {
     });
 
     pod.init(&[]);
+    // `init` makes the stats map pin readable (0444) for the proxy; make it root-only again, as
+    // on kernels before 6.5 where an unprivileged read-only open is refused anyway, to check
+    // the proxy's behaviour when it cannot read the kernel counters.
+    let stats = format!("{pin_dir}/map_SC_STATS");
+    fs::set_permissions(&stats, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod {stats}: {e}"));
     wait_for(WAIT, "interception seen once init has run", || {
         let (status, body) = ready(&pod);
         status == 503 && !body.contains("interception") && body.contains("app:")
@@ -90,7 +96,7 @@ fn ready_only_after_init_listeners_and_app() {
         "required: http://127.0.0.1:8080/healthz"
     );
 
-    // The stats map pin is root's, mode 0600: the proxy cannot read it, exports no kernel
+    // The stats map pin is root-only (above): the proxy cannot read it, exports no kernel
     // counters, and says why once.
     let text = metrics(&pod);
     assert!(!text.contains("sidecar_ebpf_events_total"), "{text}");

@@ -17,6 +17,7 @@ use std::{
     io::{self, Write as _},
     net::IpAddr,
     os::fd::{AsFd, BorrowedFd},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -433,6 +434,18 @@ fn load_attach_pin(
         map.pin(&path).map_err(|e| {
             InitError::kernel(format!("pin {}", path.display()), bpffs_hint)(e.into())
         })?;
+        // The proxy (UID 1337, no capabilities) exports the kernel counters: it may open this one
+        // map read-only (kernels >= 6.5 allow that without CAP_BPF). Everything else stays 0600.
+        if pin_name == maps::STATS {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o444))
+                .map_err(InitError::io(format!("make {} readable", path.display())))?;
+        }
+    }
+    // The proxy's readiness checks that the link pins exist (stat): the directories must be
+    // searchable whatever the init step's umask.
+    for d in [dir, dir.parent().unwrap_or(dir)] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755))
+            .map_err(InitError::io(format!("chmod 0755 {}", d.display())))?;
     }
     Ok(pinned)
 }
