@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod doctor;
 pub mod inject;
+pub mod config_errors;
 pub mod intercept;
 pub mod lifecycle;
 pub mod logs;

@@ -144,7 +144,9 @@ pub const DEFAULT_ROTATE_WAIT: &str = "5s";
 pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "5s";
 
 /// Both argument structs have the same fields and environment variables; only the flag names
-/// differ (`--file` for `sidecar logs`, `--logs-file` when flattened into `sidecar run`).
+/// differ (`--file` for `sidecar logs`, `--logs-file` when flattened into `sidecar run`). The
+/// clap ids carry the prefix too, or `--logs-request-timeout` would clash with `sidecar run`'s
+/// own `request_timeout` (clap refuses duplicate ids when the structs are flattened together).
 /// Values are kept as strings and checked by [`LogsConfig::settings`] so that every bad key is
 /// reported at once.
 macro_rules! logs_args {
@@ -153,67 +155,67 @@ macro_rules! logs_args {
         #[derive(Debug, Clone, Default, clap::Args)]
         pub struct $name {
             /// Log file to forward
-            #[arg(long = concat!($prefix, "file"), env = "SIDECAR_LOGS_FILE", value_name = "PATH")]
+            #[arg(long = concat!($prefix, "file"), id = concat!($prefix, "file"), env = "SIDECAR_LOGS_FILE", value_name = "PATH")]
             pub file: Option<PathBuf>,
 
             /// Collector URL (http://) the batches are POSTed to
-            #[arg(long = concat!($prefix, "endpoint"), env = "SIDECAR_LOGS_ENDPOINT", value_name = "URL")]
+            #[arg(long = concat!($prefix, "endpoint"), id = concat!($prefix, "endpoint"), env = "SIDECAR_LOGS_ENDPOINT", value_name = "URL")]
             pub endpoint: Option<String>,
 
             /// Service name put in every batch (also read from SIDECAR_SERVICE_NAME, SERVICE_NAME)
-            #[arg(long = concat!($prefix, "service"), env = "SIDECAR_LOGS_SERVICE", value_name = "NAME")]
+            #[arg(long = concat!($prefix, "service"), id = concat!($prefix, "service"), env = "SIDECAR_LOGS_SERVICE", value_name = "NAME")]
             pub service: Option<String>,
 
             /// Checkpoint file [default: <dir of file>/.<file name>.sidecar-checkpoint]
-            #[arg(long = concat!($prefix, "checkpoint"), env = "SIDECAR_LOGS_CHECKPOINT", value_name = "PATH")]
+            #[arg(long = concat!($prefix, "checkpoint"), id = concat!($prefix, "checkpoint"), env = "SIDECAR_LOGS_CHECKPOINT", value_name = "PATH")]
             pub checkpoint: Option<PathBuf>,
 
             /// Where to start without a checkpoint: beginning or end
-            #[arg(long = concat!($prefix, "read-from"), env = "SIDECAR_LOGS_READ_FROM", value_name = "WHERE", default_value = "beginning")]
+            #[arg(long = concat!($prefix, "read-from"), id = concat!($prefix, "read-from"), env = "SIDECAR_LOGS_READ_FROM", value_name = "WHERE", default_value = "beginning")]
             pub read_from: String,
 
             /// How often the file is checked for new data and rotation
-            #[arg(long = concat!($prefix, "poll-interval"), env = "SIDECAR_LOGS_POLL_INTERVAL", value_name = "DURATION", default_value = DEFAULT_POLL_INTERVAL)]
+            #[arg(long = concat!($prefix, "poll-interval"), id = concat!($prefix, "poll-interval"), env = "SIDECAR_LOGS_POLL_INTERVAL", value_name = "DURATION", default_value = DEFAULT_POLL_INTERVAL)]
             pub poll_interval: String,
 
             /// Send a batch when it has this many records
-            #[arg(long = concat!($prefix, "batch-lines"), env = "SIDECAR_LOGS_BATCH_LINES", value_name = "N", default_value = DEFAULT_BATCH_LINES)]
+            #[arg(long = concat!($prefix, "batch-lines"), id = concat!($prefix, "batch-lines"), env = "SIDECAR_LOGS_BATCH_LINES", value_name = "N", default_value = DEFAULT_BATCH_LINES)]
             pub batch_lines: String,
 
             /// Send a batch when its body reaches this size (before gzip)
-            #[arg(long = concat!($prefix, "batch-bytes"), env = "SIDECAR_LOGS_BATCH_BYTES", value_name = "SIZE", default_value = DEFAULT_BATCH_BYTES)]
+            #[arg(long = concat!($prefix, "batch-bytes"), id = concat!($prefix, "batch-bytes"), env = "SIDECAR_LOGS_BATCH_BYTES", value_name = "SIZE", default_value = DEFAULT_BATCH_BYTES)]
             pub batch_bytes: String,
 
             /// Send a batch when its first record is this old
-            #[arg(long = concat!($prefix, "batch-wait"), env = "SIDECAR_LOGS_BATCH_WAIT", value_name = "DURATION", default_value = DEFAULT_BATCH_WAIT)]
+            #[arg(long = concat!($prefix, "batch-wait"), id = concat!($prefix, "batch-wait"), env = "SIDECAR_LOGS_BATCH_WAIT", value_name = "DURATION", default_value = DEFAULT_BATCH_WAIT)]
             pub batch_wait: String,
 
             /// Longer lines are truncated to this and marked "truncated": true
-            #[arg(long = concat!($prefix, "max-line-bytes"), env = "SIDECAR_LOGS_MAX_LINE_BYTES", value_name = "SIZE", default_value = DEFAULT_MAX_LINE_BYTES)]
+            #[arg(long = concat!($prefix, "max-line-bytes"), id = concat!($prefix, "max-line-bytes"), env = "SIDECAR_LOGS_MAX_LINE_BYTES", value_name = "SIZE", default_value = DEFAULT_MAX_LINE_BYTES)]
             pub max_line_bytes: String,
 
             /// Gzip request bodies (Content-Encoding: gzip)
-            #[arg(long = concat!($prefix, "gzip"), env = "SIDECAR_LOGS_GZIP", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+            #[arg(long = concat!($prefix, "gzip"), id = concat!($prefix, "gzip"), env = "SIDECAR_LOGS_GZIP", value_name = "BOOL", default_value = "false", num_args = 0..=1, default_missing_value = "true")]
             pub gzip: String,
 
             /// Time allowed for one POST (connect, send, response head)
-            #[arg(long = concat!($prefix, "request-timeout"), env = "SIDECAR_LOGS_REQUEST_TIMEOUT", value_name = "DURATION", default_value = DEFAULT_REQUEST_TIMEOUT)]
+            #[arg(long = concat!($prefix, "request-timeout"), id = concat!($prefix, "request-timeout"), env = "SIDECAR_LOGS_REQUEST_TIMEOUT", value_name = "DURATION", default_value = DEFAULT_REQUEST_TIMEOUT)]
             pub request_timeout: String,
 
             /// First retry backoff ceiling (doubles per attempt, full jitter)
-            #[arg(long = concat!($prefix, "retry-initial"), env = "SIDECAR_LOGS_RETRY_INITIAL", value_name = "DURATION", default_value = DEFAULT_RETRY_INITIAL)]
+            #[arg(long = concat!($prefix, "retry-initial"), id = concat!($prefix, "retry-initial"), env = "SIDECAR_LOGS_RETRY_INITIAL", value_name = "DURATION", default_value = DEFAULT_RETRY_INITIAL)]
             pub retry_initial: String,
 
             /// Largest retry backoff ceiling
-            #[arg(long = concat!($prefix, "retry-max"), env = "SIDECAR_LOGS_RETRY_MAX", value_name = "DURATION", default_value = DEFAULT_RETRY_MAX)]
+            #[arg(long = concat!($prefix, "retry-max"), id = concat!($prefix, "retry-max"), env = "SIDECAR_LOGS_RETRY_MAX", value_name = "DURATION", default_value = DEFAULT_RETRY_MAX)]
             pub retry_max: String,
 
             /// Keep reading a rotated file until it has been quiet this long
-            #[arg(long = concat!($prefix, "rotate-wait"), env = "SIDECAR_LOGS_ROTATE_WAIT", value_name = "DURATION", default_value = DEFAULT_ROTATE_WAIT)]
+            #[arg(long = concat!($prefix, "rotate-wait"), id = concat!($prefix, "rotate-wait"), env = "SIDECAR_LOGS_ROTATE_WAIT", value_name = "DURATION", default_value = DEFAULT_ROTATE_WAIT)]
             pub rotate_wait: String,
 
             /// On shutdown, how long sending what was read may take
-            #[arg(long = concat!($prefix, "shutdown-timeout"), env = "SIDECAR_LOGS_SHUTDOWN_TIMEOUT", value_name = "DURATION", default_value = DEFAULT_SHUTDOWN_TIMEOUT)]
+            #[arg(long = concat!($prefix, "shutdown-timeout"), id = concat!($prefix, "shutdown-timeout"), env = "SIDECAR_LOGS_SHUTDOWN_TIMEOUT", value_name = "DURATION", default_value = DEFAULT_SHUTDOWN_TIMEOUT)]
             pub shutdown_timeout: String,
         }
     };
@@ -283,13 +285,7 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
 }
 
-/// One bad configuration key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub key: String,
-    pub value: String,
-    pub problem: String,
-}
+pub use crate::config_errors::ConfigError;
 
 /// Every bad key, for one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,15 +293,7 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "sidecar logs: invalid configuration:")?;
-        for e in &self.0 {
-            writeln!(f, "  {} = {:?}: {}", e.key, e.value, e.problem)?;
-        }
-        write!(
-            f,
-            "fix the values above (flags or environment variables) and start again; \
-             `sidecar logs --help` lists every key"
-        )
+        crate::config_errors::report(f, "logs", &self.0)
     }
 }
 
@@ -331,7 +319,7 @@ impl LogsConfig {
         let key = |flag: &str, var: &str| format!("--{prefix}{flag} / {var}");
         let mut bad = |key: String, value: &str, problem: String| {
             errors.push(ConfigError {
-                key,
+                key: key.into(),
                 value: value.to_owned(),
                 problem,
             })

@@ -64,3 +64,15 @@ fn main() -> ExitCode {
         Command::Doctor(args) => sidecar::doctor::main(args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks flag names and ids only when a subcommand is parsed, at run time; this checks
+    /// every subcommand at once (flattened argument structs must not clash).
+    #[test]
+    fn command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -41,7 +41,6 @@
 //! | a second SIGTERM or SIGINT during the drain | exit 0 at once, closing everything |
 //!
 //! Bad configuration: every bad key is reported at once, exit 64.
-use std::borrow::Cow;
 use std::fmt;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -229,6 +228,11 @@ pub struct RunArgs {
         default_value = "100"
     )]
     pub max_destinations: String,
+
+    /// The log forwarder, run inside the proxy when `--logs-file` / `SIDECAR_LOGS_FILE` is set
+    /// (same keys as `sidecar logs`, prefixed `--logs-`).
+    #[command(flatten)]
+    pub logs: crate::logs::LogsConfig,
 }
 
 /// Admin, readiness, drain and telemetry settings (see the table at the top).
@@ -393,16 +397,11 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub log_filter: String,
     pub lifecycle: LifecycleSettings,
+    /// The log forwarder's settings, when it is on.
+    pub logs: Option<crate::logs::Settings>,
 }
 
-/// One bad configuration key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// A flag / variable pair, or a config file section and key.
-    pub key: Cow<'static, str>,
-    pub value: String,
-    pub problem: String,
-}
+pub use crate::config_errors::ConfigError;
 
 /// Every bad key, for one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -410,15 +409,7 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "sidecar run: invalid configuration:")?;
-        for e in &self.0 {
-            writeln!(f, "  {} = {:?}: {}", e.key, e.value, e.problem)?;
-        }
-        write!(
-            f,
-            "fix the values above (flags or environment variables) and start again; \
-             `sidecar run --help` lists every key"
-        )
+        crate::config_errors::report(f, "run", &self.0)
     }
 }
 
@@ -432,6 +423,14 @@ impl Settings {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigErrors> {
         let mut errors = Vec::new();
+        let logs = match args.logs.settings("logs-", env) {
+            Ok(Some(logs)) => Some(logs),
+            Ok(None) => None,
+            Err(e) => {
+                errors.extend(e.0);
+                None
+            }
+        };
         let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
 
         let mut listeners = |key: &'static str, value: Option<&String>, default: &str| {
@@ -612,6 +611,7 @@ impl Settings {
                 log_format,
                 log_filter,
                 lifecycle,
+                logs,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -839,6 +839,17 @@ async fn run(settings: Settings) -> ExitCode {
     ));
 
     let config_for_admin = settings.clone();
+    // The log forwarder runs beside the proxy until the drain is over, then flushes what it has
+    // read (bounded by its own --logs-shutdown-timeout).
+    let logs_stop = tokio_util::sync::CancellationToken::new();
+    let logs_task = settings.logs.clone().map(|logs| {
+        let stop = logs_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::logs::forward(logs, stop).await {
+                error!(error = %e, "log forwarder stopped");
+            }
+        })
+    });
     let proxy =
         match proxy::start_observed(settings.proxy, proxy::Resolvers::kernel(), telemetry).await {
             Ok(p) => p,
@@ -976,6 +987,10 @@ async fn run(settings: Settings) -> ExitCode {
             "second signal: exiting at once, closing what is still open"
         ),
     }
+    if let Some(task) = logs_task {
+        logs_stop.cancel();
+        let _ = task.await;
+    }
     ExitCode::SUCCESS
 }
 
@@ -1076,6 +1091,12 @@ pub fn config_json(settings: &Settings, proxy: &proxy::Proxy) -> serde_json::Val
         "shutdown_file": life.shutdown_file.as_ref().map(|p| p.display().to_string()),
         "access_log": life.access_log,
         "max_destinations": life.max_destinations,
+        "logs": settings.logs.as_ref().map(|l| serde_json::json!({
+            "file": l.file.display().to_string(),
+            "endpoint": l.endpoint.to_string(),
+            "service": l.service,
+            "checkpoint": l.checkpoint.display().to_string(),
+        })),
         "log_format": match settings.log_format {
             LogFormat::Plain => "plain",
             LogFormat::Json => "json",
@@ -1165,6 +1186,8 @@ mod tests {
 
     fn defaults() -> RunArgs {
         RunArgs {
+            // Off: no --logs-file (clap's defaults for its other keys do not matter then).
+            logs: Default::default(),
             outbound: None,
             inbound: None,
             target: None,
