@@ -314,15 +314,6 @@ fn linked_llvm_major(ctx: &Ctx) -> Option<u32> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn llvm_prefix_matches_major() {
-        assert_eq!(llvm_prefix(), Path::new("/usr/lib/llvm-22"));
-    }
-}
 
 /// Version of the offline Kubernetes schema validator the manifest tests use.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
@@ -397,4 +388,14 @@ pub fn test_tools(ctx: &Ctx) -> Result<PathBuf> {
     }
     say!("check {KUBERNETES_VALIDATE}: now present");
     Ok(script)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_prefix_matches_major() {
+        assert_eq!(llvm_prefix(), Path::new("/usr/lib/llvm-22"));
+    }
 }

@@ -62,6 +62,8 @@ fn unescape(s: &str) -> String {
     out
 }
 
+// `f_type` is a C long: i64 here, i32 on 32-bit targets, hence the casts clippy calls redundant.
+#[allow(clippy::unnecessary_cast)]
 fn fs_magic(path: &Path) -> Option<i64> {
     nix::sys::statfs::statfs(path)
         .ok()
@@ -170,6 +172,7 @@ pub fn pod_netns(path: &Path) -> Result<PodNetns, InitError> {
         problem: format!("cannot open it ({e})"),
         fix: "pass the pod's network namespace, e.g. /proc/<pid of a pod process>/ns/net or /run/netns/<name>".into(),
     })?;
+    #[allow(clippy::unnecessary_cast)] // see fs_magic
     let is_nsfs = nix::sys::statfs::fstatfs(&file)
         .map(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC)
         .unwrap_or(false);
