@@ -2,8 +2,10 @@
 //! API schemas (kubernetes-validate, strict: unknown fields are errors), for the oldest Kubernetes
 //! the manifests support and the newest the validator knows; plus the project's own rules the
 //! schemas cannot express: the proxy is a native sidecar (restartPolicy: Always) running as
-//! UID/GID 1337 with no capabilities, the init container adds exactly BPF, NET_ADMIN and SYS_ADMIN,
-//! nothing is privileged, and every SIDECAR_* variable and flag exists in the binary's --help.
+//! UID/GID 1337 with no capabilities, probing its admin port, and mounting the node's pin root
+//! read-only with SIDECAR_PIN_DIR pointing at the pod's pins; the init container adds exactly BPF,
+//! NET_ADMIN and SYS_ADMIN; nothing is privileged; and every SIDECAR_* variable and flag exists in
+//! the binary's --help.
 //!
 //! The validator is Python (`pip install kubernetes-validate`); `cargo xtask test` installs it. It is
 //! found through $KUBERNETES_VALIDATE, then PATH, then target/tools/kubernetes-validate/. Missing,
@@ -21,8 +23,12 @@ use sidecar_tests::env::sidecar_bin;
 const MIN_KUBERNETES: &str = "1.30.0";
 
 /// Variables and flags the manifests use that the sidecar binary does not have yet (asked of
-/// `sidecar init` / `sidecar cleanup`'s owner). Remove each one once --help lists it.
-const AWAITING_CLI: &[&str] = &["--interval"];
+/// their owner). Remove each one once --help lists it; empty when the binary has everything.
+const AWAITING_CLI: &[&str] = &[];
+
+/// The node's pin root (`sidecar init --pin-root` default) and the bpffs it lives on.
+const NODE_BPFFS: &str = "/sys/fs/bpf";
+const PIN_ROOT_SUBPATH: &str = "sidecar";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -182,14 +188,22 @@ fn payload_text(payload: &[Value]) -> String {
 }
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    files_with(dir, &["yaml", "yml"], out);
+}
+
+/// Files below `dir` (recursively) whose extension is one of `exts`.
+fn files_with(dir: &Path, exts: &[&str], out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
-            yaml_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            files_with(&path, exts, out);
+        } else if path
+            .extension()
+            .is_some_and(|e| exts.iter().any(|x| e == *x))
+        {
             out.push(path);
         }
     }
@@ -307,6 +321,50 @@ impl Rules {
         }
     }
 
+    /// The proxy sees its pod's pins, read-only, and is told where: exactly one mount, the node's
+    /// pin root (not the whole bpffs, whose root systemd makes 0700), and
+    /// SIDECAR_PIN_DIR = <that mount>/$(POD_UID) with POD_UID from the downward API, defined
+    /// before it (Kubernetes expands only earlier variables).
+    fn pin_dir(&mut self, l: &str, proxy: &Value, volume_path: &dyn Fn(&Value) -> Option<String>) {
+        let mounts = proxy["volumeMounts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        self.check(mounts.len() == 1, || {
+            format!(
+                "{l}: wants exactly one volume mount (the pin root), has {}",
+                mounts.len()
+            )
+        });
+        let Some(mount) = mounts.iter().find(|m| {
+            volume_path(m).as_deref() == Some(NODE_BPFFS) && m["subPath"] == PIN_ROOT_SUBPATH
+        }) else {
+            self.problems.push(format!(
+                "{l}: must mount the node's {NODE_BPFFS}/{PIN_ROOT_SUBPATH} (the bpffs hostPath volume, subPath {PIN_ROOT_SUBPATH})"
+            ));
+            return;
+        };
+        self.check(mount["readOnly"] == true, || {
+            format!("{l}: the pin root must be mounted readOnly: true")
+        });
+        let mount_path = mount["mountPath"].as_str().unwrap_or_default();
+        let env = proxy["env"].as_array().cloned().unwrap_or_default();
+        let position = |name: &str| env.iter().position(|e| e["name"] == name);
+        let (uid, dir) = (position("POD_UID"), position("SIDECAR_PIN_DIR"));
+        self.check(
+            uid.is_some_and(|i| env[i]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"),
+            || format!("{l}: POD_UID must come from the downward API metadata.uid"),
+        );
+        self.check(
+            dir.is_some_and(|i| env[i]["value"] == format!("{mount_path}/$(POD_UID)")),
+            || format!("{l}: SIDECAR_PIN_DIR must be {mount_path}/$(POD_UID)"),
+        );
+        self.check(
+            matches!((uid, dir), (Some(u), Some(d)) if u < d),
+            || format!("{l}: POD_UID must be defined before SIDECAR_PIN_DIR, or $(POD_UID) is not expanded"),
+        );
+    }
+
     /// Rules for an injected pod.
     fn injected_pod(&mut self, label: &str, template: &Value) {
         let spec = &template["spec"];
@@ -329,6 +387,21 @@ impl Rules {
                 .find(|v| v["name"] == name)?;
             v["hostPath"]["path"].as_str().map(str::to_owned)
         };
+
+        // The container's /sys is a read-only sysfs: the runtime cannot create a mount point
+        // there, only mount over directories sysfs already has (/sys/fs/bpf, /sys/fs/cgroup).
+        for name in ["sidecar-init", "sidecar-proxy"] {
+            let Some(c) = container(spec, "initContainers", name) else {
+                continue;
+            };
+            for m in c["volumeMounts"].as_array().into_iter().flatten() {
+                let path = m["mountPath"].as_str().unwrap_or_default();
+                self.check(
+                    !path.starts_with("/sys/") || path == NODE_BPFFS || path == "/sys/fs/cgroup",
+                    || format!("{label}: {name}: mountPath {path} is inside the container's sysfs, where no mount point can be created"),
+                );
+            }
+        }
 
         if let Some(init) = container(spec, "initContainers", "sidecar-init") {
             let l = format!("{label}: sidecar-init");
@@ -370,10 +443,12 @@ impl Rules {
             let mounts = init["volumeMounts"].as_array().cloned().unwrap_or_default();
             self.check(
                 mounts.iter().any(|m| {
-                    m["mountPath"] == "/sys/fs/bpf"
-                        && volume_path(m).as_deref() == Some("/sys/fs/bpf")
+                    m["mountPath"] == NODE_BPFFS
+                        && volume_path(m).as_deref() == Some(NODE_BPFFS)
+                        && m.get("subPath").is_none()
+                        && m["readOnly"] != true
                 }),
-                || format!("{l}: the node's /sys/fs/bpf must be mounted at /sys/fs/bpf"),
+                || format!("{l}: the node's /sys/fs/bpf must be mounted read-write at /sys/fs/bpf (init pins there)"),
             );
             self.check(
                 mounts.iter().any(|m| {
@@ -411,9 +486,7 @@ impl Rules {
             self.check(sc["capabilities"].get("add").is_none(), || {
                 format!("{l}: must add no capabilities")
             });
-            self.check(proxy.get("volumeMounts").is_none(), || {
-                format!("{l}: needs no volumes")
-            });
+            self.pin_dir(&l, proxy, &volume_path);
             for (kind, what) in [
                 ("requests", "cpu"),
                 ("requests", "memory"),
@@ -570,4 +643,128 @@ fn inject_outputs_validate_against_kubernetes_schemas() {
     );
     let resources = validate(&inputs);
     check_rules(&resources, |_, _| false);
+}
+
+// ---- the documentation describes this binary ----------------------------------------------------
+
+fn read(relative: &str) -> String {
+    let path = workspace().join(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Whether `word` occurs in `text` as a whole word (`--admin` is not found in `--admin-port`).
+fn mentions(text: &str, word: &str) -> bool {
+    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    text.match_indices(word).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        !before.is_some_and(is_word) && !after.is_some_and(is_word)
+    })
+}
+
+/// Double-quoted string literals of a Rust source file that satisfy `keep`. Every stretch
+/// between two quotes is tried (escaped quotes would throw a strict alternation off); `keep` only
+/// accepts whole identifiers-with-dashes, which code between two literals never is.
+fn literals(source: &str, keep: impl Fn(&str) -> bool) -> BTreeSet<String> {
+    source
+        .split('"')
+        .filter(|s| keep(s))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// docs/operator-guide.md names every flag and environment variable of every command, every
+/// metric family and every error code the binary has, and nothing is left marked pending: the
+/// guide cannot fall behind the binary unnoticed.
+#[test]
+fn operator_guide_covers_every_flag_metric_and_error_code() {
+    let guide = read("docs/operator-guide.md");
+    let mut missing = Vec::new();
+    for sub in [
+        "init",
+        "run",
+        "status",
+        "trace",
+        "cleanup",
+        "wait-ready",
+        "shutdown",
+        "logs",
+        "inject",
+        "doctor",
+    ] {
+        let words = help_words(sub);
+        assert!(
+            words.len() > 1,
+            "`sidecar {sub} --help` listed nothing: {words:?}"
+        );
+        missing.extend(
+            words
+                .into_iter()
+                .filter(|w| w != "--help" && !mentions(&guide, w))
+                .map(|w| format!("`sidecar {sub}`: {w}")),
+        );
+    }
+    let metric = |s: &str| {
+        (s.starts_with("sidecar_") || s.starts_with("process_"))
+            && !s.ends_with('_')
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    let mut rs = Vec::new();
+    files_with(&workspace().join("sidecar/src"), &["rs"], &mut rs);
+    let metrics: BTreeSet<String> = rs
+        .iter()
+        .flat_map(|f| literals(&std::fs::read_to_string(f).unwrap_or_default(), metric))
+        .collect();
+    assert!(
+        metrics.contains("sidecar_requests_total") && metrics.len() >= 20,
+        "metric names not found in sidecar/src: {metrics:?}"
+    );
+    missing.extend(
+        metrics
+            .iter()
+            .filter(|m| !mentions(&guide, m))
+            .map(|m| format!("metric {m}")),
+    );
+    let code = |s: &str| {
+        ["upstream-", "downstream-", "proxy-"]
+            .iter()
+            .any(|p| s.starts_with(p))
+            && !s.ends_with('-')
+            && s.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+    };
+    let codes: BTreeSet<String> = [
+        "sidecar/src/proxy/error.rs",
+        "sidecar/src/proxy/transparent.rs",
+    ]
+    .iter()
+    .flat_map(|f| literals(&read(f), code))
+    .collect();
+    assert!(
+        codes.contains("upstream-breaker-open"),
+        "error codes not found: {codes:?}"
+    );
+    missing.extend(
+        codes
+            .iter()
+            .filter(|c| !mentions(&guide, c))
+            .map(|c| format!("error code {c}")),
+    );
+    assert!(
+        missing.is_empty(),
+        "docs/operator-guide.md does not mention:\n  {}",
+        missing.join("\n  ")
+    );
+    for doc in [
+        "docs/operator-guide.md",
+        "docs/troubleshooting.md",
+        "README.md",
+        "deploy/README.md",
+    ] {
+        let text = read(doc).to_ascii_lowercase();
+        assert!(
+            !text.contains("(pending)") && !text.contains("**pending**"),
+            "{doc} still marks something pending"
+        );
+    }
 }

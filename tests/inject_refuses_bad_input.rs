@@ -69,12 +69,13 @@ fn every_bad_annotation_is_reported_at_once() {
     let out = inject_file(&fixtures().join("bad-annotations.in.yaml"));
     let stderr = assert_refused(&out, "bad annotations");
     for expected in [
-        "6 problem(s)",
+        "7 problem(s)",
         "did you mean sidecar.mesh.dev/exclude-outbound-ports?",
         "\"70000\" is not a port",
         "10.0.0.0/33",
         "fail-mode-inbound: \"maybe\"",
         "proxy memory request 1Gi is above its limit 512Mi",
+        "app-probe: \"127.0.0.1:8080/healthz\": expected http://HOST:PORT/PATH or tcp://HOST:PORT",
         "pod/taken: an application container is named \"sidecar-proxy\"",
     ] {
         assert!(
@@ -82,6 +83,14 @@ fn every_bad_annotation_is_reported_at_once() {
             "missing {expected:?} in:\n{stderr}"
         );
     }
+    // Each problem once, however the annotation is used.
+    let lines: Vec<&str> = stderr.lines().collect();
+    let unique: std::collections::BTreeSet<&str> = lines.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        lines.len(),
+        "a problem is repeated:\n{stderr}"
+    );
     assert_golden("bad-annotations.err", &stderr);
 }
 

@@ -16,6 +16,15 @@ pub const CGROUP_VOLUME: &str = "sidecar-cgroup";
 /// purpose: containerd orders mounts by depth, so this one comes after the container's own in
 /// mountinfo, which `--cgroup auto` reads first to learn its own cgroup.
 pub const HOST_CGROUP_MOUNT: &str = "/host/sys/fs/cgroup";
+/// The node's pin root (`sidecar init --pin-root` default), relative to the bpffs volume.
+pub const PIN_ROOT_SUBPATH: &str = "sidecar";
+/// Where the proxy sees the node's pin root, read-only. Only the pin root is mounted, not the whole
+/// bpffs: systemd (and Cilium's mount unit) mount /sys/fs/bpf with mode 0700, which UID 1337 cannot
+/// search, while `sidecar init` makes the pin root and the pod directories 0755. Not under /sys: the
+/// container's /sys is a read-only sysfs in which the runtime cannot create a mount point. Path
+/// lookups go through the pin root each time, so a re-run of `sidecar init` (which swaps the pod's
+/// directory) is seen at once.
+pub const PROXY_PIN_ROOT_MOUNT: &str = "/host/sys/fs/bpf/sidecar";
 /// The proxy's admin port (metrics, probes): `sidecar init`'s default, never captured inbound.
 pub const ADMIN_PORT: i64 = 15090;
 /// `sidecar init`'s default proxy UID/GID: connections from it are never redirected.
@@ -40,6 +49,7 @@ enum Kind {
     FailMode,
     Quantity,
     Word,
+    AppProbe,
 }
 
 /// One row of the annotation table: the annotation (after the prefix), the `SIDECAR_*` variable it
@@ -133,6 +143,11 @@ const ANNOTATIONS: &[Annotation] = &[
         init_env: None,
         kind: Kind::Word,
     },
+    Annotation {
+        name: "app-probe",
+        init_env: None,
+        kind: Kind::AppProbe,
+    },
 ];
 
 /// The names of all annotations, for documentation and error messages.
@@ -178,6 +193,8 @@ pub struct Settings {
     pub service_name: String,
     pub init_env: Vec<(&'static str, String)>,
     pub proxy_log: Option<String>,
+    /// `SIDECAR_APP_PROBE`: `/ready` also waits for the app.
+    pub app_probe: Option<String>,
     pub cpu_request: String,
     pub cpu_limit: String,
     pub memory_request: String,
@@ -234,14 +251,18 @@ impl Settings {
             }
         };
         let _ = value_of("inject");
+        // Each annotation is read (and checked) once: the others are read below.
         for spec in ANNOTATIONS {
-            if let (Some(env), Some(value)) = (spec.init_env, value_of(spec.name)) {
-                init_env.push((env, value));
+            if let Some(env) = spec.init_env {
+                if let Some(value) = value_of(spec.name) {
+                    init_env.push((env, value));
+                }
             }
         }
         let image = value_of("image").unwrap_or_else(|| default_image.to_owned());
         let service_name = value_of("service-name").unwrap_or_else(|| default_service.to_owned());
         let proxy_log = value_of("proxy-log-level");
+        let app_probe = value_of("app-probe");
         let cpu_request = value_of("proxy-cpu-request");
         let cpu_limit = value_of("proxy-cpu-limit");
         let memory_request = value_of("proxy-memory-request");
@@ -289,6 +310,7 @@ impl Settings {
             service_name,
             init_env,
             proxy_log,
+            app_probe,
             cpu_request,
             cpu_limit,
             memory_request,
@@ -346,6 +368,8 @@ fn check(kind: Kind, value: &str) -> Result<(), String> {
                 Ok(())
             }
         }
+        // What `sidecar run` would refuse with exit 64 (a crash-looping proxy) is refused here.
+        Kind::AppProbe => crate::lifecycle::AppProbe::parse(value).map(|_| ()),
     }
 }
 
@@ -542,7 +566,19 @@ pub fn init_container(s: &Settings) -> Node {
 /// `sidecar run` as a native sidecar: started before the app (and before the app's own init
 /// containers), stopped after it, so a Job still completes.
 pub fn proxy_container(s: &Settings) -> Node {
-    let mut env = vec![env_value("SIDECAR_SERVICE_NAME", &s.service_name)];
+    let mut env = vec![
+        env_value("SIDECAR_SERVICE_NAME", &s.service_name),
+        // The pin directory `sidecar init` made for this pod (its --pod-id is the pod UID).
+        // Kubernetes expands $(POD_UID) because POD_UID is defined first.
+        env_field("POD_UID", "metadata.uid"),
+        env_value(
+            "SIDECAR_PIN_DIR",
+            &format!("{PROXY_PIN_ROOT_MOUNT}/$(POD_UID)"),
+        ),
+    ];
+    if let Some(probe) = &s.app_probe {
+        env.push(env_value("SIDECAR_APP_PROBE", probe));
+    }
     if let Some(level) = &s.proxy_log {
         env.push(env_value("SIDECAR_LOG", level));
     }
@@ -569,8 +605,11 @@ pub fn proxy_container(s: &Settings) -> Node {
                 &s.memory_limit,
             ),
         ),
-        // The app starts once this passes: its first connections find the proxy listening.
+        // The app starts once this passes: its first connections find the proxy listening. /live,
+        // not /ready: /ready may wait for the app (app-probe), which waits for this probe.
         ("startupProbe", http_probe("/live", 1, 30)),
+        // Listeners, interception pins and (with app-probe) the app; 503 while draining. A native
+        // sidecar's readiness counts in the pod's Ready condition.
         ("readinessProbe", http_probe("/ready", 5, 3)),
         ("livenessProbe", http_probe("/live", 10, 3)),
         (
@@ -589,6 +628,16 @@ pub fn proxy_container(s: &Settings) -> Node {
                     Node::map([("type", Node::str("RuntimeDefault"))]),
                 ),
             ]),
+        ),
+        (
+            "volumeMounts",
+            // Read-only: /ready stats the pod's link pins, /metrics reads the stats map (0444).
+            Node::seq([Node::map([
+                ("name", Node::str(BPFFS_VOLUME)),
+                ("mountPath", Node::str(PROXY_PIN_ROOT_MOUNT)),
+                ("subPath", Node::str(PIN_ROOT_SUBPATH)),
+                ("readOnly", Node::bool(true)),
+            ])]),
         ),
     ])
 }
@@ -652,5 +701,36 @@ mod tests {
         assert!(check(Kind::Cidrs, "10.0.0.0/33").is_err());
         assert!(check(Kind::FailMode, "open").is_ok());
         assert!(check(Kind::FailMode, "Open").is_err());
+        assert!(check(Kind::AppProbe, "http://127.0.0.1:8080/healthz").is_ok());
+        assert!(check(Kind::AppProbe, "tcp://127.0.0.1:5432").is_ok());
+        assert!(check(Kind::AppProbe, "127.0.0.1:8080").is_err());
+        assert!(check(Kind::AppProbe, "http://127.0.0.1/healthz").is_err());
+    }
+
+    #[test]
+    fn proxy_pin_dir_is_the_pod_uid_below_the_mounted_pin_root() {
+        let annotations = Annotations::new(Vec::new());
+        let s = Settings::from_annotations(&annotations, "sidecar:test", "web").unwrap();
+        let proxy = proxy_container(&s);
+        let env = proxy.get("env").and_then(Node::items).unwrap();
+        let names: Vec<_> = env
+            .iter()
+            .filter_map(|e| e.get("name").and_then(Node::as_str))
+            .collect();
+        // $(POD_UID) is only expanded when POD_UID comes first.
+        let uid = names.iter().position(|n| *n == "POD_UID").unwrap();
+        let dir = names.iter().position(|n| *n == "SIDECAR_PIN_DIR").unwrap();
+        assert!(uid < dir, "{names:?}");
+        assert_eq!(
+            env[dir].get("value").and_then(Node::as_str),
+            Some("/host/sys/fs/bpf/sidecar/$(POD_UID)")
+        );
+        let mount = &proxy.get("volumeMounts").and_then(Node::items).unwrap()[0];
+        assert_eq!(
+            mount.get("mountPath").and_then(Node::as_str),
+            Some(PROXY_PIN_ROOT_MOUNT)
+        );
+        assert!(mount.get("readOnly").is_some_and(Node::is_true));
+        assert!(!names.contains(&"SIDECAR_APP_PROBE"));
     }
 }
