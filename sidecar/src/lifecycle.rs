@@ -18,8 +18,10 @@
 //! In Kubernetes:
 //! - **Start order.** As a native sidecar (what `sidecar inject` writes) the proxy's startup
 //!   probe on `/live` holds the app's containers until the listeners are bound. `/ready` also
-//!   covers the interception when the proxy container mounts the node's bpffs read-only and gets
-//!   `SIDECAR_PIN_DIR=/sys/fs/bpf/sidecar/$(POD_UID)` (`POD_UID` from `metadata.uid`). As a
+//!   covers the interception when the proxy container mounts the node's pin root read-only
+//!   (bpffs `/sys/fs/bpf`, `subPath: sidecar`, at `/host/sys/fs/bpf/sidecar`: not the whole bpffs,
+//!   which systemd mounts mode 700) and gets
+//!   `SIDECAR_PIN_DIR=/host/sys/fs/bpf/sidecar/$(POD_UID)` (`POD_UID` from `metadata.uid`). As a
 //!   classic sidecar container, start the app with `sidecar wait-ready --timeout 60s && exec app`,
 //!   or put `sidecar wait-ready` in the proxy container's `postStart` hook (the kubelet starts the
 //!   next container only once it returns).

@@ -42,9 +42,15 @@ struct Answer {
 }
 
 /// An admin address to connect to: the listener's `0.0.0.0`/`[::]` means this host's loopback.
+/// `SIDECAR_ADMIN` is shared with `sidecar run`, which takes a list (`0.0.0.0:15090,[::]:15090`):
+/// the first address of a list is used.
 fn admin_addr(value: &str) -> Result<SocketAddr, String> {
-    let addr = value
-        .trim()
+    let first = value
+        .split(',')
+        .map(str::trim)
+        .find(|a| !a.is_empty())
+        .unwrap_or_default();
+    let addr = first
         .to_socket_addrs()
         .map_err(|e| {
             format!("--admin {value:?}: {e}; expected HOST:PORT, e.g. {DEFAULT_ADMIN_CLIENT}")
@@ -160,5 +166,10 @@ mod tests {
             "127.0.0.1:9".parse().unwrap()
         );
         assert!(admin_addr("nonsense").is_err());
+        // The list form `sidecar run` takes from the same SIDECAR_ADMIN: the first one.
+        assert_eq!(
+            admin_addr("0.0.0.0:15090,[::]:15090").unwrap(),
+            "127.0.0.1:15090".parse().unwrap()
+        );
     }
 }
