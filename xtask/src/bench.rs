@@ -244,7 +244,7 @@ pub fn run(ctx: &Ctx, opts: &Options) -> Result<()> {
     say!("pinning: {}", cpus.describe());
 
     let mut lab = Lab::new(&cgroup2, cpus, &release)?;
-    let outcome = run_in_lab(ctx, &mut lab, &found, &release, &plan, &targets);
+    let outcome = run_in_lab(&mut lab, &found, &release, &plan, &targets);
     if outcome.as_ref().map_or(true, |(_, failed)| *failed) {
         lab.failed = true;
     }
@@ -253,7 +253,17 @@ pub fn run(ctx: &Ctx, opts: &Options) -> Result<()> {
 
     let load_after = loadavg();
     let goals = report::goals(&results);
+    let conditions = format!(
+        "{} round(s), targets interleaved; each cell: median ± half the range over rounds. \
+         Load average {:.2} before, {:.2} after; {}; lab processes at nice {}.",
+        plan.rounds,
+        load_before.0,
+        load_after.0,
+        cpus.describe(),
+        lab::NICE
+    );
     let tables = report::text(&results);
+    println!("{conditions}");
     print!("{tables}");
     if !opts.quick {
         print!("{}", report::goals_text(&goals));
@@ -274,7 +284,8 @@ pub fn run(ctx: &Ctx, opts: &Options) -> Result<()> {
     fs::write(&json_path, report::to_json(&results, meta, &goals).pretty())
         .with_context(|| format!("write {}", json_path.display()))?;
     let md_path = out_dir.join("results.md");
-    let mut md = report::markdown(&results);
+    let mut md = format!("{conditions}\n\n");
+    md.push_str(&report::markdown(&results));
     md.push_str(&report::goals_text(&goals).replace("\n  [", "\n- ["));
     fs::write(&md_path, md).with_context(|| format!("write {}", md_path.display()))?;
     say!(
@@ -299,7 +310,6 @@ pub fn run(ctx: &Ctx, opts: &Options) -> Result<()> {
 }
 
 fn run_in_lab(
-    _ctx: &Ctx,
     lab: &mut Lab,
     found: &tools::Found,
     release: &Path,
@@ -489,13 +499,23 @@ impl Meter<'_> {
         let cg = self.live.proxy_cgroup.as_deref()?;
         Some(procfs::usage(cg).rss_kib as f64 / MIB)
     }
+
+    /// (RSS, PSS, processes) of the proxy.
+    fn memory(&self) -> Option<(f64, f64, usize)> {
+        let cg = self.live.proxy_cgroup.as_deref()?;
+        let u = procfs::usage(cg);
+        let pss = procfs::pss_total_kib(cg);
+        Some((u.rss_kib as f64 / MIB, pss as f64 / MIB, u.processes))
+    }
 }
 
 fn phases(lab: &mut Lab, tools: &Tools, plan: &Plan, m: &mut Meter, s: &mut Sample) -> Result<()> {
     let place: Place = m.live.load.clone();
     let url = m.live.url.clone();
-    if let Some(rss) = m.rss_mib() {
+    if let Some((rss, pss, processes)) = m.memory() {
         s.set("rss_idle_mib", rss);
+        s.set("pss_idle_mib", pss);
+        s.set("proxy_processes", processes as f64);
     }
     if !plan.warmup.is_zero() {
         load::closed_loop(
@@ -620,10 +640,14 @@ fn phases(lab: &mut Lab, tools: &Tools, plan: &Plan, m: &mut Meter, s: &mut Samp
         plan.many_conns,
         false,
     )?;
-    let mut peak: Option<f64> = None;
+    // (RSS, PSS) at the highest RSS seen.
+    let mut peak: Option<(f64, f64)> = None;
     while !run.done() {
         if let Some(rss) = m.rss_mib() {
-            peak = Some(peak.map_or(rss, |p: f64| p.max(rss)));
+            if peak.is_none_or(|(p, _)| rss > p) {
+                let pss = m.memory().map_or(0.0, |(_, pss, _)| pss);
+                peak = Some((rss, pss));
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -631,8 +655,9 @@ fn phases(lab: &mut Lab, tools: &Tools, plan: &Plan, m: &mut Meter, s: &mut Samp
     let r = load::parse_wrk(&out).with_context(|| format!("unexpected wrk output:\n{out}"))?;
     let b = m.read();
     m.account(&a, &b, r.errors + r.non_2xx);
-    if let Some(peak) = peak {
-        s.set("rss_1000_mib", peak);
+    if let Some((rss, pss)) = peak {
+        s.set("rss_1000_mib", rss);
+        s.set("pss_1000_mib", pss);
     }
     Ok(())
 }

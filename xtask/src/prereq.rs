@@ -314,7 +314,6 @@ fn linked_llvm_major(ctx: &Ctx) -> Option<u32> {
     })
 }
 
-
 /// Version of the offline Kubernetes schema validator the manifest tests use.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 

@@ -41,11 +41,26 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A snapshot of a cgroup's processes: CPU ticks and RSS, summed.
+/// Pss of a process in KiB (smaps_rollup): its resident pages, each shared page divided by the
+/// number of processes sharing it. Summed over nginx's master and worker it counts their shared
+/// pages once, where summed RSS counts them twice.
+pub fn pss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A snapshot of a cgroup's processes: CPU ticks and memory, summed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
     pub cpu_ticks: u64,
     pub rss_kib: u64,
+    pub processes: usize,
 }
 
 pub fn usage(cgroup: &Path) -> Usage {
@@ -53,7 +68,13 @@ pub fn usage(cgroup: &Path) -> Usage {
     Usage {
         cpu_ticks: pids.iter().filter_map(|&p| cpu_ticks(p)).sum(),
         rss_kib: pids.iter().map(|&p| rss_kib(p)).sum(),
+        processes: pids.len(),
     }
+}
+
+/// Summed Pss of a cgroup's processes (slower to read than RSS: read once per phase).
+pub fn pss_total_kib(cgroup: &Path) -> u64 {
+    cgroup_pids(cgroup).iter().map(|&p| pss_kib(p)).sum()
 }
 
 /// TCP counters of the network namespace `pid` lives in: `Tcp:` from net/snmp and `TcpExt:` from
