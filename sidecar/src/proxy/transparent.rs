@@ -156,7 +156,18 @@ pub(crate) async fn serve(
         Direction::Inbound { .. } => shared.policies.inbound(),
     };
     let mut deadline: Option<Instant> = None;
-    let mut upstream = if dest.is_open() {
+    let mut buf = [0u8; MAX_DETECT_LEN];
+    // Most HTTP clients write their request right after connect(), so it is often already
+    // waiting at accept. Then there is nothing to gain from dialling at once (the upstream cannot
+    // have spoken first), and the keep-alive pool may hold an idle connection: no pre-dial,
+    // which saves a connect and a close per client connection under connection churn.
+    let http1_waiting = matches!(
+        recv(client.as_raw_fd(), &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
+        Ok(n) if n > 0 && matches!(classify(&buf[..n]), Detection::Http1)
+    );
+    let mut upstream = if http1_waiting {
+        Upstream::Held
+    } else if dest.is_open() {
         // Server-speaks-first protocols would wait for a dial that never comes: bounded.
         deadline = Some(Instant::now() + shared.config.detect_timeout);
         Upstream::Held
@@ -167,7 +178,6 @@ pub(crate) async fn serve(
             egress.source,
         ))
     };
-    let mut buf = [0u8; MAX_DETECT_LEN];
     let mut seen = 0usize;
     let stop = shared.stop_token(direction.dir()).clone();
     let mut draining = false;
