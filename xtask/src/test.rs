@@ -1,5 +1,6 @@
 //! `cargo xtask test`: the project's one test command (README, CI). Runs every test, the privileged
-//! ones included, then the format check and clippy. It never skips: without root it fails.
+//! ones included, then the format check, clippy and the benchmark harness's smoke run
+//! (`bench --quick`, no speed assertions). It never skips: without root it fails.
 
 use std::ffi::OsString;
 use std::time::Instant;
@@ -93,6 +94,20 @@ pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
             None,
         ),
     ));
+
+    // The benchmark harness's smoke run: every target starts and answers through the right path
+    // and every tool's output parses. It asserts no speed (that would be flaky on a shared
+    // machine); speed is what `cargo xtask bench` reports. Skipped when a test filter was given.
+    if extra.is_empty() {
+        let opts = crate::bench::Options {
+            quick: true,
+            rounds: None,
+            only: None,
+            sidecar: None,
+            perf: false,
+        };
+        results.push(("bench smoke (cargo xtask bench --quick)", crate::bench::run(ctx, &opts)));
+    }
 
     say!("summary ({} in all):", cmd::elapsed(started.elapsed()));
     for (name, r) in &results {
