@@ -1,9 +1,9 @@
 //! The sidecar: an init step that loads and attaches the eBPF interception programs for one pod
 //! (`intercept`), and the proxy that receives the steered connections (`run`, `proxy`).
 pub mod admin;
+pub mod config_errors;
 pub mod doctor;
 pub mod inject;
-pub mod config_errors;
 pub mod intercept;
 pub mod lifecycle;
 pub mod logs;

@@ -106,7 +106,10 @@ pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
             sidecar: None,
             perf: false,
         };
-        results.push(("bench smoke (cargo xtask bench --quick)", crate::bench::run(ctx, &opts)));
+        results.push((
+            "bench smoke (cargo xtask bench --quick)",
+            crate::bench::run(ctx, &opts),
+        ));
     }
 
     say!("summary ({} in all):", cmd::elapsed(started.elapsed()));

@@ -233,7 +233,10 @@ async fn forwards_gzipped_batches_counts_metrics_and_checkpoints() {
     append(&log, "{\"seq\":21}\n");
     wait_for("seq 21", || records(&seen).iter().any(|r| r["seq"] == 21)).await;
     // The collector has the body before the forwarder has read the 200 and counted the lines.
-    wait_for("seq 21 counted as sent", || m.lines_sent.get() - sent0 >= 21).await;
+    wait_for("seq 21 counted as sent", || {
+        m.lines_sent.get() - sent0 >= 21
+    })
+    .await;
 
     assert_eq!(m.lines_read.get() - read0, 22);
     assert_eq!(
