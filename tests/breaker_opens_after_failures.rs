@@ -4,35 +4,14 @@
 //! through, and its success closes the breaker. All through the real interception path.
 use std::time::{Duration, Instant};
 
-use sidecar_tests::{client, netns, poll_until, HttpReply, Pod};
+use sidecar_tests::metrics::{metrics, series};
+use sidecar_tests::{poll_until, HttpReply, Pod};
 
 /// The breaker's open time in these tests: short, so that the half-open step comes quickly.
 const OPEN_TIME: Duration = Duration::from_secs(1);
 /// Generous bound on how long the breaker may take to let a probe through after the open time
 /// (a debug build on a busy 2-core machine; probes are polled, never slept for).
 const PROBE_DEADLINE: Duration = Duration::from_secs(20);
-
-/// The proxy's `/metrics` (admin port 15090), read from the pod's network namespace by a thread
-/// outside the pod cgroup (so the request is not intercepted); waits for the admin listener.
-fn metrics(pod: &Pod) -> String {
-    let admin = "127.0.0.1:15090".parse().expect("literal address");
-    let fetched = poll_until(Duration::from_secs(10), || {
-        netns::in_netns(pod.pod_netns(), move || {
-            client::http_get(admin, "/metrics", None).ok()
-        })
-        .unwrap_or_else(|e| panic!("enter netns {}: {e}", pod.pod_netns()))
-    });
-    match fetched {
-        Some(reply) if reply.status == 200 => reply.body,
-        other => panic!("GET /metrics from the admin port failed: {other:?}"),
-    }
-}
-
-/// The value of one exact series in a metrics exposition.
-fn series(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-}
 
 fn assert_upstream_answer(reply: &HttpReply, status: u16, what: &str) {
     assert_eq!(reply.status, status, "{what}: {reply:?}");

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use sidecar_tests::{env, netns, Pod, POD_IP4, PROXY_GID, PROXY_UID};
 
 /// The admin port (`sidecar run --admin` default).
-pub const ADMIN_PORT: u16 = 15090;
+pub use sidecar_tests::metrics::ADMIN_PORT;
 /// A debug build on a busy 2-core machine may take this long to start listening.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Every client exchange is bounded, so a broken proxy fails a test instead of hanging it.
@@ -308,22 +308,6 @@ pub fn admin_request_from_remote(
         http_exchange(addr, &method, &path)
     })
     .unwrap_or_else(|e| panic!("enter the remote netns: {e}"))
-}
-
-/// `/metrics`, panicking unless it answers 200.
-pub fn metrics(pod: &Pod) -> String {
-    match admin_get(pod, "/metrics") {
-        Ok((200, body)) => body,
-        other => panic!("GET /metrics: {other:?}"),
-    }
-}
-
-/// The value of one series (`name{labels}` exactly as exposed), if present.
-pub fn series(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(series)?;
-        rest.strip_prefix(' ')?.trim().parse().ok()
-    })
 }
 
 /// An app server in the pod's network namespace that answers every request with 200 `ok` after

@@ -11,8 +11,9 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
+use sidecar_tests::metrics::{metrics, series};
 use sidecar_tests::Pod;
-use support::{metrics, series, wait_for, Sidecar};
+use support::{wait_for, Sidecar};
 
 /// The families pinned by the snapshot.
 const FAMILIES: [&str; 6] = [

@@ -9,8 +9,9 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
+use sidecar_tests::metrics::metrics;
 use sidecar_tests::Pod;
-use support::{admin_get, metrics, wait_for, Sidecar};
+use support::{admin_get, wait_for, Sidecar};
 
 const WAIT: Duration = Duration::from_secs(20);
 

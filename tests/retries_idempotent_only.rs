@@ -2,30 +2,9 @@
 //! again on a 503 or a reset, each retry marked `x-sidecar-attempt` and carrying the same
 //! `x-request-id` and body; POST never is; and the retry budget caps retries at a fraction of
 //! the requests, so that retries cannot multiply an outage.
-use std::time::Duration;
 
-use sidecar_tests::{client, netns, poll_until, Pod, SeenRequest};
-
-/// The proxy's `/metrics` (admin port 15090), read from the pod's network namespace by a thread
-/// outside the pod cgroup (so the request is not intercepted); waits for the admin listener.
-fn metrics(pod: &Pod) -> String {
-    let admin = "127.0.0.1:15090".parse().expect("literal address");
-    let fetched = poll_until(Duration::from_secs(10), || {
-        netns::in_netns(pod.pod_netns(), move || {
-            client::http_get(admin, "/metrics", None).ok()
-        })
-        .unwrap_or_else(|e| panic!("enter netns {}: {e}", pod.pod_netns()))
-    });
-    match fetched {
-        Some(reply) if reply.status == 200 => reply.body,
-        other => panic!("GET /metrics from the admin port failed: {other:?}"),
-    }
-}
-
-fn series(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-}
+use sidecar_tests::metrics::{metrics, series};
+use sidecar_tests::{Pod, SeenRequest};
 
 fn attempts(requests: &[SeenRequest]) -> Vec<Option<&str>> {
     requests

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sidecar_tests::metrics::{metrics, series};
 use sidecar_tests::{env, netns, Pod};
-use support::{admin_get, metrics, series, wait_for, PodProcess, Sidecar, SlowApp};
+use support::{admin_get, wait_for, PodProcess, Sidecar, SlowApp};
 
 /// Bounded load: at most this many requests, from this many clients.
 const REQUESTS: usize = 200;

@@ -7,8 +7,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use sidecar_tests::metrics::{metrics, series};
 use sidecar_tests::{env, Pod};
-use support::{admin_get, metrics, series, wait_for, PodProcess, Sidecar};
+use support::{admin_get, wait_for, PodProcess, Sidecar};
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
