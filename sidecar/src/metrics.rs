@@ -76,6 +76,10 @@ pub struct ConnMetrics {
     pub active: IntGauge,
     pub received: IntCounter,
     pub sent: IntCounter,
+    /// Upstream HTTP/1 connections open in the pool (idle, in use or being dialled).
+    pub upstream_open: IntGauge,
+    /// Requests that waited for a connection: their destination was at its connection limit.
+    pub upstream_waits: IntCounter,
 }
 
 /// What a destination is known by.
@@ -156,8 +160,22 @@ impl ProxyMetrics {
             "sidecar_tcp_sent_bytes_total",
             "Bytes written to downstream connections",
         )?;
+        let upstream_open = IntGaugeVec::new(
+            Opts::new(
+                "sidecar_upstream_connections_open",
+                "Pooled upstream HTTP/1 connections open now (idle, in use or being dialled)",
+            ),
+            &["direction"],
+        )?;
+        let upstream_waits = dir_counter(
+            "sidecar_upstream_connection_waits_total",
+            "Requests that queued for an upstream connection because their destination had \
+             --max-connections-per-destination open",
+        )?;
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(upstream_open.clone()),
+            Box::new(upstream_waits.clone()),
             Box::new(durations.clone()),
             Box::new(errors.clone()),
             Box::new(opened.clone()),
@@ -176,6 +194,8 @@ impl ProxyMetrics {
                 active: active.get_metric_with_label_values(&l)?,
                 received: received.get_metric_with_label_values(&l)?,
                 sent: sent.get_metric_with_label_values(&l)?,
+                upstream_open: upstream_open.get_metric_with_label_values(&l)?,
+                upstream_waits: upstream_waits.get_metric_with_label_values(&l)?,
             })
         };
         let conns = [conn(Dir::Inbound)?, conn(Dir::Outbound)?];
@@ -223,6 +243,15 @@ impl ProxyMetrics {
     /// The connection counters of `dir`.
     pub fn conns(&self, dir: Dir) -> &ConnMetrics {
         &self.conns[dir.index()]
+    }
+
+    /// What the upstream pool of `dir` records.
+    pub(crate) fn pool(&self, dir: Dir) -> crate::proxy::PoolMetrics {
+        let c = self.conns(dir);
+        crate::proxy::PoolMetrics {
+            open: c.upstream_open.clone(),
+            waits: c.upstream_waits.clone(),
+        }
     }
 
     /// The handles of one original destination (interception mode). Call once per connection.

@@ -6,6 +6,7 @@ mod connect;
 mod detect;
 mod error;
 mod forward;
+mod pool;
 #[cfg(test)]
 mod tests;
 mod transparent;
@@ -20,8 +21,7 @@ use http::uri::{Authority, Scheme};
 use http::Uri;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,6 @@ use crate::lifecycle::{serve_until_drained, FirstRequest};
 use crate::metrics::access::{Observer, UpstreamName};
 use crate::metrics::conn::{ActiveConns, ConnGuard, CountedIo};
 use crate::metrics::{DestinationMetrics, Dir, ProxyMetrics};
-use crate::policy::retry::UpstreamBody;
 use crate::policy::{Policies, PolicyConfig};
 
 pub use detect::{classify, Detection, H2_PREFACE};
@@ -40,9 +39,12 @@ pub use error::{ConnectError, Culprit, ProxyError};
 pub use forward::{error_response, ProxyBody, X_FORWARDED_BY, X_SIDECAR_ATTEMPT, X_SIDECAR_ERROR};
 
 pub use connect::INBOUND_PASSTHROUGH_V4;
+pub use pool::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION;
 
 use connect::{Connector, Source, Stash};
 use forward::{forward_h1, Chain, Route};
+use pool::Pool;
+pub(crate) use pool::PoolMetrics;
 use transparent::Direction;
 
 /// Connect timeout: an upstream that has not completed a handshake in 1 s on a cluster network is
@@ -133,6 +135,8 @@ pub struct ProxyConfig {
     pub policy: PolicyConfig,
     pub detect_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    /// Upstream HTTP/1 connections per destination and direction; more requests queue.
+    pub max_connections_per_destination: usize,
 }
 
 impl ProxyConfig {
@@ -152,6 +156,7 @@ impl ProxyConfig {
             policy: PolicyConfig::default(),
             detect_timeout: DEFAULT_DETECT_TIMEOUT,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            max_connections_per_destination: DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,
         }
     }
 }
@@ -207,28 +212,35 @@ impl Default for Telemetry {
     }
 }
 
-/// One direction's way out: its HTTP/1 client (pool) and the parked pre-dialled connections.
+/// One direction's way out: its HTTP/1 connection pool and the parked pre-dialled connections.
 /// Inbound and outbound never share connections: inbound ones come from 127.0.0.6.
 pub(crate) struct Egress {
-    pub(crate) client: Client<Connector, UpstreamBody>,
+    pub(crate) pool: Arc<Pool>,
     pub(crate) stash: Arc<Stash>,
     pub(crate) source: Source,
 }
 
 impl Egress {
-    fn new(config: &ProxyConfig, source: Source, policies: &Arc<Policies>) -> Self {
+    fn new(
+        config: &ProxyConfig,
+        source: Source,
+        policies: &Arc<Policies>,
+        metrics: PoolMetrics,
+    ) -> Self {
         let stash = Arc::new(Stash::default());
         let connector = Connector {
             stash: Arc::clone(&stash),
             policies: Arc::clone(policies),
             source,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .build(connector);
+        let pool = Pool::new(
+            connector,
+            config.max_connections_per_destination,
+            config.pool_idle_timeout,
+            metrics,
+        );
         Egress {
-            client,
+            pool,
             stash,
             source,
         }
@@ -444,11 +456,28 @@ pub async fn start_observed(
             by_name: policies.has_name_rules(),
             default_port: t.authority.port_u16().unwrap_or(80),
             forwarded_for: None,
+            upstream: None,
         }
     });
+    let outbound = Egress::new(
+        &config,
+        Source::Any,
+        &policies,
+        telemetry.metrics.pool(Dir::Outbound),
+    );
+    let inbound = Egress::new(
+        &config,
+        Source::Passthrough,
+        &policies,
+        telemetry.metrics.pool(Dir::Inbound),
+    );
+    let target_route = target_route.map(|r| Route {
+        upstream: Some(outbound.pool.host(&r.authority)),
+        ..r
+    });
     let shared = Arc::new(Shared {
-        outbound: Egress::new(&config, Source::Any, &policies),
-        inbound: Egress::new(&config, Source::Passthrough, &policies),
+        outbound,
+        inbound,
         policies,
         config,
         resolvers,

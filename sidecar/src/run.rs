@@ -18,6 +18,7 @@
 //! | `--retry-budget-min-per-second` | `SIDECAR_RETRY_BUDGET_MIN_PER_SECOND` | `10` | retries always allowed per second, so quiet destinations can retry |
 //! | `--detect-timeout` | `SIDECAR_DETECT_TIMEOUT` | `1s` | wait for the rest of a partial client preface; never applied while nobody has sent anything |
 //! | `--pool-idle-timeout` | `SIDECAR_POOL_IDLE_TIMEOUT` | `30s` | see [`crate::proxy::DEFAULT_POOL_IDLE_TIMEOUT`] |
+//! | `--max-connections-per-destination` | `SIDECAR_MAX_CONNECTIONS_PER_DESTINATION` | `128` | upstream HTTP/1 connections per destination and direction; past it requests queue (within the request timeout) for the next free connection: bounds the upstream's sockets and the proxy's memory (see [`crate::proxy::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION`]) |
 //! | `--workers` | `SIDECAR_WORKERS` | `1` | a sidecar should be small: 1 = single-threaded runtime |
 //! | `--drain-timeout` | `SIDECAR_DRAIN_TIMEOUT` | `30s` | bound on the whole drain (Kubernetes' default grace period) |
 //! | `--drain-min` | `SIDECAR_DRAIN_MIN` | `0s` | outbound stays open at least this long after the drain starts; `0s` suits native sidecars (the app has exited before the proxy gets SIGTERM); classic sidecars, whose app gets SIGTERM at the same time, want a few seconds (Istio uses 5 s) |
@@ -147,6 +148,15 @@ pub struct RunArgs {
         default_value = "30s"
     )]
     pub pool_idle_timeout: String,
+
+    /// Upstream HTTP/1 connections per destination; further requests queue for one
+    #[arg(
+        long,
+        env = "SIDECAR_MAX_CONNECTIONS_PER_DESTINATION",
+        value_name = "N",
+        default_value = "128"
+    )]
+    pub max_connections_per_destination: String,
 
     /// Runtime worker threads (1: single-threaded)
     #[arg(long, env = "SIDECAR_WORKERS", value_name = "N", default_value = "1")]
@@ -537,6 +547,21 @@ impl Settings {
             true,
         );
 
+        let max_connections_per_destination =
+            match args.max_connections_per_destination.trim().parse::<usize>() {
+                Ok(n) if (1..=65536).contains(&n) => Some(n),
+                _ => {
+                    errors.push(ConfigError {
+                        key: "--max-connections-per-destination / \
+                              SIDECAR_MAX_CONNECTIONS_PER_DESTINATION"
+                            .into(),
+                        value: args.max_connections_per_destination.clone(),
+                        problem: "expected a whole number from 1 to 65536".to_owned(),
+                    });
+                    None
+                }
+            };
+
         let workers = match args.workers.trim().parse::<usize>() {
             Ok(n) if (1..=1024).contains(&n) => Some(n),
             _ => {
@@ -583,6 +608,7 @@ impl Settings {
             policy,
             detect_timeout,
             pool_idle_timeout,
+            max_connections_per_destination,
             drain_timeout,
             workers,
             log_format,
@@ -592,6 +618,7 @@ impl Settings {
                 Some(policy),
                 Some(detect_timeout),
                 Some(pool_idle_timeout),
+                Some(max_connections_per_destination),
                 Some(drain_timeout),
                 Some(workers),
                 Some(log_format),
@@ -605,6 +632,7 @@ impl Settings {
                     policy,
                     detect_timeout,
                     pool_idle_timeout,
+                    max_connections_per_destination,
                 },
                 workers,
                 drain_timeout,
@@ -1067,6 +1095,7 @@ pub fn config_json(settings: &Settings, proxy: &proxy::Proxy) -> serde_json::Val
         "policy": policy_json(settings),
         "detect_timeout": fmt_duration(p.detect_timeout),
         "pool_idle_timeout": fmt_duration(p.pool_idle_timeout),
+        "max_connections_per_destination": p.max_connections_per_destination,
         "workers": settings.workers,
         "drain_timeout": fmt_duration(settings.drain_timeout),
         "drain_min": fmt_duration(life.drain_min),
@@ -1204,6 +1233,7 @@ mod tests {
             retry_budget_min_per_second: None,
             detect_timeout: "1s".into(),
             pool_idle_timeout: "30s".into(),
+            max_connections_per_destination: "128".into(),
             workers: "1".into(),
             drain_timeout: "30s".into(),
             log_format: "plain".into(),

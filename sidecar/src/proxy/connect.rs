@@ -1,5 +1,5 @@
 //! Dialling upstreams, and handing a connection dialled during protocol detection to the HTTP
-//! client's pool so that it is not wasted.
+//! connection pool ([`super::pool`]) so that it is not wasted.
 //!
 //! In interception mode the proxy starts connecting to the original destination the moment it
 //! accepts (so a server that speaks first is heard at once). When the client then turns out to
@@ -14,11 +14,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_util::rt::TokioIo;
+use http::uri::Authority;
 use nix::sys::socket::{recv, setsockopt, sockopt, MsgFlags};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -208,9 +206,8 @@ impl Drop for StashGuard {
     }
 }
 
-/// The HTTP client's connector: parked connection first, else dial (resolving names only in
-/// `--target` mode; interception mode always has an IP literal).
-#[derive(Clone)]
+/// How the pool opens connections: the connection parked during detection first, else a dial
+/// (resolving names only in `--target` mode; interception mode always has an IP literal).
 pub(crate) struct Connector {
     pub(crate) stash: Arc<Stash>,
     /// Where the connect timeout of a destination comes from.
@@ -219,9 +216,9 @@ pub(crate) struct Connector {
 }
 
 impl Connector {
-    async fn connect(self, uri: Uri) -> Result<TokioIo<TcpStream>, ConnectError> {
-        let host = uri.host().unwrap_or_default();
-        let port = uri.port_u16().unwrap_or(80);
+    pub(crate) async fn open(&self, authority: &Authority) -> Result<TcpStream, ConnectError> {
+        let host = authority.host();
+        let port = authority.port_u16().unwrap_or(80);
         let connect_timeout = match self.source {
             Source::Any => self.policies.connect_timeout(host, port),
             // Inbound goes to the app: destination rules are for outbound traffic.
@@ -232,12 +229,10 @@ impl Connector {
             let addr = SocketAddr::new(ip, port);
             if let Some(predial) = self.stash.take(addr) {
                 if let Some(stream) = predial.into_stream(false).await? {
-                    return Ok(TokioIo::new(stream));
+                    return Ok(stream);
                 }
             }
-            return dial(addr, connect_timeout, self.source)
-                .await
-                .map(TokioIo::new);
+            return dial(addr, connect_timeout, self.source).await;
         }
         let addrs = tokio::net::lookup_host((host, port))
             .await
@@ -245,7 +240,7 @@ impl Connector {
         let mut last = None;
         for addr in addrs {
             match dial(addr, connect_timeout, self.source).await {
-                Ok(s) => return Ok(TokioIo::new(s)),
+                Ok(s) => return Ok(s),
                 Err(e) => last = Some(e),
             }
         }
@@ -255,20 +250,6 @@ impl Connector {
                 io::Error::new(io::ErrorKind::NotFound, "no addresses"),
             )
         }))
-    }
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        Box::pin(self.clone().connect(uri))
     }
 }
 

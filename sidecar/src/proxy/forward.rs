@@ -37,6 +37,7 @@ use tracing::{debug, warn};
 
 use super::connect::{dial, Predial, Source};
 use super::error::ProxyError;
+use super::pool::{Host, PooledBody};
 use super::{Egress, Shared};
 use crate::policy::breaker::Rejected;
 use crate::policy::headers::{self, X_REQUEST_ID};
@@ -45,7 +46,7 @@ use crate::policy::retry::{backoff, is_idempotent, Replay, UpstreamBody};
 use crate::policy::Destination;
 
 /// The body we answer with: the upstream's, streamed through, or a short local one.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
 // Statics built at compile time; cloning one is a pointer copy (static `Bytes`), so the hot path
 // neither validates nor allocates header names.
@@ -74,6 +75,8 @@ pub(crate) struct Route {
     pub(crate) default_port: u16,
     /// Requests from other hosts (inbound, `--target`): the client, for `x-forwarded-for`.
     pub(crate) forwarded_for: Option<IpAddr>,
+    /// HTTP/1: the pool's entry for `authority`, looked up once per connection.
+    pub(crate) upstream: Option<Arc<Host>>,
 }
 
 impl Route {
@@ -97,13 +100,13 @@ impl Route {
 /// Why a request got no upstream response: the error (status and header), what to log, and
 /// for an open breaker, when to come back.
 pub(crate) struct Failed {
-    err: ProxyError,
+    pub(super) err: ProxyError,
     detail: Cow<'static, str>,
     retry_after: Option<Duration>,
 }
 
 impl Failed {
-    fn new(err: ProxyError, detail: impl Into<Cow<'static, str>>) -> Self {
+    pub(super) fn new(err: ProxyError, detail: impl Into<Cow<'static, str>>) -> Self {
         Failed {
             err,
             detail: detail.into(),
@@ -112,7 +115,7 @@ impl Failed {
     }
 
     /// From an error of the upstream HTTP client (hyper, hyper-util, our connector).
-    fn from_error(e: &(dyn StdError + 'static)) -> Self {
+    pub(super) fn from_error(e: &(dyn StdError + 'static)) -> Self {
         Failed::new(ProxyError::classify(e), Chain(e).to_string())
     }
 
@@ -229,21 +232,21 @@ fn clone_head(head: &Parts) -> Parts {
 }
 
 /// What an attempt's result was, for the breaker and the retry decision.
-fn summary(result: &Result<Response<Incoming>, Failed>) -> Result<StatusCode, ProxyError> {
+fn summary<B>(result: &Result<Response<B>, Failed>) -> Result<StatusCode, ProxyError> {
     match result {
         Ok(resp) => Ok(resp.status()),
         Err(f) => Err(f.err),
     }
 }
 
-async fn attempt<S, F>(
+async fn attempt<B, S, F>(
     send: &mut S,
     req: Request<UpstreamBody>,
     deadline: Instant,
-) -> Result<Response<Incoming>, Failed>
+) -> Result<Response<B>, Failed>
 where
     S: FnMut(Request<UpstreamBody>) -> F,
-    F: Future<Output = Result<Response<Incoming>, Failed>>,
+    F: Future<Output = Result<Response<B>, Failed>>,
 {
     match tokio::time::timeout_at(deadline, send(req)).await {
         Ok(result) => result,
@@ -253,15 +256,15 @@ where
 
 /// Sends one request to `dest` under its policies (see the module documentation); `send` makes
 /// one attempt.
-async fn exchange<S, F>(
+async fn exchange<B, S, F>(
     dest: &Destination,
     head: Parts,
     body: Incoming,
     mut send: S,
-) -> Result<Response<Incoming>, Failed>
+) -> Result<Response<B>, Failed>
 where
     S: FnMut(Request<UpstreamBody>) -> F,
-    F: Future<Output = Result<Response<Incoming>, Failed>>,
+    F: Future<Output = Result<Response<B>, Failed>>,
 {
     let policy = dest.policy();
     let deadline = Instant::now() + policy.request_timeout;
@@ -441,28 +444,30 @@ pub(crate) async fn forward_h1(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut head, body) = req.into_parts();
-    let mut parts = std::mem::take(&mut head.uri).into_parts();
-    let original_authority = parts.authority.replace(route.authority.clone());
-    parts.scheme = Some(Scheme::HTTP);
-    let path = parts
-        .path_and_query
-        .take()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    parts.path_and_query = Some(match &route.prefix {
-        None => path,
-        Some(prefix) => match PathAndQuery::try_from(format!("{prefix}{path}")) {
-            Ok(p) => p,
-            Err(e) => return fail(ProxyError::ProxyBadRequest, &route.authority, &e),
-        },
-    });
-    head.uri = match Uri::from_parts(parts) {
-        Ok(uri) => uri,
-        Err(e) => return fail(ProxyError::ProxyBadRequest, &route.authority, &e),
-    };
-    // HTTP/2 clients carry the authority in `:authority`, not `Host`: keep it for the upstream.
+    // The upstream gets origin-form (`/path?query`, under the target's prefix). Most requests
+    // already are: then the URI is left as parsed.
+    let mut original_authority = None;
+    if route.prefix.is_some() || head.uri.scheme().is_some() || head.uri.authority().is_some() {
+        let mut parts = std::mem::take(&mut head.uri).into_parts();
+        original_authority = parts.authority.take();
+        let path = parts
+            .path_and_query
+            .take()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let path = match &route.prefix {
+            None => path,
+            Some(prefix) => match PathAndQuery::try_from(format!("{prefix}{path}")) {
+                Ok(p) => p,
+                Err(e) => return fail(ProxyError::ProxyBadRequest, &route.authority, &e),
+            },
+        };
+        head.uri = Uri::from(path);
+    }
+    // HTTP/2 clients carry the authority in `:authority`, not `Host`: keep it for the upstream;
+    // a request with neither (HTTP/1.0) names the destination.
     if !head.headers.contains_key(HOST) {
-        if let Some(value) = original_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
+        let authority = original_authority.as_ref().unwrap_or(&route.authority);
+        if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
             head.headers.insert(HOST, value);
         }
     }
@@ -474,11 +479,15 @@ pub(crate) async fn forward_h1(
     let named = route.destination(shared, host);
     let dest = named.as_deref().unwrap_or(&route.dest);
 
-    let result = exchange(dest, head, body, |req| {
-        let sent = egress.client.request(req);
-        async move { sent.await.map_err(|e| Failed::from_error(&e)) }
-    })
-    .await;
+    let looked_up;
+    let pool_host = match &route.upstream {
+        Some(host) => host,
+        None => {
+            looked_up = egress.pool.host(&route.authority);
+            &looked_up
+        }
+    };
+    let result = exchange(dest, head, body, |req| egress.pool.send(pool_host, req)).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(f) => return failed(f, dest, &request_id),
@@ -648,7 +657,7 @@ pub(crate) async fn forward_h2(
         Err(f) => return failed(f, dest, &request_id),
     };
     strip_hop_by_hop(resp.headers_mut(), false, false);
-    resp.map(Either::Left)
+    resp.map(|body| Either::Left(PooledBody::unpooled(body)))
 }
 
 #[cfg(test)]

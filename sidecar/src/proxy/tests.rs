@@ -781,3 +781,178 @@ async fn target_mode_has_no_inbound_side() {
     let proxy = start(config, erroring()).await.unwrap();
     assert!(proxy.inbound_addrs().is_empty());
 }
+
+/// An HTTP/1 upstream whose answers wait until the test lets them go (`gate`); counts the
+/// connections it accepted and the requests it has received.
+async fn gated_upstream() -> (
+    SocketAddr,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    Arc<tokio::sync::Semaphore>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let received = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (acc, rec, g) = (accepted.clone(), received.clone(), gate.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            acc.fetch_add(1, Ordering::SeqCst);
+            let (rec, g) = (rec.clone(), g.clone());
+            let service = service_fn(move |_req: Request<Incoming>| {
+                let (rec, g) = (rec.clone(), g.clone());
+                async move {
+                    rec.fetch_add(1, Ordering::SeqCst);
+                    g.acquire().await.expect("gate open").forget();
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, accepted, received, gate)
+}
+
+/// Yields to the runtime until `done` holds (the proxy and the clients run on this same
+/// single-threaded runtime, so each yield lets them make progress); `guard` bounds it.
+async fn until(mut done: impl FnMut() -> bool) {
+    while !done() {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn connection_limit_queues_requests_instead_of_dialling() {
+    let (upstream, accepted, received, gate) = gated_upstream().await;
+    let metrics = ProxyMetrics::unregistered();
+    let mut config = loopback_config();
+    config.max_connections_per_destination = 2;
+    let telemetry = Telemetry {
+        metrics: Arc::clone(&metrics),
+        access_log: false,
+    };
+    let resolvers = Resolvers {
+        outbound: fixed(upstream),
+        inbound: local_addr_resolver(),
+    };
+    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
+    let proxy_addr = proxy.local_addrs()[0];
+    let pool = metrics.conns(Dir::Outbound).clone();
+    guard(async {
+        // One request first: the pool now knows the destination speaks HTTP/1, so the client
+        // connections below are not pre-dialled (which would open connections outside the pool).
+        gate.add_permits(1);
+        let mut first = h1_client(proxy_addr).await;
+        let resp = first.send_request(get("/", "a.test")).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            clients.push(tokio::spawn(async move {
+                let mut client = h1_client(proxy_addr).await;
+                let resp = client.send_request(get("/", "a.test")).await.unwrap();
+                let status = resp.status();
+                resp.into_body().collect().await.unwrap();
+                status
+            }));
+        }
+        // Two requests reach the upstream (the idle connection and one new one); three queue.
+        until(|| pool.upstream_waits.get() == 3 && received.load(Ordering::SeqCst) == 3).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "no dial past the limit");
+        assert_eq!(pool.upstream_open.get(), 2);
+        gate.add_permits(5);
+        for client in clients {
+            assert_eq!(client.await.unwrap(), StatusCode::OK);
+        }
+        assert_eq!(received.load(Ordering::SeqCst), 6);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "queued requests reused the two"
+        );
+        assert_eq!(pool.upstream_open.get(), 2);
+    })
+    .await;
+    drop(proxy);
+}
+
+#[tokio::test]
+async fn failed_dial_and_abandoned_body_free_their_slots() {
+    // A refused destination: each failed dial must give its slot back, or a limit of 1 would
+    // block the second request for ever.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = listener.local_addr().unwrap();
+    drop(listener);
+    let metrics = ProxyMetrics::unregistered();
+    let mut config = loopback_config();
+    config.max_connections_per_destination = 1;
+    config.policy.defaults.retry.max_retries = 0;
+    config.policy.defaults.breaker.consecutive_failures = 0;
+    let telemetry = Telemetry {
+        metrics: Arc::clone(&metrics),
+        access_log: false,
+    };
+    let resolvers = Resolvers {
+        outbound: fixed(refused),
+        inbound: local_addr_resolver(),
+    };
+    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
+    let proxy_addr = proxy.local_addrs()[0];
+    let pool = metrics.conns(Dir::Outbound).clone();
+    guard(async {
+        let mut client = h1_client(proxy_addr).await;
+        for _ in 0..2 {
+            client.ready().await.unwrap();
+            let resp = client.send_request(get("/", "a.test")).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+            resp.into_body().collect().await.unwrap();
+        }
+        assert_eq!(pool.upstream_open.get(), 0);
+    })
+    .await;
+    drop(proxy);
+
+    // A client that goes away mid-body: that connection cannot be reused and is closed; the
+    // next request gets a new one.
+    let (upstream, accepted, _received, gate) = gated_upstream().await;
+    let metrics = ProxyMetrics::unregistered();
+    let mut config = loopback_config();
+    config.max_connections_per_destination = 1;
+    let telemetry = Telemetry {
+        metrics: Arc::clone(&metrics),
+        access_log: false,
+    };
+    let resolvers = Resolvers {
+        outbound: fixed(upstream),
+        inbound: local_addr_resolver(),
+    };
+    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
+    let proxy_addr = proxy.local_addrs()[0];
+    let pool = metrics.conns(Dir::Outbound).clone();
+    guard(async {
+        let mut client = h1_client(proxy_addr).await;
+        let sent = client.send_request(get("/", "a.test"));
+        // The client gives up before the answer: the upstream connection is closed.
+        until(|| pool.upstream_open.get() == 1).await;
+        drop(sent);
+        drop(client);
+        gate.add_permits(2);
+        until(|| pool.upstream_open.get() == 0).await;
+        let mut client = h1_client(proxy_addr).await;
+        let resp = client.send_request(get("/", "a.test")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body().collect().await.unwrap();
+        assert!(accepted.load(Ordering::SeqCst) >= 2);
+        assert_eq!(pool.upstream_open.get(), 1);
+    })
+    .await;
+    drop(proxy);
+}

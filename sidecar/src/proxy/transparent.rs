@@ -165,10 +165,18 @@ pub(crate) async fn serve(
         recv(client.as_raw_fd(), &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
         Ok(n) if n > 0 && matches!(classify(&buf[..n]), Detection::Http1)
     );
+    // A destination the pool is talking HTTP/1 to has no greeting to wait for either: hold the
+    // dial until the client speaks (or, for a client that stays silent for `detect_timeout`,
+    // dial then, in case this is some other protocol after all).
+    let mut dial_at_deadline = false;
     let mut upstream = if http1_waiting {
         Upstream::Held
     } else if dest.is_open() {
         // Server-speaks-first protocols would wait for a dial that never comes: bounded.
+        deadline = Some(Instant::now() + shared.config.detect_timeout);
+        Upstream::Held
+    } else if egress.pool.speaks_http1(dst) {
+        dial_at_deadline = true;
         deadline = Some(Instant::now() + shared.config.detect_timeout);
         Upstream::Held
     } else {
@@ -201,6 +209,16 @@ pub(crate) async fn serve(
                 deadline = Some(deadline.map_or(limit, |d| d.min(limit)));
             }
             Event::Deadline if draining && seen == 0 => return,
+            Event::Deadline if dial_at_deadline => {
+                dial_at_deadline = false;
+                upstream = Upstream::Dialling(start_dial(
+                    dst,
+                    dest.policy().connect_timeout,
+                    egress.source,
+                ));
+                // A partial preface still gets its own `detect_timeout` from now.
+                deadline = (seen > 0).then(|| Instant::now() + shared.config.detect_timeout);
+            }
             Event::Client(Ok(0)) => break Decision::Opaque,
             Event::Client(Ok(n)) => {
                 seen = n;
@@ -328,7 +346,9 @@ async fn serve_h1(shared: Arc<Shared>, conn: Conn, client: CountedIo<TcpStream>)
     // Parked until the pool's connector takes it; removed when this connection ends.
     let _parked = predial.map(|p| shared.egress(direction).stash.put(dst, p));
     let observer = shared.observer(direction.dir(), dst, peer);
-    let route = Arc::new(route_for(&shared, direction, authority, dst, peer, dest));
+    let route = Arc::new(route_for(
+        &shared, direction, authority, dst, peer, dest, true,
+    ));
     let first = Arc::new(FirstRequest::default());
     let svc_first = Arc::clone(&first);
     let svc_shared = Arc::clone(&shared);
@@ -372,7 +392,7 @@ async fn serve_h2(shared: Arc<Shared>, conn: Conn, client: CountedIo<TcpStream>)
     debug!(dir = direction.name(), %peer, %dst, "h2c prior knowledge");
     let source = shared.egress(direction).source;
     let observer = shared.observer(direction.dir(), dst, peer);
-    let route = route_for(&shared, direction, authority, dst, peer, dest);
+    let route = route_for(&shared, direction, authority, dst, peer, dest, false);
     let upstream = Arc::new(H2Upstream::new(dst, route, source, predial));
     let first = Arc::new(FirstRequest::default());
     let svc_first = Arc::clone(&first);
@@ -410,9 +430,11 @@ fn route_for(
     dst: SocketAddr,
     peer: SocketAddr,
     dest: Arc<Destination>,
+    http1: bool,
 ) -> Route {
     let outbound = direction == Direction::Outbound;
     Route {
+        upstream: http1.then(|| shared.egress(direction).pool.host(&authority)),
         authority,
         prefix: None,
         dest,

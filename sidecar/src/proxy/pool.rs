@@ -1,0 +1,480 @@
+//! The upstream HTTP/1 connection pool: keep-alive connections per destination, with a cap.
+//!
+//! Each downstream connection resolves its destination's [`Host`] once; a request then checks
+//! out a connection from it (no hashing, no allocation, no task per request): the most recently
+//! used idle one, else a new one (the connection parked during detection first, see
+//! [`super::connect`]) while the destination has fewer than `limit` connections, else it queues
+//! until a connection or a slot is handed over. A connection goes back when its response body
+//! has been read to the end ([`PooledBody`]); anything else (an error, a body the client gave
+//! up on, an upgrade) closes it, and its slot goes to the next waiter.
+//!
+//! Invariants (all under the host's lock): `open` counts every connection of the host that is
+//! idle, leased, or being dialled, and never exceeds `limit`; a waiter is only queued while
+//! `open == limit`; a freed slot or returned connection goes to the oldest waiter still waiting.
+//! Idle connections older than the idle timeout are closed by the reaper (and skipped on
+//! checkout).
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::connect::Connector;
+use super::error::{ConnectError, ProxyError};
+use super::forward::{Chain, Failed};
+use crate::policy::retry::UpstreamBody;
+
+/// Concurrent upstream connections per destination (and direction) unless configured: enough
+/// for a busy service's fan-in to one dependency; past it, requests queue for a connection
+/// instead of opening more (each costs the upstream a socket and the proxy ~40 KiB).
+pub const DEFAULT_MAX_CONNECTIONS_PER_DESTINATION: usize = 128;
+
+/// How often a request whose connection was closed before the request was written goes to
+/// another connection (nothing was sent, so this is safe for any method).
+const RESEND_UNSENT: usize = 3;
+
+type Sender = SendRequest<UpstreamBody>;
+
+/// What the pool records (gauges and counters of one direction).
+#[derive(Clone)]
+pub(crate) struct PoolMetrics {
+    /// Upstream connections open (idle, in use or being dialled).
+    pub(crate) open: IntGauge,
+    /// Requests that waited because their destination was at its connection limit.
+    pub(crate) waits: IntCounter,
+}
+
+/// One direction's pool.
+pub(crate) struct Pool {
+    connector: Connector,
+    limit: usize,
+    idle_timeout: Duration,
+    metrics: PoolMetrics,
+    hosts: Mutex<HashMap<Key, Arc<Host>>>,
+}
+
+/// A destination: an address (interception mode, and IP-literal targets) or a name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Addr(SocketAddr),
+    Name(Authority),
+}
+
+impl Key {
+    fn of(authority: &Authority) -> Key {
+        match authority.as_str().parse() {
+            Ok(addr) => Key::Addr(addr),
+            Err(_) => Key::Name(authority.clone()),
+        }
+    }
+}
+
+/// The connections of one destination.
+pub(crate) struct Host {
+    key: Authority,
+    limit: usize,
+    idle_timeout: Duration,
+    metrics: PoolMetrics,
+    state: Mutex<HostState>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("key", &self.key).finish()
+    }
+}
+
+#[derive(Default)]
+struct HostState {
+    /// Most recently returned last.
+    idle: Vec<Idle>,
+    open: usize,
+    waiters: VecDeque<oneshot::Sender<Grant>>,
+}
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// What a queued request is handed.
+enum Grant {
+    /// A connection that just became free.
+    Conn(Sender),
+    /// A slot under the limit: dial a new connection.
+    Slot,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section is a few pushes and pops that cannot panic half-way.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Pool {
+    pub(crate) fn new(
+        connector: Connector,
+        limit: usize,
+        idle_timeout: Duration,
+        metrics: PoolMetrics,
+    ) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            connector,
+            limit: limit.max(1),
+            idle_timeout,
+            metrics,
+            hosts: Mutex::new(HashMap::new()),
+        });
+        // Closes idle connections past their timeout and forgets unused hosts; ends with the pool.
+        let weak = Arc::downgrade(&pool);
+        let period = idle_timeout.clamp(Duration::from_millis(100), Duration::from_secs(30));
+        tokio::spawn(reap(weak, period));
+        pool
+    }
+
+    /// True if `dst` has pooled HTTP/1 connections open: it speaks HTTP/1, so a new client
+    /// connection to it has no server greeting to wait for.
+    pub(crate) fn speaks_http1(&self, dst: SocketAddr) -> bool {
+        let host = lock(&self.hosts).get(&Key::Addr(dst)).cloned();
+        host.is_some_and(|h| lock(&h.state).open > 0)
+    }
+
+    /// The pool's entry for `authority` (call once per downstream connection, not per request).
+    pub(crate) fn host(&self, authority: &Authority) -> Arc<Host> {
+        let key = Key::of(authority);
+        let mut hosts = lock(&self.hosts);
+        if let Some(host) = hosts.get(&key) {
+            return Arc::clone(host);
+        }
+        let host = Arc::new(Host {
+            key: authority.clone(),
+            limit: self.limit,
+            idle_timeout: self.idle_timeout,
+            metrics: self.metrics.clone(),
+            state: Mutex::new(HostState::default()),
+        });
+        hosts.insert(key, Arc::clone(&host));
+        host
+    }
+
+    /// Sends `req` on a connection of `host`; the response body hands the connection back.
+    pub(crate) async fn send(
+        &self,
+        host: &Arc<Host>,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, Failed> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut lease = self.checkout(host).await?;
+            let sender = lease.sender.as_mut().expect("a lease holds its connection");
+            match sender.try_send_request(req).await {
+                Ok(resp) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    // The connection becomes the tunnel's: never back to the pool.
+                    return Ok(resp.map(|body| PooledBody {
+                        inner: body,
+                        lease: Some(lease),
+                    }));
+                }
+                Ok(resp) => return Ok(resp.map(|body| PooledBody::new(body, lease))),
+                Err(mut e) => {
+                    // The lease is dropped unreturned: the connection closes, its slot moves on.
+                    match e.take_message() {
+                        Some(unsent) if tries < RESEND_UNSENT => {
+                            debug!(destination = %host.key, error = %Chain(e.error()), "connection closed before the request was written; sending on another");
+                            req = unsent;
+                        }
+                        _ => return Err(Failed::from_error(e.error())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A ready connection of `host`: idle, new, or handed over after queueing.
+    async fn checkout(&self, host: &Arc<Host>) -> Result<Lease, Failed> {
+        let mut waited = false;
+        loop {
+            let next = {
+                let mut state = lock(&host.state);
+                match state.pop_idle(host.idle_timeout, &host.metrics) {
+                    Some(sender) => Next::Idle(sender),
+                    None if state.open < host.limit => {
+                        state.open += 1;
+                        host.metrics.open.inc();
+                        Next::Dial
+                    }
+                    None => {
+                        if state.waiters.len() >= 64 {
+                            state.waiters.retain(|w| !w.is_closed());
+                        }
+                        let (tx, rx) = oneshot::channel();
+                        state.waiters.push_back(tx);
+                        Next::Wait(rx)
+                    }
+                }
+            };
+            let sender = match next {
+                Next::Idle(sender) => sender,
+                Next::Dial => return self.dial(host).await,
+                Next::Wait(rx) => {
+                    if !waited {
+                        waited = true;
+                        host.metrics.waits.inc();
+                    }
+                    match rx.await {
+                        Ok(Grant::Conn(sender)) => sender,
+                        Ok(Grant::Slot) => return self.dial(host).await,
+                        // Not reached: waiters are only dropped with the host, which we hold.
+                        Err(_) => continue,
+                    }
+                }
+            };
+            let mut lease = Lease::new(host, sender);
+            // Ready at once, unless its previous response is still being wound up.
+            let ready = lease.sender.as_mut().expect("just set").ready().await;
+            if ready.is_ok() {
+                return Ok(lease);
+            }
+            // Closed while idle: dropping the lease frees its slot; take the next one.
+        }
+    }
+
+    /// Dials a new connection into the slot the caller holds (freed again on failure, or if
+    /// the caller gives up while dialling).
+    async fn dial(&self, host: &Arc<Host>) -> Result<Lease, Failed> {
+        let slot = Slot(Some(Arc::clone(host)));
+        let stream = self
+            .connector
+            .open(&host.key)
+            .await
+            .map_err(|e: ConnectError| Failed::new(ProxyError::from(&e), e.to_string()))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Failed::from_error(&e))?;
+        let key = host.key.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(destination = %key, error = %Chain(&e), "upstream connection ended");
+            }
+        });
+        Ok(slot.fill(sender))
+    }
+}
+
+enum Next {
+    Idle(Sender),
+    Dial,
+    Wait(oneshot::Receiver<Grant>),
+}
+
+impl HostState {
+    /// The most recently used idle connection that is still open and within its idle time;
+    /// stale ones are closed on the way (their slots are reused by this caller's own dial or
+    /// handed to waiters by the caller's next step, so no waiter exists here: waiters only
+    /// queue while nothing is idle).
+    fn pop_idle(&mut self, idle_timeout: Duration, metrics: &PoolMetrics) -> Option<Sender> {
+        while let Some(idle) = self.idle.pop() {
+            if !idle.sender.is_closed() && idle.since.elapsed() < idle_timeout {
+                return Some(idle.sender);
+            }
+            self.open -= 1;
+            metrics.open.dec();
+        }
+        None
+    }
+}
+
+impl Host {
+    /// Takes back a connection whose exchange completed: to the oldest waiter, else idle.
+    fn put_back(&self, mut sender: Sender) {
+        let mut state = lock(&self.state);
+        if sender.is_closed() {
+            drop(state);
+            return self.free_slot();
+        }
+        while let Some(waiter) = state.waiters.pop_front() {
+            match waiter.send(Grant::Conn(sender)) {
+                Ok(()) => return,
+                Err(Grant::Conn(back)) => sender = back,
+                Err(Grant::Slot) => unreachable!("sent a connection"),
+            }
+        }
+        state.idle.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+    }
+
+    /// A connection of this host is gone (or a dial failed): its slot goes to the oldest
+    /// waiter, else the count drops.
+    fn free_slot(&self) {
+        let mut state = lock(&self.state);
+        while let Some(waiter) = state.waiters.pop_front() {
+            if waiter.send(Grant::Slot).is_ok() {
+                return;
+            }
+        }
+        state.open -= 1;
+        self.metrics.open.dec();
+    }
+}
+
+/// A slot held while dialling; freed if the dial fails or is abandoned.
+struct Slot(Option<Arc<Host>>);
+
+impl Slot {
+    fn fill(mut self, sender: Sender) -> Lease {
+        let host = self.0.take().expect("filled once");
+        Lease {
+            host,
+            sender: Some(sender),
+            done: false,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(host) = self.0.take() {
+            host.free_slot();
+        }
+    }
+}
+
+/// A connection checked out for one exchange. Dropped with `done` set (the response was read
+/// to its end), the connection goes back to the pool; otherwise it is closed.
+pub(crate) struct Lease {
+    host: Arc<Host>,
+    sender: Option<Sender>,
+    done: bool,
+}
+
+impl Lease {
+    fn new(host: &Arc<Host>, sender: Sender) -> Lease {
+        Lease {
+            host: Arc::clone(host),
+            sender: Some(sender),
+            done: false,
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(sender) = self.sender.take() else {
+            return;
+        };
+        if self.done {
+            self.host.put_back(sender);
+        } else {
+            // Dropping the last sender closes the connection once its task sees it.
+            drop(sender);
+            self.host.free_slot();
+        }
+    }
+}
+
+/// A pooled connection's response body: hands the connection back once read to the end.
+pub struct PooledBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl PooledBody {
+    fn new(inner: Incoming, lease: Lease) -> Self {
+        let mut body = PooledBody {
+            inner,
+            lease: Some(lease),
+        };
+        // Bodiless answers (HEAD, 204, 304, `content-length: 0`) are never polled.
+        if body.inner.is_end_stream() {
+            body.finish();
+        }
+        body
+    }
+
+    /// A body not from the pool (HTTP/2 upstreams).
+    pub(crate) fn unpooled(inner: Incoming) -> Self {
+        PooledBody { inner, lease: None }
+    }
+
+    fn finish(&mut self) {
+        if let Some(mut lease) = self.lease.take() {
+            lease.done = true;
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            // An error: the lease is dropped unfinished, closing the connection.
+            Poll::Ready(Some(Err(_))) => drop(this.lease.take()),
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Every `period`: closes idle connections past the idle timeout and forgets hosts nobody uses.
+async fn reap(pool: Weak<Pool>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let mut closed = 0usize;
+        let mut hosts = lock(&pool.hosts);
+        hosts.retain(|_, host| {
+            let mut state = lock(&host.state);
+            let timeout = host.idle_timeout;
+            let before = state.idle.len();
+            state
+                .idle
+                .retain(|idle| !idle.sender.is_closed() && idle.since.elapsed() < timeout);
+            let gone = before - state.idle.len();
+            closed += gone;
+            state.open -= gone;
+            host.metrics.open.sub(gone as i64);
+            // Only the map holds it: no downstream connection, lease or dial refers to it.
+            !(state.open == 0 && state.waiters.is_empty() && Arc::strong_count(host) == 1)
+        });
+        drop(hosts);
+        if closed > 0 {
+            debug!(closed, "closed idle upstream connections");
+        }
+    }
+}
