@@ -82,10 +82,11 @@ pub fn is_valid_traceparent(value: &[u8]) -> bool {
 /// parent id, flags `01` (sampled: the proxy is the trace's root and lets the services record
 /// it). An invalid or orphaned `tracestate` is dropped with it, as the specification asks.
 pub fn ensure_traceparent(headers: &mut HeaderMap) {
-    let valid = headers.get_all(&TRACEPARENT).iter().count() == 1
-        && headers
-            .get(&TRACEPARENT)
-            .is_some_and(|v| is_valid_traceparent(v.as_bytes()));
+    let mut all = headers.get_all(&TRACEPARENT).iter();
+    let valid = match (all.next(), all.next()) {
+        (Some(only), None) => is_valid_traceparent(only.as_bytes()),
+        _ => false,
+    };
     if valid {
         return;
     }
@@ -105,36 +106,65 @@ pub fn ensure_traceparent(headers: &mut HeaderMap) {
     }
 }
 
+/// A client's address as the forwarding headers write it, formatted once per connection (the
+/// request path then only copies reference-counted values).
+#[derive(Clone, Debug)]
+pub struct ForwardedClient {
+    /// The address alone: the `x-forwarded-for` element.
+    addr: HeaderValue,
+    /// `for=...;proto=http`: the `forwarded` element.
+    element: HeaderValue,
+}
+
+impl ForwardedClient {
+    pub fn new(client: IpAddr) -> Self {
+        let client = client.to_canonical();
+        let element = match client {
+            IpAddr::V4(ip) => format!("for={ip};proto=http"),
+            // RFC 7239 6: IPv6 addresses are bracketed and quoted.
+            IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto=http"),
+        };
+        // An address and these fixed characters are always valid header values.
+        let value = |s: String| {
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(s))
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        };
+        ForwardedClient {
+            addr: value(client.to_string()),
+            element: value(element),
+        }
+    }
+}
+
 /// Records the client of a request coming from another host: appends its address to
 /// `x-forwarded-for` (as Go's and nginx's reverse proxies do) and to `forwarded` (RFC 7239), and
 /// sets `x-forwarded-proto: http` unless present.
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr) {
-    let client = client.to_canonical();
-    let xff = {
-        let mut joined = String::new();
-        for v in headers.get_all(&X_FORWARDED_FOR) {
-            if let Ok(s) = v.to_str() {
-                let s = s.trim();
-                if !s.is_empty() {
-                    joined.push_str(s);
-                    joined.push_str(", ");
-                }
+    add_forwarded_client(headers, &ForwardedClient::new(client));
+}
+
+/// [`add_forwarded`] with the client's values already formatted.
+pub fn add_forwarded_client(headers: &mut HeaderMap, client: &ForwardedClient) {
+    let mut earlier = String::new();
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = v.to_str() {
+            let s = s.trim();
+            if !s.is_empty() {
+                earlier.push_str(s);
+                earlier.push_str(", ");
             }
         }
-        joined.push_str(&client.to_string());
-        joined
+    }
+    let xff = if earlier.is_empty() {
+        Some(client.addr.clone())
+    } else {
+        earlier.push_str(client.addr.to_str().unwrap_or("unknown"));
+        HeaderValue::try_from(earlier).ok()
     };
-    if let Ok(v) = HeaderValue::try_from(xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    let element = match client {
-        IpAddr::V4(ip) => format!("for={ip};proto=http"),
-        // RFC 7239 6: IPv6 addresses are bracketed and quoted.
-        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto=http"),
-    };
-    if let Ok(v) = HeaderValue::try_from(element) {
-        headers.append(FORWARDED, v);
-    }
+    headers.append(FORWARDED, client.element.clone());
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), PROTO_HTTP.clone());
     }

@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ use super::error::ProxyError;
 use super::pool::{Host, PooledBody};
 use super::{Egress, Shared};
 use crate::policy::breaker::Rejected;
-use crate::policy::headers::{self, X_REQUEST_ID};
+use crate::policy::headers::{self, ForwardedClient, X_REQUEST_ID};
 use crate::policy::idle::{self, Relayed};
 use crate::policy::retry::{backoff, is_idempotent, Replay, UpstreamBody};
 use crate::policy::Destination;
@@ -74,7 +74,7 @@ pub(crate) struct Route {
     /// The port of an authority without one (the connection's destination port).
     pub(crate) default_port: u16,
     /// Requests from other hosts (inbound, `--target`): the client, for `x-forwarded-for`.
-    pub(crate) forwarded_for: Option<IpAddr>,
+    pub(crate) forwarded_for: Option<ForwardedClient>,
     /// HTTP/1: the pool's entry for `authority`, looked up once per connection.
     pub(crate) upstream: Option<Arc<Host>>,
 }
@@ -83,7 +83,7 @@ impl Route {
     /// The same route for requests of the client at `peer` (adds the forwarding headers).
     pub(crate) fn for_client(&self, peer: SocketAddr) -> Route {
         Route {
-            forwarded_for: Some(peer.ip()),
+            forwarded_for: Some(ForwardedClient::new(peer.ip())),
             ..self.clone()
         }
     }
@@ -167,12 +167,12 @@ fn failed(f: Failed, dest: &Destination, request_id: &HeaderValue) -> Response<P
 }
 
 /// The request headers every forwarded request gets from the policies; returns the request id.
-fn policy_headers(headers: &mut HeaderMap, forwarded_for: Option<IpAddr>) -> HeaderValue {
+fn policy_headers(headers: &mut HeaderMap, forwarded_for: Option<&ForwardedClient>) -> HeaderValue {
     headers.insert(X_FORWARDED_BY.clone(), FORWARDED_BY_VALUE.clone());
     let id = headers::ensure_request_id(headers);
     headers::ensure_traceparent(headers);
     if let Some(client) = forwarded_for {
-        headers::add_forwarded(headers, client);
+        headers::add_forwarded_client(headers, client);
     }
     id
 }
@@ -378,6 +378,15 @@ pub(crate) fn strip_hop_by_hop(
     allow_upgrade: bool,
     keep_te_trailers: bool,
 ) -> bool {
+    // Most messages carry none of them (or only `Connection`): one pass over the names, then
+    // lookups only for what is there.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        present |= hop_by_hop_bit(name);
+    }
+    if present == 0 {
+        return false;
+    }
     let mut upgrade_token = false;
     // Stays unallocated unless Connection lists extension headers, which is rare.
     let mut listed: Vec<HeaderName> = Vec::new();
@@ -398,28 +407,65 @@ pub(crate) fn strip_hop_by_hop(
             }
         }
     }
-    let upgrade = allow_upgrade && upgrade_token && headers.contains_key(UPGRADE);
+    let upgrade = allow_upgrade && upgrade_token && present & HOP_UPGRADE != 0;
     for name in listed {
         headers.remove(name);
     }
-    headers.remove(CONNECTION);
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(TRANSFER_ENCODING);
-    // gRPC needs `te: trailers` end to end on HTTP/2; every other TE use is per hop.
-    let te_is_trailers = keep_te_trailers
-        && headers
-            .get(TE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_is_trailers {
-        headers.remove(TE);
+    if present & HOP_CONNECTION != 0 {
+        headers.remove(CONNECTION);
+    }
+    if present & HOP_KEEP_ALIVE != 0 {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if present & HOP_PROXY_CONNECTION != 0 {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if present & HOP_TRANSFER_ENCODING != 0 {
+        headers.remove(TRANSFER_ENCODING);
+    }
+    if present & HOP_TE != 0 {
+        // gRPC needs `te: trailers` end to end on HTTP/2; every other TE use is per hop.
+        let te_is_trailers = keep_te_trailers
+            && headers
+                .get(TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        if !te_is_trailers {
+            headers.remove(TE);
+        }
     }
     if upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & HOP_UPGRADE != 0 {
         headers.remove(UPGRADE);
     }
     upgrade
+}
+
+const HOP_CONNECTION: u8 = 1;
+const HOP_KEEP_ALIVE: u8 = 2;
+const HOP_PROXY_CONNECTION: u8 = 4;
+const HOP_TRANSFER_ENCODING: u8 = 8;
+const HOP_TE: u8 = 16;
+const HOP_UPGRADE: u8 = 32;
+
+/// Which hop-by-hop header `name` is (a bit of the above), or 0. Standard names compare as
+/// small integers; only the two non-standard ones compare bytes.
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    if name == CONNECTION {
+        HOP_CONNECTION
+    } else if name == TRANSFER_ENCODING {
+        HOP_TRANSFER_ENCODING
+    } else if name == TE {
+        HOP_TE
+    } else if name == UPGRADE {
+        HOP_UPGRADE
+    } else if name == KEEP_ALIVE {
+        HOP_KEEP_ALIVE
+    } else if name == PROXY_CONNECTION {
+        HOP_PROXY_CONNECTION
+    } else {
+        0
+    }
 }
 
 /// Forwards one request through `egress`'s pooled HTTP/1 client (intercepted HTTP/1 clients, and
@@ -474,7 +520,7 @@ pub(crate) async fn forward_h1(
     if head.version == Version::HTTP_2 {
         head.version = Version::HTTP_11;
     }
-    let request_id = policy_headers(&mut head.headers, route.forwarded_for);
+    let request_id = policy_headers(&mut head.headers, route.forwarded_for.as_ref());
     let host = head.headers.get(HOST).and_then(|h| h.to_str().ok());
     let named = route.destination(shared, host);
     let dest = named.as_deref().unwrap_or(&route.dest);
@@ -639,7 +685,7 @@ pub(crate) async fn forward_h2(
         }
     }
     let route = &upstream.route;
-    let request_id = policy_headers(req.headers_mut(), route.forwarded_for);
+    let request_id = policy_headers(req.headers_mut(), route.forwarded_for.as_ref());
     let named = route.destination(shared, req.uri().authority().map(Authority::as_str));
     let dest = named.as_deref().unwrap_or(&route.dest);
 

@@ -39,6 +39,7 @@ use crate::lifecycle::{serve_until_drained, FirstRequest};
 use crate::metrics::access::observe;
 use crate::metrics::conn::{ConnGuard, CountedIo};
 use crate::metrics::Dir;
+use crate::policy::headers::ForwardedClient;
 use crate::policy::idle::{self, Relayed};
 use crate::policy::Destination;
 
@@ -442,7 +443,7 @@ fn route_for(
         by_name: outbound && shared.policies.has_name_rules(),
         default_port: dst.port(),
         // Inbound requests come from other hosts: say who the client was.
-        forwarded_for: (!outbound).then_some(peer.ip()),
+        forwarded_for: (!outbound).then(|| ForwardedClient::new(peer.ip())),
     }
 }
 
