@@ -669,11 +669,16 @@ fn is_per_connection_error(e: &io::Error) -> bool {
     ) || matches!(e.raw_os_error(), Some(libc::EPROTO | libc::EPERM))
 }
 
-/// `--target` mode: HTTP/1 and h2c (auto-detected by hyper-util), every request to the target.
+/// `--target` mode: HTTP/1 and h2c (told apart by the first bytes), every request to the target.
 async fn serve_target(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, conn: ConnGuard) {
     if let Err(e) = client.set_nodelay(true) {
         debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
     }
+    let stop = &shared.inbound_cancel;
+    let limit = shared.config.detect_timeout;
+    let Some(h2) = sniff_h2(&client, stop, limit).await else {
+        return;
+    };
     let observer = shared.target_observer(peer);
     // A reverse proxy in front of one service: its requests come from other hosts.
     let route = shared
@@ -699,17 +704,60 @@ async fn serve_target(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, 
             Ok::<_, std::convert::Infallible>(response)
         }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let io = TokioIo::new(CountedIo::new(client, conn));
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    let stop = &shared.inbound_cancel;
-    let limit = shared.config.detect_timeout;
-    let result = serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
-        c.graceful_shutdown()
-    })
-    .await;
+    let result = if h2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(io, service);
+        tokio::pin!(conn);
+        serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
+            c.graceful_shutdown()
+        })
+        .await
+    } else {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
+            c.graceful_shutdown()
+        })
+        .await
+    };
     if let Err(e) = result {
-        debug!(%peer, error = %Chain(&*e), "connection ended with an error");
+        debug!(%peer, error = %Chain(&e), "connection ended with an error");
+    }
+}
+
+/// Waits for a `--target` client's first bytes: `Some(true)` for the HTTP/2 prior-knowledge
+/// preface, `Some(false)` for anything else (HTTP/1; hyper answers garbage with 400), `None`
+/// if the client closed, or said nothing until `limit` after a drain began. A partial preface
+/// gets `limit` to complete. (hyper-util's auto builder does the same, but carries both
+/// protocols' connection state in every connection.)
+async fn sniff_h2(client: &TcpStream, stop: &CancellationToken, limit: Duration) -> Option<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut seen = 0;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled(), if deadline.is_none() && seen == 0 => {
+                deadline = Some(tokio::time::Instant::now() + limit);
+            }
+            n = transparent::client_bytes(client, &mut buf, seen) => match n {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => {
+                    seen = n;
+                    if !H2_PREFACE.starts_with(&buf[..n]) {
+                        return Some(false);
+                    }
+                    if n == H2_PREFACE.len() {
+                        return Some(true);
+                    }
+                    deadline.get_or_insert(tokio::time::Instant::now() + limit);
+                }
+            },
+            _ = transparent::wait_until(deadline) => return (seen > 0).then_some(false),
+        }
     }
 }

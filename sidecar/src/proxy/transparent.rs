@@ -583,7 +583,7 @@ pub(super) async fn client_bytes(
         .await
 }
 
-async fn wait_until(deadline: Option<Instant>) {
+pub(super) async fn wait_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
