@@ -168,8 +168,6 @@ fn failed(f: Failed, dest: &Destination, request_id: &HeaderValue) -> Response<P
 
 /// The request headers every forwarded request gets from the policies; returns the request id.
 fn policy_headers(headers: &mut HeaderMap, forwarded_for: Option<&ForwardedClient>) -> HeaderValue {
-    // Room for what is added below in one step, not a rehash per insert.
-    headers.reserve(if forwarded_for.is_some() { 6 } else { 3 });
     headers.insert(X_FORWARDED_BY.clone(), FORWARDED_BY_VALUE.clone());
     let id = headers::ensure_request_id(headers);
     headers::ensure_traceparent(headers);
