@@ -227,7 +227,7 @@ impl Pool {
             };
             let sender = match next {
                 Next::Idle(sender) => sender,
-                Next::Dial => return self.dial(host).await,
+                Next::Dial => return Box::pin(self.dial(host)).await,
                 Next::Wait(rx) => {
                     if !waited {
                         waited = true;
@@ -235,7 +235,7 @@ impl Pool {
                     }
                     match rx.await {
                         Ok(Grant::Conn(sender)) => sender,
-                        Ok(Grant::Slot) => return self.dial(host).await,
+                        Ok(Grant::Slot) => return Box::pin(self.dial(host)).await,
                         // Not reached: waiters are only dropped with the host, which we hold.
                         Err(_) => continue,
                     }
@@ -252,7 +252,9 @@ impl Pool {
     }
 
     /// Dials a new connection into the slot the caller holds (freed again on failure, or if
-    /// the caller gives up while dialling).
+    /// the caller gives up while dialling). Callers box this future: it is large (connect,
+    /// name lookup, handshake) and rare with a warm pool, and every request's future would
+    /// otherwise carry (and move) its space.
     async fn dial(&self, host: &Arc<Host>) -> Result<Lease, Failed> {
         let slot = Slot(Some(Arc::clone(host)));
         let stream = self
