@@ -109,12 +109,14 @@ struct Idle {
     since: Instant,
 }
 
-/// What a queued request is handed.
+/// What a queued request is handed. Both carry their own clean-up: a grant dropped unreceived
+/// (the waiter gave up just after it was sent) passes the connection or slot on, so neither can
+/// leak.
 enum Grant {
-    /// A connection that just became free.
-    Conn(Sender),
+    /// A connection that just became free (a lease marked done: dropped, it goes back).
+    Conn(Lease),
     /// A slot under the limit: dial a new connection.
-    Slot,
+    Slot(Slot),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -225,25 +227,32 @@ impl Pool {
                     }
                 }
             };
-            let sender = match next {
-                Next::Idle(sender) => sender,
-                Next::Dial => return Box::pin(self.dial(host)).await,
+            let mut lease = match next {
+                Next::Idle(sender) => Lease::new(host, sender),
+                Next::Dial => return Box::pin(self.dial(Slot(Some(Arc::clone(host))))).await,
                 Next::Wait(rx) => {
                     if !waited {
                         waited = true;
                         host.metrics.waits.inc();
                     }
                     match rx.await {
-                        Ok(Grant::Conn(sender)) => sender,
-                        Ok(Grant::Slot) => return Box::pin(self.dial(host)).await,
+                        Ok(Grant::Conn(mut lease)) => {
+                            lease.done = false;
+                            lease
+                        }
+                        Ok(Grant::Slot(slot)) => return Box::pin(self.dial(slot)).await,
                         // Not reached: waiters are only dropped with the host, which we hold.
                         Err(_) => continue,
                     }
                 }
             };
-            let mut lease = Lease::new(host, sender);
             // Ready at once, unless its previous response is still being wound up.
-            let ready = lease.sender.as_mut().expect("just set").ready().await;
+            let ready = lease
+                .sender
+                .as_mut()
+                .expect("a lease holds its connection")
+                .ready()
+                .await;
             if ready.is_ok() {
                 return Ok(lease);
             }
@@ -255,8 +264,8 @@ impl Pool {
     /// the caller gives up while dialling). Callers box this future: it is large (connect,
     /// name lookup, handshake) and rare with a warm pool, and every request's future would
     /// otherwise carry (and move) its space.
-    async fn dial(&self, host: &Arc<Host>) -> Result<Lease, Failed> {
-        let slot = Slot(Some(Arc::clone(host)));
+    async fn dial(&self, slot: Slot) -> Result<Lease, Failed> {
+        let host = Arc::clone(slot.0.as_ref().expect("an armed slot"));
         let stream = self
             .connector
             .open(&host.key)
@@ -265,11 +274,14 @@ impl Pool {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Failed::from_error(&e))?;
-        let key = host.key.clone();
+        let owner = Arc::clone(&host);
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
-                debug!(destination = %key, error = %Chain(&e), "upstream connection ended");
+                debug!(destination = %owner.key, error = %Chain(&e), "upstream connection ended");
             }
+            // Closed while idle (the server's keep-alive timeout, a reset): free its slot now,
+            // not when somebody next looks.
+            owner.prune_closed();
         });
         Ok(slot.fill(sender))
     }
@@ -300,36 +312,61 @@ impl HostState {
 
 impl Host {
     /// Takes back a connection whose exchange completed: to the oldest waiter, else idle.
-    fn put_back(&self, mut sender: Sender) {
-        let mut state = lock(&self.state);
+    fn put_back(self: &Arc<Self>, sender: Sender) {
         if sender.is_closed() {
-            drop(state);
             return self.free_slot();
         }
+        let mut state = lock(&self.state);
+        let mut grant = Grant::Conn(Lease {
+            host: Arc::clone(self),
+            sender: Some(sender),
+            done: true,
+        });
         while let Some(waiter) = state.waiters.pop_front() {
-            match waiter.send(Grant::Conn(sender)) {
+            match waiter.send(grant) {
                 Ok(()) => return,
-                Err(Grant::Conn(back)) => sender = back,
-                Err(Grant::Slot) => unreachable!("sent a connection"),
+                Err(back) => grant = back,
             }
         }
-        state.idle.push(Idle {
-            sender,
-            since: Instant::now(),
-        });
+        if let Grant::Conn(mut lease) = grant {
+            // Disarmed: its drop does nothing.
+            if let Some(sender) = lease.sender.take() {
+                state.idle.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        }
     }
 
     /// A connection of this host is gone (or a dial failed): its slot goes to the oldest
     /// waiter, else the count drops.
-    fn free_slot(&self) {
+    fn free_slot(self: &Arc<Self>) {
         let mut state = lock(&self.state);
+        let mut grant = Grant::Slot(Slot(Some(Arc::clone(self))));
         while let Some(waiter) = state.waiters.pop_front() {
-            if waiter.send(Grant::Slot).is_ok() {
-                return;
+            match waiter.send(grant) {
+                Ok(()) => return,
+                Err(back) => grant = back,
             }
+        }
+        if let Grant::Slot(mut slot) = grant {
+            // Disarmed: its drop does nothing.
+            slot.0 = None;
         }
         state.open -= 1;
         self.metrics.open.dec();
+    }
+
+    /// Drops idle connections that have closed, freeing their slots (no waiter exists while
+    /// anything is idle, so the count just drops).
+    fn prune_closed(&self) {
+        let mut state = lock(&self.state);
+        let before = state.idle.len();
+        state.idle.retain(|idle| !idle.sender.is_closed());
+        let gone = before - state.idle.len();
+        state.open -= gone;
+        self.metrics.open.sub(gone as i64);
     }
 }
 
@@ -478,5 +515,81 @@ async fn reap(pool: Weak<Pool>, period: Duration) {
         if closed > 0 {
             debug!(closed, "closed idle upstream connections");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Policies, PolicyConfig};
+    use crate::proxy::connect::{Source, Stash};
+    use tokio::net::TcpListener;
+
+    fn pool_to(limit: usize) -> Arc<Pool> {
+        let connector = Connector {
+            stash: Arc::new(Stash::default()),
+            policies: Arc::new(Policies::new(&PolicyConfig::default())),
+            source: Source::Any,
+        };
+        let metrics = PoolMetrics {
+            open: IntGauge::new("open", "test").unwrap(),
+            waits: IntCounter::new("waits", "test").unwrap(),
+        };
+        Pool::new(connector, limit, Duration::from_secs(30), metrics)
+    }
+
+    fn counts(host: &Host) -> (usize, usize, usize) {
+        let state = lock(&host.state);
+        (state.open, state.idle.len(), state.waiters.len())
+    }
+
+    #[tokio::test]
+    async fn a_grant_the_waiter_never_took_goes_back_to_the_pool() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accept and hold connections; no request is sent in this test.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let pool = pool_to(1);
+        let host = pool.host(&Authority::try_from(addr.to_string()).unwrap());
+        let mut first = pool.checkout(&host).await.ok().expect("dialled");
+        assert_eq!(counts(&host), (1, 0, 0));
+
+        // A second request queues behind the limit...
+        let mut second = Box::pin(pool.checkout(&host));
+        tokio::select! {
+            biased;
+            _ = &mut second => panic!("served past the limit"),
+            () = std::future::ready(()) => {}
+        }
+        assert_eq!(counts(&host), (1, 0, 1));
+        // ...is handed the first connection when it is returned, and gives up before taking it.
+        first.done = true;
+        drop(first);
+        assert_eq!(counts(&host), (1, 0, 0));
+        drop(second);
+        // The connection went back to the pool instead of being lost with the slot.
+        assert_eq!(counts(&host), (1, 1, 0));
+        let third = pool
+            .checkout(&host)
+            .await
+            .ok()
+            .expect("the idle connection");
+        assert_eq!(counts(&host), (1, 0, 0));
+
+        // Same for a slot: the lease closes, its slot is granted to a waiter that gives up.
+        let mut fourth = Box::pin(pool.checkout(&host));
+        tokio::select! {
+            biased;
+            _ = &mut fourth => panic!("served past the limit"),
+            () = std::future::ready(()) => {}
+        }
+        drop(third);
+        drop(fourth);
+        assert_eq!(counts(&host), (0, 0, 0), "the slot was freed, not leaked");
     }
 }

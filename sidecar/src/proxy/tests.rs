@@ -956,3 +956,63 @@ async fn failed_dial_and_abandoned_body_free_their_slots() {
     .await;
     drop(proxy);
 }
+
+#[tokio::test]
+async fn upstream_closing_an_idle_connection_frees_its_slot() {
+    // Answers one request per connection, then closes it (as a server whose keep-alive
+    // timeout passed would), without saying so in the response.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let metrics = ProxyMetrics::unregistered();
+    let mut config = loopback_config();
+    config.max_connections_per_destination = 1;
+    let telemetry = Telemetry {
+        metrics: Arc::clone(&metrics),
+        access_log: false,
+    };
+    let resolvers = Resolvers {
+        outbound: fixed(upstream),
+        inbound: local_addr_resolver(),
+    };
+    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
+    let proxy_addr = proxy.local_addrs()[0];
+    let pool = metrics.conns(Dir::Outbound).clone();
+    guard(async {
+        let mut client = h1_client(proxy_addr).await;
+        for round in 1..=3 {
+            client.ready().await.unwrap();
+            let resp = client.send_request(get("/", "a.test")).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "round {round}");
+            resp.into_body().collect().await.unwrap();
+            // The closed connection gives its slot back by itself: with a limit of 1, the
+            // next request could not be served otherwise.
+            until(|| pool.upstream_open.get() == 0).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    })
+    .await;
+    drop(proxy);
+}
