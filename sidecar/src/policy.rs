@@ -84,6 +84,8 @@ pub struct DestinationPolicy {
     /// What the breaker counts as a failure.
     pub failure_on: FailureSet,
     pub retry: RetryConfig,
+    /// Upstream HTTP/1 connections to this destination at most; more requests queue for one.
+    pub max_connections: usize,
 }
 
 impl Default for DestinationPolicy {
@@ -95,6 +97,7 @@ impl Default for DestinationPolicy {
             breaker: BreakerConfig::default(),
             failure_on: FailureSet::breaker_default(),
             retry: RetryConfig::default(),
+            max_connections: crate::proxy::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,
         }
     }
 }

@@ -135,8 +135,6 @@ pub struct ProxyConfig {
     pub policy: PolicyConfig,
     pub detect_timeout: Duration,
     pub pool_idle_timeout: Duration,
-    /// Upstream HTTP/1 connections per destination and direction; more requests queue.
-    pub max_connections_per_destination: usize,
 }
 
 impl ProxyConfig {
@@ -156,7 +154,6 @@ impl ProxyConfig {
             policy: PolicyConfig::default(),
             detect_timeout: DEFAULT_DETECT_TIMEOUT,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
-            max_connections_per_destination: DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,
         }
     }
 }
@@ -233,12 +230,7 @@ impl Egress {
             policies: Arc::clone(policies),
             source,
         };
-        let pool = Pool::new(
-            connector,
-            config.max_connections_per_destination,
-            config.pool_idle_timeout,
-            metrics,
-        );
+        let pool = Pool::new(connector, config.pool_idle_timeout, metrics);
         Egress {
             pool,
             stash,
@@ -472,7 +464,11 @@ pub async fn start_observed(
         telemetry.metrics.pool(Dir::Inbound),
     );
     let target_route = target_route.map(|r| Route {
-        upstream: Some(outbound.pool.host(&r.authority)),
+        upstream: Some(
+            outbound
+                .pool
+                .host(&r.authority, r.dest.policy().max_connections),
+        ),
         ..r
     });
     let shared = Arc::new(Shared {

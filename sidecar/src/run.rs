@@ -18,7 +18,7 @@
 //! | `--retry-budget-min-per-second` | `SIDECAR_RETRY_BUDGET_MIN_PER_SECOND` | `10` | retries always allowed per second, so quiet destinations can retry |
 //! | `--detect-timeout` | `SIDECAR_DETECT_TIMEOUT` | `1s` | wait for the rest of a partial client preface; never applied while nobody has sent anything |
 //! | `--pool-idle-timeout` | `SIDECAR_POOL_IDLE_TIMEOUT` | `30s` | see [`crate::proxy::DEFAULT_POOL_IDLE_TIMEOUT`] |
-//! | `--max-connections-per-destination` | `SIDECAR_MAX_CONNECTIONS_PER_DESTINATION` | `128` | upstream HTTP/1 connections per destination and direction; past it requests queue (within the request timeout) for the next free connection: bounds the upstream's sockets and the proxy's memory (see [`crate::proxy::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION`]) |
+//! | `--max-connections-per-destination` | `SIDECAR_MAX_CONNECTIONS_PER_DESTINATION` | `128` | upstream HTTP/1 connections per destination and direction; past it requests queue (within the request timeout) for the next free connection: bounds the upstream's sockets and the proxy's memory (see [`crate::proxy::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION`]); per destination: `max_connections` in the config file |
 //! | `--workers` | `SIDECAR_WORKERS` | `1` | a sidecar should be small: 1 = single-threaded runtime |
 //! | `--drain-timeout` | `SIDECAR_DRAIN_TIMEOUT` | `30s` | bound on the whole drain (Kubernetes' default grace period) |
 //! | `--drain-min` | `SIDECAR_DRAIN_MIN` | `0s` | outbound stays open at least this long after the drain starts; `0s` suits native sidecars (the app has exited before the proxy gets SIGTERM); classic sidecars, whose app gets SIGTERM at the same time, want a few seconds (Istio uses 5 s) |
@@ -149,14 +149,13 @@ pub struct RunArgs {
     )]
     pub pool_idle_timeout: String,
 
-    /// Upstream HTTP/1 connections per destination; further requests queue for one
+    /// Upstream HTTP/1 connections per destination; further requests queue for one [default: 128]
     #[arg(
         long,
         env = "SIDECAR_MAX_CONNECTIONS_PER_DESTINATION",
-        value_name = "N",
-        default_value = "128"
+        value_name = "N"
     )]
-    pub max_connections_per_destination: String,
+    pub max_connections_per_destination: Option<String>,
 
     /// Runtime worker threads (1: single-threaded)
     #[arg(long, env = "SIDECAR_WORKERS", value_name = "N", default_value = "1")]
@@ -547,21 +546,6 @@ impl Settings {
             true,
         );
 
-        let max_connections_per_destination =
-            match args.max_connections_per_destination.trim().parse::<usize>() {
-                Ok(n) if (1..=65536).contains(&n) => Some(n),
-                _ => {
-                    errors.push(ConfigError {
-                        key: "--max-connections-per-destination / \
-                              SIDECAR_MAX_CONNECTIONS_PER_DESTINATION"
-                            .into(),
-                        value: args.max_connections_per_destination.clone(),
-                        problem: "expected a whole number from 1 to 65536".to_owned(),
-                    });
-                    None
-                }
-            };
-
         let workers = match args.workers.trim().parse::<usize>() {
             Ok(n) if (1..=1024).contains(&n) => Some(n),
             _ => {
@@ -608,7 +592,6 @@ impl Settings {
             policy,
             detect_timeout,
             pool_idle_timeout,
-            max_connections_per_destination,
             drain_timeout,
             workers,
             log_format,
@@ -618,7 +601,6 @@ impl Settings {
                 Some(policy),
                 Some(detect_timeout),
                 Some(pool_idle_timeout),
-                Some(max_connections_per_destination),
                 Some(drain_timeout),
                 Some(workers),
                 Some(log_format),
@@ -632,7 +614,6 @@ impl Settings {
                     policy,
                     detect_timeout,
                     pool_idle_timeout,
-                    max_connections_per_destination,
                 },
                 workers,
                 drain_timeout,
@@ -671,6 +652,11 @@ fn policy_config(args: &RunArgs, errors: &mut Vec<ConfigError>) -> Option<Policy
             "idle_timeout",
             "--idle-timeout / SIDECAR_IDLE_TIMEOUT",
             &args.idle_timeout,
+        ),
+        flag(
+            "max_connections",
+            "--max-connections-per-destination / SIDECAR_MAX_CONNECTIONS_PER_DESTINATION",
+            &args.max_connections_per_destination,
         ),
         flag(
             "breaker.consecutive_failures",
@@ -1045,6 +1031,7 @@ fn policy_json(settings: &Settings) -> serde_json::Value {
             "connect_timeout": fmt_duration(p.connect_timeout),
             "request_timeout": fmt_duration(p.request_timeout),
             "idle_timeout": fmt_duration(p.idle_timeout),
+            "max_connections": p.max_connections,
             "breaker": {
                 "consecutive_failures": p.breaker.consecutive_failures,
                 "failure_rate": p.breaker.failure_rate,
@@ -1095,7 +1082,6 @@ pub fn config_json(settings: &Settings, proxy: &proxy::Proxy) -> serde_json::Val
         "policy": policy_json(settings),
         "detect_timeout": fmt_duration(p.detect_timeout),
         "pool_idle_timeout": fmt_duration(p.pool_idle_timeout),
-        "max_connections_per_destination": p.max_connections_per_destination,
         "workers": settings.workers,
         "drain_timeout": fmt_duration(settings.drain_timeout),
         "drain_min": fmt_duration(life.drain_min),
@@ -1233,7 +1219,7 @@ mod tests {
             retry_budget_min_per_second: None,
             detect_timeout: "1s".into(),
             pool_idle_timeout: "30s".into(),
-            max_connections_per_destination: "128".into(),
+            max_connections_per_destination: None,
             workers: "1".into(),
             drain_timeout: "30s".into(),
             log_format: "plain".into(),

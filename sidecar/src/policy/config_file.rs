@@ -27,6 +27,7 @@
 //! | `connect_timeout` | duration | `1s` | `--connect-timeout` / `SIDECAR_CONNECT_TIMEOUT` | TCP connect to the upstream; a timeout answers 504 (opaque TCP: reset) |
 //! | `request_timeout` | duration | `30s` | `--request-timeout` / `SIDECAR_REQUEST_TIMEOUT` | request head to response head, retries included; answers 504 |
 //! | `idle_timeout` | duration | `1h` | `--idle-timeout` / `SIDECAR_IDLE_TIMEOUT` | opaque TCP and upgraded (WebSocket) connections with no bytes either way are closed |
+//! | `max_connections` | integer | `128` | `--max-connections-per-destination` / `SIDECAR_MAX_CONNECTIONS_PER_DESTINATION` | upstream HTTP/1 connections per destination (and direction); past it requests queue, within the request timeout, for the next free connection. Connections are pooled by address, so a name rule (`match = "api.example:443"`) does not change it except in `--target` mode |
 //! | `breaker.consecutive_failures` | integer | `5` | `--breaker-consecutive-failures` / `SIDECAR_BREAKER_CONSECUTIVE_FAILURES` | failures in a row that open the breaker; 0 = never |
 //! | `breaker.failure_rate` | number or `"off"` | off | `--breaker-failure-rate` / `SIDECAR_BREAKER_FAILURE_RATE` | fraction (0 < r <= 1) of failures in the window that opens the breaker |
 //! | `breaker.failure_rate_window` | duration | `10s` | | the sliding window of the failure rate |
@@ -123,6 +124,10 @@ const KEYS: &[Key] = &[
     Key {
         path: "idle_timeout",
         apply: |p, v| positive_duration(v).map(|d| p.idle_timeout = d),
+    },
+    Key {
+        path: "max_connections",
+        apply: |p, v| count(v, 1, 65_536).map(|n| p.max_connections = n as usize),
     },
     Key {
         path: "breaker.consecutive_failures",
@@ -802,5 +807,46 @@ policy.toml: [[destination]] #5 (other:80) breaker.max_open_time = "30s": must n
         assert_eq!(c.defaults.retry.budget.ratio, 0.1);
         let c = from_str("p", "[defaults]\nbreaker.failure_rate = \"off\"\n", &[]).unwrap();
         assert_eq!(c.defaults.breaker.failure_rate, None);
+    }
+}
+
+#[cfg(test)]
+mod max_connections_tests {
+    use super::*;
+
+    #[test]
+    fn connection_limit_per_destination_from_defaults_flags_and_rules() {
+        let text = r#"
+            [defaults]
+            max_connections = 64
+            [[destination]]
+            match = "10.0.0.7:80"
+            max_connections = 1000
+        "#;
+        let config = from_str("p.toml", text, &[]).unwrap();
+        assert_eq!(config.defaults.max_connections, 64);
+        assert_eq!(config.destinations[0].policy.max_connections, 1000);
+
+        // A flag wins over the file's [defaults]; rules still override it.
+        let flag = Flag {
+            path: "max_connections",
+            name: "--max-connections-per-destination",
+            value: Some("32"),
+        };
+        let config = from_str("p.toml", text, &[flag]).unwrap();
+        assert_eq!(config.defaults.max_connections, 32);
+        assert_eq!(config.destinations[0].policy.max_connections, 1000);
+
+        let errors = from_str("p.toml", "[defaults]\nmax_connections = 0\n", &[]).unwrap_err();
+        let e = &errors[0];
+        assert_eq!(
+            format!("{} = {:?}: {}", e.key, e.value, e.problem),
+            "p.toml: [defaults] max_connections = \"0\": expected a whole number from 1 to 65536"
+        );
+        let built_in = from_str("p.toml", "", &[]).unwrap();
+        assert_eq!(
+            built_in.defaults.max_connections,
+            crate::proxy::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION
+        );
     }
 }

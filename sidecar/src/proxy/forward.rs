@@ -529,7 +529,9 @@ pub(crate) async fn forward_h1(
     let pool_host = match &route.upstream {
         Some(host) => host,
         None => {
-            looked_up = egress.pool.host(&route.authority);
+            looked_up = egress
+                .pool
+                .host(&route.authority, route.dest.policy().max_connections);
             &looked_up
         }
     };

@@ -16,6 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,7 +37,8 @@ use super::error::{ConnectError, ProxyError};
 use super::forward::{Chain, Failed};
 use crate::policy::retry::UpstreamBody;
 
-/// Concurrent upstream connections per destination (and direction) unless configured: enough
+/// Concurrent upstream connections per destination (and direction) unless configured (flag, or
+/// `max_connections` in the config file's `[defaults]` or a `[[destination]]`): enough
 /// for a busy service's fan-in to one dependency; past it, requests queue for a connection
 /// instead of opening more (each costs the upstream a socket and the proxy ~40 KiB).
 pub const DEFAULT_MAX_CONNECTIONS_PER_DESTINATION: usize = 128;
@@ -59,7 +61,6 @@ pub(crate) struct PoolMetrics {
 /// One direction's pool.
 pub(crate) struct Pool {
     connector: Connector,
-    limit: usize,
     idle_timeout: Duration,
     metrics: PoolMetrics,
     hosts: Mutex<HashMap<Key, Arc<Host>>>,
@@ -84,7 +85,8 @@ impl Key {
 /// The connections of one destination.
 pub(crate) struct Host {
     key: Authority,
-    limit: usize,
+    /// The destination policy's `max_connections`, as of the latest downstream connection.
+    limit: AtomicUsize,
     idle_timeout: Duration,
     metrics: PoolMetrics,
     state: Mutex<HostState>,
@@ -127,13 +129,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Pool {
     pub(crate) fn new(
         connector: Connector,
-        limit: usize,
         idle_timeout: Duration,
         metrics: PoolMetrics,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             connector,
-            limit: limit.max(1),
             idle_timeout,
             metrics,
             hosts: Mutex::new(HashMap::new()),
@@ -152,16 +152,19 @@ impl Pool {
         host.is_some_and(|h| lock(&h.state).open > 0)
     }
 
-    /// The pool's entry for `authority` (call once per downstream connection, not per request).
-    pub(crate) fn host(&self, authority: &Authority) -> Arc<Host> {
+    /// The pool's entry for `authority`, with at most `limit` connections (the destination
+    /// policy's; call once per downstream connection, not per request).
+    pub(crate) fn host(&self, authority: &Authority, limit: usize) -> Arc<Host> {
         let key = Key::of(authority);
+        let limit = limit.max(1);
         let mut hosts = lock(&self.hosts);
         if let Some(host) = hosts.get(&key) {
+            host.limit.store(limit, Ordering::Relaxed);
             return Arc::clone(host);
         }
         let host = Arc::new(Host {
             key: authority.clone(),
-            limit: self.limit,
+            limit: AtomicUsize::new(limit),
             idle_timeout: self.idle_timeout,
             metrics: self.metrics.clone(),
             state: Mutex::new(HostState::default()),
@@ -212,7 +215,7 @@ impl Pool {
                 let mut state = lock(&host.state);
                 match state.pop_idle(host.idle_timeout, &host.metrics) {
                     Some(sender) => Next::Idle(sender),
-                    None if state.open < host.limit => {
+                    None if state.open < host.limit.load(Ordering::Relaxed) => {
                         state.open += 1;
                         host.metrics.open.inc();
                         Next::Dial
@@ -525,7 +528,7 @@ mod tests {
     use crate::proxy::connect::{Source, Stash};
     use tokio::net::TcpListener;
 
-    fn pool_to(limit: usize) -> Arc<Pool> {
+    fn pool() -> Arc<Pool> {
         let connector = Connector {
             stash: Arc::new(Stash::default()),
             policies: Arc::new(Policies::new(&PolicyConfig::default())),
@@ -535,7 +538,7 @@ mod tests {
             open: IntGauge::new("open", "test").unwrap(),
             waits: IntCounter::new("waits", "test").unwrap(),
         };
-        Pool::new(connector, limit, Duration::from_secs(30), metrics)
+        Pool::new(connector, Duration::from_secs(30), metrics)
     }
 
     fn counts(host: &Host) -> (usize, usize, usize) {
@@ -554,8 +557,8 @@ mod tests {
                 held.push(s);
             }
         });
-        let pool = pool_to(1);
-        let host = pool.host(&Authority::try_from(addr.to_string()).unwrap());
+        let pool = pool();
+        let host = pool.host(&Authority::try_from(addr.to_string()).unwrap(), 1);
         let mut first = pool.checkout(&host).await.ok().expect("dialled");
         assert_eq!(counts(&host), (1, 0, 0));
 

@@ -833,7 +833,7 @@ async fn connection_limit_queues_requests_instead_of_dialling() {
     let (upstream, accepted, received, gate) = gated_upstream().await;
     let metrics = ProxyMetrics::unregistered();
     let mut config = loopback_config();
-    config.max_connections_per_destination = 2;
+    config.policy.defaults.max_connections = 2;
     let telemetry = Telemetry {
         metrics: Arc::clone(&metrics),
         access_log: false,
@@ -893,7 +893,7 @@ async fn failed_dial_and_abandoned_body_free_their_slots() {
     drop(listener);
     let metrics = ProxyMetrics::unregistered();
     let mut config = loopback_config();
-    config.max_connections_per_destination = 1;
+    config.policy.defaults.max_connections = 1;
     config.policy.defaults.retry.max_retries = 0;
     config.policy.defaults.breaker.consecutive_failures = 0;
     let telemetry = Telemetry {
@@ -925,7 +925,7 @@ async fn failed_dial_and_abandoned_body_free_their_slots() {
     let (upstream, accepted, _received, gate) = gated_upstream().await;
     let metrics = ProxyMetrics::unregistered();
     let mut config = loopback_config();
-    config.max_connections_per_destination = 1;
+    config.policy.defaults.max_connections = 1;
     let telemetry = Telemetry {
         metrics: Arc::clone(&metrics),
         access_log: false,
@@ -988,7 +988,7 @@ async fn upstream_closing_an_idle_connection_frees_its_slot() {
     });
     let metrics = ProxyMetrics::unregistered();
     let mut config = loopback_config();
-    config.max_connections_per_destination = 1;
+    config.policy.defaults.max_connections = 1;
     let telemetry = Telemetry {
         metrics: Arc::clone(&metrics),
         access_log: false,

@@ -435,7 +435,10 @@ fn route_for(
 ) -> Route {
     let outbound = direction == Direction::Outbound;
     Route {
-        upstream: http1.then(|| shared.egress(direction).pool.host(&authority)),
+        upstream: http1.then(|| {
+            let limit = dest.policy().max_connections;
+            shared.egress(direction).pool.host(&authority, limit)
+        }),
         authority,
         prefix: None,
         dest,
