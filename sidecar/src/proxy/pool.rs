@@ -9,8 +9,10 @@
 //! up on, an upgrade) closes it, and its slot goes to the next waiter.
 //!
 //! Invariants (all under the host's lock): `open` counts every connection of the host that is
-//! idle, leased, or being dialled, and never exceeds `limit`; a waiter is only queued while
-//! `open == limit`; a freed slot or returned connection goes to the oldest waiter still waiting.
+//! idle, leased, being dialled or being handed to a waiter, and a new one is only counted while
+//! `open < limit` (a lowered limit takes effect as connections close); a waiter is only queued
+//! while nothing is idle; a freed slot or returned connection goes to the oldest waiter still
+//! waiting, and a hand-over a waiter never takes passes it on (see [`Grant`]).
 //! Idle connections older than the idle timeout are closed by the reaper (and skipped on
 //! checkout).
 use std::collections::{HashMap, VecDeque};
@@ -40,7 +42,7 @@ use crate::policy::retry::UpstreamBody;
 /// Concurrent upstream connections per destination (and direction) unless configured (flag, or
 /// `max_connections` in the config file's `[defaults]` or a `[[destination]]`): enough
 /// for a busy service's fan-in to one dependency; past it, requests queue for a connection
-/// instead of opening more (each costs the upstream a socket and the proxy ~40 KiB).
+/// instead of opening more (each costs the upstream a socket and the proxy ~30 KiB).
 pub const DEFAULT_MAX_CONNECTIONS_PER_DESTINATION: usize = 128;
 
 /// How often a request whose connection was closed before the request was written goes to
