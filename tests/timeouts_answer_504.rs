@@ -11,6 +11,24 @@ use sidecar_tests::Pod;
 /// configured times, far below the defaults (30 s request, 1 h idle) they replace.
 const BOUND: Duration = Duration::from_secs(10);
 
+/// The app's request to 10.200.0.1:8080 gets a 504 with `code`, not before `configured` and well
+/// before [`BOUND`].
+fn app_gets_504_after(pod: &Pod, code: &str, configured: Duration) {
+    let start = Instant::now();
+    let reply = pod.app_http("10.200.0.1:8080");
+    let took = start.elapsed();
+    assert_eq!(reply.status, 504, "{reply:?}");
+    assert_eq!(reply.header("x-sidecar-error"), Some(code), "{reply:?}");
+    assert!(
+        took >= configured,
+        "answered after {took:?}, before the {configured:?} timeout"
+    );
+    assert!(
+        took < BOUND,
+        "answered after {took:?}: not the configured {configured:?}"
+    );
+}
+
 #[test]
 fn upstream_that_never_answers_gets_504_at_the_request_timeout() {
     let mut pod = Pod::new();
@@ -18,24 +36,7 @@ fn upstream_that_never_answers_gets_504_at_the_request_timeout() {
     pod.init(&[]);
     pod.start_proxy(&["--request-timeout", "500ms"]);
 
-    let start = Instant::now();
-    let reply = pod.app_http("10.200.0.1:8080");
-    let took = start.elapsed();
-
-    assert_eq!(reply.status, 504, "{reply:?}");
-    assert_eq!(
-        reply.header("x-sidecar-error"),
-        Some("upstream-timeout"),
-        "{reply:?}"
-    );
-    assert!(
-        took >= Duration::from_millis(500),
-        "answered after {took:?}, before the timeout"
-    );
-    assert!(
-        took < BOUND,
-        "answered after {took:?}: not the configured 500ms"
-    );
+    app_gets_504_after(&pod, "upstream-timeout", Duration::from_millis(500));
     assert_eq!(
         hanging.requests().len(),
         1,
@@ -50,24 +51,7 @@ fn upstream_that_never_accepts_gets_504_at_the_connect_timeout() {
     pod.init(&[]);
     pod.start_proxy(&["--connect-timeout", "300ms", "--max-retries", "0"]);
 
-    let start = Instant::now();
-    let reply = pod.app_http("10.200.0.1:8080");
-    let took = start.elapsed();
-
-    assert_eq!(reply.status, 504, "{reply:?}");
-    assert_eq!(
-        reply.header("x-sidecar-error"),
-        Some("upstream-connect-timeout"),
-        "{reply:?}"
-    );
-    assert!(
-        took >= Duration::from_millis(300),
-        "answered after {took:?}"
-    );
-    assert!(
-        took < BOUND,
-        "answered after {took:?}: not the configured 300ms"
-    );
+    app_gets_504_after(&pod, "upstream-connect-timeout", Duration::from_millis(300));
 }
 
 #[test]

@@ -114,7 +114,6 @@ mod tail;
 mod tests;
 
 use std::ffi::OsString;
-use std::fmt;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -285,19 +284,7 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
 }
 
-pub use crate::config_errors::ConfigError;
-
-/// Every bad key, for one message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        crate::config_errors::report(f, "logs", &self.0)
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
+pub use crate::config_errors::{ConfigError, ConfigErrors};
 
 impl LogsConfig {
     /// True when the forwarder is configured at all (`--logs-file` / `SIDECAR_LOGS_FILE`).
@@ -333,7 +320,10 @@ impl LogsConfig {
                     "",
                     "required: the log file to forward".to_owned(),
                 );
-                return Err(ConfigErrors(errors));
+                return Err(ConfigErrors {
+                    command: "logs",
+                    errors,
+                });
             }
             return Ok(None);
         };
@@ -555,7 +545,10 @@ impl LogsConfig {
                 rotate_wait,
                 shutdown_timeout,
             })),
-            _ => Err(ConfigErrors(errors)),
+            _ => Err(ConfigErrors {
+                command: "logs",
+                errors,
+            }),
         }
     }
 }

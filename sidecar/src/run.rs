@@ -42,7 +42,6 @@
 //! | a second SIGTERM or SIGINT during the drain | exit 0 at once, closing everything |
 //!
 //! Bad configuration: every bad key is reported at once, exit 64.
-use std::fmt;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -410,19 +409,7 @@ pub struct Settings {
     pub logs: Option<crate::logs::Settings>,
 }
 
-pub use crate::config_errors::ConfigError;
-
-/// Every bad key, for one message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        crate::config_errors::report(f, "run", &self.0)
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
+pub use crate::config_errors::{ConfigError, ConfigErrors};
 
 impl Settings {
     /// Checks every value; `env` reads the fallback variables (`TARGET_URL`, `SERVICE_NAME`,
@@ -436,7 +423,7 @@ impl Settings {
             Ok(Some(logs)) => Some(logs),
             Ok(None) => None,
             Err(e) => {
-                errors.extend(e.0);
+                errors.extend(e.errors);
                 None
             }
         };
@@ -622,7 +609,10 @@ impl Settings {
                 lifecycle,
                 logs,
             }),
-            _ => Err(ConfigErrors(errors)),
+            _ => Err(ConfigErrors {
+                command: "run",
+                errors,
+            }),
         }
     }
 }
@@ -1321,7 +1311,7 @@ mod tests {
             ..defaults()
         };
         let err = Settings::from_args(&bad, &no_env).unwrap_err();
-        let keys: Vec<_> = err.0.iter().map(|e| e.key.to_string()).collect();
+        let keys: Vec<_> = err.errors.iter().map(|e| e.key.to_string()).collect();
         assert_eq!(
             keys,
             [
@@ -1384,7 +1374,7 @@ sidecar run: invalid configuration:
         assert!(text.starts_with(expected), "got:\n{text}");
         assert!(text.contains("SIDECAR_LOG = \"sidecar=loud\": not a log filter"));
         assert!(text.ends_with("`sidecar run --help` lists every key"));
-        assert_eq!(err.0.len(), 8);
+        assert_eq!(err.errors.len(), 8);
     }
 
     #[test]

@@ -217,12 +217,10 @@ impl Settings {
                         continue;
                     };
                     if !ANNOTATIONS.iter().any(|a| a.name == name) {
-                        let closest = ANNOTATIONS
-                            .iter()
-                            .map(|a| (edit_distance(a.name, name), a.name))
-                            .min();
+                        let closest =
+                            crate::config_errors::nearest(ANNOTATIONS.iter().map(|a| a.name), name);
                         errors.push(match closest {
-                            Some((distance, known)) if distance <= 3 => format!(
+                            Some(known) => format!(
                                 "unknown annotation {PREFIX}{name}: did you mean {PREFIX}{known}?"
                             ),
                             _ => format!(
@@ -371,22 +369,6 @@ fn check(kind: Kind, value: &str) -> Result<(), String> {
         // What `sidecar run` would refuse with exit 64 (a crash-looping proxy) is refused here.
         Kind::AppProbe => crate::lifecycle::AppProbe::parse(value).map(|_| ()),
     }
-}
-
-/// Levenshtein distance, for "did you mean" on annotation typos.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// A Kubernetes resource quantity as a number (`250m` = 0.25, `1Ki` = 1024), for comparisons.
@@ -679,16 +661,6 @@ mod tests {
         assert_eq!(quantity("lots"), None);
         assert_eq!(quantity("10MB"), None);
         assert_eq!(quantity("-1"), None);
-    }
-
-    #[test]
-    fn typos_are_close() {
-        assert_eq!(
-            edit_distance("exclude-outbound-port", "exclude-outbound-ports"),
-            1
-        );
-        assert_eq!(edit_distance("image", "image"), 0);
-        assert_eq!(edit_distance("", "abc"), 3);
     }
 
     #[test]

@@ -1040,16 +1040,20 @@ pub(crate) mod tests {
         assert_eq!(drain(&mut t), expect(100..110));
     }
 
+    /// Writes lines 0..5, tails them, and returns the checkpoint a stopping forwarder would save.
+    fn checkpoint_after_first_five(path: &Path) -> Checkpoint {
+        append(path, &lines(0..5));
+        let mut t = Tailer::new(cfg(path), None);
+        assert_eq!(drain(&mut t), expect(0..5));
+        Checkpoint::new(path.to_path_buf(), t.positions())
+    }
+
     #[test]
     fn resumes_from_a_checkpoint_without_repeating_or_skipping() {
         let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-resume");
         let path = dir.path().join("app.log");
-        append(&path, &lines(0..5));
-        let mut t = Tailer::new(cfg(&path), None);
-        assert_eq!(drain(&mut t), expect(0..5));
-        let ckpt = Checkpoint::new(path.clone(), t.positions());
-        drop(t);
+        let ckpt = checkpoint_after_first_five(&path);
         append(&path, &lines(5..8));
         let mut t = Tailer::new(cfg(&path), Some(ckpt));
         assert_eq!(drain(&mut t), expect(5..8));
@@ -1060,11 +1064,7 @@ pub(crate) mod tests {
         let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-resume-rotated");
         let path = dir.path().join("app.log");
-        append(&path, &lines(0..5));
-        let mut t = Tailer::new(cfg(&path), None);
-        assert_eq!(drain(&mut t), expect(0..5));
-        let ckpt = Checkpoint::new(path.clone(), t.positions());
-        drop(t);
+        let ckpt = checkpoint_after_first_five(&path);
         append(&path, &lines(5..8));
         assert!(fs::rename(&path, dir.path().join("app.log.1")).is_ok());
         append(&path, &lines(8..10));
@@ -1077,11 +1077,7 @@ pub(crate) mod tests {
         let _turn = METRICS_LOCK.blocking_lock();
         let dir = TempDir::new("tail-resume-copy");
         let path = dir.path().join("app.log");
-        append(&path, &lines(0..5));
-        let mut t = Tailer::new(cfg(&path), None);
-        assert_eq!(drain(&mut t), expect(0..5));
-        let ckpt = Checkpoint::new(path.clone(), t.positions());
-        drop(t);
+        let ckpt = checkpoint_after_first_five(&path);
         append(&path, &lines(5..8));
         assert!(fs::copy(&path, dir.path().join("app.log.1")).is_ok());
         assert!(fs::OpenOptions::new()

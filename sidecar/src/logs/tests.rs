@@ -341,7 +341,7 @@ fn every_bad_key_is_reported_at_once() {
         Ok(s) => panic!("accepted: {s:?}"),
     };
     let keys: Vec<_> = errors
-        .0
+        .errors
         .iter()
         .map(|e| e.key.split(' ').next().unwrap_or_default().to_owned())
         .collect();
@@ -374,7 +374,7 @@ fn the_run_flavour_is_off_without_a_file_and_uses_prefixed_keys() {
         ..LogsConfig::default()
     };
     match half.settings("logs-", &|_| None) {
-        Err(e) => assert_eq!(e.0[0].key, "--logs-file / SIDECAR_LOGS_FILE"),
+        Err(e) => assert_eq!(e.errors[0].key, "--logs-file / SIDECAR_LOGS_FILE"),
         Ok(s) => panic!("{s:?}"),
     }
 }

@@ -592,13 +592,8 @@ fn unknown_key(path: &str) -> String {
         .map(|k| k.path)
         .filter(|p| p.rsplit_once('.').map_or("", |(pre, _)| pre) == prefix)
         .collect();
-    let nearest = KEYS
-        .iter()
-        .map(|k| (edit_distance(k.path, path), k.path))
-        .min()
-        .filter(|(d, _)| *d <= 3);
-    match nearest {
-        Some((_, near)) => format!("unknown key; did you mean {near}?"),
+    match crate::config_errors::nearest(KEYS.iter().map(|k| k.path), path) {
+        Some(near) => format!("unknown key; did you mean {near}?"),
         None if prefix.is_empty() => format!(
             "unknown key; valid keys here: {}, and the tables breaker and retry",
             siblings.join(", ")
@@ -608,22 +603,6 @@ fn unknown_key(path: &str) -> String {
         }
         None => format!("unknown key; valid keys here: {}", siblings.join(", ")),
     }
-}
-
-/// Levenshtein distance (short strings, error path only).
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 #[cfg(test)]

@@ -18,21 +18,11 @@ static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Writes `value`'s low `out.len()` nibbles as lowercase hex, most significant first (two
-/// digits per step on 64-bit halves: this runs twice per request).
-fn hex_into(out: &mut [u8], value: u128) {
-    let mut low = value as u64;
-    let mut high = (value >> 64) as u64;
-    let mut rest = out;
-    while let [head @ .., a, b] = rest {
-        *a = HEX[((low >> 4) & 0xf) as usize];
-        *b = HEX[(low & 0xf) as usize];
-        low = (low >> 8) | (high << 56);
-        high >>= 8;
-        rest = head;
-    }
-    if let [a] = rest {
-        *a = HEX[(low & 0xf) as usize];
+/// Writes `value`'s low `out.len()` nibbles as lowercase hex, most significant first.
+fn hex_into(out: &mut [u8], mut value: u128) {
+    for slot in out.iter_mut().rev() {
+        *slot = HEX[(value & 0xf) as usize];
+        value >>= 4;
     }
 }
 

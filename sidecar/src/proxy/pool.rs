@@ -313,6 +313,18 @@ impl HostState {
         }
         None
     }
+
+    /// Closes the idle connections that are closed already or `expired`, freeing their slots
+    /// (no waiter exists while anything is idle, so the count just drops); returns how many.
+    fn close_idle(&mut self, metrics: &PoolMetrics, expired: impl Fn(&Idle) -> bool) -> usize {
+        let before = self.idle.len();
+        self.idle
+            .retain(|idle| !idle.sender.is_closed() && !expired(idle));
+        let gone = before - self.idle.len();
+        self.open -= gone;
+        metrics.open.sub(gone as i64);
+        gone
+    }
 }
 
 impl Host {
@@ -363,15 +375,9 @@ impl Host {
         self.metrics.open.dec();
     }
 
-    /// Drops idle connections that have closed, freeing their slots (no waiter exists while
-    /// anything is idle, so the count just drops).
+    /// Forgets idle connections that have closed.
     fn prune_closed(&self) {
-        let mut state = lock(&self.state);
-        let before = state.idle.len();
-        state.idle.retain(|idle| !idle.sender.is_closed());
-        let gone = before - state.idle.len();
-        state.open -= gone;
-        self.metrics.open.sub(gone as i64);
+        lock(&self.state).close_idle(&self.metrics, |_| false);
     }
 }
 
@@ -505,14 +511,7 @@ async fn reap(pool: Weak<Pool>, period: Duration) {
         hosts.retain(|_, host| {
             let mut state = lock(&host.state);
             let timeout = host.idle_timeout;
-            let before = state.idle.len();
-            state
-                .idle
-                .retain(|idle| !idle.sender.is_closed() && idle.since.elapsed() < timeout);
-            let gone = before - state.idle.len();
-            closed += gone;
-            state.open -= gone;
-            host.metrics.open.sub(gone as i64);
+            closed += state.close_idle(&host.metrics, |idle| idle.since.elapsed() >= timeout);
             // Only the map holds it: no downstream connection, lease or dial refers to it.
             !(state.open == 0 && state.waiters.is_empty() && Arc::strong_count(host) == 1)
         });

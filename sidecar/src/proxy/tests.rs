@@ -820,6 +820,28 @@ async fn gated_upstream() -> (
     (addr, accepted, received, gate)
 }
 
+/// An intercepting proxy to `upstream` with its default policy adjusted by `policy`, and the
+/// outbound connection metrics (where the pool's gauges are) to watch it by.
+async fn pooled_proxy(
+    upstream: SocketAddr,
+    policy: impl FnOnce(&mut crate::policy::DestinationPolicy),
+) -> (Proxy, SocketAddr, crate::metrics::ConnMetrics) {
+    let metrics = ProxyMetrics::unregistered();
+    let mut config = loopback_config();
+    policy(&mut config.policy.defaults);
+    let telemetry = Telemetry {
+        metrics: Arc::clone(&metrics),
+        access_log: false,
+    };
+    let resolvers = Resolvers {
+        outbound: fixed(upstream),
+        inbound: local_addr_resolver(),
+    };
+    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
+    let proxy_addr = proxy.local_addrs()[0];
+    (proxy, proxy_addr, metrics.conns(Dir::Outbound).clone())
+}
+
 /// Yields to the runtime until `done` holds (the proxy and the clients run on this same
 /// single-threaded runtime, so each yield lets them make progress); `guard` bounds it.
 async fn until(mut done: impl FnMut() -> bool) {
@@ -831,20 +853,10 @@ async fn until(mut done: impl FnMut() -> bool) {
 #[tokio::test]
 async fn connection_limit_queues_requests_instead_of_dialling() {
     let (upstream, accepted, received, gate) = gated_upstream().await;
-    let metrics = ProxyMetrics::unregistered();
-    let mut config = loopback_config();
-    config.policy.defaults.max_connections = 2;
-    let telemetry = Telemetry {
-        metrics: Arc::clone(&metrics),
-        access_log: false,
-    };
-    let resolvers = Resolvers {
-        outbound: fixed(upstream),
-        inbound: local_addr_resolver(),
-    };
-    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
-    let proxy_addr = proxy.local_addrs()[0];
-    let pool = metrics.conns(Dir::Outbound).clone();
+    let (proxy, proxy_addr, pool) = pooled_proxy(upstream, |p| {
+        p.max_connections = 2;
+    })
+    .await;
     guard(async {
         // One request first: the pool now knows the destination speaks HTTP/1, so the client
         // connections below are not pre-dialled (which would open connections outside the pool).
@@ -891,22 +903,12 @@ async fn failed_dial_and_abandoned_body_free_their_slots() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let refused = listener.local_addr().unwrap();
     drop(listener);
-    let metrics = ProxyMetrics::unregistered();
-    let mut config = loopback_config();
-    config.policy.defaults.max_connections = 1;
-    config.policy.defaults.retry.max_retries = 0;
-    config.policy.defaults.breaker.consecutive_failures = 0;
-    let telemetry = Telemetry {
-        metrics: Arc::clone(&metrics),
-        access_log: false,
-    };
-    let resolvers = Resolvers {
-        outbound: fixed(refused),
-        inbound: local_addr_resolver(),
-    };
-    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
-    let proxy_addr = proxy.local_addrs()[0];
-    let pool = metrics.conns(Dir::Outbound).clone();
+    let (proxy, proxy_addr, pool) = pooled_proxy(refused, |p| {
+        p.max_connections = 1;
+        p.retry.max_retries = 0;
+        p.breaker.consecutive_failures = 0;
+    })
+    .await;
     guard(async {
         let mut client = h1_client(proxy_addr).await;
         for _ in 0..2 {
@@ -923,20 +925,10 @@ async fn failed_dial_and_abandoned_body_free_their_slots() {
     // A client that goes away mid-body: that connection cannot be reused and is closed; the
     // next request gets a new one.
     let (upstream, accepted, _received, gate) = gated_upstream().await;
-    let metrics = ProxyMetrics::unregistered();
-    let mut config = loopback_config();
-    config.policy.defaults.max_connections = 1;
-    let telemetry = Telemetry {
-        metrics: Arc::clone(&metrics),
-        access_log: false,
-    };
-    let resolvers = Resolvers {
-        outbound: fixed(upstream),
-        inbound: local_addr_resolver(),
-    };
-    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
-    let proxy_addr = proxy.local_addrs()[0];
-    let pool = metrics.conns(Dir::Outbound).clone();
+    let (proxy, proxy_addr, pool) = pooled_proxy(upstream, |p| {
+        p.max_connections = 1;
+    })
+    .await;
     guard(async {
         let mut client = h1_client(proxy_addr).await;
         let sent = client.send_request(get("/", "a.test"));
@@ -986,20 +978,10 @@ async fn upstream_closing_an_idle_connection_frees_its_slot() {
             });
         }
     });
-    let metrics = ProxyMetrics::unregistered();
-    let mut config = loopback_config();
-    config.policy.defaults.max_connections = 1;
-    let telemetry = Telemetry {
-        metrics: Arc::clone(&metrics),
-        access_log: false,
-    };
-    let resolvers = Resolvers {
-        outbound: fixed(upstream),
-        inbound: local_addr_resolver(),
-    };
-    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
-    let proxy_addr = proxy.local_addrs()[0];
-    let pool = metrics.conns(Dir::Outbound).clone();
+    let (proxy, proxy_addr, pool) = pooled_proxy(upstream, |p| {
+        p.max_connections = 1;
+    })
+    .await;
     guard(async {
         let mut client = h1_client(proxy_addr).await;
         for round in 1..=3 {
