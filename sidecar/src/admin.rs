@@ -28,7 +28,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::{Readiness, Trigger};
-use crate::proxy::INBOUND_PASSTHROUGH_V4;
+use crate::net::INBOUND_PASSTHROUGH_V4;
 
 /// Default admin listeners: every address of both families, so that the kubelet's probes and
 /// Prometheus reach it on the pod IP, IPv6-only clusters included (the IPv6 one is skipped with a

@@ -189,7 +189,7 @@ pub fn cleanup_main(args: CleanupArgs) -> ExitCode {
         cleanup_once(&args.pin_root);
         return ExitCode::SUCCESS;
     };
-    let period = match crate::run::parse_duration(interval) {
+    let period = match crate::units::parse_duration(interval) {
         Ok(d) if !d.is_zero() => d,
         _ => {
             let _ = writeln!(
@@ -199,10 +199,7 @@ pub fn cleanup_main(args: CleanupArgs) -> ExitCode {
             return ExitCode::from(crate::EXIT_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::cli::runtime(1) {
         Ok(rt) => rt,
         Err(e) => {
             let _ = writeln!(
@@ -213,17 +210,14 @@ pub fn cleanup_main(args: CleanupArgs) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
+        let Ok(mut signals) = crate::cli::Signals::new() else {
             return ExitCode::FAILURE;
         };
         loop {
             cleanup_once(&args.pin_root);
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
-                _ = term.recv() => return ExitCode::SUCCESS,
-                _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+                _ = signals.next() => return ExitCode::SUCCESS,
             }
         }
     })

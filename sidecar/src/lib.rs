@@ -1,17 +1,21 @@
 //! The sidecar: an init step that loads and attaches the eBPF interception programs for one pod
 //! (`intercept`), and the proxy that receives the steered connections (`run`, `proxy`).
 pub mod admin;
+pub mod cli;
 pub mod config_errors;
 pub mod doctor;
+pub mod error;
 pub mod inject;
 pub mod intercept;
 pub mod lifecycle;
 pub mod logs;
 pub mod metrics;
+pub mod net;
 pub mod orig_dst;
 pub mod policy;
 pub mod proxy;
 pub mod run;
+pub mod units;
 
 /// Exit code for bad configuration or usage (sysexits.h `EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;

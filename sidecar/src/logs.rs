@@ -114,7 +114,6 @@ mod tail;
 mod tests;
 
 use std::ffi::OsString;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -124,9 +123,9 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
-use tracing_subscriber::EnvFilter;
 
-use crate::run::parse_duration;
+use crate::cli::{self, LogFormat};
+use crate::units::{parse_duration, parse_size};
 
 pub use checkpoint::Checkpoint;
 
@@ -602,25 +601,6 @@ fn parse_endpoint(url: &str) -> Result<http::Uri, String> {
     Ok(uri)
 }
 
-/// `1048576`, `512B`, `64KiB`, `1MiB`, `1GiB` (binary units; `K`/`M`/`G` accepted as the same).
-pub fn parse_size(value: &str) -> Result<usize, String> {
-    let value = value.trim();
-    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
-    let (number, unit) = value.split_at(digits);
-    let hint = "expected a size in bytes, optionally with KiB, MiB or GiB, e.g. 64KiB";
-    let number: usize = number.parse().map_err(|_| hint.to_owned())?;
-    let shift = match unit.trim() {
-        "" | "B" => 0,
-        "K" | "KiB" | "k" => 10,
-        "M" | "MiB" => 20,
-        "G" | "GiB" => 30,
-        _ => return Err(hint.to_owned()),
-    };
-    number
-        .checked_mul(1 << shift)
-        .ok_or_else(|| "too large".to_owned())
-}
-
 /// Runs the forwarder until `shutdown` is cancelled, then flushes (bounded by the shutdown
 /// timeout) and returns. Returns at once when the forwarder is not configured (no file). For
 /// `sidecar run`: spawn it next to the proxy with the proxy's shutdown token; validate with
@@ -717,25 +697,6 @@ pub async fn forward(settings: Settings, shutdown: CancellationToken) -> anyhow:
     Ok(())
 }
 
-fn init_logging() {
-    let filter = std::env::var("SIDECAR_LOG")
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    let json = std::env::var("SIDECAR_LOG_FORMAT").is_ok_and(|f| f.trim() == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-}
-
 /// `sidecar logs`.
 pub fn main(args: LogsArgs) -> ExitCode {
     let cfg = LogsConfig::from(args);
@@ -747,11 +708,14 @@ pub fn main(args: LogsArgs) -> ExitCode {
             return ExitCode::from(crate::EXIT_USAGE);
         }
     };
-    init_logging();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let json = std::env::var("SIDECAR_LOG_FORMAT").is_ok_and(|f| f.trim() == "json");
+    let format = if json {
+        LogFormat::Json
+    } else {
+        LogFormat::Plain
+    };
+    cli::init_logging(format, &cli::log_filter(&|name| std::env::var(name).ok()).1);
+    let runtime = match cli::runtime(1) {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start the async runtime");
@@ -759,13 +723,9 @@ pub fn main(args: LogsArgs) -> ExitCode {
         }
     };
     let code = runtime.block_on(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (mut term, mut int) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(t), Ok(i)) => (t, i),
-            (Err(e), _) | (_, Err(e)) => {
+        let mut signals = match cli::Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
                 error!(error = %e, "cannot install signal handlers");
                 return ExitCode::FAILURE;
             }
@@ -775,10 +735,7 @@ pub fn main(args: LogsArgs) -> ExitCode {
         let stopper = {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let name = tokio::select! {
-                    _ = term.recv() => "SIGTERM",
-                    _ = int.recv() => "SIGINT",
-                };
+                let name = signals.next().await;
                 info!(signal = name, "stopping: flushing what was read");
                 shutdown.cancel();
             })

@@ -18,6 +18,8 @@ use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
+
+use crate::error::ProxyError;
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -80,6 +82,15 @@ pub struct ConnMetrics {
     pub upstream_open: IntGauge,
     /// Requests that waited for a connection: their destination was at its connection limit.
     pub upstream_waits: IntCounter,
+}
+
+/// What an upstream connection pool records (the gauges and counters of one direction).
+#[derive(Clone)]
+pub struct PoolMetrics {
+    /// Upstream connections open (idle, in use or being dialled).
+    pub open: IntGauge,
+    /// Requests that waited because their destination was at its connection limit.
+    pub waits: IntCounter,
 }
 
 /// What a destination is known by.
@@ -246,9 +257,9 @@ impl ProxyMetrics {
     }
 
     /// What the upstream pool of `dir` records.
-    pub(crate) fn pool(&self, dir: Dir) -> crate::proxy::PoolMetrics {
+    pub fn pool(&self, dir: Dir) -> PoolMetrics {
         let c = self.conns(dir);
-        crate::proxy::PoolMetrics {
+        PoolMetrics {
             open: c.upstream_open.clone(),
             waits: c.upstream_waits.clone(),
         }
@@ -307,10 +318,10 @@ impl ProxyMetrics {
 
     /// Counts one failure the proxy answered or acted on itself. Not on the success path, so the
     /// registry's own lookup is fine here.
-    pub fn error(&self, dir: Dir, reason: &str) {
+    pub fn error(&self, dir: Dir, err: ProxyError) {
         if let Ok(c) = self
             .errors
-            .get_metric_with_label_values(&[dir.as_str(), reason])
+            .get_metric_with_label_values(&[dir.as_str(), err.code()])
         {
             c.inc();
         }
@@ -544,7 +555,7 @@ mod tests {
     fn errors_and_connections() {
         let registry = Registry::new();
         let m = ProxyMetrics::new(&registry, "svc", 10).unwrap();
-        m.error(Dir::Outbound, "upstream-connect-refused");
+        m.error(Dir::Outbound, ProxyError::UpstreamConnectRefused);
         m.conns(Dir::Inbound).opened.inc();
         m.conns(Dir::Inbound).active.inc();
         let text = render(&registry);

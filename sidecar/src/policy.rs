@@ -15,8 +15,7 @@
 //! never across an await, and allocates nothing for policy unless it is retried.
 pub mod breaker;
 pub mod config_file;
-#[cfg(test)]
-mod flow_tests;
+pub mod exchange;
 pub mod headers;
 pub mod idle;
 pub mod retry;
@@ -31,11 +30,21 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::proxy::ProxyError;
+use crate::error::{FailureKind, ProxyError};
 use breaker::{Breaker, BreakerConfig, Outcome, Permit, Rejected, State, Transition};
 use retry::Budget;
 pub use retry::{FailureSet, RetryConfig};
 
+/// Connect timeout: an upstream that has not completed a handshake in 1 s on a cluster network is
+/// almost certainly gone; failing fast lets the caller retry elsewhere.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time for the response head; 30 s as in the seed proxy. Bodies may stream for longer.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent upstream connections per destination (and direction) unless configured (flag, or
+/// `max_connections` in the config file's `[defaults]` or a `[[destination]]`): enough
+/// for a busy service's fan-in to one dependency; past it, requests queue for a connection
+/// instead of opening more (each costs the upstream a socket and the proxy ~30 KiB).
+pub const DEFAULT_MAX_CONNECTIONS_PER_DESTINATION: usize = 128;
 /// The seed proxy's breaker: 5 failures in a row open it...
 pub const DEFAULT_BREAKER_CONSECUTIVE_FAILURES: u32 = 5;
 /// ...for 10 s.
@@ -91,13 +100,13 @@ pub struct DestinationPolicy {
 impl Default for DestinationPolicy {
     fn default() -> Self {
         DestinationPolicy {
-            connect_timeout: crate::proxy::DEFAULT_CONNECT_TIMEOUT,
-            request_timeout: crate::proxy::DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             breaker: BreakerConfig::default(),
             failure_on: FailureSet::breaker_default(),
             retry: RetryConfig::default(),
-            max_connections: crate::proxy::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,
+            max_connections: DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,
         }
     }
 }
@@ -338,8 +347,10 @@ impl Destination {
     pub fn outcome(&self, result: Result<StatusCode, ProxyError>) -> Outcome {
         let failed = match result {
             Ok(status) => self.policy.failure_on.has_status(status),
-            Err(err) => match FailureKind::of(err) {
-                Some(kind) => kind.is_in(&self.policy.failure_on),
+            // Only the upstream's own failures count: the client's broken body or the proxy's
+            // refusal say nothing about the destination's health.
+            Err(err) => match err.failure_kind() {
+                Some(kind) => kind_in(kind, &self.policy.failure_on),
                 None => return Outcome::Ignored,
             },
         };
@@ -354,7 +365,9 @@ impl Destination {
     pub fn is_retryable(&self, result: Result<StatusCode, ProxyError>) -> bool {
         match result {
             Ok(status) => self.policy.retry.on.has_status(status),
-            Err(err) => FailureKind::of(err).is_some_and(|k| k.is_in(&self.policy.retry.on)),
+            Err(err) => err
+                .failure_kind()
+                .is_some_and(|k| kind_in(k, &self.policy.retry.on)),
         }
     }
 
@@ -407,41 +420,12 @@ impl Destination {
     }
 }
 
-/// Failure kinds of locally detected errors, as named in configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FailureKind {
-    Connect,
-    Reset,
-    Timeout,
-}
-
-impl FailureKind {
-    /// `None`: not the upstream's fault (the client's body broke, the request was refused here).
-    fn of(err: ProxyError) -> Option<FailureKind> {
-        match err {
-            ProxyError::UpstreamConnectRefused
-            | ProxyError::UpstreamConnectUnreachable
-            | ProxyError::UpstreamConnectTimeout
-            | ProxyError::UpstreamConnectFailed => Some(FailureKind::Connect),
-            ProxyError::UpstreamTimeout => Some(FailureKind::Timeout),
-            ProxyError::UpstreamClosed
-            | ProxyError::UpstreamReset
-            | ProxyError::UpstreamProtocol
-            | ProxyError::Upstream => Some(FailureKind::Reset),
-            ProxyError::UpstreamBreakerOpen
-            | ProxyError::DownstreamBody
-            | ProxyError::DownstreamTimeout
-            | ProxyError::ProxyUnsupported
-            | ProxyError::ProxyBadRequest => None,
-        }
-    }
-
-    fn is_in(self, set: &FailureSet) -> bool {
-        match self {
-            FailureKind::Connect => set.connect,
-            FailureKind::Reset => set.reset,
-            FailureKind::Timeout => set.timeout,
-        }
+/// Whether an error's kind is in `set` (a policy's `failure_on` or `retry.on`).
+fn kind_in(kind: FailureKind, set: &FailureSet) -> bool {
+    match kind {
+        FailureKind::Connect => set.connect,
+        FailureKind::Reset => set.reset,
+        FailureKind::Timeout => set.timeout,
     }
 }
 

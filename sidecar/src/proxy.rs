@@ -2,11 +2,24 @@
 //! forwards them to their original destination, or, in reverse-proxy mode, every request to one
 //! fixed `--target`. [`start`] is the programmatic entry used by `sidecar run`, tests and
 //! benchmarks.
+//!
+//! This file is the top of the proxy: it binds, accepts and hands each connection to
+//! [`transparent`] (interception, both directions) or [`target`]. Below it, in the order they may
+//! import each other (never upwards; the tidy test checks): `serve` (hyper, once) > `forward`
+//! (one request) > `shared` > `route` > `pool` > `connect` > `detect`, `config`.
+mod config;
 mod connect;
 mod detect;
-mod error;
+#[cfg(test)]
+mod drain_tests;
+#[cfg(test)]
+mod flow_tests;
 mod forward;
 mod pool;
+mod route;
+mod serve;
+mod shared;
+mod target;
 #[cfg(test)]
 mod tests;
 mod transparent;
@@ -16,310 +29,28 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::uri::{Authority, Scheme};
-use http::Uri;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use nix::sys::socket::{setsockopt, sockopt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::lifecycle::{serve_until_drained, FirstRequest};
-use crate::metrics::access::{Observer, UpstreamName};
-use crate::metrics::conn::{ActiveConns, ConnGuard, CountedIo};
-use crate::metrics::{DestinationMetrics, Dir, ProxyMetrics};
-use crate::policy::{Policies, PolicyConfig};
+use crate::lifecycle::Drainable;
+use crate::metrics::conn::{ActiveConns, ConnGuard};
+use crate::metrics::Dir;
+use crate::net::{addrs_of, bind_all};
+use crate::policy::Policies;
 
-pub use detect::{classify, Detection, H2_PREFACE};
-pub use error::{ConnectError, Culprit, ProxyError};
-pub use forward::{error_response, ProxyBody, X_FORWARDED_BY, X_SIDECAR_ATTEMPT, X_SIDECAR_ERROR};
-
+pub use config::{
+    local_addr_resolver, original_dst_resolver, ListenAddr, ProxyConfig, Resolver, Resolvers,
+    Target, Telemetry, DEFAULT_DETECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
+};
 pub use connect::INBOUND_PASSTHROUGH_V4;
-pub use pool::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION;
+pub use detect::{classify, Detection, H2_PREFACE};
+pub use forward::{error_response, ProxyBody};
 
-use connect::{Connector, Source, Stash};
-use forward::{forward_h1, Chain, Route};
-use pool::Pool;
-pub(crate) use pool::PoolMetrics;
-use transparent::Direction;
-
-/// Connect timeout: an upstream that has not completed a handshake in 1 s on a cluster network is
-/// almost certainly gone; failing fast lets the caller retry elsewhere.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Time for the response head; 30 s as in the seed proxy. Bodies may stream for longer.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a partial client preface ("GE") may take to become decidable. Real clients send a
-/// request line in one segment, so this only matters for slow or odd peers.
-pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Idle pooled upstream connections are closed after this; shorter than the common server-side
-/// keep-alive timeouts (nginx 75 s, Go 90 s) so that we usually close first and rarely pick a
-/// connection the server is just closing.
-pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A listener address; `required: false` means "skip with a warning if it cannot be bound"
-/// (the default `[::1]` on hosts with IPv6 disabled).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ListenAddr {
-    pub addr: SocketAddr,
-    pub required: bool,
-}
-
-/// A `--target` URL: plain `http://host[:port][/prefix]`.
-#[derive(Debug, Clone)]
-pub struct Target {
-    url: String,
-    authority: Authority,
-    prefix: Option<Arc<str>>,
-}
-
-impl Target {
-    /// Parses a target URL; the error says what to write instead.
-    pub fn parse(url: &str) -> Result<Target, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| format!("not a URL ({e}); expected http://HOST[:PORT][/PATH]"))?;
-        match uri.scheme() {
-            Some(s) if *s == Scheme::HTTP => {}
-            Some(s) if *s == Scheme::HTTPS => {
-                return Err(
-                    "https targets are not supported (the proxy speaks plain HTTP to \
-                            its target; TLS origination is out of scope): use http://"
-                        .to_owned(),
-                )
-            }
-            _ => return Err("expected http://HOST[:PORT][/PATH]".to_owned()),
-        }
-        let Some(authority) = uri.authority() else {
-            return Err("missing host; expected http://HOST[:PORT][/PATH]".to_owned());
-        };
-        if authority.as_str().contains('@') {
-            return Err("user information in the target URL is not supported".to_owned());
-        }
-        if uri.query().is_some() {
-            return Err("a query string in the target URL is not supported".to_owned());
-        }
-        let authority = match authority.port_u16() {
-            Some(_) => authority.clone(),
-            // Pool keys and Host fallbacks carry an explicit port.
-            None => Authority::from_maybe_shared(Bytes::from(format!("{}:80", authority.host())))
-                .map_err(|e| format!("bad host: {e}"))?,
-        };
-        let path = uri.path().trim_end_matches('/');
-        Ok(Target {
-            url: url.to_owned(),
-            authority,
-            prefix: (!path.is_empty()).then(|| Arc::from(path)),
-        })
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.url
-    }
-}
-
-/// Everything the proxy needs; `sidecar run` builds it from flags and environment.
-#[derive(Debug, Clone)]
-pub struct ProxyConfig {
-    /// Outbound listeners (redirected connections of the app), or the `--target` listeners.
-    pub listen: Vec<ListenAddr>,
-    /// Inbound listeners (connections to the app, steered by sk_lookup); unused with `--target`.
-    pub inbound: Vec<ListenAddr>,
-    /// `Some`: reverse-proxy mode, every request goes there. `None`: interception mode.
-    pub target: Option<Target>,
-    pub service_name: Option<String>,
-    /// Connect and request timeouts, circuit breakers, retries: defaults and per destination.
-    pub policy: PolicyConfig,
-    pub detect_timeout: Duration,
-    pub pool_idle_timeout: Duration,
-}
-
-impl ProxyConfig {
-    /// Interception mode on `listen` (all required, outbound only) with default timeouts.
-    pub fn new(listen: impl IntoIterator<Item = SocketAddr>) -> Self {
-        ProxyConfig {
-            listen: listen
-                .into_iter()
-                .map(|addr| ListenAddr {
-                    addr,
-                    required: true,
-                })
-                .collect(),
-            inbound: Vec::new(),
-            target: None,
-            service_name: None,
-            policy: PolicyConfig::default(),
-            detect_timeout: DEFAULT_DETECT_TIMEOUT,
-            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
-        }
-    }
-}
-
-/// Finds where a captured connection was going. The real ones are
-/// [`crate::orig_dst::original_dst`] (outbound) and the local address (inbound); tests pass
-/// their own.
-pub type Resolver = Arc<dyn Fn(&TcpStream) -> io::Result<SocketAddr> + Send + Sync>;
-
-/// The kernel's answer to `SO_ORIGINAL_DST`.
-pub fn original_dst_resolver() -> Resolver {
-    Arc::new(crate::orig_dst::original_dst)
-}
-
-/// Inbound: sk_lookup hands the SYN to our listener unchanged, so the connection's own local
-/// address is where the client was going.
-pub fn local_addr_resolver() -> Resolver {
-    Arc::new(TcpStream::local_addr)
-}
-
-/// Destination lookups for both directions.
-#[derive(Clone)]
-pub struct Resolvers {
-    pub outbound: Resolver,
-    pub inbound: Resolver,
-}
-
-impl Resolvers {
-    /// What the kernel says: `SO_ORIGINAL_DST` outbound, the local address inbound.
-    pub fn kernel() -> Self {
-        Resolvers {
-            outbound: original_dst_resolver(),
-            inbound: local_addr_resolver(),
-        }
-    }
-}
-
-/// What the proxy records: metrics (registered by the caller, or nowhere) and the access log.
-#[derive(Clone)]
-pub struct Telemetry {
-    pub metrics: Arc<ProxyMetrics>,
-    /// One `access` log line per request.
-    pub access_log: bool,
-}
-
-impl Default for Telemetry {
-    /// Metrics counted but exported nowhere; no access log.
-    fn default() -> Self {
-        Telemetry {
-            metrics: ProxyMetrics::unregistered(),
-            access_log: false,
-        }
-    }
-}
-
-/// One direction's way out: its HTTP/1 connection pool and the parked pre-dialled connections.
-/// Inbound and outbound never share connections: inbound ones come from 127.0.0.6.
-pub(crate) struct Egress {
-    pub(crate) pool: Arc<Pool>,
-    pub(crate) stash: Arc<Stash>,
-    pub(crate) source: Source,
-}
-
-impl Egress {
-    fn new(
-        config: &ProxyConfig,
-        source: Source,
-        policies: &Arc<Policies>,
-        metrics: PoolMetrics,
-    ) -> Self {
-        let stash = Arc::new(Stash::default());
-        let connector = Connector {
-            stash: Arc::clone(&stash),
-            policies: Arc::clone(policies),
-            source,
-        };
-        let pool = Pool::new(connector, config.pool_idle_timeout, metrics);
-        Egress {
-            pool,
-            stash,
-            source,
-        }
-    }
-}
-
-/// State shared by every connection of one proxy.
-pub(crate) struct Shared {
-    pub(crate) config: ProxyConfig,
-    pub(crate) resolvers: Resolvers,
-    pub(crate) outbound: Egress,
-    pub(crate) inbound: Egress,
-    /// Every bound listener address, both directions (loop guard).
-    pub(crate) listening: Vec<SocketAddr>,
-    /// Stops everything (outbound, and inbound through its child token).
-    pub(crate) cancel: CancellationToken,
-    /// Stops the inbound side (and `--target` listeners) first when draining.
-    pub(crate) inbound_cancel: CancellationToken,
-    pub(crate) tracker: TaskTracker,
-    target_route: Option<Route>,
-    /// Per-destination policies and their state (breakers, retry budgets).
-    pub(crate) policies: Arc<Policies>,
-    pub(crate) telemetry: Telemetry,
-    /// Open downstream connections per direction (the drain waits on them).
-    pub(crate) active: [Arc<ActiveConns>; 2],
-    /// `--target` mode: the target's request metrics and name, resolved once.
-    target_dest: Option<(Arc<DestinationMetrics>, Arc<str>)>,
-}
-
-impl Shared {
-    /// Loop guard: a connection "originally" to our own listener would come straight back.
-    pub(crate) fn is_own_listener(&self, dst: SocketAddr) -> bool {
-        let dst_ip = dst.ip().to_canonical();
-        self.listening.iter().any(|l| {
-            l.port() == dst.port()
-                && (l.ip().to_canonical() == dst_ip
-                    || (l.ip().is_unspecified()
-                        && (dst_ip.is_loopback() || dst_ip.is_unspecified())))
-        })
-    }
-
-    /// The token that stops connections of `dir`.
-    pub(crate) fn stop_token(&self, dir: Dir) -> &CancellationToken {
-        match dir {
-            Dir::Inbound => &self.inbound_cancel,
-            Dir::Outbound => &self.cancel,
-        }
-    }
-
-    pub(crate) fn active(&self, dir: Dir) -> &Arc<ActiveConns> {
-        match dir {
-            Dir::Inbound => &self.active[0],
-            Dir::Outbound => &self.active[1],
-        }
-    }
-
-    /// How requests of one `--target` connection are recorded.
-    fn target_observer(&self, peer: SocketAddr) -> Arc<Observer> {
-        let (dest, upstream) = match &self.target_dest {
-            Some((dest, name)) => (Arc::clone(dest), Arc::clone(name)),
-            // Not reached: target connections only exist in `--target` mode.
-            None => (
-                self.telemetry.metrics.named_destination(Dir::Inbound, "-"),
-                Arc::from("-"),
-            ),
-        };
-        Arc::new(Observer {
-            metrics: Arc::clone(&self.telemetry.metrics),
-            dest,
-            access_log: self.telemetry.access_log,
-            peer,
-            upstream: UpstreamName::Name(upstream),
-        })
-    }
-
-    /// How requests of one connection to `dst` are recorded. Shared by the connection's
-    /// requests: one reference count per request, no more.
-    pub(crate) fn observer(&self, dir: Dir, dst: SocketAddr, peer: SocketAddr) -> Arc<Observer> {
-        Arc::new(Observer {
-            metrics: Arc::clone(&self.telemetry.metrics),
-            dest: self.telemetry.metrics.destination(dir, dst),
-            access_log: self.telemetry.access_log,
-            peer,
-            upstream: UpstreamName::Addr(dst),
-        })
-    }
-}
+use connect::Source;
+use route::Route;
+use shared::{Direction, Egress, Shared};
 
 /// A running proxy.
 pub struct Proxy {
@@ -376,6 +107,25 @@ impl Proxy {
     pub async fn wait_all(&self) {
         self.tracker.close();
         self.tracker.wait().await;
+    }
+}
+
+/// The proxy reports to the drain (`crate::lifecycle`), which never imports it.
+impl Drainable for Proxy {
+    fn stop_inbound(&self) {
+        Proxy::stop_inbound(self);
+    }
+
+    fn stop_all(&self) {
+        Proxy::stop_all(self);
+    }
+
+    fn active(&self, dir: Dir) -> &ActiveConns {
+        Proxy::active(self, dir)
+    }
+
+    fn wait_all(&self) -> impl std::future::Future<Output = ()> + '_ {
+        Proxy::wait_all(self)
     }
 }
 
@@ -510,46 +260,6 @@ pub async fn start_observed(
     })
 }
 
-fn bind_all(listen: &[ListenAddr]) -> io::Result<Vec<TcpListener>> {
-    let mut listeners = Vec::with_capacity(listen.len());
-    for l in listen {
-        match bind(l.addr) {
-            Ok(listener) => listeners.push(listener),
-            Err(e) if !l.required => {
-                warn!(addr = %l.addr, error = %e, "optional listener not bound (IPv6 disabled?); continuing without it");
-            }
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot listen on {}: {e}", l.addr),
-                ))
-            }
-        }
-    }
-    Ok(listeners)
-}
-
-/// Binds with `SO_REUSEADDR` (restart while old connections linger in TIME_WAIT) and, for IPv6,
-/// `IPV6_V6ONLY`, so that `[::]:15006` and `0.0.0.0:15006` can both be bound.
-pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => {
-            let socket = TcpSocket::new_v6()?;
-            setsockopt(&socket, sockopt::Ipv6V6Only, &true)?;
-            socket
-        }
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    // The kernel caps this at net.core.somaxconn.
-    socket.listen(4096)
-}
-
-fn addrs_of(listeners: &[TcpListener]) -> io::Result<Vec<SocketAddr>> {
-    listeners.iter().map(TcpListener::local_addr).collect()
-}
-
 /// What a listener's connections are.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
@@ -575,7 +285,7 @@ fn spawn_conn(shared: &Arc<Shared>, kind: Kind, stream: TcpStream, peer: SocketA
     match kind {
         Kind::Target => shared
             .tracker
-            .spawn(serve_target(conn_shared, stream, peer, conn)),
+            .spawn(target::serve(conn_shared, stream, peer, conn)),
         Kind::Transparent(direction) => shared.tracker.spawn(transparent::serve(
             conn_shared,
             direction,
@@ -663,97 +373,4 @@ fn is_per_connection_error(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionRefused
             | io::ErrorKind::Interrupted
     ) || matches!(e.raw_os_error(), Some(libc::EPROTO | libc::EPERM))
-}
-
-/// `--target` mode: HTTP/1 and h2c (told apart by the first bytes), every request to the target.
-async fn serve_target(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, conn: ConnGuard) {
-    if let Err(e) = client.set_nodelay(true) {
-        debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
-    }
-    let stop = &shared.inbound_cancel;
-    let limit = shared.config.detect_timeout;
-    let Some(h2) = sniff_h2(&client, stop, limit).await else {
-        return;
-    };
-    let observer = shared.target_observer(peer);
-    // A reverse proxy in front of one service: its requests come from other hosts.
-    let route = shared
-        .target_route
-        .as_ref()
-        .map(|r| Arc::new(r.for_client(peer)));
-    let first = Arc::new(FirstRequest::default());
-    let svc_first = Arc::clone(&first);
-    let svc_shared = Arc::clone(&shared);
-    let service = service_fn(move |req: hyper::Request<Incoming>| {
-        svc_first.mark();
-        let shared = Arc::clone(&svc_shared);
-        let observer = observer.clone();
-        let route = route.clone();
-        async move {
-            let response = crate::metrics::access::observe(&observer, req, |req| async {
-                match &route {
-                    Some(route) => forward_h1(&shared, &shared.outbound, route, req).await,
-                    None => error_response(ProxyError::ProxyBadRequest),
-                }
-            })
-            .await;
-            Ok::<_, std::convert::Infallible>(response)
-        }
-    });
-    let io = TokioIo::new(CountedIo::new(client, conn));
-    let result = if h2 {
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .serve_connection(io, service);
-        tokio::pin!(conn);
-        serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
-            c.graceful_shutdown()
-        })
-        .await
-    } else {
-        let conn = hyper::server::conn::http1::Builder::new()
-            .serve_connection(io, service)
-            .with_upgrades();
-        tokio::pin!(conn);
-        serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
-            c.graceful_shutdown()
-        })
-        .await
-    };
-    if let Err(e) = result {
-        debug!(%peer, error = %Chain(&e), "connection ended with an error");
-    }
-}
-
-/// Waits for a `--target` client's first bytes: `Some(true)` for the HTTP/2 prior-knowledge
-/// preface, `Some(false)` for anything else (HTTP/1; hyper answers garbage with 400), `None`
-/// if the client closed, or said nothing until `limit` after a drain began. A partial preface
-/// gets `limit` to complete. (hyper-util's auto builder does the same, but carries both
-/// protocols' connection state in every connection.)
-async fn sniff_h2(client: &TcpStream, stop: &CancellationToken, limit: Duration) -> Option<bool> {
-    let mut buf = [0u8; H2_PREFACE.len()];
-    let mut seen = 0;
-    let mut deadline: Option<tokio::time::Instant> = None;
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled(), if deadline.is_none() && seen == 0 => {
-                deadline = Some(tokio::time::Instant::now() + limit);
-            }
-            n = transparent::client_bytes(client, &mut buf, seen) => match n {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => {
-                    seen = n;
-                    if !H2_PREFACE.starts_with(&buf[..n]) {
-                        return Some(false);
-                    }
-                    if n == H2_PREFACE.len() {
-                        return Some(true);
-                    }
-                    deadline.get_or_insert(tokio::time::Instant::now() + limit);
-                }
-            },
-            _ = transparent::wait_until(deadline) => return (seen > 0).then_some(false),
-        }
-    }
 }

@@ -52,11 +52,13 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
+pub use crate::cli::LogFormat;
 use crate::lifecycle::{self, AppProbe, AppTarget, DrainOutcome, DrainPlan, Readiness, Trigger};
 use crate::metrics::ProxyMetrics;
 use crate::policy::config_file::Flag;
 use crate::policy::PolicyConfig;
 use crate::proxy::{self, ListenAddr, ProxyConfig, Target};
+use crate::units::{fmt_duration, parse_addrs, parse_duration};
 
 /// Default listeners: the addresses the eBPF programs redirect to (IPv4 and IPv6).
 pub const DEFAULT_OUTBOUND: &str = "127.0.0.1:15001,[::1]:15001";
@@ -390,12 +392,6 @@ impl LifecycleSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
-
 /// Validated `sidecar run` settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -693,48 +689,6 @@ fn policy_config(args: &RunArgs, errors: &mut Vec<ConfigError>) -> Option<Policy
     }
 }
 
-/// `ADDR[,ADDR...]`, each `IPv4:PORT` or `[IPv6]:PORT`.
-fn parse_addrs(value: &str) -> Result<Vec<SocketAddr>, String> {
-    let mut addrs = Vec::new();
-    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let addr: SocketAddr = item.parse().map_err(|_| {
-            format!("{item:?} is not an address; use IP:PORT or [IPv6]:PORT, e.g. 127.0.0.1:15001")
-        })?;
-        if !addrs.contains(&addr) {
-            addrs.push(addr);
-        }
-    }
-    if addrs.is_empty() {
-        return Err("no address given; e.g. 127.0.0.1:15001".to_owned());
-    }
-    Ok(addrs)
-}
-
-/// A duration with a unit: `500ms`, `1s`, `2m`, `1h` (also `1500us`, `0s`).
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
-    let (number, unit) = value.split_at(digits);
-    let hint = "expected a whole number with a unit (ms, s, m, h), e.g. 1s or 500ms";
-    let number: u64 = number.parse().map_err(|_| hint.to_owned())?;
-    let too_long = || "too long".to_owned();
-    match unit.trim() {
-        "us" | "µs" => Ok(Duration::from_micros(number)),
-        "ms" => Ok(Duration::from_millis(number)),
-        "s" => Ok(Duration::from_secs(number)),
-        "m" => number
-            .checked_mul(60)
-            .map(Duration::from_secs)
-            .ok_or_else(too_long),
-        "h" => number
-            .checked_mul(3600)
-            .map(Duration::from_secs)
-            .ok_or_else(too_long),
-        "" => Err(format!("missing unit; {hint}")),
-        _ => Err(hint.to_owned()),
-    }
-}
-
 fn init_logging(settings: &Settings) {
     // Validated in `Settings::from_args`; the fallback only guards against a race on the env.
     let filter =
@@ -875,7 +829,7 @@ async fn run(settings: Settings) -> ExitCode {
         shutdown: trigger_tx.clone(),
     });
     for l in &life.admin {
-        let listener = match proxy::bind(l.addr) {
+        let listener = match crate::net::bind(l.addr) {
             Ok(listener) => listener,
             Err(e) if !l.required => {
                 warn!(addr = %l.addr, error = %e, "optional admin listener not bound (IPv6 disabled?); continuing without it");
@@ -996,22 +950,6 @@ async fn run(settings: Settings) -> ExitCode {
         let _ = task.await;
     }
     ExitCode::SUCCESS
-}
-
-/// `500ms`, `1s`, `2m`: durations as the flags take them.
-fn fmt_duration(d: Duration) -> String {
-    if d.subsec_nanos() == 0 {
-        let s = d.as_secs();
-        match s {
-            s if s != 0 && s % 3600 == 0 => format!("{}h", s / 3600),
-            s if s != 0 && s % 60 == 0 => format!("{}m", s / 60),
-            s => format!("{s}s"),
-        }
-    } else if d.subsec_nanos() % 1_000_000 == 0 {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{}us", d.as_micros())
-    }
 }
 
 /// The policies in force: defaults and the destination rules (of `--config`).

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::run::parse_duration;
+use crate::units::parse_duration;
 
 /// Where the clients look by default: the admin port on loopback (`/shutdown` answers only there).
 pub const DEFAULT_ADMIN_CLIENT: &str = "127.0.0.1:15090";

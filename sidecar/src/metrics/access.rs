@@ -5,11 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Request, Response};
-use http_body_util::Either;
 use tokio::time::Instant;
 
 use super::{method_label, DestinationMetrics, ProxyMetrics};
-use crate::proxy::{ProxyBody, X_SIDECAR_ERROR};
+use crate::error::ProxyError;
 
 /// The tracing target of access log lines (`SIDECAR_LOG=warn,access=info` keeps them alone).
 pub const ACCESS_TARGET: &str = "access";
@@ -77,14 +76,14 @@ impl Head {
 
 /// Forwards `req` with `forward` and records the outcome: counts, duration to the response head,
 /// the reason of a locally made answer, and the access log line.
-pub(crate) async fn observe<B, F, Fut>(
+pub(crate) async fn observe<B, R, F, Fut>(
     obs: &Observer,
     req: Request<B>,
     forward: F,
-) -> Response<ProxyBody>
+) -> Response<R>
 where
     F: FnOnce(Request<B>) -> Fut,
-    Fut: Future<Output = Response<ProxyBody>>,
+    Fut: Future<Output = Response<R>>,
 {
     let start = Instant::now();
     let method = method_label(req.method());
@@ -93,17 +92,11 @@ where
     let elapsed = start.elapsed();
     let status = resp.status();
     obs.dest.record_as(method, status, elapsed);
-    // Only answers the proxy made itself (a local body): an upstream sidecar's error header
-    // relayed through us is not our error.
-    let local_error = match resp.body() {
-        Either::Right(_) => resp
-            .headers()
-            .get(&X_SIDECAR_ERROR)
-            .map(|v| v.to_str().unwrap_or("unknown")),
-        Either::Left(_) => None,
-    };
-    if let Some(reason) = local_error {
-        obs.metrics.error(obs.dest.direction(), reason);
+    // Only answers the proxy made itself carry the error (see `crate::error::local_response`):
+    // an upstream sidecar's error header relayed through us is not our error.
+    let local_error = resp.extensions().get::<ProxyError>().copied();
+    if let Some(err) = local_error {
+        obs.metrics.error(obs.dest.direction(), err);
     }
     if let Some(head) = head {
         tracing::info!(
@@ -116,7 +109,7 @@ where
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             upstream = %obs.upstream,
             peer = %obs.peer,
-            error = %local_error.unwrap_or("-"),
+            error = %local_error.map_or("-", ProxyError::code),
         );
     }
     resp

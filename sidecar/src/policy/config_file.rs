@@ -53,7 +53,7 @@ use toml::{Table, Value};
 
 use super::retry::FailureSet;
 use super::{DestinationPolicy, DestinationRule, Match, PolicyConfig};
-use crate::run::parse_duration;
+use crate::units::parse_duration;
 
 /// One bad key: where (file section and key, or flag), the value given, what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -825,7 +825,7 @@ mod max_connections_tests {
         let built_in = from_str("p.toml", "", &[]).unwrap();
         assert_eq!(
             built_in.defaults.max_connections,
-            crate::proxy::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION
+            crate::policy::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION
         );
     }
 }

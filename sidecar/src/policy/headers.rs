@@ -14,6 +14,10 @@ pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_BY: HeaderName = HeaderName::from_static("x-forwarded-by");
+/// On retried attempts only: which attempt this is (2, 3, ...), so the upstream can tell.
+pub static X_SIDECAR_ATTEMPT: HeaderName = HeaderName::from_static("x-sidecar-attempt");
+static FORWARDED_BY_VALUE: HeaderValue = HeaderValue::from_static("sidecar");
 static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -104,6 +108,19 @@ pub fn ensure_traceparent(headers: &mut HeaderMap) {
     if let Ok(value) = HeaderValue::from_bytes(&buf) {
         headers.insert(TRACEPARENT.clone(), value);
     }
+}
+
+/// The request headers every forwarded request gets: `x-forwarded-by`, an `x-request-id` and a
+/// `traceparent` if missing, and for requests from other hosts the forwarding headers. Returns
+/// the request id (the local answer to a failed request carries it too).
+pub fn apply(headers: &mut HeaderMap, forwarded_for: Option<&ForwardedClient>) -> HeaderValue {
+    headers.insert(X_FORWARDED_BY.clone(), FORWARDED_BY_VALUE.clone());
+    let id = ensure_request_id(headers);
+    ensure_traceparent(headers);
+    if let Some(client) = forwarded_for {
+        add_forwarded_client(headers, client);
+    }
+    id
 }
 
 /// A client's address as the forwarding headers write it, formatted once per connection (the

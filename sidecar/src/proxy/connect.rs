@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,15 +20,13 @@ use http::uri::Authority;
 use nix::sys::socket::{recv, setsockopt, sockopt, MsgFlags};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::error::ConnectError;
+use crate::error::ConnectError;
 use crate::policy::Policies;
 
 /// A connect that may still be in progress.
 pub(crate) type Dialling = Pin<Box<dyn Future<Output = Result<TcpStream, ConnectError>> + Send>>;
 
-/// Istio's inbound passthrough source: the app sees connections from the proxy coming from here,
-/// which tells them apart from its own loopback traffic (and keeps inbound capture off them).
-pub const INBOUND_PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+pub use crate::net::INBOUND_PASSTHROUGH_V4;
 
 /// The source address of upstream connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,6 +3,16 @@
 //! The rules are deliberately narrow: only what is certainly HTTP is proxied as HTTP; anything
 //! else (TLS, databases, custom protocols, explicit-proxy traffic) goes through as opaque TCP,
 //! which is always correct, only less observable.
+//!
+//! Also the peeking itself: waiting for more client bytes without consuming them, and telling an
+//! h2c server's unsolicited SETTINGS frame from a server that speaks first.
+use std::io;
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{recv, MsgFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// The HTTP/2 client connection preface (RFC 9113 3.4), sent first by "prior knowledge" h2c clients.
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -70,6 +80,61 @@ pub fn classify(buf: &[u8]) -> Detection {
         };
     }
     Detection::Opaque
+}
+
+/// True if the upstream's first bytes are an HTTP/2 frame header of a SETTINGS frame
+/// (type 4, no flags, stream 0): the server connection preface of RFC 9113 3.4.
+pub(crate) fn starts_with_h2_settings(stream: &TcpStream) -> bool {
+    let mut head = [0u8; 9];
+    match recv(
+        stream.as_raw_fd(),
+        &mut head,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(9) => is_h2_settings_header(&head),
+        _ => false,
+    }
+}
+
+pub(crate) fn is_h2_settings_header(head: &[u8; 9]) -> bool {
+    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]);
+    // SETTINGS payloads are 6-byte entries; 16384 is the smallest maximum frame size.
+    head[3] == 4 && head[4] == 0 && head[5..9] == [0, 0, 0, 0] && length % 6 == 0 && length <= 16384
+}
+
+/// Waits until the client has more than `seen` bytes waiting (or closed), and peeks them.
+///
+/// `peek` alone cannot wait for *more* data: with bytes already waiting the socket stays
+/// readable and peek returns at once. Inside `async_io`, "no new bytes" is reported as
+/// `WouldBlock`, which clears tokio's readiness only if no new readiness event arrived since the
+/// check, so no wake-up can be lost.
+pub(crate) async fn client_bytes(
+    client: &TcpStream,
+    buf: &mut [u8],
+    seen: usize,
+) -> io::Result<usize> {
+    client
+        .async_io(Interest::READABLE, || {
+            let n = recv(
+                client.as_raw_fd(),
+                buf,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(io::Error::from)?;
+            if n == 0 || n > seen {
+                Ok(n)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        })
+        .await
+}
+
+pub(crate) async fn wait_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

@@ -1,48 +1,34 @@
 //! HTTP forwarding: turns a downstream request into an upstream one (hop-by-hop headers out;
-//! `X-Forwarded-By`, `x-request-id`, `traceparent` and, from other hosts, `x-forwarded-for` in;
-//! authority kept), sends it under the destination's policies (circuit breaker, request timeout,
-//! retries within the budget), and relays the answer or answers locally with a status and an
-//! `x-sidecar-error` header that says who failed.
-//!
-//! One request, step by step ([`exchange`]): ask the breaker (open: 503 at once, nothing sent);
-//! keep the body for replay if the request may be retried (idempotent method, body known to be
-//! small); send; report the outcome to the breaker; on a retryable failure (connect error, reset,
-//! 503 by default) and while attempts, the deadline and the budget allow, pause (jittered) and
-//! send again. Nothing is retried once a response is being relayed: the decision is made on the
-//! response head, before any byte goes downstream.
-use std::borrow::Cow;
-use std::error::Error as StdError;
+//! the policy headers in, see [`crate::policy::headers::apply`]; authority kept), hands it to
+//! the policies' [`exchange`] (breaker, request timeout, retries within the budget) with a way to
+//! make one attempt (the HTTP/1 pool, or the connection's upstream h2 connection), and relays the
+//! answer, or the local one that says who failed.
 use std::fmt;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{
-    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, TE, TRANSFER_ENCODING, UPGRADE,
-};
-use http::request::Parts;
+use http::header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
 };
-use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::{Body, Incoming};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::connect::{dial, Predial, Source};
-use super::error::ProxyError;
-use super::pool::{Host, PooledBody};
-use super::{Egress, Shared};
-use crate::policy::breaker::Rejected;
-use crate::policy::headers::{self, ForwardedClient, X_REQUEST_ID};
+use super::pool::PooledBody;
+use super::route::Route;
+use super::shared::{Egress, Shared};
+use crate::error::{local_response, Chain, Failed, ProxyError};
+use crate::policy::exchange::{self, exchange};
+use crate::policy::headers;
 use crate::policy::idle::{self, Relayed};
-use crate::policy::retry::{backoff, is_idempotent, Replay, UpstreamBody};
+use crate::policy::retry::UpstreamBody;
 use crate::policy::Destination;
 
 /// The body we answer with: the upstream's, streamed through, or a short local one.
@@ -50,301 +36,12 @@ pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
 // Statics built at compile time; cloning one is a pointer copy (static `Bytes`), so the hot path
 // neither validates nor allocates header names.
-pub static X_FORWARDED_BY: HeaderName = HeaderName::from_static("x-forwarded-by");
-pub static X_SIDECAR_ERROR: HeaderName = HeaderName::from_static("x-sidecar-error");
-/// On retried attempts only: which attempt this is (2, 3, ...), so the upstream can tell.
-pub static X_SIDECAR_ATTEMPT: HeaderName = HeaderName::from_static("x-sidecar-attempt");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-static FORWARDED_BY_VALUE: HeaderValue = HeaderValue::from_static("sidecar");
 
-/// Where requests of one downstream connection go: the original destination (interception) or
-/// the `--target` URL, and under which policies.
-#[derive(Clone, Debug)]
-pub(crate) struct Route {
-    /// Pool key and dial address: an IP literal in interception mode.
-    pub(crate) authority: Authority,
-    /// Path prefix of a `--target` URL with a path (`http://svc:8080/api`), else `None`.
-    pub(crate) prefix: Option<Arc<str>>,
-    /// The policies and their state (breaker, budget) for this connection's destination; a
-    /// config rule for the request's authority overrides it per request (see `by_name`).
-    pub(crate) dest: Arc<Destination>,
-    /// Look up name rules by the request's `Host` (outbound and `--target` with name rules).
-    pub(crate) by_name: bool,
-    /// The port of an authority without one (the connection's destination port).
-    pub(crate) default_port: u16,
-    /// Requests from other hosts (inbound, `--target`): the client, for `x-forwarded-for`.
-    pub(crate) forwarded_for: Option<ForwardedClient>,
-    /// HTTP/1: the pool's entry for `authority`, looked up once per connection.
-    pub(crate) upstream: Option<Arc<Host>>,
-}
-
-impl Route {
-    /// The same route for requests of the client at `peer` (adds the forwarding headers).
-    pub(crate) fn for_client(&self, peer: SocketAddr) -> Route {
-        Route {
-            forwarded_for: Some(ForwardedClient::new(peer.ip())),
-            ..self.clone()
-        }
-    }
-
-    /// The destination of one request: a name rule for its authority, else the connection's.
-    fn destination(&self, shared: &Shared, authority: Option<&str>) -> Option<Arc<Destination>> {
-        if !self.by_name {
-            return None;
-        }
-        shared.policies.by_authority(authority?, self.default_port)
-    }
-}
-
-/// Why a request got no upstream response: the error (status and header), what to log, and
-/// for an open breaker, when to come back.
-pub(crate) struct Failed {
-    pub(super) err: ProxyError,
-    detail: Cow<'static, str>,
-    retry_after: Option<Duration>,
-}
-
-impl Failed {
-    pub(super) fn new(err: ProxyError, detail: impl Into<Cow<'static, str>>) -> Self {
-        Failed {
-            err,
-            detail: detail.into(),
-            retry_after: None,
-        }
-    }
-
-    /// From an error of the upstream HTTP client (hyper, hyper-util, our connector).
-    pub(super) fn from_error(e: &(dyn StdError + 'static)) -> Self {
-        Failed::new(ProxyError::classify(e), Chain(e).to_string())
-    }
-
-    fn rejected(r: Rejected) -> Self {
-        Failed {
-            err: ProxyError::UpstreamBreakerOpen,
-            detail: Cow::Borrowed(match r.state {
-                crate::policy::breaker::State::HalfOpen => {
-                    "circuit breaker half-open, probe in flight"
-                }
-                _ => "circuit breaker open",
-            }),
-            retry_after: Some(r.retry_after),
-        }
-    }
-
-    fn timeout() -> Self {
-        Failed::new(
-            ProxyError::UpstreamTimeout,
-            "no response within the request timeout",
-        )
-    }
-}
-
-/// The local answer for a request that failed at `dest`, logged, with the request id.
-fn failed(f: Failed, dest: &Destination, request_id: &HeaderValue) -> Response<ProxyBody> {
-    if f.err == ProxyError::UpstreamBreakerOpen {
-        // The state change was logged when it happened; one line per refused request would
-        // flood the log exactly when it matters.
-        debug!(destination = dest.name(), reason = %f.detail, "request refused");
-    } else {
-        warn!(
-            destination = dest.name(),
-            error = %f.detail,
-            code = f.err.code(),
-            status = f.err.status().as_u16(),
-            "request failed"
-        );
-    }
-    let mut resp = error_response(f.err);
-    let headers = resp.headers_mut();
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-    if let Some(after) = f.retry_after {
-        // Whole seconds, rounded up, at least 1 (RFC 9110 10.2.3).
-        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-        headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
-    }
-    resp
-}
-
-/// The request headers every forwarded request gets from the policies; returns the request id.
-fn policy_headers(headers: &mut HeaderMap, forwarded_for: Option<&ForwardedClient>) -> HeaderValue {
-    headers.insert(X_FORWARDED_BY.clone(), FORWARDED_BY_VALUE.clone());
-    let id = headers::ensure_request_id(headers);
-    headers::ensure_traceparent(headers);
-    if let Some(client) = forwarded_for {
-        headers::add_forwarded_client(headers, client);
-    }
-    id
-}
-
-/// A request body, ready to be sent once or several times.
-enum Prepared {
-    Stream(Incoming),
-    Replay(Replay),
-}
-
-/// Keeps the body in memory if it is empty or has a known length within `max`; else leaves it
-/// streaming (the request will not be retried).
-async fn prepare_replay(
-    body: Incoming,
-    headers: &HeaderMap,
-    max: usize,
-    deadline: Instant,
-) -> Result<Prepared, Failed> {
-    if body.is_end_stream() {
-        return Ok(Prepared::Replay(Replay::default()));
-    }
-    let length = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    match length {
-        Some(n) if n <= max as u64 => {}
-        _ => return Ok(Prepared::Stream(body)),
-    }
-    match tokio::time::timeout_at(deadline, Limited::new(body, max).collect()).await {
-        Ok(Ok(collected)) => {
-            let trailers = collected.trailers().cloned();
-            Ok(Prepared::Replay(Replay::new(
-                collected.to_bytes(),
-                trailers,
-            )))
-        }
-        Ok(Err(e)) => Err(Failed::new(
-            ProxyError::DownstreamBody,
-            format!("reading the request body: {e}"),
-        )),
-        Err(_) => Err(Failed::new(
-            ProxyError::DownstreamTimeout,
-            "the request body did not arrive within the request timeout",
-        )),
-    }
-}
-
-/// A copy of a request head (extensions are not copied: nothing upstream reads them).
-fn clone_head(head: &Parts) -> Parts {
-    let mut req = Request::new(());
-    *req.method_mut() = head.method.clone();
-    *req.uri_mut() = head.uri.clone();
-    *req.version_mut() = head.version;
-    *req.headers_mut() = head.headers.clone();
-    req.into_parts().0
-}
-
-/// What an attempt's result was, for the breaker and the retry decision.
-fn summary<B>(result: &Result<Response<B>, Failed>) -> Result<StatusCode, ProxyError> {
-    match result {
-        Ok(resp) => Ok(resp.status()),
-        Err(f) => Err(f.err),
-    }
-}
-
-async fn attempt<B, S, F>(
-    send: &mut S,
-    req: Request<UpstreamBody>,
-    deadline: Instant,
-) -> Result<Response<B>, Failed>
-where
-    S: FnMut(Request<UpstreamBody>) -> F,
-    F: Future<Output = Result<Response<B>, Failed>>,
-{
-    match tokio::time::timeout_at(deadline, send(req)).await {
-        Ok(result) => result,
-        Err(_) => Err(Failed::timeout()),
-    }
-}
-
-/// Sends one request to `dest` under its policies (see the module documentation); `send` makes
-/// one attempt.
-async fn exchange<B, S, F>(
-    dest: &Destination,
-    head: Parts,
-    body: Incoming,
-    mut send: S,
-) -> Result<Response<B>, Failed>
-where
-    S: FnMut(Request<UpstreamBody>) -> F,
-    F: Future<Output = Result<Response<B>, Failed>>,
-{
-    let policy = dest.policy();
-    let deadline = Instant::now() + policy.request_timeout;
-    let mut permit = dest.admit().map_err(Failed::rejected)?;
-    // Only requests that are sent pay into the retry budget: an outage refused by the breaker
-    // must not save up retries for the moment it ends.
-    dest.count_request();
-    let retry = &policy.retry;
-    let prepared = if retry.max_retries > 0 && is_idempotent(&head.method) {
-        // A failure here is the client's: the permit is dropped unreported (ignored).
-        prepare_replay(body, &head.headers, retry.max_body_bytes, deadline).await?
-    } else {
-        Prepared::Stream(body)
-    };
-    let replay = match prepared {
-        Prepared::Stream(body) => {
-            let req = Request::from_parts(head, UpstreamBody::Streaming(body));
-            let result = attempt(&mut send, req, deadline).await;
-            dest.report(permit, dest.outcome(summary(&result)));
-            return result;
-        }
-        Prepared::Replay(replay) => replay,
-    };
-    let mut number = 1u32;
-    loop {
-        let mut parts = clone_head(&head);
-        if number > 1 {
-            parts
-                .headers
-                .insert(X_SIDECAR_ATTEMPT.clone(), HeaderValue::from(number));
-        }
-        let req = Request::from_parts(parts, UpstreamBody::Replay(replay.body()));
-        let result = attempt(&mut send, req, deadline).await;
-        let outcome = summary(&result);
-        dest.report(permit, dest.outcome(outcome));
-        if number > retry.max_retries || !dest.is_retryable(outcome) {
-            return result;
-        }
-        let pause = backoff(retry.backoff, number);
-        if Instant::now() + pause >= deadline {
-            return result;
-        }
-        if !dest.take_retry() {
-            debug!(
-                destination = dest.name(),
-                "retry budget exhausted; not retrying"
-            );
-            return result;
-        }
-        tokio::time::sleep(pause).await;
-        permit = match dest.admit() {
-            Ok(p) => p,
-            // This very failure may have opened the breaker: answer with what we got.
-            Err(_) => return result,
-        };
-        let cause = match outcome {
-            Ok(status) => Cow::Owned(status.as_u16().to_string()),
-            Err(e) => Cow::Borrowed(e.code()),
-        };
-        number += 1;
-        debug!(destination = dest.name(), attempt = number, %cause, "retrying");
-    }
-}
-
-/// A local answer for `err`.
+/// A local answer for `err` (see [`crate::error::local_response`]).
 pub fn error_response(err: ProxyError) -> Response<ProxyBody> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
-        err.message().as_bytes(),
-    ))));
-    *resp.status_mut() = err.status();
-    let headers = resp.headers_mut();
-    headers.insert(
-        X_SIDECAR_ERROR.clone(),
-        HeaderValue::from_static(err.code()),
-    );
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
+    local_response(err).map(Either::Right)
 }
 
 fn fail(err: ProxyError, dst: &dyn fmt::Display, cause: &dyn fmt::Display) -> Response<ProxyBody> {
@@ -352,20 +49,9 @@ fn fail(err: ProxyError, dst: &dyn fmt::Display, cause: &dyn fmt::Display) -> Re
     error_response(err)
 }
 
-/// Displays an error with its whole source chain ("a: b: c"): hyper's top-level messages alone
-/// ("client error (Connect)") do not say what happened.
-pub(crate) struct Chain<'a>(pub(crate) &'a (dyn StdError + 'static));
-
-impl fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut next = self.0.source();
-        while let Some(e) = next {
-            write!(f, ": {e}")?;
-            next = e.source();
-        }
-        Ok(())
-    }
+/// The local answer for a request that failed at `dest` (see [`exchange::answer`]).
+fn failed(f: Failed, dest: &Destination, request_id: &HeaderValue) -> Response<ProxyBody> {
+    exchange::answer(f, dest, request_id).map(Either::Right)
 }
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1): `Connection` and every header it lists,
@@ -520,9 +206,9 @@ pub(crate) async fn forward_h1(
     if head.version == Version::HTTP_2 {
         head.version = Version::HTTP_11;
     }
-    let request_id = policy_headers(&mut head.headers, route.forwarded_for.as_ref());
+    let request_id = headers::apply(&mut head.headers, route.forwarded_for.as_ref());
     let host = head.headers.get(HOST).and_then(|h| h.to_str().ok());
-    let named = route.destination(shared, host);
+    let named = route.destination(&shared.policies, host);
     let dest = named.as_deref().unwrap_or(&route.dest);
 
     let looked_up;
@@ -625,11 +311,7 @@ impl H2Upstream {
         }
         state.sender = None;
         let timeout = self.route.dest.policy().connect_timeout;
-        let connect_failed = |e: super::error::ConnectError| Failed {
-            err: ProxyError::from(&e),
-            detail: Cow::Owned(e.to_string()),
-            retry_after: None,
-        };
+        let connect_failed = |e: crate::error::ConnectError| Failed::connect(&e);
         let predialled = match state.predial.take() {
             Some(predial) => predial.into_stream(true).await.map_err(connect_failed)?,
             None => None,
@@ -687,8 +369,11 @@ pub(crate) async fn forward_h2(
         }
     }
     let route = &upstream.route;
-    let request_id = policy_headers(req.headers_mut(), route.forwarded_for.as_ref());
-    let named = route.destination(shared, req.uri().authority().map(Authority::as_str));
+    let request_id = headers::apply(req.headers_mut(), route.forwarded_for.as_ref());
+    let named = route.destination(
+        &shared.policies,
+        req.uri().authority().map(Authority::as_str),
+    );
     let dest = named.as_deref().unwrap_or(&route.dest);
 
     let (head, body) = req.into_parts();
@@ -767,6 +452,9 @@ mod tests {
     fn error_response_names_the_failure() {
         let resp = error_response(ProxyError::UpstreamConnectRefused);
         assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(resp.headers()[&X_SIDECAR_ERROR], "upstream-connect-refused");
+        assert_eq!(
+            resp.headers()[&crate::error::X_SIDECAR_ERROR],
+            "upstream-connect-refused"
+        );
     }
 }

@@ -29,36 +29,20 @@ use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use prometheus::{IntCounter, IntGauge};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::connect::Connector;
-use super::error::{ConnectError, ProxyError};
-use super::forward::{Chain, Failed};
+use crate::error::{Chain, ConnectError, Failed};
+use crate::metrics::PoolMetrics;
 use crate::policy::retry::UpstreamBody;
-
-/// Concurrent upstream connections per destination (and direction) unless configured (flag, or
-/// `max_connections` in the config file's `[defaults]` or a `[[destination]]`): enough
-/// for a busy service's fan-in to one dependency; past it, requests queue for a connection
-/// instead of opening more (each costs the upstream a socket and the proxy ~30 KiB).
-pub const DEFAULT_MAX_CONNECTIONS_PER_DESTINATION: usize = 128;
 
 /// How often a request whose connection was closed before the request was written goes to
 /// another connection (nothing was sent, so this is safe for any method).
 const RESEND_UNSENT: usize = 3;
 
 type Sender = SendRequest<UpstreamBody>;
-
-/// What the pool records (gauges and counters of one direction).
-#[derive(Clone)]
-pub(crate) struct PoolMetrics {
-    /// Upstream connections open (idle, in use or being dialled).
-    pub(crate) open: IntGauge,
-    /// Requests that waited because their destination was at its connection limit.
-    pub(crate) waits: IntCounter,
-}
 
 /// One direction's pool.
 pub(crate) struct Pool {
@@ -275,7 +259,7 @@ impl Pool {
             .connector
             .open(&host.key)
             .await
-            .map_err(|e: ConnectError| Failed::new(ProxyError::from(&e), e.to_string()))?;
+            .map_err(|e: ConnectError| Failed::connect(&e))?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Failed::from_error(&e))?;
@@ -527,6 +511,7 @@ mod tests {
     use super::*;
     use crate::policy::{Policies, PolicyConfig};
     use crate::proxy::connect::{Source, Stash};
+    use prometheus::{IntCounter, IntGauge};
     use tokio::net::TcpListener;
 
     fn pool() -> Arc<Pool> {

@@ -19,6 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::*;
+use crate::metrics::ProxyMetrics;
+use crate::net::bind;
 
 /// Turns a hang into a failure; never an assertion about speed.
 async fn guard<T>(fut: impl Future<Output = T>) -> T {
@@ -383,7 +385,7 @@ async fn h2c_to_a_server_that_sends_settings_first_is_still_http() {
 
 #[test]
 fn h2_settings_frame_headers_are_recognised() {
-    use super::transparent::is_h2_settings_header;
+    use super::detect::is_h2_settings_header;
     assert!(is_h2_settings_header(&[0, 0, 18, 4, 0, 0, 0, 0, 0]));
     assert!(is_h2_settings_header(&[0, 0, 0, 4, 0, 0, 0, 0, 0]));
     // SETTINGS ACK, other frame types, non-zero stream, odd lengths, greetings.
@@ -645,7 +647,7 @@ async fn partial_preface_waits_for_more_bytes() {
     assert_eq!(classify(&buf[..6]), Detection::Http1);
 }
 
-use transparent::client_bytes as outbound_client_bytes;
+use detect::client_bytes as outbound_client_bytes;
 
 /// `--workers 2` runs a multi-threaded runtime: the same paths must hold there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

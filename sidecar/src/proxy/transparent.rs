@@ -5,10 +5,11 @@
 //! destination is simply the socket's local address, and they go to the app from 127.0.0.6.
 //!
 //! The upstream connect starts the moment the connection is accepted, and the proxy then waits
-//! for whichever side speaks first:
+//! for whichever side speaks first ([`Detecting`]):
 //! - the upstream (SMTP, MySQL, SSH, ...): opaque relay at once, no detection delay on any port;
-//! - the client: classify its first bytes; HTTP is served with hyper (the connection already
-//!   dialled goes to the HTTP client's pool), anything else is relayed opaquely.
+//! - the client: classify its first bytes; HTTP is served with hyper ([`super::serve`]; the
+//!   connection already dialled goes to the HTTP client's pool), anything else is relayed
+//!   opaquely.
 //!
 //! There is no timeout while neither side has said anything; only a partial client preface that
 //! might still become HTTP waits (up to `detect_timeout`) for the rest.
@@ -20,23 +21,21 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use nix::sys::socket::{recv, MsgFlags};
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::connect::{dial, start_dial, Dialling, Predial};
-use super::detect::{classify, Detection, MAX_DETECT_LEN};
-use super::error::ConnectError;
-use super::forward::{forward_h1, forward_h2, Chain, H2Upstream, Route};
-use super::Egress;
-use super::Shared;
-use crate::lifecycle::{serve_until_drained, FirstRequest};
-use crate::metrics::access::observe;
+use super::connect::{dial, start_dial, Dialling, Predial, Source};
+use super::detect::{
+    classify, client_bytes, starts_with_h2_settings, wait_until, Detection, MAX_DETECT_LEN,
+};
+use super::forward::{forward_h1, forward_h2, H2Upstream};
+use super::route::Route;
+use super::serve::{serve_http, Protocol};
+use super::shared::{Direction, Shared};
+use crate::error::{Chain, ConnectError, ProxyError};
 use crate::metrics::conn::{ConnGuard, CountedIo};
 use crate::metrics::Dir;
 use crate::policy::headers::ForwardedClient;
@@ -50,8 +49,8 @@ enum Upstream {
     /// Sent an HTTP/2 SETTINGS frame unprompted (Go and hyper h2c servers do): it now waits for
     /// the client's preface, so keep waiting for the client (bounded) instead of going opaque.
     SentH2Settings(TcpStream),
-    /// The connect failed; the `x-sidecar-error` code of why (for the metrics of a reset).
-    Failed(&'static str),
+    /// The connect failed, and why (for the metrics of a reset).
+    Failed(ProxyError),
     /// Not dialled: the destination's circuit breaker is open. An HTTP client gets its 503
     /// without the upstream being touched; anything else is dialled once it shows what it is.
     Held,
@@ -68,32 +67,12 @@ enum Event {
 
 enum Decision {
     Opaque,
-    Http1,
-    Http2,
-    /// The upstream cannot be reached and the client said nothing that we could answer.
-    Reset,
-}
-
-/// Which way a captured connection goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Direction {
-    /// From the app to the world (the 15001 listeners).
-    Outbound,
-    /// From the world to the app (the 15006 listeners); the port is the listener's own.
-    Inbound { listener_port: u16 },
-}
-
-impl Direction {
-    fn name(self) -> &'static str {
-        self.dir().as_str()
-    }
-
-    pub(crate) fn dir(self) -> Dir {
-        match self {
-            Direction::Outbound => Dir::Outbound,
-            Direction::Inbound { .. } => Dir::Inbound,
-        }
-    }
+    Http(Protocol),
+    /// Nothing can be answered and there is nowhere to go: reset the client, counting why
+    /// (`None`: a drain cut a silent connection whose dial failed; nothing to count).
+    Reset(Option<ProxyError>),
+    /// The client failed while we waited: just close.
+    Close,
 }
 
 /// Serves one accepted, captured connection; `conn` keeps its books until it closes.
@@ -104,49 +83,91 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     conn: ConnGuard,
 ) {
+    let dst = match destination(&shared, direction, &client, peer) {
+        Ok(dst) => dst,
+        Err(err) => return shared.telemetry.metrics.error(direction.dir(), err),
+    };
+    if let Err(e) = client.set_nodelay(true) {
+        debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
+    }
+    let dest = connection_policies(&shared, direction, dst);
+    let mut detecting = Detecting::start(&shared, direction, &client, dst, &dest);
+    match detecting.run(&client, peer).await {
+        Decision::Close => {}
+        Decision::Reset(err) => {
+            if let Some(err) = err {
+                shared.telemetry.metrics.error(direction.dir(), err);
+            }
+            reset(client)
+        }
+        Decision::Opaque => {
+            let up = detecting.upstream;
+            opaque(&shared, direction, &dest, client, conn, up, peer, dst).await
+        }
+        Decision::Http(protocol) => {
+            let authority = match Authority::from_maybe_shared(Bytes::from(dst.to_string())) {
+                Ok(a) => a,
+                // Not expected for a socket address; if it happens, stay out of the way.
+                Err(_) => {
+                    let up = detecting.upstream;
+                    return opaque(&shared, direction, &dest, client, conn, up, peer, dst).await;
+                }
+            };
+            let predial = match detecting.upstream {
+                Upstream::Ready(s) | Upstream::SentH2Settings(s) => Some(Predial::Ready(s)),
+                Upstream::Dialling(f) => Some(Predial::Dialling(f)),
+                Upstream::Failed(_) | Upstream::Held => None,
+            };
+            let http = HttpConn {
+                direction,
+                peer,
+                dst,
+                authority,
+                predial,
+                dest,
+            };
+            serve_http_conn(shared, http, protocol, CountedIo::new(client, conn)).await
+        }
+    }
+}
+
+/// Where a captured connection was going: the kernel's answer, unless that is the proxy itself.
+fn destination(
+    shared: &Shared,
+    direction: Direction,
+    client: &TcpStream,
+    peer: SocketAddr,
+) -> Result<SocketAddr, ProxyError> {
+    let dir = direction.name();
     let resolver = match direction {
         Direction::Outbound => &shared.resolvers.outbound,
         Direction::Inbound { .. } => &shared.resolvers.inbound,
     };
-    let dir = direction.name();
-    let dst = match resolver(&client) {
+    let dst = match resolver(client) {
         Ok(dst) => dst,
         Err(e) if crate::orig_dst::is_not_redirected(&e) => {
             // Someone dialled the outbound port directly: there is nowhere to forward to.
             warn!(dir, %peer, error = %e, "connection was not redirected (no original destination); closing");
-            shared
-                .telemetry
-                .metrics
-                .error(direction.dir(), "proxy-not-redirected");
-            return;
+            return Err(ProxyError::ProxyNotRedirected);
         }
         Err(e) => {
             warn!(dir, %peer, error = %e, "cannot read the original destination; closing");
-            shared
-                .telemetry
-                .metrics
-                .error(direction.dir(), "proxy-no-original-destination");
-            return;
+            return Err(ProxyError::ProxyNoOriginalDestination);
         }
     };
     let dialled_directly =
         matches!(direction, Direction::Inbound { listener_port } if dst.port() == listener_port);
     if dialled_directly || shared.is_own_listener(dst) {
         warn!(dir, %peer, %dst, "destination is the proxy itself; closing to avoid a loop");
-        shared
-            .telemetry
-            .metrics
-            .error(direction.dir(), "proxy-loop");
-        return;
+        return Err(ProxyError::ProxyLoop);
     }
-    let egress = shared.egress(direction);
-    if let Err(e) = client.set_nodelay(true) {
-        debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
-    }
+    Ok(dst)
+}
 
-    // Policies (connect and idle timeouts now, breaker and the rest per request), resolved
-    // once per connection.
-    let dest = match direction {
+/// The policies of a connection (connect and idle timeouts now, breaker and the rest per
+/// request), resolved once.
+fn connection_policies(shared: &Shared, direction: Direction, dst: SocketAddr) -> Arc<Destination> {
+    match direction {
         Direction::Outbound => {
             let label = || {
                 let metrics = shared.telemetry.metrics.destination(Dir::Outbound, dst);
@@ -155,168 +176,170 @@ pub(crate) async fn serve(
             shared.policies.outbound(dst, Some(&label))
         }
         Direction::Inbound { .. } => shared.policies.inbound(),
-    };
-    let mut deadline: Option<Instant> = None;
-    let mut buf = [0u8; MAX_DETECT_LEN];
-    // Most HTTP clients write their request right after connect(), so it is often already
-    // waiting at accept. Then there is nothing to gain from dialling at once (the upstream cannot
-    // have spoken first), and the keep-alive pool may hold an idle connection: no pre-dial,
-    // which saves a connect and a close per client connection under connection churn.
-    let http1_waiting = matches!(
-        recv(client.as_raw_fd(), &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
-        Ok(n) if n > 0 && matches!(classify(&buf[..n]), Detection::Http1)
-    );
-    // A destination the pool is talking HTTP/1 to has no greeting to wait for either: hold the
-    // dial until the client speaks (or, for a client that stays silent for `detect_timeout`,
-    // dial then, in case this is some other protocol after all).
-    let mut dial_at_deadline = false;
-    let mut upstream = if http1_waiting {
-        Upstream::Held
-    } else if dest.is_open() {
-        // Server-speaks-first protocols would wait for a dial that never comes: bounded.
-        deadline = Some(Instant::now() + shared.config.detect_timeout);
-        Upstream::Held
-    } else if egress.pool.speaks_http1(dst) {
-        dial_at_deadline = true;
-        deadline = Some(Instant::now() + shared.config.detect_timeout);
-        Upstream::Held
-    } else {
-        Upstream::Dialling(start_dial(
-            dst,
-            dest.policy().connect_timeout,
-            egress.source,
-        ))
-    };
-    let mut seen = 0usize;
-    let stop = shared.stop_token(direction.dir()).clone();
-    let mut draining = false;
-    let decision = loop {
-        let event = tokio::select! {
-            biased;
-            // A drain closes a connection whose client has said nothing yet, like an idle
-            // keep-alive connection, but only after `detect_timeout`: a connection accepted a
-            // moment ago usually has its request on the way, and closing it would lose it.
-            _ = stop.cancelled(), if seen == 0 && !draining => Event::Cancelled,
-            // Upstream first: if both have spoken, opaque is always safe (and an h2 server's
-            // SETTINGS frame is recognised below, so h2c is still detected).
-            event = upstream_event(&mut upstream) => event,
-            n = client_bytes(&client, &mut buf, seen) => Event::Client(n),
-            _ = wait_until(deadline) => Event::Deadline,
-        };
-        match event {
-            Event::Cancelled => {
-                draining = true;
-                let limit = Instant::now() + shared.config.detect_timeout;
-                deadline = Some(deadline.map_or(limit, |d| d.min(limit)));
-            }
-            Event::Deadline if draining && seen == 0 => return,
-            Event::Deadline if dial_at_deadline => {
-                dial_at_deadline = false;
-                upstream = Upstream::Dialling(start_dial(
-                    dst,
-                    dest.policy().connect_timeout,
-                    egress.source,
-                ));
-                // A partial preface still gets its own `detect_timeout` from now.
-                deadline = (seen > 0).then(|| Instant::now() + shared.config.detect_timeout);
-            }
-            Event::Client(Ok(0)) => break Decision::Opaque,
-            Event::Client(Ok(n)) => {
-                seen = n;
-                match classify(&buf[..n]) {
-                    Detection::Http1 => break Decision::Http1,
-                    Detection::Http2 => break Decision::Http2,
-                    Detection::Opaque => break Decision::Opaque,
-                    Detection::NeedMore => {
-                        deadline.get_or_insert(Instant::now() + shared.config.detect_timeout);
-                    }
-                }
-            }
-            Event::Client(Err(e)) => {
-                debug!(%peer, %dst, error = %e, "client failed during detection");
-                return;
-            }
-            Event::Connected(Ok(stream)) => upstream = Upstream::Ready(stream),
-            Event::Connected(Err(e)) => {
-                warn!(%peer, %dst, error = %e, "connect failed");
-                if draining && seen == 0 {
-                    // Nothing to answer, nowhere to go: do not wait out the grace period.
-                    return reset(client);
-                }
-                upstream = Upstream::Failed(super::error::ProxyError::from(&e).code());
-                // Give an HTTP client the chance to get a 502 that says why; anything else is
-                // reset below, like the failed connect would have been without us.
-                let limit = Instant::now() + shared.config.detect_timeout;
-                deadline = Some(deadline.map_or(limit, |d| d.min(limit)));
-            }
-            Event::UpstreamSpoke => {
-                upstream = match upstream {
-                    Upstream::Ready(s) if starts_with_h2_settings(&s) => {
-                        Upstream::SentH2Settings(s)
-                    }
-                    other => {
-                        upstream = other;
-                        break Decision::Opaque;
-                    }
-                };
-                let limit = Instant::now() + shared.config.detect_timeout;
-                deadline = Some(deadline.map_or(limit, |d| d.min(limit)));
-            }
-            Event::Deadline => {
-                break match upstream {
-                    Upstream::Failed(_) => Decision::Reset,
-                    _ => Decision::Opaque,
-                }
-            }
-        }
-    };
+    }
+}
 
-    match decision {
-        Decision::Reset => {
-            let reason = match &upstream {
-                Upstream::Failed(reason) => reason,
-                _ => "proxy-reset",
+/// Detection in progress: the upstream side, the client bytes peeked so far, and the deadline
+/// (only set while a partial preface, a drain, a failed dial or a held dial is pending).
+struct Detecting {
+    upstream: Upstream,
+    deadline: Option<Instant>,
+    buf: [u8; MAX_DETECT_LEN],
+    seen: usize,
+    /// The dial is held until the client speaks or `detect_timeout` passes.
+    dial_at_deadline: bool,
+    draining: bool,
+    stop: CancellationToken,
+    detect_timeout: Duration,
+    dst: SocketAddr,
+    connect_timeout: Duration,
+    source: Source,
+}
+
+impl Detecting {
+    /// Starts dialling at once, unless there is nothing to gain from it.
+    fn start(
+        shared: &Shared,
+        direction: Direction,
+        client: &TcpStream,
+        dst: SocketAddr,
+        dest: &Destination,
+    ) -> Detecting {
+        let egress = shared.egress(direction);
+        let detect_timeout = shared.config.detect_timeout;
+        let connect_timeout = dest.policy().connect_timeout;
+        let mut buf = [0u8; MAX_DETECT_LEN];
+        // Most HTTP clients write their request right after connect(), so it is often already
+        // waiting at accept. Then there is nothing to gain from dialling at once (the upstream
+        // cannot have spoken first), and the keep-alive pool may hold an idle connection: no
+        // pre-dial, which saves a connect and a close per client connection under churn.
+        let http1_waiting = matches!(
+            recv(client.as_raw_fd(), &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
+            Ok(n) if n > 0 && matches!(classify(&buf[..n]), Detection::Http1)
+        );
+        let mut deadline = None;
+        // A destination the pool is talking HTTP/1 to has no greeting to wait for either: hold
+        // the dial until the client speaks (or, for a client that stays silent for
+        // `detect_timeout`, dial then, in case this is some other protocol after all).
+        let mut dial_at_deadline = false;
+        let upstream = if http1_waiting {
+            Upstream::Held
+        } else if dest.is_open() {
+            // Server-speaks-first protocols would wait for a dial that never comes: bounded.
+            deadline = Some(Instant::now() + detect_timeout);
+            Upstream::Held
+        } else if egress.pool.speaks_http1(dst) {
+            dial_at_deadline = true;
+            deadline = Some(Instant::now() + detect_timeout);
+            Upstream::Held
+        } else {
+            Upstream::Dialling(start_dial(dst, connect_timeout, egress.source))
+        };
+        Detecting {
+            upstream,
+            deadline,
+            buf,
+            seen: 0,
+            dial_at_deadline,
+            draining: false,
+            stop: shared.stop_token(direction.dir()).clone(),
+            detect_timeout,
+            dst,
+            connect_timeout,
+            source: egress.source,
+        }
+    }
+
+    /// Brings the deadline forward to at most `detect_timeout` from now.
+    fn at_most_detect_timeout(&mut self) {
+        let limit = Instant::now() + self.detect_timeout;
+        self.deadline = Some(self.deadline.map_or(limit, |d| d.min(limit)));
+    }
+
+    /// Waits until it is clear what the connection is.
+    async fn run(&mut self, client: &TcpStream, peer: SocketAddr) -> Decision {
+        let dst = self.dst;
+        loop {
+            let seen = self.seen;
+            let event = tokio::select! {
+                biased;
+                // A drain closes a connection whose client has said nothing yet, like an idle
+                // keep-alive connection, but only after `detect_timeout`: a connection accepted a
+                // moment ago usually has its request on the way, and closing it would lose it.
+                _ = self.stop.cancelled(), if seen == 0 && !self.draining => Event::Cancelled,
+                // Upstream first: if both have spoken, opaque is always safe (and an h2 server's
+                // SETTINGS frame is recognised below, so h2c is still detected).
+                event = upstream_event(&mut self.upstream) => event,
+                n = client_bytes(client, &mut self.buf, seen) => Event::Client(n),
+                _ = wait_until(self.deadline) => Event::Deadline,
             };
-            shared.telemetry.metrics.error(direction.dir(), reason);
-            reset(client)
-        }
-        Decision::Opaque => {
-            opaque(&shared, direction, &dest, client, conn, upstream, peer, dst).await
-        }
-        Decision::Http1 | Decision::Http2 => {
-            let authority = match Authority::from_maybe_shared(Bytes::from(dst.to_string())) {
-                Ok(a) => a,
-                // Not expected for a socket address; if it happens, stay out of the way.
-                Err(_) => {
-                    return opaque(&shared, direction, &dest, client, conn, upstream, peer, dst)
-                        .await
+            match event {
+                Event::Cancelled => {
+                    self.draining = true;
+                    self.at_most_detect_timeout();
                 }
-            };
-            let predial = match upstream {
-                Upstream::Ready(s) | Upstream::SentH2Settings(s) => Some(Predial::Ready(s)),
-                Upstream::Dialling(f) => Some(Predial::Dialling(f)),
-                Upstream::Failed(_) | Upstream::Held => None,
-            };
-            let client = CountedIo::new(client, conn);
-            let conn = Conn {
-                direction,
-                peer,
-                dst,
-                authority,
-                predial,
-                dest,
-            };
-            if matches!(decision, Decision::Http2) {
-                serve_h2(shared, conn, client).await;
-            } else {
-                serve_h1(shared, conn, client).await;
+                Event::Deadline if self.draining && self.seen == 0 => return Decision::Close,
+                Event::Deadline if self.dial_at_deadline => {
+                    self.dial_at_deadline = false;
+                    self.upstream =
+                        Upstream::Dialling(start_dial(dst, self.connect_timeout, self.source));
+                    // A partial preface still gets its own `detect_timeout` from now.
+                    self.deadline = (self.seen > 0).then(|| Instant::now() + self.detect_timeout);
+                }
+                Event::Client(Ok(0)) => return Decision::Opaque,
+                Event::Client(Ok(n)) => {
+                    self.seen = n;
+                    match classify(&self.buf[..n]) {
+                        Detection::Http1 => return Decision::Http(Protocol::Http1),
+                        Detection::Http2 => return Decision::Http(Protocol::Http2),
+                        Detection::Opaque => return Decision::Opaque,
+                        Detection::NeedMore => {
+                            let limit = Instant::now() + self.detect_timeout;
+                            self.deadline.get_or_insert(limit);
+                        }
+                    }
+                }
+                Event::Client(Err(e)) => {
+                    debug!(%peer, %dst, error = %e, "client failed during detection");
+                    return Decision::Close;
+                }
+                Event::Connected(Ok(stream)) => self.upstream = Upstream::Ready(stream),
+                Event::Connected(Err(e)) => {
+                    warn!(%peer, %dst, error = %e, "connect failed");
+                    if self.draining && self.seen == 0 {
+                        // Nothing to answer, nowhere to go: do not wait out the grace period.
+                        return Decision::Reset(None);
+                    }
+                    self.upstream = Upstream::Failed(ProxyError::from(&e));
+                    // Give an HTTP client the chance to get a 502 that says why; anything else
+                    // is reset, like the failed connect would have been without us.
+                    self.at_most_detect_timeout();
+                }
+                Event::UpstreamSpoke => {
+                    match std::mem::replace(&mut self.upstream, Upstream::Held) {
+                        Upstream::Ready(s) if starts_with_h2_settings(&s) => {
+                            self.upstream = Upstream::SentH2Settings(s);
+                        }
+                        other => {
+                            self.upstream = other;
+                            return Decision::Opaque;
+                        }
+                    }
+                    self.at_most_detect_timeout();
+                }
+                Event::Deadline => {
+                    return match self.upstream {
+                        Upstream::Failed(err) => Decision::Reset(Some(err)),
+                        _ => Decision::Opaque,
+                    }
+                }
             }
         }
     }
 }
 
 /// A connection found to be HTTP, about to be served.
-struct Conn {
+struct HttpConn {
     direction: Direction,
     peer: SocketAddr,
     dst: SocketAddr,
@@ -325,17 +348,15 @@ struct Conn {
     dest: Arc<Destination>,
 }
 
-impl Shared {
-    fn egress(&self, direction: Direction) -> &Egress {
-        match direction {
-            Direction::Outbound => &self.outbound,
-            Direction::Inbound { .. } => &self.inbound,
-        }
-    }
-}
-
-async fn serve_h1(shared: Arc<Shared>, conn: Conn, client: CountedIo<TcpStream>) {
-    let Conn {
+/// Serves a captured HTTP connection: HTTP/1 through the direction's pool (the pre-dialled
+/// connection parked for it), h2c over one upstream h2 connection of its own.
+async fn serve_http_conn(
+    shared: Arc<Shared>,
+    conn: HttpConn,
+    protocol: Protocol,
+    client: CountedIo<TcpStream>,
+) {
+    let HttpConn {
         direction,
         peer,
         dst,
@@ -343,83 +364,39 @@ async fn serve_h1(shared: Arc<Shared>, conn: Conn, client: CountedIo<TcpStream>)
         predial,
         dest,
     } = conn;
-    debug!(dir = direction.name(), %peer, %dst, "http/1");
-    // Parked until the pool's connector takes it; removed when this connection ends.
-    let _parked = predial.map(|p| shared.egress(direction).stash.put(dst, p));
+    debug!(dir = direction.name(), %peer, %dst, ?protocol, "http");
     let observer = shared.observer(direction.dir(), dst, peer);
-    let route = Arc::new(route_for(
-        &shared, direction, authority, dst, peer, dest, true,
-    ));
-    let first = Arc::new(FirstRequest::default());
-    let svc_first = Arc::clone(&first);
-    let svc_shared = Arc::clone(&shared);
-    let service = service_fn(move |req: hyper::Request<Incoming>| {
-        svc_first.mark();
-        let shared = Arc::clone(&svc_shared);
-        let route = Arc::clone(&route);
-        let observer = observer.clone();
-        async move {
-            let egress = shared.egress(direction);
-            let resp = observe(&observer, req, |req| {
-                forward_h1(&shared, egress, &route, req)
-            });
-            Ok::<_, std::convert::Infallible>(resp.await)
-        }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(client), service)
-        .with_upgrades();
-    tokio::pin!(conn);
-    let stop = shared.stop_token(direction.dir());
+    let stop = shared.stop_token(direction.dir()).clone();
     let limit = shared.config.detect_timeout;
-    let result = serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
-        c.graceful_shutdown()
-    })
-    .await;
-    if let Err(e) = result {
-        debug!(%peer, %dst, error = %Chain(&e), "http/1 connection ended with an error");
-    }
-}
-
-async fn serve_h2(shared: Arc<Shared>, conn: Conn, client: CountedIo<TcpStream>) {
-    let Conn {
-        direction,
-        peer,
-        dst,
-        authority,
-        predial,
-        dest,
-    } = conn;
-    debug!(dir = direction.name(), %peer, %dst, "h2c prior knowledge");
-    let source = shared.egress(direction).source;
-    let observer = shared.observer(direction.dir(), dst, peer);
-    let route = route_for(&shared, direction, authority, dst, peer, dest, false);
-    let upstream = Arc::new(H2Upstream::new(dst, route, source, predial));
-    let first = Arc::new(FirstRequest::default());
-    let svc_first = Arc::clone(&first);
     let svc_shared = Arc::clone(&shared);
-    let service = service_fn(move |req: hyper::Request<Incoming>| {
-        svc_first.mark();
-        let shared = Arc::clone(&svc_shared);
-        let upstream = Arc::clone(&upstream);
-        let observer = observer.clone();
-        async move {
-            let resp = observe(&observer, req, |req| forward_h2(&shared, &upstream, req));
-            Ok::<_, std::convert::Infallible>(resp.await)
+    let result = match protocol {
+        Protocol::Http1 => {
+            // Parked until the pool's connector takes it; removed when this connection ends.
+            let _parked = predial.map(|p| shared.egress(direction).stash.put(dst, p));
+            let route = Arc::new(route_for(
+                &shared, direction, authority, dst, peer, dest, true,
+            ));
+            let forward = move |req| {
+                let shared = Arc::clone(&svc_shared);
+                let route = Arc::clone(&route);
+                async move { forward_h1(&shared, shared.egress(direction), &route, req).await }
+            };
+            serve_http(client, protocol, &stop, limit, observer, forward).await
         }
-    });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(client), service);
-    tokio::pin!(conn);
-    let stop = shared.stop_token(direction.dir());
-    let limit = shared.config.detect_timeout;
-    let result = serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
-        c.graceful_shutdown()
-    })
-    .await;
+        Protocol::Http2 => {
+            let source = shared.egress(direction).source;
+            let route = route_for(&shared, direction, authority, dst, peer, dest, false);
+            let upstream = Arc::new(H2Upstream::new(dst, route, source, predial));
+            let forward = move |req| {
+                let shared = Arc::clone(&svc_shared);
+                let upstream = Arc::clone(&upstream);
+                async move { forward_h2(&shared, &upstream, req).await }
+            };
+            serve_http(client, protocol, &stop, limit, observer, forward).await
+        }
+    };
     if let Err(e) = result {
-        debug!(%peer, %dst, error = %Chain(&e), "h2 connection ended with an error");
+        debug!(%peer, %dst, error = %Chain(&e), "http connection ended with an error");
     }
 }
 
@@ -463,36 +440,32 @@ async fn opaque(
     peer: SocketAddr,
     dst: SocketAddr,
 ) {
-    let upstream = match upstream {
-        Upstream::Ready(s) | Upstream::SentH2Settings(s) => s,
-        Upstream::Dialling(f) => match f.await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(%peer, %dst, error = %e, "connect failed");
-                let reason = super::error::ProxyError::from(&e).code();
-                shared.telemetry.metrics.error(direction.dir(), reason);
-                return reset(client);
-            }
-        },
-        Upstream::Failed(reason) => {
-            shared.telemetry.metrics.error(direction.dir(), reason);
-            return reset(client);
-        }
+    let connected = match upstream {
+        Upstream::Ready(s) | Upstream::SentH2Settings(s) => Ok(s),
+        Upstream::Dialling(f) => f.await.map_err(|e| connect_failed(peer, dst, &e)),
+        Upstream::Failed(err) => Err(err),
         Upstream::Held => {
             let source = shared.egress(direction).source;
-            match dial(dst, dest.policy().connect_timeout, source).await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(%peer, %dst, error = %e, "connect failed");
-                    let reason = super::error::ProxyError::from(&e).code();
-                    shared.telemetry.metrics.error(direction.dir(), reason);
-                    return reset(client);
-                }
-            }
+            dial(dst, dest.policy().connect_timeout, source)
+                .await
+                .map_err(|e| connect_failed(peer, dst, &e))
         }
     };
-    let idle = dest.policy().idle_timeout;
-    relay(CountedIo::new(client, conn), upstream, peer, dst, idle).await;
+    match connected {
+        Ok(upstream) => {
+            let idle = dest.policy().idle_timeout;
+            relay(CountedIo::new(client, conn), upstream, peer, dst, idle).await;
+        }
+        Err(err) => {
+            shared.telemetry.metrics.error(direction.dir(), err);
+            reset(client);
+        }
+    }
+}
+
+fn connect_failed(peer: SocketAddr, dst: SocketAddr, e: &ConnectError) -> ProxyError {
+    warn!(%peer, %dst, error = %e, "connect failed");
+    ProxyError::from(e)
 }
 
 /// Opaque TCP: bytes that were only peeked are still in the client socket, so the relay sends
@@ -535,60 +508,5 @@ async fn upstream_event(upstream: &mut Upstream) -> Event {
         Upstream::SentH2Settings(_) | Upstream::Failed(_) | Upstream::Held => {
             std::future::pending().await
         }
-    }
-}
-
-/// True if the upstream's first bytes are an HTTP/2 frame header of a SETTINGS frame
-/// (type 4, no flags, stream 0): the server connection preface of RFC 9113 3.4.
-fn starts_with_h2_settings(stream: &TcpStream) -> bool {
-    let mut head = [0u8; 9];
-    match recv(
-        stream.as_raw_fd(),
-        &mut head,
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-    ) {
-        Ok(9) => is_h2_settings_header(&head),
-        _ => false,
-    }
-}
-
-pub(super) fn is_h2_settings_header(head: &[u8; 9]) -> bool {
-    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]);
-    // SETTINGS payloads are 6-byte entries; 16384 is the smallest maximum frame size.
-    head[3] == 4 && head[4] == 0 && head[5..9] == [0, 0, 0, 0] && length % 6 == 0 && length <= 16384
-}
-
-/// Waits until the client has more than `seen` bytes waiting (or closed), and peeks them.
-///
-/// `peek` alone cannot wait for *more* data: with bytes already waiting the socket stays
-/// readable and peek returns at once. Inside `async_io`, "no new bytes" is reported as
-/// `WouldBlock`, which clears tokio's readiness only if no new readiness event arrived since the
-/// check, so no wake-up can be lost.
-pub(super) async fn client_bytes(
-    client: &TcpStream,
-    buf: &mut [u8],
-    seen: usize,
-) -> io::Result<usize> {
-    client
-        .async_io(Interest::READABLE, || {
-            let n = recv(
-                client.as_raw_fd(),
-                buf,
-                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-            )
-            .map_err(io::Error::from)?;
-            if n == 0 || n > seen {
-                Ok(n)
-            } else {
-                Err(io::ErrorKind::WouldBlock.into())
-            }
-        })
-        .await
-}
-
-pub(super) async fn wait_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }

@@ -1,4 +1,4 @@
-//! The policies on the real request path, in process: a proxy on 127.0.0.1 with an injected
+//! The policies (`crate::policy::exchange`) on the real request path, in process: a proxy on 127.0.0.1 with an injected
 //! original destination, scripted upstreams (status by request number, resetting, hanging).
 //! Timing is only asserted as "not before the configured time" (and bounded by a guard).
 use std::convert::Infallible;
@@ -16,7 +16,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::*;
+use crate::policy::breaker::BreakerConfig;
+use crate::policy::{headers, DestinationPolicy, PolicyConfig};
 use crate::proxy::{self, Proxy, ProxyConfig, Resolver};
 
 async fn guard<T>(fut: impl Future<Output = T>) -> T {

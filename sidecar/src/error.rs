@@ -1,13 +1,29 @@
-//! Errors that know who failed (upstream, downstream or the proxy itself) and whether retrying is
-//! safe; they become the HTTP status and the `x-sidecar-error` header of locally made answers.
+//! The bottom of the data path: every failure the proxy answers or acts on itself, as a value
+//! that says **who failed** ([`Culprit`]), **what kind of failure** it was for the policies
+//! ([`FailureKind`]) and **whether a retry is safe** (the request certainly never reached the
+//! upstream). Callers decide from these fields, never from strings: the retry loop and the circuit
+//! breaker ([`crate::policy::exchange`]), the error metrics and the access log
+//! ([`crate::metrics::access`]), and the local HTTP answer ([`local_response`]), which carries
+//! the error as a response extension so that nobody has to parse the `x-sidecar-error` header back.
+//!
+//! Pingora's error type is the model (an error knows its source and its retry type). This module
+//! imports nothing from the crate: every layer above may use it.
+use std::borrow::Cow;
 use std::error::Error as StdError;
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::StatusCode;
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderName, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
 
-/// Why dialling an upstream failed. Carried through hyper-util's client as the connector error.
+/// The header of every answer the proxy makes itself: `<who>-<why>` ([`ProxyError::code`]).
+pub static X_SIDECAR_ERROR: HeaderName = HeaderName::from_static("x-sidecar-error");
+
+/// Why dialling an upstream failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("connection to {0} refused")]
@@ -23,7 +39,7 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    pub(crate) fn from_io(addr: SocketAddr, err: io::Error) -> Self {
+    pub fn from_io(addr: SocketAddr, err: io::Error) -> Self {
         match err.raw_os_error() {
             Some(libc::ECONNREFUSED) => ConnectError::Refused(addr),
             Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EADDRNOTAVAIL) => {
@@ -35,7 +51,8 @@ impl ConnectError {
     }
 }
 
-/// A failure the proxy answers for itself instead of relaying an upstream response.
+/// A failure the proxy answers (HTTP) or acts on (TCP: a reset, a close) itself, instead of
+/// relaying what the upstream said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyError {
     UpstreamConnectRefused,
@@ -63,6 +80,15 @@ pub enum ProxyError {
     ProxyUnsupported,
     /// The request could not be turned into an upstream request.
     ProxyBadRequest,
+    /// Connection level: someone dialled the outbound listener directly (no original
+    /// destination to forward to). Closed.
+    ProxyNotRedirected,
+    /// Connection level: the original destination could not be read. Closed.
+    ProxyNoOriginalDestination,
+    /// Connection level: the original destination is the proxy itself. Closed.
+    ProxyLoop,
+    /// Connection level: nothing could be answered and there is nowhere to go. Reset.
+    ProxyReset,
 }
 
 /// Who failed, for logs, metrics labels and the error header.
@@ -73,8 +99,21 @@ pub enum Culprit {
     Proxy,
 }
 
+/// What kind of upstream failure an error is, for the policies' failure sets
+/// (`failure_on` of the breaker, `retry.on` of retries). Only upstream failures have one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The connection could not be made (refused, unreachable, connect timeout).
+    Connect,
+    /// The connection broke (closed, reset, garbage) before a response head.
+    Reset,
+    /// No response head within the request timeout.
+    Timeout,
+}
+
 impl ProxyError {
-    /// The `x-sidecar-error` header value: `<who>-<why>`, stable, for dashboards and tests.
+    /// The `x-sidecar-error` header value and metrics `reason`: `<who>-<why>`, stable, for
+    /// dashboards and tests.
     pub fn code(self) -> &'static str {
         match self {
             ProxyError::UpstreamConnectRefused => "upstream-connect-refused",
@@ -91,6 +130,10 @@ impl ProxyError {
             ProxyError::DownstreamTimeout => "downstream-timeout",
             ProxyError::ProxyUnsupported => "proxy-unsupported-request",
             ProxyError::ProxyBadRequest => "proxy-bad-request",
+            ProxyError::ProxyNotRedirected => "proxy-not-redirected",
+            ProxyError::ProxyNoOriginalDestination => "proxy-no-original-destination",
+            ProxyError::ProxyLoop => "proxy-loop",
+            ProxyError::ProxyReset => "proxy-reset",
         }
     }
 
@@ -107,15 +150,43 @@ impl ProxyError {
         }
     }
 
+    /// Who failed. Only upstream failures count against a destination's circuit breaker.
     pub fn culprit(self) -> Culprit {
         match self {
             ProxyError::DownstreamBody | ProxyError::DownstreamTimeout => Culprit::Downstream,
-            ProxyError::ProxyUnsupported | ProxyError::ProxyBadRequest => Culprit::Proxy,
+            ProxyError::ProxyUnsupported
+            | ProxyError::ProxyBadRequest
+            | ProxyError::ProxyNotRedirected
+            | ProxyError::ProxyNoOriginalDestination
+            | ProxyError::ProxyLoop
+            | ProxyError::ProxyReset => Culprit::Proxy,
             _ => Culprit::Upstream,
         }
     }
 
-    /// Whether the request certainly never reached the upstream, so a retry cannot duplicate it.
+    /// The kind of upstream failure, matched against the policies' failure sets. `None` for
+    /// everything that says nothing about the upstream's health: the breaker refusing (nothing
+    /// was sent), the client's or the proxy's own failures.
+    pub fn failure_kind(self) -> Option<FailureKind> {
+        if self.culprit() != Culprit::Upstream {
+            return None;
+        }
+        match self {
+            ProxyError::UpstreamConnectRefused
+            | ProxyError::UpstreamConnectUnreachable
+            | ProxyError::UpstreamConnectTimeout
+            | ProxyError::UpstreamConnectFailed => Some(FailureKind::Connect),
+            ProxyError::UpstreamTimeout => Some(FailureKind::Timeout),
+            ProxyError::UpstreamClosed
+            | ProxyError::UpstreamReset
+            | ProxyError::UpstreamProtocol
+            | ProxyError::Upstream => Some(FailureKind::Reset),
+            _ => None,
+        }
+    }
+
+    /// Whether the request certainly never reached the upstream, so that sending it again
+    /// cannot duplicate it, whatever its method.
     pub fn retry_safe(self) -> bool {
         matches!(
             self,
@@ -147,20 +218,21 @@ impl ProxyError {
                 "sidecar: the request body did not arrive within the request timeout\n"
             }
             ProxyError::ProxyUnsupported => "sidecar: this request cannot be proxied here\n",
-            ProxyError::ProxyBadRequest => "sidecar: the request cannot be forwarded\n",
+            ProxyError::ProxyBadRequest
+            | ProxyError::ProxyNotRedirected
+            | ProxyError::ProxyNoOriginalDestination
+            | ProxyError::ProxyLoop
+            | ProxyError::ProxyReset => "sidecar: the request cannot be forwarded\n",
         }
     }
 
-    /// Classifies an error from the upstream HTTP client by walking its source chain.
+    /// Classifies an error of the upstream HTTP client (hyper, our connector) by walking its
+    /// source chain.
     pub fn classify(err: &(dyn StdError + 'static)) -> ProxyError {
         let mut next: Option<&(dyn StdError + 'static)> = Some(err);
-        let mut saw_connect = false;
         while let Some(e) = next {
             if let Some(c) = e.downcast_ref::<ConnectError>() {
                 return ProxyError::from(c);
-            }
-            if let Some(legacy) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-                saw_connect |= legacy.is_connect();
             }
             if let Some(h) = e.downcast_ref::<hyper::Error>() {
                 if h.is_timeout() {
@@ -176,11 +248,9 @@ impl ProxyError {
                         ProxyError::UpstreamClosed
                     };
                 }
-                if h.is_body_write_aborted() || h.is_user() {
+                if (h.is_body_write_aborted() || h.is_user()) && is_body_error(h) {
                     // Our body is the downstream request body: it failed, not the upstream.
-                    if is_body_error(h) {
-                        return ProxyError::DownstreamBody;
-                    }
+                    return ProxyError::DownstreamBody;
                 }
             }
             if let Some(io) = e.downcast_ref::<io::Error>() {
@@ -192,17 +262,18 @@ impl ProxyError {
                         ProxyError::UpstreamClosed
                     }
                     io::ErrorKind::TimedOut => ProxyError::UpstreamTimeout,
-                    _ if saw_connect => ProxyError::UpstreamConnectFailed,
                     _ => ProxyError::Upstream,
                 };
             }
             next = e.source();
         }
-        if saw_connect {
-            ProxyError::UpstreamConnectFailed
-        } else {
-            ProxyError::Upstream
-        }
+        ProxyError::Upstream
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
     }
 }
 
@@ -237,6 +308,78 @@ impl From<&ConnectError> for ProxyError {
                 ProxyError::UpstreamConnectFailed
             }
         }
+    }
+}
+
+/// Why one request got no upstream response: the error, what to log, and (an open breaker)
+/// when to come back.
+#[derive(Debug)]
+pub struct Failed {
+    pub err: ProxyError,
+    pub detail: Cow<'static, str>,
+    pub retry_after: Option<Duration>,
+}
+
+impl Failed {
+    pub fn new(err: ProxyError, detail: impl Into<Cow<'static, str>>) -> Self {
+        Failed {
+            err,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    /// From an error of the upstream HTTP client (hyper, our connector).
+    pub fn from_error(e: &(dyn StdError + 'static)) -> Self {
+        Failed::new(ProxyError::classify(e), Chain(e).to_string())
+    }
+
+    /// A dial that failed.
+    pub fn connect(e: &ConnectError) -> Self {
+        Failed::new(ProxyError::from(e), e.to_string())
+    }
+
+    pub fn timeout() -> Self {
+        Failed::new(
+            ProxyError::UpstreamTimeout,
+            "no response within the request timeout",
+        )
+    }
+}
+
+/// The answer the proxy makes itself for `err`: its status, a short text body, the
+/// `x-sidecar-error` header, and `err` as a response extension (what the metrics and the access
+/// log read: an upstream sidecar's error header relayed through us carries no extension, so it
+/// is never counted as ours).
+pub fn local_response(err: ProxyError) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(err.message().as_bytes())));
+    *resp.status_mut() = err.status();
+    let headers = resp.headers_mut();
+    headers.insert(
+        X_SIDECAR_ERROR.clone(),
+        HeaderValue::from_static(err.code()),
+    );
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.extensions_mut().insert(err);
+    resp
+}
+
+/// Displays an error with its whole source chain ("a: b: c"): hyper's top-level messages alone
+/// ("client error (Connect)") do not say what happened.
+pub struct Chain<'a>(pub &'a (dyn StdError + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
     }
 }
 
@@ -297,6 +440,47 @@ mod tests {
         assert_eq!(
             ProxyError::UpstreamConnectRefused.status(),
             StatusCode::BAD_GATEWAY
+        );
+    }
+
+    #[test]
+    fn only_upstream_failures_have_a_kind() {
+        use ProxyError::*;
+        for (e, kind) in [
+            (UpstreamConnectRefused, Some(FailureKind::Connect)),
+            (UpstreamConnectTimeout, Some(FailureKind::Connect)),
+            (UpstreamTimeout, Some(FailureKind::Timeout)),
+            (UpstreamReset, Some(FailureKind::Reset)),
+            (UpstreamClosed, Some(FailureKind::Reset)),
+            (UpstreamProtocol, Some(FailureKind::Reset)),
+            (UpstreamBreakerOpen, None),
+            (DownstreamBody, None),
+            (DownstreamTimeout, None),
+            (ProxyBadRequest, None),
+            (ProxyLoop, None),
+        ] {
+            assert_eq!(e.failure_kind(), kind, "{e}");
+        }
+        for e in [
+            ProxyNotRedirected,
+            ProxyNoOriginalDestination,
+            ProxyLoop,
+            ProxyReset,
+        ] {
+            assert_eq!(e.culprit(), Culprit::Proxy);
+            assert!(e.code().starts_with("proxy-"));
+            assert!(!e.retry_safe());
+        }
+    }
+
+    #[test]
+    fn local_answers_carry_the_error() {
+        let resp = local_response(ProxyError::UpstreamConnectRefused);
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(resp.headers()[&X_SIDECAR_ERROR], "upstream-connect-refused");
+        assert_eq!(
+            resp.extensions().get::<ProxyError>(),
+            Some(&ProxyError::UpstreamConnectRefused)
         );
     }
 }

@@ -1,0 +1,233 @@
+//! One request under its destination's policies: the retry loop, the circuit breaker's
+//! accounting and the request timeout. The proxy hands over a request head, its body and a way to
+//! make one attempt ([`exchange`]); what it gets back is a response head to relay, or a
+//! [`Failed`] to answer locally ([`answer`]).
+//!
+//! Step by step: ask the breaker (open: 503 at once, nothing sent); keep the body for replay if
+//! the request may be sent again (retries on, body empty or known to be small); send; report the
+//! outcome to the breaker (only upstream failures count, see [`ProxyError::failure_kind`]); on a
+//! failure in `retry.on` (connect error, reset, 503 by default), send again while attempts, the
+//! deadline and the budget allow, after a jittered pause. Idempotent requests are retried on any
+//! such failure; others only when the error says the request never reached the upstream
+//! ([`ProxyError::retry_safe`]: a failed connect). Nothing is retried once a response is being
+//! relayed: the decision is made on the response head, before any byte goes downstream.
+use std::borrow::Cow;
+use std::future::Future;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, RETRY_AFTER};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::breaker::{Rejected, State};
+use super::headers::{X_REQUEST_ID, X_SIDECAR_ATTEMPT};
+use super::retry::{backoff, is_idempotent, Replay, UpstreamBody};
+use super::Destination;
+use crate::error::{local_response, Failed, ProxyError};
+
+impl From<Rejected> for Failed {
+    fn from(r: Rejected) -> Self {
+        Failed {
+            err: ProxyError::UpstreamBreakerOpen,
+            detail: Cow::Borrowed(match r.state {
+                State::HalfOpen => "circuit breaker half-open, probe in flight",
+                _ => "circuit breaker open",
+            }),
+            retry_after: Some(r.retry_after),
+        }
+    }
+}
+
+/// The local answer for a request that failed at `dest`, logged, with the request id (and, for
+/// an open breaker, `Retry-After`).
+pub fn answer(f: Failed, dest: &Destination, request_id: &HeaderValue) -> Response<Full<Bytes>> {
+    if f.err == ProxyError::UpstreamBreakerOpen {
+        // The state change was logged when it happened; one line per refused request would
+        // flood the log exactly when it matters.
+        debug!(destination = dest.name(), reason = %f.detail, "request refused");
+    } else {
+        warn!(
+            destination = dest.name(),
+            error = %f.detail,
+            code = f.err.code(),
+            status = f.err.status().as_u16(),
+            "request failed"
+        );
+    }
+    let mut resp = local_response(f.err);
+    let headers = resp.headers_mut();
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    if let Some(after) = f.retry_after {
+        // Whole seconds, rounded up, at least 1 (RFC 9110 10.2.3).
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    resp
+}
+
+/// A request body, ready to be sent once or several times.
+enum Prepared {
+    Stream(Incoming),
+    Replay(Replay),
+}
+
+/// Keeps the body in memory if it is empty or has a known length within `max`; else leaves it
+/// streaming (the request will not be retried).
+async fn prepare_replay(
+    body: Incoming,
+    headers: &HeaderMap,
+    max: usize,
+    deadline: Instant,
+) -> Result<Prepared, Failed> {
+    if body.is_end_stream() {
+        return Ok(Prepared::Replay(Replay::default()));
+    }
+    let length = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match length {
+        Some(n) if n <= max as u64 => {}
+        _ => return Ok(Prepared::Stream(body)),
+    }
+    match tokio::time::timeout_at(deadline, Limited::new(body, max).collect()).await {
+        Ok(Ok(collected)) => {
+            let trailers = collected.trailers().cloned();
+            Ok(Prepared::Replay(Replay::new(
+                collected.to_bytes(),
+                trailers,
+            )))
+        }
+        Ok(Err(e)) => Err(Failed::new(
+            ProxyError::DownstreamBody,
+            format!("reading the request body: {e}"),
+        )),
+        Err(_) => Err(Failed::new(
+            ProxyError::DownstreamTimeout,
+            "the request body did not arrive within the request timeout",
+        )),
+    }
+}
+
+/// A copy of a request head (extensions are not copied: nothing upstream reads them).
+fn clone_head(head: &Parts) -> Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers.clone();
+    req.into_parts().0
+}
+
+/// What an attempt's result was, for the breaker and the retry decision.
+fn summary<B>(result: &Result<Response<B>, Failed>) -> Result<StatusCode, ProxyError> {
+    match result {
+        Ok(resp) => Ok(resp.status()),
+        Err(f) => Err(f.err),
+    }
+}
+
+async fn attempt<B, S, F>(
+    send: &mut S,
+    req: Request<UpstreamBody>,
+    deadline: Instant,
+) -> Result<Response<B>, Failed>
+where
+    S: FnMut(Request<UpstreamBody>) -> F,
+    F: Future<Output = Result<Response<B>, Failed>>,
+{
+    match tokio::time::timeout_at(deadline, send(req)).await {
+        Ok(result) => result,
+        Err(_) => Err(Failed::timeout()),
+    }
+}
+
+/// True if a request that got `outcome` may be sent again: the failure is one retries are for,
+/// and sending twice is harmless (an idempotent method, or the first one never arrived).
+fn may_resend(
+    dest: &Destination,
+    idempotent: bool,
+    outcome: Result<StatusCode, ProxyError>,
+) -> bool {
+    dest.is_retryable(outcome) && (idempotent || outcome.is_err_and(ProxyError::retry_safe))
+}
+
+/// Sends one request to `dest` under its policies (see the module documentation); `send` makes
+/// one attempt.
+pub async fn exchange<B, S, F>(
+    dest: &Destination,
+    head: Parts,
+    body: Incoming,
+    mut send: S,
+) -> Result<Response<B>, Failed>
+where
+    S: FnMut(Request<UpstreamBody>) -> F,
+    F: Future<Output = Result<Response<B>, Failed>>,
+{
+    let policy = dest.policy();
+    let deadline = Instant::now() + policy.request_timeout;
+    let mut permit = dest.admit()?;
+    // Only requests that are sent pay into the retry budget: an outage refused by the breaker
+    // must not save up retries for the moment it ends.
+    dest.count_request();
+    let retry = &policy.retry;
+    let idempotent = is_idempotent(&head.method);
+    let prepared = if retry.max_retries > 0 {
+        // A failure here is the client's: the permit is dropped unreported (ignored).
+        prepare_replay(body, &head.headers, retry.max_body_bytes, deadline).await?
+    } else {
+        Prepared::Stream(body)
+    };
+    let replay = match prepared {
+        Prepared::Stream(body) => {
+            let req = Request::from_parts(head, UpstreamBody::Streaming(body));
+            let result = attempt(&mut send, req, deadline).await;
+            dest.report(permit, dest.outcome(summary(&result)));
+            return result;
+        }
+        Prepared::Replay(replay) => replay,
+    };
+    let mut number = 1u32;
+    loop {
+        let mut parts = clone_head(&head);
+        if number > 1 {
+            parts
+                .headers
+                .insert(X_SIDECAR_ATTEMPT.clone(), HeaderValue::from(number));
+        }
+        let req = Request::from_parts(parts, UpstreamBody::Replay(replay.body()));
+        let result = attempt(&mut send, req, deadline).await;
+        let outcome = summary(&result);
+        dest.report(permit, dest.outcome(outcome));
+        if number > retry.max_retries || !may_resend(dest, idempotent, outcome) {
+            return result;
+        }
+        let pause = backoff(retry.backoff, number);
+        if Instant::now() + pause >= deadline {
+            return result;
+        }
+        if !dest.take_retry() {
+            debug!(
+                destination = dest.name(),
+                "retry budget exhausted; not retrying"
+            );
+            return result;
+        }
+        tokio::time::sleep(pause).await;
+        permit = match dest.admit() {
+            Ok(p) => p,
+            // This very failure may have opened the breaker: answer with what we got.
+            Err(_) => return result,
+        };
+        let cause = match outcome {
+            Ok(status) => Cow::Owned(status.as_u16().to_string()),
+            Err(e) => Cow::Borrowed(e.code()),
+        };
+        number += 1;
+        debug!(destination = dest.name(), attempt = number, %cause, "retrying");
+    }
+}

@@ -1,0 +1,164 @@
+//! What a proxy is started with: listeners, mode (interception or `--target`), policies,
+//! detection and pool timeouts, where destinations come from, and where it records.
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, Scheme};
+use http::Uri;
+use tokio::net::TcpStream;
+
+use crate::metrics::ProxyMetrics;
+pub use crate::net::ListenAddr;
+use crate::policy::PolicyConfig;
+
+/// How long a partial client preface ("GE") may take to become decidable. Real clients send a
+/// request line in one segment, so this only matters for slow or odd peers.
+pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Idle pooled upstream connections are closed after this; shorter than the common server-side
+/// keep-alive timeouts (nginx 75 s, Go 90 s) so that we usually close first and rarely pick a
+/// connection the server is just closing.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A `--target` URL: plain `http://host[:port][/prefix]`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    url: String,
+    pub(crate) authority: Authority,
+    pub(crate) prefix: Option<Arc<str>>,
+}
+
+impl Target {
+    /// Parses a target URL; the error says what to write instead.
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("not a URL ({e}); expected http://HOST[:PORT][/PATH]"))?;
+        match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP => {}
+            Some(s) if *s == Scheme::HTTPS => {
+                return Err(
+                    "https targets are not supported (the proxy speaks plain HTTP to \
+                            its target; TLS origination is out of scope): use http://"
+                        .to_owned(),
+                )
+            }
+            _ => return Err("expected http://HOST[:PORT][/PATH]".to_owned()),
+        }
+        let Some(authority) = uri.authority() else {
+            return Err("missing host; expected http://HOST[:PORT][/PATH]".to_owned());
+        };
+        if authority.as_str().contains('@') {
+            return Err("user information in the target URL is not supported".to_owned());
+        }
+        if uri.query().is_some() {
+            return Err("a query string in the target URL is not supported".to_owned());
+        }
+        let authority = match authority.port_u16() {
+            Some(_) => authority.clone(),
+            // Pool keys and Host fallbacks carry an explicit port.
+            None => Authority::from_maybe_shared(Bytes::from(format!("{}:80", authority.host())))
+                .map_err(|e| format!("bad host: {e}"))?,
+        };
+        let path = uri.path().trim_end_matches('/');
+        Ok(Target {
+            url: url.to_owned(),
+            authority,
+            prefix: (!path.is_empty()).then(|| Arc::from(path)),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.url
+    }
+}
+
+/// Everything the proxy needs; `sidecar run` builds it from flags and environment.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Outbound listeners (redirected connections of the app), or the `--target` listeners.
+    pub listen: Vec<ListenAddr>,
+    /// Inbound listeners (connections to the app, steered by sk_lookup); unused with `--target`.
+    pub inbound: Vec<ListenAddr>,
+    /// `Some`: reverse-proxy mode, every request goes there. `None`: interception mode.
+    pub target: Option<Target>,
+    pub service_name: Option<String>,
+    /// Connect and request timeouts, circuit breakers, retries: defaults and per destination.
+    pub policy: PolicyConfig,
+    pub detect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+}
+
+impl ProxyConfig {
+    /// Interception mode on `listen` (all required, outbound only) with default timeouts.
+    pub fn new(listen: impl IntoIterator<Item = SocketAddr>) -> Self {
+        ProxyConfig {
+            listen: listen
+                .into_iter()
+                .map(|addr| ListenAddr {
+                    addr,
+                    required: true,
+                })
+                .collect(),
+            inbound: Vec::new(),
+            target: None,
+            service_name: None,
+            policy: PolicyConfig::default(),
+            detect_timeout: DEFAULT_DETECT_TIMEOUT,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Finds where a captured connection was going. The real ones are
+/// [`crate::orig_dst::original_dst`] (outbound) and the local address (inbound); tests pass
+/// their own.
+pub type Resolver = Arc<dyn Fn(&TcpStream) -> io::Result<SocketAddr> + Send + Sync>;
+
+/// The kernel's answer to `SO_ORIGINAL_DST`.
+pub fn original_dst_resolver() -> Resolver {
+    Arc::new(crate::orig_dst::original_dst)
+}
+
+/// Inbound: sk_lookup hands the SYN to our listener unchanged, so the connection's own local
+/// address is where the client was going.
+pub fn local_addr_resolver() -> Resolver {
+    Arc::new(TcpStream::local_addr)
+}
+
+/// Destination lookups for both directions.
+#[derive(Clone)]
+pub struct Resolvers {
+    pub outbound: Resolver,
+    pub inbound: Resolver,
+}
+
+impl Resolvers {
+    /// What the kernel says: `SO_ORIGINAL_DST` outbound, the local address inbound.
+    pub fn kernel() -> Self {
+        Resolvers {
+            outbound: original_dst_resolver(),
+            inbound: local_addr_resolver(),
+        }
+    }
+}
+
+/// What the proxy records: metrics (registered by the caller, or nowhere) and the access log.
+#[derive(Clone)]
+pub struct Telemetry {
+    pub metrics: Arc<ProxyMetrics>,
+    /// One `access` log line per request.
+    pub access_log: bool,
+}
+
+impl Default for Telemetry {
+    /// Metrics counted but exported nowhere; no access log.
+    fn default() -> Self {
+        Telemetry {
+            metrics: ProxyMetrics::unregistered(),
+            access_log: false,
+        }
+    }
+}

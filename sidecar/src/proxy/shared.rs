@@ -1,0 +1,159 @@
+//! State shared by every connection of one proxy, and each direction's way out.
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::config::{ProxyConfig, Resolvers, Telemetry};
+use super::connect::{Connector, Source, Stash};
+use super::pool::Pool;
+use super::route::Route;
+use crate::metrics::access::{Observer, UpstreamName};
+use crate::metrics::conn::ActiveConns;
+use crate::metrics::{DestinationMetrics, Dir, PoolMetrics};
+use crate::policy::Policies;
+
+/// Which way a captured connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// From the app to the world (the 15001 listeners).
+    Outbound,
+    /// From the world to the app (the 15006 listeners); the port is the listener's own.
+    Inbound { listener_port: u16 },
+}
+
+impl Direction {
+    pub(crate) fn name(self) -> &'static str {
+        self.dir().as_str()
+    }
+
+    pub(crate) fn dir(self) -> Dir {
+        match self {
+            Direction::Outbound => Dir::Outbound,
+            Direction::Inbound { .. } => Dir::Inbound,
+        }
+    }
+}
+
+/// One direction's way out: its HTTP/1 connection pool and the parked pre-dialled connections.
+/// Inbound and outbound never share connections: inbound ones come from 127.0.0.6.
+pub(crate) struct Egress {
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) stash: Arc<Stash>,
+    pub(crate) source: Source,
+}
+
+impl Egress {
+    pub(crate) fn new(
+        config: &ProxyConfig,
+        source: Source,
+        policies: &Arc<Policies>,
+        metrics: PoolMetrics,
+    ) -> Self {
+        let stash = Arc::new(Stash::default());
+        let connector = Connector {
+            stash: Arc::clone(&stash),
+            policies: Arc::clone(policies),
+            source,
+        };
+        let pool = Pool::new(connector, config.pool_idle_timeout, metrics);
+        Egress {
+            pool,
+            stash,
+            source,
+        }
+    }
+}
+
+/// State shared by every connection of one proxy.
+pub(crate) struct Shared {
+    pub(crate) config: ProxyConfig,
+    pub(crate) resolvers: Resolvers,
+    pub(crate) outbound: Egress,
+    pub(crate) inbound: Egress,
+    /// Every bound listener address, both directions (loop guard).
+    pub(crate) listening: Vec<SocketAddr>,
+    /// Stops everything (outbound, and inbound through its child token).
+    pub(crate) cancel: CancellationToken,
+    /// Stops the inbound side (and `--target` listeners) first when draining.
+    pub(crate) inbound_cancel: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) target_route: Option<Route>,
+    /// Per-destination policies and their state (breakers, retry budgets).
+    pub(crate) policies: Arc<Policies>,
+    pub(crate) telemetry: Telemetry,
+    /// Open downstream connections per direction (the drain waits on them).
+    pub(crate) active: [Arc<ActiveConns>; 2],
+    /// `--target` mode: the target's request metrics and name, resolved once.
+    pub(crate) target_dest: Option<(Arc<DestinationMetrics>, Arc<str>)>,
+}
+
+impl Shared {
+    /// Loop guard: a connection "originally" to our own listener would come straight back.
+    pub(crate) fn is_own_listener(&self, dst: SocketAddr) -> bool {
+        let dst_ip = dst.ip().to_canonical();
+        self.listening.iter().any(|l| {
+            l.port() == dst.port()
+                && (l.ip().to_canonical() == dst_ip
+                    || (l.ip().is_unspecified()
+                        && (dst_ip.is_loopback() || dst_ip.is_unspecified())))
+        })
+    }
+
+    /// The token that stops connections of `dir`.
+    pub(crate) fn stop_token(&self, dir: Dir) -> &CancellationToken {
+        match dir {
+            Dir::Inbound => &self.inbound_cancel,
+            Dir::Outbound => &self.cancel,
+        }
+    }
+
+    pub(crate) fn active(&self, dir: Dir) -> &Arc<ActiveConns> {
+        match dir {
+            Dir::Inbound => &self.active[0],
+            Dir::Outbound => &self.active[1],
+        }
+    }
+
+    /// How requests of one `--target` connection are recorded.
+    pub(crate) fn target_observer(&self, peer: SocketAddr) -> Arc<Observer> {
+        let (dest, upstream) = match &self.target_dest {
+            Some((dest, name)) => (Arc::clone(dest), Arc::clone(name)),
+            // Not reached: target connections only exist in `--target` mode.
+            None => (
+                self.telemetry.metrics.named_destination(Dir::Inbound, "-"),
+                Arc::from("-"),
+            ),
+        };
+        Arc::new(Observer {
+            metrics: Arc::clone(&self.telemetry.metrics),
+            dest,
+            access_log: self.telemetry.access_log,
+            peer,
+            upstream: UpstreamName::Name(upstream),
+        })
+    }
+
+    /// How requests of one connection to `dst` are recorded. Shared by the connection's
+    /// requests: one reference count per request, no more.
+    pub(crate) fn observer(&self, dir: Dir, dst: SocketAddr, peer: SocketAddr) -> Arc<Observer> {
+        Arc::new(Observer {
+            metrics: Arc::clone(&self.telemetry.metrics),
+            dest: self.telemetry.metrics.destination(dir, dst),
+            access_log: self.telemetry.access_log,
+            peer,
+            upstream: UpstreamName::Addr(dst),
+        })
+    }
+}
+
+impl Shared {
+    /// The way out of connections going `direction`.
+    pub(crate) fn egress(&self, direction: Direction) -> &Egress {
+        match direction {
+            Direction::Outbound => &self.outbound,
+            Direction::Inbound { .. } => &self.inbound,
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Values as operators write them, shared by every reader of flags and config files: durations
+//! (`500ms`, `1s`, `2m`, `1h`), sizes (`64KiB`), listener address lists. Each parser's error says
+//! what to write instead. Imports nothing from the crate.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A duration with a unit: `500ms`, `1s`, `2m`, `1h` (also `1500us`, `0s`).
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = value.split_at(digits);
+    let hint = "expected a whole number with a unit (ms, s, m, h), e.g. 1s or 500ms";
+    let number: u64 = number.parse().map_err(|_| hint.to_owned())?;
+    let too_long = || "too long".to_owned();
+    match unit.trim() {
+        "us" | "µs" => Ok(Duration::from_micros(number)),
+        "ms" => Ok(Duration::from_millis(number)),
+        "s" => Ok(Duration::from_secs(number)),
+        "m" => number
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(too_long),
+        "h" => number
+            .checked_mul(3600)
+            .map(Duration::from_secs)
+            .ok_or_else(too_long),
+        "" => Err(format!("missing unit; {hint}")),
+        _ => Err(hint.to_owned()),
+    }
+}
+
+/// `1048576`, `512B`, `64KiB`, `1MiB`, `1GiB` (binary units; `K`/`M`/`G` accepted as the same).
+pub fn parse_size(value: &str) -> Result<usize, String> {
+    let value = value.trim();
+    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = value.split_at(digits);
+    let hint = "expected a size in bytes, optionally with KiB, MiB or GiB, e.g. 64KiB";
+    let number: usize = number.parse().map_err(|_| hint.to_owned())?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" | "k" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        _ => return Err(hint.to_owned()),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| "too large".to_owned())
+}
+
+/// `500ms`, `1s`, `2m`: durations as the flags take them.
+pub fn fmt_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        let s = d.as_secs();
+        match s {
+            s if s != 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+            s if s != 0 && s % 60 == 0 => format!("{}m", s / 60),
+            s => format!("{s}s"),
+        }
+    } else if d.subsec_nanos() % 1_000_000 == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}us", d.as_micros())
+    }
+}
+
+/// `ADDR[,ADDR...]`, each `IPv4:PORT` or `[IPv6]:PORT`.
+pub fn parse_addrs(value: &str) -> Result<Vec<SocketAddr>, String> {
+    let mut addrs = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let addr: SocketAddr = item.parse().map_err(|_| {
+            format!("{item:?} is not an address; use IP:PORT or [IPv6]:PORT, e.g. 127.0.0.1:15001")
+        })?;
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+    if addrs.is_empty() {
+        return Err("no address given; e.g. 127.0.0.1:15001".to_owned());
+    }
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_trip() {
+        for (text, d) in [
+            ("500ms", Duration::from_millis(500)),
+            ("1s", Duration::from_secs(1)),
+            ("2m", Duration::from_secs(120)),
+            ("1h", Duration::from_secs(3600)),
+            ("1500us", Duration::from_micros(1500)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(d), "{text}");
+            assert_eq!(parse_duration(&fmt_duration(d)), Ok(d), "{text}");
+        }
+        assert!(parse_duration("10").unwrap_err().contains("missing unit"));
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration(&format!("{}h", u64::MAX)).is_err());
+    }
+
+    #[test]
+    fn address_lists() {
+        assert_eq!(
+            parse_addrs("127.0.0.1:1, [::1]:2,127.0.0.1:1")
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(parse_addrs("").is_err());
+        assert!(parse_addrs("localhost:1")
+            .unwrap_err()
+            .contains("not an address"));
+    }
+}
