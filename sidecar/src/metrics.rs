@@ -328,6 +328,15 @@ impl ProxyMetrics {
     }
 }
 
+impl ProxyMetrics {
+    /// How many times `err` was counted for `dir` (for tests and diagnostics).
+    pub fn error_count(&self, dir: Dir, err: ProxyError) -> u64 {
+        self.errors
+            .get_metric_with_label_values(&[dir.as_str(), err.code()])
+            .map_or(0, |c| c.get())
+    }
+}
+
 /// One (method, status) series pair of a destination.
 struct Slot {
     key: u32,

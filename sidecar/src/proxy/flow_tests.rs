@@ -381,3 +381,37 @@ async fn request_ids_and_traces_are_kept_or_started() {
     })
     .await;
 }
+
+/// Retries counted for `dst` so far (`sidecar_retries_total`, in the process-wide registry).
+fn retries_of(dst: SocketAddr) -> u64 {
+    let text = crate::metrics::render(prometheus::default_registry());
+    let series = format!("sidecar_retries_total{{destination=\"{dst}\"}}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The error's retry safety drives the decision: a POST whose connection was refused never
+/// reached the upstream, so it is sent again (its body was kept); a POST whose connection was
+/// reset may have been processed, so it is not; a PUT is retried either way.
+#[tokio::test]
+async fn non_idempotent_requests_are_resent_only_when_they_never_arrived() {
+    guard(async {
+        let no_breaker = |p: &mut DestinationPolicy| p.breaker = BreakerConfig::disabled();
+        let refused = refusing().await;
+        let (_p1, addr) = proxy_to(refused, policy(no_breaker)).await;
+        let a = send(addr, Method::POST, &[("content-length", "5")], "hello").await;
+        assert_eq!(a.header("x-sidecar-error"), "upstream-connect-refused");
+        assert_eq!(retries_of(refused), 2, "refused: sent again, twice");
+
+        let reset = resetting().await;
+        let (_p2, addr) = proxy_to(reset, policy(no_breaker)).await;
+        let a = send(addr, Method::POST, &[("content-length", "5")], "hello").await;
+        assert_eq!(a.header("x-sidecar-error"), "upstream-reset");
+        assert_eq!(retries_of(reset), 0, "reset: the POST may have arrived");
+        let a = send(addr, Method::PUT, &[("content-length", "5")], "hello").await;
+        assert_eq!(a.header("x-sidecar-error"), "upstream-reset");
+        assert_eq!(retries_of(reset), 2, "reset: an idempotent PUT is retried");
+    })
+    .await;
+}

@@ -828,6 +828,15 @@ async fn pooled_proxy(
     upstream: SocketAddr,
     policy: impl FnOnce(&mut crate::policy::DestinationPolicy),
 ) -> (Proxy, SocketAddr, crate::metrics::ConnMetrics) {
+    let (proxy, addr, metrics) = observed_proxy(upstream, policy).await;
+    (proxy, addr, metrics.conns(Dir::Outbound).clone())
+}
+
+/// [`pooled_proxy`], with all of its metrics.
+async fn observed_proxy(
+    upstream: SocketAddr,
+    policy: impl FnOnce(&mut crate::policy::DestinationPolicy),
+) -> (Proxy, SocketAddr, Arc<ProxyMetrics>) {
     let metrics = ProxyMetrics::unregistered();
     let mut config = loopback_config();
     policy(&mut config.policy.defaults);
@@ -841,7 +850,7 @@ async fn pooled_proxy(
     };
     let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
     let proxy_addr = proxy.local_addrs()[0];
-    (proxy, proxy_addr, metrics.conns(Dir::Outbound).clone())
+    (proxy, proxy_addr, metrics)
 }
 
 /// Yields to the runtime until `done` holds (the proxy and the clients run on this same
@@ -999,4 +1008,50 @@ async fn upstream_closing_an_idle_connection_frees_its_slot() {
     })
     .await;
     drop(proxy);
+}
+
+/// Only answers the proxy made itself count as its errors: another sidecar's 502 with its own
+/// `x-sidecar-error` is relayed as it is and not counted here (the error travels as a response
+/// extension, never parsed back out of the header); a refused connect is counted.
+#[tokio::test]
+async fn relayed_error_headers_are_not_counted_as_ours() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 502 Bad Gateway\r\nx-sidecar-error: upstream-connect-refused\r\n\
+                          content-length: 0\r\nconnection: close\r\n\r\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    let refused = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let refused_code = crate::error::ProxyError::UpstreamConnectRefused;
+    guard(async {
+        for (dst, counted) in [(upstream, 0), (refused, 1)] {
+            let (_proxy, addr, metrics) = observed_proxy(dst, |_| {}).await;
+            let mut client = h1_client(addr).await;
+            let resp = client.send_request(get("/", "a.test")).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+            assert_eq!(
+                resp.headers()["x-sidecar-error"],
+                "upstream-connect-refused"
+            );
+            assert_eq!(
+                metrics.error_count(Dir::Outbound, refused_code),
+                counted,
+                "{dst}: relayed answers are not ours, local ones are"
+            );
+        }
+    })
+    .await;
 }
