@@ -1,0 +1,99 @@
+//! `GET /config`: the configuration in force, as bound (listener ports resolved), as JSON.
+use std::net::SocketAddr;
+
+use super::settings::Settings;
+use crate::proxy::{self, Target};
+use crate::units::fmt_duration;
+
+/// The policies in force: defaults and the destination rules (of `--config`).
+fn policy_json(settings: &Settings) -> serde_json::Value {
+    let one = |p: &crate::policy::DestinationPolicy| {
+        serde_json::json!({
+            "connect_timeout": fmt_duration(p.connect_timeout),
+            "request_timeout": fmt_duration(p.request_timeout),
+            "idle_timeout": fmt_duration(p.idle_timeout),
+            "max_connections": p.max_connections,
+            "breaker": {
+                "consecutive_failures": p.breaker.consecutive_failures,
+                "failure_rate": p.breaker.failure_rate,
+                "failure_rate_window": fmt_duration(p.breaker.failure_rate_window),
+                "failure_rate_min_requests": p.breaker.failure_rate_min_requests,
+                "open_time": fmt_duration(p.breaker.open_time),
+                "max_open_time": fmt_duration(p.breaker.max_open_time),
+                "half_open_probes": p.breaker.half_open_probes,
+                "failure_on": p.failure_on.describe(),
+            },
+            "retry": {
+                "max_retries": p.retry.max_retries,
+                "on": p.retry.on.describe(),
+                "budget_ratio": p.retry.budget.ratio,
+                "budget_min_per_second": p.retry.budget.min_per_second,
+                "budget_window": fmt_duration(p.retry.budget.window),
+                "max_body_bytes": p.retry.max_body_bytes,
+                "backoff": fmt_duration(p.retry.backoff),
+            },
+        })
+    };
+    let policy = &settings.proxy.policy;
+    let destinations: Vec<_> = policy
+        .destinations
+        .iter()
+        .map(|rule| {
+            let mut v = one(&rule.policy);
+            v["match"] = serde_json::Value::String(rule.matcher.to_string());
+            v
+        })
+        .collect();
+    serde_json::json!({ "defaults": one(&policy.defaults), "destinations": destinations })
+}
+
+/// `/config`: the configuration in force, as bound (listener ports resolved).
+pub fn config_json(settings: &Settings, proxy: &proxy::Proxy) -> serde_json::Value {
+    let p = &settings.proxy;
+    let life = &settings.lifecycle;
+    let addrs = |a: &[SocketAddr]| a.iter().map(ToString::to_string).collect::<Vec<_>>();
+    serde_json::json!({
+        "mode": if p.target.is_some() { "target" } else { "intercept" },
+        "outbound": addrs(proxy.local_addrs()),
+        "inbound": addrs(proxy.inbound_addrs()),
+        "target": p.target.as_ref().map(Target::as_str),
+        "service_name": p.service_name,
+        "connect_timeout": fmt_duration(p.policy.defaults.connect_timeout),
+        "request_timeout": fmt_duration(p.policy.defaults.request_timeout),
+        "policy": policy_json(settings),
+        "detect_timeout": fmt_duration(p.detect_timeout),
+        "pool_idle_timeout": fmt_duration(p.pool_idle_timeout),
+        "workers": settings.workers,
+        "drain_timeout": fmt_duration(settings.drain_timeout),
+        "drain_min": fmt_duration(life.drain_min),
+        "admin": life.admin.iter().map(|l| l.addr.to_string()).collect::<Vec<_>>(),
+        "readiness": {
+            "listeners": "required",
+            "interception": match &life.pin_dir {
+                Some(dir) => format!("required: link pins in {}", dir.display()),
+                None => "not checked (no --pin-dir)".to_owned(),
+            },
+            "app": match &life.app_probe {
+                Some(probe) => format!("required: {probe}"),
+                None => "not checked (no --app-probe)".to_owned(),
+            },
+            "interval": fmt_duration(life.probe_interval),
+        },
+        "ebpf_counters": match &life.pin_dir {
+            Some(dir) => format!("exported when readable: {}/map_{}", dir.display(), sidecar_common::maps::STATS),
+            None => "not exported (no --pin-dir)".to_owned(),
+        },
+        "exit_with_app": life.exit_with_app.as_ref().map(ToString::to_string),
+        "shutdown_file": life.shutdown_file.as_ref().map(|p| p.display().to_string()),
+        "access_log": life.access_log,
+        "max_destinations": life.max_destinations,
+        "logs": settings.logs.as_ref().map(|l| serde_json::json!({
+            "file": l.file.display().to_string(),
+            "endpoint": l.endpoint.to_string(),
+            "service": l.service,
+            "checkpoint": l.checkpoint.display().to_string(),
+        })),
+        "log_format": settings.log_format.as_str(),
+        "log_filter": settings.log_filter,
+    })
+}

@@ -1,0 +1,726 @@
+//! `sidecar run`'s flags and environment, checked: every bad key is collected and reported at
+//! once ([`ConfigErrors`], exit 64), then turned into the proxy's, the lifecycle's and the log
+//! forwarder's settings.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::args::{RunArgs, DEFAULT_INBOUND, DEFAULT_OUTBOUND};
+use crate::cli::{self, LogFormat};
+pub use crate::config_errors::{ConfigError, ConfigErrors};
+use crate::lifecycle::{AppProbe, AppTarget};
+use crate::policy::config_file::Flag;
+use crate::policy::PolicyConfig;
+use crate::proxy::{ListenAddr, ProxyConfig, Target};
+use crate::units::{parse_addrs, parse_duration};
+
+/// Admin, readiness, drain and telemetry settings (see the table at the top).
+#[derive(Debug, Clone)]
+pub struct LifecycleSettings {
+    /// Empty: no admin listener.
+    pub admin: Vec<ListenAddr>,
+    pub app_probe: Option<AppProbe>,
+    pub probe_interval: Duration,
+    pub pin_dir: Option<PathBuf>,
+    pub drain_min: Duration,
+    pub exit_with_app: Option<AppTarget>,
+    pub shutdown_file: Option<PathBuf>,
+    pub access_log: bool,
+    pub max_destinations: usize,
+}
+
+impl LifecycleSettings {
+    /// Parses the lifecycle keys, adding what is wrong to `errors`.
+    fn from_args(args: &RunArgs, errors: &mut Vec<ConfigError>) -> Option<LifecycleSettings> {
+        let mut bad = |key: &'static str, value: &str, problem: String| {
+            errors.push(ConfigError {
+                key: key.into(),
+                value: value.to_owned(),
+                problem,
+            });
+        };
+        let admin = match args.admin.trim() {
+            off if off.eq_ignore_ascii_case("none") => Some(Vec::new()),
+            value => match parse_addrs(value) {
+                Ok(addrs) => {
+                    // As for the other listeners: only the default's IPv6 address may be missing.
+                    let default = value == crate::admin::DEFAULT_ADMIN;
+                    Some(
+                        addrs
+                            .into_iter()
+                            .map(|addr| ListenAddr {
+                                addr,
+                                required: !default || addr.is_ipv4(),
+                            })
+                            .collect(),
+                    )
+                }
+                Err(problem) => {
+                    bad(
+                        "--admin / SIDECAR_ADMIN",
+                        &args.admin,
+                        format!("{problem}, or none"),
+                    );
+                    None
+                }
+            },
+        };
+        let app_probe = match &args.app_probe {
+            None => Some(None),
+            Some(v) if v.trim().is_empty() => Some(None),
+            Some(v) => match AppProbe::parse(v) {
+                Ok(p) => Some(Some(p)),
+                Err(problem) => {
+                    bad("--app-probe / SIDECAR_APP_PROBE", v, problem);
+                    None
+                }
+            },
+        };
+        let probe_interval = match parse_duration(&args.app_probe_interval) {
+            Ok(d) if d >= Duration::from_millis(10) => Some(d),
+            Ok(_) => {
+                bad(
+                    "--app-probe-interval / SIDECAR_APP_PROBE_INTERVAL",
+                    &args.app_probe_interval,
+                    "must be at least 10ms".to_owned(),
+                );
+                None
+            }
+            Err(problem) => {
+                bad(
+                    "--app-probe-interval / SIDECAR_APP_PROBE_INTERVAL",
+                    &args.app_probe_interval,
+                    problem,
+                );
+                None
+            }
+        };
+        let drain_min = match parse_duration(&args.drain_min) {
+            Ok(d) => Some(d),
+            Err(problem) => {
+                bad("--drain-min / SIDECAR_DRAIN_MIN", &args.drain_min, problem);
+                None
+            }
+        };
+        let pin_dir = args.pin_dir.clone().filter(|p| !p.as_os_str().is_empty());
+        if let Some(dir) = &pin_dir {
+            if !dir.is_absolute() {
+                bad(
+                    "--pin-dir / SIDECAR_PIN_DIR",
+                    &dir.display().to_string(),
+                    "expected an absolute path, e.g. /sys/fs/bpf/sidecar/<pod id>".to_owned(),
+                );
+            }
+        }
+        let exit_with_app = match &args.exit_with_app {
+            None => Some(None),
+            Some(v) if v.trim().is_empty() => Some(None),
+            Some(v) => match AppTarget::parse(v) {
+                Ok(t) => Some(Some(t)),
+                Err(problem) => {
+                    bad("--exit-with-app / SIDECAR_EXIT_WITH_APP", v, problem);
+                    None
+                }
+            },
+        };
+        let shutdown_file = args
+            .shutdown_file
+            .clone()
+            .filter(|p| !p.as_os_str().is_empty());
+        if let Some(path) = &shutdown_file {
+            if !path.is_absolute() {
+                bad(
+                    "--shutdown-file / SIDECAR_SHUTDOWN_FILE",
+                    &path.display().to_string(),
+                    "expected an absolute path".to_owned(),
+                );
+            }
+        }
+        let max_destinations = match args.max_destinations.trim().parse::<usize>() {
+            Ok(n) if (1..=100_000).contains(&n) => Some(n),
+            _ => {
+                bad(
+                    "--max-destinations / SIDECAR_MAX_DESTINATIONS",
+                    &args.max_destinations,
+                    "expected a whole number from 1 to 100000".to_owned(),
+                );
+                None
+            }
+        };
+        Some(LifecycleSettings {
+            admin: admin?,
+            app_probe: app_probe?,
+            probe_interval: probe_interval?,
+            pin_dir,
+            drain_min: drain_min?,
+            exit_with_app: exit_with_app?,
+            shutdown_file,
+            access_log: args.access_log,
+            max_destinations: max_destinations?,
+        })
+    }
+}
+
+/// Validated `sidecar run` settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub proxy: ProxyConfig,
+    pub workers: usize,
+    pub drain_timeout: Duration,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    pub lifecycle: LifecycleSettings,
+    /// The log forwarder's settings, when it is on.
+    pub logs: Option<crate::logs::Settings>,
+}
+
+impl Settings {
+    /// Checks every value; `env` reads the fallback variables (`TARGET_URL`, `SERVICE_NAME`,
+    /// `SIDECAR_LOG`, `RUST_LOG`) so tests need not touch the process environment.
+    pub fn from_args(
+        args: &RunArgs,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigErrors> {
+        let mut errors = Vec::new();
+        let logs = match args.logs.settings("logs-", env) {
+            Ok(Some(logs)) => Some(logs),
+            Ok(None) => None,
+            Err(e) => {
+                errors.extend(e.errors);
+                None
+            }
+        };
+        let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+
+        let mut listeners = |key: &'static str, value: Option<&String>, default: &str| {
+            let Some(value) = value else {
+                // IPv6 may be disabled in the pod: only the default IPv6 address may be missing.
+                return parse_addrs(default)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|addr| ListenAddr {
+                        addr,
+                        required: addr.is_ipv4(),
+                    })
+                    .collect();
+            };
+            match parse_addrs(value) {
+                Ok(addrs) => addrs
+                    .into_iter()
+                    .map(|addr| ListenAddr {
+                        addr,
+                        required: true,
+                    })
+                    .collect(),
+                Err(problem) => {
+                    errors.push(ConfigError {
+                        key: key.into(),
+                        value: value.clone(),
+                        problem,
+                    });
+                    Vec::new()
+                }
+            }
+        };
+        let listen = listeners(
+            "--outbound / SIDECAR_OUTBOUND",
+            args.outbound.as_ref(),
+            DEFAULT_OUTBOUND,
+        );
+        let inbound = match args.inbound.as_deref().map(str::trim) {
+            Some(off) if off.eq_ignore_ascii_case("none") => Vec::new(),
+            _ => listeners(
+                "--inbound / SIDECAR_INBOUND",
+                args.inbound.as_ref(),
+                DEFAULT_INBOUND,
+            ),
+        };
+
+        let (target_key, target_value) = match &args.target {
+            Some(t) => ("--target / SIDECAR_TARGET", Some(t.clone())),
+            None => ("TARGET_URL", env("TARGET_URL")),
+        };
+        let target = target_value.and_then(|value| match Target::parse(value.trim()) {
+            Ok(t) => Some(t),
+            Err(problem) => {
+                errors.push(ConfigError {
+                    key: target_key.into(),
+                    value,
+                    problem,
+                });
+                None
+            }
+        });
+
+        let service_name = args
+            .service_name
+            .clone()
+            .or_else(|| env("SERVICE_NAME"))
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty());
+
+        let policy = policy_config(args, &mut errors);
+        let mut duration =
+            |key: &'static str, value: &str, allow_zero: bool| match parse_duration(value) {
+                Ok(d) if d.is_zero() && !allow_zero => {
+                    errors.push(ConfigError {
+                        key: key.into(),
+                        value: value.to_owned(),
+                        problem: "must be greater than zero".to_owned(),
+                    });
+                    None
+                }
+                Ok(d) => Some(d),
+                Err(problem) => {
+                    errors.push(ConfigError {
+                        key: key.into(),
+                        value: value.to_owned(),
+                        problem,
+                    });
+                    None
+                }
+            };
+        let detect_timeout = duration(
+            "--detect-timeout / SIDECAR_DETECT_TIMEOUT",
+            &args.detect_timeout,
+            false,
+        );
+        let pool_idle_timeout = duration(
+            "--pool-idle-timeout / SIDECAR_POOL_IDLE_TIMEOUT",
+            &args.pool_idle_timeout,
+            false,
+        );
+        let drain_timeout = duration(
+            "--drain-timeout / SIDECAR_DRAIN_TIMEOUT",
+            &args.drain_timeout,
+            true,
+        );
+
+        let workers = match args.workers.trim().parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => Some(n),
+            _ => {
+                errors.push(ConfigError {
+                    key: "--workers / SIDECAR_WORKERS".into(),
+                    value: args.workers.clone(),
+                    problem: "expected a whole number from 1 to 1024".to_owned(),
+                });
+                None
+            }
+        };
+
+        let log_format = match LogFormat::parse(&args.log_format.to_ascii_lowercase()) {
+            Ok(format) => Some(format),
+            Err(problem) => {
+                errors.push(ConfigError {
+                    key: "--log-format / SIDECAR_LOG_FORMAT".into(),
+                    value: args.log_format.clone(),
+                    problem,
+                });
+                None
+            }
+        };
+
+        let lifecycle = LifecycleSettings::from_args(args, &mut errors);
+
+        let (filter_key, log_filter) = cli::log_filter(&env);
+        if let Err(problem) = cli::check_filter(&log_filter) {
+            errors.push(ConfigError {
+                key: filter_key.into(),
+                value: log_filter.clone(),
+                problem,
+            });
+        }
+
+        match (
+            policy,
+            detect_timeout,
+            pool_idle_timeout,
+            drain_timeout,
+            workers,
+            log_format,
+            lifecycle,
+        ) {
+            (
+                Some(policy),
+                Some(detect_timeout),
+                Some(pool_idle_timeout),
+                Some(drain_timeout),
+                Some(workers),
+                Some(log_format),
+                Some(lifecycle),
+            ) if errors.is_empty() => Ok(Settings {
+                proxy: ProxyConfig {
+                    listen,
+                    inbound,
+                    target,
+                    service_name,
+                    policy,
+                    detect_timeout,
+                    pool_idle_timeout,
+                },
+                workers,
+                drain_timeout,
+                log_format,
+                log_filter,
+                lifecycle,
+                logs,
+            }),
+            _ => Err(ConfigErrors {
+                command: "run",
+                errors,
+            }),
+        }
+    }
+}
+
+/// The policy flags (defaults of every destination) and the `--config` file, through
+/// [`crate::policy::config_file`]; problems are added to `errors`.
+fn policy_config(args: &RunArgs, errors: &mut Vec<ConfigError>) -> Option<PolicyConfig> {
+    fn flag<'a>(path: &'static str, name: &'static str, value: &'a Option<String>) -> Flag<'a> {
+        Flag {
+            path,
+            name,
+            value: value.as_deref().filter(|v| !v.trim().is_empty()),
+        }
+    }
+    let flags = [
+        flag(
+            "connect_timeout",
+            "--connect-timeout / SIDECAR_CONNECT_TIMEOUT",
+            &args.connect_timeout,
+        ),
+        flag(
+            "request_timeout",
+            "--request-timeout / SIDECAR_REQUEST_TIMEOUT",
+            &args.request_timeout,
+        ),
+        flag(
+            "idle_timeout",
+            "--idle-timeout / SIDECAR_IDLE_TIMEOUT",
+            &args.idle_timeout,
+        ),
+        flag(
+            "max_connections",
+            "--max-connections-per-destination / SIDECAR_MAX_CONNECTIONS_PER_DESTINATION",
+            &args.max_connections_per_destination,
+        ),
+        flag(
+            "breaker.consecutive_failures",
+            "--breaker-consecutive-failures / SIDECAR_BREAKER_CONSECUTIVE_FAILURES",
+            &args.breaker_consecutive_failures,
+        ),
+        flag(
+            "breaker.failure_rate",
+            "--breaker-failure-rate / SIDECAR_BREAKER_FAILURE_RATE",
+            &args.breaker_failure_rate,
+        ),
+        flag(
+            "breaker.open_time",
+            "--breaker-open-time / SIDECAR_BREAKER_OPEN_TIME",
+            &args.breaker_open_time,
+        ),
+        flag(
+            "retry.max_retries",
+            "--max-retries / SIDECAR_MAX_RETRIES",
+            &args.max_retries,
+        ),
+        flag(
+            "retry.budget_ratio",
+            "--retry-budget-ratio / SIDECAR_RETRY_BUDGET_RATIO",
+            &args.retry_budget_ratio,
+        ),
+        flag(
+            "retry.budget_min_per_second",
+            "--retry-budget-min-per-second / SIDECAR_RETRY_BUDGET_MIN_PER_SECOND",
+            &args.retry_budget_min_per_second,
+        ),
+    ];
+    let file = args.config.as_deref().filter(|p| !p.as_os_str().is_empty());
+    match crate::policy::config_file::load(file, &flags) {
+        Ok(config) => Some(config),
+        Err(problems) => {
+            errors.extend(problems.into_iter().map(|e| ConfigError {
+                key: e.key.into(),
+                value: e.value,
+                problem: e.problem,
+            }));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn args(argv: &[&str]) -> RunArgs {
+        let mut full = vec!["sidecar-run"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full).expect("clap accepts").run
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration(" 2m "), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert!(parse_duration("1").unwrap_err().contains("missing unit"));
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        // Explicit values so the test does not depend on SIDECAR_* in the environment.
+        let s = Settings::from_args(&RunArgs { ..defaults() }, &no_env).unwrap();
+        assert_eq!(s.workers, 1);
+        assert_eq!(
+            s.proxy.policy.defaults.connect_timeout,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            s.proxy.policy.defaults.request_timeout,
+            Duration::from_secs(30)
+        );
+        assert_eq!(s.proxy.policy, crate::policy::PolicyConfig::default());
+        assert_eq!(s.drain_timeout, Duration::from_secs(30));
+        assert_eq!(s.log_filter, "info");
+        assert!(s.proxy.target.is_none());
+        assert_eq!(
+            s.proxy.inbound,
+            vec![
+                ListenAddr {
+                    addr: "0.0.0.0:15006".parse().unwrap(),
+                    required: true
+                },
+                ListenAddr {
+                    addr: "[::]:15006".parse().unwrap(),
+                    required: false
+                },
+            ]
+        );
+        assert_eq!(
+            s.proxy.listen,
+            vec![
+                ListenAddr {
+                    addr: "127.0.0.1:15001".parse().unwrap(),
+                    required: true
+                },
+                ListenAddr {
+                    addr: "[::1]:15001".parse().unwrap(),
+                    required: false
+                },
+            ]
+        );
+    }
+
+    fn defaults() -> RunArgs {
+        RunArgs {
+            // Off: no --logs-file (clap's defaults for its other keys do not matter then).
+            logs: Default::default(),
+            outbound: None,
+            inbound: None,
+            target: None,
+            service_name: None,
+            config: None,
+            connect_timeout: None,
+            request_timeout: None,
+            idle_timeout: None,
+            breaker_consecutive_failures: None,
+            breaker_failure_rate: None,
+            breaker_open_time: None,
+            max_retries: None,
+            retry_budget_ratio: None,
+            retry_budget_min_per_second: None,
+            detect_timeout: "1s".into(),
+            pool_idle_timeout: "30s".into(),
+            max_connections_per_destination: None,
+            workers: "1".into(),
+            drain_timeout: "30s".into(),
+            log_format: "plain".into(),
+            drain_min: "0s".into(),
+            admin: crate::admin::DEFAULT_ADMIN.into(),
+            app_probe: None,
+            app_probe_interval: "1s".into(),
+            pin_dir: None,
+            exit_with_app: None,
+            shutdown_file: None,
+            access_log: false,
+            max_destinations: "100".into(),
+        }
+    }
+
+    #[test]
+    fn flags_parse() {
+        let a = args(&[
+            "--outbound",
+            "127.0.0.1:0, [::1]:0",
+            "--inbound",
+            "none",
+            "--target",
+            "http://127.0.0.1:8080/api/",
+            "--connect-timeout",
+            "250ms",
+            "--workers",
+            "2",
+            "--log-format",
+            "json",
+        ]);
+        let s = Settings::from_args(&a, &no_env).unwrap();
+        assert_eq!(s.proxy.listen.len(), 2);
+        assert!(s.proxy.listen.iter().all(|l| l.required));
+        assert!(s.proxy.inbound.is_empty());
+        assert_eq!(
+            s.proxy.target.as_ref().map(Target::as_str),
+            Some("http://127.0.0.1:8080/api/")
+        );
+        assert_eq!(
+            s.proxy.policy.defaults.connect_timeout,
+            Duration::from_millis(250)
+        );
+        assert_eq!(s.workers, 2);
+        assert_eq!(s.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn lifecycle_flags() {
+        let s = Settings::from_args(&defaults(), &no_env).unwrap();
+        let admin: Vec<_> = s
+            .lifecycle
+            .admin
+            .iter()
+            .map(|l| (l.addr.to_string(), l.required))
+            .collect();
+        assert_eq!(
+            admin,
+            [
+                ("0.0.0.0:15090".to_owned(), true),
+                ("[::]:15090".to_owned(), false)
+            ]
+        );
+        assert_eq!(s.lifecycle.max_destinations, 100);
+        assert_eq!(s.lifecycle.drain_min, Duration::ZERO);
+        assert!(s.lifecycle.pin_dir.is_none() && s.lifecycle.app_probe.is_none());
+
+        let a = args(&[
+            "--admin",
+            "none",
+            "--app-probe",
+            "http://127.0.0.1:8080/healthz",
+            "--pin-dir",
+            "/sys/fs/bpf/sidecar/pod",
+            "--exit-with-app",
+            "/run/app.pid",
+            "--access-log",
+            "--drain-min",
+            "5s",
+        ]);
+        let s = Settings::from_args(&a, &no_env).unwrap();
+        assert!(s.lifecycle.admin.is_empty());
+        assert!(s.lifecycle.access_log);
+        assert_eq!(s.lifecycle.drain_min, Duration::from_secs(5));
+        assert_eq!(
+            s.lifecycle.exit_with_app,
+            Some(AppTarget::PidFile("/run/app.pid".into()))
+        );
+
+        let bad = RunArgs {
+            admin: "localhost:15090".into(),
+            app_probe: Some("127.0.0.1:8080".into()),
+            app_probe_interval: "1ms".into(),
+            pin_dir: Some("relative/dir".into()),
+            exit_with_app: Some("app.pid".into()),
+            shutdown_file: Some("done".into()),
+            max_destinations: "0".into(),
+            drain_min: "soon".into(),
+            ..defaults()
+        };
+        let err = Settings::from_args(&bad, &no_env).unwrap_err();
+        let keys: Vec<_> = err.errors.iter().map(|e| e.key.to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "--admin / SIDECAR_ADMIN",
+                "--app-probe / SIDECAR_APP_PROBE",
+                "--app-probe-interval / SIDECAR_APP_PROBE_INTERVAL",
+                "--drain-min / SIDECAR_DRAIN_MIN",
+                "--pin-dir / SIDECAR_PIN_DIR",
+                "--exit-with-app / SIDECAR_EXIT_WITH_APP",
+                "--shutdown-file / SIDECAR_SHUTDOWN_FILE",
+                "--max-destinations / SIDECAR_MAX_DESTINATIONS",
+            ],
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn seed_env_fallbacks() {
+        let env = |name: &str| match name {
+            "TARGET_URL" => Some("http://backend:9000".to_owned()),
+            "SERVICE_NAME" => Some("frontend".to_owned()),
+            "RUST_LOG" => Some("debug".to_owned()),
+            _ => None,
+        };
+        let s = Settings::from_args(&defaults(), &env).unwrap();
+        assert_eq!(
+            s.proxy.target.as_ref().map(Target::as_str),
+            Some("http://backend:9000")
+        );
+        assert_eq!(s.proxy.service_name.as_deref(), Some("frontend"));
+        assert_eq!(s.log_filter, "debug");
+    }
+
+    /// The message users read when several keys are wrong: all of them, at once.
+    #[test]
+    fn every_bad_key_is_reported() {
+        let a = RunArgs {
+            outbound: Some("127.0.0.1:15001,localhost".into()),
+            inbound: Some("0.0.0.0:99999".into()),
+            target: Some("https://backend".into()),
+            connect_timeout: Some("1".into()),
+            request_timeout: Some("0s".into()),
+            workers: "zero".into(),
+            log_format: "xml".into(),
+            ..defaults()
+        };
+        let env = |name: &str| (name == "SIDECAR_LOG").then(|| "sidecar=loud".to_owned());
+        let err = Settings::from_args(&a, &env).unwrap_err();
+        let expected = "\
+sidecar run: invalid configuration:
+  --outbound / SIDECAR_OUTBOUND = \"127.0.0.1:15001,localhost\": \"localhost\" is not an address; use IP:PORT or [IPv6]:PORT, e.g. 127.0.0.1:15001
+  --inbound / SIDECAR_INBOUND = \"0.0.0.0:99999\": \"0.0.0.0:99999\" is not an address; use IP:PORT or [IPv6]:PORT, e.g. 127.0.0.1:15001
+  --target / SIDECAR_TARGET = \"https://backend\": https targets are not supported (the proxy speaks plain HTTP to its target; TLS origination is out of scope): use http://
+  --connect-timeout / SIDECAR_CONNECT_TIMEOUT = \"1\": missing unit; expected a whole number with a unit (ms, s, m, h), e.g. 1s or 500ms
+  --request-timeout / SIDECAR_REQUEST_TIMEOUT = \"0s\": must be greater than zero
+  --workers / SIDECAR_WORKERS = \"zero\": expected a whole number from 1 to 1024
+  --log-format / SIDECAR_LOG_FORMAT = \"xml\": expected plain or json
+";
+        let text = err.to_string();
+        assert!(text.starts_with(expected), "got:\n{text}");
+        assert!(text.contains("SIDECAR_LOG = \"sidecar=loud\": not a log filter"));
+        assert!(text.ends_with("`sidecar run --help` lists every key"));
+        assert_eq!(err.errors.len(), 8);
+    }
+
+    #[test]
+    fn target_urls() {
+        assert!(Target::parse("http://127.0.0.1:8080").is_ok());
+        assert!(Target::parse("http://svc").is_ok());
+        assert!(Target::parse("ftp://svc").is_err());
+        assert!(Target::parse("svc:8080").is_err());
+        assert!(Target::parse("http://svc/?a=1").is_err());
+    }
+}
