@@ -8,6 +8,9 @@
 //! - Ports are in host byte order.
 #![no_std]
 
+#[cfg(feature = "std")]
+pub mod mountinfo;
+
 /// Names of the `.rodata` globals the loader sets before loading (see `sidecar-ebpf`).
 pub mod globals {
     /// `u32`: UID whose connections are never redirected (the proxy's own upstream connections).

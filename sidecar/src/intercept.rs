@@ -9,7 +9,6 @@
 mod config;
 mod host;
 mod status;
-mod sys;
 mod trace;
 
 use std::{
@@ -393,7 +392,7 @@ fn load_attach_pin(
     )))?;
     let mut pinned = Vec::new();
     for name in PROGRAMS {
-        let path = dir.join(format!("link_{name}"));
+        let path = crate::pins::link(dir, name);
         let pin = load_attach_pin_one(
             &mut ebpf,
             name,
@@ -406,7 +405,7 @@ fn load_attach_pin(
     }
     if let Some(ns) = netns {
         let name = progs::SK_LOOKUP;
-        let path = dir.join(format!("link_{name}"));
+        let path = crate::pins::link(dir, name);
         let pin = load_attach_pin_one(
             &mut ebpf,
             name,
@@ -420,11 +419,11 @@ fn load_attach_pin(
     // Maps are pinned for `sidecar status`; `.rodata` as "rodata" (bpffs refuses '.' in names).
     for (name, map) in ebpf.maps() {
         let pin_name = match name {
-            ".rodata" => "rodata",
+            ".rodata" => crate::pins::RODATA,
             n if maps::ALL.contains(&n) => n,
             _ => continue,
         };
-        let path = dir.join(format!("map_{pin_name}"));
+        let path = crate::pins::map(dir, pin_name);
         map.pin(&path).map_err(|e| {
             InitError::kernel(format!("pin {}", path.display()), bpffs_hint)(e.into())
         })?;
@@ -486,16 +485,19 @@ fn load_attach_pin_one(
                 p.load().map_err(attach_err)?;
                 (
                     p.fd().map_err(attach_err)?.as_fd(),
-                    sys::BPF_CGROUP_GETSOCKOPT,
+                    crate::bpf::BPF_CGROUP_GETSOCKOPT,
                 )
             } else {
                 let p: &mut SkLookup = program.try_into().map_err(attach_err)?;
                 p.load().map_err(attach_err)?;
-                (p.fd().map_err(attach_err)?.as_fd(), sys::BPF_SK_LOOKUP)
+                (
+                    p.fd().map_err(attach_err)?.as_fd(),
+                    crate::bpf::BPF_SK_LOOKUP,
+                )
             };
-            let link = sys::link_create(prog_fd, target, attach_type)
+            let link = crate::bpf::link_create(prog_fd, target, attach_type)
                 .map_err(|e| InitError::kernel(format!("attach {name}"), load_fix)(e.into()))?;
-            sys::obj_pin(link.as_fd(), path).map_err(|e| pin_err(e.into()))?;
+            crate::bpf::obj_pin(link.as_fd(), path).map_err(|e| pin_err(e.into()))?;
             return PinnedLink::from_pin(path).map_err(|e| pin_err(e.into()));
         }
         _ => {
@@ -588,8 +590,8 @@ fn remove_pins(dir: &Path) -> Result<usize, InitError> {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
-        if let Some(prog) = name.strip_prefix("link_") {
-            if !prog.starts_with(progs::PROG_PREFIX) {
+        if crate::pins::is_link(&name) {
+            if crate::pins::program_of(&name).is_none() {
                 continue; // not ours: never touch it
             }
             match PinnedLink::from_pin(&path) {
@@ -604,10 +606,7 @@ fn remove_pins(dir: &Path) -> Result<usize, InitError> {
                     .map_err(InitError::io(format!("remove {}", path.display())))?,
             }
             removed += 1;
-        } else if name
-            .strip_prefix("map_")
-            .is_some_and(|m| maps::ALL.contains(&m) || m == "rodata")
-        {
+        } else if crate::pins::map_of(&name).is_some() {
             fs::remove_file(&path).map_err(InitError::io(format!("remove {}", path.display())))?;
         }
     }
@@ -664,19 +663,19 @@ fn pod_is_gone(dir: &Path) -> bool {
     };
     entries.flatten().any(|e| {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("link_") {
+        if !crate::pins::is_link(&name) {
             return false;
         }
-        let Ok(fd) = sys::obj_get(&e.path()) else {
+        let Ok(fd) = crate::bpf::obj_get(&e.path()) else {
             return false;
         };
         matches!(
-            sys::link_info(fd.as_fd()),
-            Ok(sys::LinkInfo {
-                target: sys::LinkTarget::Cgroup { cgroup_id: 0 },
+            crate::bpf::link_info(fd.as_fd()),
+            Ok(crate::bpf::LinkInfo {
+                target: crate::bpf::LinkTarget::Cgroup { cgroup_id: 0 },
                 ..
-            }) | Ok(sys::LinkInfo {
-                target: sys::LinkTarget::Netns { netns_ino: 0 },
+            }) | Ok(crate::bpf::LinkInfo {
+                target: crate::bpf::LinkTarget::Netns { netns_ino: 0 },
                 ..
             })
         )

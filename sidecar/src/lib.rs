@@ -1,6 +1,7 @@
 //! The sidecar: an init step that loads and attaches the eBPF interception programs for one pod
 //! (`intercept`), and the proxy that receives the steered connections (`run`, `proxy`).
 pub mod admin;
+pub mod bpf;
 pub mod cli;
 pub mod config_errors;
 pub mod doctor;
@@ -12,6 +13,7 @@ pub mod logs;
 pub mod metrics;
 pub mod net;
 pub mod orig_dst;
+pub mod pins;
 pub mod policy;
 pub mod proxy;
 pub mod run;

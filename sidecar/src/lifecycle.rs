@@ -54,6 +54,7 @@ use tokio::time::Instant;
 
 use crate::metrics::conn::ActiveConns;
 use crate::metrics::Dir;
+use crate::pins::{self, REQUIRED_LINKS};
 
 pub use watch::{watch_app, watch_shutdown_file, AppTarget};
 
@@ -62,13 +63,6 @@ pub use watch::{watch_app, watch_shutdown_file, AppTarget};
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// A probe that has not answered in this long has failed (Kubernetes' default probe timeout).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Link pins that must exist for outbound interception to be in place (`link_<program>`).
-const REQUIRED_LINKS: [&str; 4] = [
-    sidecar_common::progs::CONNECT4,
-    sidecar_common::progs::CONNECT6,
-    sidecar_common::progs::SOCKOPS,
-    sidecar_common::progs::GETSOCKOPT,
-];
 
 /// Why the sidecar started to stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,7 +315,7 @@ pub(crate) fn parse_status(head: &[u8]) -> Option<u16> {
 pub fn check_interception(pin_dir: &Path) -> Result<(), String> {
     let mut missing = Vec::new();
     for prog in REQUIRED_LINKS {
-        let pin = pin_dir.join(format!("link_{prog}"));
+        let pin = pins::link(pin_dir, prog);
         match std::fs::metadata(&pin) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(prog),
@@ -591,7 +585,7 @@ mod tests {
             .unwrap_err()
             .contains("nothing attached"));
         for prog in &REQUIRED_LINKS[..2] {
-            std::fs::write(dir.join(format!("link_{prog}")), b"").unwrap();
+            std::fs::write(pins::link(&dir, prog), b"").unwrap();
         }
         let err = check_interception(&dir).unwrap_err();
         assert!(
@@ -599,7 +593,7 @@ mod tests {
             "{err}"
         );
         for prog in &REQUIRED_LINKS[2..] {
-            std::fs::write(dir.join(format!("link_{prog}")), b"").unwrap();
+            std::fs::write(pins::link(&dir, prog), b"").unwrap();
         }
         assert_eq!(check_interception(&dir), Ok(()));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -77,9 +77,9 @@ pub fn cgroup2_mount() -> &'static Path {
 
 /// Panics with what to do unless a bpffs is mounted at /sys/fs/bpf (needed to pin links and maps).
 pub fn require_bpffs() {
-    let mounted = mounts()
+    let mounted = sidecar_common::mountinfo::of_type("bpf")
         .into_iter()
-        .any(|(fstype, point)| fstype == "bpf" && point == Path::new("/sys/fs/bpf"));
+        .any(|m| m.mount_point == Path::new("/sys/fs/bpf"));
     if !mounted {
         panic!(
             "\n\n*** PRIVILEGED TEST: bpffs is not mounted at /sys/fs/bpf. ***\n\
@@ -88,46 +88,11 @@ pub fn require_bpffs() {
     }
 }
 
-/// (fstype, mount point) for every mount of this process's mount namespace.
-fn mounts() -> Vec<(String, PathBuf)> {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|line| {
-            // "<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> ..."
-            let (left, right) = line.split_once(" - ")?;
-            let point = left.split(' ').nth(4)?;
-            let fstype = right.split(' ').next()?;
-            Some((fstype.to_string(), PathBuf::from(unescape_mountinfo(point))))
-        })
-        .collect()
-}
-
 fn find_mount(fstype: &str) -> Option<PathBuf> {
-    mounts()
+    sidecar_common::mountinfo::of_type(fstype)
         .into_iter()
-        .find(|(t, _)| t == fstype)
-        .map(|(_, point)| point)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as \ooo octal.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' {
-            if let Some(Ok(v)) = field.get(i + 1..i + 4).map(|o| u8::from_str_radix(o, 8)) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+        .next()
+        .map(|m| m.mount_point)
 }
 
 /// Directory holding the binaries cargo built next to the running executable: integration tests
@@ -352,11 +317,5 @@ mod tests {
         assert_eq!(parse_name("sidecar-test-12-3-pod"), Some((12, Some("pod"))));
         assert_eq!(parse_name("sidecar-test-x-3"), None);
         assert_eq!(parse_name("other-12-3"), None);
-    }
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
     }
 }

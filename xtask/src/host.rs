@@ -84,54 +84,10 @@ pub fn require_privileges(purpose: &str) -> Result<()> {
     Ok(())
 }
 
-struct Mount {
-    mount_point: PathBuf,
-    fs_type: String,
-}
+use sidecar_common::mountinfo::{self, Mount};
 
 fn mounts() -> Result<Vec<Mount>> {
-    let text =
-        fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
-    Ok(text.lines().filter_map(parse_mountinfo_line).collect())
-}
-
-/// "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw" -> (/mnt2, ext3).
-/// The optional fields vary in number, so the fs type is the word after the lone "-".
-fn parse_mountinfo_line(line: &str) -> Option<Mount> {
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let mount_point = fields.get(4)?;
-    let sep = fields.iter().skip(6).position(|f| *f == "-")? + 6;
-    let fs_type = fields.get(sep + 1)?;
-    Some(Mount {
-        mount_point: PathBuf::from(unescape_octal(mount_point)),
-        fs_type: fs_type.to_string(),
-    })
-}
-
-/// mountinfo writes space, tab, newline and backslash as \040, \011, \012, \134.
-fn unescape_octal(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let oct = &bytes[i + 1..i + 4];
-            if oct.iter().all(|b| (b'0'..=b'7').contains(b)) {
-                // Three octal digits fit in u16; mountinfo only escapes values below 0o200.
-                let v = oct
-                    .iter()
-                    .fold(0u16, |acc, b| acc * 8 + u16::from(b - b'0'));
-                if let Ok(v) = u8::try_from(v) {
-                    out.push(v);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    mountinfo::read().context("cannot read /proc/self/mountinfo")
 }
 
 /// The first cgroup2 mount (on hybrid hosts it is /sys/fs/cgroup/unified, on unified hosts
@@ -196,25 +152,6 @@ pub fn require_privileged_host(ctx: &Ctx, purpose: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_mountinfo_with_optional_fields() {
-        let m = parse_mountinfo_line(
-            "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate",
-        )
-        .unwrap();
-        assert_eq!(m.mount_point, Path::new("/sys/fs/cgroup/unified"));
-        assert_eq!(m.fs_type, "cgroup2");
-        let m = parse_mountinfo_line("50 31 0:40 / /sys/fs/bpf rw,relatime - bpf bpf rw").unwrap();
-        assert_eq!(m.fs_type, "bpf");
-    }
-
-    #[test]
-    fn unescapes_spaces_in_mount_points() {
-        assert_eq!(unescape_octal(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape_octal(r"/mnt/trailing\"), r"/mnt/trailing\");
-        assert_eq!(unescape_octal(r"/x\04"), r"/x\04");
-    }
 
     #[test]
     fn reads_own_identity() {

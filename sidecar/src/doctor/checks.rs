@@ -2,7 +2,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::MapType;
@@ -386,51 +386,10 @@ const OUR_HOOKS: [(u32, &str); 6] = [
     (29, "getpeername4"),
     (30, "getpeername6"),
 ];
-const BPF_PROG_QUERY: libc::c_int = 16;
 const BPF_F_ALLOW_OVERRIDE: u32 = 1;
 const BPF_F_ALLOW_MULTI: u32 = 2;
 /// Our programs' names start with this (see sidecar-ebpf): they are never conflicts.
 const OUR_PREFIX: &str = "sc_";
-
-/// The head of the kernel's `bpf_attr` for BPF_PROG_QUERY; the kernel zero-fills the rest.
-#[repr(C)]
-#[derive(Default)]
-struct QueryAttr {
-    target_fd: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    prog_cnt: u32,
-    _pad: u32,
-}
-
-/// Programs attached directly to `cgroup` at `attach_type`, and the attach flags.
-fn query(cgroup: &OwnedFd, attach_type: u32) -> io::Result<(u32, Vec<u32>)> {
-    let mut ids = vec![0u32; 64];
-    let mut attr = QueryAttr {
-        target_fd: cgroup.as_raw_fd() as u32,
-        attach_type,
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-        ..Default::default()
-    };
-    // SAFETY: attr is a valid BPF_PROG_QUERY attribute whose prog_ids buffer holds prog_cnt u32s
-    // and outlives the call; the kernel writes only within them.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &mut attr as *mut QueryAttr,
-            std::mem::size_of::<QueryAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    ids.truncate(attr.prog_cnt as usize);
-    Ok((attr.attach_flags, ids))
-}
 
 /// The cgroups whose programs also run for a pod: the root, the kubepods slices (ancestors of
 /// every pod on a Kubernetes node), and the ancestors of `--cgroup`.
@@ -485,7 +444,7 @@ fn conflicts(root: Option<&Path>, pod: Option<&Path>) -> Check {
             continue;
         };
         for (attach_type, hook) in OUR_HOOKS {
-            let (flags, ids) = match query(&fd, attach_type) {
+            let (flags, ids) = match crate::bpf::prog_query(fd.as_fd(), attach_type) {
                 Ok(r) => r,
                 // EINVAL: a hook this kernel does not have; the program type check reports that.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,

@@ -7,6 +7,7 @@ use std::{
 };
 
 use super::InitError;
+use sidecar_common::mountinfo;
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -23,43 +24,10 @@ pub fn cgroup2_mounts() -> Vec<PathBuf> {
 /// cgroup2 mounts with their mountinfo "root" field: "/" for a mount of our own cgroup
 /// namespace's root, something else for a bind mount of a subtree or of the host's hierarchy.
 fn cgroup2_mounts_with_root() -> Vec<(PathBuf, String)> {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    parse_mountinfo(&info, "cgroup2")
-}
-
-fn parse_mountinfo(info: &str, fstype: &str) -> Vec<(PathBuf, String)> {
-    info.lines()
-        .filter_map(|line| {
-            // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <src> <opts>"
-            let (left, right) = line.split_once(" - ")?;
-            let mut fields = left.split(' ');
-            let root = fields.nth(3)?;
-            let mount_point = fields.next()?;
-            (right.split(' ').next()? == fstype)
-                .then(|| (PathBuf::from(unescape(mount_point)), unescape(root)))
-        })
+    mountinfo::of_type("cgroup2")
+        .into_iter()
+        .map(|m| (m.mount_point, m.root))
         .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v as char);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i] as char);
-        i += 1;
-    }
-    out
 }
 
 // `f_type` is a C long: i64 here, i32 on 32-bit targets, hence the casts clippy calls redundant.
@@ -284,8 +252,13 @@ mod tests {
 26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid shared:5 - cgroup2 cgroup2 rw,nsdelegate
 27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
 28 1 0:26 / /mnt/with\\040space rw - cgroup2 none rw";
+        let cgroup2: Vec<_> = mountinfo::parse(info)
+            .into_iter()
+            .filter(|m| m.fs_type == "cgroup2")
+            .map(|m| (m.mount_point, m.root))
+            .collect();
         assert_eq!(
-            parse_mountinfo(info, "cgroup2"),
+            cgroup2,
             vec![
                 (PathBuf::from("/sys/fs/cgroup/unified"), "/".to_string()),
                 (PathBuf::from("/mnt/with space"), "/".to_string())

@@ -15,7 +15,7 @@ use object::{Object, ObjectSection, ObjectSymbol};
 use serde::Serialize;
 use sidecar_common::{flags, globals, maps, progs, stats};
 
-use super::{config::DEFAULT_PIN_ROOT, pin_dir, pod_cgroup, sys, InitError, OBJECT};
+use super::{config::DEFAULT_PIN_ROOT, pin_dir, pod_cgroup, InitError, OBJECT};
 
 #[derive(Args, Debug, Clone)]
 pub struct StatusArgs {
@@ -70,7 +70,7 @@ fn attach_point(name: &str) -> &'static str {
 }
 
 fn read_map(dir: &Path, name: &str) -> Option<Map> {
-    let data = MapData::from_pin(dir.join(format!("map_{name}"))).ok()?;
+    let data = MapData::from_pin(crate::pins::map(dir, name)).ok()?;
     Map::from_map_data(data).ok()
 }
 
@@ -99,20 +99,21 @@ pub fn collect(args: &StatusArgs) -> Result<Status, InitError> {
         .collect();
     entries.sort();
     for entry in &entries {
-        let Some(name) = entry.strip_prefix("link_") else {
+        let Some(name) = crate::pins::program_of(entry) else {
             continue;
         };
-        let fd = sys::obj_get(&dir.join(entry))
+        let fd = crate::bpf::obj_get(&dir.join(entry))
             .map_err(|e| kernel_err(format!("open {entry}"))(e.into()))?;
-        let info = sys::link_info(fd.as_fd())
+        let info = crate::bpf::link_info(fd.as_fd())
             .map_err(|e| kernel_err(format!("query {entry}"))(e.into()))?;
         let target = match info.target {
-            sys::LinkTarget::Cgroup { cgroup_id: 0 } | sys::LinkTarget::Netns { netns_ino: 0 } => {
+            crate::bpf::LinkTarget::Cgroup { cgroup_id: 0 }
+            | crate::bpf::LinkTarget::Netns { netns_ino: 0 } => {
                 "detached (target gone)".to_string()
             }
-            sys::LinkTarget::Cgroup { cgroup_id } => format!("cgroup {cgroup_id}"),
-            sys::LinkTarget::Netns { netns_ino } => format!("netns {netns_ino}"),
-            sys::LinkTarget::Other => "?".into(),
+            crate::bpf::LinkTarget::Cgroup { cgroup_id } => format!("cgroup {cgroup_id}"),
+            crate::bpf::LinkTarget::Netns { netns_ino } => format!("netns {netns_ino}"),
+            crate::bpf::LinkTarget::Other => "?".into(),
         };
         programs.push(ProgramStatus {
             name: name.to_string(),
@@ -334,10 +335,10 @@ fn rodata_config(dir: &Path) -> BTreeMap<&'static str, String> {
 }
 
 fn read_rodata(dir: &Path) -> Option<Vec<u8>> {
-    let data = MapData::from_pin(dir.join("map_rodata")).ok()?;
+    let data = MapData::from_pin(crate::pins::map(dir, crate::pins::RODATA)).ok()?;
     let info = data.info().ok()?;
     let fd = data.fd().as_fd();
-    sys::map_lookup_u32_key(fd, 0, info_value_size(&info)?).ok()
+    crate::bpf::map_lookup_u32_key(fd, 0, info_value_size(&info)?).ok()
 }
 
 fn info_value_size(info: &aya::maps::MapInfo) -> Option<usize> {

@@ -10,7 +10,7 @@ use std::{
 
 use clap::Args;
 
-use super::{config::DEFAULT_PIN_ROOT, pin_dir, pod_cgroup, resolve_cgroup, sys, InitError};
+use super::{config::DEFAULT_PIN_ROOT, pin_dir, pod_cgroup, resolve_cgroup, InitError};
 
 #[derive(Args, Debug, Clone)]
 pub struct TraceArgs {
@@ -42,14 +42,14 @@ impl log::Log for Printer {
 fn run(args: &TraceArgs) -> Result<(), InitError> {
     let cgroup = pod_cgroup(&resolve_cgroup(&args.cgroup)?)?;
     let dir = pin_dir(&args.pin_root, args.pod_id.as_deref(), cgroup.id);
-    let link = dir.join(format!("link_{}", sidecar_common::progs::CONNECT4));
-    let fd = sys::obj_get(&link).map_err(|e| InitError::Kernel {
+    let link = crate::pins::link(&dir, sidecar_common::progs::CONNECT4);
+    let fd = crate::bpf::obj_get(&link).map_err(|e| InitError::Kernel {
         what: format!("open {}", link.display()),
         detail: e.to_string(),
         fix: "run `sidecar init --debug-log` for this pod first, and `sidecar trace` as root"
             .into(),
     })?;
-    let info = sys::link_info(fd.as_fd()).map_err(|e| {
+    let info = crate::bpf::link_info(fd.as_fd()).map_err(|e| {
         InitError::kernel(format!("query {}", link.display()), "run as root")(e.into())
     })?;
     // All programs of the object share one log ring buffer, so one program's id finds it.

@@ -5,10 +5,6 @@
 //! reading it need no capability, only read permission on the pin: the map is opened read-only
 //! (`BPF_F_RDONLY`), so a pin of mode 0444 (or 0644) is enough. When the map cannot be read the
 //! counters are simply not exported, and why is logged once.
-use std::ffi::CString;
-use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -17,10 +13,6 @@ use aya::maps::{Map, MapData, PerCpuArray};
 use prometheus::core::{Collector, Desc};
 use prometheus::{IntCounterVec, Opts};
 use sidecar_common::{maps, stats};
-
-const BPF_OBJ_GET: libc::c_long = 7;
-/// `BPF_F_RDONLY`: open the pinned map for reading only (needs only read permission on the pin).
-const BPF_F_RDONLY: u32 = 1 << 3;
 
 pub struct EbpfCollector {
     path: PathBuf,
@@ -42,7 +34,7 @@ impl EbpfCollector {
             &["counter"],
         )?;
         Ok(EbpfCollector {
-            path: pin_dir.join(format!("map_{}", maps::STATS)),
+            path: crate::pins::map(pin_dir, maps::STATS),
             counters,
             last: Mutex::new([0; stats::COUNT as usize]),
             warned: AtomicBool::new(false),
@@ -51,7 +43,7 @@ impl EbpfCollector {
 
     /// The kernel's current totals, summed over CPUs.
     pub fn read(&self) -> Result<[u64; stats::COUNT as usize], String> {
-        let fd = obj_get_rdonly(&self.path).map_err(|e| {
+        let fd = crate::bpf::obj_get_rdonly(&self.path).map_err(|e| {
             let hint = match e.raw_os_error() {
                 Some(libc::EACCES) => {
                     " (the proxy may read it if the pin is world-readable: chmod 0444)"
@@ -111,34 +103,6 @@ impl Collector for EbpfCollector {
         }
         self.counters.collect()
     }
-}
-
-/// `BPF_OBJ_GET` { pathname, bpf_fd = 0, file_flags = BPF_F_RDONLY }: aya opens pins read-write,
-/// which needs write permission on the pin as well.
-fn obj_get_rdonly(path: &Path) -> io::Result<OwnedFd> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
-    // `union bpf_attr` is larger than these fields; the kernel wants the rest zeroed.
-    #[repr(C, align(8))]
-    struct Attr([u8; 144]);
-    let mut attr = Attr([0; 144]);
-    attr.0[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
-    attr.0[12..16].copy_from_slice(&BPF_F_RDONLY.to_ne_bytes());
-    // SAFETY: attr is a valid, zero-initialised buffer of the size passed; c_path outlives the
-    // call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &mut attr as *mut Attr,
-            std::mem::size_of::<Attr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[cfg(test)]

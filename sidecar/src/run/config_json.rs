@@ -80,7 +80,7 @@ pub fn config_json(settings: &Settings, proxy: &proxy::Proxy) -> serde_json::Val
             "interval": fmt_duration(life.probe_interval),
         },
         "ebpf_counters": match &life.pin_dir {
-            Some(dir) => format!("exported when readable: {}/map_{}", dir.display(), sidecar_common::maps::STATS),
+            Some(dir) => format!("exported when readable: {}", crate::pins::map(dir, sidecar_common::maps::STATS).display()),
             None => "not exported (no --pin-dir)".to_owned(),
         },
         "exit_with_app": life.exit_with_app.as_ref().map(ToString::to_string),

@@ -1,5 +1,8 @@
-//! The two bpf(2) commands aya 0.14 does not expose for cgroup/getsockopt programs: it can attach
-//! them, but not turn the link into one we can pin (no `FdLink` conversion for `CgroupSockoptLink`).
+//! The bpf(2) commands aya 0.14 does not expose, in one place (every raw `SYS_bpf` call of the
+//! crate is here): pinnable links for cgroup/getsockopt and sk_lookup programs (aya can attach
+//! them, but has no `FdLink` conversion for them), link info (which cgroup or netns a link is
+//! attached to), read-only opening of a pin, a lookup with a run-time value size, and
+//! `BPF_PROG_QUERY` for `sidecar doctor`. Imports nothing from the crate.
 use std::{
     ffi::CString,
     io,
@@ -123,13 +126,28 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
 
 const BPF_OBJ_GET: libc::c_long = 7;
 
+/// `BPF_F_RDONLY`: open a pinned map for reading only (needs only read permission on the pin).
+const BPF_F_RDONLY: u32 = 1 << 3;
+
 /// BPF_OBJ_GET: opens a pinned object (read-only use: info queries).
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    obj_get_with_flags(path, 0)
+}
+
+/// BPF_OBJ_GET with `BPF_F_RDONLY`: aya opens pins read-write, which needs write permission on
+/// the pin as well; this needs only read permission (the proxy's kernel-counter export).
+pub fn obj_get_rdonly(path: &Path) -> io::Result<OwnedFd> {
+    obj_get_with_flags(path, BPF_F_RDONLY)
+}
+
+/// BPF_OBJ_GET: { pathname, bpf_fd = 0, file_flags }.
+fn obj_get_with_flags(path: &Path, file_flags: u32) -> io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
     let mut attr = Attr([0; 144]);
     attr.0[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+    attr.0[12..16].copy_from_slice(&file_flags.to_ne_bytes());
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -147,4 +165,23 @@ pub fn map_lookup_u32_key(map: BorrowedFd<'_>, key: u32, value_size: usize) -> i
     attr.0[16..24].copy_from_slice(&(value.as_mut_ptr() as u64).to_ne_bytes());
     bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
     Ok(value)
+}
+
+const BPF_PROG_QUERY: libc::c_long = 16;
+
+/// BPF_PROG_QUERY: the programs attached directly to `cgroup` at `attach_type`, and the attach
+/// flags. { target_fd, attach_type, query_flags, attach_flags (out), prog_ids, prog_cnt (in/out) }.
+pub fn prog_query(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<(u32, Vec<u32>)> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = Attr([0; 144]);
+    attr.0[0..4].copy_from_slice(&(cgroup.as_raw_fd() as u32).to_ne_bytes());
+    attr.0[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+    attr.0[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+    attr.0[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let u32_at =
+        |o: usize| u32::from_ne_bytes([attr.0[o], attr.0[o + 1], attr.0[o + 2], attr.0[o + 3]]);
+    let (attach_flags, count) = (u32_at(12), u32_at(24));
+    ids.truncate(count as usize);
+    Ok((attach_flags, ids))
 }
