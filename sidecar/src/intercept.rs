@@ -132,7 +132,11 @@ pub fn main(args: InitArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let _ = writeln!(io::stderr(), "sidecar init: error: {e}");
+            let _ = match &e {
+                // The shared report names the command itself.
+                InitError::Config(report) => writeln!(io::stderr(), "{report}"),
+                e => writeln!(io::stderr(), "sidecar init: error: {e}"),
+            };
             ExitCode::from(e.exit_code())
         }
     }
@@ -191,10 +195,15 @@ pub fn cleanup_main(args: CleanupArgs) -> ExitCode {
     let period = match crate::units::parse_duration(interval) {
         Ok(d) if !d.is_zero() => d,
         _ => {
-            let _ = writeln!(
-                io::stderr(),
-                "sidecar cleanup: error: invalid configuration:\n  --interval {interval:?}: expected a duration such as 30s or 10m"
-            );
+            let report = crate::config_errors::ConfigErrors {
+                command: "cleanup",
+                errors: vec![crate::config_errors::ConfigError {
+                    key: "--interval".into(),
+                    value: interval.clone(),
+                    problem: "expected a duration such as 30s or 10m".to_owned(),
+                }],
+            };
+            let _ = writeln!(io::stderr(), "{report}");
             return ExitCode::from(crate::EXIT_USAGE);
         }
     };

@@ -272,21 +272,21 @@ pub struct InitConfig {
     pub fail_mode_inbound: FailMode,
 }
 
-/// Every problem found in the flags, one line each.
-#[derive(Debug)]
-pub struct ConfigErrors(pub Vec<String>);
+pub use crate::config_errors::{ConfigError, ConfigErrors};
 
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
-        for e in &self.0 {
-            writeln!(f, "  - {e}")?;
-        }
-        Ok(())
+/// Collects bad keys in the report format every subcommand shares.
+#[derive(Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn bad(&mut self, key: &str, value: impl ToString, problem: impl Into<String>) {
+        self.0.push(ConfigError {
+            key: key.to_owned().into(),
+            value: value.to_string(),
+            problem: problem.into(),
+        });
     }
 }
-
-impl std::error::Error for ConfigErrors {}
 
 fn nonempty(items: &[String]) -> impl Iterator<Item = &str> {
     items.iter().map(|s| s.trim()).filter(|s| !s.is_empty())
@@ -294,13 +294,13 @@ fn nonempty(items: &[String]) -> impl Iterator<Item = &str> {
 
 impl InitConfig {
     pub fn from_args(args: &InitArgs) -> Result<Self, ConfigErrors> {
-        let mut errors = Vec::new();
+        let mut errors = Problems::default();
         let proxy_gid = match args.proxy_gid.trim() {
             "none" => None,
             s => match s.parse() {
                 Ok(g) => Some(g),
                 Err(_) => {
-                    errors.push(format!("--proxy-gid {s:?}: expected a number or \"none\""));
+                    errors.bad("--proxy-gid", s, "expected a number or \"none\"");
                     None
                 }
             },
@@ -311,23 +311,24 @@ impl InitConfig {
             ("admin-port", args.admin_port),
         ] {
             if port == 0 {
-                errors.push(format!("--{flag} must be 1..=65535"));
+                errors.bad(&format!("--{flag}"), port, "must be 1..=65535");
             }
         }
         if args.inbound_port == args.outbound_port {
-            errors.push(format!(
-                "--inbound-port and --outbound-port are both {}: the proxy needs two listeners",
-                args.inbound_port
-            ));
+            errors.bad(
+                "--inbound-port",
+                args.inbound_port,
+                "the same as --outbound-port: the proxy needs two listeners",
+            );
         }
         let mut pod_ips = Vec::new();
         for s in nonempty(&args.pod_ip) {
             match s.parse::<IpAddr>() {
-                Ok(ip) if ip.is_unspecified() || ip.is_loopback() => errors.push(format!(
-                    "--pod-ip {s}: must be the pod's own routable address"
-                )),
+                Ok(ip) if ip.is_unspecified() || ip.is_loopback() => {
+                    errors.bad("--pod-ip", s, "must be the pod's own routable address")
+                }
                 Ok(ip) => pod_ips.push(ip),
-                Err(_) => errors.push(format!("--pod-ip {s:?}: not an IP address")),
+                Err(_) => errors.bad("--pod-ip", s, "not an IP address"),
             }
         }
         if let Some(host) = args
@@ -337,29 +338,37 @@ impl InitConfig {
             .filter(|s| !s.is_empty())
         {
             match host.parse::<IpAddr>() {
-                Ok(h) if pod_ips.contains(&h) => errors.push(format!(
-                    "--pod-ip {h} is the node's own address (--host-ip): this is a hostNetwork pod, which the sidecar cannot intercept without capturing the whole node; remove the injection or set hostNetwork: false"
-                )),
+                Ok(h) if pod_ips.contains(&h) => errors.bad(
+                    "--pod-ip",
+                    h,
+                    "is the node's own address (--host-ip): this is a hostNetwork pod, which the sidecar cannot intercept without capturing the whole node; remove the injection or set hostNetwork: false",
+                ),
                 Ok(_) => {}
-                Err(_) => errors.push(format!("--host-ip {host:?}: not an IP address")),
+                Err(_) => errors.bad("--host-ip", host, "not an IP address"),
             }
         }
         if args.netns.is_some() && pod_ips.is_empty() {
-            errors.push(
-                "--netns needs --pod-ip: inbound capture matches the pod's own addresses".into(),
+            errors.bad(
+                "--netns",
+                args.netns
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display(),
+                "needs --pod-ip: inbound capture matches the pod's own addresses",
             );
         }
         if pod_ips.len() > 16 {
-            errors.push(format!(
-                "--pod-ip: at most 16 addresses, got {}",
-                pod_ips.len()
-            ));
+            errors.bad(
+                "--pod-ip",
+                format!("{} addresses", pod_ips.len()),
+                "at most 16 addresses",
+            );
         }
         let mut ports = |flag: &str, items: &[String]| {
             let mut set = PortSet::default();
             for s in nonempty(items) {
                 if let Err(e) = set.add_item(s) {
-                    errors.push(format!("--{flag} {e}"));
+                    errors.bad(&format!("--{flag}"), s, e);
                 }
             }
             set
@@ -375,7 +384,7 @@ impl InitConfig {
             for s in nonempty(items) {
                 match Cidr::parse(s) {
                     Ok(c) => out.push(c),
-                    Err(e) => errors.push(format!("--{flag} {e}")),
+                    Err(e) => errors.bad(&format!("--{flag}"), s, e),
                 }
             }
             out
@@ -384,10 +393,11 @@ impl InitConfig {
         let include = cidrs("include-outbound-cidrs", &args.include_outbound_cidrs);
         let include_cidrs = (!include.is_empty()).then_some(include);
         if args.max_connections < 1024 {
-            errors.push(format!(
-                "--max-connections {}: at least 1024 (each entry costs about 100 bytes of kernel memory)",
-                args.max_connections
-            ));
+            errors.bad(
+                "--max-connections",
+                args.max_connections,
+                "at least 1024 (each entry costs about 100 bytes of kernel memory)",
+            );
         }
         if let Some(id) = &args.pod_id {
             if id.is_empty()
@@ -397,13 +407,18 @@ impl InitConfig {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
             {
-                errors.push(format!(
-                    "--pod-id {id:?}: use 1..128 characters of [A-Za-z0-9_-], not starting with '_' (bpffs refuses '.'; a Kubernetes pod UID fits)"
-                ));
+                errors.bad(
+                    "--pod-id",
+                    id,
+                    "use 1..128 characters of [A-Za-z0-9_-], not starting with '_' (bpffs refuses '.'; a Kubernetes pod UID fits)",
+                );
             }
         }
-        if !errors.is_empty() {
-            return Err(ConfigErrors(errors));
+        if !errors.0.is_empty() {
+            return Err(ConfigErrors {
+                command: "init",
+                errors: errors.0,
+            });
         }
         Ok(InitConfig {
             proxy_uid: args.proxy_uid,
@@ -497,7 +512,7 @@ mod tests {
         ])
         .unwrap_err();
         let text = e.to_string();
-        assert_eq!(e.0.len(), 5, "{text}");
+        assert_eq!(e.errors.len(), 5, "{text}");
         for key in [
             "--pod-ip",
             "--exclude-outbound-ports",
