@@ -17,6 +17,8 @@ pub mod pins;
 pub mod policy;
 pub mod proxy;
 pub mod run;
+#[cfg(test)]
+mod tidy;
 pub mod units;
 
 /// Exit code for bad configuration or usage (sysexits.h `EX_USAGE`).

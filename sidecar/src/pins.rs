@@ -49,6 +49,14 @@ pub fn is_link(file_name: &str) -> bool {
     file_name.starts_with(LINK_PREFIX)
 }
 
+/// Where this pod's pins live: `<pin root>/<pod id>`, the pod id defaulting to "cg<cgroup id>".
+pub fn pod_dir(pin_root: &Path, pod_id: Option<&str>, cgroup_id: u64) -> PathBuf {
+    match pod_id {
+        Some(id) => pin_root.join(id),
+        None => pin_root.join(format!("cg{cgroup_id}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

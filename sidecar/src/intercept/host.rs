@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::InitError;
+use super::error::InitError;
 use sidecar_common::mountinfo;
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -239,6 +239,27 @@ fn find_inode(dir: &Path, inode: u64, depth: u32) -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// `--cgroup auto` means "the parent of my own cgroup" (the init container's pod).
+pub fn resolve_cgroup(arg: &Path) -> Result<PathBuf, InitError> {
+    if arg == Path::new("auto") {
+        auto_pod_cgroup()
+    } else {
+        Ok(arg.to_path_buf())
+    }
+}
+
+/// Fails with what to do unless the process has what the init step needs.
+pub fn check_privileges() -> Result<(), InitError> {
+    let missing = missing_capabilities();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(InitError::Capabilities {
+            missing: missing.join(", "),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,11 @@ use object::{Object, ObjectSection, ObjectSymbol};
 use serde::Serialize;
 use sidecar_common::{flags, globals, maps, progs, stats};
 
-use super::{config::DEFAULT_PIN_ROOT, pin_dir, pod_cgroup, InitError, OBJECT};
+use super::config::DEFAULT_PIN_ROOT;
+use super::error::InitError;
+use super::host::{pod_cgroup, resolve_cgroup};
+use super::load::OBJECT;
+use crate::pins::pod_dir as pin_dir;
 
 #[derive(Args, Debug, Clone)]
 pub struct StatusArgs {
@@ -82,7 +86,7 @@ fn kernel_err(what: String) -> impl FnOnce(Box<dyn std::error::Error + Send + Sy
 }
 
 pub fn collect(args: &StatusArgs) -> Result<Status, InitError> {
-    let cgroup = pod_cgroup(&super::resolve_cgroup(&args.cgroup)?)?;
+    let cgroup = pod_cgroup(&resolve_cgroup(&args.cgroup)?)?;
     let dir = pin_dir(&args.pin_root, args.pod_id.as_deref(), cgroup.id);
     if !dir.is_dir() {
         return Err(InitError::Cgroup {
@@ -177,7 +181,7 @@ pub fn collect(args: &StatusArgs) -> Result<Status, InitError> {
                     .flatten()
                     .map(|k| {
                         let ip = Ipv6Addr::from(key_bytes(&k.data()));
-                        super::Cidr {
+                        super::config::Cidr {
                             addr: ip,
                             len: k.prefix_len() as u8,
                         }

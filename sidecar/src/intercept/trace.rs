@@ -10,7 +10,10 @@ use std::{
 
 use clap::Args;
 
-use super::{config::DEFAULT_PIN_ROOT, pin_dir, pod_cgroup, resolve_cgroup, InitError};
+use super::config::DEFAULT_PIN_ROOT;
+use super::error::InitError;
+use super::host::{pod_cgroup, resolve_cgroup};
+use crate::pins::pod_dir as pin_dir;
 
 #[derive(Args, Debug, Clone)]
 pub struct TraceArgs {

@@ -18,6 +18,19 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// The seed proxy's breaker: 5 failures in a row open it...
+pub const DEFAULT_BREAKER_CONSECUTIVE_FAILURES: u32 = 5;
+/// ...for 10 s.
+pub const DEFAULT_BREAKER_OPEN_TIME: Duration = Duration::from_secs(10);
+/// Repeated trips double the open time up to this (Envoy's default maximum ejection time): a
+/// destination that stays down is probed every 5 minutes, not every 10 s.
+pub const DEFAULT_BREAKER_MAX_OPEN_TIME: Duration = Duration::from_secs(300);
+/// One probe at a time while half-open (Hystrix): the least load on a recovering upstream.
+pub const DEFAULT_BREAKER_HALF_OPEN_PROBES: u32 = 1;
+/// Failure-rate trigger (off unless a rate is set): Hystrix's rolling window and volume threshold.
+pub const DEFAULT_BREAKER_FAILURE_RATE_WINDOW: Duration = Duration::from_secs(10);
+pub const DEFAULT_BREAKER_FAILURE_RATE_MIN_REQUESTS: u32 = 20;
+
 /// Number of buckets of the failure-rate window: the window slides in steps of 1/10 of its length.
 const RATE_BUCKETS: usize = 10;
 
@@ -60,13 +73,13 @@ impl BreakerConfig {
 impl Default for BreakerConfig {
     fn default() -> Self {
         BreakerConfig {
-            consecutive_failures: super::DEFAULT_BREAKER_CONSECUTIVE_FAILURES,
+            consecutive_failures: DEFAULT_BREAKER_CONSECUTIVE_FAILURES,
             failure_rate: None,
-            failure_rate_window: super::DEFAULT_BREAKER_FAILURE_RATE_WINDOW,
-            failure_rate_min_requests: super::DEFAULT_BREAKER_FAILURE_RATE_MIN_REQUESTS,
-            open_time: super::DEFAULT_BREAKER_OPEN_TIME,
-            max_open_time: super::DEFAULT_BREAKER_MAX_OPEN_TIME,
-            half_open_probes: super::DEFAULT_BREAKER_HALF_OPEN_PROBES,
+            failure_rate_window: DEFAULT_BREAKER_FAILURE_RATE_WINDOW,
+            failure_rate_min_requests: DEFAULT_BREAKER_FAILURE_RATE_MIN_REQUESTS,
+            open_time: DEFAULT_BREAKER_OPEN_TIME,
+            max_open_time: DEFAULT_BREAKER_MAX_OPEN_TIME,
+            half_open_probes: DEFAULT_BREAKER_HALF_OPEN_PROBES,
         }
     }
 }

@@ -12,6 +12,19 @@ use http::{HeaderMap, Method, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
+/// Retries per request (the first attempt is not counted): two more chances, bounded by the budget.
+pub const DEFAULT_MAX_RETRIES: u32 = 2;
+/// linkerd's retry budget: retries may add at most 20 % load...
+pub const DEFAULT_RETRY_BUDGET_RATIO: f64 = 0.2;
+/// ...plus 10 retries per second, so that low-traffic destinations can retry at all...
+pub const DEFAULT_RETRY_BUDGET_MIN_PER_SECOND: u32 = 10;
+/// ...counted over 10 s.
+pub const DEFAULT_RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+/// Request bodies kept for replay (linkerd's bound): larger bodies stream and are not retried.
+pub const DEFAULT_RETRY_MAX_BODY_BYTES: usize = 64 * 1024;
+/// Envoy's base retry interval; the pause is jittered and grows per retry.
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
 /// Buckets of the budget window: it slides in steps of 1/10 of its length.
 const BUDGET_BUCKETS: usize = 10;
 /// Fixed-point scale of the budget ratio (parts per million): exact integer arithmetic, so that
@@ -36,11 +49,11 @@ pub struct RetryConfig {
 impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
-            max_retries: super::DEFAULT_MAX_RETRIES,
+            max_retries: DEFAULT_MAX_RETRIES,
             on: RetryOn::default(),
             budget: BudgetConfig::default(),
-            max_body_bytes: super::DEFAULT_RETRY_MAX_BODY_BYTES,
-            backoff: super::DEFAULT_RETRY_BACKOFF,
+            max_body_bytes: DEFAULT_RETRY_MAX_BODY_BYTES,
+            backoff: DEFAULT_RETRY_BACKOFF,
         }
     }
 }
@@ -67,9 +80,9 @@ pub struct BudgetConfig {
 impl Default for BudgetConfig {
     fn default() -> Self {
         BudgetConfig {
-            ratio: super::DEFAULT_RETRY_BUDGET_RATIO,
-            min_per_second: super::DEFAULT_RETRY_BUDGET_MIN_PER_SECOND,
-            window: super::DEFAULT_RETRY_BUDGET_WINDOW,
+            ratio: DEFAULT_RETRY_BUDGET_RATIO,
+            min_per_second: DEFAULT_RETRY_BUDGET_MIN_PER_SECOND,
+            window: DEFAULT_RETRY_BUDGET_WINDOW,
         }
     }
 }

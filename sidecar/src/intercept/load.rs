@@ -1,0 +1,273 @@
+//! The embedded eBPF object: loading it with the pod's configuration, filling its maps,
+//! attaching each program to the pod's cgroup (or netns) and pinning the links and maps.
+use std::{
+    fs,
+    net::IpAddr,
+    os::fd::{AsFd, BorrowedFd},
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapError},
+    programs::{
+        links::{CgroupAttachMode, FdLink, PinnedLink},
+        CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps,
+    },
+    Ebpf, EbpfError, EbpfLoader,
+};
+use sidecar_common::{flags, globals, maps, progs};
+
+use super::config::{FailMode, InitConfig};
+use super::error::InitError;
+use super::host::{self, PodCgroup};
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded by build.rs (empty when it was not
+/// built).
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sidecar-ebpf.o"));
+
+/// Programs in attach order.
+pub const PROGRAMS: [&str; 6] = [
+    progs::CONNECT4,
+    progs::CONNECT6,
+    progs::SOCKOPS,
+    progs::GETSOCKOPT,
+    progs::GETPEERNAME4,
+    progs::GETPEERNAME6,
+];
+
+pub(crate) fn load_attach_pin(
+    cfg: &InitConfig,
+    cgroup: &PodCgroup,
+    netns: Option<&host::PodNetns>,
+    dir: &Path,
+    bpffs_hint: &str,
+) -> Result<Vec<PinnedLink>, InitError> {
+    let load_fix = "run as root with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN on a kernel >= 5.10 with BTF; `sidecar doctor` checks the node";
+    let mut flag_bits = 0u32;
+    if cfg.include_ports.is_some() {
+        flag_bits |= flags::INCLUDE_PORTS;
+    }
+    if cfg.include_cidrs.is_some() {
+        flag_bits |= flags::INCLUDE_CIDRS;
+    }
+    if cfg.debug_log {
+        flag_bits |= flags::DEBUG_LOG;
+    }
+    if cfg.fail_mode_outbound == FailMode::Open {
+        flag_bits |= flags::FAIL_OPEN_OUTBOUND;
+    }
+    if cfg.fail_mode_inbound == FailMode::Open {
+        flag_bits |= flags::FAIL_OPEN_INBOUND;
+    }
+    if cfg.include_inbound_ports.is_some() {
+        flag_bits |= flags::INBOUND_INCLUDE_PORTS;
+    }
+    let gid = cfg.proxy_gid.unwrap_or(u32::MAX);
+    let mut ebpf = EbpfLoader::new()
+        .override_global(globals::PROXY_UID, &cfg.proxy_uid, true)
+        .override_global(globals::PROXY_GID, &gid, true)
+        .override_global(globals::OUTBOUND_PORT, &cfg.outbound_port, true)
+        .override_global(globals::INBOUND_PORT, &cfg.inbound_port, true)
+        .override_global(globals::ADMIN_PORT, &cfg.admin_port, true)
+        .override_global(globals::FLAGS, &flag_bits, true)
+        .map_max_entries(maps::ORIG_DST_BY_COOKIE, cfg.max_connections)
+        .map_max_entries(maps::ORIG_DST_BY_TUPLE, cfg.max_connections)
+        .load(OBJECT)
+        .map_err(|e: EbpfError| {
+            InitError::kernel("load the eBPF object (maps)", load_fix)(e.into())
+        })?;
+    fill_maps(&mut ebpf, cfg)
+        .map_err(|e| InitError::kernel("fill the configuration maps", load_fix)(e.into()))?;
+
+    let cgroup_file = fs::File::open(&cgroup.path).map_err(InitError::io(format!(
+        "open cgroup {}",
+        cgroup.path.display()
+    )))?;
+    let mut pinned = Vec::new();
+    for name in PROGRAMS {
+        let path = crate::pins::link(dir, name);
+        let pin = load_attach_pin_one(
+            &mut ebpf,
+            name,
+            cgroup_file.as_fd(),
+            &path,
+            load_fix,
+            bpffs_hint,
+        )?;
+        pinned.push(pin);
+    }
+    if let Some(ns) = netns {
+        let name = progs::SK_LOOKUP;
+        let path = crate::pins::link(dir, name);
+        let pin = load_attach_pin_one(
+            &mut ebpf,
+            name,
+            ns.file.as_fd(),
+            &path,
+            load_fix,
+            bpffs_hint,
+        )?;
+        pinned.push(pin);
+    }
+    // Maps are pinned for `sidecar status`; `.rodata` as "rodata" (bpffs refuses '.' in names).
+    for (name, map) in ebpf.maps() {
+        let pin_name = match name {
+            ".rodata" => crate::pins::RODATA,
+            n if maps::ALL.contains(&n) => n,
+            _ => continue,
+        };
+        let path = crate::pins::map(dir, pin_name);
+        map.pin(&path).map_err(|e| {
+            InitError::kernel(format!("pin {}", path.display()), bpffs_hint)(e.into())
+        })?;
+        // The proxy (UID 1337, no capabilities) exports the kernel counters: it may open this one
+        // map read-only (kernels >= 6.5 allow that without CAP_BPF). Everything else stays 0600.
+        if pin_name == maps::STATS {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o444))
+                .map_err(InitError::io(format!("make {} readable", path.display())))?;
+        }
+    }
+    // The proxy's readiness checks that the link pins exist (stat): the directories must be
+    // searchable whatever the init step's umask.
+    for d in [dir, dir.parent().unwrap_or(dir)] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755))
+            .map_err(InitError::io(format!("chmod 0755 {}", d.display())))?;
+    }
+    Ok(pinned)
+}
+
+/// Loads one program, attaches it through a bpf_link to `target` (the pod's cgroup, or its netns
+/// for sk_lookup) and pins the link at `path`.
+fn load_attach_pin_one(
+    ebpf: &mut Ebpf,
+    name: &str,
+    target: BorrowedFd<'_>,
+    path: &Path,
+    load_fix: &str,
+    bpffs_hint: &str,
+) -> Result<PinnedLink, InitError> {
+    let attach_err =
+        |e: ProgramError| InitError::kernel(format!("load and attach {name}"), load_fix)(e.into());
+    let pin_err = |e: Box<dyn std::error::Error + Send + Sync>| {
+        InitError::kernel(format!("pin {}", path.display()), bpffs_hint)(e)
+    };
+    let program = ebpf.program_mut(name).ok_or_else(|| InitError::Kernel {
+        what: format!("find program {name} in the embedded object"),
+        detail: "missing".into(),
+        fix: "rebuild with `cargo xtask build-ebpf`: the object does not match this binary".into(),
+    })?;
+    // Cgroup bpf_links always behave as BPF_F_ALLOW_MULTI (the kernel rejects any flag on link
+    // creation): other agents' programs on the same cgroup keep working, and a re-init can attach
+    // the new set before detaching the old. `Single` is aya's name for "no flags".
+    let mode = CgroupAttachMode::Single;
+    let link: FdLink = match name {
+        progs::SOCKOPS => {
+            let p: &mut SockOps = program.try_into().map_err(attach_err)?;
+            p.load().map_err(attach_err)?;
+            let id = p.attach(target, mode).map_err(attach_err)?;
+            p.take_link(id)
+                .map_err(attach_err)?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| pin_err(e.into()))?
+        }
+        // aya 0.14 attaches these two but cannot turn their links into pinnable ones: create and
+        // pin the link directly.
+        progs::GETSOCKOPT | progs::SK_LOOKUP => {
+            let (prog_fd, attach_type) = if name == progs::GETSOCKOPT {
+                let p: &mut CgroupSockopt = program.try_into().map_err(attach_err)?;
+                p.load().map_err(attach_err)?;
+                (
+                    p.fd().map_err(attach_err)?.as_fd(),
+                    crate::bpf::BPF_CGROUP_GETSOCKOPT,
+                )
+            } else {
+                let p: &mut SkLookup = program.try_into().map_err(attach_err)?;
+                p.load().map_err(attach_err)?;
+                (
+                    p.fd().map_err(attach_err)?.as_fd(),
+                    crate::bpf::BPF_SK_LOOKUP,
+                )
+            };
+            let link = crate::bpf::link_create(prog_fd, target, attach_type)
+                .map_err(|e| InitError::kernel(format!("attach {name}"), load_fix)(e.into()))?;
+            crate::bpf::obj_pin(link.as_fd(), path).map_err(|e| pin_err(e.into()))?;
+            return PinnedLink::from_pin(path).map_err(|e| pin_err(e.into()));
+        }
+        _ => {
+            let p: &mut CgroupSockAddr = program.try_into().map_err(attach_err)?;
+            p.load().map_err(attach_err)?;
+            let id = p.attach(target, mode).map_err(attach_err)?;
+            p.take_link(id)
+                .map_err(attach_err)?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| pin_err(e.into()))?
+        }
+    };
+    link.pin(path).map_err(|e| pin_err(e.into()))
+}
+
+fn to_key(ip: IpAddr) -> [u32; 4] {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let o = v6.octets();
+    // Network byte order in memory, as the kernel stores addresses.
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+fn fill_maps(ebpf: &mut Ebpf, cfg: &InitConfig) -> Result<(), MapError> {
+    let mut pod_ips: HashMap<_, [u32; 4], u8> = map_mut(ebpf, maps::POD_IPS)?;
+    for ip in &cfg.pod_ips {
+        pod_ips.insert(to_key(*ip), 1, 0)?;
+    }
+    let sets = [
+        (maps::EXCLUDE_PORTS, Some(&cfg.exclude_ports)),
+        (maps::INCLUDE_PORTS, cfg.include_ports.as_ref()),
+        (
+            maps::INBOUND_EXCLUDE_PORTS,
+            Some(&cfg.exclude_inbound_ports),
+        ),
+        (
+            maps::INBOUND_INCLUDE_PORTS,
+            cfg.include_inbound_ports.as_ref(),
+        ),
+    ];
+    for (name, set) in sets {
+        let Some(set) = set else { continue };
+        let mut bitmap: Array<_, u64> = map_mut(ebpf, name)?;
+        for (i, word) in set.0.iter().enumerate().filter(|(_, w)| **w != 0) {
+            bitmap.set(i as u32, word, 0)?;
+        }
+    }
+    let tries = [
+        (maps::EXCLUDE_CIDRS, Some(&cfg.exclude_cidrs)),
+        (maps::INCLUDE_CIDRS, cfg.include_cidrs.as_ref()),
+    ];
+    for (name, cidrs) in tries {
+        let Some(cidrs) = cidrs else { continue };
+        let mut trie: LpmTrie<_, [u32; 4], u8> = map_mut(ebpf, name)?;
+        for c in cidrs {
+            trie.insert(
+                &Key::new(u32::from(c.len), to_key(IpAddr::V6(c.addr))),
+                1,
+                0,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T, MapError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.map_mut(name).ok_or_else(|| MapError::InvalidName {
+        name: name.to_string(),
+    })?;
+    T::try_from(map)
+}
