@@ -1,0 +1,57 @@
+//! Unit tests of [`super`] (`inject/pod.rs`).
+use super::*;
+
+#[test]
+fn quantities() {
+    assert_eq!(quantity("250m"), Some(0.25));
+    assert_eq!(quantity("1"), Some(1.0));
+    assert_eq!(quantity("64Mi"), Some(64.0 * 1024.0 * 1024.0));
+    assert_eq!(quantity("1e3"), Some(1000.0));
+    assert_eq!(quantity("1.5Gi"), Some(1.5 * 1024f64.powi(3)));
+    assert_eq!(quantity("lots"), None);
+    assert_eq!(quantity("10MB"), None);
+    assert_eq!(quantity("-1"), None);
+}
+
+#[test]
+fn value_checks() {
+    assert!(check(Kind::Ports, "22, 9000-9010").is_ok());
+    assert!(check(Kind::Ports, "0").is_err());
+    assert!(check(Kind::Ports, "9010-9000").is_err());
+    assert!(check(Kind::Ports, "http").is_err());
+    assert!(check(Kind::Cidrs, "10.0.0.0/8,fd00::/8").is_ok());
+    assert!(check(Kind::Cidrs, "10.0.0.0/33").is_err());
+    assert!(check(Kind::FailMode, "open").is_ok());
+    assert!(check(Kind::FailMode, "Open").is_err());
+    assert!(check(Kind::AppProbe, "http://127.0.0.1:8080/healthz").is_ok());
+    assert!(check(Kind::AppProbe, "tcp://127.0.0.1:5432").is_ok());
+    assert!(check(Kind::AppProbe, "127.0.0.1:8080").is_err());
+    assert!(check(Kind::AppProbe, "http://127.0.0.1/healthz").is_err());
+}
+
+#[test]
+fn proxy_pin_dir_is_the_pod_uid_below_the_mounted_pin_root() {
+    let annotations = Annotations::new(Vec::new());
+    let s = Settings::from_annotations(&annotations, "sidecar:test", "web").unwrap();
+    let proxy = proxy_container(&s);
+    let env = proxy.get("env").and_then(Node::items).unwrap();
+    let names: Vec<_> = env
+        .iter()
+        .filter_map(|e| e.get("name").and_then(Node::as_str))
+        .collect();
+    // $(POD_UID) is only expanded when POD_UID comes first.
+    let uid = names.iter().position(|n| *n == "POD_UID").unwrap();
+    let dir = names.iter().position(|n| *n == "SIDECAR_PIN_DIR").unwrap();
+    assert!(uid < dir, "{names:?}");
+    assert_eq!(
+        env[dir].get("value").and_then(Node::as_str),
+        Some("/host/sys/fs/bpf/sidecar/$(POD_UID)")
+    );
+    let mount = &proxy.get("volumeMounts").and_then(Node::items).unwrap()[0];
+    assert_eq!(
+        mount.get("mountPath").and_then(Node::as_str),
+        Some(PROXY_PIN_ROOT_MOUNT)
+    );
+    assert!(mount.get("readOnly").is_some_and(Node::is_true));
+    assert!(!names.contains(&"SIDECAR_APP_PROBE"));
+}
