@@ -51,8 +51,8 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use super::model::{DestinationPolicy, DestinationRule, Match, PolicyConfig};
 use super::retry::FailureSet;
-use super::{DestinationPolicy, DestinationRule, Match, PolicyConfig};
 use crate::units::parse_duration;
 
 /// One bad key: where (file section and key, or flag), the value given, what is wrong.

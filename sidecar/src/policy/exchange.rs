@@ -24,9 +24,9 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::breaker::{Rejected, State};
+use super::destination::Destination;
 use super::headers::{X_REQUEST_ID, X_SIDECAR_ATTEMPT};
 use super::retry::{backoff, is_idempotent, Replay, UpstreamBody};
-use super::Destination;
 use crate::error::{local_response, Failed, ProxyError};
 
 impl From<Rejected> for Failed {
