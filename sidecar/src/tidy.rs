@@ -296,18 +296,17 @@ fn imports(source: &Source, known: &BTreeSet<Vec<String>>) -> Vec<Import> {
             }
         }
     }
-    // `use child::...` of a declared child module.
-    for (at, _) in joined.match_indices("use ") {
-        if at > 0 && is_ident(joined[..at].chars().last().unwrap_or(' ')) {
-            continue;
-        }
-        let after = joined[at + 4..].trim_start_matches("pub ");
-        for name in first_segments(after) {
-            if children.contains(name.as_str()) {
-                let mut target = source.module.clone();
-                target.push(name);
-                push(at, target);
+    // `child::...` of a declared child module, in a `use` or in code (`tail::Filler::new()`).
+    for child in &children {
+        let pattern = format!("{child}::");
+        for (at, _) in joined.match_indices(&pattern) {
+            let before = joined[..at].chars().last().unwrap_or(' ');
+            if is_ident(before) || before == ':' || before == '.' {
+                continue;
             }
+            let mut target = source.module.clone();
+            target.push((*child).to_owned());
+            push(at, target);
         }
     }
     out
@@ -577,6 +576,23 @@ fn the_checker_sees_imports() {
             (1, "proxy::pool".to_owned()),
         ]
     );
+    // A child module used by path in code, without a `use`.
+    let known: BTreeSet<Vec<String>> = [
+        vec!["logs".to_owned()],
+        vec!["logs".to_owned(), "tail".to_owned()],
+    ]
+    .into_iter()
+    .collect();
+    let root = Source {
+        module: vec!["logs".to_owned()],
+        path: PathBuf::from("logs.rs"),
+        text: "fn f() { let t = tail::Filler::new(); let u = x.tail::<u8>(); }\n".to_owned(),
+    };
+    let found: Vec<String> = imports(&root, &known)
+        .into_iter()
+        .map(|i| i.target.join("::"))
+        .collect();
+    assert_eq!(found, ["logs::tail"]);
     let edges = vec![
         BTreeSet::from([1]),
         BTreeSet::from([2]),

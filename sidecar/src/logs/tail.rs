@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use super::checkpoint::{fnv1a, Checkpoint, Entry};
 use super::metrics::metrics;
 use super::record::{encode_line, encode_truncated, is_blank, Batch, BatchLimits, Sealed};
-use super::ReadFrom;
+use super::settings::ReadFrom;
 
 /// Bytes read per `pread`.
 const CHUNK: usize = 64 * 1024;
