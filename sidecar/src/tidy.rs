@@ -7,6 +7,11 @@
 //! declared child module, anywhere in non-test code (comments, string literals and test modules
 //! are skipped: tests may reach anywhere to set things up). Declaring a child module (`mod x;`) is
 //! not an import of it.
+//!
+//! Also: a file over [`LONG_FILE`] lines says at its top why it is one file.
+//!
+//! Size: a little over 600 lines: the source reader, the import parser, the two checks and the
+//! checker's own test of its parser belong together (it is test code as a whole).
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -541,6 +546,31 @@ fn modules_import_only_lower_layers() {
 fn no_import_cycles_between_files() {
     let cycles = Tree::read().cycles();
     assert!(cycles.is_empty(), "{}", cycles.join("\n"));
+}
+
+/// Past this many lines a file says at its top why it is one file (`//! Size: ...`).
+const LONG_FILE: usize = 620;
+
+#[test]
+fn long_files_say_why() {
+    let mut long = Vec::new();
+    for source in sources() {
+        let lines = source.text.lines().count();
+        let says_why = source
+            .text
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .any(|l| l.starts_with("//! Size:"));
+        if lines > LONG_FILE && !says_why {
+            long.push(format!("{} ({lines} lines)", source.path.display()));
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "files over {LONG_FILE} lines without a `//! Size:` reason at the top (split them, or say \
+         why they are one file):\n  {}",
+        long.join("\n  ")
+    );
 }
 
 #[test]

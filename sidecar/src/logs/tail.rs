@@ -2,6 +2,10 @@
 //! copytruncate copy), complete lines only, and positions that say exactly which lines have been
 //! handed to a batch. File I/O is blocking (`pread` on files we hold open) and runs in tokio's
 //! blocking pool; [`Filler`] is the async loop around it.
+//!
+//! Size: over 600 lines because the tailer is one state machine (open file, rotation by rename,
+//! copytruncate, the recovery of a rotation missed while stopped) whose transitions read together;
+//! its tests are in `tail/tests.rs`.
 use std::ffi::OsString;
 use std::fs::{self, File, Metadata};
 use std::io;
