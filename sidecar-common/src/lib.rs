@@ -186,7 +186,8 @@ pub const fn is_v4_mapped(ip: &[u32; 4]) -> bool {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: both are #[repr(C)], Copy, and every bit pattern is valid.
+    // SAFETY: #[repr(C)], Copy, no padding-dependent invariants: every bit pattern is valid.
     unsafe impl aya::Pod for super::SockTuple {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
 }

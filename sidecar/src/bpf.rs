@@ -22,14 +22,7 @@ struct Attr([u8; 144]);
 
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
     // SAFETY: attr is a valid, fully initialised buffer of the size passed.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut Attr,
-            std::mem::size_of::<Attr>(),
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut Attr, size_of::<Attr>()) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {

@@ -339,10 +339,10 @@ mod tests {
             defaults: DestinationPolicy::default(),
             destinations: vec![
                 rule("10.0.0.7:80", |p| {
-                    p.request_timeout = Duration::from_secs(2)
+                    p.request_timeout = Duration::from_secs(2);
                 }),
                 rule("api.example:443", |p| {
-                    p.connect_timeout = Duration::from_secs(3)
+                    p.connect_timeout = Duration::from_secs(3);
                 }),
             ],
         };

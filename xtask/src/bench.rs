@@ -509,7 +509,13 @@ impl Meter<'_> {
     }
 }
 
-fn phases(lab: &mut Lab, tools: &Tools, plan: &Plan, m: &mut Meter, s: &mut Sample) -> Result<()> {
+fn phases(
+    lab: &mut Lab,
+    tools: &Tools,
+    plan: &Plan,
+    m: &mut Meter<'_>,
+    s: &mut Sample,
+) -> Result<()> {
     let place: Place = m.live.load.clone();
     let url = m.live.url.clone();
     if let Some((rss, pss, processes)) = m.memory() {

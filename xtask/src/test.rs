@@ -85,13 +85,14 @@ pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
             Some("run `cargo fmt --manifest-path sidecar-ebpf/Cargo.toml`"),
         ),
     ));
-    // Warnings are printed but do not fail the run (yet); deny-level lints still do.
+    // The workspace's lint policy (`[workspace.lints]` in Cargo.toml): a warning fails the run.
     results.push((
         "clippy",
         cmd::run(
-            ctx.cargo().args(["clippy", "--workspace", "--all-targets"]),
-            "cargo clippy",
-            None,
+            ctx.cargo()
+                .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+            "cargo clippy -- -D warnings",
+            Some("fix the warnings above (or allow one where it is wrong, saying why)"),
         ),
     ));
 

@@ -325,7 +325,7 @@ impl InitConfig {
         for s in nonempty(&args.pod_ip) {
             match s.parse::<IpAddr>() {
                 Ok(ip) if ip.is_unspecified() || ip.is_loopback() => {
-                    errors.bad("--pod-ip", s, "must be the pod's own routable address")
+                    errors.bad("--pod-ip", s, "must be the pod's own routable address");
                 }
                 Ok(ip) => pod_ips.push(ip),
                 Err(_) => errors.bad("--pod-ip", s, "not an IP address"),

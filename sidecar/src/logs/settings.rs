@@ -184,7 +184,7 @@ impl LogsConfig {
                 key: key.into(),
                 value: value.to_owned(),
                 problem,
-            })
+            });
         };
 
         let file = self.file.clone().filter(|p| !p.as_os_str().is_empty());

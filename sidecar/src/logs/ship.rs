@@ -326,7 +326,7 @@ impl<T: Transport> Shipper<T> {
         match stored {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                error!(checkpoint = %self.checkpoint.display(), error = %e, "cannot write the checkpoint; a restart will resend more lines than needed")
+                error!(checkpoint = %self.checkpoint.display(), error = %e, "cannot write the checkpoint; a restart will resend more lines than needed");
             }
             Err(e) => error!(error = %e, "checkpoint task failed"),
         }

@@ -558,7 +558,7 @@ impl Tailer {
                 "the log file was truncated before it was read to the end and no copy of it was found next to it; those lines are lost"
             ),
             None => {
-                info!(file = %self.cfg.path.display(), "the log file was truncated; reading it from the start")
+                info!(file = %self.cfg.path.display(), "the log file was truncated; reading it from the start");
             }
         }
         let f = self.files.iter_mut().find(|f| f.role == Role::Current);

@@ -251,10 +251,10 @@ impl Destination {
                 "circuit breaker opened"
             ),
             State::HalfOpen => {
-                info!(destination = %self.name, reason = t.reason, "circuit breaker half-open")
+                info!(destination = %self.name, reason = t.reason, "circuit breaker half-open");
             }
             State::Closed => {
-                info!(destination = %self.name, reason = t.reason, "circuit breaker closed")
+                info!(destination = %self.name, reason = t.reason, "circuit breaker closed");
             }
         }
     }

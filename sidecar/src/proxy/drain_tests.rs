@@ -11,7 +11,7 @@ use crate::lifecycle::{drain, DrainOutcome, DrainPlan, Readiness};
 
 /// An upstream that answers every request `200 ok` (one per connection).
 async fn ok_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -76,7 +76,7 @@ async fn drain_answers_inbound_requests_queued_before_it() {
         addr: "127.0.0.1:0".parse().unwrap(),
         required: true,
     }];
-    let fixed: Resolver = std::sync::Arc::new(move |_: &TcpStream| Ok(upstream));
+    let fixed: Resolver = Arc::new(move |_: &TcpStream| Ok(upstream));
     let proxy = start_with_resolvers(
         config,
         Resolvers {
@@ -107,7 +107,7 @@ async fn drain_answers_target_requests_queued_before_it() {
 #[tokio::test]
 async fn drain_waits_for_outbound_then_stops() {
     let upstream = ok_upstream().await;
-    let fixed: Resolver = std::sync::Arc::new(move |_: &TcpStream| Ok(upstream));
+    let fixed: Resolver = Arc::new(move |_: &TcpStream| Ok(upstream));
     let proxy = start(ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]), fixed)
         .await
         .unwrap();

@@ -545,7 +545,7 @@ mod tests {
         });
         let pool = pool();
         let host = pool.host(&Authority::try_from(addr.to_string()).unwrap(), 1);
-        let mut first = pool.checkout(&host).await.ok().expect("dialled");
+        let mut first = pool.checkout(&host).await.expect("dialled");
         assert_eq!(counts(&host), (1, 0, 0));
 
         // A second request queues behind the limit...
@@ -563,11 +563,7 @@ mod tests {
         drop(second);
         // The connection went back to the pool instead of being lost with the slot.
         assert_eq!(counts(&host), (1, 1, 0));
-        let third = pool
-            .checkout(&host)
-            .await
-            .ok()
-            .expect("the idle connection");
+        let third = pool.checkout(&host).await.expect("the idle connection");
         assert_eq!(counts(&host), (1, 0, 0));
 
         // Same for a slot: the lease closes, its slot is granted to a waiter that gives up.

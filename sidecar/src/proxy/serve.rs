@@ -60,7 +60,7 @@ where
                 .with_upgrades();
             tokio::pin!(conn);
             serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
-                c.graceful_shutdown()
+                c.graceful_shutdown();
             })
             .await
         }
@@ -70,7 +70,7 @@ where
                 .serve_connection(io, service);
             tokio::pin!(conn);
             serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
-                c.graceful_shutdown()
+                c.graceful_shutdown();
             })
             .await
         }

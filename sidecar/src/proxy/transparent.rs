@@ -98,11 +98,11 @@ pub(crate) async fn serve(
             if let Some(err) = err {
                 shared.telemetry.metrics.error(direction.dir(), err);
             }
-            reset(client)
+            reset(client);
         }
         Decision::Opaque => {
             let up = detecting.upstream;
-            opaque(&shared, direction, &dest, client, conn, up, peer, dst).await
+            opaque(&shared, direction, &dest, client, conn, up, peer, dst).await;
         }
         Decision::Http(protocol) => {
             let authority = match Authority::from_maybe_shared(Bytes::from(dst.to_string())) {
@@ -126,7 +126,7 @@ pub(crate) async fn serve(
                 predial,
                 dest,
             };
-            serve_http_conn(shared, http, protocol, CountedIo::new(client, conn)).await
+            serve_http_conn(shared, http, protocol, CountedIo::new(client, conn)).await;
         }
     }
 }
@@ -480,7 +480,7 @@ async fn relay(
     debug!(%peer, %dst, "opaque tcp");
     match idle::copy_bidirectional(&mut client, &mut upstream, idle).await {
         Relayed::Done(Ok((up, down))) => {
-            debug!(%peer, %dst, bytes_up = up, bytes_down = down, "tcp closed")
+            debug!(%peer, %dst, bytes_up = up, bytes_down = down, "tcp closed");
         }
         Relayed::Done(Err(e)) => debug!(%peer, %dst, error = %e, "tcp relay ended with an error"),
         Relayed::Idle => debug!(%peer, %dst, ?idle, "tcp connection idle; closed"),

@@ -44,7 +44,7 @@ fn defaults_are_valid() {
         s.proxy.policy.defaults.request_timeout,
         Duration::from_secs(30)
     );
-    assert_eq!(s.proxy.policy, crate::policy::PolicyConfig::default());
+    assert_eq!(s.proxy.policy, PolicyConfig::default());
     assert_eq!(s.drain_timeout, Duration::from_secs(30));
     assert_eq!(s.log_filter, "info");
     assert!(s.proxy.target.is_none());
