@@ -87,8 +87,6 @@ pub enum ProxyError {
     ProxyNoOriginalDestination,
     /// Connection level: the original destination is the proxy itself. Closed.
     ProxyLoop,
-    /// Connection level: nothing could be answered and there is nowhere to go. Reset.
-    ProxyReset,
 }
 
 /// Who failed, for logs, metrics labels and the error header.
@@ -133,7 +131,6 @@ impl ProxyError {
             ProxyError::ProxyNotRedirected => "proxy-not-redirected",
             ProxyError::ProxyNoOriginalDestination => "proxy-no-original-destination",
             ProxyError::ProxyLoop => "proxy-loop",
-            ProxyError::ProxyReset => "proxy-reset",
         }
     }
 
@@ -158,8 +155,7 @@ impl ProxyError {
             | ProxyError::ProxyBadRequest
             | ProxyError::ProxyNotRedirected
             | ProxyError::ProxyNoOriginalDestination
-            | ProxyError::ProxyLoop
-            | ProxyError::ProxyReset => Culprit::Proxy,
+            | ProxyError::ProxyLoop => Culprit::Proxy,
             _ => Culprit::Upstream,
         }
     }
@@ -221,8 +217,7 @@ impl ProxyError {
             ProxyError::ProxyBadRequest
             | ProxyError::ProxyNotRedirected
             | ProxyError::ProxyNoOriginalDestination
-            | ProxyError::ProxyLoop
-            | ProxyError::ProxyReset => "sidecar: the request cannot be forwarded\n",
+            | ProxyError::ProxyLoop => "sidecar: the request cannot be forwarded\n",
         }
     }
 
@@ -461,12 +456,7 @@ mod tests {
         ] {
             assert_eq!(e.failure_kind(), kind, "{e}");
         }
-        for e in [
-            ProxyNotRedirected,
-            ProxyNoOriginalDestination,
-            ProxyLoop,
-            ProxyReset,
-        ] {
+        for e in [ProxyNotRedirected, ProxyNoOriginalDestination, ProxyLoop] {
             assert_eq!(e.culprit(), Culprit::Proxy);
             assert!(e.code().starts_with("proxy-"));
             assert!(!e.retry_safe());

@@ -1,4 +1,5 @@
-//! `sidecar run`: configuration (flags and `SIDECAR_*` environment), logging, runtime, signals.
+//! `sidecar run`: the proxy with its admin port, readiness, drain and (optionally) the log
+//! forwarder. Its configuration (flags and `SIDECAR_*` environment), signals and triggers:
 //!
 //! | flag | environment | default | why |
 //! |---|---|---|---|
@@ -13,7 +14,7 @@
 //! | `--breaker-consecutive-failures` | `SIDECAR_BREAKER_CONSECUTIVE_FAILURES` | `5` | failures in a row that open a destination's circuit breaker (the seed's 5); `0` turns it off |
 //! | `--breaker-failure-rate` | `SIDECAR_BREAKER_FAILURE_RATE` | `off` | also open on this failure rate (`0.5`, `50%`) over 10 s with at least 20 requests |
 //! | `--breaker-open-time` | `SIDECAR_BREAKER_OPEN_TIME` | `10s` | how long an open breaker answers 503 before it lets a probe through (the seed's 10 s); doubles on each re-trip up to 5 min |
-//! | `--max-retries` | `SIDECAR_MAX_RETRIES` | `2` | retries of idempotent requests on connect failure, reset or 503; `0` turns retries off |
+//! | `--max-retries` | `SIDECAR_MAX_RETRIES` | `2` | retries of idempotent requests on connect failure, reset or 503 (other requests only after a failed connect: they never arrived); `0` turns retries off |
 //! | `--retry-budget-ratio` | `SIDECAR_RETRY_BUDGET_RATIO` | `0.2` | retries may add at most this fraction of requests per destination (linkerd's budget) |
 //! | `--retry-budget-min-per-second` | `SIDECAR_RETRY_BUDGET_MIN_PER_SECOND` | `10` | retries always allowed per second, so quiet destinations can retry |
 //! | `--detect-timeout` | `SIDECAR_DETECT_TIMEOUT` | `1s` | wait for the rest of a partial client preface; never applied while nobody has sent anything |

@@ -89,8 +89,14 @@ pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
     results.push((
         "clippy",
         cmd::run(
-            ctx.cargo()
-                .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+            ctx.cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
             "cargo clippy -- -D warnings",
             Some("fix the warnings above (or allow one where it is wrong, saying why)"),
         ),

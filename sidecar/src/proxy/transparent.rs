@@ -68,9 +68,9 @@ enum Event {
 enum Decision {
     Opaque,
     Http(Protocol),
-    /// Nothing can be answered and there is nowhere to go: reset the client, counting why
-    /// (`None`: a drain cut a silent connection whose dial failed; nothing to count).
-    Reset(Option<ProxyError>),
+    /// Nothing can be answered and there is nowhere to go (the connect failed): reset the
+    /// client, counting why.
+    Reset(ProxyError),
     /// The client failed while we waited: just close.
     Close,
 }
@@ -95,9 +95,7 @@ pub(crate) async fn serve(
     match detecting.run(&client, peer).await {
         Decision::Close => {}
         Decision::Reset(err) => {
-            if let Some(err) = err {
-                shared.telemetry.metrics.error(direction.dir(), err);
-            }
+            shared.telemetry.metrics.error(direction.dir(), err);
             reset(client);
         }
         Decision::Opaque => {
@@ -305,12 +303,12 @@ impl Detecting {
                 }
                 Event::Connected(Ok(stream)) => self.upstream = Upstream::Ready(stream),
                 Event::Connected(Err(e)) => {
-                    warn!(%peer, %dst, error = %e, "connect failed");
+                    let err = connect_failed(peer, dst, &e);
                     if self.draining && self.seen == 0 {
                         // Nothing to answer, nowhere to go: do not wait out the grace period.
-                        return Decision::Reset(None);
+                        return Decision::Reset(err);
                     }
-                    self.upstream = Upstream::Failed(ProxyError::from(&e));
+                    self.upstream = Upstream::Failed(err);
                     // Give an HTTP client the chance to get a 502 that says why; anything else
                     // is reset, like the failed connect would have been without us.
                     self.at_most_detect_timeout();
@@ -329,7 +327,7 @@ impl Detecting {
                 }
                 Event::Deadline => {
                     return match self.upstream {
-                        Upstream::Failed(err) => Decision::Reset(Some(err)),
+                        Upstream::Failed(err) => Decision::Reset(err),
                         _ => Decision::Opaque,
                     }
                 }

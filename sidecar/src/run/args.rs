@@ -62,7 +62,8 @@ pub struct RunArgs {
     #[arg(long, env = "SIDECAR_BREAKER_OPEN_TIME", value_name = "DURATION")]
     pub breaker_open_time: Option<String>,
 
-    /// Retries per idempotent request; 0: none [default: 2]
+    /// Retries per request (idempotent ones; others only after a failed connect); 0: none
+    /// [default: 2]
     #[arg(long, env = "SIDECAR_MAX_RETRIES", value_name = "N")]
     pub max_retries: Option<String>,
 
