@@ -36,15 +36,27 @@ pub enum ConnectError {
     Resolve(String, io::Error),
     #[error("connecting to {0} failed: {1}")]
     Other(SocketAddr, io::Error),
+    /// The proxy itself ran out of something (file descriptors, local ports, buffers): not the
+    /// upstream's fault.
+    #[error("cannot connect to {0}: out of local resources: {1}")]
+    LocalResources(SocketAddr, io::Error),
 }
 
 impl ConnectError {
     pub fn from_io(addr: SocketAddr, err: io::Error) -> Self {
         match err.raw_os_error() {
             Some(libc::ECONNREFUSED) => ConnectError::Refused(addr),
-            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EADDRNOTAVAIL) => {
-                ConnectError::Unreachable(addr, err)
-            }
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH) => ConnectError::Unreachable(addr, err),
+            // Out of descriptors, memory or buffers; EADDRNOTAVAIL (and EAGAIN) on connect: no
+            // free local port for an ephemeral bind.
+            Some(
+                libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EADDRNOTAVAIL
+                | libc::EAGAIN,
+            ) => ConnectError::LocalResources(addr, err),
             _ if err.kind() == io::ErrorKind::ConnectionRefused => ConnectError::Refused(addr),
             _ => ConnectError::Other(addr, err),
         }
@@ -80,6 +92,9 @@ pub enum ProxyError {
     ProxyUnsupported,
     /// The request could not be turned into an upstream request.
     ProxyBadRequest,
+    /// The proxy ran out of a local resource (file descriptors, ports, memory) making the
+    /// request: the upstream is not to blame.
+    ProxyLocalResources,
     /// Connection level: someone dialled the outbound listener directly (no original
     /// destination to forward to). Closed.
     ProxyNotRedirected,
@@ -128,6 +143,7 @@ impl ProxyError {
             ProxyError::DownstreamTimeout => "downstream-timeout",
             ProxyError::ProxyUnsupported => "proxy-unsupported-request",
             ProxyError::ProxyBadRequest => "proxy-bad-request",
+            ProxyError::ProxyLocalResources => "proxy-local-resources",
             ProxyError::ProxyNotRedirected => "proxy-not-redirected",
             ProxyError::ProxyNoOriginalDestination => "proxy-no-original-destination",
             ProxyError::ProxyLoop => "proxy-loop",
@@ -139,7 +155,9 @@ impl ProxyError {
             ProxyError::UpstreamConnectTimeout | ProxyError::UpstreamTimeout => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::UpstreamBreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamBreakerOpen | ProxyError::ProxyLocalResources => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::DownstreamBody | ProxyError::ProxyBadRequest => StatusCode::BAD_REQUEST,
             ProxyError::DownstreamTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ProxyUnsupported => StatusCode::NOT_IMPLEMENTED,
@@ -153,6 +171,7 @@ impl ProxyError {
             ProxyError::DownstreamBody | ProxyError::DownstreamTimeout => Culprit::Downstream,
             ProxyError::ProxyUnsupported
             | ProxyError::ProxyBadRequest
+            | ProxyError::ProxyLocalResources
             | ProxyError::ProxyNotRedirected
             | ProxyError::ProxyNoOriginalDestination
             | ProxyError::ProxyLoop => Culprit::Proxy,
@@ -214,6 +233,9 @@ impl ProxyError {
                 "sidecar: the request body did not arrive within the request timeout\n"
             }
             ProxyError::ProxyUnsupported => "sidecar: this request cannot be proxied here\n",
+            ProxyError::ProxyLocalResources => {
+                "sidecar: the proxy is out of local resources (file descriptors, ports)\n"
+            }
             ProxyError::ProxyBadRequest
             | ProxyError::ProxyNotRedirected
             | ProxyError::ProxyNoOriginalDestination
@@ -302,6 +324,7 @@ impl From<&ConnectError> for ProxyError {
             ConnectError::Resolve(..) | ConnectError::Other(..) => {
                 ProxyError::UpstreamConnectFailed
             }
+            ConnectError::LocalResources(..) => ProxyError::ProxyLocalResources,
         }
     }
 }
@@ -461,6 +484,29 @@ mod tests {
             assert!(e.code().starts_with("proxy-"));
             assert!(!e.retry_safe());
         }
+    }
+
+    #[test]
+    fn local_resource_errors_blame_the_proxy() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::EADDRNOTAVAIL,
+            libc::ENOBUFS,
+        ] {
+            let e = ConnectError::from_io(addr(), io::Error::from_raw_os_error(errno));
+            let err = ProxyError::from(&e);
+            assert_eq!(err, ProxyError::ProxyLocalResources, "errno {errno}");
+            assert_eq!(err.culprit(), Culprit::Proxy);
+            assert_eq!(
+                err.failure_kind(),
+                None,
+                "never counted against a destination"
+            );
+            assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let e = ConnectError::from_io(addr(), io::Error::from_raw_os_error(libc::ENETUNREACH));
+        assert_eq!(ProxyError::from(&e), ProxyError::UpstreamConnectUnreachable);
     }
 
     #[test]

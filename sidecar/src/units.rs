@@ -81,6 +81,32 @@ pub fn parse_addrs(value: &str) -> Result<Vec<SocketAddr>, String> {
     Ok(addrs)
 }
 
+/// A URL as it may be shown to anyone who can read `/config` or a log: user information
+/// (`user:password@`) and the query string (tokens often travel there) are replaced with
+/// `REDACTED`; scheme, host, port and path stay.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("REDACTED@{host}"),
+        None => authority.to_owned(),
+    };
+    let path = match path.split_once('?') {
+        Some((path, _)) => format!("{path}?REDACTED"),
+        None => path.to_owned(),
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{authority}{path}"),
+        None => format!("{authority}{path}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +126,23 @@ mod tests {
         assert!(parse_duration("10").unwrap_err().contains("missing unit"));
         assert!(parse_duration("1.5s").is_err());
         assert!(parse_duration(&format!("{}h", u64::MAX)).is_err());
+    }
+
+    #[test]
+    fn urls_lose_their_secrets() {
+        assert_eq!(
+            redact_url("http://user:s3cret@collector:8080/logs?token=abc"),
+            "http://REDACTED@collector:8080/logs?REDACTED"
+        );
+        assert_eq!(
+            redact_url("http://collector:8080/logs"),
+            "http://collector:8080/logs"
+        );
+        assert_eq!(
+            redact_url("http://a@b@host/?x"),
+            "http://REDACTED@host/?REDACTED"
+        );
+        assert_eq!(redact_url("http://host?token=1"), "http://host?REDACTED");
     }
 
     #[test]

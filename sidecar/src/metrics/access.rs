@@ -41,6 +41,25 @@ impl std::fmt::Display for UpstreamName {
     }
 }
 
+/// A client-controlled value in the access log: as it is when it is plain visible ASCII, else
+/// quoted with escapes, so that a `Host: a status=200` cannot forge fields of a plain-text line.
+struct Field<'a>(&'a str);
+
+impl std::fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plain = !self.0.is_empty()
+            && self
+                .0
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+        if plain {
+            f.write_str(self.0)
+        } else {
+            write!(f, "{:?}", self.0)
+        }
+    }
+}
+
 /// The request fields the access log prints, taken before the request is forwarded (only when
 /// the access log is on: they cost a clone).
 struct Head {
@@ -103,8 +122,8 @@ where
             target: ACCESS_TARGET,
             direction = %obs.dest.direction().as_str(),
             method = %head.method,
-            authority = %head.authority,
-            path = %head.path,
+            authority = %Field(&head.authority),
+            path = %Field(&head.path),
             status = status.as_u16(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             upstream = %obs.upstream,
@@ -113,4 +132,21 @@ where
         );
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Field;
+
+    #[test]
+    fn client_values_cannot_forge_fields() {
+        assert_eq!(Field("a.test:8080").to_string(), "a.test:8080");
+        assert_eq!(Field("/p?a=b&c=d").to_string(), "/p?a=b&c=d");
+        assert_eq!(
+            Field("a.test status=200").to_string(),
+            "\"a.test status=200\""
+        );
+        assert_eq!(Field("x\"y").to_string(), "\"x\\\"y\"");
+        assert_eq!(Field("").to_string(), "\"\"");
+    }
 }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
@@ -108,6 +108,10 @@ pub(crate) fn strip_hop_by_hop(
     }
     if present & HOP_TRANSFER_ENCODING != 0 {
         headers.remove(TRANSFER_ENCODING);
+        // RFC 9112 6.3: Transfer-Encoding overrides Content-Length, and an intermediary must
+        // remove the received Content-Length before forwarding (else the next hop frames the
+        // decoded body by a length that does not match it: truncation, or smuggling).
+        headers.remove(CONTENT_LENGTH);
     }
     if present & HOP_TE != 0 {
         // gRPC needs `te: trailers` end to end on HTTP/2; every other TE use is per hop.
@@ -169,6 +173,15 @@ pub(crate) async fn forward_h1(
             ProxyError::ProxyUnsupported,
             &route.authority,
             &"CONNECT inside an HTTP connection",
+        );
+    }
+    if req.headers().get_all(HOST).iter().nth(1).is_some() {
+        // RFC 9112 3.2: a request with more than one Host is invalid; which one a server would
+        // use is anybody's guess (a classic way around host-based routing).
+        return fail(
+            ProxyError::ProxyBadRequest,
+            &route.authority,
+            &"more than one Host header",
         );
     }
     let is_h1 = req.version() < Version::HTTP_2;

@@ -1059,3 +1059,229 @@ async fn relayed_error_headers_are_not_counted_as_ours() {
     })
     .await;
 }
+
+/// An upstream that answers every request `200 ok` and closes the connection (so that each
+/// request through the proxy dials anew).
+async fn closing_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// While alive, the process has no free file descriptor: the soft `RLIMIT_NOFILE` is lowered to
+/// the lowest free descriptor number. Restored on drop.
+struct NoFreeDescriptors {
+    saved: (u64, u64),
+}
+
+impl NoFreeDescriptors {
+    fn now() -> Self {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let saved = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let lowest_free = {
+            let probe = std::fs::File::open("/dev/null").unwrap();
+            std::os::fd::AsRawFd::as_raw_fd(&probe) as u64
+        };
+        setrlimit(Resource::RLIMIT_NOFILE, lowest_free, saved.1).unwrap();
+        NoFreeDescriptors { saved }
+    }
+}
+
+impl Drop for NoFreeDescriptors {
+    fn drop(&mut self) {
+        use nix::sys::resource::{setrlimit, Resource};
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, self.saved.0, self.saved.1);
+    }
+}
+
+/// A proxy out of file descriptors answers 503 `proxy-local-resources`, and that is not the
+/// destination's failure: its breaker (set to open at the first failure) stays closed, and the
+/// next request, once descriptors are free again, goes through.
+///
+/// The descriptor limit is per process: the test runs its body in a child process of its own
+/// (the test binary, re-run for this one test), whatever runner started it.
+#[test]
+fn out_of_descriptors_is_not_the_destinations_failure() {
+    const CHILD: &str = "SIDECAR_TEST_FD_CHILD";
+    if std::env::var_os(CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "proxy::tests::out_of_descriptors_is_not_the_destinations_failure",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "child failed:\n{text}");
+        assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let upstream = closing_upstream().await;
+        let (_proxy, addr, metrics) = observed_proxy(upstream, |p| {
+            p.breaker.consecutive_failures = 1;
+            p.retry.max_retries = 0;
+        })
+        .await;
+        guard(async {
+            let mut client = h1_client(addr).await;
+            let resp = client.send_request(get("/", "a.test")).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.into_body().collect().await.unwrap();
+            let pool = metrics.conns(Dir::Outbound).clone();
+            until(|| pool.upstream_open.get() == 0).await;
+
+            let limit = NoFreeDescriptors::now();
+            let resp = client.send_request(get("/", "a.test")).await.unwrap();
+            drop(limit);
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(resp.headers()["x-sidecar-error"], "proxy-local-resources");
+            resp.into_body().collect().await.unwrap();
+
+            let resp = client.send_request(get("/", "a.test")).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "the breaker did not open");
+            let local = crate::error::ProxyError::ProxyLocalResources;
+            assert_eq!(metrics.error_count(Dir::Outbound, local), 1);
+        })
+        .await;
+    });
+}
+
+/// An upstream that answers every request with `answer`, byte for byte, then closes.
+async fn raw_upstream(answer: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `request` as raw bytes and reads the whole answer (the proxy closes after it).
+async fn raw_exchange(proxy: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A response with both Transfer-Encoding and Content-Length (a response-splitting attempt, or a
+/// broken server) is forwarded as one message framed by its chunks: the whole body, and no stale
+/// Content-Length that would cut it.
+#[tokio::test]
+async fn response_with_te_and_cl_is_framed_by_its_chunks() {
+    let upstream = raw_upstream(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\
+          connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    let (_proxy, addr) = intercepting(upstream).await;
+    guard(async {
+        let mut client = h1_client(addr).await;
+        let resp = client.send_request(get("/", "a.test")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_ne!(
+            resp.headers().get("content-length").map(|v| v.as_bytes()),
+            Some(&b"3"[..]),
+            "the upstream's Content-Length is not passed on"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "hello world");
+    })
+    .await;
+}
+
+/// An upstream that counts the request heads it receives (answering each `200 ok`).
+async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&heads);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// A request with two Host headers is refused (400), not forwarded for the upstream to pick one.
+#[tokio::test]
+async fn duplicate_host_is_refused() {
+    let (upstream, heads) = counting_upstream().await;
+    let (_proxy, addr) = intercepting(upstream).await;
+    guard(async {
+        let answer = raw_exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nhost: a.test\r\nhost: admin.internal\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(
+            answer.contains("x-sidecar-error: proxy-bad-request"),
+            "{answer}"
+        );
+    })
+    .await;
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        0,
+        "nothing reached the upstream"
+    );
+}

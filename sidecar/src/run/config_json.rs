@@ -89,7 +89,8 @@ pub fn config_json(settings: &Settings, proxy: &proxy::Proxy) -> serde_json::Val
         "max_destinations": life.max_destinations,
         "logs": settings.logs.as_ref().map(|l| serde_json::json!({
             "file": l.file.display().to_string(),
-            "endpoint": l.endpoint.to_string(),
+            // Anyone who reaches the admin port reads this: no credentials, no tokens.
+            "endpoint": crate::units::redact_url(&l.endpoint.to_string()),
             "service": l.service,
             "checkpoint": l.checkpoint.display().to_string(),
         })),
