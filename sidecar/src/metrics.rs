@@ -82,6 +82,8 @@ pub struct ConnMetrics {
     pub upstream_open: IntGauge,
     /// Requests that waited for a connection: their destination was at its connection limit.
     pub upstream_waits: IntCounter,
+    /// Connections refused at accept: the direction had its maximum open.
+    pub refused: IntCounter,
 }
 
 /// What an upstream connection pool records (the gauges and counters of one direction).
@@ -171,6 +173,11 @@ impl ProxyMetrics {
             "sidecar_tcp_sent_bytes_total",
             "Bytes written to downstream connections",
         )?;
+        let refused = dir_counter(
+            "sidecar_tcp_connections_refused_total",
+            "Downstream connections reset at accept because the direction had \
+             --max-downstream-connections open",
+        )?;
         let upstream_open = IntGaugeVec::new(
             Opts::new(
                 "sidecar_upstream_connections_open",
@@ -194,6 +201,7 @@ impl ProxyMetrics {
             Box::new(active.clone()),
             Box::new(received.clone()),
             Box::new(sent.clone()),
+            Box::new(refused.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -207,6 +215,7 @@ impl ProxyMetrics {
                 sent: sent.get_metric_with_label_values(&l)?,
                 upstream_open: upstream_open.get_metric_with_label_values(&l)?,
                 upstream_waits: upstream_waits.get_metric_with_label_values(&l)?,
+                refused: refused.get_metric_with_label_values(&l)?,
             })
         };
         let conns = [conn(Dir::Inbound)?, conn(Dir::Outbound)?];

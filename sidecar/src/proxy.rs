@@ -41,8 +41,10 @@ use crate::net::{addrs_of, bind_all};
 use crate::policy::Policies;
 
 pub use config::{
-    local_addr_resolver, original_dst_resolver, ListenAddr, ProxyConfig, Resolver, Resolvers,
-    Target, Telemetry, DEFAULT_DETECT_TIMEOUT, DEFAULT_POOL_IDLE_TIMEOUT,
+    local_addr_resolver, original_dst_resolver, HttpLimits, ListenAddr, ProxyConfig, Resolver,
+    Resolvers, Target, Telemetry, DEFAULT_DETECT_TIMEOUT, DEFAULT_H2_KEEPALIVE,
+    DEFAULT_H2_MAX_CONCURRENT_STREAMS, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_DOWNSTREAM_CONNECTIONS,
+    DEFAULT_MAX_HEADER_BYTES, DEFAULT_POOL_IDLE_TIMEOUT,
 };
 pub use connect::INBOUND_PASSTHROUGH_V4;
 pub use detect::{classify, Detection, H2_PREFACE};
@@ -234,6 +236,7 @@ pub async fn start_observed(
         target_route,
         telemetry,
         active: active.clone(),
+        overloaded: Default::default(),
         target_dest,
     });
     let outbound_kind = if shared.target_route.is_some() {
@@ -277,9 +280,34 @@ impl Kind {
     }
 }
 
-/// Starts serving one accepted connection.
+/// Starts serving one accepted connection, or refuses it (a reset, counted) when its direction
+/// already has `max_connections` open: new clients are turned away at once instead of every
+/// client slowing down, and the app's own traffic (the other direction) is not affected.
 fn spawn_conn(shared: &Arc<Shared>, kind: Kind, stream: TcpStream, peer: SocketAddr) {
     let dir = kind.dir();
+    if shared.active(dir).get() >= shared.config.max_connections {
+        shared.telemetry.metrics.conns(dir).refused.inc();
+        if !shared
+            .overloaded(dir)
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            warn!(
+                direction = dir.as_str(),
+                max = shared.config.max_connections,
+                "at the connection limit (--max-downstream-connections): refusing new connections"
+            );
+        }
+        if let Err(e) = stream.set_zero_linger() {
+            debug!(%peer, error = %e, "cannot set SO_LINGER 0");
+        }
+        return;
+    }
+    if shared
+        .overloaded(dir)
+        .swap(false, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::info!(direction = dir.as_str(), "below the connection limit again");
+    }
     let conn = ConnGuard::open(&shared.telemetry.metrics, dir, shared.active(dir));
     let conn_shared = Arc::clone(shared);
     match kind {

@@ -20,6 +20,11 @@
 //! | `--detect-timeout` | `SIDECAR_DETECT_TIMEOUT` | `1s` | wait for the rest of a partial client preface; never applied while nobody has sent anything |
 //! | `--pool-idle-timeout` | `SIDECAR_POOL_IDLE_TIMEOUT` | `30s` | see [`crate::proxy::DEFAULT_POOL_IDLE_TIMEOUT`] |
 //! | `--max-connections-per-destination` | `SIDECAR_MAX_CONNECTIONS_PER_DESTINATION` | `128` | upstream HTTP/1 connections per destination and direction; past it requests queue (within the request timeout) for the next free connection: bounds the upstream's sockets and the proxy's memory (see [`crate::proxy::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION`]); per destination: `max_connections` in the config file |
+//! | `--header-timeout` | `SIDECAR_HEADER_TIMEOUT` | `30s` | HTTP/1: a request head must be complete within this from when the connection starts waiting for it (also the keep-alive idle timeout); a stalled or slow head is closed |
+//! | `--max-header-bytes` | `SIDECAR_MAX_HEADER_BYTES` | `32KiB` | HTTP/1: the largest request head, larger gets 431; also the HTTP/2 header list limit |
+//! | `--http2-max-concurrent-streams` | `SIDECAR_HTTP2_MAX_CONCURRENT_STREAMS` | `100` | HTTP/2 streams one client connection may have open |
+//! | `--http2-keepalive` | `SIDECAR_HTTP2_KEEPALIVE` | `30s` | HTTP/2: ping a quiet connection after this; no answer within as long closes it |
+//! | `--max-downstream-connections` | `SIDECAR_MAX_DOWNSTREAM_CONNECTIONS` | `10000` | connections per direction; past it new ones are reset at accept (`sidecar_tcp_connections_refused_total`) |
 //! | `--workers` | `SIDECAR_WORKERS` | `1` | a sidecar should be small: 1 = single-threaded runtime |
 //! | `--drain-timeout` | `SIDECAR_DRAIN_TIMEOUT` | `30s` | bound on the whole drain (Kubernetes' default grace period) |
 //! | `--drain-min` | `SIDECAR_DRAIN_MIN` | `0s` | outbound stays open at least this long after the drain starts; `0s` suits native sidecars (the app has exited before the proxy gets SIGTERM); classic sidecars, whose app gets SIGTERM at the same time, want a few seconds (Istio uses 5 s) |

@@ -14,6 +14,47 @@ use crate::metrics::ProxyMetrics;
 pub use crate::net::ListenAddr;
 use crate::policy::PolicyConfig;
 
+/// HTTP/1: a request head must be complete this long after the connection started waiting for
+/// it (the first request, and each next one on a kept-alive connection, so this is also the
+/// keep-alive idle timeout). hyper's own default; Go servers are often set to 10-30 s, nginx's
+/// `client_header_timeout` is 60 s.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/1: the largest request head (start line and headers); larger gets 431. nginx's default
+/// allows 4 x 8 KiB header lines; Envoy's `max_request_headers_kb` is 60.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+/// HTTP/2: streams one client connection may have open at once (nginx 128; Envoy's hardening
+/// guide 100).
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// HTTP/2: a connection quiet for this long is pinged; no answer within as long again closes it.
+pub const DEFAULT_H2_KEEPALIVE: Duration = Duration::from_secs(30);
+/// Downstream connections per direction (outbound, inbound or `--target`); past it new ones
+/// are refused at accept (reset and counted) rather than everyone slowing down.
+pub const DEFAULT_MAX_DOWNSTREAM_CONNECTIONS: usize = 10_000;
+
+/// The limits of the proxy's HTTP servers (both directions and `--target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// See [`DEFAULT_HEADER_TIMEOUT`].
+    pub header_timeout: Duration,
+    /// See [`DEFAULT_MAX_HEADER_BYTES`].
+    pub max_header_bytes: usize,
+    /// See [`DEFAULT_H2_MAX_CONCURRENT_STREAMS`].
+    pub h2_max_concurrent_streams: u32,
+    /// See [`DEFAULT_H2_KEEPALIVE`].
+    pub h2_keepalive: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+            h2_keepalive: DEFAULT_H2_KEEPALIVE,
+        }
+    }
+}
+
 /// How long a partial client preface ("GE") may take to become decidable. Real clients send a
 /// request line in one segment, so this only matters for slow or odd peers.
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -89,6 +130,10 @@ pub struct ProxyConfig {
     pub policy: PolicyConfig,
     pub detect_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    /// Limits and timers of the HTTP servers.
+    pub http: HttpLimits,
+    /// Downstream connections per direction; see [`DEFAULT_MAX_DOWNSTREAM_CONNECTIONS`].
+    pub max_connections: usize,
 }
 
 impl ProxyConfig {
@@ -108,6 +153,8 @@ impl ProxyConfig {
             policy: PolicyConfig::default(),
             detect_timeout: DEFAULT_DETECT_TIMEOUT,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            http: HttpLimits::default(),
+            max_connections: DEFAULT_MAX_DOWNSTREAM_CONNECTIONS,
         }
     }
 }

@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::config::HttpLimits;
 use super::forward::ProxyBody;
 use crate::lifecycle::{serve_until_drained, FirstRequest};
 use crate::metrics::access::{observe, Observer};
@@ -30,10 +31,14 @@ pub(crate) enum Protocol {
 
 /// Serves `client` until it closes, or until `stop` fires and the request in progress (or the
 /// first one, given up to `limit` to arrive) is answered. Each request is recorded against
-/// `observer` and handed to `forward`.
+/// `observer` and handed to `forward`. `limits` bound what one client can make the server hold:
+/// the time and size of a request head, HTTP/2 streams, and dead HTTP/2 peers.
+// The connection's pieces are passed as they are: bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve_http<F, Fut>(
     client: CountedIo<TcpStream>,
     protocol: Protocol,
+    limits: &HttpLimits,
     stop: &CancellationToken,
     limit: Duration,
     observer: Arc<Observer>,
@@ -56,6 +61,9 @@ where
     match protocol {
         Protocol::Http1 => {
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_header_size(limits.max_header_bytes)
                 .serve_connection(io, service)
                 .with_upgrades();
             tokio::pin!(conn);
@@ -67,6 +75,13 @@ where
         Protocol::Http2 => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_concurrent_streams(limits.h2_max_concurrent_streams)
+                .keep_alive_interval(limits.h2_keepalive)
+                .keep_alive_timeout(limits.h2_keepalive)
+                // Rapid reset (CVE-2023-44487): streams a client opens and resets before we
+                // answer count against this; past it the connection ends with GOAWAY.
+                .max_pending_accept_reset_streams(Some(20))
+                .max_header_list_size(limits.max_header_bytes.try_into().unwrap_or(u32::MAX))
                 .serve_connection(io, service);
             tokio::pin!(conn);
             serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {

@@ -85,6 +85,8 @@ pub(crate) struct Shared {
     pub(crate) telemetry: Telemetry,
     /// Open downstream connections per direction (the drain waits on them).
     pub(crate) active: [Arc<ActiveConns>; 2],
+    /// Per direction: at the connection limit (refusing) since the last accepted connection.
+    pub(crate) overloaded: [std::sync::atomic::AtomicBool; 2],
     /// `--target` mode: the target's request metrics and name, resolved once.
     pub(crate) target_dest: Option<(Arc<DestinationMetrics>, Arc<str>)>,
 }
@@ -99,6 +101,13 @@ impl Shared {
                     || (l.ip().is_unspecified()
                         && (dst_ip.is_loopback() || dst_ip.is_unspecified())))
         })
+    }
+
+    pub(crate) fn overloaded(&self, dir: Dir) -> &std::sync::atomic::AtomicBool {
+        match dir {
+            Dir::Inbound => &self.overloaded[0],
+            Dir::Outbound => &self.overloaded[1],
+        }
     }
 
     /// The token that stops connections of `dir`.

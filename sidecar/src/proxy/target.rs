@@ -50,7 +50,16 @@ pub(crate) async fn serve(
     };
     let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
     let client = CountedIo::new(client, conn);
-    let result = serve_http(client, protocol, stop, limit, observer, forward).await;
+    let result = serve_http(
+        client,
+        protocol,
+        &shared.config.http,
+        stop,
+        limit,
+        observer,
+        forward,
+    )
+    .await;
     if let Err(e) = result {
         debug!(%peer, error = %Chain(&e), "connection ended with an error");
     }

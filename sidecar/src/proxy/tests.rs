@@ -841,9 +841,18 @@ async fn observed_proxy(
     upstream: SocketAddr,
     policy: impl FnOnce(&mut crate::policy::DestinationPolicy),
 ) -> (Proxy, SocketAddr, Arc<ProxyMetrics>) {
+    configured_proxy(upstream, |c| policy(&mut c.policy.defaults)).await
+}
+
+/// An intercepting proxy to `upstream`, its configuration adjusted by `configure`, with its
+/// metrics.
+async fn configured_proxy(
+    upstream: SocketAddr,
+    configure: impl FnOnce(&mut ProxyConfig),
+) -> (Proxy, SocketAddr, Arc<ProxyMetrics>) {
     let metrics = ProxyMetrics::unregistered();
     let mut config = loopback_config();
-    policy(&mut config.policy.defaults);
+    configure(&mut config);
     let telemetry = Telemetry {
         metrics: Arc::clone(&metrics),
         access_log: false,
@@ -1284,4 +1293,116 @@ async fn duplicate_host_is_refused() {
         0,
         "nothing reached the upstream"
     );
+}
+
+/// Reads until the peer closes (or resets); returns what arrived.
+async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    out
+}
+
+/// A client that sends part of a request head and stalls is closed at the header timeout (and
+/// so is a kept-alive connection that stays idle); meanwhile other clients are served.
+#[tokio::test]
+async fn stalled_heads_and_idle_keep_alive_are_closed_at_the_header_timeout() {
+    let (upstream, _) = counting_upstream().await;
+    let timeout = Duration::from_millis(300);
+    let (_proxy, addr, _) = configured_proxy(upstream, |c| c.http.header_timeout = timeout).await;
+    guard(async {
+        let started = tokio::time::Instant::now();
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
+        stalled
+            .write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\nx-slow: 1")
+            .await
+            .unwrap();
+        // Served meanwhile.
+        let answer = raw_exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        read_until_closed(&mut stalled).await;
+        assert!(
+            started.elapsed() >= timeout,
+            "closed at the timeout, not before"
+        );
+
+        // Keep-alive: one request, then silence.
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = String::from_utf8_lossy(&read_until_closed(&mut idle).await).into_owned();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "answered, then closed when idle: {answer}"
+        );
+    })
+    .await;
+}
+
+/// A request head over `max_header_bytes` is answered 431 and the connection closed, before the
+/// proxy buffers more of it.
+#[tokio::test]
+async fn oversized_heads_are_refused_with_431() {
+    let (upstream, heads) = counting_upstream().await;
+    let (_proxy, addr, _) = configured_proxy(upstream, |c| c.http.max_header_bytes = 4096).await;
+    guard(async {
+        let big = format!(
+            "GET / HTTP/1.1\r\nhost: a.test\r\nx-big: {}\r\n\r\n",
+            "a".repeat(64 * 1024)
+        );
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // The proxy may close while we are still writing: that is the point.
+        let _ = s.write_all(big.as_bytes()).await;
+        let answer = String::from_utf8_lossy(&read_until_closed(&mut s).await).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+        let fine = raw_exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(fine.starts_with("HTTP/1.1 200"), "{fine}");
+    })
+    .await;
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        1,
+        "only the normal request went upstream"
+    );
+}
+
+/// At `max_connections` open in a direction, new connections are reset at accept and counted;
+/// once one closes, new ones are served again.
+#[tokio::test]
+async fn connections_past_the_cap_are_refused_at_accept() {
+    let (upstream, _) = counting_upstream().await;
+    let (proxy, addr, metrics) = configured_proxy(upstream, |c| c.max_connections = 2).await;
+    guard(async {
+        let first = TcpStream::connect(addr).await.unwrap();
+        let _second = TcpStream::connect(addr).await.unwrap();
+        until(|| proxy.active(Dir::Outbound).get() == 2).await;
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let _ = third
+            .write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n")
+            .await;
+        let answer = read_until_closed(&mut third).await;
+        assert!(answer.is_empty(), "refused, not served: {answer:?}");
+        let refused = metrics.conns(Dir::Outbound).refused.clone();
+        assert_eq!(refused.get(), 1);
+        assert_eq!(proxy.active(Dir::Outbound).get(), 2);
+
+        drop(first);
+        until(|| proxy.active(Dir::Outbound).get() == 1).await;
+        let answer = raw_exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(refused.get(), 1);
+    })
+    .await;
 }

@@ -379,7 +379,16 @@ async fn serve_http_conn(
                 let route = Arc::clone(&route);
                 async move { forward_h1(&shared, shared.egress(direction), &route, req).await }
             };
-            serve_http(client, protocol, &stop, limit, observer, forward).await
+            serve_http(
+                client,
+                protocol,
+                &shared.config.http,
+                &stop,
+                limit,
+                observer,
+                forward,
+            )
+            .await
         }
         Protocol::Http2 => {
             let source = shared.egress(direction).source;
@@ -390,7 +399,16 @@ async fn serve_http_conn(
                 let upstream = Arc::clone(&upstream);
                 async move { forward_h2(&shared, &upstream, req).await }
             };
-            serve_http(client, protocol, &stop, limit, observer, forward).await
+            serve_http(
+                client,
+                protocol,
+                &shared.config.http,
+                &stop,
+                limit,
+                observer,
+                forward,
+            )
+            .await
         }
     };
     if let Err(e) = result {

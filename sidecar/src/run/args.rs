@@ -94,6 +94,54 @@ pub struct RunArgs {
     )]
     pub pool_idle_timeout: String,
 
+    /// HTTP/1: a request head must be complete within this, counted from when the connection
+    /// starts waiting for it (so it is also the keep-alive idle timeout)
+    #[arg(
+        long,
+        env = "SIDECAR_HEADER_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s"
+    )]
+    pub header_timeout: String,
+
+    /// HTTP/1: the largest request head (start line and headers); larger gets 431; also the
+    /// HTTP/2 header list limit
+    #[arg(
+        long,
+        env = "SIDECAR_MAX_HEADER_BYTES",
+        value_name = "SIZE",
+        default_value = "32KiB"
+    )]
+    pub max_header_bytes: String,
+
+    /// HTTP/2: streams one client connection may have open at once
+    #[arg(
+        long,
+        env = "SIDECAR_HTTP2_MAX_CONCURRENT_STREAMS",
+        value_name = "N",
+        default_value = "100"
+    )]
+    pub http2_max_concurrent_streams: String,
+
+    /// HTTP/2: a quiet connection is pinged after this; no answer within as long closes it
+    #[arg(
+        long,
+        env = "SIDECAR_HTTP2_KEEPALIVE",
+        value_name = "DURATION",
+        default_value = "30s"
+    )]
+    pub http2_keepalive: String,
+
+    /// Downstream connections per direction (outbound, inbound); past it new ones are reset at
+    /// accept and counted
+    #[arg(
+        long,
+        env = "SIDECAR_MAX_DOWNSTREAM_CONNECTIONS",
+        value_name = "N",
+        default_value = "10000"
+    )]
+    pub max_downstream_connections: String,
+
     /// Upstream HTTP/1 connections per destination; further requests queue for one [default: 128]
     #[arg(
         long,

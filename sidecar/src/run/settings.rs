@@ -10,8 +10,8 @@ pub use crate::config_errors::{ConfigError, ConfigErrors};
 use crate::lifecycle::{AppProbe, AppTarget};
 use crate::policy::config_file::Flag;
 use crate::policy::PolicyConfig;
-use crate::proxy::{ListenAddr, ProxyConfig, Target};
-use crate::units::{parse_addrs, parse_duration};
+use crate::proxy::{HttpLimits, ListenAddr, ProxyConfig, Target};
+use crate::units::{parse_addrs, parse_duration, parse_size};
 
 /// Admin, readiness, drain and telemetry settings (see the table at the top).
 #[derive(Debug, Clone)]
@@ -294,6 +294,80 @@ impl Settings {
             &args.drain_timeout,
             true,
         );
+        let header_timeout = duration(
+            "--header-timeout / SIDECAR_HEADER_TIMEOUT",
+            &args.header_timeout,
+            false,
+        );
+        let h2_keepalive = duration(
+            "--http2-keepalive / SIDECAR_HTTP2_KEEPALIVE",
+            &args.http2_keepalive,
+            false,
+        );
+        let mut number =
+            |key: &'static str, value: &str, range: std::ops::RangeInclusive<u64>| match value
+                .trim()
+                .parse::<u64>()
+            {
+                Ok(n) if range.contains(&n) => Some(n),
+                _ => {
+                    errors.push(ConfigError {
+                        key: key.into(),
+                        value: value.to_owned(),
+                        problem: format!(
+                            "expected a whole number from {} to {}",
+                            range.start(),
+                            range.end()
+                        ),
+                    });
+                    None
+                }
+            };
+        let h2_max_concurrent_streams = number(
+            "--http2-max-concurrent-streams / SIDECAR_HTTP2_MAX_CONCURRENT_STREAMS",
+            &args.http2_max_concurrent_streams,
+            1..=10_000,
+        );
+        let max_connections = number(
+            "--max-downstream-connections / SIDECAR_MAX_DOWNSTREAM_CONNECTIONS",
+            &args.max_downstream_connections,
+            1..=1_000_000,
+        );
+        let max_header_bytes = match parse_size(&args.max_header_bytes) {
+            Ok(n) if (1024..=1024 * 1024).contains(&n) => Some(n),
+            Ok(_) => {
+                errors.push(ConfigError {
+                    key: "--max-header-bytes / SIDECAR_MAX_HEADER_BYTES".into(),
+                    value: args.max_header_bytes.clone(),
+                    problem: "must be from 1KiB to 1MiB".to_owned(),
+                });
+                None
+            }
+            Err(problem) => {
+                errors.push(ConfigError {
+                    key: "--max-header-bytes / SIDECAR_MAX_HEADER_BYTES".into(),
+                    value: args.max_header_bytes.clone(),
+                    problem,
+                });
+                None
+            }
+        };
+        let http = match (
+            header_timeout,
+            max_header_bytes,
+            h2_max_concurrent_streams,
+            h2_keepalive,
+        ) {
+            (Some(header_timeout), Some(max_header_bytes), Some(streams), Some(h2_keepalive)) => {
+                Some(HttpLimits {
+                    header_timeout,
+                    max_header_bytes,
+                    h2_max_concurrent_streams: u32::try_from(streams).unwrap_or(u32::MAX),
+                    h2_keepalive,
+                })
+            }
+            _ => None,
+        };
 
         let workers = match args.workers.trim().parse::<usize>() {
             Ok(n) if (1..=1024).contains(&n) => Some(n),
@@ -338,6 +412,8 @@ impl Settings {
             workers,
             log_format,
             lifecycle,
+            http,
+            max_connections,
         ) {
             (
                 Some(policy),
@@ -347,6 +423,8 @@ impl Settings {
                 Some(workers),
                 Some(log_format),
                 Some(lifecycle),
+                Some(http),
+                Some(max_connections),
             ) if errors.is_empty() => Ok(Settings {
                 proxy: ProxyConfig {
                     listen,
@@ -356,6 +434,8 @@ impl Settings {
                     policy,
                     detect_timeout,
                     pool_idle_timeout,
+                    http,
+                    max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
                 },
                 workers,
                 drain_timeout,
