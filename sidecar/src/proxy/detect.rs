@@ -1,8 +1,12 @@
 //! Protocol detection from the first bytes a client sends (peeked, never consumed).
 //!
-//! The rules are deliberately narrow: only what is certainly HTTP is proxied as HTTP; anything
-//! else (TLS, databases, custom protocols, explicit-proxy traffic) goes through as opaque TCP,
-//! which is always correct, only less observable.
+//! What a server must accept as HTTP/1 is accepted as HTTP/1 (RFC 9112 2.2, 3): any method token,
+//! upper or lower case; empty lines before the request line; absolute-form on inbound. That
+//! matters for security: a request passed through as opaque bytes reaches the app with whatever
+//! `X-Forwarded-For` the client wrote and none of the proxy's headers. Anything that is not a
+//! request line (TLS, databases, custom protocols) goes through as opaque TCP. A standard method
+//! with an origin-form target decides at once; an extension method needs its whole request line
+//! (ending in `HTTP/1.x`) or a full peek buffer of request-line characters.
 //!
 //! Also the peeking itself: waiting for more client bytes without consuming them, and telling an
 //! h2c server's unsolicited SETTINGS frame from a server that speaks first.
@@ -17,19 +21,23 @@ use tokio::time::Instant;
 /// The HTTP/2 client connection preface (RFC 9113 3.4), sent first by "prior knowledge" h2c clients.
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// How many bytes detection may need to look at: the h2 preface is the longest thing it matches.
-pub const MAX_DETECT_LEN: usize = H2_PREFACE.len();
+/// How many bytes detection looks at: enough for the h2 preface and for the request line of an
+/// extension method with a short path (`PROPFIND /calendars/x HTTP/1.1`).
+pub const MAX_DETECT_LEN: usize = 64;
 
-/// Request methods we accept as the start of an HTTP/1 request line. Extension methods (WebDAV,
-/// lowercase, custom) are passed through as opaque TCP, which is still correct.
+/// Methods that decide at once with an origin-form (`/`) or asterisk-form (`*`) target.
 const METHODS: &[&[u8]] = &[
     b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"TRACE", b"PATCH", b"CONNECT",
 ];
 
+/// Empty lines a client may send before its request line (RFC 9112 2.2: a server SHOULD ignore
+/// at least one); more than this and it is not HTTP.
+const MAX_LEADING_EMPTY_LINES: usize = 4;
+
 /// What the first client bytes say about the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detection {
-    /// An HTTP/1.x request line in origin form (`GET /path`) or asterisk form (`OPTIONS *`).
+    /// An HTTP/1.x request line.
     Http1,
     /// The h2c prior-knowledge preface.
     Http2,
@@ -39,12 +47,16 @@ pub enum Detection {
     NeedMore,
 }
 
-/// Classifies a peeked prefix of the client's first flight.
-///
-/// `CONNECT` and absolute-form request lines (`GET http://...`) are classified as opaque on
-/// purpose: such a client is talking to an explicit forward proxy at the original destination,
-/// and that proxy, not us, must see its requests verbatim.
-pub fn classify(buf: &[u8]) -> Detection {
+/// `tchar` of RFC 9110 5.6.2: what a method token is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Classifies a peeked prefix of the client's first flight. `inbound`: the client is another
+/// host calling the app (absolute-form is then HTTP to be proxied); outbound, an absolute-form
+/// request (`GET http://...`) or a `CONNECT` means the app talks to an explicit forward proxy at
+/// the original destination, which must see its requests verbatim: opaque.
+pub fn classify(buf: &[u8], inbound: bool) -> Detection {
     if buf.is_empty() {
         return Detection::NeedMore;
     }
@@ -56,30 +68,84 @@ pub fn classify(buf: &[u8]) -> Detection {
             Detection::NeedMore
         };
     }
-    for &method in METHODS {
-        let n = buf.len().min(method.len());
-        if buf[..n] != method[..n] {
-            continue;
-        }
-        if buf.len() <= method.len() {
-            // "PO" could be POST or anything else: undecided until more arrives.
+    // Empty lines first (CRLF or a bare LF).
+    let mut line = buf;
+    let mut empty = 0;
+    loop {
+        if line.starts_with(b"\r\n") {
+            line = &line[2..];
+        } else if line.starts_with(b"\n") {
+            line = &line[1..];
+        } else if line == b"\r" {
             return Detection::NeedMore;
+        } else {
+            break;
         }
-        if buf[method.len()] != b' ' {
-            continue;
-        }
-        let Some(&first) = buf.get(method.len() + 1) else {
-            return Detection::NeedMore;
-        };
-        if method == b"CONNECT" {
+        empty += 1;
+        if empty > MAX_LEADING_EMPTY_LINES {
             return Detection::Opaque;
         }
-        return match first {
-            b'/' | b'*' => Detection::Http1,
-            _ => Detection::Opaque,
+    }
+    if line.is_empty() {
+        return Detection::NeedMore;
+    }
+    let token_len = line.iter().take_while(|b| is_tchar(**b)).count();
+    if token_len == line.len() {
+        // The method so far: anything could follow.
+        return if token_len <= 32 {
+            Detection::NeedMore
+        } else {
+            Detection::Opaque
         };
     }
-    Detection::Opaque
+    if token_len == 0 || token_len > 32 || line[token_len] != b' ' {
+        return Detection::Opaque;
+    }
+    let method = &line[..token_len];
+    let Some(&first) = line.get(token_len + 1) else {
+        return Detection::NeedMore;
+    };
+    if method == b"CONNECT" || method == b"PRI" {
+        // CONNECT: a tunnel to an explicit proxy. PRI is reserved for the h2 preface.
+        return Detection::Opaque;
+    }
+    let absolute = first == b'h' || first == b'H';
+    let target_ok = match first {
+        b'/' | b'*' => true,
+        _ if absolute => inbound,
+        _ => false,
+    };
+    if !target_ok {
+        return Detection::Opaque;
+    }
+    if METHODS.contains(&method) && !absolute {
+        return Detection::Http1;
+    }
+    // An extension method, or absolute-form: the rest of the request line must be one.
+    let rest = &line[token_len + 1..];
+    match rest.iter().position(|b| *b == b'\r' || *b == b'\n') {
+        Some(end) => {
+            let request_line = &rest[..end];
+            let version_ok =
+                request_line.ends_with(b" HTTP/1.1") || request_line.ends_with(b" HTTP/1.0");
+            let target = &request_line[..request_line.len().saturating_sub(9)];
+            if version_ok && !target.is_empty() && target.iter().all(u8::is_ascii_graphic) {
+                Detection::Http1
+            } else {
+                Detection::Opaque
+            }
+        }
+        None if rest.iter().all(|b| b.is_ascii_graphic() || *b == b' ') => {
+            // No end of line yet: a request line if it goes on like one. A full buffer of it
+            // is enough evidence (hyper parses the rest, and answers 400 if it is not HTTP).
+            if buf.len() >= MAX_DETECT_LEN {
+                Detection::Http1
+            } else {
+                Detection::NeedMore
+            }
+        }
+        None => Detection::Opaque,
+    }
 }
 
 /// True if the upstream's first bytes are an HTTP/2 frame header of a SETTINGS frame
@@ -141,71 +207,115 @@ pub(crate) async fn wait_until(deadline: Option<Instant>) {
 mod tests {
     use super::*;
 
+    fn out(buf: &[u8]) -> Detection {
+        classify(buf, false)
+    }
+
     #[test]
     fn http1_request_lines() {
-        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Detection::Http1);
-        assert_eq!(classify(b"POST /x"), Detection::Http1);
-        assert_eq!(classify(b"OPTIONS * HTTP/1.1"), Detection::Http1);
-        assert_eq!(classify(b"DELETE /"), Detection::Http1);
-        assert_eq!(classify(b"PATCH /a"), Detection::Http1);
+        for inbound in [false, true] {
+            assert_eq!(classify(b"GET / HTTP/1.1\r\n", inbound), Detection::Http1);
+            assert_eq!(classify(b"POST /x", inbound), Detection::Http1);
+            assert_eq!(classify(b"OPTIONS * HTTP/1.1", inbound), Detection::Http1);
+            assert_eq!(classify(b"DELETE /", inbound), Detection::Http1);
+            assert_eq!(classify(b"PATCH /a", inbound), Detection::Http1);
+        }
+    }
+
+    #[test]
+    fn every_valid_request_line_form_is_http() {
+        // Empty lines before the request line (RFC 9112 2.2).
+        assert_eq!(out(b"\r\nGET / HTTP/1.1\r\n"), Detection::Http1);
+        assert_eq!(out(b"\n\r\nGET /"), Detection::Http1);
+        assert_eq!(out(b"\r"), Detection::NeedMore);
+        assert_eq!(out(b"\r\n"), Detection::NeedMore);
+        // Extension methods, lower-case methods (valid tokens): their whole request line.
+        assert_eq!(out(b"PROPFIND /dav HTTP/1.1\r\n"), Detection::Http1);
+        assert_eq!(out(b"get / HTTP/1.1\r\n"), Detection::Http1);
+        assert_eq!(out(b"GETX / HTTP/1.0\r\n"), Detection::Http1);
+        assert_eq!(out(b"PROPFIND /dav HTTP/1."), Detection::NeedMore);
+        assert_eq!(out(b"PROPFIND"), Detection::NeedMore);
+        let long = format!("MKCALENDAR /{} HTTP/1.1\r\n", "c".repeat(80));
+        assert_eq!(out(&long.as_bytes()[..MAX_DETECT_LEN]), Detection::Http1);
+        // Absolute-form: HTTP inbound (another host calling the app), opaque outbound.
+        assert_eq!(
+            classify(b"GET http://app/ HTTP/1.1\r\n", true),
+            Detection::Http1
+        );
+        assert_eq!(
+            classify(b"GET http://app/ HTTP/1.1\r\n", false),
+            Detection::Opaque
+        );
     }
 
     #[test]
     fn h2_preface() {
-        assert_eq!(classify(H2_PREFACE), Detection::Http2);
+        assert_eq!(out(H2_PREFACE), Detection::Http2);
         let mut longer = H2_PREFACE.to_vec();
         longer.extend_from_slice(&[0, 0, 18, 4]);
-        assert_eq!(classify(&longer), Detection::Http2);
+        assert_eq!(out(&longer), Detection::Http2);
     }
 
     #[test]
     fn partial_prefixes_wait() {
         for cut in 1..H2_PREFACE.len() {
-            assert_eq!(
-                classify(&H2_PREFACE[..cut]),
-                Detection::NeedMore,
-                "cut {cut}"
-            );
+            assert_eq!(out(&H2_PREFACE[..cut]), Detection::NeedMore, "cut {cut}");
         }
-        assert_eq!(classify(b""), Detection::NeedMore);
-        assert_eq!(classify(b"G"), Detection::NeedMore);
-        assert_eq!(classify(b"GET"), Detection::NeedMore);
-        assert_eq!(classify(b"GET "), Detection::NeedMore);
-        assert_eq!(classify(b"OPTIO"), Detection::NeedMore);
+        assert_eq!(out(b""), Detection::NeedMore);
+        assert_eq!(out(b"G"), Detection::NeedMore);
+        assert_eq!(out(b"GET"), Detection::NeedMore);
+        assert_eq!(out(b"GET "), Detection::NeedMore);
+        assert_eq!(out(b"OPTIO"), Detection::NeedMore);
     }
 
     #[test]
     fn everything_else_is_opaque() {
-        // TLS ClientHello, a database startup packet, SSH, lowercase methods, binary.
-        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x02, 0x00]), Detection::Opaque);
-        assert_eq!(classify(&[0, 0, 0, 8, 4, 210, 22, 47]), Detection::Opaque);
-        assert_eq!(classify(b"SSH-2.0-OpenSSH_9.2"), Detection::Opaque);
-        assert_eq!(classify(b"get / HTTP/1.1"), Detection::Opaque);
-        assert_eq!(classify(b"GETX / HTTP/1.1"), Detection::Opaque);
-        assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Detection::Opaque);
-        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Detection::Opaque);
+        // TLS ClientHello, a database startup packet, SSH, Redis, binary, no version.
+        assert_eq!(out(&[0x16, 0x03, 0x01, 0x02, 0x00]), Detection::Opaque);
+        assert_eq!(out(&[0, 0, 0, 8, 4, 210, 22, 47]), Detection::Opaque);
+        assert_eq!(out(b"SSH-2.0-OpenSSH_9.2\r\n"), Detection::Opaque);
+        assert_eq!(out(b"PRI * HTTP/1.1\r\n"), Detection::Opaque);
+        assert_eq!(out(b"*1\r\n$4\r\nPING\r\n"), Detection::Opaque);
+        assert_eq!(out(b"PING\r\n"), Detection::Opaque);
+        assert_eq!(out(b"get key\r\n"), Detection::Opaque, "memcached");
+        assert_eq!(out(b"FOO /x SIP/2.0\r\n"), Detection::Opaque);
+        assert_eq!(out(b"\r\n\r\n\r\n\r\n\r\nGET /"), Detection::Opaque);
     }
 
     #[test]
     fn explicit_proxy_traffic_is_opaque() {
-        assert_eq!(
-            classify(b"CONNECT example.com:443 HTTP/1.1"),
-            Detection::Opaque
-        );
-        assert_eq!(
-            classify(b"GET http://example.com/ HTTP/1.1"),
-            Detection::Opaque
-        );
+        for inbound in [false, true] {
+            assert_eq!(
+                classify(b"CONNECT example.com:443 HTTP/1.1", inbound),
+                Detection::Opaque
+            );
+        }
+        assert_eq!(out(b"GET http://example.com/ HTTP/1.1"), Detection::Opaque);
     }
 
     #[test]
     fn decision_never_needs_more_than_max_detect_len() {
-        let mut buf = H2_PREFACE.to_vec();
-        buf.resize(MAX_DETECT_LEN + 8, b'x');
-        for len in MAX_DETECT_LEN..buf.len() {
-            assert_ne!(classify(&buf[..len]), Detection::NeedMore);
+        let samples: [&[u8]; 8] = [
+            H2_PREFACE,
+            b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"PROPFIND /",
+            b"\r\n\r\nGET",
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZABCDEFGHIJ",
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZABCDEF ",
+            b"GET http://a/",
+            b"x",
+        ];
+        for sample in samples {
+            for inbound in [false, true] {
+                let mut buf = sample.to_vec();
+                buf.resize(MAX_DETECT_LEN, b'x');
+                assert_ne!(
+                    classify(&buf, inbound),
+                    Detection::NeedMore,
+                    "{:?}",
+                    String::from_utf8_lossy(&buf)
+                );
+            }
         }
-        let req = b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n";
-        assert_ne!(classify(&req[..MAX_DETECT_LEN]), Detection::NeedMore);
     }
 }

@@ -151,6 +151,11 @@ async fn describing_upstream(
                     seen(req.headers().get("x-forwarded-by")),
                 );
                 h.insert("x-seen-host", seen(req.headers().get(HOST)));
+                h.insert("x-seen-xff", seen(req.headers().get("x-forwarded-for")));
+                h.insert(
+                    "x-seen-method",
+                    HeaderValue::from_str(req.method().as_str()).unwrap(),
+                );
                 h.insert("x-seen-connection", seen(req.headers().get(CONNECTION)));
                 h.insert(
                     "x-seen-path",
@@ -636,7 +641,7 @@ async fn partial_preface_waits_for_more_bytes() {
         .await
         .unwrap();
     assert_eq!(n, 2);
-    assert_eq!(classify(&buf[..n]), Detection::NeedMore);
+    assert_eq!(classify(&buf[..n], false), Detection::NeedMore);
     {
         // With no new bytes, waiting for more must not complete.
         let more = outbound_client_bytes(&server, &mut buf, 2);
@@ -648,7 +653,7 @@ async fn partial_preface_waits_for_more_bytes() {
         let n = guard(more).await.unwrap();
         assert!(n > 2);
     }
-    assert_eq!(classify(&buf[..6]), Detection::Http1);
+    assert_eq!(classify(&buf[..6], false), Detection::Http1);
 }
 
 use detect::client_bytes as outbound_client_bytes;
@@ -1403,6 +1408,39 @@ async fn connections_past_the_cap_are_refused_at_accept() {
         .await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert_eq!(refused.get(), 1);
+    })
+    .await;
+}
+
+/// Every valid request-line form reaching the app inbound is proxied as HTTP: the app sees the
+/// proxy's headers and the real client after whatever `X-Forwarded-For` the client forged, never
+/// the client's bytes passed through as they were.
+#[tokio::test]
+async fn inbound_request_line_forms_are_proxied_as_http() {
+    let app = http_upstream().await;
+    let (_proxy, inbound) = inbound_to(app).await;
+    let forms: [(&str, &str); 4] = [
+        ("\r\nGET /a HTTP/1.1", "GET"),
+        ("get /a HTTP/1.1", "get"),
+        ("PROPFIND /a HTTP/1.1", "PROPFIND"),
+        ("GET http://app.test/a HTTP/1.1", "GET"),
+    ];
+    guard(async {
+        for (line, method) in forms {
+            let request = format!(
+                "{line}\r\nhost: app.test\r\nx-forwarded-for: 6.6.6.6\r\nconnection: close\r\n\r\n"
+            );
+            let answer = raw_exchange(inbound, request.as_bytes()).await;
+            let has = |h: &str| answer.lines().any(|l| l.eq_ignore_ascii_case(h));
+            assert!(answer.starts_with("HTTP/1.1 200"), "{line:?}: {answer}");
+            assert!(has("x-seen-forwarded-by: sidecar"), "{line:?}: {answer}");
+            assert!(has("x-seen-xff: 6.6.6.6, 127.0.0.1"), "{line:?}: {answer}");
+            assert!(
+                has(&format!("x-seen-method: {method}")),
+                "{line:?}: {answer}"
+            );
+            assert!(has("x-seen-path: /a"), "{line:?}: {answer}");
+        }
     })
     .await;
 }

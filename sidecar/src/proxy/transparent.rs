@@ -192,6 +192,8 @@ struct Detecting {
     dst: SocketAddr,
     connect_timeout: Duration,
     source: Source,
+    /// Inbound: absolute-form requests are HTTP (see [`classify`]).
+    inbound: bool,
 }
 
 impl Detecting {
@@ -204,6 +206,7 @@ impl Detecting {
         dest: &Destination,
     ) -> Detecting {
         let egress = shared.egress(direction);
+        let inbound = matches!(direction, Direction::Inbound { .. });
         let detect_timeout = shared.config.detect_timeout;
         let connect_timeout = dest.policy().connect_timeout;
         let mut buf = [0u8; MAX_DETECT_LEN];
@@ -213,7 +216,7 @@ impl Detecting {
         // pre-dial, which saves a connect and a close per client connection under churn.
         let http1_waiting = matches!(
             recv(client.as_raw_fd(), &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
-            Ok(n) if n > 0 && matches!(classify(&buf[..n]), Detection::Http1)
+            Ok(n) if n > 0 && matches!(classify(&buf[..n], inbound), Detection::Http1)
         );
         let mut deadline = None;
         // A destination the pool is talking HTTP/1 to has no greeting to wait for either: hold
@@ -245,6 +248,7 @@ impl Detecting {
             dst,
             connect_timeout,
             source: egress.source,
+            inbound,
         }
     }
 
@@ -287,7 +291,7 @@ impl Detecting {
                 Event::Client(Ok(0)) => return Decision::Opaque,
                 Event::Client(Ok(n)) => {
                     self.seen = n;
-                    match classify(&self.buf[..n]) {
+                    match classify(&self.buf[..n], self.inbound) {
                         Detection::Http1 => return Decision::Http(Protocol::Http1),
                         Detection::Http2 => return Decision::Http(Protocol::Http2),
                         Detection::Opaque => return Decision::Opaque,
