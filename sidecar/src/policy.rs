@@ -206,7 +206,7 @@ impl Policies {
             .map(|(_, d)| Arc::clone(d))
     }
 
-    /// The destination of `--target` mode: its name rule, else one with the defaults.
+    /// The destination of `--target` mode: its rule, else the defaults without a breaker.
     pub fn target(
         &self,
         authority: &str,
@@ -227,11 +227,14 @@ impl Policies {
             Some(f) => f(),
             None => self.labels.label(&name),
         };
-        Arc::new(Destination::new(
-            name,
-            Arc::clone(&self.defaults),
-            Some(&label),
-        ))
+        // The one service behind a reverse proxy: remote clients can provoke its 5xx at will,
+        // and an open breaker would then refuse everyone (as for inbound). A rule naming the
+        // target turns one on deliberately.
+        let policy = DestinationPolicy {
+            breaker: BreakerConfig::disabled(),
+            ..(*self.defaults).clone()
+        };
+        Arc::new(Destination::new(name, Arc::new(policy), Some(&label)))
     }
 
     /// The connect timeout for dialling `host:port` (an address rule, a name rule, or the default).

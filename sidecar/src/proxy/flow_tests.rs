@@ -415,3 +415,45 @@ async fn non_idempotent_requests_are_resent_only_when_they_never_arrived() {
     })
     .await;
 }
+
+/// `--target` mode fronts one service for remote clients, who can make it answer 5xx at will:
+/// without a rule naming the target there is no breaker, so no client can get everyone refused.
+/// A rule naming the target turns it on.
+#[tokio::test]
+async fn target_mode_has_no_breaker_unless_a_rule_asks_for_one() {
+    guard(async {
+        let (upstream, log) = scripted(|_| 500).await;
+        for (rule, refused_after) in [(false, None), (true, Some(5))] {
+            let mut config = ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]);
+            config.target =
+                Some(proxy::Target::parse(&format!("http://{upstream}")).expect("target"));
+            config.policy = policy(|p| p.retry.max_retries = 0);
+            if rule {
+                let mut with_breaker = config.policy.defaults.clone();
+                with_breaker.breaker = BreakerConfig::default();
+                config
+                    .policy
+                    .destinations
+                    .push(crate::policy::DestinationRule {
+                        matcher: crate::policy::Match::parse(&upstream.to_string()).unwrap(),
+                        policy: with_breaker,
+                    });
+            }
+            let resolver: Resolver = Arc::new(move |_: &TcpStream| Ok(upstream));
+            let proxy = proxy::start(config, resolver).await.expect("proxy starts");
+            let addr = proxy.local_addrs()[0];
+            let before = log.lock().unwrap().len();
+            for i in 0..8 {
+                let a = get(addr).await;
+                let expected = match refused_after {
+                    Some(n) if i >= n => 503,
+                    _ => 500,
+                };
+                assert_eq!(a.status, expected, "rule {rule}, request {i}");
+            }
+            let reached = log.lock().unwrap().len() - before;
+            assert_eq!(reached, refused_after.unwrap_or(8), "rule {rule}");
+        }
+    })
+    .await;
+}
