@@ -36,6 +36,9 @@ use crate::net::INBOUND_PASSTHROUGH_V4;
 pub const DEFAULT_ADMIN: &str = "0.0.0.0:15090,[::]:15090";
 /// A client that has not sent its request head in this long is dropped (probes send at once).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin connections open at once; more are reset at accept. Probes and scrapes need a handful;
+/// the cap keeps a flood of admin connections from costing the data path memory and CPU.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 /// What the admin endpoints answer from.
 pub struct AdminState {
@@ -46,8 +49,10 @@ pub struct AdminState {
     pub shutdown: UnboundedSender<Trigger>,
 }
 
-/// Serves the admin endpoints on `listener` until `cancel`.
+/// Serves the admin endpoints on `listener` until `cancel`, at most [`MAX_ADMIN_CONNECTIONS`]
+/// connections at once.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -64,12 +69,27 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
                 }
             }
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!(%peer, "admin: too many connections; refusing");
+            let _ = stream.set_zero_linger();
+            continue;
+        };
         let state = Arc::clone(&state);
         let cancel = cancel.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(answer(&state, peer, &req)) }
+                async move {
+                    let resp = if req.uri().path() == "/metrics"
+                        && (req.method() == Method::GET || req.method() == Method::HEAD)
+                    {
+                        metrics(&state, req.method() == Method::HEAD).await
+                    } else {
+                        answer(&state, peer, &req)
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -117,8 +137,6 @@ fn answer(state: &AdminState, peer: SocketAddr, req: &Request<Incoming>) -> Resp
                 format!("not ready: {}\n", problems.join("; ")),
             ),
         },
-        "/metrics" => text(StatusCode::OK, crate::metrics::render(&state.registry))
-            .with_header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"),
         "/config" => {
             text(StatusCode::OK, state.config.clone()).with_header(CONTENT_TYPE, "application/json")
         }
@@ -150,6 +168,21 @@ fn answer(state: &AdminState, peer: SocketAddr, req: &Request<Incoming>) -> Resp
         ),
     };
     if method == Method::HEAD {
+        *resp.body_mut() = Full::new(Bytes::new());
+    }
+    resp
+}
+
+/// `/metrics`, rendered on the blocking pool: encoding every family is the costliest thing the
+/// admin port does, and the proxy's own thread serves the data path.
+async fn metrics(state: &AdminState, head: bool) -> Response<Full<Bytes>> {
+    let registry = state.registry.clone();
+    let body = tokio::task::spawn_blocking(move || crate::metrics::render(&registry))
+        .await
+        .unwrap_or_else(|e| format!("# metrics rendering failed: {e}\n"));
+    let mut resp = text(StatusCode::OK, if head { String::new() } else { body })
+        .with_header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
+    if head {
         *resp.body_mut() = Full::new(Bytes::new());
     }
     resp
@@ -258,6 +291,65 @@ mod tests {
             (202, "draining\n".into())
         );
         assert!(matches!(rx.recv().await, Some(Trigger::Admin(p)) if p.ip().is_loopback()));
+        cancel.cancel();
+    }
+
+    /// Past [`MAX_ADMIN_CONNECTIONS`] open admin connections, new ones are reset at once; once
+    /// some close, probes are answered again.
+    #[tokio::test]
+    async fn admin_connections_are_capped() {
+        let readiness = Arc::new(Readiness::new(false, false));
+        readiness.set_listening();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let state = Arc::new(AdminState {
+            readiness,
+            registry: Registry::new(),
+            config: "{}".into(),
+            shutdown: tx,
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve(listener, state, cancel.clone()));
+        let guard = |f| tokio::time::timeout(Duration::from_secs(20), f);
+        guard(async {
+            // Hold every slot with a connection that has sent a partial request head.
+            let mut held = Vec::new();
+            for _ in 0..MAX_ADMIN_CONNECTIONS {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET /live HTTP/1.1\r\n").await.unwrap();
+                held.push(s);
+            }
+            // One more: reset without an answer (once the held ones are all accepted).
+            let refused = loop {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let _ = s.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                let mut out = Vec::new();
+                match s.read_to_end(&mut out).await {
+                    Ok(_) if out.is_empty() => break true,
+                    Err(_) => break true,
+                    // Answered: a held connection was not accepted yet; try again.
+                    Ok(_) => tokio::task::yield_now().await,
+                }
+            };
+            assert!(refused);
+            held.clear();
+            // Slots free again (as the closed connections' tasks end).
+            loop {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let _ = s
+                    .write_all(b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .await;
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out).await;
+                if out.starts_with("HTTP/1.1 200") {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("test hung");
         cancel.cancel();
     }
 }
