@@ -49,8 +49,12 @@ pub use retry::{
 /// multi-threaded runtime)...
 const SHARDS: usize = 16;
 /// ...of up to this many entries each, beyond which destinations that hold nothing worth keeping
-/// (breaker closed and clean, not in use) are forgotten.
+/// (breaker closed and clean, not in use) are forgotten...
 const SHARD_SOFT_CAP: usize = 1024;
+/// ...and past this many, every destination not in use, whatever its breaker holds: an app
+/// calling ever new failing addresses cannot grow the proxy's memory without bound (32,768
+/// destinations in all; a forgotten open breaker starts closed when its destination comes back).
+const SHARD_HARD_CAP: usize = 2 * SHARD_SOFT_CAP;
 
 /// The first 100 distinct destinations get a label of their own, the rest share `other`. Used
 /// when no request-metrics label is at hand (the same rule as [`crate::metrics`]).
@@ -169,6 +173,9 @@ impl Policies {
         }
         if map.len() >= SHARD_SOFT_CAP {
             map.retain(|_, d| Arc::strong_count(d) > 1 || !d.is_pristine());
+        }
+        if map.len() >= SHARD_HARD_CAP {
+            map.retain(|_, d| Arc::strong_count(d) > 1);
         }
         let name: Arc<str> = addr.to_string().into();
         let label = match label {
@@ -430,5 +437,28 @@ mod tests {
         assert!(len <= 2, "unused entries were dropped, {len} left");
         let again = p.outbound(held.name().parse().unwrap(), None);
         assert!(Arc::ptr_eq(&held, &again), "an entry in use is kept");
+    }
+
+    /// Destinations whose breakers have counted failures are kept past the soft cap, but not
+    /// without bound: the state of ever new failing addresses plateaus.
+    #[tokio::test]
+    async fn failing_destinations_are_bounded_too() {
+        let p = Policies::new(&PolicyConfig::default());
+        let shard = shard_of("10.2.0.0:80".parse().unwrap());
+        let same_shard = (0u32..)
+            .map(|i| {
+                let ip =
+                    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 2, 0, 0)) + i);
+                SocketAddr::from((ip, 80))
+            })
+            .filter(|a| shard_of(*a) == shard);
+        let mut most = 0;
+        for addr in same_shard.take(3 * SHARD_HARD_CAP) {
+            let d = p.outbound(addr, None);
+            let permit = d.admit().expect("closed");
+            d.report(permit, Outcome::Failure);
+            most = most.max(p.learned[shard].lock().unwrap().len());
+        }
+        assert!(most <= SHARD_HARD_CAP, "at most the hard cap: {most}");
     }
 }
