@@ -25,6 +25,7 @@
 //! | `--http2-max-concurrent-streams` | `SIDECAR_HTTP2_MAX_CONCURRENT_STREAMS` | `100` | HTTP/2 streams one client connection may have open |
 //! | `--http2-keepalive` | `SIDECAR_HTTP2_KEEPALIVE` | `30s` | HTTP/2: ping a quiet connection after this; no answer within as long closes it |
 //! | `--max-downstream-connections` | `SIDECAR_MAX_DOWNSTREAM_CONNECTIONS` | `10000` | connections per direction; past it new ones are reset at accept (`sidecar_tcp_connections_refused_total`) |
+//! | `--inbound-max-connections` | `SIDECAR_INBOUND_MAX_CONNECTIONS` | `1024` | upstream HTTP/1 connections to the app; past it requests queue for one. Separate from outbound's per-destination limit: slow inbound clients cannot starve outbound, nor (up to this many) other inbound clients |
 //! | `--workers` | `SIDECAR_WORKERS` | `1` | a sidecar should be small: 1 = single-threaded runtime |
 //! | `--drain-timeout` | `SIDECAR_DRAIN_TIMEOUT` | `30s` | bound on the whole drain (Kubernetes' default grace period) |
 //! | `--drain-min` | `SIDECAR_DRAIN_MIN` | `0s` | outbound stays open at least this long after the drain starts; `0s` suits native sidecars (the app has exited before the proxy gets SIGTERM); classic sidecars, whose app gets SIGTERM at the same time, want a few seconds (Istio uses 5 s) |

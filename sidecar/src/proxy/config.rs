@@ -31,6 +31,11 @@ pub const DEFAULT_H2_KEEPALIVE: Duration = Duration::from_secs(30);
 /// are refused at accept (reset and counted) rather than everyone slowing down.
 pub const DEFAULT_MAX_DOWNSTREAM_CONNECTIONS: usize = 10_000;
 
+/// Connections to the app (inbound) at most; more requests queue for one. Higher than the
+/// per-destination default of outbound (128): every inbound client shares this one destination,
+/// and a few slow clients must not make everyone else wait (Envoy's cluster default is 1024).
+pub const DEFAULT_INBOUND_MAX_CONNECTIONS: usize = 1024;
+
 /// The limits of the proxy's HTTP servers (both directions and `--target`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
@@ -134,6 +139,8 @@ pub struct ProxyConfig {
     pub http: HttpLimits,
     /// Downstream connections per direction; see [`DEFAULT_MAX_DOWNSTREAM_CONNECTIONS`].
     pub max_connections: usize,
+    /// Upstream connections to the app; see [`DEFAULT_INBOUND_MAX_CONNECTIONS`].
+    pub inbound_max_connections: usize,
 }
 
 impl ProxyConfig {
@@ -155,6 +162,7 @@ impl ProxyConfig {
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
             http: HttpLimits::default(),
             max_connections: DEFAULT_MAX_DOWNSTREAM_CONNECTIONS,
+            inbound_max_connections: DEFAULT_INBOUND_MAX_CONNECTIONS,
         }
     }
 }

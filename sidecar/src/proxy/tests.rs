@@ -1444,3 +1444,60 @@ async fn inbound_request_line_forms_are_proxied_as_http() {
     })
     .await;
 }
+
+/// An app that reads each request's whole body before answering `200 ok` (as most do), and
+/// counts the requests it has started.
+async fn body_reading_app() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&started);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, started)
+}
+
+/// More slow inbound clients than outbound's per-destination connection limit (128), each
+/// holding a connection to the app with a body that does not come: another inbound client is
+/// still answered, because inbound has its own, larger limit.
+#[tokio::test]
+async fn slow_inbound_clients_do_not_starve_the_others() {
+    const SLOW: usize = 150;
+    let (app, started) = body_reading_app().await;
+    let (_proxy, inbound) = inbound_to(app).await;
+    guard(async {
+        let mut slow = Vec::new();
+        for _ in 0..SLOW {
+            let mut s = TcpStream::connect(inbound).await.unwrap();
+            s.write_all(b"POST /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 1000\r\n\r\nabc")
+                .await
+                .unwrap();
+            slow.push(s);
+        }
+        // Every slow request holds a connection to the app.
+        until(|| started.load(Ordering::SeqCst) >= SLOW).await;
+        let answer = raw_exchange(
+            inbound,
+            b"GET /fast HTTP/1.1\r\nhost: app\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        drop(slow);
+    })
+    .await;
+}

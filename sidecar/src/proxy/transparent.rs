@@ -433,7 +433,12 @@ fn route_for(
     let outbound = direction == Direction::Outbound;
     Route {
         upstream: http1.then(|| {
-            let limit = dest.policy().max_connections;
+            // Inbound has its own pool, and its own limit: all of its clients share the app.
+            let limit = if outbound {
+                dest.policy().max_connections
+            } else {
+                shared.config.inbound_max_connections
+            };
             shared.egress(direction).pool.host(&authority, limit)
         }),
         authority,

@@ -142,6 +142,15 @@ pub struct RunArgs {
     )]
     pub max_downstream_connections: String,
 
+    /// Upstream HTTP/1 connections to the app (inbound); further requests queue for one
+    #[arg(
+        long,
+        env = "SIDECAR_INBOUND_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value = "1024"
+    )]
+    pub inbound_max_connections: String,
+
     /// Upstream HTTP/1 connections per destination; further requests queue for one [default: 128]
     #[arg(
         long,

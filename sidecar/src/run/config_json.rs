@@ -68,6 +68,7 @@ pub fn config_json(settings: &Settings, proxy: &proxy::Proxy) -> serde_json::Val
         "http2_max_concurrent_streams": p.http.h2_max_concurrent_streams,
         "http2_keepalive": fmt_duration(p.http.h2_keepalive),
         "max_downstream_connections": p.max_connections,
+        "inbound_max_connections": p.inbound_max_connections,
         "workers": settings.workers,
         "drain_timeout": fmt_duration(settings.drain_timeout),
         "drain_min": fmt_duration(life.drain_min),

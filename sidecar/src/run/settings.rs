@@ -333,6 +333,11 @@ impl Settings {
             &args.max_downstream_connections,
             1..=1_000_000,
         );
+        let inbound_max_connections = number(
+            "--inbound-max-connections / SIDECAR_INBOUND_MAX_CONNECTIONS",
+            &args.inbound_max_connections,
+            1..=100_000,
+        );
         let max_header_bytes = match parse_size(&args.max_header_bytes) {
             Ok(n) if (1024..=1024 * 1024).contains(&n) => Some(n),
             Ok(_) => {
@@ -414,6 +419,7 @@ impl Settings {
             lifecycle,
             http,
             max_connections,
+            inbound_max_connections,
         ) {
             (
                 Some(policy),
@@ -425,6 +431,7 @@ impl Settings {
                 Some(lifecycle),
                 Some(http),
                 Some(max_connections),
+                Some(inbound_max_connections),
             ) if errors.is_empty() => Ok(Settings {
                 proxy: ProxyConfig {
                     listen,
@@ -436,6 +443,8 @@ impl Settings {
                     pool_idle_timeout,
                     http,
                     max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+                    inbound_max_connections: usize::try_from(inbound_max_connections)
+                        .unwrap_or(usize::MAX),
                 },
                 workers,
                 drain_timeout,

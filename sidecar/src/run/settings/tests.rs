@@ -101,6 +101,7 @@ fn defaults() -> RunArgs {
         http2_max_concurrent_streams: "100".into(),
         http2_keepalive: "30s".into(),
         max_downstream_connections: "10000".into(),
+        inbound_max_connections: "1024".into(),
         max_connections_per_destination: None,
         workers: "1".into(),
         drain_timeout: "30s".into(),
