@@ -1501,3 +1501,35 @@ async fn slow_inbound_clients_do_not_starve_the_others() {
     })
     .await;
 }
+
+/// Connections on which neither side says anything are closed after the idle timeout (as idle
+/// opaque ones are), so silent clients cannot pile up; the proxy's connection count returns to 0.
+#[tokio::test]
+async fn silent_connections_are_closed_at_the_idle_timeout() {
+    const SILENT: usize = 200;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    // A server that never speaks either (holds what it accepts).
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let idle = Duration::from_millis(300);
+    let (proxy, addr, _) =
+        configured_proxy(upstream, |c| c.policy.defaults.idle_timeout = idle).await;
+    guard(async {
+        let started = tokio::time::Instant::now();
+        let mut silent = Vec::new();
+        for _ in 0..SILENT {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        for s in &mut silent {
+            read_until_closed(s).await;
+        }
+        assert!(started.elapsed() >= idle, "not before the idle timeout");
+        until(|| proxy.active(Dir::Outbound).get() == 0).await;
+    })
+    .await;
+}

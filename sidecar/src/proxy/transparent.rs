@@ -11,8 +11,10 @@
 //!   connection already dialled goes to the HTTP client's pool), anything else is relayed
 //!   opaquely.
 //!
-//! There is no timeout while neither side has said anything; only a partial client preface that
-//! might still become HTTP waits (up to `detect_timeout`) for the rest.
+//! No detection timeout applies while neither side has said anything (a server that speaks
+//! first gets all the time it needs); only a partial client preface that might still become HTTP
+//! waits (up to `detect_timeout`) for the rest. A connection on which neither side says anything
+//! for the destination's idle timeout (1 h by default) is closed, as an idle opaque one is.
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -63,6 +65,7 @@ enum Event {
     Connected(Result<TcpStream, ConnectError>),
     UpstreamSpoke,
     Deadline,
+    Idle,
 }
 
 enum Decision {
@@ -194,6 +197,9 @@ struct Detecting {
     source: Source,
     /// Inbound: absolute-form requests are HTTP (see [`classify`]).
     inbound: bool,
+    /// The destination's idle timeout, and when it runs out if nobody speaks.
+    idle: Duration,
+    idle_deadline: Instant,
 }
 
 impl Detecting {
@@ -249,6 +255,8 @@ impl Detecting {
             connect_timeout,
             source: egress.source,
             inbound,
+            idle: dest.policy().idle_timeout,
+            idle_deadline: Instant::now() + dest.policy().idle_timeout,
         }
     }
 
@@ -274,8 +282,15 @@ impl Detecting {
                 event = upstream_event(&mut self.upstream) => event,
                 n = client_bytes(client, &mut self.buf, seen) => Event::Client(n),
                 _ = wait_until(self.deadline) => Event::Deadline,
+                // Neither side has said anything for the idle timeout: the same bound as an
+                // opaque connection on which nothing moves.
+                _ = tokio::time::sleep_until(self.idle_deadline) => Event::Idle,
             };
             match event {
+                Event::Idle => {
+                    debug!(%peer, %dst, idle = ?self.idle, "nothing said by either side; closed");
+                    return Decision::Close;
+                }
                 Event::Cancelled => {
                     self.draining = true;
                     self.at_most_detect_timeout();
