@@ -19,6 +19,8 @@ mod pool;
 mod route;
 mod serve;
 mod shared;
+#[cfg(test)]
+mod smuggling_tests;
 mod target;
 #[cfg(test)]
 mod tests;
