@@ -15,6 +15,8 @@ mod drain_tests;
 #[cfg(test)]
 mod flow_tests;
 mod forward;
+#[cfg(test)]
+mod h2_abuse_tests;
 mod pool;
 mod route;
 mod serve;
