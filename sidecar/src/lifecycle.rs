@@ -122,6 +122,8 @@ pub struct Readiness {
     listeners: Condition,
     interception: Condition,
     app: Condition,
+    /// Inbound at its connection limit: new clients are being refused, send them elsewhere.
+    load: Condition,
     draining: AtomicBool,
 }
 
@@ -132,6 +134,10 @@ impl Readiness {
             listeners: Condition::new(true, "listeners not bound yet"),
             interception: Condition::new(interception, "interception not checked yet"),
             app: Condition::new(app, "app not probed yet"),
+            load: Condition {
+                required: true,
+                problem: Mutex::new(None),
+            },
             draining: AtomicBool::new(false),
         }
     }
@@ -146,6 +152,11 @@ impl Readiness {
 
     pub fn set_app(&self, result: Result<(), String>) {
         self.app.set(result);
+    }
+
+    /// `Err` while inbound is at its connection limit (`--max-downstream-connections`).
+    pub fn set_load(&self, result: Result<(), String>) {
+        self.load.set(result);
     }
 
     pub fn set_draining(&self) {
@@ -171,6 +182,7 @@ impl Readiness {
             ("listeners", &self.listeners),
             ("interception", &self.interception),
             ("app", &self.app),
+            ("load", &self.load),
         ] {
             if let Some(p) = c.problem() {
                 problems.push(format!("{name}: {p}"));
@@ -345,12 +357,14 @@ pub fn check_interception(pin_dir: &Path) -> Result<(), String> {
     }
 }
 
-/// Keeps the interception and app conditions up to date, every `interval`, until the drain.
+/// Keeps the interception, app and load conditions up to date, every `interval`, until the
+/// drain. `load` says whether inbound is at its connection limit (the proxy's answer).
 pub async fn keep_checking(
     readiness: &Readiness,
     pin_dir: Option<PathBuf>,
     probe: Option<AppProbe>,
     interval: Duration,
+    load: impl Fn() -> Result<(), String>,
 ) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -366,6 +380,7 @@ pub async fn keep_checking(
         if let Some(probe) = &probe {
             readiness.set_app(probe.probe().await);
         }
+        readiness.set_load(load());
         let now = readiness.check();
         if was_ready.as_ref() != Some(&now.is_ok()) {
             match &now {

@@ -66,6 +66,7 @@ pub struct Proxy {
     inbound_cancel: CancellationToken,
     tracker: TaskTracker,
     active: [Arc<ActiveConns>; 2],
+    max_connections: usize,
 }
 
 impl Proxy {
@@ -106,6 +107,23 @@ impl Proxy {
         match dir {
             Dir::Inbound => &self.active[0],
             Dir::Outbound => &self.active[1],
+        }
+    }
+
+    /// `Err` while inbound (or `--target`) is at its connection limit and refusing new clients:
+    /// what `/ready` reports, so that the pod is taken out of its Service's endpoints.
+    pub fn inbound_load(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
+        let active = Arc::clone(&self.active[0]);
+        let max = self.max_connections;
+        move || {
+            let open = active.get();
+            if open >= max {
+                Err(format!(
+                    "overloaded: {open} inbound connections, the limit (--max-downstream-connections); new ones are refused"
+                ))
+            } else {
+                Ok(())
+            }
         }
     }
 
@@ -227,6 +245,7 @@ pub async fn start_observed(
         ),
         ..r
     });
+    let max_connections = config.max_connections;
     let shared = Arc::new(Shared {
         outbound,
         inbound,
@@ -264,6 +283,7 @@ pub async fn start_observed(
         inbound_cancel,
         tracker,
         active,
+        max_connections,
     })
 }
 

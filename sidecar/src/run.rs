@@ -131,7 +131,7 @@ async fn run(settings: Settings) -> ExitCode {
     else {
         return ExitCode::FAILURE;
     };
-    wiring::keep_checking(&life, &readiness, &background);
+    wiring::keep_checking(&life, &readiness, &proxy, &background);
     let app_done = triggers.watch(&life);
     wiring::log_listening(&settings, &proxy, &admin_addrs);
 

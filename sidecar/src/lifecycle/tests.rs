@@ -50,6 +50,20 @@ fn status_lines() {
 }
 
 #[test]
+fn overload_makes_it_not_ready() {
+    let r = Readiness::new(false, false);
+    r.set_listening();
+    assert!(r.check().is_ok());
+    r.set_load(Err("overloaded: 10000 inbound connections".into()));
+    assert_eq!(
+        r.check().unwrap_err(),
+        vec!["load: overloaded: 10000 inbound connections".to_owned()]
+    );
+    r.set_load(Ok(()));
+    assert!(r.check().is_ok());
+}
+
+#[test]
 fn readiness_latches() {
     let r = Readiness::new(true, false);
     let problems = r.check().unwrap_err();

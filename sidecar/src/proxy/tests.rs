@@ -1533,3 +1533,37 @@ async fn silent_connections_are_closed_at_the_idle_timeout() {
     })
     .await;
 }
+
+/// Inbound at its connection limit is reported for `/ready` (so that the pod leaves its Service's
+/// endpoints while it refuses new clients), and clears once a connection closes.
+#[tokio::test]
+async fn inbound_at_the_cap_reports_overload() {
+    let app = http_upstream().await;
+    let mut config = loopback_config();
+    config.inbound = vec![ListenAddr {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        required: true,
+    }];
+    config.max_connections = 1;
+    let proxy = start_with_resolvers(
+        config,
+        Resolvers {
+            outbound: fixed(app),
+            inbound: fixed(app),
+        },
+    )
+    .await
+    .unwrap();
+    let load = proxy.inbound_load();
+    guard(async {
+        assert_eq!(load(), Ok(()));
+        let held = TcpStream::connect(proxy.inbound_addrs()[0]).await.unwrap();
+        until(|| proxy.active(Dir::Inbound).get() == 1).await;
+        let err = load().unwrap_err();
+        assert!(err.starts_with("overloaded"), "{err}");
+        drop(held);
+        until(|| proxy.active(Dir::Inbound).get() == 0).await;
+        assert_eq!(load(), Ok(()));
+    })
+    .await;
+}

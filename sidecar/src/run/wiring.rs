@@ -140,8 +140,10 @@ pub(super) fn start_admin(
 pub(super) fn keep_checking(
     life: &LifecycleSettings,
     readiness: &Arc<Readiness>,
+    proxy: &Proxy,
     stop: &CancellationToken,
 ) {
+    let load = proxy.inbound_load();
     let readiness = Arc::clone(readiness);
     let (pin_dir, probe, interval) = (
         life.pin_dir.clone(),
@@ -152,7 +154,7 @@ pub(super) fn keep_checking(
     tokio::spawn(async move {
         tokio::select! {
             _ = stop.cancelled() => {}
-            _ = lifecycle::keep_checking(&readiness, pin_dir, probe, interval) => {}
+            _ = lifecycle::keep_checking(&readiness, pin_dir, probe, interval, load) => {}
         }
     });
 }
