@@ -409,11 +409,12 @@ impl DestinationMetrics {
     /// [`Self::record`] with the method label already looked up.
     pub(crate) fn record_as(&self, method: MethodLabel, status: StatusCode, elapsed: Duration) {
         let MethodLabel(index, method_label) = method;
-        let key = (u32::from(index) << 16) | u32::from(status.as_u16());
+        let (code, status_label) = status_label(status);
+        let key = (u32::from(index) << 16) | u32::from(code);
         let secs = elapsed.as_secs_f64();
         for slot in &self.slots {
             let slot = slot.get_or_init(|| {
-                let labels = self.labels(method_label, status.as_str());
+                let labels = self.labels(method_label, status_label.as_str());
                 match (
                     self.requests.get_metric_with_label_values(&labels),
                     self.durations.get_metric_with_label_values(&labels),
@@ -433,12 +434,41 @@ impl DestinationMetrics {
                 return;
             }
         }
-        let labels = self.labels(method_label, status.as_str());
+        let labels = self.labels(method_label, status_label.as_str());
         if let Ok(c) = self.requests.get_metric_with_label_values(&labels) {
             c.inc();
         }
         if let Ok(h) = self.durations.get_metric_with_label_values(&labels) {
             h.observe(secs);
+        }
+    }
+}
+
+/// The `status` label of a status: the code itself when it is a registered one, else its class
+/// (`5xx`): an upstream answering arbitrary codes (100-999) cannot multiply the series. Returns
+/// the slot key's code (the class's is `c99`, which no registered code uses) and the label.
+fn status_label(status: StatusCode) -> (u16, StatusLabel) {
+    if status.canonical_reason().is_some() {
+        (status.as_u16(), StatusLabel::Code(status))
+    } else {
+        let class = status.as_u16() / 100;
+        (class * 100 + 99, StatusLabel::Class(class))
+    }
+}
+
+enum StatusLabel {
+    Code(StatusCode),
+    Class(u16),
+}
+
+impl StatusLabel {
+    fn as_str(&self) -> &str {
+        const CLASSES: [&str; 10] = [
+            "0xx", "1xx", "2xx", "3xx", "4xx", "5xx", "6xx", "7xx", "8xx", "9xx",
+        ];
+        match self {
+            StatusLabel::Code(code) => code.as_str(),
+            StatusLabel::Class(class) => CLASSES[usize::from(*class).min(9)],
         }
     }
 }
@@ -551,21 +581,64 @@ mod tests {
         let registry = Registry::new();
         let m = ProxyMetrics::new(&registry, "svc", 10).unwrap();
         let d = m.destination(Dir::Outbound, "10.0.0.1:80".parse().unwrap());
-        for code in 200..(200 + SLOTS as u16 + 5) {
-            let status = StatusCode::from_u16(code).unwrap();
-            d.record(&Method::GET, status, Duration::ZERO);
-            d.record(&Method::GET, status, Duration::ZERO);
+        // 9 methods x 4 statuses = 36 combinations, more than the 32 slots.
+        let methods = [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT",
+        ];
+        let statuses = [200, 404, 500, 503];
+        for method in methods {
+            for code in statuses {
+                let method = Method::from_bytes(method.as_bytes()).unwrap();
+                let status = StatusCode::from_u16(code).unwrap();
+                d.record(&method, status, Duration::ZERO);
+                d.record(&method, status, Duration::ZERO);
+            }
         }
         let text = render(&registry);
-        let last = 200 + SLOTS as u16 + 4;
         assert_eq!(
             value(
                 &text,
-                &format!(
-                    r#"sidecar_requests_total{{destination="10.0.0.1:80",direction="outbound",method="GET",service="svc",status="{last}"}}"#
-                )
+                r#"sidecar_requests_total{destination="10.0.0.1:80",direction="outbound",method="CONNECT",service="svc",status="503"}"#
             ),
             Some(2.0)
+        );
+    }
+
+    #[test]
+    fn unregistered_statuses_share_their_class() {
+        let registry = Registry::new();
+        let m = ProxyMetrics::new(&registry, "svc", 10).unwrap();
+        let d = m.destination(Dir::Outbound, "10.0.0.1:80".parse().unwrap());
+        for code in 520..600 {
+            d.record(
+                &Method::GET,
+                StatusCode::from_u16(code).unwrap(),
+                Duration::ZERO,
+            );
+        }
+        d.record(
+            &Method::GET,
+            StatusCode::from_u16(599).unwrap(),
+            Duration::ZERO,
+        );
+        d.record(&Method::GET, StatusCode::OK, Duration::ZERO);
+        let text = render(&registry);
+        let series = |status: &str| {
+            value(
+                &text,
+                &format!(
+                    r#"sidecar_requests_total{{destination="10.0.0.1:80",direction="outbound",method="GET",service="svc",status="{status}"}}"#
+                ),
+            )
+        };
+        assert_eq!(series("5xx"), Some(81.0));
+        assert_eq!(series("200"), Some(1.0));
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("sidecar_requests_total"))
+                .count(),
+            2,
+            "{text}"
         );
     }
 
