@@ -27,6 +27,9 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// HTTP/2: a connection quiet for this long is pinged; no answer within as long again closes it.
 pub const DEFAULT_H2_KEEPALIVE: Duration = Duration::from_secs(30);
+/// HTTP/2: a connection with no stream open for this long is closed (GOAWAY): nginx closes idle
+/// HTTP/2 connections after 75 s, Go after its IdleTimeout; clients reconnect when they need to.
+pub const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Downstream connections per direction (outbound, inbound or `--target`); past it new ones
 /// are refused at accept (reset and counted) rather than everyone slowing down.
 pub const DEFAULT_MAX_DOWNSTREAM_CONNECTIONS: usize = 10_000;
@@ -47,6 +50,8 @@ pub struct HttpLimits {
     pub h2_max_concurrent_streams: u32,
     /// See [`DEFAULT_H2_KEEPALIVE`].
     pub h2_keepalive: Duration,
+    /// See [`DEFAULT_H2_IDLE_TIMEOUT`].
+    pub h2_idle_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -56,6 +61,7 @@ impl Default for HttpLimits {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
             h2_keepalive: DEFAULT_H2_KEEPALIVE,
+            h2_idle_timeout: DEFAULT_H2_IDLE_TIMEOUT,
         }
     }
 }

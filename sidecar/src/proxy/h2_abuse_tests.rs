@@ -161,3 +161,61 @@ async fn stream_flood_is_refused_past_the_limit() {
     })
     .await;
 }
+
+/// An HTTP/2 connection with no stream open for the idle timeout is closed with GOAWAY (idle
+/// HTTP/2 connections cannot pile up); not before its last stream is done.
+#[tokio::test]
+async fn idle_h2_connections_are_closed() {
+    // Any answer ends the stream: this upstream speaks HTTP/1 only, so the proxy answers 502.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    drop(listener);
+    let idle = Duration::from_millis(300);
+    let proxy = start(
+        {
+            let mut c = ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]);
+            c.http.h2_idle_timeout = idle;
+            c
+        },
+        Arc::new(move |_: &TcpStream| Ok(upstream)),
+    )
+    .await
+    .unwrap();
+    let addr = proxy.local_addrs()[0];
+    guard(async {
+        let mut s = h2c_connect(addr).await;
+        s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, REQUEST_BLOCK))
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        // Read frames until the GOAWAY (the graceful close then waits for a PING answer, which
+        // this hand-made client does not give).
+        let mut buf = Vec::new();
+        let mut at = 0;
+        let goaway = loop {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                break false;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut found = false;
+            while at + 9 <= buf.len() {
+                let len = (usize::from(buf[at]) << 16)
+                    | (usize::from(buf[at + 1]) << 8)
+                    | usize::from(buf[at + 2]);
+                if at + 9 + len > buf.len() {
+                    break;
+                }
+                found |= buf[at + 3] == GOAWAY;
+                at += 9 + len;
+            }
+            if found {
+                break true;
+            }
+        };
+        assert!(goaway, "closed with GOAWAY");
+        assert!(started.elapsed() >= idle, "not before the idle timeout");
+    })
+    .await;
+}

@@ -14,6 +14,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::service::Service;
+use tokio::sync::Notify;
+
 use super::config::HttpLimits;
 use super::forward::ProxyBody;
 use crate::lifecycle::{serve_until_drained, FirstRequest};
@@ -73,6 +82,21 @@ where
             .await
         }
         Protocol::Http2 => {
+            // Streams are counted so that a connection with none open for `h2_idle_timeout`
+            // is closed (gracefully: GOAWAY, then whatever is in flight finishes).
+            let streams = Arc::new(Streams::default());
+            let svc_streams = Arc::clone(&streams);
+            let service = service_fn(move |req: Request<Incoming>| {
+                let guard = StreamGuard::open(&svc_streams);
+                let call = service.call(req);
+                async move {
+                    let resp = call.await?;
+                    Ok::<_, Infallible>(resp.map(|body| Tracked {
+                        body,
+                        _guard: guard,
+                    }))
+                }
+            });
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(limits.h2_max_concurrent_streams)
@@ -84,10 +108,94 @@ where
                 .max_header_list_size(limits.max_header_bytes.try_into().unwrap_or(u32::MAX))
                 .serve_connection(io, service);
             tokio::pin!(conn);
-            serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
-                c.graceful_shutdown();
-            })
-            .await
+            let idle = streams.idle_for(limits.h2_idle_timeout);
+            tokio::pin!(idle);
+            tokio::select! {
+                r = serve_until_drained(conn.as_mut(), stop, &first, limit, |c| {
+                    c.graceful_shutdown();
+                }) => return r,
+                () = &mut idle => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
+    }
+}
+
+/// The streams of one HTTP/2 connection: how many are open, how many were ever started.
+#[derive(Default)]
+struct Streams {
+    open: AtomicUsize,
+    started: AtomicU64,
+    closed: Notify,
+}
+
+impl Streams {
+    /// Resolves once no stream has been open, and none started, for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            loop {
+                let closed = self.closed.notified();
+                tokio::pin!(closed);
+                // Registered before the check, so a close in between is not missed.
+                closed.as_mut().enable();
+                if self.open.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                closed.await;
+            }
+            let started = self.started.load(Ordering::Acquire);
+            tokio::time::sleep(idle).await;
+            if self.open.load(Ordering::Acquire) == 0
+                && self.started.load(Ordering::Acquire) == started
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// One open stream: from the request to the end of its response body (or its reset).
+struct StreamGuard(Arc<Streams>);
+
+impl StreamGuard {
+    fn open(streams: &Arc<Streams>) -> StreamGuard {
+        streams.started.fetch_add(1, Ordering::AcqRel);
+        streams.open.fetch_add(1, Ordering::AcqRel);
+        StreamGuard(Arc::clone(streams))
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.closed.notify_one();
+        }
+    }
+}
+
+/// A response body that keeps its stream counted as open until it is done.
+struct Tracked {
+    body: ProxyBody,
+    _guard: StreamGuard,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = <ProxyBody as Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

@@ -132,6 +132,15 @@ pub struct RunArgs {
     )]
     pub http2_keepalive: String,
 
+    /// HTTP/2: a connection with no stream open for this long is closed (GOAWAY)
+    #[arg(
+        long,
+        env = "SIDECAR_HTTP2_IDLE_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "5m"
+    )]
+    pub http2_idle_timeout: String,
+
     /// Downstream connections per direction (outbound, inbound); past it new ones are reset at
     /// accept and counted
     #[arg(

@@ -67,6 +67,7 @@ pub fn config_json(settings: &Settings, proxy: &proxy::Proxy) -> serde_json::Val
         "max_header_bytes": p.http.max_header_bytes,
         "http2_max_concurrent_streams": p.http.h2_max_concurrent_streams,
         "http2_keepalive": fmt_duration(p.http.h2_keepalive),
+        "http2_idle_timeout": fmt_duration(p.http.h2_idle_timeout),
         "max_downstream_connections": p.max_connections,
         "inbound_max_connections": p.inbound_max_connections,
         "workers": settings.workers,

@@ -304,6 +304,11 @@ impl Settings {
             &args.http2_keepalive,
             false,
         );
+        let h2_idle_timeout = duration(
+            "--http2-idle-timeout / SIDECAR_HTTP2_IDLE_TIMEOUT",
+            &args.http2_idle_timeout,
+            false,
+        );
         let mut number =
             |key: &'static str, value: &str, range: std::ops::RangeInclusive<u64>| match value
                 .trim()
@@ -362,15 +367,21 @@ impl Settings {
             max_header_bytes,
             h2_max_concurrent_streams,
             h2_keepalive,
+            h2_idle_timeout,
         ) {
-            (Some(header_timeout), Some(max_header_bytes), Some(streams), Some(h2_keepalive)) => {
-                Some(HttpLimits {
-                    header_timeout,
-                    max_header_bytes,
-                    h2_max_concurrent_streams: u32::try_from(streams).unwrap_or(u32::MAX),
-                    h2_keepalive,
-                })
-            }
+            (
+                Some(header_timeout),
+                Some(max_header_bytes),
+                Some(streams),
+                Some(h2_keepalive),
+                Some(h2_idle_timeout),
+            ) => Some(HttpLimits {
+                header_timeout,
+                max_header_bytes,
+                h2_max_concurrent_streams: u32::try_from(streams).unwrap_or(u32::MAX),
+                h2_keepalive,
+                h2_idle_timeout,
+            }),
             _ => None,
         };
 

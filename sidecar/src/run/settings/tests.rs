@@ -100,6 +100,7 @@ fn defaults() -> RunArgs {
         max_header_bytes: "32KiB".into(),
         http2_max_concurrent_streams: "100".into(),
         http2_keepalive: "30s".into(),
+        http2_idle_timeout: "5m".into(),
         max_downstream_connections: "10000".into(),
         inbound_max_connections: "1024".into(),
         max_connections_per_destination: None,
