@@ -91,8 +91,13 @@ pub fn classify(buf: &[u8], inbound: bool) -> Detection {
     }
     let token_len = line.iter().take_while(|b| is_tchar(**b)).count();
     if token_len == line.len() {
-        // The method so far: anything could follow.
-        return if token_len <= 32 {
+        // A bare word: wait for more only if it could be the start of a standard method (in
+        // any case). HTTP clients write the request line at once, so an extension method comes
+        // with its space; other protocols that start with a word ("PING") are not kept waiting.
+        let could_be_method = METHODS
+            .iter()
+            .any(|m| m.len() >= token_len && m[..token_len].eq_ignore_ascii_case(line));
+        return if could_be_method {
             Detection::NeedMore
         } else {
             Detection::Opaque
@@ -234,7 +239,10 @@ mod tests {
         assert_eq!(out(b"get / HTTP/1.1\r\n"), Detection::Http1);
         assert_eq!(out(b"GETX / HTTP/1.0\r\n"), Detection::Http1);
         assert_eq!(out(b"PROPFIND /dav HTTP/1."), Detection::NeedMore);
-        assert_eq!(out(b"PROPFIND"), Detection::NeedMore);
+        assert_eq!(out(b"get"), Detection::NeedMore);
+        // A bare word that is no standard method's start is not kept waiting.
+        assert_eq!(out(b"PROPFIND"), Detection::Opaque);
+        assert_eq!(out(b"ping"), Detection::Opaque);
         let long = format!("MKCALENDAR /{} HTTP/1.1\r\n", "c".repeat(80));
         assert_eq!(out(&long.as_bytes()[..MAX_DETECT_LEN]), Detection::Http1);
         // Absolute-form: HTTP inbound (another host calling the app), opaque outbound.

@@ -284,7 +284,7 @@ impl Detecting {
                 _ = wait_until(self.deadline) => Event::Deadline,
                 // Neither side has said anything for the idle timeout: the same bound as an
                 // opaque connection on which nothing moves.
-                _ = tokio::time::sleep_until(self.idle_deadline) => Event::Idle,
+                _ = tokio::time::sleep_until(self.idle_deadline), if seen == 0 => Event::Idle,
             };
             match event {
                 Event::Idle => {
