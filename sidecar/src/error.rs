@@ -88,6 +88,14 @@ pub enum ProxyError {
     /// The downstream request body did not arrive within the request timeout (it was being
     /// read in full so that the request could be retried).
     DownstreamTimeout,
+    /// Connection level: the client did not send a complete request head within the header
+    /// timeout (a stalled or slowloris client, or an idle kept-alive connection); closed.
+    DownstreamHeaderTimeout,
+    /// Connection level: the client's request head was over the size limit; answered 431.
+    DownstreamHeadTooLarge,
+    /// Connection level: the client's request could not be parsed (bad or ambiguous framing);
+    /// answered 400 by the HTTP server.
+    DownstreamProtocol,
     /// The request cannot be forwarded as given (for example CONNECT inside an HTTP connection).
     ProxyUnsupported,
     /// The request could not be turned into an upstream request.
@@ -141,6 +149,9 @@ impl ProxyError {
             ProxyError::Upstream => "upstream-error",
             ProxyError::DownstreamBody => "downstream-body-error",
             ProxyError::DownstreamTimeout => "downstream-timeout",
+            ProxyError::DownstreamHeaderTimeout => "downstream-header-timeout",
+            ProxyError::DownstreamHeadTooLarge => "downstream-head-too-large",
+            ProxyError::DownstreamProtocol => "downstream-protocol-error",
             ProxyError::ProxyUnsupported => "proxy-unsupported-request",
             ProxyError::ProxyBadRequest => "proxy-bad-request",
             ProxyError::ProxyLocalResources => "proxy-local-resources",
@@ -159,7 +170,11 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::DownstreamBody | ProxyError::ProxyBadRequest => StatusCode::BAD_REQUEST,
-            ProxyError::DownstreamTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::DownstreamTimeout | ProxyError::DownstreamHeaderTimeout => {
+                StatusCode::REQUEST_TIMEOUT
+            }
+            ProxyError::DownstreamHeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::DownstreamProtocol => StatusCode::BAD_REQUEST,
             ProxyError::ProxyUnsupported => StatusCode::NOT_IMPLEMENTED,
             _ => StatusCode::BAD_GATEWAY,
         }
@@ -168,7 +183,11 @@ impl ProxyError {
     /// Who failed. Only upstream failures count against a destination's circuit breaker.
     pub fn culprit(self) -> Culprit {
         match self {
-            ProxyError::DownstreamBody | ProxyError::DownstreamTimeout => Culprit::Downstream,
+            ProxyError::DownstreamBody
+            | ProxyError::DownstreamTimeout
+            | ProxyError::DownstreamHeaderTimeout
+            | ProxyError::DownstreamHeadTooLarge
+            | ProxyError::DownstreamProtocol => Culprit::Downstream,
             ProxyError::ProxyUnsupported
             | ProxyError::ProxyBadRequest
             | ProxyError::ProxyLocalResources
@@ -232,6 +251,11 @@ impl ProxyError {
             ProxyError::DownstreamTimeout => {
                 "sidecar: the request body did not arrive within the request timeout\n"
             }
+            ProxyError::DownstreamHeaderTimeout => {
+                "sidecar: the request head did not arrive within the header timeout\n"
+            }
+            ProxyError::DownstreamHeadTooLarge => "sidecar: the request head is too large\n",
+            ProxyError::DownstreamProtocol => "sidecar: the request is not valid HTTP\n",
             ProxyError::ProxyUnsupported => "sidecar: this request cannot be proxied here\n",
             ProxyError::ProxyLocalResources => {
                 "sidecar: the proxy is out of local resources (file descriptors, ports)\n"
@@ -285,6 +309,23 @@ impl ProxyError {
             next = e.source();
         }
         ProxyError::Upstream
+    }
+}
+
+impl ProxyError {
+    /// What a downstream HTTP connection's end says about the client, if anything worth
+    /// counting: a header timeout, an oversized head, unparseable framing. (The HTTP server has
+    /// closed the connection, or answered 431 or 400, itself.)
+    pub fn of_downstream(err: &hyper::Error) -> Option<ProxyError> {
+        if err.is_timeout() {
+            Some(ProxyError::DownstreamHeaderTimeout)
+        } else if err.is_parse_too_large() {
+            Some(ProxyError::DownstreamHeadTooLarge)
+        } else if err.is_parse() {
+            Some(ProxyError::DownstreamProtocol)
+        } else {
+            None
+        }
     }
 }
 

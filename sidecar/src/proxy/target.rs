@@ -62,6 +62,12 @@ pub(crate) async fn serve(
     .await;
     if let Err(e) = result {
         debug!(%peer, error = %Chain(&e), "connection ended with an error");
+        if let Some(err) = ProxyError::of_downstream(&e) {
+            shared
+                .telemetry
+                .metrics
+                .error(crate::metrics::Dir::Inbound, err);
+        }
     }
 }
 

@@ -1313,7 +1313,8 @@ async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
 async fn stalled_heads_and_idle_keep_alive_are_closed_at_the_header_timeout() {
     let (upstream, _) = counting_upstream().await;
     let timeout = Duration::from_millis(300);
-    let (_proxy, addr, _) = configured_proxy(upstream, |c| c.http.header_timeout = timeout).await;
+    let (_proxy, addr, metrics) =
+        configured_proxy(upstream, |c| c.http.header_timeout = timeout).await;
     guard(async {
         let started = tokio::time::Instant::now();
         let mut stalled = TcpStream::connect(addr).await.unwrap();
@@ -1344,6 +1345,8 @@ async fn stalled_heads_and_idle_keep_alive_are_closed_at_the_header_timeout() {
             answer.starts_with("HTTP/1.1 200"),
             "answered, then closed when idle: {answer}"
         );
+        let timeouts = crate::error::ProxyError::DownstreamHeaderTimeout;
+        until(|| metrics.error_count(Dir::Outbound, timeouts) == 2).await;
     })
     .await;
 }
@@ -1353,7 +1356,8 @@ async fn stalled_heads_and_idle_keep_alive_are_closed_at_the_header_timeout() {
 #[tokio::test]
 async fn oversized_heads_are_refused_with_431() {
     let (upstream, heads) = counting_upstream().await;
-    let (_proxy, addr, _) = configured_proxy(upstream, |c| c.http.max_header_bytes = 4096).await;
+    let (_proxy, addr, metrics) =
+        configured_proxy(upstream, |c| c.http.max_header_bytes = 4096).await;
     guard(async {
         let big = format!(
             "GET / HTTP/1.1\r\nhost: a.test\r\nx-big: {}\r\n\r\n",
@@ -1364,6 +1368,8 @@ async fn oversized_heads_are_refused_with_431() {
         let _ = s.write_all(big.as_bytes()).await;
         let answer = String::from_utf8_lossy(&read_until_closed(&mut s).await).into_owned();
         assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+        let too_large = crate::error::ProxyError::DownstreamHeadTooLarge;
+        until(|| metrics.error_count(Dir::Outbound, too_large) == 1).await;
         let fine = raw_exchange(
             addr,
             b"GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n",

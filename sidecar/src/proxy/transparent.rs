@@ -432,6 +432,9 @@ async fn serve_http_conn(
     };
     if let Err(e) = result {
         debug!(%peer, %dst, error = %Chain(&e), "http connection ended with an error");
+        if let Some(err) = ProxyError::of_downstream(&e) {
+            shared.telemetry.metrics.error(direction.dir(), err);
+        }
     }
 }
 
