@@ -461,4 +461,26 @@ mod tests {
         }
         assert!(most <= SHARD_HARD_CAP, "at most the hard cap: {most}");
     }
+
+    /// An app calling 45,000 distinct failing destinations: the proxy's destination state
+    /// plateaus at the caps, whatever the addresses.
+    #[tokio::test]
+    async fn forty_five_thousand_failing_destinations_plateau() {
+        let p = Policies::new(&PolicyConfig::default());
+        let total =
+            |p: &Policies| -> usize { p.learned.iter().map(|s| s.lock().unwrap().len()).sum() };
+        let mut most = 0;
+        for i in 0..45_000u32 {
+            let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 3, 0, 0)) + i);
+            let d = p.outbound(SocketAddr::from((ip, 443)), None);
+            let permit = d.admit().expect("closed");
+            d.report(permit, Outcome::Failure);
+            if i % 500 == 0 {
+                most = most.max(total(&p));
+            }
+        }
+        most = most.max(total(&p));
+        assert!(most <= SHARDS * SHARD_HARD_CAP, "{most} destinations kept");
+        assert!(most < 45_000);
+    }
 }

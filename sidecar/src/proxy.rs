@@ -260,6 +260,7 @@ pub async fn start_observed(
         telemetry,
         active: active.clone(),
         overloaded: Default::default(),
+        inbound_silent_dials: Default::default(),
         target_dest,
     });
     let outbound_kind = if shared.target_route.is_some() {

@@ -85,6 +85,9 @@ pub(crate) struct Shared {
     pub(crate) telemetry: Telemetry,
     /// Open downstream connections per direction (the drain waits on them).
     pub(crate) active: [Arc<ActiveConns>; 2],
+    /// Inbound connections dialled to the app while their client has said nothing yet (see
+    /// `transparent::MAX_INBOUND_SILENT_DIALS`).
+    pub(crate) inbound_silent_dials: Arc<std::sync::atomic::AtomicUsize>,
     /// Per direction: at the connection limit (refusing) since the last accepted connection.
     pub(crate) overloaded: [std::sync::atomic::AtomicBool; 2],
     /// `--target` mode: the target's request metrics and name, resolved once.

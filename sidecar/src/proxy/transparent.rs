@@ -44,6 +44,38 @@ use crate::policy::headers::ForwardedClient;
 use crate::policy::idle::{self, Relayed};
 use crate::policy::Destination;
 
+/// Inbound connections whose client has said nothing yet that may be dialled to the app at
+/// once (for a server that speaks first). Past it, a silent client's connection is dialled only
+/// once the client speaks: a flood of silent connections cannot become as many connections to
+/// the app (nginx and Envoy never dial before the client speaks; a server-first protocol beyond
+/// this many waiting clients at once is the price).
+pub(crate) const MAX_INBOUND_SILENT_DIALS: usize = 256;
+
+/// One silent inbound connection dialled to the app (counted while detection lasts).
+struct SilentDial(Arc<std::sync::atomic::AtomicUsize>);
+
+impl SilentDial {
+    fn try_take(count: &Arc<std::sync::atomic::AtomicUsize>) -> Option<SilentDial> {
+        use std::sync::atomic::Ordering;
+        let mut now = count.load(Ordering::Acquire);
+        loop {
+            if now >= MAX_INBOUND_SILENT_DIALS {
+                return None;
+            }
+            match count.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(SilentDial(Arc::clone(count))),
+                Err(actual) => now = actual,
+            }
+        }
+    }
+}
+
+impl Drop for SilentDial {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// The upstream side while detecting.
 enum Upstream {
     Dialling(Dialling),
@@ -95,7 +127,10 @@ pub(crate) async fn serve(
     }
     let dest = connection_policies(&shared, direction, dst);
     let mut detecting = Detecting::start(&shared, direction, &client, dst, &dest);
-    match detecting.run(&client, peer).await {
+    let decision = detecting.run(&client, peer).await;
+    // Detection is over: this connection no longer counts as a silent dial.
+    detecting.silent = None;
+    match decision {
         Decision::Close => {}
         Decision::Reset(err) => {
             shared.telemetry.metrics.error(direction.dir(), err);
@@ -200,6 +235,9 @@ struct Detecting {
     /// The destination's idle timeout, and when it runs out if nobody speaks.
     idle: Duration,
     idle_deadline: Instant,
+    /// Inbound: the count of silent dials, and this connection's share of it while it has one.
+    silent_dials: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    silent: Option<SilentDial>,
 }
 
 impl Detecting {
@@ -229,6 +267,8 @@ impl Detecting {
         // the dial until the client speaks (or, for a client that stays silent for
         // `detect_timeout`, dial then, in case this is some other protocol after all).
         let mut dial_at_deadline = false;
+        let silent_dials = inbound.then(|| Arc::clone(&shared.inbound_silent_dials));
+        let mut silent = None;
         let upstream = if http1_waiting {
             Upstream::Held
         } else if dest.is_open() {
@@ -239,6 +279,15 @@ impl Detecting {
             dial_at_deadline = true;
             deadline = Some(Instant::now() + detect_timeout);
             Upstream::Held
+        } else if let Some(count) = &silent_dials {
+            match SilentDial::try_take(count) {
+                Some(share) => {
+                    silent = Some(share);
+                    Upstream::Dialling(start_dial(dst, connect_timeout, egress.source))
+                }
+                // Too many silent clients dialled already: this one waits until it speaks.
+                None => Upstream::Held,
+            }
         } else {
             Upstream::Dialling(start_dial(dst, connect_timeout, egress.source))
         };
@@ -257,6 +306,8 @@ impl Detecting {
             inbound,
             idle: dest.policy().idle_timeout,
             idle_deadline: Instant::now() + dest.policy().idle_timeout,
+            silent_dials,
+            silent,
         }
     }
 
@@ -298,6 +349,18 @@ impl Detecting {
                 Event::Deadline if self.draining && self.seen == 0 => return Decision::Close,
                 Event::Deadline if self.dial_at_deadline => {
                     self.dial_at_deadline = false;
+                    if self.seen == 0 {
+                        if let Some(count) = &self.silent_dials {
+                            match SilentDial::try_take(count) {
+                                Some(share) => self.silent = Some(share),
+                                // Too many silent clients dialled: wait for this one to speak.
+                                None => {
+                                    self.deadline = None;
+                                    continue;
+                                }
+                            }
+                        }
+                    }
                     self.upstream =
                         Upstream::Dialling(start_dial(dst, self.connect_timeout, self.source));
                     // A partial preface still gets its own `detect_timeout` from now.
