@@ -47,6 +47,34 @@ pub struct AdminState {
     /// `/config`, rendered once at start-up.
     pub config: String,
     pub shutdown: UnboundedSender<Trigger>,
+    /// Connections reset at accept because [`MAX_ADMIN_CONNECTIONS`] were open.
+    pub refused: prometheus::IntCounter,
+}
+
+impl AdminState {
+    /// The state, with its refusal counter (`sidecar_admin_connections_refused_total`)
+    /// registered in `registry`.
+    pub fn new(
+        readiness: Arc<Readiness>,
+        registry: Registry,
+        config: String,
+        shutdown: UnboundedSender<Trigger>,
+    ) -> AdminState {
+        let refused = prometheus::IntCounter::new(
+            "sidecar_admin_connections_refused_total",
+            "Admin connections reset at accept because 64 were open",
+        )
+        // A constant, valid name: creating the counter cannot fail.
+        .unwrap_or_else(|e| unreachable!("admin metric definition: {e}"));
+        crate::metrics::register(&registry, Box::new(refused.clone()), "admin");
+        AdminState {
+            readiness,
+            registry,
+            config,
+            shutdown,
+            refused,
+        }
+    }
 }
 
 /// Serves the admin endpoints on `listener` until `cancel`, at most [`MAX_ADMIN_CONNECTIONS`]
@@ -71,6 +99,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::debug!(%peer, "admin: too many connections; refusing");
+            state.refused.inc();
             let _ = stream.set_zero_linger();
             continue;
         };
@@ -259,12 +288,12 @@ mod tests {
         registry.register(Box::new(counter.clone())).unwrap();
         counter.inc();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let state = Arc::new(AdminState {
-            readiness: Arc::clone(&readiness),
+        let state = Arc::new(AdminState::new(
+            Arc::clone(&readiness),
             registry,
-            config: "{\"admin\":\"x\"}".into(),
-            shutdown: tx,
-        });
+            "{\"admin\":\"x\"}".into(),
+            tx,
+        ));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
@@ -301,12 +330,8 @@ mod tests {
         let readiness = Arc::new(Readiness::new(false, false));
         readiness.set_listening();
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let state = Arc::new(AdminState {
-            readiness,
-            registry: Registry::new(),
-            config: "{}".into(),
-            shutdown: tx,
-        });
+        let state = Arc::new(AdminState::new(readiness, Registry::new(), "{}".into(), tx));
+        let state_refused = state.refused.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
@@ -333,6 +358,7 @@ mod tests {
                 }
             };
             assert!(refused);
+            assert!(state_refused.get() >= 1, "counted");
             held.clear();
             // Slots free again (as the closed connections' tasks end).
             loop {

@@ -84,6 +84,8 @@ pub struct ConnMetrics {
     pub upstream_waits: IntCounter,
     /// Connections refused at accept: the direction had its maximum open.
     pub refused: IntCounter,
+    /// Silent clients not dialled through at once: enough silent ones were already (inbound).
+    pub silent_dials_deferred: IntCounter,
 }
 
 /// What an upstream connection pool records (the gauges and counters of one direction).
@@ -178,6 +180,11 @@ impl ProxyMetrics {
             "Downstream connections reset at accept because the direction had \
              --max-downstream-connections open",
         )?;
+        let silent_deferred = dir_counter(
+            "sidecar_silent_dials_deferred_total",
+            "Clients that had said nothing yet, not dialled through to the app at once because \
+             256 such were already (inbound): dialled once they speak",
+        )?;
         let upstream_open = IntGaugeVec::new(
             Opts::new(
                 "sidecar_upstream_connections_open",
@@ -202,6 +209,7 @@ impl ProxyMetrics {
             Box::new(received.clone()),
             Box::new(sent.clone()),
             Box::new(refused.clone()),
+            Box::new(silent_deferred.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -216,6 +224,7 @@ impl ProxyMetrics {
                 upstream_open: upstream_open.get_metric_with_label_values(&l)?,
                 upstream_waits: upstream_waits.get_metric_with_label_values(&l)?,
                 refused: refused.get_metric_with_label_values(&l)?,
+                silent_dials_deferred: silent_deferred.get_metric_with_label_values(&l)?,
             })
         };
         let conns = [conn(Dir::Inbound)?, conn(Dir::Outbound)?];

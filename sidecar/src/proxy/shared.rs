@@ -14,6 +14,38 @@ use crate::metrics::conn::ActiveConns;
 use crate::metrics::{DestinationMetrics, Dir, PoolMetrics};
 use crate::policy::Policies;
 
+/// Inbound connections whose client has said nothing yet that may be dialled to the app at
+/// once (for a server that speaks first). Past it, a silent client's connection is dialled only
+/// once the client speaks: a flood of silent connections cannot become as many connections to
+/// the app (nginx and Envoy never dial before the client speaks; a server-first protocol beyond
+/// this many waiting clients at once is the price).
+pub(crate) const MAX_INBOUND_SILENT_DIALS: usize = 256;
+
+/// One silent inbound connection dialled to the app (counted while detection lasts).
+pub(crate) struct SilentDial(Arc<std::sync::atomic::AtomicUsize>);
+
+impl SilentDial {
+    pub(crate) fn try_take(count: &Arc<std::sync::atomic::AtomicUsize>) -> Option<SilentDial> {
+        use std::sync::atomic::Ordering;
+        let mut now = count.load(Ordering::Acquire);
+        loop {
+            if now >= MAX_INBOUND_SILENT_DIALS {
+                return None;
+            }
+            match count.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(SilentDial(Arc::clone(count))),
+                Err(actual) => now = actual,
+            }
+        }
+    }
+}
+
+impl Drop for SilentDial {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Which way a captured connection goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Direction {
@@ -86,7 +118,7 @@ pub(crate) struct Shared {
     /// Open downstream connections per direction (the drain waits on them).
     pub(crate) active: [Arc<ActiveConns>; 2],
     /// Inbound connections dialled to the app while their client has said nothing yet (see
-    /// `transparent::MAX_INBOUND_SILENT_DIALS`).
+    /// [`MAX_INBOUND_SILENT_DIALS`]).
     pub(crate) inbound_silent_dials: Arc<std::sync::atomic::AtomicUsize>,
     /// Per direction: at the connection limit (refusing) since the last accepted connection.
     pub(crate) overloaded: [std::sync::atomic::AtomicBool; 2],

@@ -36,45 +36,13 @@ use super::detect::{
 use super::forward::{forward_h1, forward_h2, H2Upstream};
 use super::route::Route;
 use super::serve::{serve_http, Protocol};
-use super::shared::{Direction, Shared};
+use super::shared::{Direction, Shared, SilentDial};
 use crate::error::{Chain, ConnectError, ProxyError};
 use crate::metrics::conn::{ConnGuard, CountedIo};
 use crate::metrics::Dir;
 use crate::policy::headers::ForwardedClient;
 use crate::policy::idle::{self, Relayed};
 use crate::policy::Destination;
-
-/// Inbound connections whose client has said nothing yet that may be dialled to the app at
-/// once (for a server that speaks first). Past it, a silent client's connection is dialled only
-/// once the client speaks: a flood of silent connections cannot become as many connections to
-/// the app (nginx and Envoy never dial before the client speaks; a server-first protocol beyond
-/// this many waiting clients at once is the price).
-pub(crate) const MAX_INBOUND_SILENT_DIALS: usize = 256;
-
-/// One silent inbound connection dialled to the app (counted while detection lasts).
-struct SilentDial(Arc<std::sync::atomic::AtomicUsize>);
-
-impl SilentDial {
-    fn try_take(count: &Arc<std::sync::atomic::AtomicUsize>) -> Option<SilentDial> {
-        use std::sync::atomic::Ordering;
-        let mut now = count.load(Ordering::Acquire);
-        loop {
-            if now >= MAX_INBOUND_SILENT_DIALS {
-                return None;
-            }
-            match count.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(SilentDial(Arc::clone(count))),
-                Err(actual) => now = actual,
-            }
-        }
-    }
-}
-
-impl Drop for SilentDial {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
 
 /// The upstream side while detecting.
 enum Upstream {
@@ -237,6 +205,8 @@ struct Detecting {
     idle_deadline: Instant,
     /// Inbound: the count of silent dials, and this connection's share of it while it has one.
     silent_dials: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// Counts a silent client not dialled at once.
+    deferred: prometheus::IntCounter,
     silent: Option<SilentDial>,
 }
 
@@ -268,6 +238,12 @@ impl Detecting {
         // `detect_timeout`, dial then, in case this is some other protocol after all).
         let mut dial_at_deadline = false;
         let silent_dials = inbound.then(|| Arc::clone(&shared.inbound_silent_dials));
+        let deferred = shared
+            .telemetry
+            .metrics
+            .conns(direction.dir())
+            .silent_dials_deferred
+            .clone();
         let mut silent = None;
         let upstream = if http1_waiting {
             Upstream::Held
@@ -286,7 +262,10 @@ impl Detecting {
                     Upstream::Dialling(start_dial(dst, connect_timeout, egress.source))
                 }
                 // Too many silent clients dialled already: this one waits until it speaks.
-                None => Upstream::Held,
+                None => {
+                    deferred.inc();
+                    Upstream::Held
+                }
             }
         } else {
             Upstream::Dialling(start_dial(dst, connect_timeout, egress.source))
@@ -307,6 +286,7 @@ impl Detecting {
             idle: dest.policy().idle_timeout,
             idle_deadline: Instant::now() + dest.policy().idle_timeout,
             silent_dials,
+            deferred,
             silent,
         }
     }
@@ -355,6 +335,7 @@ impl Detecting {
                                 Some(share) => self.silent = Some(share),
                                 // Too many silent clients dialled: wait for this one to speak.
                                 None => {
+                                    self.deferred.inc();
                                     self.deadline = None;
                                     continue;
                                 }

@@ -104,12 +104,12 @@ pub(super) fn start_admin(
     triggers: &Triggers,
     stop: &CancellationToken,
 ) -> Result<Vec<SocketAddr>, ()> {
-    let state = Arc::new(crate::admin::AdminState {
-        readiness: Arc::clone(readiness),
+    let state = Arc::new(crate::admin::AdminState::new(
+        Arc::clone(readiness),
         registry,
         config,
-        shutdown: triggers.tx.clone(),
-    });
+        triggers.tx.clone(),
+    ));
     let mut bound = Vec::new();
     for l in &life.admin {
         let listener = match crate::net::bind(l.addr) {
