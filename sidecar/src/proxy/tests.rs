@@ -1074,33 +1074,6 @@ async fn relayed_error_headers_are_not_counted_as_ours() {
     .await;
 }
 
-/// An upstream that answers every request `200 ok` and closes the connection (so that each
-/// request through the proxy dials anew).
-async fn closing_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                    )
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 /// While alive, the process has no free file descriptor: the soft `RLIMIT_NOFILE` is lowered to
 /// the lowest free descriptor number. Restored on drop.
 struct NoFreeDescriptors {
@@ -1188,28 +1161,6 @@ fn out_of_descriptors_is_not_the_destinations_failure() {
     });
 }
 
-/// An upstream that answers every request with `answer`, byte for byte, then closes.
-async fn raw_upstream(answer: &'static [u8]) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s.write_all(answer).await;
-            });
-        }
-    });
-    addr
-}
-
 /// Sends `request` as raw bytes and reads the whole answer (the proxy closes after it).
 async fn raw_exchange(proxy: SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(proxy).await.unwrap();
@@ -1243,36 +1194,6 @@ async fn response_with_te_and_cl_is_framed_by_its_chunks() {
         assert_eq!(body, "hello world");
     })
     .await;
-}
-
-/// An upstream that counts the request heads it receives (answering each `200 ok`).
-async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let heads = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&heads);
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let counter = Arc::clone(&counter);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                counter.fetch_add(1, Ordering::SeqCst);
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                    )
-                    .await;
-            });
-        }
-    });
-    (addr, heads)
 }
 
 /// A request with two Host headers is refused (400), not forwarded for the upstream to pick one.
@@ -1598,4 +1519,47 @@ async fn inbound_at_the_cap_reports_overload() {
         assert_eq!(load(), Ok(()));
     })
     .await;
+}
+
+/// `200 ok`, then the connection closes.
+pub(super) const OK_THEN_CLOSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+
+/// An upstream that reads each connection's request head, answers `answer` byte for byte and
+/// closes (so that each request through the proxy dials anew); counts the heads it received.
+pub(super) async fn answering_upstream(answer: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&heads);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+async fn closing_upstream() -> SocketAddr {
+    answering_upstream(OK_THEN_CLOSE).await.0
+}
+
+async fn raw_upstream(answer: &'static [u8]) -> SocketAddr {
+    answering_upstream(answer).await.0
+}
+
+async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    answering_upstream(OK_THEN_CLOSE).await
 }
