@@ -8,7 +8,7 @@
 //! | `--target` | `SIDECAR_TARGET`, `TARGET_URL` | none | reverse-proxy mode (no interception): every request goes to this `http://` URL |
 //! | `--service-name` | `SIDECAR_SERVICE_NAME`, `SERVICE_NAME` | none | names this workload in logs (and metrics) |
 //! | `--config` | `SIDECAR_CONFIG` | none | policy file (TOML): `[defaults]` and per-destination `[[destination]]` timeouts, breaker and retries; format in [`crate::policy::config_file`]. Its `[defaults]` yield to the flags below when those are set |
-//! | `--connect-timeout` | `SIDECAR_CONNECT_TIMEOUT` | `1s` | see [`crate::proxy::DEFAULT_CONNECT_TIMEOUT`]; a timeout answers 504 |
+//! | `--connect-timeout` | `SIDECAR_CONNECT_TIMEOUT` | `1s` | see [`crate::policy::DEFAULT_CONNECT_TIMEOUT`]; a timeout answers 504 |
 //! | `--request-timeout` | `SIDECAR_REQUEST_TIMEOUT` | `30s` | request head to response head, retries included, as in the seed proxy; answers 504 |
 //! | `--idle-timeout` | `SIDECAR_IDLE_TIMEOUT` | `1h` | opaque TCP and upgraded (WebSocket) connections with no bytes either way are closed (see [`crate::policy::DEFAULT_IDLE_TIMEOUT`]) |
 //! | `--breaker-consecutive-failures` | `SIDECAR_BREAKER_CONSECUTIVE_FAILURES` | `5` | failures in a row that open a destination's circuit breaker (the seed's 5); `0` turns it off |
@@ -19,7 +19,7 @@
 //! | `--retry-budget-min-per-second` | `SIDECAR_RETRY_BUDGET_MIN_PER_SECOND` | `10` | retries always allowed per second, so quiet destinations can retry |
 //! | `--detect-timeout` | `SIDECAR_DETECT_TIMEOUT` | `1s` | wait for the rest of a partial client preface; never applied while nobody has sent anything |
 //! | `--pool-idle-timeout` | `SIDECAR_POOL_IDLE_TIMEOUT` | `30s` | see [`crate::proxy::DEFAULT_POOL_IDLE_TIMEOUT`] |
-//! | `--max-connections-per-destination` | `SIDECAR_MAX_CONNECTIONS_PER_DESTINATION` | `128` | upstream HTTP/1 connections per destination and direction; past it requests queue (within the request timeout) for the next free connection: bounds the upstream's sockets and the proxy's memory (see [`crate::proxy::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION`]); per destination: `max_connections` in the config file |
+//! | `--max-connections-per-destination` | `SIDECAR_MAX_CONNECTIONS_PER_DESTINATION` | `128` | upstream HTTP/1 connections per destination (outbound; inbound has `--inbound-max-connections`); past it requests queue (within the request timeout) for the next free connection: bounds the upstream's sockets and the proxy's memory (see [`crate::policy::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION`]); per destination: `max_connections` in the config file |
 //! | `--header-timeout` | `SIDECAR_HEADER_TIMEOUT` | `30s` | HTTP/1: a request head must be complete within this from when the connection starts waiting for it (also the keep-alive idle timeout); a stalled or slow head is closed |
 //! | `--max-header-bytes` | `SIDECAR_MAX_HEADER_BYTES` | `32KiB` | HTTP/1: the largest request head, larger gets 431; also the HTTP/2 header list limit |
 //! | `--http2-max-concurrent-streams` | `SIDECAR_HTTP2_MAX_CONCURRENT_STREAMS` | `100` | HTTP/2 streams one client connection may have open |
