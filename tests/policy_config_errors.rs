@@ -84,3 +84,56 @@ fn a_missing_file_is_named() {
         "{stderr}"
     );
 }
+
+/// `sidecar check-config FILE` (for CI pipelines) reports a bad file with the same lines as
+/// `sidecar run --config FILE`, exit 64, and says a good one is valid, exit 0; it starts nothing.
+#[test]
+fn check_config_reports_what_run_would() {
+    let bad = TempFile::new(
+        "check-bad.toml",
+        "[defaults]\nrequest_timout = \"2s\"\n\n[[destination]]\nmatch = \"10.0.0.7\"\n",
+    );
+    let path = bad.0.to_string_lossy().into_owned();
+    let checked = run_sidecar(&["check-config", &path]);
+    let run = run_sidecar(&[
+        "run",
+        "--outbound",
+        "127.0.0.1:0",
+        "--inbound",
+        "none",
+        "--admin",
+        "none",
+        "--config",
+        &path,
+    ]);
+    assert_eq!(checked.status.code(), Some(64));
+    assert_eq!(run.status.code(), Some(64));
+    let lines = |out: &std::process::Output| -> Vec<String> {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.starts_with("  "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let checked_lines = lines(&checked);
+    assert_eq!(checked_lines.len(), 2, "{checked_lines:?}");
+    assert_eq!(
+        checked_lines,
+        lines(&run),
+        "the same messages as sidecar run"
+    );
+    assert!(String::from_utf8_lossy(&checked.stderr)
+        .starts_with("sidecar check-config: invalid configuration:\n"));
+
+    let good = TempFile::new(
+        "check-good.toml",
+        "[defaults]\nrequest_timeout = \"2s\"\n\n[[destination]]\nmatch = \"10.0.0.7:80\"\n",
+    );
+    let out = run_sidecar(&["check-config", &good.0.to_string_lossy()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("valid ([defaults] and 1 destination rule)"),
+        "{stdout}"
+    );
+}

@@ -20,6 +20,8 @@ enum Command {
     Init(sidecar::intercept::InitArgs),
     /// Run the proxy that receives the intercepted connections.
     Run(Box<sidecar::run::RunArgs>),
+    /// Check a policy file (`sidecar run --config FILE`) without starting anything; exit 0 or 64.
+    CheckConfig(sidecar::run::check::CheckConfigArgs),
     /// Wait until the running sidecar reports ready (for an app's entrypoint or a postStart hook).
     WaitReady(sidecar::lifecycle::client::WaitReadyArgs),
     /// Ask the running sidecar to drain and exit (for a Job's last step).
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Init(args) => sidecar::intercept::main(args),
         Command::Run(args) => sidecar::run::main(*args),
+        Command::CheckConfig(args) => sidecar::run::check::main(args),
         Command::WaitReady(args) => sidecar::lifecycle::client::wait_ready_main(args),
         Command::Shutdown(args) => sidecar::lifecycle::client::shutdown_main(args),
         Command::Status(args) => sidecar::intercept::status_main(args),

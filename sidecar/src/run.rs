@@ -54,6 +54,7 @@
 //! The code: [`args`] (the flags), [`settings`] (checking them), [`wiring`] (telemetry, admin,
 //! readiness checks, drain triggers), [`config_json`] (`/config`); this file is the script.
 pub mod args;
+pub mod check;
 pub mod config_json;
 pub mod settings;
 mod wiring;
