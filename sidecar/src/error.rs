@@ -321,7 +321,7 @@ impl ProxyError {
             Some(ProxyError::DownstreamHeaderTimeout)
         } else if err.is_parse_too_large() {
             Some(ProxyError::DownstreamHeadTooLarge)
-        } else if err.is_parse() {
+        } else if err.is_parse() || sent_goaway(err) {
             Some(ProxyError::DownstreamProtocol)
         } else {
             None
@@ -333,6 +333,19 @@ impl fmt::Display for ProxyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.code())
     }
+}
+
+/// True if the HTTP/2 connection ended with a GOAWAY that we sent because the client broke the
+/// protocol or its limits (rapid reset, a never-ending header block, a stream flood).
+fn sent_goaway(err: &hyper::Error) -> bool {
+    let mut next = err.source();
+    while let Some(e) = next {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_library();
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// True if an io error below `err` is a connection reset (the peer sent RST).

@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::*;
+use crate::metrics::ProxyMetrics;
 
 async fn guard<T>(fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(20), fut)
@@ -49,15 +50,33 @@ async fn silent_upstream() -> SocketAddr {
     addr
 }
 
-async fn h2c_proxy(upstream: SocketAddr) -> (Proxy, SocketAddr) {
-    let proxy = start(
+async fn h2c_proxy(upstream: SocketAddr) -> (Proxy, SocketAddr, Arc<ProxyMetrics>) {
+    let metrics = ProxyMetrics::unregistered();
+    let telemetry = Telemetry {
+        metrics: Arc::clone(&metrics),
+        access_log: false,
+    };
+    let resolvers = Resolvers {
+        outbound: Arc::new(move |_: &TcpStream| Ok(upstream)),
+        inbound: local_addr_resolver(),
+    };
+    let proxy = start_observed(
         ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]),
-        Arc::new(move |_: &TcpStream| Ok(upstream)),
+        resolvers,
+        telemetry,
     )
     .await
     .unwrap();
     let addr = proxy.local_addrs()[0];
-    (proxy, addr)
+    (proxy, addr, metrics)
+}
+
+/// Waits until the connection's end has been counted as the client's protocol breach.
+async fn counted_as_a_breach(metrics: &ProxyMetrics) {
+    let breach = crate::error::ProxyError::DownstreamProtocol;
+    while metrics.error_count(crate::metrics::Dir::Outbound, breach) == 0 {
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Connects, sends the preface and an empty SETTINGS frame.
@@ -97,7 +116,7 @@ async fn flood(s: &mut TcpStream, frames: impl Iterator<Item = Vec<u8>>) {
 
 #[tokio::test]
 async fn rapid_reset_ends_with_goaway() {
-    let (_proxy, addr) = h2c_proxy(silent_upstream().await).await;
+    let (_proxy, addr, metrics) = h2c_proxy(silent_upstream().await).await;
     guard(async {
         let mut s = h2c_connect(addr).await;
         let frames = (0..10_000u32).flat_map(|i| {
@@ -109,13 +128,14 @@ async fn rapid_reset_ends_with_goaway() {
         });
         flood(&mut s, frames).await;
         assert!(saw_goaway(&mut s).await, "rapid reset ends with GOAWAY");
+        counted_as_a_breach(&metrics).await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn continuation_flood_ends_with_goaway() {
-    let (_proxy, addr) = h2c_proxy(silent_upstream().await).await;
+    let (_proxy, addr, metrics) = h2c_proxy(silent_upstream().await).await;
     guard(async {
         let mut s = h2c_connect(addr).await;
         // A header block that never ends: HEADERS without END_HEADERS, then CONTINUATION frames
@@ -129,6 +149,7 @@ async fn continuation_flood_ends_with_goaway() {
             saw_goaway(&mut s).await,
             "a never-ending header block ends with GOAWAY"
         );
+        counted_as_a_breach(&metrics).await;
     })
     .await;
 }
