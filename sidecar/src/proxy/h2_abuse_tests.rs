@@ -74,7 +74,7 @@ async fn h2c_proxy(upstream: SocketAddr) -> (Proxy, SocketAddr, Arc<ProxyMetrics
 /// Waits until the connection's end has been counted as the client's protocol breach.
 async fn counted_as_a_breach(metrics: &ProxyMetrics) {
     let breach = crate::error::ProxyError::DownstreamProtocol;
-    while metrics.error_count(crate::metrics::Dir::Outbound, breach) == 0 {
+    while metrics.error_count(Dir::Outbound, breach) == 0 {
         tokio::task::yield_now().await;
     }
 }
