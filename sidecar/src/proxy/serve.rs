@@ -2,26 +2,26 @@
 //! hyper's HTTP/1 (with upgrades) or HTTP/2 server, every request is recorded
 //! ([`crate::metrics::access::observe`]), and the drain reaches the connection
 //! ([`serve_until_drained`]). Interception mode (both directions) and `--target` mode use it.
+//! The servers' limits are set here too: the HTTP/1 header timeout and head size, and for HTTP/2
+//! the stream limit, keep-alive pings, the rapid-reset cap and the idle timeout (streams are
+//! counted from request to the end of the response body; none open for the idle timeout closes
+//! the connection with GOAWAY).
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
-
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
-
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, SizeHint};
-use hyper::service::Service;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::{service_fn, Service};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::config::HttpLimits;
 use super::forward::ProxyBody;
