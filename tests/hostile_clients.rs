@@ -82,6 +82,23 @@ fn remote<T: Send + 'static>(
     })
 }
 
+/// One connection to the app's address (from the remote namespace).
+fn connect_app(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("connect: {e}"))
+}
+
+/// Another client's inbound GET and the app's own outbound GET both answer 200 (`while`: what
+/// is going on meanwhile).
+fn others_answered(pod: &Pod, while_: &str) {
+    assert_eq!(inbound_get(pod), 200, "another client, {while_}");
+    assert_eq!(
+        pod.app_http("10.200.0.1:9000").status,
+        200,
+        "the app's outbound, {while_}"
+    );
+}
+
 /// One inbound GET from the remote namespace, as another client would.
 fn inbound_get(pod: &Pod) -> u16 {
     pod.remote_http(APP).status
@@ -123,8 +140,7 @@ fn stalled_heads_slowloris_and_silent_connections_stay_bounded() {
     );
     sidecar.wait_inbound_registered(&mut pod, before);
     let pid = sidecar.pid();
-    assert_eq!(inbound_get(&pod), 200);
-    assert_eq!(pod.app_http("10.200.0.1:9000").status, 200);
+    others_answered(&pod, "before anything");
     let rss_before = rss_kib(pid);
     let fds_before = open_fds(pid);
 
@@ -140,8 +156,7 @@ fn stalled_heads_slowloris_and_silent_connections_stay_bounded() {
         };
         (0..1_000)
             .map(|_| {
-                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-                    .unwrap_or_else(|e| panic!("connect: {e}"));
+                let mut s = connect_app(addr);
                 s.set_nonblocking(true).unwrap_or_else(|e| panic!("{e}"));
                 // As much as the socket takes without blocking: the proxy stops reading at the
                 // head limit and answers 431.
@@ -154,16 +169,7 @@ fn stalled_heads_slowloris_and_silent_connections_stay_bounded() {
     .join()
     .unwrap_or_else(|_| panic!("client thread"));
     // Meanwhile: other clients inbound, and the app outbound.
-    assert_eq!(
-        inbound_get(&pod),
-        200,
-        "another client while 1,000 heads stall"
-    );
-    assert_eq!(
-        pod.app_http("10.200.0.1:9000").status,
-        200,
-        "the app's outbound"
-    );
+    others_answered(&pod, "while 1,000 heads stall");
     let closed: Vec<Duration> = stalled
         .into_iter()
         .map(|s| until_closed(s, started))
@@ -193,8 +199,7 @@ fn stalled_heads_slowloris_and_silent_connections_stay_bounded() {
         chunk.extend(std::iter::repeat_n(b'x', 16 * 1024));
         (0..1_000)
             .map(|_| {
-                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-                    .unwrap_or_else(|e| panic!("connect: {e}"));
+                let mut s = connect_app(addr);
                 s.write_all(&chunk).unwrap_or_else(|e| panic!("write: {e}"));
                 s
             })
@@ -202,16 +207,7 @@ fn stalled_heads_slowloris_and_silent_connections_stay_bounded() {
     })
     .join()
     .unwrap_or_else(|_| panic!("client thread"));
-    assert_eq!(
-        inbound_get(&pod),
-        200,
-        "another client while 1,000 heads are held"
-    );
-    assert_eq!(
-        pod.app_http("10.200.0.1:9000").status,
-        200,
-        "the app's outbound"
-    );
+    others_answered(&pod, "while 1,000 heads are held");
     let closed: Vec<Duration> = held.into_iter().map(|s| until_closed(s, started)).collect();
     let slowest = closed.iter().max().copied().unwrap_or_default();
     let fastest = closed.iter().min().copied().unwrap_or_default();
@@ -238,8 +234,7 @@ fn stalled_heads_slowloris_and_silent_connections_stay_bounded() {
         let addr: SocketAddr = APP.parse().unwrap_or_else(|e| panic!("{e}"));
         let conns: Vec<TcpStream> = (0..200)
             .map(|_| {
-                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-                    .unwrap_or_else(|e| panic!("connect: {e}"));
+                let mut s = connect_app(addr);
                 let _ = s.write_all(b"GET / HTTP/1.1\r\nx-a: ");
                 s
             })
@@ -255,20 +250,11 @@ fn stalled_heads_slowloris_and_silent_connections_stay_bounded() {
     });
     let silent = remote(&pod, || {
         let addr: SocketAddr = APP.parse().unwrap_or_else(|e| panic!("{e}"));
-        (0..5_000)
-            .map(|_| {
-                TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-                    .unwrap_or_else(|e| panic!("connect: {e}"))
-            })
-            .collect::<Vec<_>>()
+        (0..5_000).map(|_| connect_app(addr)).collect::<Vec<_>>()
     })
     .join()
     .unwrap_or_else(|_| panic!("client thread"));
-    assert_eq!(
-        inbound_get(&pod),
-        200,
-        "another client among the silent ones"
-    );
+    others_answered(&pod, "among 5,000 silent connections");
     let silent_closed: Vec<Duration> = silent
         .into_iter()
         .map(|s| until_closed(s, started))
@@ -290,7 +276,6 @@ fn stalled_heads_slowloris_and_silent_connections_stay_bounded() {
         "descriptors back to their level",
         || open_fds(pid) <= fds_before + 16,
     );
-    assert_eq!(inbound_get(&pod), 200);
-    assert_eq!(pod.app_http("10.200.0.1:9000").status, 200);
+    others_answered(&pod, "afterwards");
     assert!(sidecar.try_status().is_none(), "the proxy is still running");
 }

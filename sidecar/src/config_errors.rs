@@ -20,8 +20,8 @@ pub fn report(f: &mut fmt::Formatter<'_>, command: &str, errors: &[ConfigError])
     }
     write!(
         f,
-        "fix the values above (flags or environment variables) and start again; \
-         `sidecar {command} --help` lists every key"
+        "fix the values above (flags, environment variables or the config file) and try again; \
+         `sidecar {command} --help` lists every key; docs/operator-guide.md the config file's"
     )
 }
 

@@ -1406,20 +1406,7 @@ async fn body_reading_app() -> (SocketAddr, Arc<AtomicUsize>) {
 async fn slow_inbound_clients_do_not_starve_the_others() {
     const SLOW: usize = 600;
     let (app, started) = body_reading_app().await;
-    let mut config = loopback_config();
-    config.inbound = vec![ListenAddr {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        required: true,
-    }];
-    let proxy = start_with_resolvers(
-        config,
-        Resolvers {
-            outbound: fixed(app),
-            inbound: fixed(app),
-        },
-    )
-    .await
-    .unwrap();
+    let proxy = both_ways_to(app, |_| {}).await;
     let (inbound, outbound) = (proxy.inbound_addrs()[0], proxy.local_addrs()[0]);
     guard(async {
         let mut slow = Vec::new();
@@ -1492,21 +1479,7 @@ async fn silent_connections_are_closed_at_the_idle_timeout() {
 #[tokio::test]
 async fn inbound_at_the_cap_reports_overload() {
     let app = http_upstream().await;
-    let mut config = loopback_config();
-    config.inbound = vec![ListenAddr {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        required: true,
-    }];
-    config.max_connections = 1;
-    let proxy = start_with_resolvers(
-        config,
-        Resolvers {
-            outbound: fixed(app),
-            inbound: fixed(app),
-        },
-    )
-    .await
-    .unwrap();
+    let proxy = both_ways_to(app, |c| c.max_connections = 1).await;
     let load = proxy.inbound_load();
     guard(async {
         assert_eq!(load(), Ok(()));
@@ -1562,4 +1535,24 @@ async fn raw_upstream(answer: &'static [u8]) -> SocketAddr {
 
 async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
     answering_upstream(OK_THEN_CLOSE).await
+}
+
+/// A proxy with both directions going to `app` (an inbound listener on loopback too), its
+/// configuration adjusted by `configure`.
+async fn both_ways_to(app: SocketAddr, configure: impl FnOnce(&mut ProxyConfig)) -> Proxy {
+    let mut config = loopback_config();
+    config.inbound = vec![ListenAddr {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        required: true,
+    }];
+    configure(&mut config);
+    start_with_resolvers(
+        config,
+        Resolvers {
+            outbound: fixed(app),
+            inbound: fixed(app),
+        },
+    )
+    .await
+    .unwrap()
 }

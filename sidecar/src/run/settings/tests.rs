@@ -267,7 +267,9 @@ sidecar run: invalid configuration:
     let text = err.to_string();
     assert!(text.starts_with(expected), "got:\n{text}");
     assert!(text.contains("SIDECAR_LOG = \"sidecar=loud\": not a log filter"));
-    assert!(text.ends_with("`sidecar run --help` lists every key"));
+    assert!(text.ends_with(
+        "`sidecar run --help` lists every key; docs/operator-guide.md the config file's"
+    ));
     assert_eq!(err.errors.len(), 8);
 }
 
