@@ -24,9 +24,10 @@ pub mod retry;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use breaker::BreakerConfig;
 pub use breaker::{
     DEFAULT_BREAKER_CONSECUTIVE_FAILURES, DEFAULT_BREAKER_FAILURE_RATE_MIN_REQUESTS,
@@ -77,23 +78,86 @@ impl LabelCap {
     }
 }
 
-/// All destinations of one proxy.
+/// All destinations of one proxy, under one configuration (one generation). Replaced whole on
+/// reload ([`PolicyStore`]); see [`Policies::reloaded`] for what carries over.
 pub struct Policies {
+    generation: u64,
+    config: PolicyConfig,
     defaults: Arc<DestinationPolicy>,
     inbound: Arc<Destination>,
     by_addr: HashMap<SocketAddr, Arc<Destination>>,
     /// Host -> (port, destination) rules; hosts lower-case.
     by_name: HashMap<Box<str>, Vec<(u16, Arc<Destination>)>>,
     learned: [Mutex<HashMap<SocketAddr, Arc<Destination>>>; SHARDS],
-    labels: LabelCap,
+    /// `--target` mode's destination when no rule names the target (one per proxy).
+    target: OnceLock<Arc<Destination>>,
+    /// Shared by every generation: a destination keeps its label across reloads.
+    labels: Arc<LabelCap>,
 }
 
 impl std::fmt::Debug for Policies {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Policies")
+            .field("generation", &self.generation)
             .field("defaults", &self.defaults)
             .field("rules", &(self.by_addr.len() + self.by_name.len()))
             .finish_non_exhaustive()
+    }
+}
+
+/// What a reload changed, for the log and `/config`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Rules whose destination (breaker, budget) carried over unchanged.
+    pub kept: usize,
+    /// Rules that are new or changed (they start with a closed breaker and a fresh budget).
+    pub replaced: usize,
+    /// Rules of the old configuration that are gone.
+    pub removed: usize,
+    /// `[defaults]` changed: learned destinations start afresh under the new defaults.
+    pub defaults_changed: bool,
+}
+
+/// The policies in force: a pointer swapped whole on reload. Each request loads the current
+/// [`Policies`] once (no lock); a request already running keeps the generation it started with.
+pub struct PolicyStore {
+    current: ArcSwap<Policies>,
+    /// Serialises reloads (readers never take it).
+    reload: Mutex<()>,
+}
+
+impl std::fmt::Debug for PolicyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PolicyStore").field(&*self.load()).finish()
+    }
+}
+
+impl PolicyStore {
+    pub fn new(config: &PolicyConfig) -> PolicyStore {
+        PolicyStore {
+            current: ArcSwap::from_pointee(Policies::new(config)),
+            reload: Mutex::new(()),
+        }
+    }
+
+    /// The policies in force now (cheap: no lock, no reference count on the fast path).
+    pub fn load(&self) -> arc_swap::Guard<Arc<Policies>> {
+        self.current.load()
+    }
+
+    #[cfg(test)]
+    fn load_full_for_test(&self) -> Arc<Policies> {
+        self.current.load_full()
+    }
+
+    /// Puts `config` in force: destinations whose rule did not change keep their breaker and
+    /// budget (see [`Policies::reloaded`]).
+    pub fn replace(&self, config: &PolicyConfig) -> Changes {
+        let _one_at_a_time = self.reload.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = self.current.load_full();
+        let (next, changes) = old.reloaded(config);
+        self.current.store(Arc::new(next));
+        changes
     }
 }
 
@@ -102,17 +166,56 @@ impl Policies {
         // Registered now, so that the families (and the unlabelled budget counter at 0) are
         // exported before the first request, as dashboards expect.
         LazyLock::force(&METRICS);
-        let labels = LabelCap::default();
+        Policies::build(config, 0, Arc::new(LabelCap::default()), None).0
+    }
+
+    /// The policies of `config`, carrying over from `self` what did not change:
+    /// - a rule with the same match and the same settings keeps its destination (open breaker,
+    ///   spent retry budget, metrics); a changed rule starts afresh;
+    /// - with unchanged `[defaults]`, learned destinations and the inbound and `--target`
+    ///   destinations carry over too; changed defaults start them afresh.
+    ///
+    /// Connection pools are the proxy's, by address: a reload never closes a connection.
+    pub fn reloaded(&self, config: &PolicyConfig) -> (Policies, Changes) {
+        Policies::build(
+            config,
+            self.generation + 1,
+            Arc::clone(&self.labels),
+            Some(self),
+        )
+    }
+
+    fn build(
+        config: &PolicyConfig,
+        generation: u64,
+        labels: Arc<LabelCap>,
+        old: Option<&Policies>,
+    ) -> (Policies, Changes) {
+        let mut changes = Changes::default();
+        let same_defaults = old.filter(|o| *o.defaults == config.defaults);
+        changes.defaults_changed = old.is_some() && same_defaults.is_none();
         let mut by_addr = HashMap::new();
         let mut by_name: HashMap<Box<str>, Vec<(u16, Arc<Destination>)>> = HashMap::new();
         for rule in &config.destinations {
-            let name: Arc<str> = rule.matcher.to_string().into();
-            let label = labels.label(&name);
-            let dest = Arc::new(Destination::new(
-                name,
-                Arc::new(rule.policy.clone()),
-                Some(&label),
-            ));
+            let kept = old
+                .and_then(|o| o.rule(&rule.matcher))
+                .filter(|d| *d.policy() == rule.policy);
+            let dest = match kept {
+                Some(d) => {
+                    changes.kept += 1;
+                    d
+                }
+                None => {
+                    changes.replaced += 1;
+                    let name: Arc<str> = rule.matcher.to_string().into();
+                    let label = labels.label(&name);
+                    Arc::new(Destination::new(
+                        name,
+                        Arc::new(rule.policy.clone()),
+                        Some(&label),
+                    ))
+                }
+            };
             match &rule.matcher {
                 Match::Addr(addr) => {
                     // The first rule for an address wins (the file loader rejects duplicates).
@@ -126,23 +229,81 @@ impl Policies {
                 }
             }
         }
-        let inbound_policy = DestinationPolicy {
-            breaker: BreakerConfig::disabled(),
-            retry: RetryConfig::disabled(),
-            ..config.defaults.clone()
+        if let Some(old) = old {
+            changes.removed = old
+                .config
+                .destinations
+                .iter()
+                .filter(|r| !config.destinations.iter().any(|n| n.matcher == r.matcher))
+                .count();
+        }
+        let inbound = match same_defaults {
+            Some(o) => Arc::clone(&o.inbound),
+            None => {
+                let inbound_policy = DestinationPolicy {
+                    breaker: BreakerConfig::disabled(),
+                    retry: RetryConfig::disabled(),
+                    ..config.defaults.clone()
+                };
+                Arc::new(Destination::new(
+                    "inbound".into(),
+                    Arc::new(inbound_policy),
+                    None,
+                ))
+            }
         };
-        Policies {
+        let learned: [Mutex<HashMap<SocketAddr, Arc<Destination>>>; SHARDS] =
+            std::array::from_fn(|i| {
+                let carried = same_defaults
+                    .map(|o| {
+                        let map = o.learned[i].lock().unwrap_or_else(PoisonError::into_inner);
+                        map.iter()
+                            .filter(|(addr, _)| !by_addr.contains_key(*addr))
+                            .map(|(addr, d)| (*addr, Arc::clone(d)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Mutex::new(carried)
+            });
+        let target = OnceLock::new();
+        if let Some(d) = same_defaults.and_then(|o| o.target.get()) {
+            let _ = target.set(Arc::clone(d));
+        }
+        let policies = Policies {
+            generation,
+            config: config.clone(),
             defaults: Arc::new(config.defaults.clone()),
-            inbound: Arc::new(Destination::new(
-                "inbound".into(),
-                Arc::new(inbound_policy),
-                None,
-            )),
+            inbound,
             by_addr,
             by_name,
-            learned: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            learned,
+            target,
             labels,
+        };
+        (policies, changes)
+    }
+
+    /// The destination of the rule with exactly this match, if any.
+    fn rule(&self, matcher: &Match) -> Option<Arc<Destination>> {
+        match matcher {
+            Match::Addr(addr) => self.by_addr.get(addr).cloned(),
+            Match::Authority { host, port } => self
+                .by_name
+                .get(host)?
+                .iter()
+                .find(|(p, _)| p == port)
+                .map(|(_, d)| Arc::clone(d)),
         }
+    }
+
+    /// Which configuration this is: 0 at start, one more on each applied reload.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The configuration these policies run.
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
     }
 
     /// The proxy-wide defaults.
@@ -213,7 +374,8 @@ impl Policies {
             .map(|(_, d)| Arc::clone(d))
     }
 
-    /// The destination of `--target` mode: its rule, else the defaults without a breaker.
+    /// The destination of `--target` mode: its rule, else the defaults without a breaker (made
+    /// once: a proxy has one target).
     pub fn target(
         &self,
         authority: &str,
@@ -229,19 +391,22 @@ impl Policies {
         {
             return Arc::clone(d);
         }
-        let name: Arc<str> = authority.into();
-        let label = match label {
-            Some(f) => f(),
-            None => self.labels.label(&name),
-        };
-        // The one service behind a reverse proxy: remote clients can provoke its 5xx at will,
-        // and an open breaker would then refuse everyone (as for inbound). A rule naming the
-        // target turns one on deliberately.
-        let policy = DestinationPolicy {
-            breaker: BreakerConfig::disabled(),
-            ..(*self.defaults).clone()
-        };
-        Arc::new(Destination::new(name, Arc::new(policy), Some(&label)))
+        let dest = self.target.get_or_init(|| {
+            let name: Arc<str> = authority.into();
+            let label = match label {
+                Some(f) => f(),
+                None => self.labels.label(&name),
+            };
+            // The one service behind a reverse proxy: remote clients can provoke its 5xx at
+            // will, and an open breaker would then refuse everyone (as for inbound). A rule
+            // naming the target turns one on deliberately.
+            let policy = DestinationPolicy {
+                breaker: BreakerConfig::disabled(),
+                ..(*self.defaults).clone()
+            };
+            Arc::new(Destination::new(name, Arc::new(policy), Some(&label)))
+        });
+        Arc::clone(dest)
     }
 
     /// The connect timeout for dialling `host:port` (an address rule, a name rule, or the default).
@@ -387,6 +552,76 @@ mod tests {
         let inbound = p.inbound();
         assert!(inbound.policy().breaker.is_disabled());
         assert_eq!(inbound.policy().retry.max_retries, 0);
+    }
+
+    /// A reload keeps the state of what it did not change: an open breaker of an unchanged rule,
+    /// learned destinations under unchanged defaults; a changed rule starts afresh.
+    #[tokio::test]
+    async fn reload_keeps_what_did_not_change() {
+        let a = "10.0.0.7:80";
+        let config = PolicyConfig {
+            defaults: DestinationPolicy::default(),
+            destinations: vec![
+                rule(a, |p| p.breaker.consecutive_failures = 1),
+                rule("api.example:443", |p| {
+                    p.request_timeout = Duration::from_secs(2);
+                }),
+            ],
+        };
+        let store = PolicyStore::new(&config);
+        let first = store.load_full_for_test();
+        let dest_a = first.outbound(a.parse().unwrap(), None);
+        let permit = dest_a.admit().expect("closed");
+        dest_a.report(permit, Outcome::Failure);
+        assert!(dest_a.is_open(), "one failure opens it");
+        let learned = first.outbound("10.0.0.9:80".parse().unwrap(), None);
+
+        // Change only the name rule.
+        let mut next = config.clone();
+        next.destinations[1].policy.request_timeout = Duration::from_millis(300);
+        let changes = store.replace(&next);
+        assert_eq!(
+            changes,
+            Changes {
+                kept: 1,
+                replaced: 1,
+                removed: 0,
+                defaults_changed: false
+            }
+        );
+        let second = store.load_full_for_test();
+        assert_eq!(second.generation(), 1);
+        let again = second.outbound(a.parse().unwrap(), None);
+        assert!(
+            Arc::ptr_eq(&dest_a, &again) && again.is_open(),
+            "breaker kept"
+        );
+        assert!(Arc::ptr_eq(
+            &learned,
+            &second.outbound("10.0.0.9:80".parse().unwrap(), None)
+        ));
+        let named = second.by_authority("api.example:443", 80).unwrap();
+        assert_eq!(named.policy().request_timeout, Duration::from_millis(300));
+        // The old generation still answers with the old rule (a request that began under it).
+        let old_named = first.by_authority("api.example:443", 80).unwrap();
+        assert_eq!(old_named.policy().request_timeout, Duration::from_secs(2));
+
+        // Changed defaults: learned destinations start afresh; the unchanged rule's stays.
+        let mut third = next.clone();
+        third.defaults.connect_timeout = Duration::from_millis(250);
+        third.destinations.pop();
+        let changes = store.replace(&third);
+        assert!(changes.defaults_changed);
+        assert_eq!((changes.kept, changes.removed), (1, 1));
+        let now = store.load_full_for_test();
+        let relearned = now.outbound("10.0.0.9:80".parse().unwrap(), None);
+        assert!(!Arc::ptr_eq(&learned, &relearned));
+        assert_eq!(
+            relearned.policy().connect_timeout,
+            Duration::from_millis(250)
+        );
+        assert!(now.by_authority("api.example:443", 80).is_none());
+        assert!(now.outbound(a.parse().unwrap(), None).is_open());
     }
 
     #[tokio::test]

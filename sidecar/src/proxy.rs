@@ -42,7 +42,7 @@ use crate::lifecycle::Drainable;
 use crate::metrics::conn::{ActiveConns, ConnGuard};
 use crate::metrics::Dir;
 use crate::net::{addrs_of, bind_all};
-use crate::policy::Policies;
+use crate::policy::PolicyStore;
 
 pub use config::{
     local_addr_resolver, original_dst_resolver, HttpLimits, ListenAddr, ProxyConfig, Resolver,
@@ -56,7 +56,7 @@ pub use detect::{classify, Detection, H2_PREFACE};
 pub use forward::{error_response, ProxyBody};
 
 use connect::Source;
-use route::Route;
+use route::{Origin, Route};
 use shared::{Direction, Egress, Shared};
 
 /// A running proxy.
@@ -68,9 +68,16 @@ pub struct Proxy {
     tracker: TaskTracker,
     active: [Arc<ActiveConns>; 2],
     max_connections: usize,
+    policies: Arc<PolicyStore>,
 }
 
 impl Proxy {
+    /// The policies in force; a reload replaces them here ([`PolicyStore::replace`]) and every
+    /// request started afterwards runs under the new ones.
+    pub fn policies(&self) -> &Arc<PolicyStore> {
+        &self.policies
+    }
+
     /// The outbound (or `--target`) addresses actually bound (port 0 resolved), in
     /// configuration order.
     pub fn local_addrs(&self) -> &[SocketAddr] {
@@ -210,17 +217,20 @@ pub async fn start_observed(
             name,
         )
     });
-    let policies = Arc::new(Policies::new(&config.policy));
+    let policies = Arc::new(PolicyStore::new(&config.policy));
     let target_route = config.target.as_ref().map(|t| {
         let label = || match &target_dest {
             Some((metrics, _)) => Arc::clone(metrics.label()),
             None => Arc::from(t.authority.as_str()),
         };
+        let current = policies.load();
         Route {
             authority: t.authority.clone(),
             prefix: t.prefix.clone(),
-            dest: policies.target(t.authority.as_str(), Some(&label)),
-            by_name: policies.has_name_rules(),
+            dest: current.target(t.authority.as_str(), Some(&label)),
+            generation: current.generation(),
+            origin: Origin::Target,
+            by_name: true,
             default_port: t.authority.port_u16().unwrap_or(80),
             forwarded_for: None,
             upstream: None,
@@ -286,6 +296,7 @@ pub async fn start_observed(
         tracker,
         active,
         max_connections,
+        policies: Arc::clone(&shared.policies),
     })
 }
 

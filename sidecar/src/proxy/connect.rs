@@ -21,7 +21,7 @@ use nix::sys::socket::{recv, setsockopt, sockopt, MsgFlags};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::error::ConnectError;
-use crate::policy::Policies;
+use crate::policy::PolicyStore;
 
 /// A connect that may still be in progress.
 pub(crate) type Dialling = Pin<Box<dyn Future<Output = Result<TcpStream, ConnectError>> + Send>>;
@@ -209,7 +209,7 @@ impl Drop for StashGuard {
 pub(crate) struct Connector {
     pub(crate) stash: Arc<Stash>,
     /// Where the connect timeout of a destination comes from.
-    pub(crate) policies: Arc<Policies>,
+    pub(crate) policies: Arc<PolicyStore>,
     pub(crate) source: Source,
 }
 
@@ -218,9 +218,9 @@ impl Connector {
         let host = authority.host();
         let port = authority.port_u16().unwrap_or(80);
         let connect_timeout = match self.source {
-            Source::Any => self.policies.connect_timeout(host, port),
+            Source::Any => self.policies.load().connect_timeout(host, port),
             // Inbound goes to the app: destination rules are for outbound traffic.
-            Source::Passthrough => self.policies.defaults().connect_timeout,
+            Source::Passthrough => self.policies.load().defaults().connect_timeout,
         };
         let literal = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = literal.parse::<IpAddr>() {

@@ -221,8 +221,8 @@ pub(crate) async fn forward_h1(
     }
     let request_id = headers::apply(&mut head.headers, route.forwarded_for.as_ref());
     let host = head.headers.get(HOST).and_then(|h| h.to_str().ok());
-    let named = route.destination(&shared.policies, host);
-    let dest = named.as_deref().unwrap_or(&route.dest);
+    let dest = shared.destination(route, host);
+    let dest = &*dest;
 
     let looked_up;
     let pool_host = match &route.upstream {
@@ -383,11 +383,8 @@ pub(crate) async fn forward_h2(
     }
     let route = &upstream.route;
     let request_id = headers::apply(req.headers_mut(), route.forwarded_for.as_ref());
-    let named = route.destination(
-        &shared.policies,
-        req.uri().authority().map(Authority::as_str),
-    );
-    let dest = named.as_deref().unwrap_or(&route.dest);
+    let dest = shared.destination(route, req.uri().authority().map(Authority::as_str));
+    let dest = &*dest;
 
     let (head, body) = req.into_parts();
     let result = exchange(dest, head, body, |req| async move {

@@ -509,7 +509,7 @@ async fn reap(pool: Weak<Pool>, period: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Policies, PolicyConfig};
+    use crate::policy::{PolicyConfig, PolicyStore};
     use crate::proxy::connect::{Source, Stash};
     use prometheus::{IntCounter, IntGauge};
     use tokio::net::TcpListener;
@@ -517,7 +517,7 @@ mod tests {
     fn pool() -> Arc<Pool> {
         let connector = Connector {
             stash: Arc::new(Stash::default()),
-            policies: Arc::new(Policies::new(&PolicyConfig::default())),
+            policies: Arc::new(PolicyStore::new(&PolicyConfig::default())),
             source: Source::Any,
         };
         let metrics = PoolMetrics {

@@ -16,10 +16,14 @@ pub(crate) struct Route {
     pub(crate) authority: Authority,
     /// Path prefix of a `--target` URL with a path (`http://svc:8080/api`), else `None`.
     pub(crate) prefix: Option<Arc<str>>,
-    /// The policies and their state (breaker, budget) for this connection's destination; a
-    /// config rule for the request's authority overrides it per request (see `by_name`).
+    /// The policies and their state (breaker, budget) for this connection's destination, as of
+    /// policy generation `generation`; a config rule for the request's authority overrides it
+    /// per request (see `by_name`), and a reload makes requests look it up again (`origin`).
     pub(crate) dest: Arc<Destination>,
-    /// Look up name rules by the request's `Host` (outbound and `--target` with name rules).
+    pub(crate) generation: u64,
+    /// How `dest` was found, to find it again in a newer generation.
+    pub(crate) origin: Origin,
+    /// Look up name rules by the request's `Host` (outbound and `--target` mode).
     pub(crate) by_name: bool,
     /// The port of an authority without one (the connection's destination port).
     pub(crate) default_port: u16,
@@ -38,16 +42,54 @@ impl Route {
         }
     }
 
-    /// The destination of one request: a name rule for its authority, else `None` (the
-    /// connection's, `dest`).
+    /// The destination of one request under `policies` (the generation in force when it
+    /// started): a name rule for its authority, else the connection's destination, looked up
+    /// again when a reload has happened since the connection began. `label` names a destination
+    /// first seen now, in metrics.
     pub(crate) fn destination(
         &self,
         policies: &Policies,
         authority: Option<&str>,
-    ) -> Option<Arc<Destination>> {
-        if !self.by_name {
-            return None;
+        label: &dyn Fn() -> Arc<str>,
+    ) -> Arc<Destination> {
+        if self.by_name && policies.has_name_rules() {
+            if let Some(d) = authority.and_then(|a| policies.by_authority(a, self.default_port)) {
+                return d;
+            }
         }
-        policies.by_authority(authority?, self.default_port)
+        if policies.generation() == self.generation {
+            return Arc::clone(&self.dest);
+        }
+        match self.origin {
+            Origin::Outbound(addr) => policies.outbound(addr, Some(label)),
+            Origin::Inbound => policies.inbound(),
+            Origin::Target => policies.target(self.authority.as_str(), Some(label)),
+        }
     }
+}
+
+/// A connection's destination as resolved when it began, and the policy generation it is of.
+#[derive(Clone, Debug)]
+pub(crate) struct Resolved {
+    pub(crate) dest: Arc<Destination>,
+    pub(crate) generation: u64,
+}
+
+impl std::ops::Deref for Resolved {
+    type Target = Destination;
+
+    fn deref(&self) -> &Destination {
+        &self.dest
+    }
+}
+
+/// Where a connection's destination comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The original destination of an outbound connection.
+    Outbound(SocketAddr),
+    /// The app (inbound).
+    Inbound,
+    /// The `--target` URL.
+    Target,
 }

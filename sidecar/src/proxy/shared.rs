@@ -8,11 +8,11 @@ use tokio_util::task::TaskTracker;
 use super::config::{ProxyConfig, Resolvers, Telemetry};
 use super::connect::{Connector, Source, Stash};
 use super::pool::Pool;
-use super::route::Route;
+use super::route::{Origin, Route};
 use crate::metrics::access::{Observer, UpstreamName};
 use crate::metrics::conn::ActiveConns;
 use crate::metrics::{DestinationMetrics, Dir, PoolMetrics};
-use crate::policy::Policies;
+use crate::policy::{Destination, PolicyStore};
 
 /// Inbound connections whose client has said nothing yet that may be dialled to the app at
 /// once (for a server that speaks first). Past it, a silent client's connection is dialled only
@@ -80,7 +80,7 @@ impl Egress {
     pub(crate) fn new(
         config: &ProxyConfig,
         source: Source,
-        policies: &Arc<Policies>,
+        policies: &Arc<PolicyStore>,
         metrics: PoolMetrics,
     ) -> Self {
         let stash = Arc::new(Stash::default());
@@ -112,8 +112,9 @@ pub(crate) struct Shared {
     pub(crate) inbound_cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) target_route: Option<Route>,
-    /// Per-destination policies and their state (breakers, retry budgets).
-    pub(crate) policies: Arc<Policies>,
+    /// Per-destination policies and their state (breakers, retry budgets): the generation in
+    /// force, swapped whole on reload.
+    pub(crate) policies: Arc<PolicyStore>,
     pub(crate) telemetry: Telemetry,
     /// Open downstream connections per direction (the drain waits on them).
     pub(crate) active: [Arc<ActiveConns>; 2],
@@ -193,6 +194,23 @@ impl Shared {
 }
 
 impl Shared {
+    /// The destination (breaker, budget, timeouts) of one request on `route`, under the
+    /// policies in force when it starts: it keeps them to its end, even across a reload.
+    pub(crate) fn destination(&self, route: &Route, authority: Option<&str>) -> Arc<Destination> {
+        let policies = self.policies.load();
+        let label = || match (route.origin, &self.target_dest) {
+            (Origin::Outbound(dst), _) => Arc::clone(
+                self.telemetry
+                    .metrics
+                    .destination(Dir::Outbound, dst)
+                    .label(),
+            ),
+            (_, Some((metrics, _))) => Arc::clone(metrics.label()),
+            (_, None) => Arc::from(route.authority.as_str()),
+        };
+        route.destination(&policies, authority, &label)
+    }
+
     /// The way out of connections going `direction`.
     pub(crate) fn egress(&self, direction: Direction) -> &Egress {
         match direction {

@@ -34,7 +34,7 @@ use super::detect::{
     classify, client_bytes, starts_with_h2_settings, wait_until, Detection, MAX_DETECT_LEN,
 };
 use super::forward::{forward_h1, forward_h2, H2Upstream};
-use super::route::Route;
+use super::route::{Origin, Resolved, Route};
 use super::serve::{serve_http, Protocol};
 use super::shared::{Direction, Shared, SilentDial};
 use crate::error::{Chain, ConnectError, ProxyError};
@@ -169,17 +169,22 @@ fn destination(
 }
 
 /// The policies of a connection (connect and idle timeouts now, breaker and the rest per
-/// request), resolved once.
-fn connection_policies(shared: &Shared, direction: Direction, dst: SocketAddr) -> Arc<Destination> {
-    match direction {
+/// request), resolved once under the generation in force.
+fn connection_policies(shared: &Shared, direction: Direction, dst: SocketAddr) -> Resolved {
+    let policies = shared.policies.load();
+    let dest = match direction {
         Direction::Outbound => {
             let label = || {
                 let metrics = shared.telemetry.metrics.destination(Dir::Outbound, dst);
                 Arc::clone(metrics.label())
             };
-            shared.policies.outbound(dst, Some(&label))
+            policies.outbound(dst, Some(&label))
         }
-        Direction::Inbound { .. } => shared.policies.inbound(),
+        Direction::Inbound { .. } => policies.inbound(),
+    };
+    Resolved {
+        dest,
+        generation: policies.generation(),
     }
 }
 
@@ -406,7 +411,7 @@ struct HttpConn {
     dst: SocketAddr,
     authority: Authority,
     predial: Option<Predial>,
-    dest: Arc<Destination>,
+    dest: Resolved,
 }
 
 /// Serves a captured HTTP connection: HTTP/1 through the direction's pool (the pre-dialled
@@ -489,7 +494,7 @@ fn route_for(
     authority: Authority,
     dst: SocketAddr,
     peer: SocketAddr,
-    dest: Arc<Destination>,
+    dest: Resolved,
     http1: bool,
 ) -> Route {
     let outbound = direction == Direction::Outbound;
@@ -505,9 +510,15 @@ fn route_for(
         }),
         authority,
         prefix: None,
-        dest,
+        dest: dest.dest,
+        generation: dest.generation,
+        origin: if outbound {
+            Origin::Outbound(dst)
+        } else {
+            Origin::Inbound
+        },
         // Name rules are for outbound traffic (the app's dependencies).
-        by_name: outbound && shared.policies.has_name_rules(),
+        by_name: outbound,
         default_port: dst.port(),
         // Inbound requests come from other hosts: say who the client was.
         forwarded_for: (!outbound).then(|| ForwardedClient::new(peer.ip())),
