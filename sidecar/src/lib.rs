@@ -16,6 +16,7 @@ pub mod orig_dst;
 pub mod pins;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod run;
 #[cfg(test)]
 mod tidy;

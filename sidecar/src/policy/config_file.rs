@@ -49,7 +49,7 @@
 //!
 //! Size: about 600 lines, most of it the key table (`KEYS`): one entry per key, by design, so that
 //! every key is documented, parsed and reported the same way.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::{Table, Value};
@@ -113,6 +113,8 @@ pub struct Flag<'a> {
     pub name: &'static str,
     /// `None`: not given (the file's or the built-in default applies).
     pub value: Option<&'a str>,
+    /// Where the value came from: `flag` or `environment` (for `/config`).
+    pub source: &'static str,
 }
 
 const KEYS: &[Key] = &[
@@ -342,28 +344,108 @@ fn check(policy: &DestinationPolicy) -> Vec<(&'static str, String, String)> {
     problems
 }
 
+/// What the policies are built from, kept for reloads: the file and the flags' values.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySource {
+    pub file: Option<PathBuf>,
+    pub flags: Vec<OwnedFlag>,
+}
+
+/// A [`Flag`] that owns its value.
+#[derive(Debug, Clone)]
+pub struct OwnedFlag {
+    pub path: &'static str,
+    pub name: &'static str,
+    pub value: Option<String>,
+    pub source: &'static str,
+}
+
+/// One reading of a [`PolicySource`].
+#[derive(Debug)]
+pub struct Loaded {
+    /// The file's text as read (`None`: no file).
+    pub text: Option<Result<String, KeyError>>,
+    pub result: Result<PolicyConfig, Vec<KeyError>>,
+}
+
+impl PolicySource {
+    pub fn flags(&self) -> Vec<Flag<'_>> {
+        self.flags
+            .iter()
+            .map(|f| Flag {
+                path: f.path,
+                name: f.name,
+                value: f.value.as_deref(),
+                source: f.source,
+            })
+            .collect()
+    }
+
+    /// Reads the file (if any) and builds the configuration with the flags.
+    pub fn load(&self) -> Loaded {
+        let text = self.file.as_deref().map(read);
+        let result = from_file_text(self.file.as_deref().zip(text.as_ref()), &self.flags());
+        Loaded { text, result }
+    }
+
+    /// Where each `[defaults]` value comes from (see [`sources`]).
+    pub fn sources(&self, text: Option<&str>) -> Vec<(&'static str, &'static str)> {
+        sources(text, &self.flags())
+    }
+}
+
+/// The largest config file read: a policy file is a few KiB; anything this big is a mistake
+/// (a wrong path, a log file), and reading it twice a second would cost.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
 /// Reads the optional config file and the flags into a [`PolicyConfig`], or every problem found.
 pub fn load(file: Option<&Path>, flags: &[Flag<'_>]) -> Result<PolicyConfig, Vec<KeyError>> {
+    let text = file.map(read);
+    from_file_text(file.zip(text.as_ref()), flags)
+}
+
+/// The config file's text (at most [`MAX_FILE_BYTES`]), or why it cannot be read.
+pub fn read(path: &Path) -> Result<String, KeyError> {
+    use std::io::Read as _;
+    let problem = |problem: String| KeyError {
+        key: "--config / SIDECAR_CONFIG".to_owned(),
+        value: path.display().to_string(),
+        problem,
+    };
+    let file = std::fs::File::open(path)
+        .map_err(|e| problem(format!("cannot read the config file: {e}")))?;
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| problem(format!("cannot read the config file: {e}")))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(problem(format!(
+            "larger than {} KiB: is this the policy file?",
+            MAX_FILE_BYTES / 1024
+        )));
+    }
+    Ok(text)
+}
+
+/// [`load`] from a file's text as [`read`] returned it.
+pub fn from_file_text(
+    file: Option<(&Path, &Result<String, KeyError>)>,
+    flags: &[Flag<'_>],
+) -> Result<PolicyConfig, Vec<KeyError>> {
     let mut errors = Vec::new();
     let parsed = match file {
         None => None,
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => match text.parse::<Table>() {
-                Ok(table) => Some((path.display().to_string(), table)),
-                Err(e) => {
-                    errors.push(KeyError {
-                        key: "--config / SIDECAR_CONFIG".to_owned(),
-                        value: path.display().to_string(),
-                        problem: format!("not valid TOML: {}", e.to_string().trim_end()),
-                    });
-                    None
-                }
-            },
+        Some((_, Err(e))) => {
+            errors.push(e.clone());
+            None
+        }
+        Some((path, Ok(text))) => match text.parse::<Table>() {
+            Ok(table) => Some((path.display().to_string(), table)),
             Err(e) => {
                 errors.push(KeyError {
                     key: "--config / SIDECAR_CONFIG".to_owned(),
                     value: path.display().to_string(),
-                    problem: format!("cannot read the config file: {e}"),
+                    problem: format!("not valid TOML: {}", e.to_string().trim_end()),
                 });
                 None
             }
@@ -379,6 +461,42 @@ pub fn load(file: Option<&Path>, flags: &[Flag<'_>]) -> Result<PolicyConfig, Vec
     } else {
         Err(errors)
     }
+}
+
+/// Where each `[defaults]` value in force comes from: `flag`, `environment` (as the flags say),
+/// `file` (the file's `[defaults]`) or `default` (built in). Keys in the table's order.
+pub fn sources(file_text: Option<&str>, flags: &[Flag<'_>]) -> Vec<(&'static str, &'static str)> {
+    let table = file_text.and_then(|t| t.parse::<Table>().ok());
+    let defaults = table
+        .as_ref()
+        .and_then(|t| t.get("defaults"))
+        .and_then(Value::as_table);
+    let in_file = |path: &str| {
+        let Some(section) = defaults else {
+            return false;
+        };
+        match path.split_once('.') {
+            None => section.contains_key(path),
+            Some((sub, k)) => {
+                section.contains_key(path)
+                    || section
+                        .get(sub)
+                        .and_then(Value::as_table)
+                        .is_some_and(|t| t.contains_key(k))
+            }
+        }
+    };
+    KEYS.iter()
+        .map(|k| {
+            let flag = flags.iter().find(|f| f.path == k.path && f.value.is_some());
+            let source = match flag {
+                Some(f) => f.source,
+                None if in_file(k.path) => "file",
+                None => "default",
+            };
+            (k.path, source)
+        })
+        .collect()
 }
 
 /// [`load`] from text (tests, and anyone embedding the proxy).

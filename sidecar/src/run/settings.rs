@@ -8,7 +8,7 @@ use super::args::{RunArgs, DEFAULT_INBOUND, DEFAULT_OUTBOUND};
 use crate::cli::{self, LogFormat};
 pub use crate::config_errors::{ConfigError, ConfigErrors};
 use crate::lifecycle::{AppProbe, AppTarget};
-use crate::policy::config_file::Flag;
+use crate::policy::config_file::{OwnedFlag, PolicySource};
 use crate::policy::PolicyConfig;
 use crate::proxy::{HttpLimits, ListenAddr, ProxyConfig, Target};
 use crate::units::{parse_addrs, parse_duration, parse_size};
@@ -171,6 +171,8 @@ pub struct Settings {
     pub lifecycle: LifecycleSettings,
     /// The log forwarder's settings, when it is on.
     pub logs: Option<crate::logs::Settings>,
+    /// What the policies were built from (`proxy.policy`), read again on reload.
+    pub policy_source: PolicySource,
 }
 
 impl Settings {
@@ -258,7 +260,7 @@ impl Settings {
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty());
 
-        let policy = policy_config(args, &mut errors);
+        let (policy_source, policy) = policy_config(args, &env, &mut errors);
         let mut duration =
             |key: &'static str, value: &str, allow_zero: bool| match parse_duration(value) {
                 Ok(d) if d.is_zero() && !allow_zero => {
@@ -463,6 +465,7 @@ impl Settings {
                 log_filter,
                 lifecycle,
                 logs,
+                policy_source,
             }),
             _ => Err(ConfigErrors {
                 command: "run",
@@ -474,14 +477,28 @@ impl Settings {
 
 /// The policy flags (defaults of every destination) and the `--config` file, through
 /// [`crate::policy::config_file`]; problems are added to `errors`.
-fn policy_config(args: &RunArgs, errors: &mut Vec<ConfigError>) -> Option<PolicyConfig> {
-    fn flag<'a>(path: &'static str, name: &'static str, value: &'a Option<String>) -> Flag<'a> {
-        Flag {
+fn policy_config(
+    args: &RunArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) -> (PolicySource, Option<PolicyConfig>) {
+    let flag = |path: &'static str, name: &'static str, value: &Option<String>| {
+        let value = value.clone().filter(|v| !v.trim().is_empty());
+        // clap reads the variable when the flag is absent: the same value there means it came
+        // from the environment (or from both, which says the same).
+        let var = name.rsplit(" / ").next().unwrap_or_default();
+        let source = if value.is_some() && env(var) == value {
+            "environment"
+        } else {
+            "flag"
+        };
+        OwnedFlag {
             path,
             name,
-            value: value.as_deref().filter(|v| !v.trim().is_empty()),
+            value,
+            source,
         }
-    }
+    };
     let flags = [
         flag(
             "connect_timeout",
@@ -534,8 +551,11 @@ fn policy_config(args: &RunArgs, errors: &mut Vec<ConfigError>) -> Option<Policy
             &args.retry_budget_min_per_second,
         ),
     ];
-    let file = args.config.as_deref().filter(|p| !p.as_os_str().is_empty());
-    match crate::policy::config_file::load(file, &flags) {
+    let source = PolicySource {
+        file: args.config.clone().filter(|p| !p.as_os_str().is_empty()),
+        flags: flags.into(),
+    };
+    let config = match source.load().result {
         Ok(config) => Some(config),
         Err(problems) => {
             errors.extend(problems.into_iter().map(|e| ConfigError {
@@ -545,7 +565,8 @@ fn policy_config(args: &RunArgs, errors: &mut Vec<ConfigError>) -> Option<Policy
             }));
             None
         }
-    }
+    };
+    (source, config)
 }
 
 #[cfg(test)]

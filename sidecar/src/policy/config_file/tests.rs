@@ -7,6 +7,7 @@ fn flag<'a>(path: &'static str, value: Option<&'a str>) -> Flag<'a> {
         path,
         name: path,
         value,
+        source: "flag",
     }
 }
 
@@ -198,6 +199,7 @@ fn connection_limit_per_destination_from_defaults_flags_and_rules() {
         path: "max_connections",
         name: "--max-connections-per-destination",
         value: Some("32"),
+        source: "environment",
     };
     let config = from_str("p.toml", text, &[flag]).unwrap();
     assert_eq!(config.defaults.max_connections, 32);
