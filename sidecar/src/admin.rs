@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::{Readiness, Trigger};
 use crate::net::INBOUND_PASSTHROUGH_V4;
+use crate::reload::{Cause, Outcome, Reloader};
 
 /// Default admin listeners: every address of both families, so that the kubelet's probes and
 /// Prometheus reach it on the pod IP, IPv6-only clusters included (the IPv6 one is skipped with a
@@ -40,13 +41,19 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// the cap keeps a flood of admin connections from costing the data path memory and CPU.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 
+/// `/config`'s body, rendered on each request (the policies in force change on reload).
+pub type ConfigView = Box<dyn Fn() -> String + Send + Sync>;
+
 /// What the admin endpoints answer from.
 pub struct AdminState {
     pub readiness: Arc<Readiness>,
     pub registry: Registry,
-    /// `/config`, rendered once at start-up.
-    pub config: String,
+    pub config: ConfigView,
     pub shutdown: UnboundedSender<Trigger>,
+    /// `POST /reload` (none: the endpoint answers 404).
+    pub reloader: Option<Arc<Reloader>>,
+    /// The only uid whose processes may `POST /shutdown` and `/reload`: the proxy's own.
+    pub own_uid: u32,
     /// Connections reset at accept because [`MAX_ADMIN_CONNECTIONS`] were open.
     pub refused: prometheus::IntCounter,
 }
@@ -57,8 +64,9 @@ impl AdminState {
     pub fn new(
         readiness: Arc<Readiness>,
         registry: Registry,
-        config: String,
+        config: ConfigView,
         shutdown: UnboundedSender<Trigger>,
+        reloader: Option<Arc<Reloader>>,
     ) -> AdminState {
         let refused = prometheus::IntCounter::new(
             "sidecar_admin_connections_refused_total",
@@ -72,6 +80,8 @@ impl AdminState {
             registry,
             config,
             shutdown,
+            reloader,
+            own_uid: nix::unistd::geteuid().as_raw(),
             refused,
         }
     }
@@ -86,8 +96,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
+        let (stream, peer, local) = match accepted.and_then(|(s, p)| {
+            let local = s.local_addr()?;
+            Ok((s, p, local))
+        }) {
+            Ok(triple) => triple,
             Err(e) => {
                 tracing::debug!(error = %e, "admin: accept failed");
                 // Out of descriptors: let connections finish rather than spin (rate limiting).
@@ -110,12 +123,13 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = Arc::clone(&state);
                 async move {
-                    let resp = if req.uri().path() == "/metrics"
-                        && (req.method() == Method::GET || req.method() == Method::HEAD)
-                    {
-                        metrics(&state, req.method() == Method::HEAD).await
-                    } else {
-                        answer(&state, peer, &req)
+                    let get = req.method() == Method::GET || req.method() == Method::HEAD;
+                    let post = req.method() == Method::POST;
+                    let resp = match req.uri().path() {
+                        "/metrics" if get => metrics(&state, req.method() == Method::HEAD).await,
+                        "/shutdown" if post => mutation(&state, peer, local, "/shutdown").await,
+                        "/reload" if post => mutation(&state, peer, local, "/reload").await,
+                        _ => answer(&state, &req),
                     };
                     Ok::<_, Infallible>(resp)
                 }
@@ -147,7 +161,77 @@ pub fn may_shutdown(peer: SocketAddr) -> bool {
     ip.is_loopback() && ip != IpAddr::V4(INBOUND_PASSTHROUGH_V4)
 }
 
-fn answer(state: &AdminState, peer: SocketAddr, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Who may `POST /shutdown` and `/reload`: a loopback peer ([`may_shutdown`]) whose socket
+/// belongs to the proxy's own uid, as the kernel's socket table says. The app's containers
+/// share the pod's loopback: an SSRF in the app, or any process in another container, would
+/// otherwise stop or reconfigure the sidecar. `Err`: why not, for the 403.
+pub fn authorize(peer: SocketAddr, local: SocketAddr, own_uid: u32) -> Result<(), String> {
+    if !may_shutdown(peer) {
+        return Err("only from inside the pod (loopback)".to_owned());
+    }
+    match crate::net::tcp_socket_uid(peer, local) {
+        Ok(Some(uid)) if uid == own_uid => Ok(()),
+        Ok(Some(uid)) => Err(format!(
+            "only from the proxy's own uid ({own_uid}); the caller runs as uid {uid}. Run \
+             `sidecar shutdown` / `sidecar reload` in the proxy's container (a preStop hook), \
+             or use --shutdown-file"
+        )),
+        Ok(None) => Err("cannot tell who is calling (the connection is gone)".to_owned()),
+        Err(e) => Err(format!("cannot tell who is calling: /proc/net/tcp: {e}")),
+    }
+}
+
+/// `POST /shutdown` and `POST /reload`, for the proxy's own uid only ([`authorize`]).
+async fn mutation(
+    state: &Arc<AdminState>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    path: &'static str,
+) -> Response<Full<Bytes>> {
+    let own_uid = state.own_uid;
+    // Reading the socket table is file I/O, like the reload itself: the blocking pool.
+    let allowed = tokio::task::spawn_blocking(move || authorize(peer, local, own_uid))
+        .await
+        .unwrap_or_else(|e| Err(format!("check failed: {e}")));
+    if let Err(why) = allowed {
+        tracing::warn!(%peer, "refused POST {path}: {why}");
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("forbidden: POST {path} answers {why}\n"),
+        );
+    }
+    match path {
+        "/shutdown" => {
+            let already = state.readiness.is_draining();
+            let _ = state.shutdown.send(Trigger::Admin(peer));
+            text(
+                StatusCode::ACCEPTED,
+                if already {
+                    "draining (already)\n".into()
+                } else {
+                    "draining\n".into()
+                },
+            )
+        }
+        _ => match &state.reloader {
+            None => text(
+                StatusCode::NOT_FOUND,
+                "no reloadable configuration\n".into(),
+            ),
+            Some(reloader) => {
+                tracing::info!(%peer, "POST /reload");
+                let outcome = crate::reload::run_blocking(reloader, Cause::Admin).await;
+                let status = match outcome {
+                    Outcome::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                    _ => StatusCode::OK,
+                };
+                text(status, format!("{}\n", outcome.describe()))
+            }
+        },
+    }
+}
+
+fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let method = req.method();
     let read = method == Method::GET || method == Method::HEAD;
     let mut resp = match req.uri().path() {
@@ -167,33 +251,16 @@ fn answer(state: &AdminState, peer: SocketAddr, req: &Request<Incoming>) -> Resp
             ),
         },
         "/config" => {
-            text(StatusCode::OK, state.config.clone()).with_header(CONTENT_TYPE, "application/json")
+            text(StatusCode::OK, (state.config)()).with_header(CONTENT_TYPE, "application/json")
         }
-        "/shutdown" if method != Method::POST => {
+        // POST is handled by `mutation`.
+        "/shutdown" | "/reload" => {
             text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into()).with_header(ALLOW, "POST")
-        }
-        "/shutdown" if !may_shutdown(peer) => {
-            tracing::warn!(%peer, "refused POST /shutdown from a non-loopback peer");
-            text(
-                StatusCode::FORBIDDEN,
-                "forbidden: /shutdown answers only from inside the pod (loopback)\n".into(),
-            )
-        }
-        "/shutdown" => {
-            let already = state.readiness.is_draining();
-            let _ = state.shutdown.send(Trigger::Admin(peer));
-            text(
-                StatusCode::ACCEPTED,
-                if already {
-                    "draining (already)\n".into()
-                } else {
-                    "draining\n".into()
-                },
-            )
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready, /metrics, /config, POST /shutdown\n".into(),
+            "not found; try /live, /ready, /metrics, /config, POST /shutdown, POST /reload\n"
+                .into(),
         ),
     };
     if method == Method::HEAD {
@@ -291,8 +358,9 @@ mod tests {
         let state = Arc::new(AdminState::new(
             Arc::clone(&readiness),
             registry,
-            "{\"admin\":\"x\"}".into(),
+            Box::new(|| "{\"admin\":\"x\"}".to_owned()),
             tx,
+            None,
         ));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -315,6 +383,9 @@ mod tests {
         assert_eq!(get(addr, "GET", "/shutdown").await.0, 405);
         assert_eq!(get(addr, "POST", "/ready").await.0, 405);
         assert_eq!(get(addr, "GET", "/nope").await.0, 404);
+        assert_eq!(get(addr, "GET", "/reload").await.0, 405);
+        assert_eq!(get(addr, "POST", "/reload").await.0, 404, "no reloader here");
+        // This test's own uid is the proxy's: allowed.
         assert_eq!(
             get(addr, "POST", "/shutdown").await,
             (202, "draining\n".into())
@@ -330,7 +401,13 @@ mod tests {
         let readiness = Arc::new(Readiness::new(false, false));
         readiness.set_listening();
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let state = Arc::new(AdminState::new(readiness, Registry::new(), "{}".into(), tx));
+        let state = Arc::new(AdminState::new(
+            readiness,
+            Registry::new(),
+            Box::new(|| "{}".to_owned()),
+            tx,
+            None,
+        ));
         let state_refused = state.refused.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -24,8 +24,10 @@ enum Command {
     CheckConfig(sidecar::run::check::CheckConfigArgs),
     /// Wait until the running sidecar reports ready (for an app's entrypoint or a postStart hook).
     WaitReady(sidecar::lifecycle::client::WaitReadyArgs),
-    /// Ask the running sidecar to drain and exit (for a Job's last step).
+    /// Ask the running sidecar to drain and exit (a preStop hook in the proxy's container).
     Shutdown(sidecar::lifecycle::client::ShutdownArgs),
+    /// Ask the running sidecar to read its config file again now (run as the proxy's uid).
+    Reload(sidecar::lifecycle::client::ShutdownArgs),
     /// Show what is attached for a pod, the configuration in force and the kernel counters.
     Status(sidecar::intercept::StatusArgs),
     /// Print the kernel-side debug records of a pod initialised with --debug-log.
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => sidecar::run::check::main(args),
         Command::WaitReady(args) => sidecar::lifecycle::client::wait_ready_main(args),
         Command::Shutdown(args) => sidecar::lifecycle::client::shutdown_main(args),
+        Command::Reload(args) => sidecar::lifecycle::client::reload_main(args),
         Command::Status(args) => sidecar::intercept::status_main(args),
         Command::Trace(args) => sidecar::intercept::trace_main(args),
         Command::Cleanup(args) => sidecar::intercept::cleanup_main(args),

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use sha2::{Digest, Sha256};
+use tokio::signal::unix::Signal;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -428,9 +429,9 @@ fn snapshot(path: &Path) -> Result<[u8; 32], std::io::ErrorKind> {
     Ok(Sha256::digest(&text).into())
 }
 
-/// Runs the triggers until `stop`: the file poller (when there is a file) and `SIGHUP`.
-pub fn start(reloader: &Arc<Reloader>, stop: &CancellationToken) -> std::io::Result<()> {
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+/// Runs the triggers until `stop`: the file poller (when there is a file) and `hangups`
+/// (`SIGHUP`, registered by the caller as early as it can).
+pub fn start(reloader: &Arc<Reloader>, mut hangups: Signal, stop: &CancellationToken) {
     let on_signal = Arc::clone(reloader);
     let stop_signal = stop.clone();
     tokio::spawn(async move {
@@ -455,7 +456,6 @@ pub fn start(reloader: &Arc<Reloader>, stop: &CancellationToken) -> std::io::Res
             }
         });
     }
-    Ok(())
 }
 
 /// Reloads on the blocking pool (file I/O, building the new policies).
@@ -474,7 +474,19 @@ pub async fn run_blocking(reloader: &Arc<Reloader>, cause: Cause) -> Outcome {
 
 /// Polls `path` by content; a change is applied once the file has settled.
 async fn poll(reloader: &Arc<Reloader>, path: &Path) {
-    let mut seen = snapshot(path);
+    // Compared with the text in force, not with a first look: a change made between the start
+    // and this task's first turn is a change too.
+    let in_force = reloader
+        .status
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .text
+        .as_ref()
+        .map(|t| Sha256::digest(t.as_bytes()).into());
+    let mut seen = match in_force {
+        Some(digest) => Ok(digest),
+        None => snapshot(path),
+    };
     loop {
         tokio::time::sleep(POLL).await;
         let now = snapshot(path);

@@ -71,6 +71,8 @@ use crate::cli::{self, Signals};
 use crate::lifecycle::{self, DrainOutcome, DrainPlan, Readiness};
 use crate::metrics::Dir;
 use crate::proxy;
+use crate::reload::{self, Reloader};
+use std::sync::Arc;
 
 /// `sidecar run`.
 pub fn main(args: RunArgs) -> ExitCode {
@@ -105,9 +107,17 @@ async fn run(settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // SIGHUP reloads; its default action would end the process, so it is caught from the start.
+    let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install the SIGHUP handler");
+            return ExitCode::FAILURE;
+        }
+    };
     let life = settings.lifecycle.clone();
     let (registry, telemetry) = wiring::telemetry(&settings);
-    let readiness = std::sync::Arc::new(Readiness::new(
+    let readiness = Arc::new(Readiness::new(
         life.pin_dir.is_some(),
         life.app_probe.is_some(),
     ));
@@ -127,10 +137,28 @@ async fn run(settings: Settings) -> ExitCode {
     let mut triggers = wiring::Triggers::new();
     let background = tokio_util::sync::CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
-    let admin = config_json(&settings, &proxy).to_string();
-    let Ok(admin_addrs) =
-        wiring::start_admin(&life, &readiness, registry, admin, &triggers, &background)
-    else {
+    let reloader = Arc::new(Reloader::new(
+        settings.policy_source.clone(),
+        Arc::clone(proxy.policies()),
+        settings.policy_text.clone(),
+        &registry,
+    ));
+    reload::start(&reloader, hangups, &background);
+    let view = {
+        let base = config_json(&settings, &proxy);
+        let store = Arc::clone(proxy.policies());
+        let reloader = Arc::clone(&reloader);
+        Box::new(move || config_json::current(&base, &store.load(), &reloader).to_string())
+    };
+    let Ok(admin_addrs) = wiring::start_admin(
+        &life,
+        &readiness,
+        registry,
+        view,
+        &reloader,
+        &triggers,
+        &background,
+    ) else {
         return ExitCode::FAILURE;
     };
     wiring::keep_checking(&life, &readiness, &proxy, &background);

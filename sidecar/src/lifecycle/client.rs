@@ -1,4 +1,4 @@
-//! `sidecar wait-ready` and `sidecar shutdown`: small clients of a running sidecar's admin port,
+//! `sidecar wait-ready`, `sidecar shutdown` and `sidecar reload`: small clients of a running sidecar's admin port,
 //! for an app's entrypoint (`sidecar wait-ready && exec app`), a postStart hook, or a Job's last
 //! step (`app; sidecar shutdown`). Blocking std sockets: they run once and exit.
 use std::io::{Read, Write};
@@ -29,7 +29,8 @@ pub struct WaitReadyArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ShutdownArgs {
-    /// The sidecar's admin address (a loopback address: /shutdown refuses other peers)
+    /// The sidecar's admin address (a loopback address: /shutdown and /reload refuse other
+    /// peers, and other uids than the proxy's)
     #[arg(long, env = "SIDECAR_ADMIN", value_name = "ADDR", default_value = DEFAULT_ADMIN_CLIENT)]
     pub admin: String,
 }
@@ -140,6 +141,30 @@ pub fn shutdown_main(args: ShutdownArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("sidecar shutdown: {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sidecar reload`: 0 when the sidecar applied the config file (or found it unchanged), 1 when
+/// it rejected it (the problems are printed; the old configuration stays) or refused the
+/// caller, or nothing listens; 64 bad usage.
+pub fn reload_main(args: ShutdownArgs) -> ExitCode {
+    let addr = match admin_addr(&args.admin) {
+        Ok(a) => a,
+        Err(e) => return usage(&e),
+    };
+    match exchange(addr, "POST", "/reload") {
+        Ok(a) if a.status == 200 => {
+            eprintln!("sidecar reload: {addr}: {}", a.body);
+            ExitCode::SUCCESS
+        }
+        Ok(a) => {
+            eprintln!("sidecar reload: {addr}: {} {}", a.status, a.body);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("sidecar reload: {addr}: {e}");
             ExitCode::FAILURE
         }
     }

@@ -234,7 +234,8 @@ async fn the_poller_sees_a_symlink_swap_and_settles_a_burst() {
         &registry,
     ));
     let stop = CancellationToken::new();
-    start(&reloader, &stop).unwrap();
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
+    start(&reloader, hangups, &stop);
     let applied = |n: u64| {
         let registry = registry.clone();
         async move {

@@ -2,11 +2,13 @@
 use std::net::SocketAddr;
 
 use super::settings::Settings;
+use crate::policy::{Policies, PolicyConfig};
 use crate::proxy::{self, Target};
+use crate::reload::Reloader;
 use crate::units::fmt_duration;
 
 /// The policies in force: defaults and the destination rules (of `--config`).
-fn policy_json(settings: &Settings) -> serde_json::Value {
+fn policy_json(policy: &PolicyConfig) -> serde_json::Value {
     let one = |p: &crate::policy::DestinationPolicy| {
         serde_json::json!({
             "connect_timeout": fmt_duration(p.connect_timeout),
@@ -34,7 +36,6 @@ fn policy_json(settings: &Settings) -> serde_json::Value {
             },
         })
     };
-    let policy = &settings.proxy.policy;
     let destinations: Vec<_> = policy
         .destinations
         .iter()
@@ -60,7 +61,7 @@ pub fn config_json(settings: &Settings, proxy: &proxy::Proxy) -> serde_json::Val
         "service_name": p.service_name,
         "connect_timeout": fmt_duration(p.policy.defaults.connect_timeout),
         "request_timeout": fmt_duration(p.policy.defaults.request_timeout),
-        "policy": policy_json(settings),
+        "policy": policy_json(&p.policy),
         "detect_timeout": fmt_duration(p.detect_timeout),
         "pool_idle_timeout": fmt_duration(p.pool_idle_timeout),
         "header_timeout": fmt_duration(p.http.header_timeout),
@@ -104,4 +105,20 @@ pub fn config_json(settings: &Settings, proxy: &proxy::Proxy) -> serde_json::Val
         "log_format": settings.log_format.as_str(),
         "log_filter": settings.log_filter,
     })
+}
+
+/// `/config` now: `base` ([`config_json`] at start) with the policies in force and the state of
+/// the config file (hash, load time, last error, where each default comes from).
+pub fn current(
+    base: &serde_json::Value,
+    policies: &Policies,
+    reloader: &Reloader,
+) -> serde_json::Value {
+    let mut v = base.clone();
+    let config = policies.config();
+    v["policy"] = policy_json(config);
+    v["connect_timeout"] = fmt_duration(config.defaults.connect_timeout).into();
+    v["request_timeout"] = fmt_duration(config.defaults.request_timeout).into();
+    v["config_file"] = reloader.status_json();
+    v
 }

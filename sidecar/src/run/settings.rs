@@ -171,8 +171,10 @@ pub struct Settings {
     pub lifecycle: LifecycleSettings,
     /// The log forwarder's settings, when it is on.
     pub logs: Option<crate::logs::Settings>,
-    /// What the policies were built from (`proxy.policy`), read again on reload.
+    /// What the policies were built from (`proxy.policy`), read again on reload...
     pub policy_source: PolicySource,
+    /// ...and the config file's text they were built from.
+    pub policy_text: Option<String>,
 }
 
 impl Settings {
@@ -260,7 +262,7 @@ impl Settings {
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty());
 
-        let (policy_source, policy) = policy_config(args, &env, &mut errors);
+        let (policy_source, policy_text, policy) = policy_config(args, &env, &mut errors);
         let mut duration =
             |key: &'static str, value: &str, allow_zero: bool| match parse_duration(value) {
                 Ok(d) if d.is_zero() && !allow_zero => {
@@ -466,6 +468,7 @@ impl Settings {
                 lifecycle,
                 logs,
                 policy_source,
+                policy_text,
             }),
             _ => Err(ConfigErrors {
                 command: "run",
@@ -481,7 +484,7 @@ fn policy_config(
     args: &RunArgs,
     env: &dyn Fn(&str) -> Option<String>,
     errors: &mut Vec<ConfigError>,
-) -> (PolicySource, Option<PolicyConfig>) {
+) -> (PolicySource, Option<String>, Option<PolicyConfig>) {
     let flag = |path: &'static str, name: &'static str, value: &Option<String>| {
         let value = value.clone().filter(|v| !v.trim().is_empty());
         // clap reads the variable when the flag is absent: the same value there means it came
@@ -555,7 +558,8 @@ fn policy_config(
         file: args.config.clone().filter(|p| !p.as_os_str().is_empty()),
         flags: flags.into(),
     };
-    let config = match source.load().result {
+    let loaded = source.load();
+    let config = match loaded.result {
         Ok(config) => Some(config),
         Err(problems) => {
             errors.extend(problems.into_iter().map(|e| ConfigError {
@@ -566,7 +570,7 @@ fn policy_config(
             None
         }
     };
-    (source, config)
+    (source, loaded.text.and_then(Result::ok), config)
 }
 
 #[cfg(test)]

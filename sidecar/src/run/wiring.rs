@@ -13,6 +13,7 @@ use super::settings::{LifecycleSettings, Settings};
 use crate::lifecycle::{self, Readiness, Trigger};
 use crate::metrics::ProxyMetrics;
 use crate::proxy::{Proxy, Telemetry};
+use crate::reload::Reloader;
 
 /// The proxy's metric families and the process and kernel collectors, in the default registry
 /// (what `/metrics` serves).
@@ -100,7 +101,8 @@ pub(super) fn start_admin(
     life: &LifecycleSettings,
     readiness: &Arc<Readiness>,
     registry: Registry,
-    config: String,
+    config: crate::admin::ConfigView,
+    reloader: &Arc<Reloader>,
     triggers: &Triggers,
     stop: &CancellationToken,
 ) -> Result<Vec<SocketAddr>, ()> {
@@ -109,6 +111,7 @@ pub(super) fn start_admin(
         registry,
         config,
         triggers.tx.clone(),
+        Some(Arc::clone(reloader)),
     ));
     let mut bound = Vec::new();
     for l in &life.admin {
