@@ -70,7 +70,12 @@ fn wait_ready_gives_up_at_its_timeout() {
 fn shutdown_command_stops_the_sidecar() {
     let pod = Pod::new();
     let mut sidecar = Sidecar::start(&pod, "proxy", &["--inbound", "none"]);
+    // Another uid in the pod (root here) is refused: only the proxy's own uid may stop it.
     let (status, _, stderr) = sidecar_in_pod(&pod, &["shutdown"], EXIT);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("own uid (1337)"), "{stderr}");
+    assert!(sidecar.try_status().is_none(), "still running");
+    let (status, _, stderr) = PodProcess::sidecar_as_proxy(&pod, &["shutdown"]).wait(EXIT);
     assert!(status.success(), "sidecar shutdown: {status}: {stderr}");
     assert!(stderr.contains("draining"), "{stderr}");
     let exit = sidecar.wait_exit(EXIT);

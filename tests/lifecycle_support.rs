@@ -208,6 +208,23 @@ impl PodProcess {
         PodProcess::spawn(pod, &sidecar_exec(pod), args)
     }
 
+    /// `sidecar <args>` in the pod as the proxy's uid (as a preStop hook in its container runs).
+    pub fn sidecar_as_proxy(pod: &Pod, args: &[&str]) -> PodProcess {
+        let mut cmd = Command::new(sidecar_exec(pod));
+        cmd.env_clear()
+            .env("PATH", env::CHILD_PATH)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .args(args);
+        pod.in_pod(&mut cmd, Some((PROXY_UID, PROXY_GID)));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn sidecar {args:?} in pod: {e}"));
+        PodProcess { child }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

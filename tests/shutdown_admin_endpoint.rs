@@ -1,12 +1,13 @@
-//! `POST /shutdown` starts the drain like SIGTERM, but only for peers inside the pod (loopback):
-//! from another host it is 403 and changes nothing; other methods are 405.
+//! `POST /shutdown` starts the drain like SIGTERM, but only for the proxy's own uid inside the
+//! pod: from another host, or from another uid in the pod, it is 403 and changes nothing; other
+//! methods are 405.
 #[path = "lifecycle_support.rs"]
 mod support;
 
 use std::time::Duration;
 
 use sidecar_tests::Pod;
-use support::{admin_get, admin_request, admin_request_from_remote, Sidecar};
+use support::{admin_get, admin_request, admin_request_from_remote, PodProcess, Sidecar};
 
 #[test]
 fn shutdown_only_from_loopback() {
@@ -32,10 +33,19 @@ fn shutdown_only_from_loopback() {
     assert_eq!(status, 405);
     assert!(sidecar.try_status().is_none());
 
-    assert_eq!(
-        admin_request(&pod, "POST", "/shutdown"),
-        Ok((202, "draining\n".into()))
+    // Root in the pod, on loopback: not the proxy's uid.
+    let (status, body) = admin_request(&pod, "POST", "/shutdown").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("own uid (1337)") && body.contains("uid 0"),
+        "{body}"
     );
+    assert!(sidecar.try_status().is_none());
+
+    let (status, _, stderr) =
+        PodProcess::sidecar_as_proxy(&pod, &["shutdown"]).wait(Duration::from_secs(15));
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("draining"), "{stderr}");
     let status = sidecar.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "exit status {status}:\n{}", sidecar.log());
     assert!(

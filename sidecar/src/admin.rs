@@ -384,7 +384,11 @@ mod tests {
         assert_eq!(get(addr, "POST", "/ready").await.0, 405);
         assert_eq!(get(addr, "GET", "/nope").await.0, 404);
         assert_eq!(get(addr, "GET", "/reload").await.0, 405);
-        assert_eq!(get(addr, "POST", "/reload").await.0, 404, "no reloader here");
+        assert_eq!(
+            get(addr, "POST", "/reload").await.0,
+            404,
+            "no reloader here"
+        );
         // This test's own uid is the proxy's: allowed.
         assert_eq!(
             get(addr, "POST", "/shutdown").await,
