@@ -241,7 +241,14 @@ fn apply(template: &mut Node, settings: &pod::Settings) -> Result<String, String
     let volumes = spec
         .seq_entry("volumes")
         .ok_or("spec.volumes is not a list")?;
-    for volume in pod::volumes() {
+    for volume in pod::volumes(settings) {
+        let volume = match volume {
+            Ok(v) => v,
+            Err(stale) => {
+                volumes.retain(|v| v.get("name").and_then(Node::as_str) != Some(stale));
+                continue;
+            }
+        };
         let name = volume.get("name").and_then(Node::as_str).map(str::to_owned);
         match volumes
             .iter_mut()

@@ -14,6 +14,13 @@ pub const INIT_CONTAINER: &str = "sidecar-init";
 pub const PROXY_CONTAINER: &str = "sidecar-proxy";
 pub const BPFFS_VOLUME: &str = "sidecar-bpffs";
 pub const CGROUP_VOLUME: &str = "sidecar-cgroup";
+/// The ConfigMap named by the `config-map` annotation, mounted as a directory (so that the
+/// kubelet's updates reach the proxy: a `subPath` mount would never change).
+pub const CONFIG_VOLUME: &str = "sidecar-config";
+/// Where it is mounted in the proxy container...
+pub const CONFIG_MOUNT: &str = "/etc/sidecar/config";
+/// ...and the key of the ConfigMap the proxy reads (`SIDECAR_CONFIG`).
+pub const CONFIG_KEY: &str = "policy.toml";
 /// Where the init container sees the node's cgroup2 hierarchy. Not /sys/fs/cgroup: the container
 /// runtime mounts the container's own (namespaced) cgroup there. Deeper than /sys/fs/cgroup on
 /// purpose: containerd orders mounts by depth, so this one comes after the container's own in
@@ -53,6 +60,8 @@ enum Kind {
     Quantity,
     Word,
     AppProbe,
+    /// A Kubernetes object name (DNS subdomain: lower-case letters, digits, `-`, `.`).
+    ObjectName,
 }
 
 /// One row of the annotation table: the annotation (after the prefix), the `SIDECAR_*` variable it
@@ -151,6 +160,11 @@ const ANNOTATIONS: &[Annotation] = &[
         init_env: None,
         kind: Kind::AppProbe,
     },
+    Annotation {
+        name: "config-map",
+        init_env: None,
+        kind: Kind::ObjectName,
+    },
 ];
 
 /// The names of all annotations, for documentation and error messages.
@@ -198,6 +212,8 @@ pub struct Settings {
     pub proxy_log: Option<String>,
     /// `SIDECAR_APP_PROBE`: `/ready` also waits for the app.
     pub app_probe: Option<String>,
+    /// The policy ConfigMap (`SIDECAR_CONFIG`, reloaded when the kubelet updates it).
+    pub config_map: Option<String>,
     pub cpu_request: String,
     pub cpu_limit: String,
     pub memory_request: String,
@@ -264,6 +280,7 @@ impl Settings {
         let service_name = value_of("service-name").unwrap_or_else(|| default_service.to_owned());
         let proxy_log = value_of("proxy-log-level");
         let app_probe = value_of("app-probe");
+        let config_map = value_of("config-map");
         let cpu_request = value_of("proxy-cpu-request");
         let cpu_limit = value_of("proxy-cpu-limit");
         let memory_request = value_of("proxy-memory-request");
@@ -312,6 +329,7 @@ impl Settings {
             init_env,
             proxy_log,
             app_probe,
+            config_map,
             cpu_request,
             cpu_limit,
             memory_request,
@@ -371,6 +389,20 @@ fn check(kind: Kind, value: &str) -> Result<(), String> {
         }
         // What `sidecar run` would refuse with exit 64 (a crash-looping proxy) is refused here.
         Kind::AppProbe => crate::lifecycle::AppProbe::parse(value).map(|_| ()),
+        Kind::ObjectName => {
+            let ok = !value.is_empty()
+                && value.len() <= 253
+                && value.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                })
+                && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+            if ok {
+                Ok(())
+            } else {
+                Err("expected a ConfigMap name (lower-case letters, digits, '-' and '.')".into())
+            }
+        }
     }
 }
 
@@ -567,6 +599,23 @@ pub fn proxy_container(s: &Settings) -> Node {
     if let Some(level) = &s.proxy_log {
         env.push(env_value("SIDECAR_LOG", level));
     }
+    let mut mounts = vec![Node::map([
+        ("name", Node::str(BPFFS_VOLUME)),
+        ("mountPath", Node::str(PROXY_PIN_ROOT_MOUNT)),
+        ("subPath", Node::str(PIN_ROOT_SUBPATH)),
+        ("readOnly", Node::bool(true)),
+    ])];
+    if s.config_map.is_some() {
+        env.push(env_value(
+            "SIDECAR_CONFIG",
+            &format!("{CONFIG_MOUNT}/{CONFIG_KEY}"),
+        ));
+        mounts.push(Node::map([
+            ("name", Node::str(CONFIG_VOLUME)),
+            ("mountPath", Node::str(CONFIG_MOUNT)),
+            ("readOnly", Node::bool(true)),
+        ]));
+    }
     Node::map([
         ("name", Node::str(PROXY_CONTAINER)),
         ("image", Node::str(&s.image)),
@@ -614,20 +663,14 @@ pub fn proxy_container(s: &Settings) -> Node {
                 ),
             ]),
         ),
-        (
-            "volumeMounts",
-            // Read-only: /ready stats the pod's link pins, /metrics reads the stats map (0444).
-            Node::seq([Node::map([
-                ("name", Node::str(BPFFS_VOLUME)),
-                ("mountPath", Node::str(PROXY_PIN_ROOT_MOUNT)),
-                ("subPath", Node::str(PIN_ROOT_SUBPATH)),
-                ("readOnly", Node::bool(true)),
-            ])]),
-        ),
+        // Read-only: /ready stats the pod's link pins, /metrics reads the stats map (0444); the
+        // policy ConfigMap, as a directory.
+        ("volumeMounts", Node::seq(mounts)),
     ])
 }
 
-pub fn volumes() -> [Node; 2] {
+/// The pod's volumes for the sidecar; `Err` names one to remove (an earlier injection's).
+pub fn volumes(s: &Settings) -> Vec<Result<Node, &'static str>> {
     let host_dir = |name: &str, path: &str| {
         Node::map([
             ("name", Node::str(name)),
@@ -637,9 +680,17 @@ pub fn volumes() -> [Node; 2] {
             ),
         ])
     };
-    [
-        host_dir(BPFFS_VOLUME, "/sys/fs/bpf"),
-        host_dir(CGROUP_VOLUME, "/sys/fs/cgroup"),
+    let config = match &s.config_map {
+        Some(name) => Ok(Node::map([
+            ("name", Node::str(CONFIG_VOLUME)),
+            ("configMap", Node::map([("name", Node::str(name))])),
+        ])),
+        None => Err(CONFIG_VOLUME),
+    };
+    vec![
+        Ok(host_dir(BPFFS_VOLUME, "/sys/fs/bpf")),
+        Ok(host_dir(CGROUP_VOLUME, "/sys/fs/cgroup")),
+        config,
     ]
 }
 

@@ -55,3 +55,58 @@ fn proxy_pin_dir_is_the_pod_uid_below_the_mounted_pin_root() {
     assert!(mount.get("readOnly").is_some_and(Node::is_true));
     assert!(!names.contains(&"SIDECAR_APP_PROBE"));
 }
+
+/// `sidecar.mesh.dev/config-map`: the ConfigMap is mounted as a directory (never `subPath`, which
+/// the kubelet does not update) and `SIDECAR_CONFIG` points into it; re-injecting without the
+/// annotation removes the volume again.
+#[test]
+fn a_config_map_is_mounted_as_a_directory() {
+    let pod = |annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n{annotations}spec:\n  containers:\n  - name: app\n    image: app:1\n"
+        )
+    };
+    let with = crate::inject::inject(
+        &pod("  annotations:\n    sidecar.mesh.dev/config-map: web-policy\n"),
+        "sidecar:test",
+    )
+    .unwrap();
+    let out = &with.output;
+    assert!(
+        out.contains("name: SIDECAR_CONFIG\n")
+            && out.contains("value: /etc/sidecar/config/policy.toml"),
+        "{out}"
+    );
+    assert!(
+        out.contains("configMap:\n") && out.contains("name: web-policy"),
+        "{out}"
+    );
+    assert!(out.contains("mountPath: /etc/sidecar/config"), "{out}");
+    let proxy = proxy_container(&Settings {
+        config_map: Some("web-policy".into()),
+        ..Settings::from_annotations(&Annotations::new(Vec::new()), "sidecar:test", "web").unwrap()
+    });
+    let mounts = proxy.get("volumeMounts").and_then(Node::items).unwrap();
+    let config = mounts
+        .iter()
+        .find(|m| m.get("name").and_then(Node::as_str) == Some(CONFIG_VOLUME))
+        .unwrap();
+    assert!(config.get("subPath").is_none(), "a directory mount");
+
+    // Re-injected without the annotation: no volume, no variable.
+    let without = out.replace("    sidecar.mesh.dev/config-map: web-policy\n", "");
+    let again = crate::inject::inject(&without, "sidecar:test").unwrap();
+    assert!(!again.output.contains("sidecar-config"), "{}", again.output);
+    assert!(!again.output.contains("SIDECAR_CONFIG"), "{}", again.output);
+
+    let bad = crate::inject::inject(
+        &pod("  annotations:\n    sidecar.mesh.dev/config-map: Web_Policy\n"),
+        "sidecar:test",
+    )
+    .unwrap_err();
+    assert!(
+        bad.iter()
+            .any(|e| e.contains("config-map") && e.contains("ConfigMap name")),
+        "{bad:?}"
+    );
+}
