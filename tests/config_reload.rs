@@ -470,3 +470,50 @@ fn an_open_breaker_and_a_response_in_flight_survive_a_reload() {
     );
     assert_eq!(failing.requests().len(), sent);
 }
+
+/// `[run]` keys are read once: the file may set them (below flags and the environment), and a
+/// reload that changes one is rejected as a whole with "restart required", policies included.
+#[test]
+fn run_keys_in_the_file_need_a_restart_to_change() {
+    let mut pod = Pod::new();
+    let _hanging = pod.hanging_upstream("10.200.0.1:8080", "hanging");
+    let slow = "10.200.0.1:8080";
+    let file = |header_timeout: &str, request_timeout: &str| {
+        format!(
+            "[run]\nheader-timeout = \"{header_timeout}\"\naccess-log = true\n\n{}",
+            rule(slow, &format!("request_timeout = \"{request_timeout}\""))
+        )
+    };
+    let cm = ConfigMap::new(&pod, &file("12s", "1s"));
+    pod.init(&[]);
+    pod.start_proxy(&["--config", &cm.arg()]);
+    let c = config(&pod);
+    assert_eq!(c["header_timeout"], "12s", "{c}");
+    assert_eq!(c["access_log"], true, "{c}");
+    assert_eq!(c["sources"]["header-timeout"], "file", "{c}");
+    assert_eq!(c["sources"]["config"], "flag", "{c}");
+    assert_eq!(c["sources"]["workers"], "default", "{c}");
+
+    cm.rename_over(&file("20s", "300ms"));
+    wait_reloads(&pod, "rejected", 1.0, APPLIED_WITHIN);
+    let c = config(&pod);
+    let errors = c["config_file"]["last_error"].to_string();
+    assert!(
+        errors.contains("restart required: run.header-timeout"),
+        "{c}"
+    );
+    assert_eq!(c["header_timeout"], "12s");
+    assert_eq!(
+        c["policy"]["destinations"][0]["request_timeout"], "1s",
+        "nothing applied"
+    );
+
+    // Back to the [run] in force: the policy change is applied.
+    cm.rename_over(&file("12s", "300ms"));
+    wait_reloads(&pod, "applied", 1.0, APPLIED_WITHIN);
+    assert_504_at(
+        &app_get(&pod, slow),
+        Duration::from_millis(300),
+        Duration::from_secs(1),
+    );
+}

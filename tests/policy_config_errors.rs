@@ -133,7 +133,7 @@ fn check_config_reports_what_run_would() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
-        stdout.contains("valid ([defaults] and 1 destination rule)"),
+        stdout.contains("valid ([defaults], [run] and 1 destination rule)"),
         "{stdout}"
     );
 }

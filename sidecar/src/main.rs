@@ -1,7 +1,7 @@
 //! `sidecar`: one binary, one subcommand per job (init step, proxy).
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -43,8 +43,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(pair) => pair,
         Err(e) => {
             let _ = e.print();
             // --help and --version are not errors; bad usage exits 64 (EX_USAGE).
@@ -57,7 +60,14 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Init(args) => sidecar::intercept::main(args),
-        Command::Run(args) => sidecar::run::main(*args),
+        Command::Run(args) => {
+            // The config file's [run] section fills what the command line and the environment
+            // leave unset: `run` needs to know which those were, and the command line itself.
+            let Some(run) = matches.subcommand_matches("run") else {
+                unreachable!("the run subcommand was parsed")
+            };
+            sidecar::run::main(*args, std::env::args_os().skip(1).collect(), run)
+        }
         Command::CheckConfig(args) => sidecar::run::check::main(args),
         Command::WaitReady(args) => sidecar::lifecycle::client::wait_ready_main(args),
         Command::Shutdown(args) => sidecar::lifecycle::client::shutdown_main(args),

@@ -170,9 +170,14 @@ struct Status {
     last_error: Option<Vec<KeyError>>,
 }
 
+/// A check of a new file's text beyond the policies (`sidecar run`'s `[run]` section, which
+/// needs a restart): the problems, if any, reject the reload.
+pub type Guard = Box<dyn Fn(&Path, &str) -> Vec<KeyError> + Send + Sync>;
+
 /// The one reload path (see the module documentation).
 pub struct Reloader {
     source: PolicySource,
+    guard: Option<Guard>,
     store: Arc<PolicyStore>,
     status: Mutex<Status>,
     metrics: ReloadMetrics,
@@ -185,6 +190,7 @@ impl Reloader {
         source: PolicySource,
         store: Arc<PolicyStore>,
         text: Option<String>,
+        guard: Option<Guard>,
         registry: &Registry,
     ) -> Reloader {
         let metrics = ReloadMetrics::new(registry);
@@ -200,6 +206,7 @@ impl Reloader {
         let watch = Watch::of(source.file.as_deref());
         Reloader {
             source,
+            guard,
             store,
             status: Mutex::new(Status {
                 sha256,
@@ -220,8 +227,16 @@ impl Reloader {
         let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
         let loaded = self.source.load();
         let text = loaded.text.and_then(Result::ok);
+        let guarded = match (&self.guard, &self.source.file, &text) {
+            (Some(guard), Some(path), Some(text)) => guard(path, text),
+            _ => Vec::new(),
+        };
         let outcome = match loaded.result {
-            Err(errors) => Outcome::Rejected(errors),
+            Err(mut errors) => {
+                errors.extend(guarded);
+                Outcome::Rejected(errors)
+            }
+            Ok(_) if !guarded.is_empty() => Outcome::Rejected(guarded),
             Ok(config) if config == *self.store.load().config() => Outcome::Unchanged,
             Ok(config) => Outcome::Applied(self.store.replace(&config)),
         };
@@ -321,7 +336,6 @@ impl Reloader {
             })).collect::<Vec<_>>()),
             "watch": self.watch.describe(),
             "sources": sources,
-            "restart_required_for": "every flag other than the policy ones (listeners, admin, workers, limits, logs): they are read once at start",
         })
     }
 

@@ -56,6 +56,7 @@
 pub mod args;
 pub mod check;
 pub mod config_json;
+pub mod file_args;
 pub mod settings;
 mod wiring;
 
@@ -74,11 +75,26 @@ use crate::proxy;
 use crate::reload::{self, Reloader};
 use std::sync::Arc;
 
-/// `sidecar run`.
-pub fn main(args: RunArgs) -> ExitCode {
+/// `sidecar run`: `argv` is the command line from `run` on, `matches` its parse (the config
+/// file's `[run]` section fills only what neither sets).
+pub fn main(args: RunArgs, argv: Vec<std::ffi::OsString>, matches: &clap::ArgMatches) -> ExitCode {
+    let (args, run_file) = match file_args::merge(args, argv, matches) {
+        Ok(merged) => merged,
+        Err(errors) => {
+            eprintln!(
+                "{}",
+                ConfigErrors {
+                    command: "run",
+                    errors
+                }
+            );
+            return ExitCode::from(crate::EXIT_USAGE);
+        }
+    };
     let settings = match Settings::from_args(&args, &|name| std::env::var(name).ok()) {
         Ok(s) => s,
-        Err(errors) => {
+        Err(mut errors) => {
+            file_args::relabel(&mut errors.errors, &run_file, args.config.as_deref());
             eprintln!("{errors}");
             return ExitCode::from(crate::EXIT_USAGE);
         }
@@ -91,14 +107,14 @@ pub fn main(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(run(settings));
+    let code = runtime.block_on(run(settings, run_file));
     // Connections still running after the drain deadline are dropped here, without waiting.
     runtime.shutdown_background();
     code
 }
 
 /// Start, serve until a trigger, drain, exit.
-async fn run(settings: Settings) -> ExitCode {
+async fn run(settings: Settings, run_file: file_args::RunFile) -> ExitCode {
     // Registered before listening so that a signal right after start-up is not lost.
     let mut signals = match Signals::new() {
         Ok(s) => s,
@@ -137,15 +153,20 @@ async fn run(settings: Settings) -> ExitCode {
     let mut triggers = wiring::Triggers::new();
     let background = tokio_util::sync::CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
+    let origins = run_file.origins.clone();
     let reloader = Arc::new(Reloader::new(
         settings.policy_source.clone(),
         Arc::clone(proxy.policies()),
         settings.policy_text.clone(),
+        Some(Box::new(move |path, text| {
+            file_args::restart_required(path, text, &run_file)
+        })),
         &registry,
     ));
     reload::start(&reloader, hangups, &background);
     let view = {
-        let base = config_json(&settings, &proxy);
+        let mut base = config_json(&settings, &proxy);
+        base["sources"] = serde_json::json!(origins);
         let store = Arc::clone(proxy.policies());
         let reloader = Arc::clone(&reloader);
         Box::new(move || config_json::current(&base, &store.load(), &reloader).to_string())

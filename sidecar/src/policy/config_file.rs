@@ -595,10 +595,13 @@ fn parse_layers(
                     value: other.to_string(),
                     problem: "expected [[destination]] sections (an array of tables)".to_owned(),
                 }),
+                // `sidecar run`'s own keys: checked there (`run/file_args.rs`).
+                ("run", _) => {}
                 (other, v) => errors.push(KeyError {
                     key: format!("{name}: {other}"),
                     value: Raw::Toml(v).shown(),
-                    problem: "unknown section; expected [defaults] or [[destination]]".to_owned(),
+                    problem: "unknown section; expected [defaults], [[destination]] or [run]"
+                        .to_owned(),
                 }),
             }
         }

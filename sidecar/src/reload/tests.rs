@@ -40,6 +40,7 @@ fn fixture(name: &str, text: &str, flags: Vec<OwnedFlag>) -> Fixture {
         source,
         Arc::clone(&store),
         loaded.text.and_then(Result::ok),
+        None,
         &registry,
     ));
     Fixture {
@@ -231,6 +232,7 @@ async fn the_poller_sees_a_symlink_swap_and_settles_a_burst() {
         source,
         Arc::clone(&store),
         loaded.text.and_then(Result::ok),
+        None,
         &registry,
     ));
     let stop = CancellationToken::new();
