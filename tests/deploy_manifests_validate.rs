@@ -688,6 +688,8 @@ fn operator_guide_covers_every_flag_metric_and_error_code() {
         "cleanup",
         "wait-ready",
         "shutdown",
+        "reload",
+        "check-config",
         "logs",
         "inject",
         "doctor",

@@ -7,7 +7,7 @@
 //! | `--inbound` | `SIDECAR_INBOUND` | `0.0.0.0:15006,[::]:15006` | where sk_lookup steers connections to the app's captured ports; `none` turns inbound off. The default `[::]` is skipped with a warning if IPv6 is off. Not used with `--target`. |
 //! | `--target` | `SIDECAR_TARGET`, `TARGET_URL` | none | reverse-proxy mode (no interception): every request goes to this `http://` URL |
 //! | `--service-name` | `SIDECAR_SERVICE_NAME`, `SERVICE_NAME` | none | names this workload in logs (and metrics) |
-//! | `--config` | `SIDECAR_CONFIG` | none | policy file (TOML): `[defaults]` and per-destination `[[destination]]` timeouts, breaker and retries; format in [`crate::policy::config_file`]. Its `[defaults]` yield to the flags below when those are set |
+//! | `--config` | `SIDECAR_CONFIG` | none | config file (TOML): `[defaults]` and per-destination `[[destination]]` timeouts, breaker and retries (format in [`crate::policy::config_file`]; its `[defaults]` yield to the flags below when those are set), and `[run]`, any other flag by its long name (below flags and the environment; [`file_args`]). Reloaded while running (see [`crate::reload`]): policies apply, a changed `[run]` key is rejected as needing a restart |
 //! | `--connect-timeout` | `SIDECAR_CONNECT_TIMEOUT` | `1s` | see [`crate::policy::DEFAULT_CONNECT_TIMEOUT`]; a timeout answers 504 |
 //! | `--request-timeout` | `SIDECAR_REQUEST_TIMEOUT` | `30s` | request head to response head, retries included, as in the seed proxy; answers 504 |
 //! | `--idle-timeout` | `SIDECAR_IDLE_TIMEOUT` | `1h` | opaque TCP and upgraded (WebSocket) connections with no bytes either way are closed (see [`crate::policy::DEFAULT_IDLE_TIMEOUT`]) |
@@ -30,7 +30,7 @@
 //! | `--workers` | `SIDECAR_WORKERS` | `1` | a sidecar should be small: 1 = single-threaded runtime |
 //! | `--drain-timeout` | `SIDECAR_DRAIN_TIMEOUT` | `30s` | bound on the whole drain (Kubernetes' default grace period) |
 //! | `--drain-min` | `SIDECAR_DRAIN_MIN` | `0s` | outbound stays open at least this long after the drain starts; `0s` suits native sidecars (the app has exited before the proxy gets SIGTERM); classic sidecars, whose app gets SIGTERM at the same time, want a few seconds (Istio uses 5 s) |
-//! | `--admin` | `SIDECAR_ADMIN` | `0.0.0.0:15090,[::]:15090` | admin listeners: `/live`, `/ready`, `/metrics`, `/config`, `POST /shutdown` (see [`crate::admin`]); `none` turns them off. Never captured by the kernel programs (`sidecar init --admin-port`). The default `[::]` is skipped with a warning if IPv6 is off |
+//! | `--admin` | `SIDECAR_ADMIN` | `0.0.0.0:15090,[::]:15090` | admin listeners: `/live`, `/ready`, `/metrics`, `/config`, `POST /shutdown`, `POST /reload` (see [`crate::admin`]); `none` turns them off. Never captured by the kernel programs (`sidecar init --admin-port`). The default `[::]` is skipped with a warning if IPv6 is off |
 //! | `--app-probe` | `SIDECAR_APP_PROBE` | none | `/ready` also needs the app: `http://HOST:PORT/PATH` (200-399) or `tcp://HOST:PORT`; use a loopback address (a pod IP would go through inbound capture) |
 //! | `--app-probe-interval` | `SIDECAR_APP_PROBE_INTERVAL` | `1s` | how often the app probe and the interception check run |
 //! | `--pin-dir` | `SIDECAR_PIN_DIR` | none | this pod's pin directory (`<pin root>/<pod id>`): `/ready` also needs the interception (the link pins present), and the kernel counters are exported when the stats map pin is readable. Without it neither is checked (`/config` says so) |
@@ -45,14 +45,16 @@
 //!
 //! | trigger | behaviour |
 //! |---|---|
-//! | SIGTERM, SIGINT, `POST /shutdown` (loopback), `--exit-with-app` process exits, `--shutdown-file` appears | drain (see [`crate::lifecycle`]): `/ready` turns 503, inbound stops accepting (already queued connections are served) and finishes in-flight requests, outbound keeps working until inbound is done, `--drain-min` has passed and the app has no outbound connection open; then exit 0 |
+//! | SIGTERM, SIGINT, `POST /shutdown` (the proxy's uid, on loopback), `--exit-with-app` process exits, `--shutdown-file` appears | drain (see [`crate::lifecycle`]): `/ready` turns 503, inbound stops accepting (already queued connections are served) and finishes in-flight requests, outbound keeps working until inbound is done, `--drain-min` has passed and the app has no outbound connection open; then exit 0 |
 //! | `--drain-timeout` passes during the drain | what is still open is closed; exit 0 |
 //! | a second SIGTERM or SIGINT during the drain | exit 0 at once, closing everything |
+//! | SIGHUP, `POST /reload` (the proxy's uid), the `--config` file changes | reload the config file ([`crate::reload`]); nothing drains, no connection closes |
 //!
 //! Bad configuration: every bad key is reported at once, exit 64.
 //!
-//! The code: [`args`] (the flags), [`settings`] (checking them), [`wiring`] (telemetry, admin,
-//! readiness checks, drain triggers), [`config_json`] (`/config`); this file is the script.
+//! The code: [`args`] (the flags), [`file_args`] (the config file's `[run]`), [`settings`]
+//! (checking them), [`wiring`] (telemetry, admin, readiness checks, drain triggers),
+//! [`config_json`] (`/config`), [`check`] (`sidecar check-config`); this file is the script.
 pub mod args;
 pub mod check;
 pub mod config_json;
