@@ -21,12 +21,16 @@ use sidecar_tests::{assert_eventually, Pod};
 /// normally well under a second).
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 
-const LINK_PINS: [&str; 7] = [
+const LINK_PINS: [&str; 11] = [
     "link_sc_connect4",
     "link_sc_connect6",
     "link_sc_getpeername4",
     "link_sc_getpeername6",
+    "link_sc_getsockname4",
+    "link_sc_getsockname6",
     "link_sc_getsockopt",
+    "link_sc_post_bind4",
+    "link_sc_post_bind6",
     "link_sc_sk_lookup",
     "link_sc_sockops",
 ];
@@ -97,7 +101,7 @@ fn remove_detaches_the_netns_link_too_and_a_new_init_starts_clean() {
     pod.init_with_netns(&[]);
 
     assert_eq!(sk_lookup_links(netns_ino).len(), 1, "{:#?}", links());
-    assert_eq!(cgroup_programs(pod.cgroup()).len(), 6);
+    assert_eq!(cgroup_programs(pod.cgroup()).len(), 10);
     assert_eq!(link_pins(&pin_dir), LINK_PINS, "exactly one set of pins");
     // No half-done staging or old set of this pod is left in the pin root.
     let pod_dir_name = pin_dir
@@ -126,7 +130,7 @@ fn a_new_init_removes_the_pins_of_a_pod_whose_netns_and_cgroup_are_gone() {
     let stale = pin_dir_in(pins.path(), gone.cgroup());
     let (cgroup_links, netns_links) =
         kernel_links_of(inode(gone.cgroup()), inode(&gone.netns_path()));
-    assert_eq!((cgroup_links.len(), netns_links.len()), (6, 1));
+    assert_eq!((cgroup_links.len(), netns_links.len()), (10, 1));
 
     // The pod goes away the way the kubelet removes it: nobody runs `init --remove`.
     gone.delete_netns();
@@ -201,7 +205,7 @@ fn cleanup_removes_the_pins_of_a_pod_whose_cgroup_is_gone_and_detaches_its_netns
     let stale = pin_dir_in(pins.path(), pod.cgroup());
     let netns_ino = inode(&pod.netns_path());
     let (cgroup_links, _) = kernel_links_of(inode(pod.cgroup()), netns_ino);
-    assert_eq!(cgroup_links.len(), 6);
+    assert_eq!(cgroup_links.len(), 10);
 
     pod.delete_cgroup();
     wait_detached(&cgroup_links, "deleted cgroup's");

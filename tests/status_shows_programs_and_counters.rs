@@ -7,13 +7,17 @@ use std::collections::BTreeSet;
 use sidecar_tests::bpf::{cgroup_programs, inode, links};
 use sidecar_tests::Pod;
 
-const CGROUP_PROGRAMS: [&str; 6] = [
+const CGROUP_PROGRAMS: [&str; 10] = [
     "sc_connect4",
     "sc_connect6",
     "sc_sockops",
     "sc_getsockopt",
     "sc_getpeername4",
     "sc_getpeername6",
+    "sc_getsockname4",
+    "sc_getsockname6",
+    "sc_post_bind4",
+    "sc_post_bind6",
 ];
 
 #[test]

@@ -25,6 +25,11 @@ pub mod globals {
     pub const ADMIN_PORT: &str = "ADMIN_PORT";
     /// `u32`: bit set of [`crate::flags`].
     pub const FLAGS: &str = "FLAGS";
+    /// `u32`: the pod's first IPv4 address, network byte order (0: none): what `getsockname()`
+    /// reports as the local address of an app socket redirected to the proxy.
+    pub const POD_IP4: &str = "POD_IP4";
+    /// `[u32; 4]`: the pod's first IPv6 address, network byte order (all zero: none).
+    pub const POD_IP6: &str = "POD_IP6";
 }
 
 /// Bits of the `FLAGS` global.
@@ -56,8 +61,21 @@ pub mod maps {
     pub const INBOUND_LISTENERS: &str = "SC_IN_LISTEN";
     pub const INBOUND_EXCLUDE_PORTS: &str = "SC_IN_EXCL";
     pub const INBOUND_INCLUDE_PORTS: &str = "SC_IN_INCL";
+    /// The app's listening sockets ([`crate::ListenKey`] -> how many): inbound SYNs are steered
+    /// to the proxy only for ports where the app listens, so a closed port refuses.
+    pub const APP_LISTENERS: &str = "SC_APP_LISTEN";
+    /// Maps whose state a re-run of `init` keeps (it reuses the pinned ones): the proxy's
+    /// registered listeners, the app's listeners, the original destinations of connections in
+    /// flight, and the counters.
+    pub const KEPT_ON_REINIT: [&str; 5] = [
+        INBOUND_LISTENERS,
+        APP_LISTENERS,
+        ORIG_DST_BY_COOKIE,
+        ORIG_DST_BY_TUPLE,
+        STATS,
+    ];
     /// All of our maps, for `status` and for removal checks.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         ORIG_DST_BY_COOKIE,
         ORIG_DST_BY_TUPLE,
         POD_IPS,
@@ -69,6 +87,7 @@ pub mod maps {
         INBOUND_LISTENERS,
         INBOUND_EXCLUDE_PORTS,
         INBOUND_INCLUDE_PORTS,
+        APP_LISTENERS,
     ];
     /// Slots of the inbound listener SOCKMAP.
     pub const INBOUND_SLOT_V4: u32 = 0;
@@ -85,6 +104,10 @@ pub mod progs {
     pub const GETSOCKOPT: &str = "sc_getsockopt";
     pub const GETPEERNAME4: &str = "sc_getpeername4";
     pub const GETPEERNAME6: &str = "sc_getpeername6";
+    pub const GETSOCKNAME4: &str = "sc_getsockname4";
+    pub const GETSOCKNAME6: &str = "sc_getsockname6";
+    pub const POST_BIND4: &str = "sc_post_bind4";
+    pub const POST_BIND6: &str = "sc_post_bind6";
     /// Attached to the pod's network namespace, not its cgroup.
     pub const SK_LOOKUP: &str = "sc_sk_lookup";
 }
@@ -110,6 +133,18 @@ pub struct SockTuple {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct OrigDst {
+    /// IPv6 or v4-mapped address, network byte order.
+    pub ip: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of the app-listener map: a listening socket's bound address (all zero for IPv6 any,
+/// v4-mapped 0.0.0.0 for IPv4 any) and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ListenKey {
     /// IPv6 or v4-mapped address, network byte order.
     pub ip: [u32; 4],
     /// Host byte order.
@@ -145,8 +180,20 @@ pub mod stats {
     pub const INBOUND_REFUSED: u32 = 18;
     /// The proxy's inbound listener was registered (sockops LISTEN).
     pub const INBOUND_LISTENER_SEEN: u32 = 19;
+    /// A process other than the proxy's uid/gid tried to bind a proxy port; refused (EPERM).
+    pub const BIND_REFUSED: u32 = 20;
+    /// Inbound SYN to a port where the app does not listen: not steered, so it is refused as
+    /// without a sidecar.
+    pub const INBOUND_NO_LISTENER: u32 = 21;
+    /// Outbound connect refused (fail-closed) because its original destination could not be
+    /// saved: it would otherwise have gone out uncaptured.
+    pub const OUTBOUND_REFUSED: u32 = 22;
+    /// getsockname() of a redirected app socket answered with the pod's address.
+    pub const SOCKNAME_REWRITTEN: u32 = 23;
+    /// An app listening socket was registered (sockops LISTEN).
+    pub const APP_LISTENER_SEEN: u32 = 24;
     /// Number of counters (size of the array).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 25;
     /// Counter names, indexed like the constants above (stable: they are metric label values).
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
@@ -169,6 +216,11 @@ pub mod stats {
         "inbound_fail_open",
         "inbound_refused",
         "inbound_listener_seen",
+        "bind_refused",
+        "inbound_no_listener",
+        "outbound_refused",
+        "sockname_rewritten",
+        "app_listener_seen",
     ];
 }
 
@@ -190,4 +242,6 @@ mod user {
     unsafe impl aya::Pod for super::SockTuple {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ListenKey {}
 }

@@ -16,6 +16,11 @@
 //! addresses and captured ports to that listener. The proxy reads the original destination with
 //! getsockname(), as nothing was rewritten.
 //!
+//! The app's listeners are tracked (`APP_LISTENERS`, sockops LISTEN and close): inbound SYNs go to
+//! the proxy only for ports where the app listens. `sc_post_bind4/6` keep the proxy's ports for
+//! the proxy's uid/gid; `sc_getsockname4/6` report the pod's address as a redirected socket's
+//! local one.
+//!
 //! Fail modes are decided here, per connection: fail-open looks for the proxy's listener first
 //! and leaves the connection alone when there is none.
 //!
@@ -33,15 +38,15 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_get_socket_cookie,
         generated::{bpf_sk_lookup_tcp, bpf_sk_release},
     },
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
+    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use sidecar_common::{
-    flags, is_v4_mapped, maps::INBOUND_SLOT_V4, maps::INBOUND_SLOT_V6, stats, v4_mapped, OrigDst,
-    SockTuple, PORT_BITMAP_WORDS, SO_ORIGINAL_DST,
+    flags, is_v4_mapped, maps::INBOUND_SLOT_V4, maps::INBOUND_SLOT_V6, stats, v4_mapped, ListenKey,
+    OrigDst, SockTuple, PORT_BITMAP_WORDS, SO_ORIGINAL_DST,
 };
 
 // ---- configuration (.rodata, set at load time) --------------------------------------------------
@@ -58,6 +63,11 @@ static INBOUND_PORT: u16 = 15006;
 static ADMIN_PORT: u16 = 15090;
 #[no_mangle]
 static FLAGS: u32 = 0;
+/// The pod's first addresses (network byte order; 0 = none), for getsockname().
+#[no_mangle]
+static POD_IP4: u32 = 0;
+#[no_mangle]
+static POD_IP6: [u32; 4] = [0; 4];
 
 #[inline(always)]
 fn cfg<T: Copy>(v: &'static T) -> T {
@@ -120,6 +130,12 @@ static INBOUND_EXCLUDE_PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_W
 #[map(name = "SC_IN_INCL")]
 static INBOUND_INCLUDE_PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
 
+/// The app's listening sockets (bound address and port -> how many), kept by sockops on
+/// listen() and close, seeded by `init` with those that already listened: sk_lookup steers a
+/// SYN to the proxy only where the app listens, so a closed port refuses at once.
+#[map(name = "SC_APP_LISTEN")]
+static APP_LISTENERS: HashMap<ListenKey, u32> = HashMap::with_max_entries(4096, 0);
+
 #[map(name = "SC_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
 
@@ -139,6 +155,7 @@ const SOCK_STREAM: u32 = 1;
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
 const TCP_CLOSE: u32 = 7;
+const TCP_LISTEN: u32 = 10;
 const LOOPBACK4_BE: u32 = u32::from_be(0x7f00_0001);
 
 #[inline(always)]
@@ -162,7 +179,8 @@ fn skip_reason(ip: [u32; 4], port: u16) -> Option<u32> {
     if uid == cfg(&PROXY_UID) || gid == cfg(&PROXY_GID) {
         return Some(stats::SKIP_PROXY_UID);
     }
-    if is_loopback(&ip) {
+    // 0.0.0.0 and :: reach this host, as loopback does.
+    if is_loopback(&ip) || is_unspecified(&ip) {
         return Some(stats::SKIP_LOOPBACK);
     }
     // SAFETY: read-only lookup; the value is not kept.
@@ -183,6 +201,11 @@ fn skip_reason(ip: [u32; 4], port: u16) -> Option<u32> {
         return Some(stats::SKIP_EXCLUDED_CIDR);
     }
     None
+}
+
+#[inline(always)]
+fn is_unspecified(ip: &[u32; 4]) -> bool {
+    (is_v4_mapped(ip) && ip[3] == 0) || (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 0)
 }
 
 #[inline(always)]
@@ -207,6 +230,19 @@ fn save_orig(ctx: &SockAddrContext, ip: [u32; 4], port: u16) -> bool {
         return false;
     }
     true
+}
+
+/// A connect whose original destination could not be saved: the proxy could never learn where it
+/// was going. Fail-open lets it go direct; fail-closed refuses it (EPERM) rather than let it
+/// out uncaptured.
+#[inline(always)]
+fn unsaved() -> i32 {
+    if cfg(&FLAGS) & flags::FAIL_OPEN_OUTBOUND != 0 {
+        1
+    } else {
+        count(stats::OUTBOUND_REFUSED);
+        0
+    }
 }
 
 /// Whether the proxy listens on loopback:OUTBOUND_PORT in this network namespace. `v6` selects
@@ -255,7 +291,8 @@ pub fn sc_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the program's run; fields are verifier-checked.
     unsafe {
-        if (*sa).type_ != SOCK_STREAM {
+        // SOCK_STREAM is also SCTP's (and MPTCP's) type: only TCP is ours to redirect.
+        if (*sa).type_ != SOCK_STREAM || (*sa).protocol != IPPROTO_TCP {
             count(stats::SKIP_NOT_TCP);
             return 1;
         }
@@ -279,7 +316,7 @@ pub fn sc_connect4(ctx: SockAddrContext) -> i32 {
             return 1;
         }
         if !save_orig(&ctx, ip, port) {
-            return 1;
+            return unsaved();
         }
         (*sa).user_ip4 = LOOPBACK4_BE;
         (*sa).user_port = cfg(&OUTBOUND_PORT).to_be() as u32;
@@ -302,7 +339,7 @@ pub fn sc_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in sc_connect4. user_ip6 is read and written one 32-bit word at a time because the
     // verifier only allows 4-byte accesses to it.
     unsafe {
-        if (*sa).type_ != SOCK_STREAM {
+        if (*sa).type_ != SOCK_STREAM || (*sa).protocol != IPPROTO_TCP {
             count(stats::SKIP_NOT_TCP);
             return 1;
         }
@@ -324,7 +361,7 @@ pub fn sc_connect6(ctx: SockAddrContext) -> i32 {
             return 1;
         }
         if !save_orig(&ctx, ip, port) {
-            return 1;
+            return unsaved();
         }
         if is_v4_mapped(&ip) {
             // A dual-stack socket going to an IPv4 peer: ::ffff:127.0.0.1 (the IPv4 listener).
@@ -352,9 +389,14 @@ pub fn sc_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         BPF_SOCK_OPS_STATE_CB => {
-            // args[1] is the new state; forget the connection once it is closed.
+            // args[0] is the old state, args[1] the new one: forget the connection once it is
+            // closed, and an app listener once it stops listening.
             if ctx.arg(1) == TCP_CLOSE {
-                forget(&ctx);
+                if ctx.arg(0) == TCP_LISTEN {
+                    app_listener_closed(&ctx);
+                } else {
+                    forget(&ctx);
+                }
             }
         }
         _ => {}
@@ -418,26 +460,89 @@ fn on_active_established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
-/// The proxy's inbound listener goes into the SOCKMAP the sk_lookup program reads. Matching on the
-/// port alone is enough: in a pod, only one socket per family can listen on it.
+/// A listening socket: the proxy's inbound listener goes into the SOCKMAP the sk_lookup program
+/// reads (only the proxy's uid or gid can bind that port: see `sc_post_bind4`); any other is an
+/// app listener, counted in APP_LISTENERS (and watched, so that its close is seen too).
 #[inline(always)]
 fn on_listen(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     let family = ctx_read!(ops, family);
     let port = ctx_read!(ops, local_port);
-    if port != cfg(&INBOUND_PORT) as u32 {
+    let l4 = ctx_read!(ops, local_ip4);
+    let l6 = [
+        ctx_read!(ops, local_ip6[0]),
+        ctx_read!(ops, local_ip6[1]),
+        ctx_read!(ops, local_ip6[2]),
+        ctx_read!(ops, local_ip6[3]),
+    ];
+    if port == cfg(&INBOUND_PORT) as u32 {
+        let slot = if family == AF_INET6 {
+            INBOUND_SLOT_V6
+        } else {
+            INBOUND_SLOT_V4
+        };
+        // SAFETY: ops is the sock_ops context of a listening TCP socket, as the helper requires.
+        if unsafe { INBOUND_LISTENERS.update(slot, ops, 0) }.is_ok() {
+            count(stats::INBOUND_LISTENER_SEEN);
+        } else {
+            count(stats::MAP_ERROR);
+        }
         return;
     }
-    let slot = if family == AF_INET6 {
-        INBOUND_SLOT_V6
-    } else {
-        INBOUND_SLOT_V4
+    let key = ListenKey {
+        ip: if family == AF_INET6 {
+            l6
+        } else {
+            v4_mapped(l4)
+        },
+        port: port as u16,
+        _pad: 0,
     };
-    // SAFETY: ops is the sock_ops context of a listening TCP socket, as the helper requires.
-    if unsafe { INBOUND_LISTENERS.update(slot, ops, 0) }.is_ok() {
-        count(stats::INBOUND_LISTENER_SEEN);
-    } else {
-        count(stats::MAP_ERROR);
+    match APP_LISTENERS.get_ptr_mut(&key) {
+        // SAFETY: a pointer to a map value, used at once. listen() and close() of one port are
+        // rare; a lost race only miscounts sockets sharing a port (SO_REUSEPORT).
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            if APP_LISTENERS.insert(&key, &1, 0).is_err() {
+                count(stats::MAP_ERROR);
+                return;
+            }
+        }
+    }
+    count(stats::APP_LISTENER_SEEN);
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+#[inline(always)]
+fn app_listener_closed(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    let family = ctx_read!(ops, family);
+    let port = ctx_read!(ops, local_port);
+    let l4 = ctx_read!(ops, local_ip4);
+    let l6 = [
+        ctx_read!(ops, local_ip6[0]),
+        ctx_read!(ops, local_ip6[1]),
+        ctx_read!(ops, local_ip6[2]),
+        ctx_read!(ops, local_ip6[3]),
+    ];
+    let key = ListenKey {
+        ip: if family == AF_INET6 {
+            l6
+        } else {
+            v4_mapped(l4)
+        },
+        port: port as u16,
+        _pad: 0,
+    };
+    if let Some(n) = APP_LISTENERS.get_ptr_mut(&key) {
+        // SAFETY: the pointer is to a map value, used at once.
+        unsafe {
+            if *n > 1 {
+                *n -= 1;
+                return;
+            }
+        }
+        let _ = APP_LISTENERS.remove(&key);
     }
 }
 
@@ -585,11 +690,104 @@ pub fn sc_getpeername6(ctx: SockAddrContext) -> i32 {
     1
 }
 
+// ---- cgroup/getsockname4, cgroup/getsockname6 -------------------------------------------------------
+//
+// A redirected app socket is connected to the proxy on loopback; without a sidecar (and under
+// iptables REDIRECT) its local address would be the pod's. Report that.
+
+#[cgroup_sock_addr(getsockname4)]
+pub fn sc_getsockname4(ctx: SockAddrContext) -> i32 {
+    let pod4 = cfg(&POD_IP4);
+    if pod4 != 0 && orig_for(&ctx).is_some() {
+        // SAFETY: context field, verifier-checked.
+        unsafe { (*ctx.sock_addr).user_ip4 = pod4 };
+        count(stats::SOCKNAME_REWRITTEN);
+    }
+    1
+}
+
+#[cgroup_sock_addr(getsockname6)]
+pub fn sc_getsockname6(ctx: SockAddrContext) -> i32 {
+    let Some(orig) = orig_for(&ctx) else {
+        return 1;
+    };
+    let pod4 = cfg(&POD_IP4);
+    let pod6 = cfg(&POD_IP6);
+    let ip = if is_v4_mapped(&orig.ip) {
+        if pod4 == 0 {
+            return 1;
+        }
+        v4_mapped(pod4)
+    } else {
+        if pod6 == [0; 4] {
+            return 1;
+        }
+        pod6
+    };
+    // SAFETY: context fields, verifier-checked; 4-byte writes only.
+    unsafe {
+        (*ctx.sock_addr).user_ip6[0] = ip[0];
+        (*ctx.sock_addr).user_ip6[1] = ip[1];
+        (*ctx.sock_addr).user_ip6[2] = ip[2];
+        (*ctx.sock_addr).user_ip6[3] = ip[3];
+    }
+    count(stats::SOCKNAME_REWRITTEN);
+    1
+}
+
+// ---- cgroup/post_bind4, cgroup/post_bind6 ------------------------------------------------------------
+//
+// The proxy's ports belong to the proxy: a TCP bind to the outbound, inbound or admin port by
+// any other uid and gid in the pod fails with EPERM. A squatter can never receive captured
+// connections, nor answer the kubelet's probes in the proxy's place.
+
+#[inline(always)]
+fn may_bind(ctx: &SockContext) -> i32 {
+    let sk = ctx.sock;
+    let protocol = ctx_read!(sk, protocol);
+    let port = ctx_read!(sk, src_port);
+    if protocol != IPPROTO_TCP
+        || (port != cfg(&OUTBOUND_PORT) as u32
+            && port != cfg(&INBOUND_PORT) as u32
+            && port != cfg(&ADMIN_PORT) as u32)
+    {
+        return 1;
+    }
+    let ids = bpf_get_current_uid_gid();
+    let (uid, gid) = (ids as u32, (ids >> 32) as u32);
+    if uid == cfg(&PROXY_UID) || gid == cfg(&PROXY_GID) {
+        return 1;
+    }
+    count(stats::BIND_REFUSED);
+    0
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn sc_post_bind4(ctx: SockContext) -> i32 {
+    may_bind(&ctx)
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn sc_post_bind6(ctx: SockContext) -> i32 {
+    may_bind(&ctx)
+}
+
 // ---- sk_lookup: inbound ---------------------------------------------------------------------------
 
 const IPPROTO_TCP: u32 = 6;
 /// Source of the proxy's own connections to the app (Istio's inbound passthrough address).
 const PASSTHROUGH4_BE: u32 = u32::from_be(0x7f00_0006);
+
+/// Whether an app socket listens where a SYN for `local`:`port` would be delivered: on that
+/// address, on the family's any-address, or (IPv4) on the IPv6 any-address (dual-stack).
+#[inline(always)]
+fn app_listens(local: [u32; 4], port: u16, v4: bool) -> bool {
+    let at = |ip: [u32; 4]| {
+        // SAFETY: read-only lookup; the value is not kept.
+        unsafe { APP_LISTENERS.get(&ListenKey { ip, port, _pad: 0 }) }.is_some()
+    };
+    at(local) || at([0; 4]) || (v4 && at(v4_mapped(0)))
+}
 
 #[sk_lookup]
 pub fn sc_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -619,12 +817,14 @@ pub fn sc_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         (local6, remote6)
     };
-    // Only SYNs for the pod's own addresses; never the proxy's passthrough connections (from
-    // 127.0.0.6), loopback, or the pod talking to itself.
+    // SYNs for every address of the pod (its listed IPs, secondary and link-local ones alike);
+    // never the proxy's passthrough connections (from 127.0.0.6), loopback, or the pod talking
+    // to itself (from one of its own addresses).
     // SAFETY: read-only lookups; values are not kept.
-    if unsafe { POD_IPS.get(&local) }.is_none()
+    if is_loopback(&local)
         || is_loopback(&remote)
         || (family == AF_INET && remote4 == PASSTHROUGH4_BE)
+        || remote == local
         || unsafe { POD_IPS.get(&remote) }.is_some()
     {
         return sk_action::SK_PASS;
@@ -637,6 +837,12 @@ pub fn sc_sk_lookup(ctx: SkLookupContext) -> u32 {
         || (f & flags::INBOUND_INCLUDE_PORTS != 0 && !port_in(&INBOUND_INCLUDE_PORTS, port))
     {
         count(stats::INBOUND_SKIP_PORT);
+        return sk_action::SK_PASS;
+    }
+    // Where the app does not listen, the SYN is left to the kernel's own lookup, which finds
+    // nothing and answers RST: a closed port refuses at once, as without a sidecar.
+    if !app_listens(local, port, family == AF_INET) {
+        count(stats::INBOUND_NO_LISTENER);
         return sk_action::SK_PASS;
     }
     // An IPv4 SYN may go to a dual-stack IPv6 listener when there is no IPv4 one.

@@ -103,9 +103,17 @@ pub fn install(args: &InitArgs) -> Result<String, InitError> {
         "create pin directory {}",
         staging.display()
     )))?;
-    let result = load_attach_pin(&cfg, &cgroup, netns.as_ref(), &staging, &bpffs_hint);
-    let links = match result {
-        Ok(links) => links,
+    let previous = final_dir.exists().then_some(final_dir.as_path());
+    let result = load_attach_pin(
+        &cfg,
+        &cgroup,
+        netns.as_ref(),
+        &staging,
+        previous,
+        &bpffs_hint,
+    );
+    let (links, kept) = match result {
+        Ok(found) => found,
         Err(e) => {
             // Nothing of this attempt may stay: unpinning drops the last reference to each link.
             let _ = remove_pins(&staging);
@@ -151,6 +159,18 @@ pub fn install(args: &InitArgs) -> Result<String, InitError> {
         },
         final_dir.display()
     );
+    if !kept.maps.is_empty() {
+        summary.push_str(&format!(
+            "\nsidecar init: kept from the previous set (no moment without interception): {}",
+            kept.maps.join(", ")
+        ));
+    }
+    if !kept.not.is_empty() {
+        summary.push_str(&format!(
+            "\nsidecar init: started afresh (their layout changed): {}; connections made during this re-run may miss their original destination",
+            kept.not.join(", ")
+        ));
+    }
     for dir in collected {
         summary.push_str(&format!(
             "\nsidecar init: removed stale pins of a pod that is gone: {}",

@@ -84,6 +84,21 @@ fn find_socket_uid(table: &str, local: SocketAddr, remote: SocketAddr) -> Option
     })
 }
 
+/// The listening sockets (state `0A`) of a `/proc/net/tcp` or `tcp6` table: their bound address
+/// and port.
+pub fn listening_sockets(table: &str) -> Vec<SocketAddr> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(3) == Some(&"0A"))
+                .then(|| parse_proc_addr(fields.get(1)?))
+                .flatten()
+        })
+        .collect()
+}
+
 /// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6): each 32-bit word as the kernel
 /// holds it in memory (network byte order), printed as a native integer; the port in hex.
 fn parse_proc_addr(text: &str) -> Option<SocketAddr> {
@@ -141,5 +156,10 @@ mod socket_table_tests {
             assert_eq!(find_socket_uid(table, remote, local), None);
         }
         assert_eq!(parse_proc_addr("nonsense"), None);
+        let listening = "  sl  local_address rem_address   st\n   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1\n   1: 0100007F:D431 0100007F:3B0A 01 0\n";
+        assert_eq!(
+            listening_sockets(listening),
+            vec!["0.0.0.0:8080".parse::<SocketAddr>().unwrap()]
+        );
     }
 }

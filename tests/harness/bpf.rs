@@ -10,13 +10,17 @@ use serde::Deserialize;
 use crate::env::{DEFAULT_PIN_ROOT, NAME_PREFIX};
 
 /// The attach types `sidecar init` must attach (short names; see `short_attach_type`).
-pub const EXPECTED_ATTACH_TYPES: [&str; 6] = [
+pub const EXPECTED_ATTACH_TYPES: [&str; 10] = [
     "connect4",
     "connect6",
     "sock_ops",
     "getsockopt",
     "getpeername4",
     "getpeername6",
+    "getsockname4",
+    "getsockname6",
+    "post_bind4",
+    "post_bind6",
 ];
 
 /// One program attached directly to a cgroup.
@@ -41,6 +45,8 @@ pub fn short_attach_type(name: &str) -> String {
         "cgroup_inet4_getpeername" => "getpeername4",
         "cgroup_inet6_getpeername" => "getpeername6",
         "cgroup_inet4_getsockname" => "getsockname4",
+        "cgroup_inet4_post_bind" => "post_bind4",
+        "cgroup_inet6_post_bind" => "post_bind6",
         "cgroup_inet6_getsockname" => "getsockname6",
         "cgroup_udp4_sendmsg" => "sendmsg4",
         "cgroup_udp6_sendmsg" => "sendmsg6",

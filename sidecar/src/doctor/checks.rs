@@ -378,13 +378,17 @@ fn jit() -> Check {
 // ---- programs already attached to the hooks we use ----------------------------------------------
 
 /// The attach points our programs use (enum bpf_attach_type), with names as bpftool prints them.
-const OUR_HOOKS: [(u32, &str); 6] = [
+const OUR_HOOKS: [(u32, &str); 10] = [
     (3, "sock_ops"),
     (10, "connect4"),
     (11, "connect6"),
+    (12, "post_bind4"),
+    (13, "post_bind6"),
     (21, "getsockopt"),
     (29, "getpeername4"),
     (30, "getpeername6"),
+    (31, "getsockname4"),
+    (32, "getsockname6"),
 ];
 const BPF_F_ALLOW_OVERRIDE: u32 = 1;
 const BPF_F_ALLOW_MULTI: u32 = 2;

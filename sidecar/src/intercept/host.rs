@@ -152,6 +152,18 @@ pub fn pod_netns(path: &Path) -> Result<PodNetns, InitError> {
             fix: "pass /proc/<pid>/ns/net or a bind mount of it (/run/netns/<name>)".into(),
         });
     }
+    // NS_GET_NSTYPE: a UTS or mount namespace file is a namespace file too.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an ioctl without arguments on a file we own; it only returns a value.
+    let kind = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(InitError::Netns {
+            path: path.into(),
+            problem: "is a namespace file, but not of a network namespace".into(),
+            fix: "pass the pod's network namespace: /proc/<pid>/ns/net (not ns/uts, ns/mnt...)"
+                .into(),
+        });
+    }
     // The host's namespace: recent kernels give init_net the fixed inode PROC_NET_INIT_INO; older
     // ones do not, but then the host's PID 1 lives there (visible when the init step runs in the
     // host PID namespace). Inside a pod without hostPID neither applies, and --host-ip catches
@@ -286,4 +298,28 @@ mod tests {
             ]
         );
     }
+}
+
+/// The sockets listening in `ns` now (TCP, both families), from its socket table: read from a
+/// thread that joins the namespace (this process stays where it is).
+pub fn listening_in(ns: &PodNetns) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    let fd = ns.file.try_clone()?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                let mut found = Vec::new();
+                for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+                    match fs::read_to_string(table) {
+                        Ok(text) => found.extend(crate::net::listening_sockets(&text)),
+                        // No IPv6 in the namespace: no tcp6 table.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(found)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the netns reader panicked")))
+    })
 }

@@ -5,14 +5,14 @@ use std::{
     net::IpAddr,
     os::fd::{AsFd, BorrowedFd},
     os::unix::fs::PermissionsExt as _,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapError},
     programs::{
         links::{CgroupAttachMode, FdLink, PinnedLink},
-        CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps,
+        CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -27,23 +27,83 @@ use super::host::{self, PodCgroup};
 pub(crate) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sidecar-ebpf.o"));
 
-/// Programs in attach order.
-pub const PROGRAMS: [&str; 6] = [
+/// Programs in attach order: the bind guard first (no squatter can take a proxy port once
+/// anything else is in place), sockops before anything redirects (every listener is seen).
+pub const PROGRAMS: [&str; 10] = [
+    progs::POST_BIND4,
+    progs::POST_BIND6,
+    progs::SOCKOPS,
     progs::CONNECT4,
     progs::CONNECT6,
-    progs::SOCKOPS,
     progs::GETSOCKOPT,
     progs::GETPEERNAME4,
     progs::GETPEERNAME6,
+    progs::GETSOCKNAME4,
+    progs::GETSOCKNAME6,
 ];
 
+/// What a load kept from the previous set (a re-run of `init`), and what it could not.
+#[derive(Debug, Default)]
+pub(crate) struct Kept {
+    pub(crate) maps: Vec<&'static str>,
+    /// Maps whose layout changed (a new version, or `--max-connections`): started afresh.
+    pub(crate) not: Vec<&'static str>,
+}
+
+/// Key size, value size and entries a map of ours has with this configuration.
+fn layout(name: &str, cfg: &InitConfig) -> Option<(u32, u32, u32)> {
+    use sidecar_common::{ListenKey, OrigDst, SockTuple};
+    let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    Some(match name {
+        maps::INBOUND_LISTENERS => (4, 4, 2),
+        maps::APP_LISTENERS => (size(size_of::<ListenKey>()), 4, 4096),
+        maps::ORIG_DST_BY_COOKIE => (8, size(size_of::<OrigDst>()), cfg.max_connections),
+        maps::ORIG_DST_BY_TUPLE => (
+            size(size_of::<SockTuple>()),
+            size(size_of::<OrigDst>()),
+            cfg.max_connections,
+        ),
+        maps::STATS => (4, 8, sidecar_common::stats::COUNT),
+        _ => return None,
+    })
+}
+
+/// The maps of the previous set to reuse: those of [`maps::KEPT_ON_REINIT`] pinned in
+/// `previous` with the layout this load would create.
+fn reusable(previous: Option<&Path>, cfg: &InitConfig) -> (Vec<(&'static str, PathBuf)>, Kept) {
+    let mut reuse = Vec::new();
+    let mut kept = Kept::default();
+    let Some(previous) = previous else {
+        return (reuse, kept);
+    };
+    for name in maps::KEPT_ON_REINIT {
+        let path = crate::pins::map(previous, name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        if layout(name, cfg)
+            == Some((info.key_size(), info.value_size(), info.max_entries()))
+        {
+            kept.maps.push(name);
+            reuse.push((name, path));
+        } else {
+            kept.not.push(name);
+        }
+    }
+    (reuse, kept)
+}
+
+/// Loads the object with `cfg`, attaches it to `cgroup` (and `netns`), pins everything in `dir`.
+/// `previous`: the pin directory of the set being replaced (a re-run), whose stateful maps are
+/// reused so that there is never a moment without the proxy's listener registered.
 pub(crate) fn load_attach_pin(
     cfg: &InitConfig,
     cgroup: &PodCgroup,
     netns: Option<&host::PodNetns>,
     dir: &Path,
+    previous: Option<&Path>,
     bpffs_hint: &str,
-) -> Result<Vec<PinnedLink>, InitError> {
+) -> Result<(Vec<PinnedLink>, Kept), InitError> {
     let load_fix = "run as root with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN on a kernel >= 5.10 with BTF; `sidecar doctor` checks the node";
     let mut flag_bits = 0u32;
     if cfg.include_ports.is_some() {
@@ -65,7 +125,27 @@ pub(crate) fn load_attach_pin(
         flag_bits |= flags::INBOUND_INCLUDE_PORTS;
     }
     let gid = cfg.proxy_gid.unwrap_or(u32::MAX);
-    let mut ebpf = EbpfLoader::new()
+    let pod4 = cfg
+        .pod_ips
+        .iter()
+        .find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
+            IpAddr::V6(_) => None,
+        })
+        .unwrap_or(0);
+    let pod6 = cfg
+        .pod_ips
+        .iter()
+        .find(|ip| ip.is_ipv6())
+        .map_or([0; 4], |ip| to_key(*ip));
+    let (reuse, kept) = reusable(previous, cfg);
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &reuse {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .override_global(globals::POD_IP4, &pod4, true)
+        .override_global(globals::POD_IP6, &pod6, true)
         .override_global(globals::PROXY_UID, &cfg.proxy_uid, true)
         .override_global(globals::PROXY_GID, &gid, true)
         .override_global(globals::OUTBOUND_PORT, &cfg.outbound_port, true)
@@ -99,6 +179,11 @@ pub(crate) fn load_attach_pin(
         pinned.push(pin);
     }
     if let Some(ns) = netns {
+        // The app's listeners from before this attach (sockops sees every later one): a fresh
+        // map is seeded from the netns' socket table; a kept one is already right.
+        if !kept.maps.contains(&maps::APP_LISTENERS) {
+            seed_app_listeners(&mut ebpf, ns)?;
+        }
         let name = progs::SK_LOOKUP;
         let path = crate::pins::link(dir, name);
         let pin = load_attach_pin_one(
@@ -135,7 +220,41 @@ pub(crate) fn load_attach_pin(
         fs::set_permissions(d, fs::Permissions::from_mode(0o755))
             .map_err(InitError::io(format!("chmod 0755 {}", d.display())))?;
     }
-    Ok(pinned)
+    Ok((pinned, kept))
+}
+
+/// Puts the sockets listening in the pod's netns now into the app-listener map (only where the
+/// key is absent: sockops, already attached, counts the ones it saw).
+fn seed_app_listeners(ebpf: &mut Ebpf, ns: &host::PodNetns) -> Result<(), InitError> {
+    let fix = "check that --netns names the pod's network namespace";
+    let listening = host::listening_in(ns).map_err(|e| {
+        InitError::kernel("read the pod's listening sockets", fix)(e.into())
+    })?;
+    let mut map: HashMap<_, sidecar_common::ListenKey, u32> =
+        map_mut(ebpf, maps::APP_LISTENERS).map_err(|e| {
+            InitError::kernel("open the app-listener map", fix)(e.into())
+        })?;
+    let mut counts: std::collections::HashMap<sidecar_common::ListenKey, u32> =
+        std::collections::HashMap::new();
+    for addr in listening {
+        let key = sidecar_common::ListenKey {
+            ip: to_key(addr.ip()),
+            port: addr.port(),
+            _pad: 0,
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    for (key, n) in counts {
+        // BPF_NOEXIST: an entry sockops made meanwhile is right as it is.
+        match map.insert(key, n, 1) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => {
+                return Err(InitError::kernel("seed the app-listener map", fix)(e.into()));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Loads one program, attaches it through a bpf_link to `target` (the pod's cgroup, or its netns
@@ -165,6 +284,15 @@ fn load_attach_pin_one(
     let link: FdLink = match name {
         progs::SOCKOPS => {
             let p: &mut SockOps = program.try_into().map_err(attach_err)?;
+            p.load().map_err(attach_err)?;
+            let id = p.attach(target, mode).map_err(attach_err)?;
+            p.take_link(id)
+                .map_err(attach_err)?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| pin_err(e.into()))?
+        }
+        progs::POST_BIND4 | progs::POST_BIND6 => {
+            let p: &mut CgroupSock = program.try_into().map_err(attach_err)?;
             p.load().map_err(attach_err)?;
             let id = p.attach(target, mode).map_err(attach_err)?;
             p.take_link(id)

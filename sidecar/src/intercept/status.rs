@@ -68,6 +68,10 @@ fn attach_point(name: &str) -> &'static str {
         progs::GETSOCKOPT => "cgroup/getsockopt",
         progs::GETPEERNAME4 => "cgroup/getpeername4",
         progs::GETPEERNAME6 => "cgroup/getpeername6",
+        progs::GETSOCKNAME4 => "cgroup/getsockname4",
+        progs::GETSOCKNAME6 => "cgroup/getsockname6",
+        progs::POST_BIND4 => "cgroup/post_bind4",
+        progs::POST_BIND6 => "cgroup/post_bind6",
         progs::SK_LOOKUP => "sk_lookup (netns)",
         _ => "?",
     }
