@@ -775,6 +775,7 @@ pub fn sc_post_bind6(ctx: SockContext) -> i32 {
 // ---- sk_lookup: inbound ---------------------------------------------------------------------------
 
 const IPPROTO_TCP: u32 = 6;
+const EEXIST: i32 = 17;
 /// Source of the proxy's own connections to the app (Istio's inbound passthrough address).
 const PASSTHROUGH4_BE: u32 = u32::from_be(0x7f00_0006);
 
@@ -846,21 +847,24 @@ pub fn sc_sk_lookup(ctx: SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     }
     // An IPv4 SYN may go to a dual-stack IPv6 listener when there is no IPv4 one.
-    let assigned = if family == AF_INET {
-        INBOUND_LISTENERS
-            .redirect_sk_lookup(&ctx, INBOUND_SLOT_V4, 0)
-            .is_ok()
-            || INBOUND_LISTENERS
-                .redirect_sk_lookup(&ctx, INBOUND_SLOT_V6, 0)
-                .is_ok()
+    let primary = if family == AF_INET {
+        INBOUND_SLOT_V4
     } else {
-        INBOUND_LISTENERS
-            .redirect_sk_lookup(&ctx, INBOUND_SLOT_V6, 0)
-            .is_ok()
+        INBOUND_SLOT_V6
     };
-    if assigned {
-        count(stats::INBOUND_REDIRECTED);
-        return sk_action::SK_PASS;
+    let mut result = INBOUND_LISTENERS.redirect_sk_lookup(&ctx, primary, 0);
+    if family == AF_INET && matches!(result, Err(e) if e != -EEXIST) {
+        result = INBOUND_LISTENERS.redirect_sk_lookup(&ctx, INBOUND_SLOT_V6, 0);
+    }
+    match result {
+        Ok(()) => {
+            count(stats::INBOUND_REDIRECTED);
+            return sk_action::SK_PASS;
+        }
+        // Another program already chose a socket: our previous set, still attached for a
+        // moment while `init` replaces it (it steers to the same listener, from the same map).
+        Err(e) if e == -EEXIST => return sk_action::SK_PASS,
+        Err(_) => {}
     }
     if f & flags::FAIL_OPEN_INBOUND != 0 {
         count(stats::INBOUND_FAIL_OPEN);

@@ -77,6 +77,7 @@ pub fn install(args: &InitArgs) -> Result<String, InitError> {
         Some(path) => Some(host::pod_netns(path)?),
         None => None,
     };
+    host::check_one_pod(&cgroup, netns.as_ref())?;
     check_privileges()?;
     if OBJECT.is_empty() {
         return Err(InitError::NoObject);

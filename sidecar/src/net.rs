@@ -47,12 +47,57 @@ pub fn bind_all(listen: &[ListenAddr]) -> io::Result<Vec<TcpListener>> {
             Err(e) => {
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("cannot listen on {}: {e}", l.addr),
+                    format!("cannot listen on {}: {e}{}", l.addr, bind_hint(&e)),
                 ))
             }
         }
     }
     Ok(listeners)
+}
+
+/// An IPv6 link-local address without its zone (an inbound connection from a global address to
+/// the pod's link-local one has no interface bound, so `getsockname()` gives scope 0) gets the
+/// index of the interface that holds it: it cannot be dialled, nor bound, without one.
+pub fn with_link_scope(addr: SocketAddr) -> SocketAddr {
+    let SocketAddr::V6(v6) = addr else {
+        return addr;
+    };
+    if v6.scope_id() != 0 || (v6.ip().segments()[0] & 0xffc0) != 0xfe80 {
+        return addr;
+    }
+    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+        return addr;
+    };
+    for interface in interfaces {
+        let held = interface
+            .address
+            .as_ref()
+            .and_then(|a| a.as_sockaddr_in6())
+            .is_some_and(|a| a.ip() == *v6.ip());
+        if held {
+            if let Ok(index) = nix::net::if_::if_nametoindex(interface.interface_name.as_str()) {
+                return SocketAddr::V6(std::net::SocketAddrV6::new(*v6.ip(), v6.port(), 0, index));
+            }
+        }
+    }
+    addr
+}
+
+/// What an EPERM from bind(2) means in a pod set up by `sidecar init`: its bind guard keeps the
+/// proxy's ports for the proxy's uid and gid.
+pub fn bind_hint(e: &io::Error) -> String {
+    if e.raw_os_error() != Some(libc::EPERM) {
+        return String::new();
+    }
+    format!(
+        ": in a pod set up by `sidecar init`, only the proxy's uid or gid (--proxy-uid, \
+         --proxy-gid; 1337 by default) may bind the proxy's ports, and this process runs as \
+         uid {} gid {}: run it as that uid (runAsUser: 1337 in Kubernetes), or re-run init \
+         with --proxy-uid {}",
+        nix::unistd::getuid(),
+        nix::unistd::getgid(),
+        nix::unistd::getuid()
+    )
 }
 pub fn addrs_of(listeners: &[TcpListener]) -> io::Result<Vec<SocketAddr>> {
     listeners.iter().map(TcpListener::local_addr).collect()
@@ -118,6 +163,59 @@ fn parse_proc_addr(text: &str) -> Option<SocketAddr> {
             Some(SocketAddr::from((std::net::Ipv6Addr::from(bytes), port)))
         }
         _ => None,
+    }
+}
+
+/// Where the start-up self-test connects: TEST-NET-1 (RFC 5737), never routed. Only its
+/// redirection matters; the connection attempt itself is abandoned at once.
+pub const SELF_TEST_DESTINATION: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 9));
+
+/// Whether this process's own outbound connections are captured (redirected to one of
+/// `listeners`, the proxy's): a non-blocking connect to [`SELF_TEST_DESTINATION`], then the
+/// kernel's socket table says where the socket really goes (`getsockname`/`getpeername` may be
+/// rewritten by the interception; `/proc/net/tcp` is not). `Some(listener)` when captured.
+pub fn own_connections_captured(listeners: &[SocketAddr]) -> io::Result<Option<SocketAddr>> {
+    use std::os::fd::AsRawFd as _;
+    let socket = socket2_free::nonblocking_v4()?;
+    let addr = nix::sys::socket::SockaddrIn::from(match SELF_TEST_DESTINATION {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(_) => unreachable!("an IPv4 constant"),
+    });
+    match nix::sys::socket::connect(socket.as_raw_fd(), &addr) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+        // Refused at once (fail-closed with no listener, or no route): not redirected to us.
+        Err(_) => return Ok(None),
+    }
+    let local: nix::sys::socket::SockaddrIn = nix::sys::socket::getsockname(socket.as_raw_fd())?;
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    let port = local.port();
+    let remote = table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let l = parse_proc_addr(fields.get(1)?)?;
+        (l.port() == port)
+            .then(|| parse_proc_addr(fields.get(2)?))
+            .flatten()
+    });
+    Ok(remote.filter(|r| {
+        listeners
+            .iter()
+            .any(|l| l.port() == r.port() && (l.ip() == r.ip() || l.ip().is_unspecified()))
+    }))
+}
+
+/// A non-blocking IPv4 TCP socket, closed on drop (std has no unconnected TcpStream).
+mod socket2_free {
+    use std::os::fd::OwnedFd;
+
+    pub fn nonblocking_v4() -> std::io::Result<OwnedFd> {
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+        Ok(socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?)
     }
 }
 

@@ -202,6 +202,9 @@ pub async fn start_observed(
     };
     let local_addrs = addrs_of(&outbound_listeners)?;
     let inbound_addrs = addrs_of(&inbound_listeners)?;
+    if config.refuse_if_captured && config.target.is_none() {
+        refuse_if_captured(&local_addrs)?;
+    }
 
     let cancel = CancellationToken::new();
     let inbound_cancel = cancel.child_token();
@@ -298,6 +301,34 @@ pub async fn start_observed(
         max_connections,
         policies: Arc::clone(&shared.policies),
     })
+}
+
+/// The start-up self-test: a proxy whose own upstream connections are redirected to itself would
+/// loop on every request until it ran out of descriptors. Nothing has been accepted yet.
+fn refuse_if_captured(listeners: &[SocketAddr]) -> io::Result<()> {
+    match crate::net::own_connections_captured(listeners) {
+        Ok(None) => Ok(()),
+        Ok(Some(listener)) => {
+            let uid = nix::unistd::getuid();
+            let gid = nix::unistd::getgid();
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "this proxy's own connections are captured: a test connection to {} was \
+                     redirected to its own listener {listener}, so every request would loop back \
+                     into it. It runs as uid {uid} gid {gid}, which `sidecar init` did not exempt: \
+                     run it as the proxy uid init was given (--proxy-uid, 1337 by default; \
+                     runAsUser/runAsGroup in Kubernetes), or re-run init with --proxy-uid {uid}",
+                    crate::net::SELF_TEST_DESTINATION
+                ),
+            ))
+        }
+        // Not knowing is not a reason to refuse: the loop guard still stands.
+        Err(e) => {
+            tracing::warn!(error = %e, "start-up self-test not run (is /proc mounted?)");
+            Ok(())
+        }
+    }
 }
 
 /// What a listener's connections are.

@@ -10,6 +10,9 @@
 //! sidecar-probe tcp-echo  --connect ADDR --bytes N                -> {ok, sent, received, peer, ...}
 //! sidecar-probe greeting  --connect ADDR --timeout-ms T           -> {line, peer, local}
 //! sidecar-probe whoami                                             -> {uid, gid, groups, cgroup, netns}
+//! sidecar-probe listen    --listen ADDR                           -> {bound} (binds and listens, then exits)
+//! sidecar-probe serve     --listen ADDR                           -> {listening}, then serves until killed:
+//!                                                                    every request gets 200 and the peer it came from
 //! ```
 //! On failure: `{"error": "..."}` and a non-zero exit (1 for a failed exchange, 64 for bad usage).
 use std::net::SocketAddr;
@@ -59,6 +62,23 @@ fn run(args: &[String]) -> Result<String, Failure> {
         return whoami();
     }
     let opts = Options::parse(rest)?;
+    if command == "serve" {
+        let addr: SocketAddr = opts
+            .required("--listen")?
+            .parse()
+            .map_err(|e| Failure::Usage(format!("--listen: {e}")))?;
+        return serve(addr);
+    }
+    if command == "listen" {
+        let addr: SocketAddr = opts
+            .required("--listen")?
+            .parse()
+            .map_err(|e| Failure::Usage(format!("--listen: {e}")))?;
+        return match std::net::TcpListener::bind(addr) {
+            Ok(l) => Ok(serde_json::json!({ "bound": l.local_addr().map(|a| a.to_string()).unwrap_or_default() }).to_string()),
+            Err(e) => Err(Failure::Exchange(format!("bind {addr}: {e}"))),
+        };
+    }
     let addr: SocketAddr = opts
         .required("--connect")?
         .parse()
@@ -99,6 +119,46 @@ fn run(args: &[String]) -> Result<String, Failure> {
         }
         other => Err(Failure::Usage(format!("unknown subcommand {other:?}"))),
     }
+}
+
+/// An app server in the pod (a process of its cgroup, as a pod's app is): answers every request
+/// with 200 and, as its body, the peer address it saw. Prints one line once it listens.
+fn serve(addr: SocketAddr) -> Result<String, Failure> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| Failure::Exchange(format!("bind {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    println!("{}", serde_json::json!({ "listening": bound }));
+    let _ = std::io::stdout().flush();
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        std::thread::spawn(move || {
+            let peer = stream
+                .peer_addr()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut reader = BufReader::new(&stream);
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if line == "\r\n" => break,
+                    Ok(_) => {}
+                }
+            }
+            let mut out = &stream;
+            let _ = write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{peer}",
+                peer.len()
+            );
+        });
+    }
+    Ok(String::new())
 }
 
 /// Where this process runs: lets the harness check its own plumbing (cgroup, netns, credentials).

@@ -274,6 +274,94 @@ pub fn check_privileges() -> Result<(), InitError> {
     }
 }
 
+/// The sockets listening in `ns` now (TCP, both families), from its socket table: read from a
+/// thread that joins the namespace (this process stays where it is).
+pub fn listening_in(ns: &PodNetns) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    let fd = ns.file.try_clone()?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                let mut found = Vec::new();
+                for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+                    match fs::read_to_string(table) {
+                        Ok(text) => found.extend(crate::net::listening_sockets(&text)),
+                        // No IPv6 in the namespace: no tcp6 table.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(found)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the netns reader panicked")))
+    })
+}
+
+/// The network namespaces (inodes) of the processes in `cgroup` and every cgroup below it, this
+/// process excepted (an init container runs inside the pod's cgroup). At most `limit` cgroups
+/// are read: a pod has a handful.
+pub fn netns_below(cgroup: &Path, limit: usize) -> std::collections::BTreeSet<u64> {
+    let own = std::process::id().to_string();
+    let mut found = std::collections::BTreeSet::new();
+    let mut dirs = vec![cgroup.to_path_buf()];
+    let mut seen = 0;
+    while let Some(dir) = dirs.pop() {
+        seen += 1;
+        if seen > limit {
+            break;
+        }
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter(|p| *p != own) {
+                // A process may exit meanwhile: it has no namespace to count.
+                if let Ok(meta) = fs::metadata(format!("/proc/{pid}/ns/net")) {
+                    found.insert(meta.ino());
+                }
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    found
+}
+
+/// Refuses a cgroup that is not one pod's: its processes are in several network namespaces (a
+/// parent of pods, such as `kubepods.slice`), or, with `--netns`, in another one than that.
+pub fn check_one_pod(cgroup: &PodCgroup, netns: Option<&PodNetns>) -> Result<(), InitError> {
+    let found = netns_below(&cgroup.path, 4096);
+    if found.len() > 1 {
+        return Err(InitError::Cgroup {
+            path: cgroup.path.clone(),
+            problem: format!(
+                "holds processes of {} network namespaces: it is not one pod's cgroup (a parent of several pods, such as kubepods.slice?)",
+                found.len()
+            ),
+            fix: "pass the pod's own cgroup (--cgroup auto from the pod's init container finds it)"
+                .into(),
+        });
+    }
+    if let (Some(ns), Some(other)) = (netns, found.first()) {
+        if *other != ns.inode {
+            return Err(InitError::Cgroup {
+                path: cgroup.path.clone(),
+                problem: format!(
+                    "its processes are in network namespace {other}, not in --netns {} ({})",
+                    ns.path.display(),
+                    ns.inode
+                ),
+                fix: "pass the cgroup and the network namespace of the same pod".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,28 +386,4 @@ mod tests {
             ]
         );
     }
-}
-
-/// The sockets listening in `ns` now (TCP, both families), from its socket table: read from a
-/// thread that joins the namespace (this process stays where it is).
-pub fn listening_in(ns: &PodNetns) -> std::io::Result<Vec<std::net::SocketAddr>> {
-    let fd = ns.file.try_clone()?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                let mut found = Vec::new();
-                for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-                    match fs::read_to_string(table) {
-                        Ok(text) => found.extend(crate::net::listening_sockets(&text)),
-                        // No IPv6 in the namespace: no tcp6 table.
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(found)
-            })
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the netns reader panicked")))
-    })
 }

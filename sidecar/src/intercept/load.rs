@@ -81,9 +81,7 @@ fn reusable(previous: Option<&Path>, cfg: &InitConfig) -> (Vec<(&'static str, Pa
         let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
             continue;
         };
-        if layout(name, cfg)
-            == Some((info.key_size(), info.value_size(), info.max_entries()))
-        {
+        if layout(name, cfg) == Some((info.key_size(), info.value_size(), info.max_entries())) {
             kept.maps.push(name);
             reuse.push((name, path));
         } else {
@@ -227,13 +225,10 @@ pub(crate) fn load_attach_pin(
 /// key is absent: sockops, already attached, counts the ones it saw).
 fn seed_app_listeners(ebpf: &mut Ebpf, ns: &host::PodNetns) -> Result<(), InitError> {
     let fix = "check that --netns names the pod's network namespace";
-    let listening = host::listening_in(ns).map_err(|e| {
-        InitError::kernel("read the pod's listening sockets", fix)(e.into())
-    })?;
-    let mut map: HashMap<_, sidecar_common::ListenKey, u32> =
-        map_mut(ebpf, maps::APP_LISTENERS).map_err(|e| {
-            InitError::kernel("open the app-listener map", fix)(e.into())
-        })?;
+    let listening = host::listening_in(ns)
+        .map_err(|e| InitError::kernel("read the pod's listening sockets", fix)(e.into()))?;
+    let mut map: HashMap<_, sidecar_common::ListenKey, u32> = map_mut(ebpf, maps::APP_LISTENERS)
+        .map_err(|e| InitError::kernel("open the app-listener map", fix)(e.into()))?;
     let mut counts: std::collections::HashMap<sidecar_common::ListenKey, u32> =
         std::collections::HashMap::new();
     for addr in listening {
@@ -250,7 +245,9 @@ fn seed_app_listeners(ebpf: &mut Ebpf, ns: &host::PodNetns) -> Result<(), InitEr
             Ok(()) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => {
-                return Err(InitError::kernel("seed the app-listener map", fix)(e.into()));
+                return Err(InitError::kernel("seed the app-listener map", fix)(
+                    e.into(),
+                ));
             }
         }
     }

@@ -147,6 +147,10 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Upstream connections to the app; see [`DEFAULT_INBOUND_MAX_CONNECTIONS`].
     pub inbound_max_connections: usize,
+    /// Interception mode: refuse to start when the proxy's own connections would be captured
+    /// (it would loop on itself): a self-test against the kernel once the listeners are bound
+    /// ([`crate::net::own_connections_captured`]). `sidecar run` sets it.
+    pub refuse_if_captured: bool,
 }
 
 impl ProxyConfig {
@@ -169,6 +173,7 @@ impl ProxyConfig {
             http: HttpLimits::default(),
             max_connections: DEFAULT_MAX_DOWNSTREAM_CONNECTIONS,
             inbound_max_connections: DEFAULT_INBOUND_MAX_CONNECTIONS,
+            refuse_if_captured: false,
         }
     }
 }
@@ -186,7 +191,7 @@ pub fn original_dst_resolver() -> Resolver {
 /// Inbound: sk_lookup hands the SYN to our listener unchanged, so the connection's own local
 /// address is where the client was going.
 pub fn local_addr_resolver() -> Resolver {
-    Arc::new(TcpStream::local_addr)
+    Arc::new(|stream: &TcpStream| stream.local_addr().map(crate::net::with_link_scope))
 }
 
 /// Destination lookups for both directions.

@@ -45,9 +45,10 @@ impl Source {
             (Source::Passthrough, SocketAddr::V4(_)) => {
                 Some(SocketAddr::new(INBOUND_PASSTHROUGH_V4.into(), 0))
             }
-            (Source::Passthrough, SocketAddr::V6(v6)) => {
-                Some(SocketAddr::new((*v6.ip()).into(), 0))
-            }
+            // The scope too: a link-local destination is only bindable with its interface.
+            (Source::Passthrough, SocketAddr::V6(v6)) => Some(SocketAddr::V6(
+                std::net::SocketAddrV6::new(*v6.ip(), 0, 0, v6.scope_id()),
+            )),
         }
     }
 }
@@ -204,6 +205,20 @@ impl Drop for StashGuard {
     }
 }
 
+/// An IP literal with its port; an IPv6 link-local one may carry its zone (`fe80::1%2`, the
+/// interface index, as `getsockname()` gives it for an inbound connection).
+fn ip_literal(literal: &str, port: u16) -> Option<SocketAddr> {
+    if let Ok(ip) = literal.parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, port));
+    }
+    let (ip, zone) = literal.split_once('%')?;
+    let ip: std::net::Ipv6Addr = ip.parse().ok()?;
+    let zone: u32 = zone.trim_start_matches("25").parse().ok()?;
+    Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+        ip, port, 0, zone,
+    )))
+}
+
 /// How the pool opens connections: the connection parked during detection first, else a dial
 /// (resolving names only in `--target` mode; interception mode always has an IP literal).
 pub(crate) struct Connector {
@@ -223,8 +238,7 @@ impl Connector {
             Source::Passthrough => self.policies.load().defaults().connect_timeout,
         };
         let literal = host.trim_start_matches('[').trim_end_matches(']');
-        if let Ok(ip) = literal.parse::<IpAddr>() {
-            let addr = SocketAddr::new(ip, port);
+        if let Some(addr) = ip_literal(literal, port) {
             if let Some(predial) = self.stash.take(addr) {
                 if let Some(stream) = predial.into_stream(false).await? {
                     return Ok(stream);
@@ -324,5 +338,24 @@ mod tests {
             matches!(err, ConnectError::Refused(a) if a == dst),
             "{err:?}"
         );
+    }
+}
+#[cfg(test)]
+mod zone_tests {
+    /// An inbound link-local destination keeps its zone through the pool's authority.
+    #[test]
+    fn link_local_literals_keep_their_zone() {
+        let a = http::uri::Authority::from_static("[fe80::1%2]:8080");
+        let lit = a.host().trim_start_matches('[').trim_end_matches(']');
+        assert_eq!(
+            super::ip_literal(lit, 8080),
+            Some("[fe80::1%2]:8080".parse().unwrap())
+        );
+        assert_eq!(
+            super::ip_literal("10.0.0.1", 80),
+            Some("10.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(super::ip_literal("fe80::1%eth0", 80), None);
+        assert_eq!(super::ip_literal("svc.local", 80), None);
     }
 }

@@ -460,6 +460,7 @@ impl Settings {
                     max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
                     inbound_max_connections: usize::try_from(inbound_max_connections)
                         .unwrap_or(usize::MAX),
+                    refuse_if_captured: true,
                 },
                 workers,
                 drain_timeout,

@@ -122,7 +122,7 @@ pub(super) fn start_admin(
                 continue;
             }
             Err(e) => {
-                error!(addr = %l.addr, error = %e, "cannot listen on the admin address (--admin)");
+                error!(addr = %l.addr, error = %e, hint = %crate::net::bind_hint(&e), "cannot listen on the admin address (--admin)");
                 return Err(());
             }
         };
