@@ -489,3 +489,27 @@ impl Drop for ParentCgroup {
         let _ = env::remove_cgroup_tree(&self.path, Duration::from_secs(10));
     }
 }
+
+/// A pod that names another pod's id (`SIDECAR_POD_ID` is in the pod's own manifest) cannot
+/// replace, nor remove, that pod's interception.
+#[test]
+fn init_never_touches_another_pods_pins() {
+    let mut victim = Pod::new();
+    let mut other = Pod::new();
+    let id = format!("victim-{}", std::process::id());
+    victim.init(&["--pod-id", &id]);
+    let out = other.try_init(&["--pod-id", &id]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another cgroup"), "{stderr}");
+    let out = other.remove_with(&["--pod-id", &id]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert_eq!(
+        sidecar_tests::bpf::cgroup_programs(victim.cgroup()).len(),
+        10,
+        "the victim's programs are all still attached"
+    );
+    // The victim goes first, so that the other pod's clean-up finds nothing under that id.
+    drop(victim);
+    drop(other);
+}

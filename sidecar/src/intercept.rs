@@ -83,7 +83,9 @@ pub fn install(args: &InitArgs) -> Result<String, InitError> {
         return Err(InitError::NoObject);
     }
     let collected = collect_garbage(&args.pin_root);
-    let final_dir = pin_dir(&args.pin_root, args.pod_id.as_deref(), cgroup.id);
+    let pod_id = host::pod_id_for(&cgroup, args.pod_id.as_deref())?;
+    let final_dir = pin_dir(&args.pin_root, pod_id.as_deref(), cgroup.id);
+    host::check_pins_are_ours(&final_dir, &cgroup)?;
     let pod_name = final_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -194,8 +196,15 @@ fn create_dir_all_racy(dir: &Path) -> io::Result<()> {
 pub fn remove(args: &InitArgs) -> Result<String, InitError> {
     check_privileges()?;
     let dir = match &args.pod_id {
-        // With an explicit pod id the cgroup may already be gone (garbage collection).
-        Some(id) => pin_dir(&args.pin_root, Some(id), 0),
+        // With an explicit pod id the cgroup may already be gone (garbage collection); when it
+        // is there, the pins must be its own (never another pod's, named by a wrong id).
+        Some(id) => {
+            let dir = pin_dir(&args.pin_root, Some(id), 0);
+            if let Ok(cgroup) = resolve_cgroup(&args.cgroup).and_then(|c| pod_cgroup(&c)) {
+                host::check_pins_are_ours(&dir, &cgroup)?;
+            }
+            dir
+        }
         None => pin_dir(
             &args.pin_root,
             None,

@@ -362,6 +362,75 @@ pub fn check_one_pod(cgroup: &PodCgroup, netns: Option<&PodNetns>) -> Result<(),
     Ok(())
 }
 
+/// The Kubernetes pod UID in a pod cgroup's path: `pod<uid>` (cgroupfs driver) or
+/// `kubepods-<qos>-pod<uid with '_'>.slice` (systemd driver). `None` elsewhere.
+pub fn pod_uid_of(cgroup: &Path) -> Option<String> {
+    cgroup.components().rev().find_map(|c| {
+        let name = c.as_os_str().to_str()?;
+        let name = name.strip_suffix(".slice").unwrap_or(name);
+        let uid = name.rsplit_once("pod").map(|(_, uid)| uid)?;
+        let uid = uid.replace('_', "-");
+        let is_uuid = uid.len() == 36
+            && uid.char_indices().all(|(i, ch)| {
+                if [8, 13, 18, 23].contains(&i) {
+                    ch == '-'
+                } else {
+                    ch.is_ascii_hexdigit()
+                }
+            });
+        is_uuid.then_some(uid)
+    })
+}
+
+/// The pod id (name of the pin directory) of `cgroup`: the pod UID in its path when there is one.
+/// A `--pod-id` / `SIDECAR_POD_ID` that names another pod is refused: a pod's manifest sets that
+/// variable, and with another pod's UID it would replace (detach) that pod's interception.
+pub fn pod_id_for(cgroup: &PodCgroup, given: Option<&str>) -> Result<Option<String>, InitError> {
+    match (given, pod_uid_of(&cgroup.path)) {
+        (Some(given), Some(uid)) if given != uid => Err(InitError::Cgroup {
+            path: cgroup.path.clone(),
+            problem: format!(
+                "is the cgroup of pod {uid}, but --pod-id / SIDECAR_POD_ID says {given}"
+            ),
+            fix: "leave --pod-id unset (it is read from the cgroup), or set it to this pod's UID"
+                .into(),
+        }),
+        (_, Some(uid)) => Ok(Some(uid)),
+        (given, None) => Ok(given.map(str::to_owned)),
+    }
+}
+
+/// Refuses to replace a pin directory whose programs are attached to another cgroup: it is
+/// another pod's interception.
+pub fn check_pins_are_ours(dir: &Path, cgroup: &PodCgroup) -> Result<(), InitError> {
+    for prog in [
+        sidecar_common::progs::CONNECT4,
+        sidecar_common::progs::SOCKOPS,
+    ] {
+        let Ok(fd) = crate::bpf::obj_get(&crate::pins::link(dir, prog)) else {
+            continue;
+        };
+        let Ok(info) = crate::bpf::link_info(std::os::fd::AsFd::as_fd(&fd)) else {
+            continue;
+        };
+        if let crate::bpf::LinkTarget::Cgroup { cgroup_id } = info.target {
+            // 0: the cgroup is gone; its pins are stale, not anybody's.
+            if cgroup_id != 0 && cgroup_id != cgroup.id {
+                return Err(InitError::Cgroup {
+                    path: cgroup.path.clone(),
+                    problem: format!(
+                        "pin directory {} holds the interception of another cgroup (id {cgroup_id}); refusing to replace it",
+                        dir.display()
+                    ),
+                    fix: "--pod-id must name this pod (leave it unset: it comes from the cgroup)"
+                        .into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,6 +453,29 @@ mod tests {
                 (PathBuf::from("/sys/fs/cgroup/unified"), "/".to_string()),
                 (PathBuf::from("/mnt/with space"), "/".to_string())
             ]
+        );
+    }
+
+    #[test]
+    fn pod_uids_come_from_the_cgroup_path() {
+        let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        assert_eq!(
+            pod_uid_of(Path::new(&format!(
+                "/sys/fs/cgroup/kubepods/burstable/pod{uid}"
+            ))),
+            Some(uid.to_owned())
+        );
+        assert_eq!(
+            pod_uid_of(Path::new(&format!(
+                "/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+                uid.replace('-', "_")
+            ))),
+            Some(uid.to_owned())
+        );
+        assert_eq!(pod_uid_of(Path::new("/sys/fs/cgroup/kubepods.slice")), None);
+        assert_eq!(
+            pod_uid_of(Path::new("/sys/fs/cgroup/sidecar-test-1-0")),
+            None
         );
     }
 }
