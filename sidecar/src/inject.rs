@@ -162,6 +162,11 @@ fn process(
         out.notes.push(format!("{label}: skipped: {reason}"));
         return;
     }
+    let clashes = pod::proxy_identity_clashes(spec);
+    if !clashes.is_empty() {
+        errors.extend(clashes.into_iter().map(|p| format!("{label}: {p}")));
+        return;
+    }
     let service = [
         &["metadata", "labels", "app.kubernetes.io/name"][..],
         &["metadata", "labels", "app"],

@@ -467,6 +467,42 @@ pub fn skip_reason(spec: &Node) -> Option<String> {
     None
 }
 
+/// App containers that would run as the proxy's uid or gid: the kernel hooks exempt both (as
+/// Istio's iptables rules exempt `--uid-owner 1337` and `--gid-owner 1337`), so such a
+/// container's traffic would silently never be captured. One problem per container.
+pub fn proxy_identity_clashes(spec: &Node) -> Vec<String> {
+    let id = |node: Option<&Node>, key: &str| {
+        node.and_then(|n| n.get("securityContext"))
+            .and_then(|c| c.get(key))
+            .and_then(Node::as_str)
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    };
+    let pod_uid = id(Some(spec), "runAsUser");
+    let pod_gid = id(Some(spec), "runAsGroup");
+    let mut problems = Vec::new();
+    let containers = ["initContainers", "containers"]
+        .iter()
+        .filter_map(|k| spec.get(k).and_then(Node::items))
+        .flatten()
+        .filter(|c| {
+            let name = c.get("name").and_then(Node::as_str);
+            name != Some(INIT_CONTAINER) && name != Some(PROXY_CONTAINER)
+        });
+    for c in containers {
+        let name = c.get("name").and_then(Node::as_str).unwrap_or("?");
+        let uid = id(Some(c), "runAsUser").or(pod_uid);
+        let gid = id(Some(c), "runAsGroup").or(pod_gid);
+        for (what, value, key) in [("uid", uid, "runAsUser"), ("gid", gid, "runAsGroup")] {
+            if value == Some(PROXY_UID) {
+                problems.push(format!(
+                    "container {name} runs as {what} {PROXY_UID}, the proxy's: its traffic would never be captured; give it another {key}"
+                ));
+            }
+        }
+    }
+    problems
+}
+
 fn env_value(name: &str, value: &str) -> Node {
     Node::map([("name", Node::str(name)), ("value", Node::str(value))])
 }

@@ -110,3 +110,44 @@ fn a_config_map_is_mounted_as_a_directory() {
         "{bad:?}"
     );
 }
+
+/// An app container running as the proxy's uid or gid (its own setting or the pod's) is refused.
+#[test]
+fn app_containers_may_not_run_as_the_proxy() {
+    let pod = |security: &str, container: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n{security}  containers:\n  - name: app\n    image: app:1\n{container}"
+        )
+    };
+    let refused = crate::inject::inject(
+        &pod("  securityContext:\n    runAsGroup: 1337\n", ""),
+        "sidecar:test",
+    )
+    .unwrap_err();
+    assert!(
+        refused
+            .iter()
+            .any(|e| e.contains("container app runs as gid 1337")),
+        "{refused:?}"
+    );
+    let refused = crate::inject::inject(
+        &pod("", "    securityContext:\n      runAsUser: 1337\n"),
+        "sidecar:test",
+    )
+    .unwrap_err();
+    assert!(
+        refused
+            .iter()
+            .any(|e| e.contains("uid 1337") && e.contains("runAsUser")),
+        "{refused:?}"
+    );
+    // The container's own setting wins over the pod's.
+    assert!(crate::inject::inject(
+        &pod(
+            "  securityContext:\n    runAsUser: 1337\n",
+            "    securityContext:\n      runAsUser: 1000\n"
+        ),
+        "sidecar:test"
+    )
+    .is_ok());
+}
