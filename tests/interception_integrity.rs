@@ -513,3 +513,53 @@ fn init_never_touches_another_pods_pins() {
     drop(victim);
     drop(other);
 }
+
+/// `/ready` checks that the kernel has the proxy's inbound listeners registered: after a fresh
+/// set of maps (init --remove, then init) nothing steers inbound to the proxy until it restarts,
+/// and `/ready` says so instead of staying 200.
+#[test]
+fn ready_needs_the_inbound_listeners_registered() {
+    let mut pod = Pod::new();
+    pod.init_with_netns(&[]);
+    let pin_dir = sidecar_tests::bpf::default_pin_dir(pod.cgroup());
+    let pin_dir = pin_dir.to_string_lossy().into_owned();
+    let args = [
+        "--pin-dir",
+        pin_dir.as_str(),
+        "--app-probe-interval",
+        "50ms",
+    ];
+    pod.start_proxy_with_inbound(&args);
+    let ready = |pod: &Pod| {
+        let mut cmd = Command::new("curl");
+        cmd.env_clear()
+            .env("PATH", env::CHILD_PATH)
+            .args(["-s", "--max-time", "5", "-w", "\n%{http_code}"])
+            .arg("http://127.0.0.1:15090/ready");
+        pod.in_pod(&mut cmd, None);
+        let out = cmd.output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        eventually(IO, || ready(&pod).ends_with("\n200")),
+        "{}",
+        ready(&pod)
+    );
+
+    pod.remove();
+    pod.init_with_netns(&[]);
+    let unregistered = eventually(IO, || {
+        let answer = ready(&pod);
+        answer.ends_with("\n503")
+            && answer.contains("inbound capture: 0 of the proxy's 2 inbound listeners")
+    });
+    assert!(unregistered, "{}", ready(&pod));
+
+    pod.stop_proxy();
+    pod.start_proxy_with_inbound(&args);
+    assert!(
+        eventually(IO, || ready(&pod).ends_with("\n200")),
+        "{}",
+        ready(&pod)
+    );
+}

@@ -64,18 +64,22 @@ pub mod maps {
     /// The app's listening sockets ([`crate::ListenKey`] -> how many): inbound SYNs are steered
     /// to the proxy only for ports where the app listens, so a closed port refuses.
     pub const APP_LISTENERS: &str = "SC_APP_LISTEN";
+    /// The socket cookies of the proxy's listeners registered in [`INBOUND_LISTENERS`]: a
+    /// listener's close is counted (`inbound_listener_gone`) only if it was registered here.
+    pub const INBOUND_REGISTERED: &str = "SC_IN_REG";
     /// Maps whose state a re-run of `init` keeps (it reuses the pinned ones): the proxy's
     /// registered listeners, the app's listeners, the original destinations of connections in
     /// flight, and the counters.
-    pub const KEPT_ON_REINIT: [&str; 5] = [
+    pub const KEPT_ON_REINIT: [&str; 6] = [
         INBOUND_LISTENERS,
+        INBOUND_REGISTERED,
         APP_LISTENERS,
         ORIG_DST_BY_COOKIE,
         ORIG_DST_BY_TUPLE,
         STATS,
     ];
     /// All of our maps, for `status` and for removal checks.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         ORIG_DST_BY_COOKIE,
         ORIG_DST_BY_TUPLE,
         POD_IPS,
@@ -88,6 +92,7 @@ pub mod maps {
         INBOUND_EXCLUDE_PORTS,
         INBOUND_INCLUDE_PORTS,
         APP_LISTENERS,
+        INBOUND_REGISTERED,
     ];
     /// Slots of the inbound listener SOCKMAP.
     pub const INBOUND_SLOT_V4: u32 = 0;
@@ -192,8 +197,11 @@ pub mod stats {
     pub const SOCKNAME_REWRITTEN: u32 = 23;
     /// An app listening socket was registered (sockops LISTEN).
     pub const APP_LISTENER_SEEN: u32 = 24;
+    /// One of the proxy's registered inbound listeners closed: `inbound_listener_seen` minus
+    /// this is how many are registered now (what `/ready` checks).
+    pub const INBOUND_LISTENER_GONE: u32 = 25;
     /// Number of counters (size of the array).
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 26;
     /// Counter names, indexed like the constants above (stable: they are metric label values).
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
@@ -221,6 +229,7 @@ pub mod stats {
         "outbound_refused",
         "sockname_rewritten",
         "app_listener_seen",
+        "inbound_listener_gone",
     ];
 }
 

@@ -136,6 +136,10 @@ static INBOUND_INCLUDE_PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_W
 #[map(name = "SC_APP_LISTEN")]
 static APP_LISTENERS: HashMap<ListenKey, u32> = HashMap::with_max_entries(4096, 0);
 
+/// Cookies of the proxy's listeners registered in INBOUND_LISTENERS (see on_listen).
+#[map(name = "SC_IN_REG")]
+static INBOUND_REGISTERED: HashMap<u64, u8> = HashMap::with_max_entries(16, 0);
+
 #[map(name = "SC_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
 
@@ -393,7 +397,7 @@ pub fn sc_sockops(ctx: SockOpsContext) -> u32 {
             // closed, and an app listener once it stops listening.
             if ctx.arg(1) == TCP_CLOSE {
                 if ctx.arg(0) == TCP_LISTEN {
-                    app_listener_closed(&ctx);
+                    listener_closed(&ctx);
                 } else {
                     forget(&ctx);
                 }
@@ -484,6 +488,11 @@ fn on_listen(ctx: &SockOpsContext) {
         // SAFETY: ops is the sock_ops context of a listening TCP socket, as the helper requires.
         if unsafe { INBOUND_LISTENERS.update(slot, ops, 0) }.is_ok() {
             count(stats::INBOUND_LISTENER_SEEN);
+            // Its close is counted too: seen minus gone is how many are registered now.
+            // SAFETY: the helper only reads the socket behind the context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = INBOUND_REGISTERED.insert(&cookie, &1, 0);
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         } else {
             count(stats::MAP_ERROR);
         }
@@ -513,11 +522,22 @@ fn on_listen(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
+/// A listener closed: the proxy's inbound one (counted), or an app's (forgotten).
 #[inline(always)]
-fn app_listener_closed(ctx: &SockOpsContext) {
+fn listener_closed(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     let family = ctx_read!(ops, family);
     let port = ctx_read!(ops, local_port);
+    if port == cfg(&INBOUND_PORT) as u32 {
+        // Only one registered in these maps: a listener of a set since replaced by a fresh one
+        // (init --remove, then init) was never in this map.
+        // SAFETY: the helper only reads the socket behind the context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if INBOUND_REGISTERED.remove(&cookie).is_ok() {
+            count(stats::INBOUND_LISTENER_GONE);
+        }
+        return;
+    }
     let l4 = ctx_read!(ops, local_ip4);
     let l6 = [
         ctx_read!(ops, local_ip6[0]),

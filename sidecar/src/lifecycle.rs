@@ -323,8 +323,35 @@ pub(crate) fn parse_status(head: &[u8]) -> Option<u16> {
     parts.next()?.parse().ok()
 }
 
-/// `Ok` when the pod's interception is in place: the outbound link pins exist in `pin_dir`.
-pub fn check_interception(pin_dir: &Path) -> Result<(), String> {
+/// `Ok` when the pod's interception is in place: the outbound link pins exist in `pin_dir`, and
+/// (with `inbound_listeners` > 0) the kernel has that many of the proxy's inbound listeners
+/// registered: its counters say how many it registered and how many of those closed. A re-run
+/// of `init` that could not keep the listener map, for one, leaves none registered.
+pub fn check_interception(pin_dir: &Path, inbound_listeners: usize) -> Result<(), String> {
+    check_links(pin_dir)?;
+    if inbound_listeners == 0 {
+        return Ok(());
+    }
+    // Unreadable counters (a kernel before 6.5): not known, so not held against readiness.
+    let Ok(totals) =
+        crate::metrics::ebpf::read_stats(&pins::map(pin_dir, sidecar_common::maps::STATS))
+    else {
+        return Ok(());
+    };
+    let seen = totals[sidecar_common::stats::INBOUND_LISTENER_SEEN as usize];
+    let gone = totals[sidecar_common::stats::INBOUND_LISTENER_GONE as usize];
+    let registered = seen.saturating_sub(gone);
+    if registered >= inbound_listeners as u64 {
+        Ok(())
+    } else {
+        Err(format!(
+            "inbound capture: {registered} of the proxy's {inbound_listeners} inbound listeners are registered with the kernel (was `sidecar init` re-run without keeping its maps? restart the proxy)"
+        ))
+    }
+}
+
+/// The outbound link pins exist in `pin_dir`.
+fn check_links(pin_dir: &Path) -> Result<(), String> {
     let mut missing = Vec::new();
     for prog in REQUIRED_LINKS {
         let pin = pins::link(pin_dir, prog);
@@ -362,6 +389,7 @@ pub fn check_interception(pin_dir: &Path) -> Result<(), String> {
 pub async fn keep_checking(
     readiness: &Readiness,
     pin_dir: Option<PathBuf>,
+    inbound_listeners: usize,
     probe: Option<AppProbe>,
     interval: Duration,
     load: impl Fn() -> Result<(), String>,
@@ -375,7 +403,7 @@ pub async fn keep_checking(
             return;
         }
         if let Some(dir) = &pin_dir {
-            readiness.set_interception(check_interception(dir));
+            readiness.set_interception(check_interception(dir, inbound_listeners));
         }
         if let Some(probe) = &probe {
             readiness.set_app(probe.probe().await);

@@ -56,6 +56,7 @@ fn layout(name: &str, cfg: &InitConfig) -> Option<(u32, u32, u32)> {
     let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     Some(match name {
         maps::INBOUND_LISTENERS => (4, 4, 2),
+        maps::INBOUND_REGISTERED => (8, 1, 16),
         maps::APP_LISTENERS => (size(size_of::<ListenKey>()), 4, 4096),
         maps::ORIG_DST_BY_COOKIE => (8, size(size_of::<OrigDst>()), cfg.max_connections),
         maps::ORIG_DST_BY_TUPLE => (

@@ -86,13 +86,13 @@ fn interception_pins() {
     let dir = std::env::temp_dir().join(format!("sidecar-lifecycle-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    assert!(check_interception(&dir)
+    assert!(check_interception(&dir, 0)
         .unwrap_err()
         .contains("nothing attached"));
     for prog in &REQUIRED_LINKS[..2] {
         std::fs::write(pins::link(&dir, prog), b"").unwrap();
     }
-    let err = check_interception(&dir).unwrap_err();
+    let err = check_interception(&dir, 0).unwrap_err();
     assert!(
         err.contains("incomplete") && err.contains("sc_sockops"),
         "{err}"
@@ -100,7 +100,7 @@ fn interception_pins() {
     for prog in &REQUIRED_LINKS[2..] {
         std::fs::write(pins::link(&dir, prog), b"").unwrap();
     }
-    assert_eq!(check_interception(&dir), Ok(()));
+    assert_eq!(check_interception(&dir, 0), Ok(()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

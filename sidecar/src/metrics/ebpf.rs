@@ -17,8 +17,9 @@ use sidecar_common::{maps, stats};
 pub struct EbpfCollector {
     path: PathBuf,
     counters: IntCounterVec,
-    /// The kernel's totals at the last scrape: a re-run of `sidecar init` pins a fresh map whose
-    /// counts start again at zero, and a Prometheus counter must not go down.
+    /// The kernel's totals at the last scrape: a re-run of `sidecar init` that cannot keep the
+    /// map (a new layout) pins a fresh one whose counts start again at zero, and a Prometheus
+    /// counter must not go down.
     last: Mutex<[u64; stats::COUNT as usize]>,
     warned: AtomicBool,
 }
@@ -43,34 +44,37 @@ impl EbpfCollector {
 
     /// The kernel's current totals, summed over CPUs.
     pub fn read(&self) -> Result<[u64; stats::COUNT as usize], String> {
-        let fd = crate::bpf::obj_get_rdonly(&self.path).map_err(|e| {
-            let hint = match e.raw_os_error() {
-                Some(libc::EACCES) => {
-                    " (the proxy may read it if the pin is world-readable: chmod 0444)"
-                }
-                Some(libc::EPERM) => {
-                    " (this kernel needs CAP_BPF to open pinned maps; 6.5+ does not)"
-                }
-                Some(libc::ENOENT) => " (has `sidecar init` run for this pod?)",
-                _ => "",
-            };
-            format!("cannot open {}: {e}{hint}", self.path.display())
-        })?;
-        let map = MapData::from_fd(fd)
-            .and_then(Map::from_map_data)
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
-        let array: PerCpuArray<MapData, u64> = map
-            .try_into()
-            .map_err(|e| format!("{}: not the stats map: {e}", self.path.display()))?;
-        let mut totals = [0u64; stats::COUNT as usize];
-        for (i, total) in totals.iter_mut().enumerate() {
-            *total = array
-                .get(&(i as u32), 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .map_err(|e| format!("read {}: {e}", self.path.display()))?;
-        }
-        Ok(totals)
+        read_stats(&self.path)
     }
+}
+
+/// The pinned stats map at `path`: the kernel's totals, summed over CPUs.
+pub fn read_stats(path: &Path) -> Result<[u64; stats::COUNT as usize], String> {
+    let fd = crate::bpf::obj_get_rdonly(path).map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::EACCES) => {
+                " (the proxy may read it if the pin is world-readable: chmod 0444)"
+            }
+            Some(libc::EPERM) => " (this kernel needs CAP_BPF to open pinned maps; 6.5+ does not)",
+            Some(libc::ENOENT) => " (has `sidecar init` run for this pod?)",
+            _ => "",
+        };
+        format!("cannot open {}: {e}{hint}", path.display())
+    })?;
+    let map = MapData::from_fd(fd)
+        .and_then(Map::from_map_data)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let array: PerCpuArray<MapData, u64> = map
+        .try_into()
+        .map_err(|e| format!("{}: not the stats map: {e}", path.display()))?;
+    let mut totals = [0u64; stats::COUNT as usize];
+    for (i, total) in totals.iter_mut().enumerate() {
+        *total = array
+            .get(&(i as u32), 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .map_err(|e| format!("read {}: {e}", path.display()))?;
+    }
+    Ok(totals)
 }
 
 impl Collector for EbpfCollector {

@@ -147,6 +147,7 @@ pub(super) fn keep_checking(
     stop: &CancellationToken,
 ) {
     let load = proxy.inbound_load();
+    let inbound_listeners = proxy.inbound_addrs().len();
     let readiness = Arc::clone(readiness);
     let (pin_dir, probe, interval) = (
         life.pin_dir.clone(),
@@ -157,7 +158,7 @@ pub(super) fn keep_checking(
     tokio::spawn(async move {
         tokio::select! {
             _ = stop.cancelled() => {}
-            _ = lifecycle::keep_checking(&readiness, pin_dir, probe, interval, load) => {}
+            _ = lifecycle::keep_checking(&readiness, pin_dir, inbound_listeners, probe, interval, load) => {}
         }
     });
 }
