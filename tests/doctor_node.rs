@@ -219,3 +219,36 @@ fn doctor_does_not_count_our_programs_as_conflicts() {
     assert_eq!(others["status"], "pass", "{others:#}");
     assert!(out.status.success(), "  {}", failures(&report).join("\n  "));
 }
+
+/// A process of the pod (not the proxy) running as the proxy's uid is named: its connections are
+/// never captured.
+#[test]
+fn doctor_names_a_pod_process_running_as_the_proxy_uid() {
+    let mut pod = Pod::new();
+    pod.init(&[]);
+    let cgroup = pod.cgroup().to_string_lossy().into_owned();
+    let report = json(&doctor(&["--cgroup", &cgroup, "--json"]));
+    assert_eq!(check(&report, "proxy identity")["status"], "pass");
+
+    let mut cmd = Command::new("/bin/sleep");
+    cmd.arg("60");
+    pod.in_pod(
+        &mut cmd,
+        Some((sidecar_tests::PROXY_UID, sidecar_tests::PROXY_GID)),
+    );
+    let mut app = cmd.spawn().expect("spawn sleep in the pod");
+    let out = doctor(&["--cgroup", &cgroup, "--json"]);
+    let _ = app.kill();
+    let _ = app.wait();
+    let report = json(&out);
+    let identity = check(&report, "proxy identity");
+    assert_eq!(identity["status"], "fail", "{identity:#}");
+    assert!(
+        identity["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("sleep (pid {})", app.id())),
+        "{identity:#}"
+    );
+    assert!(!out.status.success());
+}

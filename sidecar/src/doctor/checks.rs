@@ -31,7 +31,73 @@ pub fn all(args: &DoctorArgs) -> Vec<Check> {
     checks.push(capabilities());
     checks.push(jit());
     checks.push(conflicts(root_dir.as_deref(), args.cgroup.as_deref()));
+    if let Some(pod) = &args.cgroup {
+        checks.push(proxy_identity(pod));
+    }
     checks
+}
+
+/// The uid and gid the kernel hooks exempt (`sidecar init --proxy-uid`'s default).
+const PROXY_ID: u32 = 1337;
+
+/// Processes of the pod that run as the proxy's uid or gid but are not the proxy: their
+/// connections are exempt from capture, like the proxy's own.
+fn proxy_identity(pod: &Path) -> Check {
+    let name = "proxy identity";
+    let mut others = Vec::new();
+    let mut dirs = vec![pod.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for pid in fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let ids = |field: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(field))
+                    .map(|v| {
+                        v.split_whitespace()
+                            .filter_map(|n| n.parse::<u32>().ok())
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
+            };
+            let comm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Name:"))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_owned();
+            let proxy_like = ids("Uid:").contains(&PROXY_ID) || ids("Gid:").contains(&PROXY_ID);
+            if proxy_like && comm != "sidecar" {
+                others.push(format!("{comm} (pid {pid})"));
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    if others.is_empty() {
+        Check::pass(
+            name,
+            format!("no process of the pod but the proxy runs as uid or gid {PROXY_ID}"),
+        )
+    } else {
+        Check::fail(
+            name,
+            format!(
+                "{} run as uid or gid {PROXY_ID}, the proxy's: their connections are never captured",
+                others.join(", ")
+            ),
+            "run the app's containers as another runAsUser and runAsGroup (sidecar inject refuses 1337)",
+        )
+    }
 }
 
 fn kernel() -> Check {
