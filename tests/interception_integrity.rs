@@ -563,3 +563,20 @@ fn ready_needs_the_inbound_listeners_registered() {
         ready(&pod)
     );
 }
+
+/// A connect to 0.0.0.0 reaches this host, as loopback does: left alone, not sent to the proxy
+/// (which would dial 0.0.0.0 from elsewhere).
+#[test]
+fn connects_to_the_unspecified_address_are_left_alone() {
+    let mut pod = Pod::new();
+    pod.init(&[]);
+    let _app = PodServer::start(&pod, "0.0.0.0:8082");
+    pod.start_proxy(&[]);
+    let before = pod.counters();
+    let reply = pod.app_http("0.0.0.0:8082");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.body.starts_with("127.0.0.1:"), "direct: {reply:?}");
+    let after = pod.counters();
+    assert_eq!(after.get("redirected"), before.get("redirected"));
+    assert!(after.get("skip_loopback") > before.get("skip_loopback"));
+}
