@@ -743,8 +743,10 @@ impl Pod {
 
     /// An HTTP server of the app, in the pod's network namespace (see `Upstream::http`; it
     /// answers `hello from <name>` and records each request's headers and peer address). It runs
-    /// in the test process, outside the pod cgroup, which does not matter for inbound capture:
-    /// sk_lookup works per network namespace.
+    /// in the test process, outside the pod cgroup: start it **before** `init`, which reads the
+    /// listeners already in the namespace. The kernel learns of later listeners only from
+    /// processes in the pod cgroup (as a pod's app is): for one started after `init`, run
+    /// `sidecar-probe serve` in the pod (`tests/interception_integrity.rs`, `PodServer`).
     pub fn app_http_server(&self, addr: &str, name: &str) -> Upstream {
         Upstream::http(&self.pod_ns, addr, name)
     }
