@@ -186,8 +186,18 @@ pub struct PodProcess {
 }
 
 impl PodProcess {
-    /// Runs `program args` in the pod, stdout and stderr piped.
+    /// Runs `program args` in the pod as root, stdout and stderr piped.
     pub fn spawn(pod: &Pod, program: &std::path::Path, args: &[&str]) -> PodProcess {
+        PodProcess::spawn_as(pod, None, program, args)
+    }
+
+    /// Runs `program args` in the pod as `user` (root: `None`), stdout and stderr piped.
+    pub fn spawn_as(
+        pod: &Pod,
+        user: Option<(u32, u32)>,
+        program: &std::path::Path,
+        args: &[&str],
+    ) -> PodProcess {
         let mut cmd = Command::new(program);
         cmd.env_clear()
             .env("PATH", env::CHILD_PATH)
@@ -196,7 +206,7 @@ impl PodProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .args(args);
-        pod.in_pod(&mut cmd, None);
+        pod.in_pod(&mut cmd, user);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {} in pod: {e}", program.display()));
@@ -210,19 +220,7 @@ impl PodProcess {
 
     /// `sidecar <args>` in the pod as the proxy's uid (as a preStop hook in its container runs).
     pub fn sidecar_as_proxy(pod: &Pod, args: &[&str]) -> PodProcess {
-        let mut cmd = Command::new(sidecar_exec(pod));
-        cmd.env_clear()
-            .env("PATH", env::CHILD_PATH)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .args(args);
-        pod.in_pod(&mut cmd, Some((PROXY_UID, PROXY_GID)));
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn sidecar {args:?} in pod: {e}"));
-        PodProcess { child }
+        PodProcess::spawn_as(pod, Some((PROXY_UID, PROXY_GID)), &sidecar_exec(pod), args)
     }
 
     pub fn pid(&self) -> u32 {

@@ -464,12 +464,11 @@ fn on_active_established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
-/// A listening socket: the proxy's inbound listener goes into the SOCKMAP the sk_lookup program
-/// reads (only the proxy's uid or gid can bind that port: see `sc_post_bind4`); any other is an
-/// app listener, counted in APP_LISTENERS (and watched, so that its close is seen too).
+/// A listening socket's bound address and port (the app-listener map's key), and its family.
 #[inline(always)]
-fn on_listen(ctx: &SockOpsContext) {
+fn listen_key(ctx: &SockOpsContext) -> (ListenKey, u32) {
     let ops = ctx.ops;
+    // All loads first, unconditionally (see ctx_read!).
     let family = ctx_read!(ops, family);
     let port = ctx_read!(ops, local_port);
     let l4 = ctx_read!(ops, local_ip4);
@@ -479,14 +478,33 @@ fn on_listen(ctx: &SockOpsContext) {
         ctx_read!(ops, local_ip6[2]),
         ctx_read!(ops, local_ip6[3]),
     ];
-    if port == cfg(&INBOUND_PORT) as u32 {
+    let ip = if family == AF_INET6 {
+        l6
+    } else {
+        v4_mapped(l4)
+    };
+    let key = ListenKey {
+        ip,
+        port: port as u16,
+        _pad: 0,
+    };
+    (key, family)
+}
+
+/// A listening socket: the proxy's inbound listener goes into the SOCKMAP the sk_lookup program
+/// reads (only the proxy's uid or gid can bind that port: see `sc_post_bind4`); any other is an
+/// app listener, counted in APP_LISTENERS (and watched, so that its close is seen too).
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let (key, family) = listen_key(ctx);
+    if key.port == cfg(&INBOUND_PORT) {
         let slot = if family == AF_INET6 {
             INBOUND_SLOT_V6
         } else {
             INBOUND_SLOT_V4
         };
         // SAFETY: ops is the sock_ops context of a listening TCP socket, as the helper requires.
-        if unsafe { INBOUND_LISTENERS.update(slot, ops, 0) }.is_ok() {
+        if unsafe { INBOUND_LISTENERS.update(slot, ctx.ops, 0) }.is_ok() {
             count(stats::INBOUND_LISTENER_SEEN);
             // Its close is counted too: seen minus gone is how many are registered now.
             // SAFETY: the helper only reads the socket behind the context.
@@ -498,15 +516,6 @@ fn on_listen(ctx: &SockOpsContext) {
         }
         return;
     }
-    let key = ListenKey {
-        ip: if family == AF_INET6 {
-            l6
-        } else {
-            v4_mapped(l4)
-        },
-        port: port as u16,
-        _pad: 0,
-    };
     match APP_LISTENERS.get_ptr_mut(&key) {
         // SAFETY: a pointer to a map value, used at once. listen() and close() of one port are
         // rare; a lost race only miscounts sockets sharing a port (SO_REUSEPORT).
@@ -525,10 +534,8 @@ fn on_listen(ctx: &SockOpsContext) {
 /// A listener closed: the proxy's inbound one (counted), or an app's (forgotten).
 #[inline(always)]
 fn listener_closed(ctx: &SockOpsContext) {
-    let ops = ctx.ops;
-    let family = ctx_read!(ops, family);
-    let port = ctx_read!(ops, local_port);
-    if port == cfg(&INBOUND_PORT) as u32 {
+    let (key, _) = listen_key(ctx);
+    if key.port == cfg(&INBOUND_PORT) {
         // Only one registered in these maps: a listener of a set since replaced by a fresh one
         // (init --remove, then init) was never in this map.
         // SAFETY: the helper only reads the socket behind the context.
@@ -538,22 +545,6 @@ fn listener_closed(ctx: &SockOpsContext) {
         }
         return;
     }
-    let l4 = ctx_read!(ops, local_ip4);
-    let l6 = [
-        ctx_read!(ops, local_ip6[0]),
-        ctx_read!(ops, local_ip6[1]),
-        ctx_read!(ops, local_ip6[2]),
-        ctx_read!(ops, local_ip6[3]),
-    ];
-    let key = ListenKey {
-        ip: if family == AF_INET6 {
-            l6
-        } else {
-            v4_mapped(l4)
-        },
-        port: port as u16,
-        _pad: 0,
-    };
     if let Some(n) = APP_LISTENERS.get_ptr_mut(&key) {
         // SAFETY: the pointer is to a map value, used at once.
         unsafe {

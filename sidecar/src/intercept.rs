@@ -31,7 +31,7 @@ pub use error::InitError;
 use gc::remove_pins;
 pub use gc::{cleanup_main, collect_garbage, CleanupArgs};
 use host::check_privileges;
-pub use host::{cgroup2_mounts, pod_cgroup, resolve_cgroup, PodCgroup};
+pub use host::{cgroup2_mounts, pids_below, pod_cgroup, resolve_cgroup, PodCgroup};
 pub use load::PROGRAMS;
 use load::{load_attach_pin, OBJECT};
 pub use status::{Status, StatusArgs};

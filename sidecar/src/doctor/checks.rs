@@ -45,42 +45,28 @@ const PROXY_ID: u32 = 1337;
 fn proxy_identity(pod: &Path) -> Check {
     let name = "proxy identity";
     let mut others = Vec::new();
-    let mut dirs = vec![pod.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for pid in fs::read_to_string(dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-        {
-            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let ids = |field: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(field))
-                    .map(|v| {
-                        v.split_whitespace()
-                            .filter_map(|n| n.parse::<u32>().ok())
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default()
-            };
-            let comm = status
+    for pid in crate::intercept::pids_below(pod, 4096) {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let ids = |field: &str| {
+            status
                 .lines()
-                .find_map(|l| l.strip_prefix("Name:"))
-                .map(str::trim)
+                .find_map(|l| l.strip_prefix(field))
+                .map(|v| {
+                    v.split_whitespace()
+                        .filter_map(|n| n.parse::<u32>().ok())
+                        .collect::<Vec<_>>()
+                })
                 .unwrap_or_default()
-                .to_owned();
-            let proxy_like = ids("Uid:").contains(&PROXY_ID) || ids("Gid:").contains(&PROXY_ID);
-            if proxy_like && comm != "sidecar" {
-                others.push(format!("{comm} (pid {pid})"));
-            }
-        }
-        if let Ok(entries) = fs::read_dir(&dir) {
-            dirs.extend(
-                entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
+        };
+        let comm = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned();
+        let proxy_like = ids("Uid:").contains(&PROXY_ID) || ids("Gid:").contains(&PROXY_ID);
+        if proxy_like && comm != "sidecar" {
+            others.push(format!("{comm} (pid {pid})"));
         }
     }
     if others.is_empty() {

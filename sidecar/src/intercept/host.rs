@@ -298,12 +298,10 @@ pub fn listening_in(ns: &PodNetns) -> std::io::Result<Vec<std::net::SocketAddr>>
     })
 }
 
-/// The network namespaces (inodes) of the processes in `cgroup` and every cgroup below it, this
-/// process excepted (an init container runs inside the pod's cgroup). At most `limit` cgroups
-/// are read: a pod has a handful.
-pub fn netns_below(cgroup: &Path, limit: usize) -> std::collections::BTreeSet<u64> {
-    let own = std::process::id().to_string();
-    let mut found = std::collections::BTreeSet::new();
+/// The processes (pids) in `cgroup` and every cgroup below it; at most `limit` cgroups are read
+/// (a pod has a handful).
+pub fn pids_below(cgroup: &Path, limit: usize) -> Vec<String> {
+    let mut pids = Vec::new();
     let mut dirs = vec![cgroup.to_path_buf()];
     let mut seen = 0;
     while let Some(dir) = dirs.pop() {
@@ -312,12 +310,7 @@ pub fn netns_below(cgroup: &Path, limit: usize) -> std::collections::BTreeSet<u6
             break;
         }
         if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
-            for pid in procs.lines().filter(|p| *p != own) {
-                // A process may exit meanwhile: it has no namespace to count.
-                if let Ok(meta) = fs::metadata(format!("/proc/{pid}/ns/net")) {
-                    found.insert(meta.ino());
-                }
-            }
+            pids.extend(procs.lines().map(str::to_owned));
         }
         if let Ok(entries) = fs::read_dir(&dir) {
             dirs.extend(
@@ -328,7 +321,20 @@ pub fn netns_below(cgroup: &Path, limit: usize) -> std::collections::BTreeSet<u6
             );
         }
     }
-    found
+    pids
+}
+
+/// The network namespaces (inodes) of the processes in `cgroup` and below it, this process
+/// excepted (an init container runs inside the pod's cgroup).
+pub fn netns_below(cgroup: &Path, limit: usize) -> std::collections::BTreeSet<u64> {
+    let own = std::process::id().to_string();
+    pids_below(cgroup, limit)
+        .into_iter()
+        .filter(|pid| *pid != own)
+        // A process may exit meanwhile: it has no namespace to count.
+        .filter_map(|pid| fs::metadata(format!("/proc/{pid}/ns/net")).ok())
+        .map(|meta| meta.ino())
+        .collect()
 }
 
 /// Refuses a cgroup that is not one pod's: its processes are in several network namespaces (a

@@ -28,10 +28,21 @@ fn fixture(name: &str, text: &str, flags: Vec<OwnedFlag>) -> Fixture {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("policy.toml");
     write(&file, text);
-    let source = PolicySource {
+    let (reloader, store, registry) = reloader_for(PolicySource {
         file: Some(file.clone()),
         flags,
-    };
+    });
+    Fixture {
+        dir,
+        file,
+        reloader,
+        store,
+        registry,
+    }
+}
+
+/// A reloader of `source`, with the policies of its first reading in force.
+fn reloader_for(source: PolicySource) -> (Arc<Reloader>, Arc<PolicyStore>, Registry) {
     let loaded = source.load();
     let config: PolicyConfig = loaded.result.unwrap();
     let store = Arc::new(PolicyStore::new(&config));
@@ -43,13 +54,7 @@ fn fixture(name: &str, text: &str, flags: Vec<OwnedFlag>) -> Fixture {
         None,
         &registry,
     ));
-    Fixture {
-        dir,
-        file,
-        reloader,
-        store,
-        registry,
-    }
+    (reloader, store, registry)
 }
 
 impl Drop for Fixture {
@@ -221,20 +226,10 @@ async fn the_poller_sees_a_symlink_swap_and_settles_a_burst() {
     std::fs::write(dir.join("..v1/policy.toml"), RULE).unwrap();
     std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/policy.toml", dir.join("policy.toml")).unwrap();
-    let source = PolicySource {
+    let (reloader, store, registry) = reloader_for(PolicySource {
         file: Some(dir.join("policy.toml")),
         flags: Vec::new(),
-    };
-    let loaded = source.load();
-    let store = Arc::new(PolicyStore::new(&loaded.result.unwrap()));
-    let registry = Registry::new();
-    let reloader = Arc::new(Reloader::new(
-        source,
-        Arc::clone(&store),
-        loaded.text.and_then(Result::ok),
-        None,
-        &registry,
-    ));
+    });
     let stop = CancellationToken::new();
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
     start(&reloader, hangups, &stop);
