@@ -38,6 +38,7 @@
 //!   `terminationGracePeriodSeconds`. Classic sidecars, whose app gets SIGTERM at the same moment,
 //!   should set `--drain-min` (a few seconds) so that the app can still call out while it stops.
 pub mod client;
+pub mod gauges;
 mod watch;
 
 use std::fmt;
@@ -170,6 +171,23 @@ impl Readiness {
     /// True once the listeners are bound (what `/live` reports).
     pub fn is_listening(&self) -> bool {
         self.listeners.problem().is_none()
+    }
+
+    /// Every checked condition and whether it holds now (`draining` holds while not draining);
+    /// conditions that are not checked (no `--pin-dir`, no `--app-probe`) are left out.
+    pub fn conditions(&self) -> Vec<(&'static str, bool)> {
+        let mut all = vec![("draining", !self.is_draining())];
+        for (name, c) in [
+            ("listeners", &self.listeners),
+            ("interception", &self.interception),
+            ("app", &self.app),
+            ("load", &self.load),
+        ] {
+            if c.required {
+                all.push((name, c.problem().is_none()));
+            }
+        }
+        all
     }
 
     /// `Ok` when ready, else every unmet condition.

@@ -139,6 +139,13 @@ async fn run(settings: Settings, run_file: file_args::RunFile) -> ExitCode {
         life.pin_dir.is_some(),
         life.app_probe.is_some(),
     ));
+    crate::metrics::register(
+        &registry,
+        Box::new(lifecycle::gauges::ReadinessCollector::new(Arc::clone(
+            &readiness,
+        ))),
+        "readiness",
+    );
     // Beside the proxy until the drain is over, then it flushes what it has read.
     let logs = wiring::LogForwarder::start(settings.logs.clone());
 

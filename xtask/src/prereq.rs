@@ -73,6 +73,19 @@ fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<(
             name: "iproute2".into(),
             found: ctx.find_program("ip").map(|p| p.display().to_string()),
         },
+        // The tests' real clients and servers: curl as the app and the operator, Prometheus
+        // (and promtool) scraping a pod and checking the shipped rules.
+        DebPackage {
+            name: "curl".into(),
+            found: ctx.find_program("curl").map(|p| p.display().to_string()),
+        },
+        DebPackage {
+            name: "prometheus".into(),
+            found: ctx
+                .find_program("promtool")
+                .and(ctx.find_program("prometheus"))
+                .map(|p| p.display().to_string()),
+        },
     ];
     let mut to_install = Vec::new();
     for p in &packages {
@@ -118,7 +131,8 @@ fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<(
     cmd::run(
         ctx.cmd("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["-o", lock_wait, "install", "-y"])
+            // Without recommends: Prometheus would bring its node exporter, a daemon.
+            .args(["-o", lock_wait, "install", "-y", "--no-install-recommends"])
             .args(&to_install),
         &format!("apt-get install {list}"),
         Some(&hint),
@@ -128,6 +142,10 @@ fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<(
         let ok = match name.as_str() {
             "bpftool" => ctx.find_program("bpftool").is_some(),
             "iproute2" => ctx.find_program("ip").is_some(),
+            "curl" => ctx.find_program("curl").is_some(),
+            "prometheus" => {
+                ctx.find_program("promtool").is_some() && ctx.find_program("prometheus").is_some()
+            }
             llvm => llvm_dev_found(ctx, llvm).is_some(),
         };
         if !ok {

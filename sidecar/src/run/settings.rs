@@ -185,7 +185,13 @@ impl Settings {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigErrors> {
         let mut errors = Vec::new();
-        let logs = match args.logs.settings("logs-", env) {
+        // The forwarder names its service after the proxy's: `--service-name` counts as much
+        // as its variable.
+        let logs_env = |name: &str| match (name, &args.service_name) {
+            ("SIDECAR_SERVICE_NAME", Some(flag)) => Some(flag.clone()),
+            _ => env(name),
+        };
+        let logs = match args.logs.settings("logs-", &logs_env) {
             Ok(Some(logs)) => Some(logs),
             Ok(None) => None,
             Err(e) => {
