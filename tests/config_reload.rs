@@ -187,11 +187,11 @@ fn a_changed_file_is_applied_without_a_restart() {
     let pid = pod.start_proxy(&["--config", &cm.arg()]);
 
     // The kubelet's symlink swap.
-    cm.swap(&rule(slow, "request_timeout = \"1s\""));
+    cm.swap(&rule(slow, "request_timeout = \"2s\""));
     wait_reloads(&pod, "applied", 1.0, APPLIED_WITHIN);
     assert_504_at(
         &app_get(&pod, slow),
-        Duration::from_secs(1),
+        Duration::from_secs(2),
         Duration::from_secs(8),
     );
 
@@ -201,7 +201,7 @@ fn a_changed_file_is_applied_without_a_restart() {
     assert_504_at(
         &app_get(&pod, slow),
         Duration::from_millis(300),
-        Duration::from_secs(1),
+        Duration::from_secs(2),
     );
 
     // The same process all along, and /config says what is in force and from where.
@@ -246,7 +246,7 @@ fn an_invalid_file_keeps_the_policy_in_force_and_lists_every_bad_key() {
     let mut pod = Pod::new();
     let _hanging = pod.hanging_upstream("10.200.0.1:8080", "hanging");
     let slow = "10.200.0.1:8080";
-    let cm = ConfigMap::new(&pod, &rule(slow, "request_timeout = \"1s\""));
+    let cm = ConfigMap::new(&pod, &rule(slow, "request_timeout = \"2s\""));
     pod.init(&[]);
     pod.start_proxy(&["--config", &cm.arg()]);
 
@@ -258,7 +258,7 @@ fn an_invalid_file_keeps_the_policy_in_force_and_lists_every_bad_key() {
     // The old policy still answers.
     assert_504_at(
         &app_get(&pod, slow),
-        Duration::from_secs(1),
+        Duration::from_secs(2),
         Duration::from_secs(8),
     );
     let c = config(&pod);
@@ -286,7 +286,7 @@ fn an_invalid_file_keeps_the_policy_in_force_and_lists_every_bad_key() {
     assert_504_at(
         &app_get(&pod, slow),
         Duration::from_millis(400),
-        Duration::from_secs(1),
+        Duration::from_secs(2),
     );
 }
 
@@ -484,7 +484,7 @@ fn run_keys_in_the_file_need_a_restart_to_change() {
             rule(slow, &format!("request_timeout = \"{request_timeout}\""))
         )
     };
-    let cm = ConfigMap::new(&pod, &file("12s", "1s"));
+    let cm = ConfigMap::new(&pod, &file("12s", "2s"));
     pod.init(&[]);
     pod.start_proxy(&["--config", &cm.arg()]);
     let c = config(&pod);
@@ -504,7 +504,7 @@ fn run_keys_in_the_file_need_a_restart_to_change() {
     );
     assert_eq!(c["header_timeout"], "12s");
     assert_eq!(
-        c["policy"]["destinations"][0]["request_timeout"], "1s",
+        c["policy"]["destinations"][0]["request_timeout"], "2s",
         "nothing applied"
     );
 
@@ -514,6 +514,6 @@ fn run_keys_in_the_file_need_a_restart_to_change() {
     assert_504_at(
         &app_get(&pod, slow),
         Duration::from_millis(300),
-        Duration::from_secs(1),
+        Duration::from_secs(2),
     );
 }
