@@ -388,38 +388,11 @@ impl Watch {
     }
 }
 
-/// True if `path` is the mount point of a mount in `mountinfo` (`/proc/self/mountinfo`'s format:
-/// the fifth field, with spaces and the like octal-escaped).
+/// True if `path` is the mount point of a mount in `mountinfo` (`/proc/self/mountinfo`'s text).
 fn is_mount_point(mountinfo: &str, path: &Path) -> bool {
-    let path = path.to_string_lossy();
-    mountinfo.lines().any(|line| {
-        line.split(' ')
-            .nth(4)
-            .is_some_and(|field| unescape_mount_field(field) == path)
-    })
-}
-
-fn unescape_mount_field(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let code =
-                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
-            out.push(code);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    sidecar_common::mountinfo::parse(mountinfo)
+        .iter()
+        .any(|m| m.mount_point == path)
 }
 
 fn sha256_hex(text: &str) -> String {
