@@ -47,6 +47,11 @@ pub fn parse_line(line: &str) -> Option<Mount> {
     let root = fields.nth(3)?;
     let mount_point = fields.next()?;
     let fs_type = right.split(' ').next()?;
+    // The kernel always writes an absolute mount point and a type; anything else is not a
+    // mountinfo line (found by fuzzing: a garbled line gave an empty mount point).
+    if !mount_point.starts_with('/') || fs_type.is_empty() {
+        return None;
+    }
     Some(Mount {
         mount_point: PathBuf::from(unescape(mount_point)),
         root: unescape(root),
@@ -92,6 +97,9 @@ mod tests {
         let m = parse_line(r"28 1 0:26 / /mnt/with\040space rw - cgroup2 none rw").unwrap();
         assert_eq!(m.mount_point, PathBuf::from("/mnt/with space"));
         assert!(parse_line("garbage").is_none());
+        // Found by fuzzing: a garbled line is not a mount with an empty mount point.
+        assert!(parse_line("   -``  -    ").is_none());
+        assert!(parse_line("28 1 0:26 / relative rw - ext4 x rw").is_none());
     }
 
     #[test]

@@ -125,6 +125,9 @@ use tracing::{error, info};
 use crate::cli::{self, LogFormat};
 
 pub use checkpoint::Checkpoint;
+/// The record encoders, for the fuzz targets (`fuzz/`).
+#[doc(hidden)]
+pub use record::{encode_line, encode_truncated};
 pub use settings::*;
 
 /// Runs the forwarder until `shutdown` is cancelled, then flushes (bounded by the shutdown

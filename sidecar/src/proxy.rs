@@ -52,7 +52,7 @@ pub use config::{
     DEFAULT_POOL_IDLE_TIMEOUT,
 };
 pub use connect::INBOUND_PASSTHROUGH_V4;
-pub use detect::{classify, Detection, H2_PREFACE};
+pub use detect::{classify, Detection, H2_PREFACE, MAX_DETECT_LEN};
 pub use forward::{error_response, ProxyBody};
 
 use connect::Source;

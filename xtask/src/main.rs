@@ -7,6 +7,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod host;
 mod prereq;
 mod test;
@@ -35,6 +36,7 @@ const COMMANDS: &[(&str, &str)] = &[
         "prerequisites, builds, then runs target/debug/sidecar-demo (needs root)",
     ),
     (bench::USAGE, bench::HELP),
+    (fuzz::USAGE, fuzz::HELP),
     (
         "check-host",
         "check what the privileged tests need from this machine: root with CAP_BPF, CAP_SYS_ADMIN \
@@ -70,6 +72,7 @@ enum Command {
     Prereqs { mode: prereq::Mode },
     CheckHost,
     Bench(bench::Options),
+    Fuzz(fuzz::Options),
 }
 
 fn parse(args: Vec<OsString>) -> Result<Parsed> {
@@ -125,6 +128,7 @@ fn parse(args: Vec<OsString>) -> Result<Parsed> {
             Command::Prereqs { mode }
         }
         Some("bench") => Command::Bench(bench::Options::parse(&rest)?),
+        Some("fuzz") => Command::Fuzz(fuzz::Options::parse(&rest)?),
         Some("check-host") => {
             flags(&rest, &[])?;
             Command::CheckHost
@@ -156,6 +160,10 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Prereqs { mode } => prereq::ensure(ctx, mode),
         Command::CheckHost => host::require_privileged_host(ctx, "cargo xtask check-host"),
         Command::Bench(opts) => bench::run(ctx, &opts),
+        Command::Fuzz(opts) => {
+            prereq::ensure(ctx, prereq::Mode::Install)?;
+            fuzz::run(ctx, &opts)
+        }
     }
 }
 

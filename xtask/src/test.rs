@@ -102,6 +102,23 @@ pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
         ),
     ));
 
+    // Every fuzz target for a short, bounded run from its kept corpus: a crash or a broken
+    // invariant fails the run (`cargo xtask fuzz --seconds 600` is the long run). Skipped when a
+    // test filter was given, as the bench smoke is.
+    if extra.is_empty() {
+        let opts = crate::fuzz::Options {
+            seconds: crate::fuzz::SMOKE_SECONDS,
+            targets: crate::fuzz::TARGETS
+                .iter()
+                .map(|t| (*t).to_owned())
+                .collect(),
+        };
+        results.push((
+            "fuzz smoke (cargo xtask fuzz --seconds 15)",
+            crate::fuzz::run(ctx, &opts),
+        ));
+    }
+
     // The benchmark harness's smoke run: every target starts and answers through the right path
     // and every tool's output parses. It asserts no speed (that would be flaky on a shared
     // machine); speed is what `cargo xtask bench` reports. Skipped when a test filter was given.

@@ -472,11 +472,36 @@ impl Builder {
 
 fn tag_text(tag: &Tag) -> String {
     match (tag.handle.as_str(), tag.suffix.as_str()) {
-        ("tag:yaml.org,2002:", suffix) => format!("!!{suffix}"),
-        ("!", suffix) => format!("!{suffix}"),
+        ("tag:yaml.org,2002:", suffix) => format!("!!{}", escape_tag(suffix, false)),
+        ("!", suffix) => format!("!{}", escape_tag(suffix, false)),
         ("", "!") => "!".to_owned(),
-        (handle, suffix) => format!("!<{handle}{suffix}>"),
+        (handle, suffix) => format!(
+            "!<{}{}>",
+            escape_tag(handle, true),
+            escape_tag(suffix, true)
+        ),
     }
+}
+
+/// A tag as YAML writes it: the parser hands tags over with their `%XX` escapes decoded, so
+/// what a tag may not hold as it is (`ns-tag-char`, or `ns-uri-char` in the `!<...>` form) is
+/// escaped again; else the written document would not parse (found by fuzzing).
+fn escape_tag(text: &str, verbatim: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for ch in text.chars() {
+        let allowed = ch.is_ascii_alphanumeric()
+            || "-#;/?:@&=+$_.~*'()".contains(ch)
+            || (verbatim && ",[]!".contains(ch));
+        if allowed {
+            out.push(ch);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in ch.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    out
 }
 
 /// Whether a new string may be written plain: only simple words and paths that no YAML 1.1 or 1.2
@@ -545,7 +570,19 @@ fn emit_entries(entries: &[(Node, Node)], col: usize, first_inline: bool, out: &
             indent(col, out);
         }
         match key {
-            Node::Scalar(s) => out.push_str(&key_text(s)),
+            Node::Scalar(s) => {
+                let text = key_text(s);
+                // YAML limits an implicit key to 1024 characters; a longer one is written as an
+                // explicit key (`? key` then `: value`) (found by fuzzing).
+                if text.chars().count() > 1000 {
+                    out.push_str("? ");
+                    out.push_str(&text);
+                    out.push('\n');
+                    indent(col, out);
+                } else {
+                    out.push_str(&text);
+                }
+            }
             // The parser accepts scalar keys only.
             other => emit_inline(other, col, out),
         }
@@ -644,6 +681,8 @@ fn push_tagged(tag: &Option<String>, text: &str, out: &mut String) {
 fn key_text(s: &Scalar) -> String {
     match s.style {
         Style::Plain if s.value.is_empty() && s.tag.is_none() => "~".to_owned(),
+        // A tag alone: the ':' that follows must not read as part of it (found by fuzzing).
+        Style::Plain if s.value.is_empty() => format!("{} ", scalar_text(s, 0)),
         Style::Literal | Style::Folded => {
             let quoted = Scalar {
                 style: Style::DoubleQuoted,
@@ -659,7 +698,7 @@ fn scalar_text(s: &Scalar, col: usize) -> String {
     let body = match s.style {
         // The source text of a single-line plain scalar IS its value: written back verbatim it is
         // resolved exactly as before, whatever the reader's YAML version.
-        Style::Plain if !s.value.contains('\n') => s.value.clone(),
+        Style::Plain if printable_line(&s.value) && plain_in_block(&s.value) => s.value.clone(),
         Style::SingleQuoted if printable_line(&s.value) => {
             format!("'{}'", s.value.replace('\'', "''"))
         }
@@ -673,6 +712,33 @@ fn scalar_text(s: &Scalar, col: usize) -> String {
         Some(tag) => format!("{tag} {body}"),
         None => body,
     }
+}
+
+/// Whether a plain scalar's text reads the same written plain in block context (it may come from
+/// flow context, or from a parser more lenient than the writer's readers): no leading indicator,
+/// no `: ` or ` #` inside, no surrounding blanks (found by fuzzing: `[?]` was written `- ?`).
+fn plain_in_block(s: &str) -> bool {
+    let mut chars = s.chars();
+    let Some(first) = chars.next() else {
+        return true;
+    };
+    let second = chars.next();
+    let indicator = match first {
+        '-' | '?' | ':' => second.is_none_or(char::is_whitespace),
+        c => ",[]{}#&*!|>'\"%@`".contains(c),
+    };
+    // A line of its own that starts with `---` or `...` is a document marker.
+    let marker = ["---", "..."].iter().any(|m| {
+        s.strip_prefix(m)
+            .is_some_and(|rest| rest.chars().next().is_none_or(char::is_whitespace))
+    });
+    !indicator
+        && !marker
+        && !s.contains('\n')
+        && !s.contains(": ")
+        && !s.contains(" #")
+        && !s.ends_with(':')
+        && s.trim() == s
 }
 
 fn printable_line(s: &str) -> bool {

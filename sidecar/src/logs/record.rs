@@ -11,7 +11,7 @@ use flate2::Compression;
 use super::checkpoint::Entry;
 
 /// Appends the record for one complete line (without its `\n`) to `out`.
-pub(crate) fn encode_line(line: &[u8], out: &mut Vec<u8>) {
+pub fn encode_line(line: &[u8], out: &mut Vec<u8>) {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let trimmed = line.trim_ascii();
     if trimmed.first() == Some(&b'{') && is_json_object(trimmed) {
@@ -23,7 +23,7 @@ pub(crate) fn encode_line(line: &[u8], out: &mut Vec<u8>) {
 
 /// Appends the record for a line cut to `prefix` (the first `max-line-bytes` bytes of a line of
 /// `original_length` bytes). A cut JSON object is no longer JSON, so it is always a plain message.
-pub(crate) fn encode_truncated(prefix: &[u8], original_length: u64, out: &mut Vec<u8>) {
+pub fn encode_truncated(prefix: &[u8], original_length: u64, out: &mut Vec<u8>) {
     let prefix = utf8_prefix(prefix);
     out.extend_from_slice(b"{\"message\":");
     push_json_string(&String::from_utf8_lossy(prefix), out);

@@ -635,7 +635,7 @@ async fn partial_preface_waits_for_more_bytes() {
         .await
         .unwrap();
     let (server, _) = listener.accept().await.unwrap();
-    let mut buf = [0u8; detect::MAX_DETECT_LEN];
+    let mut buf = [0u8; MAX_DETECT_LEN];
     client.write_all(b"GE").await.unwrap();
     let n = guard(outbound_client_bytes(&server, &mut buf, 0))
         .await

@@ -154,3 +154,52 @@ fn new_strings_are_quoted_when_needed() {
     assert_eq!(text(""), "\"\"");
     assert_eq!(text("10.0.0.0/8"), "\"10.0.0.0/8\"");
 }
+
+/// Found by fuzzing (fuzz/corpus/inject_yaml): a tag with a `%00` escape was written back
+/// decoded, a NUL byte, which is not YAML.
+#[test]
+fn escaped_tags_stay_escaped() {
+    let first = crate::inject::inject("!!%00", "sidecar:test").unwrap();
+    assert!(first.output.contains("!!%00"), "{}", first.output);
+    let again = crate::inject::inject(&first.output, "sidecar:test").unwrap();
+    assert_eq!(again.output, first.output);
+}
+
+/// Found by fuzzing: a tagged empty key was written as `!!000:`, which reads as the tag `000:`;
+/// a control character in a plain scalar was written as it was, which YAML does not allow.
+#[test]
+fn tagged_empty_keys_and_control_characters_round_trip() {
+    let first = crate::inject::inject("!!0003 \u{13}:\r!!000 :\r\r\r\r", "sidecar:test").unwrap();
+    let again = crate::inject::inject(&first.output, "sidecar:test")
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", first.output));
+    assert_eq!(again.output, first.output);
+}
+
+/// Found by fuzzing: a key longer than YAML's 1024-character limit for implicit keys was written
+/// as one; it is written as an explicit key (`? key` / `: value`).
+#[test]
+fn long_keys_are_written_as_explicit_keys() {
+    let key = "k".repeat(1500);
+    let text = format!("a:\n  ? {key}\n  : v\n  b: c\n");
+    let first = crate::inject::inject(&text, "sidecar:test").unwrap();
+    assert!(
+        first.output.contains(&format!("? {key}\n")),
+        "{}",
+        first.output
+    );
+    let again = crate::inject::inject(&first.output, "sidecar:test")
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", first.output));
+    assert_eq!(again.output, first.output);
+}
+
+/// Found by fuzzing: a plain scalar from flow context (`[?]`) was written plain in block context,
+/// where `?` starts an explicit key.
+#[test]
+fn plain_scalars_that_would_read_otherwise_are_quoted() {
+    for text in ["[\t?]", "# c\n   ---\nVea", "{a: [x, \"- y\"]}"] {
+        let first = crate::inject::inject(text, "sidecar:test").unwrap();
+        let again = crate::inject::inject(&first.output, "sidecar:test")
+            .unwrap_or_else(|e| panic!("{text:?}: {e:?}\n{}", first.output));
+        assert_eq!(again.output, first.output, "{text:?}");
+    }
+}
