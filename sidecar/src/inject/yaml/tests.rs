@@ -203,3 +203,26 @@ fn plain_scalars_that_would_read_otherwise_are_quoted() {
         assert_eq!(again.output, first.output, "{text:?}");
     }
 }
+
+/// Found by fuzzing: an empty key and `~` in one mapping are the same (null) key: refused as a
+/// duplicate, not written back as two `~:`.
+#[test]
+fn null_keys_in_every_spelling_are_one_key() {
+    let refused = crate::inject::inject(":\n\t\r~:\n\t", "sidecar:test").unwrap_err();
+    assert!(
+        refused.iter().any(|e| e.contains("duplicate key")),
+        "{refused:?}"
+    );
+    assert!(crate::inject::inject("a: 1\n\"~\": 2\n~: 3\n", "sidecar:test").is_ok());
+}
+
+/// Found by fuzzing: a tag %-escaping a multi-byte character came back in a form the parser
+/// itself refused; such tags are refused up front.
+#[test]
+fn tags_beyond_ascii_are_refused() {
+    let refused = crate::inject::inject("!!%d0%A0", "sidecar:test").unwrap_err();
+    assert!(
+        refused.iter().any(|e| e.contains("beyond ASCII")),
+        "{refused:?}"
+    );
+}
