@@ -197,7 +197,7 @@ async fn mutation(
         tracing::warn!(%peer, "refused POST {path}: {why}");
         return text(
             StatusCode::FORBIDDEN,
-            format!("forbidden: POST {path} answers {why}\n"),
+            format!("forbidden: POST {path} is accepted {why}\n"),
         );
     }
     match path {

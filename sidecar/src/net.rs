@@ -177,7 +177,12 @@ pub const SELF_TEST_DESTINATION: SocketAddr =
 /// rewritten by the interception; `/proc/net/tcp` is not). `Some(listener)` when captured.
 pub fn own_connections_captured(listeners: &[SocketAddr]) -> io::Result<Option<SocketAddr>> {
     use std::os::fd::AsRawFd as _;
-    let socket = socket2_free::nonblocking_v4()?;
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::SOCK_NONBLOCK | nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     let addr = nix::sys::socket::SockaddrIn::from(match SELF_TEST_DESTINATION {
         SocketAddr::V4(v4) => v4,
         SocketAddr::V6(_) => unreachable!("an IPv4 constant"),
@@ -202,21 +207,6 @@ pub fn own_connections_captured(listeners: &[SocketAddr]) -> io::Result<Option<S
             .iter()
             .any(|l| l.port() == r.port() && (l.ip() == r.ip() || l.ip().is_unspecified()))
     }))
-}
-
-/// A non-blocking IPv4 TCP socket, closed on drop (std has no unconnected TcpStream).
-mod socket2_free {
-    use std::os::fd::OwnedFd;
-
-    pub fn nonblocking_v4() -> std::io::Result<OwnedFd> {
-        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-        Ok(socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-            None,
-        )?)
-    }
 }
 
 #[cfg(test)]

@@ -279,24 +279,24 @@ fn load_attach_pin_one(
     // creation): other agents' programs on the same cgroup keep working, and a re-init can attach
     // the new set before detaching the old. `Single` is aya's name for "no flags".
     let mode = CgroupAttachMode::Single;
+    // The same steps for every program type aya attaches to a cgroup with a pinnable link.
+    macro_rules! cgroup_link {
+        ($program:ty) => {{
+            let p: &mut $program = program.try_into().map_err(attach_err)?;
+            p.load().map_err(attach_err)?;
+            let id = p.attach(target, mode).map_err(attach_err)?;
+            p.take_link(id)
+                .map_err(attach_err)?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| pin_err(e.into()))?
+        }};
+    }
     let link: FdLink = match name {
         progs::SOCKOPS => {
-            let p: &mut SockOps = program.try_into().map_err(attach_err)?;
-            p.load().map_err(attach_err)?;
-            let id = p.attach(target, mode).map_err(attach_err)?;
-            p.take_link(id)
-                .map_err(attach_err)?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| pin_err(e.into()))?
+            cgroup_link!(SockOps)
         }
         progs::POST_BIND4 | progs::POST_BIND6 => {
-            let p: &mut CgroupSock = program.try_into().map_err(attach_err)?;
-            p.load().map_err(attach_err)?;
-            let id = p.attach(target, mode).map_err(attach_err)?;
-            p.take_link(id)
-                .map_err(attach_err)?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| pin_err(e.into()))?
+            cgroup_link!(CgroupSock)
         }
         // aya 0.14 attaches these two but cannot turn their links into pinnable ones: create and
         // pin the link directly.
@@ -322,13 +322,7 @@ fn load_attach_pin_one(
             return PinnedLink::from_pin(path).map_err(|e| pin_err(e.into()));
         }
         _ => {
-            let p: &mut CgroupSockAddr = program.try_into().map_err(attach_err)?;
-            p.load().map_err(attach_err)?;
-            let id = p.attach(target, mode).map_err(attach_err)?;
-            p.take_link(id)
-                .map_err(attach_err)?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| pin_err(e.into()))?
+            cgroup_link!(CgroupSockAddr)
         }
     };
     link.pin(path).map_err(|e| pin_err(e.into()))
