@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config_errors;
 pub mod doctor;
 pub mod error;
+pub mod identity;
 pub mod inject;
 pub mod intercept;
 pub mod lifecycle;

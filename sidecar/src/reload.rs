@@ -400,10 +400,7 @@ fn sha256_hex(text: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unix_seconds(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
+use crate::units::unix_seconds;
 
 /// What the poller compares: the file's content (or why it cannot be read).
 fn snapshot(path: &Path) -> Result<[u8; 32], std::io::ErrorKind> {

@@ -33,6 +33,8 @@ const LAYERS: &[&[&str]] = &[
     &["metrics"],
     // What happens to each request (breaker, retries, timeouts, headers) and its defaults.
     &["policy"],
+    // Workload identity for mesh TLS (certificates from files, peer verification).
+    &["identity"],
     // Reading the policy file again and swapping the policies in force.
     &["reload"],
     // Readiness and the drain: the proxy reports to it; it never imports the proxy.

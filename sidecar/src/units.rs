@@ -1,8 +1,8 @@
 //! Values as operators write them, shared by every reader of flags and config files: durations
-//! (`500ms`, `1s`, `2m`, `1h`), sizes (`64KiB`), listener address lists. Each parser's error says
+//! (`500ms`, `1s`, `2m`, `1h`), sizes (`64KiB`), listener address lists, RFC 3339 times. Each parser's error says
 //! what to write instead. Imports nothing from the crate.
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A duration with a unit: `500ms`, `1s`, `2m`, `1h` (also `1500us`, `0s`).
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
@@ -105,6 +105,42 @@ pub fn redact_url(url: &str) -> String {
         Some(scheme) => format!("{scheme}://{authority}{path}"),
         None => format!("{authority}{path}"),
     }
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2024-05-01T12:34:56.789Z` (no date crate for one line).
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, day) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Whole seconds since the Unix epoch (0 before it; saturating far after).
+pub fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
