@@ -27,9 +27,7 @@ pub mod verify;
 
 pub use spiffe::SpiffeId;
 
-/// The ALPN protocol of mesh TLS: a ClientHello offering it is a sidecar's, and is terminated by
-/// the peer's sidecar; any other TLS (the app's own) is passed through untouched.
-pub const MESH_ALPN: &[u8] = b"sidecar.mesh.dev/mtls-1";
+pub use verify::MESH_ALPN;
 
 /// The files of an identity directory.
 pub const CERT_FILE: &str = "tls.crt";

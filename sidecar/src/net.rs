@@ -1,8 +1,9 @@
 //! Listening sockets, the same for every listener of the process (proxy and admin): bound with
 //! `SO_REUSEADDR`, IPv6 ones `V6ONLY`, and optional addresses that may be skipped. Imports
 //! nothing from the crate.
+use std::fmt;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpListener, TcpSocket};
@@ -160,7 +161,7 @@ fn parse_proc_addr(text: &str) -> Option<SocketAddr> {
             for i in 0..4 {
                 bytes[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
             }
-            Some(SocketAddr::from((std::net::Ipv6Addr::from(bytes), port)))
+            Some(SocketAddr::from((Ipv6Addr::from(bytes), port)))
         }
         _ => None,
     }
@@ -207,6 +208,72 @@ pub fn own_connections_captured(listeners: &[SocketAddr]) -> io::Result<Option<S
             .iter()
             .any(|l| l.port() == r.port() && (l.ip() == r.ip() || l.ip().is_unspecified()))
     }))
+}
+
+/// An IP prefix, IPv4 held v4-mapped so that one trie serves both families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv6Addr,
+    /// Prefix length in the 128-bit space (IPv4 /n becomes /96+n).
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (ip, len) = match s.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (s, None),
+        };
+        let ip: IpAddr = ip.parse().map_err(|_| {
+            format!("{s:?} is not an IP address or CIDR (e.g. 10.0.0.0/8, fd00::/8)")
+        })?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let len: u8 = match len {
+            None => max,
+            Some(l) => match l.parse::<u8>() {
+                Ok(l) if l <= max => l,
+                _ => return Err(format!("{s:?}: prefix length must be 0..={max}")),
+            },
+        };
+        Ok(match ip {
+            IpAddr::V4(v4) => Cidr {
+                addr: mask(v4.to_ipv6_mapped(), 96 + len),
+                len: 96 + len,
+            },
+            IpAddr::V6(v6) => Cidr {
+                addr: mask(v6, len),
+                len,
+            },
+        })
+    }
+
+    /// True if `ip` (either family) is inside this prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let v6 = match ip.to_canonical() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        mask(v6, self.len) == self.addr
+    }
+}
+
+fn mask(addr: Ipv6Addr, len: u8) -> Ipv6Addr {
+    let bits = u128::from(addr);
+    let mask = if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len))
+    };
+    Ipv6Addr::from(bits & mask)
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr.to_ipv4_mapped() {
+            Some(v4) if self.len >= 96 => write!(f, "{v4}/{}", self.len - 96),
+            _ => write!(f, "{}/{}", self.addr, self.len),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -37,8 +37,9 @@ pub use breaker::{
 pub use destination::Destination;
 use destination::METRICS;
 pub use model::{
-    DestinationPolicy, DestinationRule, Match, PolicyConfig, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_DESTINATION, DEFAULT_REQUEST_TIMEOUT,
+    DestinationPolicy, DestinationRule, InboundConfig, InboundMtls, Match, MeshConfig, MtlsMode,
+    PathPattern, PolicyConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS_PER_DESTINATION, DEFAULT_REQUEST_TIMEOUT,
 };
 pub use retry::{
     FailureSet, RetryConfig, DEFAULT_MAX_RETRIES, DEFAULT_RETRY_BACKOFF,

@@ -31,10 +31,10 @@ const LAYERS: &[&[&str]] = &[
     ],
     // Telemetry: depends only on the error and its own types.
     &["metrics"],
-    // What happens to each request (breaker, retries, timeouts, headers) and its defaults.
-    &["policy"],
     // Workload identity for mesh TLS (certificates from files, peer verification).
     &["identity"],
+    // What happens to each request (breaker, retries, timeouts, headers) and its defaults.
+    &["policy"],
     // Reading the policy file again and swapping the policies in force.
     &["reload"],
     // Readiness and the drain: the proxy reports to it; it never imports the proxy.

@@ -15,7 +15,10 @@ use rustls::{
 };
 
 use super::spiffe::{self, SpiffeId};
-use super::MESH_ALPN;
+
+/// The ALPN protocol of mesh TLS: a ClientHello offering it is a sidecar's, and is terminated by
+/// the peer's sidecar; any other TLS (the app's own) is passed through untouched.
+pub const MESH_ALPN: &[u8] = b"sidecar.mesh.dev/mtls-1";
 
 /// Why a peer certificate was refused beyond what WebPKI checks.
 #[derive(Debug, Clone, PartialEq, Eq)]

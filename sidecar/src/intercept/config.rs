@@ -1,9 +1,5 @@
 //! `sidecar init` flags, and their validation into an [`InitConfig`] (every bad key reported at once).
-use std::{
-    fmt,
-    net::{IpAddr, Ipv6Addr},
-    path::PathBuf,
-};
+use std::{fmt, net::IpAddr, path::PathBuf};
 
 use clap::{Args, ValueEnum};
 
@@ -135,62 +131,7 @@ pub struct InitArgs {
     pub debug_log: bool,
 }
 
-/// An IP prefix, IPv4 held v4-mapped so that one trie serves both families.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: Ipv6Addr,
-    /// Prefix length in the 128-bit space (IPv4 /n becomes /96+n).
-    pub len: u8,
-}
-
-impl Cidr {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (ip, len) = match s.split_once('/') {
-            Some((ip, len)) => (ip, Some(len)),
-            None => (s, None),
-        };
-        let ip: IpAddr = ip.parse().map_err(|_| {
-            format!("{s:?} is not an IP address or CIDR (e.g. 10.0.0.0/8, fd00::/8)")
-        })?;
-        let max = if ip.is_ipv4() { 32 } else { 128 };
-        let len: u8 = match len {
-            None => max,
-            Some(l) => match l.parse::<u8>() {
-                Ok(l) if l <= max => l,
-                _ => return Err(format!("{s:?}: prefix length must be 0..={max}")),
-            },
-        };
-        Ok(match ip {
-            IpAddr::V4(v4) => Cidr {
-                addr: mask(v4.to_ipv6_mapped(), 96 + len),
-                len: 96 + len,
-            },
-            IpAddr::V6(v6) => Cidr {
-                addr: mask(v6, len),
-                len,
-            },
-        })
-    }
-}
-
-fn mask(addr: Ipv6Addr, len: u8) -> Ipv6Addr {
-    let bits = u128::from(addr);
-    let mask = if len == 0 {
-        0
-    } else {
-        u128::MAX << (128 - u32::from(len))
-    };
-    Ipv6Addr::from(bits & mask)
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.addr.to_ipv4_mapped() {
-            Some(v4) if self.len >= 96 => write!(f, "{v4}/{}", self.len - 96),
-            _ => write!(f, "{}/{}", self.addr, self.len),
-        }
-    }
-}
+pub use crate::net::Cidr;
 
 /// A 65536-bit port set, in the layout of the kernel bitmaps.
 #[derive(Clone, PartialEq, Eq)]

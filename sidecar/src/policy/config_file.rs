@@ -43,6 +43,10 @@
 //! | `retry.budget_window` | duration | `10s` | | the budget's sliding window |
 //! | `retry.max_body_bytes` | integer | `65536` | | request bodies up to this size (with a known length) are kept for replay; larger ones are not retried |
 //! | `retry.backoff` | duration | `25ms` | | base of the jittered exponential pause between attempts (`0s`: none) |
+//! | `mtls` | `off`, `opportunistic` or `require` | `opportunistic` | | mesh TLS to destinations inside `[mtls] mesh_networks` when the proxy has an identity (`--identity-dir`); opportunistic falls back to plaintext for a peer that is not a sidecar, require never does (HTTP 502, TCP reset). Decided per connection by address, so only `[defaults]` and address rules apply |
+//! | `server_identities` | list of SPIFFE IDs | none | | the server must prove one of these (else 502 / reset, `result="identity_mismatch"`) |
+//!
+//! The `[mtls]` and `[inbound]` sections are described in [`mesh`].
 //!
 //! Durations are strings with a unit: `500ms`, `2s`, `1m`, `1h`. Lists may also be given as one
 //! comma-separated string (that is how flags and environment variables give them).
@@ -50,50 +54,15 @@
 //! Size: about 600 lines, most of it the key table (`KEYS`): one entry per key, by design, so that
 //! every key is documented, parsed and reported the same way.
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use toml::{Table, Value};
 
-use super::model::{DestinationPolicy, DestinationRule, Match, PolicyConfig};
-use super::retry::FailureSet;
-use crate::units::parse_duration;
+use super::model::{
+    DestinationPolicy, DestinationRule, InboundConfig, Match, MeshConfig, PolicyConfig,
+};
 
-/// One bad key: where (file section and key, or flag), the value given, what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyError {
-    pub key: String,
-    pub value: String,
-    pub problem: String,
-}
-
-/// A value as given: from TOML (typed) or from a flag / environment variable (always text).
-#[derive(Debug, Clone, Copy)]
-enum Raw<'a> {
-    Toml(&'a Value),
-    Text(&'a str),
-}
-
-impl<'a> Raw<'a> {
-    /// The value as the user wrote it, for error messages.
-    fn shown(&self) -> String {
-        match self.text() {
-            Some(s) => s.to_owned(),
-            None => match self {
-                Raw::Toml(v) => v.to_string(),
-                Raw::Text(s) => (*s).to_owned(),
-            },
-        }
-    }
-
-    /// A string value (all flag values are).
-    fn text(&self) -> Option<&'a str> {
-        match *self {
-            Raw::Text(s) => Some(s),
-            Raw::Toml(Value::String(s)) => Some(s.as_str()),
-            Raw::Toml(_) => None,
-        }
-    }
-}
+pub use values::KeyError;
+use values::{count, duration, failure_set, positive_duration, rate, ratio, Raw};
 
 type Apply = fn(&mut DestinationPolicy, Raw<'_>) -> Result<(), String>;
 
@@ -194,6 +163,14 @@ const KEYS: &[Key] = &[
         path: "retry.backoff",
         apply: |p, v| duration(v).map(|d| p.retry.backoff = d),
     },
+    Key {
+        path: "mtls",
+        apply: |p, v| mesh::mtls_mode(v).map(|m| p.mtls = m),
+    },
+    Key {
+        path: "server_identities",
+        apply: |p, v| mesh::spiffe_ids(v).map(|ids| p.server_identities = ids),
+    },
 ];
 
 /// The sub-tables a section may have.
@@ -201,131 +178,6 @@ const SUBTABLES: &[&str] = &["breaker", "retry"];
 
 fn key(path: &str) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.path == path)
-}
-
-fn duration(v: Raw<'_>) -> Result<Duration, String> {
-    match v.text() {
-        Some(s) => parse_duration(s),
-        None => Err("expected a duration string with a unit, e.g. \"500ms\" or \"2s\"".to_owned()),
-    }
-}
-
-fn positive_duration(v: Raw<'_>) -> Result<Duration, String> {
-    let d = duration(v)?;
-    if d.is_zero() {
-        return Err("must be greater than zero".to_owned());
-    }
-    Ok(d)
-}
-
-fn count(v: Raw<'_>, min: u32, max: u32) -> Result<u32, String> {
-    let expected = || format!("expected a whole number from {min} to {max}");
-    let n: i64 = match (v, v.text()) {
-        (Raw::Toml(Value::Integer(n)), _) => *n,
-        (_, Some(s)) => s.trim().parse().map_err(|_| expected())?,
-        (_, None) => return Err(expected()),
-    };
-    match u32::try_from(n) {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(format!("expected a whole number from {min} to {max}")),
-    }
-}
-
-fn number(v: Raw<'_>, expected: &str) -> Result<f64, String> {
-    let x = match (v, v.text()) {
-        (Raw::Toml(Value::Float(x)), _) => *x,
-        (Raw::Toml(Value::Integer(n)), _) => *n as f64,
-        (_, Some(s)) => {
-            let s = s.trim();
-            match s.strip_suffix('%') {
-                Some(pct) => pct.trim().parse::<f64>().map(|p| p / 100.0),
-                None => s.parse::<f64>(),
-            }
-            .map_err(|_| expected.to_owned())?
-        }
-        (_, None) => return Err(expected.to_owned()),
-    };
-    if x.is_finite() {
-        Ok(x)
-    } else {
-        Err(expected.to_owned())
-    }
-}
-
-fn rate(v: Raw<'_>) -> Result<Option<f64>, String> {
-    if v.text()
-        .is_some_and(|s| s.trim().eq_ignore_ascii_case("off"))
-    {
-        return Ok(None);
-    }
-    let expected = "expected a fraction above 0 and at most 1 (e.g. 0.5 or \"50%\"), or \"off\"";
-    match number(v, expected)? {
-        x if x > 0.0 && x <= 1.0 => Ok(Some(x)),
-        _ => Err(expected.to_owned()),
-    }
-}
-
-fn ratio(v: Raw<'_>) -> Result<f64, String> {
-    let expected = "expected a fraction from 0 to 1 (e.g. 0.2 or \"20%\")";
-    match number(v, expected)? {
-        x if (0.0..=1.0).contains(&x) => Ok(x),
-        _ => Err(expected.to_owned()),
-    }
-}
-
-/// `["connect", "reset", "timeout", "5xx", "503"]` or `"connect,reset,503"`.
-fn failure_set(v: Raw<'_>, for_breaker: bool) -> Result<FailureSet, String> {
-    let items: Vec<&str> = match (v, v.text()) {
-        (_, Some(s)) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect(),
-        (Raw::Toml(Value::Array(a)), _) => {
-            let mut items = Vec::with_capacity(a.len());
-            for item in a {
-                match item {
-                    Value::String(s) => items.push(s.trim()),
-                    Value::Integer(n) => {
-                        return Err(format!(
-                            "write status codes as strings: \"{n}\" (a list of strings)"
-                        ))
-                    }
-                    _ => return Err("expected a list of strings".to_owned()),
-                }
-            }
-            items
-        }
-        (_, None) => return Err("expected a list of strings".to_owned()),
-    };
-    let kinds = if for_breaker {
-        "connect, reset, timeout, 5xx or a status code 500-599"
-    } else {
-        "connect, reset, 5xx or a status code 500-599"
-    };
-    let mut set = FailureSet::empty();
-    for item in items {
-        match item.to_ascii_lowercase().as_str() {
-            "connect" => set.connect = true,
-            "reset" => set.reset = true,
-            "timeout" if for_breaker => set.timeout = true,
-            "timeout" => {
-                return Err(
-                    "timeouts are not retried: the request timeout covers all attempts; \
-                     use connect, reset, 5xx or status codes"
-                        .to_owned(),
-                )
-            }
-            "5xx" => set.add_all_5xx(),
-            code => {
-                let ok = code.parse::<u16>().is_ok_and(|c| set.add_status(c));
-                if !ok {
-                    return Err(format!("unknown entry {item:?}; expected {kinds}"));
-                }
-            }
-        }
-    }
-    Ok(set)
 }
 
 /// Checks rules between keys of one resolved section.
@@ -527,9 +379,27 @@ fn parse_layers(
 ) -> PolicyConfig {
     let mut defaults = DestinationPolicy::default();
     let mut rules: Vec<(String, Match, &Table)> = Vec::new();
+    let mut mesh = MeshConfig::default();
+    let mut inbound = InboundConfig::default();
     if let Some((name, table)) = file {
         for (k, v) in table {
             match (k.as_str(), v) {
+                ("mtls", Value::Table(section)) => {
+                    mesh::mesh_section(&mut mesh, section, &format!("{name}: [mtls]"), errors);
+                }
+                ("inbound", Value::Table(section)) => {
+                    mesh::inbound_section(
+                        &mut inbound,
+                        section,
+                        &format!("{name}: [inbound]"),
+                        errors,
+                    );
+                }
+                ("mtls" | "inbound", other) => errors.push(KeyError {
+                    key: format!("{name}: {k}"),
+                    value: other.to_string(),
+                    problem: format!("expected a [{k}] table"),
+                }),
                 ("defaults", Value::Table(section)) => {
                     apply_section(
                         &mut defaults,
@@ -600,8 +470,9 @@ fn parse_layers(
                 (other, v) => errors.push(KeyError {
                     key: format!("{name}: {other}"),
                     value: Raw::Toml(v).shown(),
-                    problem: "unknown section; expected [defaults], [[destination]] or [run]"
-                        .to_owned(),
+                    problem:
+                        "unknown section; expected [defaults], [[destination]], [mtls], [inbound] or [run]"
+                            .to_owned(),
                 }),
             }
         }
@@ -651,6 +522,8 @@ fn parse_layers(
     PolicyConfig {
         defaults,
         destinations,
+        mesh,
+        inbound,
     }
 }
 
@@ -729,5 +602,7 @@ fn unknown_key(path: &str) -> String {
     }
 }
 
+pub mod mesh;
 #[cfg(test)]
 mod tests;
+mod values;

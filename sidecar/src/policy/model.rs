@@ -4,6 +4,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::identity::SpiffeId;
+use crate::net::Cidr;
+
 use super::breaker::BreakerConfig;
 use super::retry::{FailureSet, RetryConfig};
 
@@ -35,6 +38,172 @@ pub struct DestinationPolicy {
     pub retry: RetryConfig,
     /// Upstream HTTP/1 connections to this destination at most; more requests queue for one.
     pub max_connections: usize,
+    /// Mesh TLS to this destination (only inside the mesh networks, with an identity).
+    pub mtls: MtlsMode,
+    /// If not empty, the server must prove one of these SPIFFE IDs.
+    pub server_identities: Vec<SpiffeId>,
+}
+
+/// Whether outbound connections to a destination are mesh TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MtlsMode {
+    /// Plaintext, as the app sent it.
+    Off,
+    /// Mesh TLS; if the peer turns out not to be a sidecar, plaintext (remembered a while).
+    #[default]
+    Opportunistic,
+    /// Mesh TLS or nothing (HTTP 502, TCP reset).
+    Require,
+}
+
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Off => "off",
+            MtlsMode::Opportunistic => "opportunistic",
+            MtlsMode::Require => "require",
+        }
+    }
+}
+
+/// Whether an inbound port accepts plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InboundMtls {
+    /// Mesh TLS and plaintext both (the migration default).
+    #[default]
+    Permissive,
+    /// Mesh TLS only; plaintext HTTP gets 403, anything else is reset (probe paths excepted).
+    Strict,
+}
+
+impl InboundMtls {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InboundMtls::Permissive => "permissive",
+            InboundMtls::Strict => "strict",
+        }
+    }
+}
+
+/// Linkerd's default cluster networks: the private ranges.
+pub const DEFAULT_MESH_NETWORKS: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fd00::/8",
+];
+/// How long a destination found not to be a sidecar is dialled in plaintext before mesh TLS is
+/// tried again (it may have been meshed since).
+pub const DEFAULT_FALLBACK_TTL: Duration = Duration::from_secs(300);
+/// `/ready` fails when the workload certificate expires within this (the issuer is late).
+pub const DEFAULT_EXPIRY_MARGIN: Duration = Duration::from_secs(300);
+
+/// The `[mtls]` section: where mesh TLS is tried, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshConfig {
+    /// Outbound destinations in these networks are mesh candidates.
+    pub networks: Vec<Cidr>,
+    pub fallback_ttl: Duration,
+    pub expiry_margin: Duration,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            networks: DEFAULT_MESH_NETWORKS
+                .iter()
+                .filter_map(|c| Cidr::parse(c).ok())
+                .collect(),
+            fallback_ttl: DEFAULT_FALLBACK_TTL,
+            expiry_margin: DEFAULT_EXPIRY_MARGIN,
+        }
+    }
+}
+
+impl MeshConfig {
+    pub fn in_mesh(&self, ip: IpAddr) -> bool {
+        self.networks.iter().any(|c| c.contains(ip))
+    }
+}
+
+/// A request path pattern: exact, or a prefix ending in `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    Exact(Box<str>),
+    Prefix(Box<str>),
+}
+
+impl PathPattern {
+    pub fn parse(text: &str) -> Result<PathPattern, String> {
+        if !text.starts_with('/') {
+            return Err(format!("{text:?} is not a path: it must start with /"));
+        }
+        if text
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(format!("{text:?} holds spaces or control characters"));
+        }
+        match text.strip_suffix('*') {
+            Some(prefix) if prefix.contains('*') => {
+                Err(format!("{text:?}: only one '*', at the end"))
+            }
+            Some(prefix) => Ok(PathPattern::Prefix(prefix.into())),
+            None if text.contains('*') => Err(format!("{text:?}: '*' only at the end")),
+            None => Ok(PathPattern::Exact(text.into())),
+        }
+    }
+
+    /// Matches the path without its query.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Exact(p) => path == &**p,
+            PathPattern::Prefix(p) => path.starts_with(&**p),
+        }
+    }
+}
+
+impl std::fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathPattern::Exact(p) => f.write_str(p),
+            PathPattern::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
+/// The `[inbound]` section: what the app's ports accept.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InboundConfig {
+    /// Every port without an entry in `ports`.
+    pub mtls: InboundMtls,
+    /// Per app port (`[inbound.port.8080]`).
+    pub ports: Vec<(u16, InboundMtls)>,
+    /// Plaintext `GET`/`HEAD` requests to these paths pass on strict ports: the kubelet's
+    /// probes (it has no mesh identity).
+    pub probe_paths: Vec<PathPattern>,
+}
+
+impl InboundConfig {
+    pub fn mtls_for(&self, port: u16) -> InboundMtls {
+        self.ports
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or(self.mtls, |(_, m)| *m)
+    }
+
+    /// True if any port is strict (then `/ready` needs an identity).
+    pub fn any_strict(&self) -> bool {
+        self.mtls == InboundMtls::Strict
+            || self.ports.iter().any(|(_, m)| *m == InboundMtls::Strict)
+    }
+
+    /// A plaintext request the kubelet may make to a strict port.
+    pub fn is_probe(&self, method: &http::Method, path: &str) -> bool {
+        (method == http::Method::GET || method == http::Method::HEAD)
+            && self.probe_paths.iter().any(|p| p.matches(path))
+    }
 }
 
 impl Default for DestinationPolicy {
@@ -47,6 +216,8 @@ impl Default for DestinationPolicy {
             failure_on: FailureSet::breaker_default(),
             retry: RetryConfig::default(),
             max_connections: DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,
+            mtls: MtlsMode::default(),
+            server_identities: Vec::new(),
         }
     }
 }
@@ -116,4 +287,8 @@ pub struct PolicyConfig {
     pub defaults: DestinationPolicy,
     /// In file order; the first rule matching a destination applies.
     pub destinations: Vec<DestinationRule>,
+    /// `[mtls]`.
+    pub mesh: MeshConfig,
+    /// `[inbound]`.
+    pub inbound: InboundConfig,
 }

@@ -63,6 +63,7 @@ async fn rules_are_found_by_address_and_by_name() {
                 p.connect_timeout = Duration::from_secs(3);
             }),
         ],
+        ..PolicyConfig::default()
     };
     let p = Policies::new(&config);
     let by_addr = p.outbound("10.0.0.7:80".parse().unwrap(), None);
@@ -110,6 +111,7 @@ async fn reload_keeps_what_did_not_change() {
                 p.request_timeout = Duration::from_secs(2);
             }),
         ],
+        ..PolicyConfig::default()
     };
     let store = PolicyStore::new(&config);
     let first = store.load_full_for_test();

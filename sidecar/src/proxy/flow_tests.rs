@@ -139,7 +139,7 @@ fn policy(f: impl FnOnce(&mut DestinationPolicy)) -> PolicyConfig {
     f(&mut defaults);
     PolicyConfig {
         defaults,
-        destinations: Vec::new(),
+        ..PolicyConfig::default()
     }
 }
 
