@@ -40,6 +40,13 @@ pub enum ConnectError {
     /// upstream's fault.
     #[error("cannot connect to {0}: out of local resources: {1}")]
     LocalResources(SocketAddr, io::Error),
+    /// Mesh TLS to the destination failed (and may not fall back to plaintext). The reason is
+    /// the `result` label of `sidecar_mtls_handshakes_total`.
+    #[error("mesh TLS to {0} failed ({1}): {2}")]
+    Mesh(SocketAddr, &'static str, String),
+    /// The destination requires mesh TLS and this proxy has no identity to present.
+    #[error("mesh TLS to {0} is required, but this proxy has no workload identity: {1}")]
+    NoIdentity(SocketAddr, String),
 }
 
 impl ConnectError {
@@ -110,6 +117,13 @@ pub enum ProxyError {
     ProxyNoOriginalDestination,
     /// Connection level: the original destination is the proxy itself. Closed.
     ProxyLoop,
+    /// Mesh TLS to the upstream failed (its certificate was refused, or it is not a sidecar and
+    /// the destination requires mesh TLS). Nothing of the request was sent.
+    UpstreamMtls,
+    /// The destination requires mesh TLS and the proxy has no valid identity.
+    ProxyNoIdentity,
+    /// A strict inbound port got a plaintext request (HTTP 403) or connection (reset).
+    InboundMtlsRequired,
 }
 
 /// Who failed, for logs, metrics labels and the error header.
@@ -158,6 +172,9 @@ impl ProxyError {
             ProxyError::ProxyNotRedirected => "proxy-not-redirected",
             ProxyError::ProxyNoOriginalDestination => "proxy-no-original-destination",
             ProxyError::ProxyLoop => "proxy-loop",
+            ProxyError::UpstreamMtls => "upstream-mtls-failed",
+            ProxyError::ProxyNoIdentity => "proxy-no-identity",
+            ProxyError::InboundMtlsRequired => "inbound-mtls-required",
         }
     }
 
@@ -166,9 +183,10 @@ impl ProxyError {
             ProxyError::UpstreamConnectTimeout | ProxyError::UpstreamTimeout => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::UpstreamBreakerOpen | ProxyError::ProxyLocalResources => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::UpstreamBreakerOpen
+            | ProxyError::ProxyLocalResources
+            | ProxyError::ProxyNoIdentity => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::InboundMtlsRequired => StatusCode::FORBIDDEN,
             ProxyError::DownstreamBody | ProxyError::ProxyBadRequest => StatusCode::BAD_REQUEST,
             ProxyError::DownstreamTimeout | ProxyError::DownstreamHeaderTimeout => {
                 StatusCode::REQUEST_TIMEOUT
@@ -187,8 +205,10 @@ impl ProxyError {
             | ProxyError::DownstreamTimeout
             | ProxyError::DownstreamHeaderTimeout
             | ProxyError::DownstreamHeadTooLarge
-            | ProxyError::DownstreamProtocol => Culprit::Downstream,
+            | ProxyError::DownstreamProtocol
+            | ProxyError::InboundMtlsRequired => Culprit::Downstream,
             ProxyError::ProxyUnsupported
+            | ProxyError::ProxyNoIdentity
             | ProxyError::ProxyBadRequest
             | ProxyError::ProxyLocalResources
             | ProxyError::ProxyNotRedirected
@@ -209,7 +229,8 @@ impl ProxyError {
             ProxyError::UpstreamConnectRefused
             | ProxyError::UpstreamConnectUnreachable
             | ProxyError::UpstreamConnectTimeout
-            | ProxyError::UpstreamConnectFailed => Some(FailureKind::Connect),
+            | ProxyError::UpstreamConnectFailed
+            | ProxyError::UpstreamMtls => Some(FailureKind::Connect),
             ProxyError::UpstreamTimeout => Some(FailureKind::Timeout),
             ProxyError::UpstreamClosed
             | ProxyError::UpstreamReset
@@ -229,6 +250,7 @@ impl ProxyError {
                 | ProxyError::UpstreamConnectTimeout
                 | ProxyError::UpstreamConnectFailed
                 | ProxyError::UpstreamBreakerOpen
+                | ProxyError::UpstreamMtls
         )
     }
 
@@ -259,6 +281,13 @@ impl ProxyError {
             ProxyError::ProxyUnsupported => "sidecar: this request cannot be proxied here\n",
             ProxyError::ProxyLocalResources => {
                 "sidecar: the proxy is out of local resources (file descriptors, ports)\n"
+            }
+            ProxyError::UpstreamMtls => "sidecar: mesh TLS to the upstream failed\n",
+            ProxyError::ProxyNoIdentity => {
+                "sidecar: mesh TLS is required and this proxy has no workload identity\n"
+            }
+            ProxyError::InboundMtlsRequired => {
+                "sidecar: this port accepts mesh TLS only (the caller has no sidecar)\n"
             }
             ProxyError::ProxyBadRequest
             | ProxyError::ProxyNotRedirected
@@ -379,6 +408,8 @@ impl From<&ConnectError> for ProxyError {
                 ProxyError::UpstreamConnectFailed
             }
             ConnectError::LocalResources(..) => ProxyError::ProxyLocalResources,
+            ConnectError::Mesh(..) => ProxyError::UpstreamMtls,
+            ConnectError::NoIdentity(..) => ProxyError::ProxyNoIdentity,
         }
     }
 }

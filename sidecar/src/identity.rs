@@ -186,6 +186,7 @@ impl IdentityOutcome {
     }
 }
 
+#[derive(Debug)]
 struct IdentityMetrics {
     reloads: IntCounterVec,
     expiry: IntGauge,
@@ -224,7 +225,7 @@ impl IdentityMetrics {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Status {
     loaded_at: Option<SystemTime>,
     last_error: Option<String>,
@@ -234,6 +235,7 @@ struct Status {
 }
 
 /// The identity in force, swapped whole when the files change.
+#[derive(Debug)]
 pub struct IdentityStore {
     dir: PathBuf,
     current: ArcSwapOption<Identity>,

@@ -97,6 +97,30 @@ pub struct PoolMetrics {
     pub waits: IntCounter,
 }
 
+/// Mesh TLS: handshakes, the mode of each connection, fallbacks to plaintext.
+#[derive(Clone)]
+pub struct MtlsMetrics {
+    handshakes: IntCounterVec,
+    connections: IntCounterVec,
+    pub fallbacks: IntCounter,
+}
+
+impl MtlsMetrics {
+    /// One handshake: `result` is `ok` or why it failed (see `identity::verify::failure_label`).
+    pub fn handshake(&self, dir: Dir, result: &str) {
+        self.handshakes
+            .with_label_values(&[dir.as_str(), result])
+            .inc();
+    }
+
+    /// One connection by mode: `mtls`, `plaintext` or `passthrough` (the app's own TLS, inbound).
+    pub fn connection(&self, dir: Dir, mode: &str) {
+        self.connections
+            .with_label_values(&[dir.as_str(), mode])
+            .inc();
+    }
+}
+
 /// What a destination is known by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum DestKey {
@@ -116,6 +140,7 @@ pub struct ProxyMetrics {
     max_destinations: usize,
     destinations: RwLock<HashMap<(Dir, DestKey), Arc<DestinationMetrics>>>,
     overflow: [Arc<DestinationMetrics>; 2],
+    pub mtls: MtlsMetrics,
 }
 
 impl ProxyMetrics {
@@ -197,8 +222,32 @@ impl ProxyMetrics {
             "Requests that queued for an upstream connection because their destination had \
              --max-connections-per-destination open",
         )?;
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "sidecar_mtls_handshakes_total",
+                "Mesh TLS handshakes, by direction and result (ok, or why it failed: unknown_ca, \
+                 expired, wrong_trust_domain, no_spiffe_id, bad_certificate, no_certificate, \
+                 identity_mismatch, not_mesh, timeout, error)",
+            ),
+            &["direction", "result"],
+        )?;
+        let mtls_conns = IntCounterVec::new(
+            Opts::new(
+                "sidecar_mtls_connections_total",
+                "Connections by mesh mode: mtls, plaintext, or passthrough (the app's own TLS, \
+                 inbound)",
+            ),
+            &["direction", "mode"],
+        )?;
+        let fallbacks = IntCounter::new(
+            "sidecar_mtls_fallbacks_total",
+            "Opportunistic mesh TLS that found a peer without a sidecar and went plaintext",
+        )?;
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(handshakes.clone()),
+            Box::new(mtls_conns.clone()),
+            Box::new(fallbacks.clone()),
             Box::new(upstream_open.clone()),
             Box::new(upstream_waits.clone()),
             Box::new(durations.clone()),
@@ -248,6 +297,11 @@ impl ProxyMetrics {
             max_destinations,
             destinations: RwLock::new(HashMap::new()),
             overflow,
+            mtls: MtlsMetrics {
+                handshakes,
+                connections: mtls_conns,
+                fallbacks,
+            },
         }))
     }
 

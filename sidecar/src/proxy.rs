@@ -17,6 +17,7 @@ mod flow_tests;
 mod forward;
 #[cfg(test)]
 mod h2_abuse_tests;
+mod mesh;
 mod pool;
 mod route;
 mod serve;
@@ -55,7 +56,7 @@ pub use connect::INBOUND_PASSTHROUGH_V4;
 pub use detect::{classify, Detection, H2_PREFACE, MAX_DETECT_LEN};
 pub use forward::{error_response, ProxyBody};
 
-use connect::Source;
+use connect::{Mesh, Plan, Source};
 use route::{Origin, Route};
 use shared::{Direction, Egress, Shared};
 
@@ -237,26 +238,34 @@ pub async fn start_observed(
             default_port: t.authority.port_u16().unwrap_or(80),
             forwarded_for: None,
             upstream: None,
+            // `--target` mode is a reverse proxy to a named service: no mesh TLS.
+            plan: Plan::Plain,
         }
     });
+    let mesh = Arc::new(Mesh::new(
+        config.identity.clone(),
+        telemetry.metrics.mtls.clone(),
+    ));
     let outbound = Egress::new(
         &config,
         Source::Any,
         &policies,
         telemetry.metrics.pool(Dir::Outbound),
+        &mesh,
     );
     let inbound = Egress::new(
         &config,
         Source::Passthrough,
         &policies,
         telemetry.metrics.pool(Dir::Inbound),
+        &mesh,
     );
     let target_route = target_route.map(|r| Route {
-        upstream: Some(
-            outbound
-                .pool
-                .host(&r.authority, r.dest.policy().max_connections),
-        ),
+        upstream: Some(outbound.pool.host(
+            &r.authority,
+            r.dest.policy().max_connections,
+            Plan::Plain,
+        )),
         ..r
     });
     let max_connections = config.max_connections;
@@ -272,6 +281,7 @@ pub async fn start_observed(
         tracker: tracker.clone(),
         target_route,
         telemetry,
+        mesh,
         active: active.clone(),
         overloaded: Default::default(),
         inbound_silent_dials: Default::default(),

@@ -53,6 +53,7 @@ const LAYERS: &[&[&str]] = &[
 /// is above all of them).
 const PROXY_LAYERS: &[&[&str]] = &[
     &["config", "detect"],
+    &["mesh"],
     &["connect"],
     &["pool"],
     &["route"],

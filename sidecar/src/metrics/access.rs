@@ -21,6 +21,8 @@ pub(crate) struct Observer {
     pub(crate) dest: Arc<DestinationMetrics>,
     pub(crate) access_log: bool,
     pub(crate) peer: SocketAddr,
+    /// The client's verified SPIFFE ID (inbound mesh TLS), for the access log.
+    pub(crate) peer_id: Option<Arc<str>>,
     /// Where requests go, for the access log.
     pub(crate) upstream: UpstreamName,
 }
@@ -128,6 +130,7 @@ where
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             upstream = %obs.upstream,
             peer = %obs.peer,
+            peer_id = %obs.peer_id.as_deref().unwrap_or("-"),
             error = %local_error.map_or("-", ProxyError::code),
         );
     }

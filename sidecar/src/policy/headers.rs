@@ -131,7 +131,13 @@ pub struct ForwardedClient {
     addr: HeaderValue,
     /// `for=...;proto=http`: the `forwarded` element.
     element: HeaderValue,
+    /// `By=<own SPIFFE ID>;URI=<client's>`: the `x-forwarded-client-cert` of a client that
+    /// proved its identity over mesh TLS. Any other client's is removed (it could be forged).
+    client_cert: Option<HeaderValue>,
 }
+
+/// Envoy's header naming the client's certificate identity to the app.
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 impl ForwardedClient {
     pub fn new(client: IpAddr) -> Self {
@@ -149,7 +155,19 @@ impl ForwardedClient {
         ForwardedClient {
             addr: value(client.to_string()),
             element: value(element),
+            client_cert: None,
         }
+    }
+
+    /// The client proved `uri` over mesh TLS to this proxy, `by`. (SPIFFE IDs hold only
+    /// URI-safe ASCII, so the value is always valid.)
+    pub fn with_client_cert(mut self, by: Option<&str>, uri: &str) -> Self {
+        let value = match by {
+            Some(by) => format!("By={by};URI={uri}"),
+            None => format!("URI={uri}"),
+        };
+        self.client_cert = HeaderValue::try_from(value).ok();
+        self
     }
 }
 
@@ -162,6 +180,10 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr) {
 
 /// [`add_forwarded`] with the client's values already formatted.
 pub fn add_forwarded_client(headers: &mut HeaderMap, client: &ForwardedClient) {
+    headers.remove(&X_FORWARDED_CLIENT_CERT);
+    if let Some(cert) = &client.client_cert {
+        headers.insert(X_FORWARDED_CLIENT_CERT.clone(), cert.clone());
+    }
     let mut earlier = String::new();
     for v in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(s) = v.to_str() {

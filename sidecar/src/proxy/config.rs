@@ -151,6 +151,8 @@ pub struct ProxyConfig {
     /// (it would loop on itself): a self-test against the kernel once the listeners are bound
     /// ([`crate::net::own_connections_captured`]). `sidecar run` sets it.
     pub refuse_if_captured: bool,
+    /// The workload identity for mesh TLS (`--identity-dir`); `None`: no mesh TLS at all.
+    pub identity: Option<Arc<crate::identity::IdentityStore>>,
 }
 
 impl ProxyConfig {
@@ -174,6 +176,7 @@ impl ProxyConfig {
             max_connections: DEFAULT_MAX_DOWNSTREAM_CONNECTIONS,
             inbound_max_connections: DEFAULT_INBOUND_MAX_CONNECTIONS,
             refuse_if_captured: false,
+            identity: None,
         }
     }
 }

@@ -20,11 +20,12 @@ use http::uri::Authority;
 use nix::sys::socket::{recv, setsockopt, sockopt, MsgFlags};
 use tokio::net::{TcpSocket, TcpStream};
 
+pub(crate) use super::mesh::{Conn, Mesh, Plan};
 use crate::error::ConnectError;
 use crate::policy::PolicyStore;
 
-/// A connect that may still be in progress.
-pub(crate) type Dialling = Pin<Box<dyn Future<Output = Result<TcpStream, ConnectError>> + Send>>;
+/// A connect (and its mesh TLS handshake) that may still be in progress.
+pub(crate) type Dialling = Pin<Box<dyn Future<Output = Result<Conn, ConnectError>> + Send>>;
 
 pub use crate::net::INBOUND_PASSTHROUGH_V4;
 
@@ -87,13 +88,40 @@ pub(crate) async fn dial(
     Ok(stream)
 }
 
+/// Dials `addr` per `plan`: plaintext, or mesh TLS (falling back to a fresh plaintext
+/// connection where the plan allows).
+pub(crate) async fn dial_conn(
+    addr: SocketAddr,
+    timeout: Duration,
+    source: Source,
+    plan: Plan,
+    mesh: Arc<Mesh>,
+) -> Result<Conn, ConnectError> {
+    let tcp = dial(addr, timeout, source).await?;
+    mesh.connect(tcp, addr, &plan, timeout, || dial(addr, timeout, source))
+        .await
+}
+
 /// Starts dialling now; the returned future can be moved around (and parked) while in flight.
-pub(crate) fn start_dial(addr: SocketAddr, timeout: Duration, source: Source) -> Dialling {
-    Box::pin(dial(addr, timeout, source))
+pub(crate) fn start_dial(
+    addr: SocketAddr,
+    timeout: Duration,
+    source: Source,
+    plan: &Plan,
+    mesh: &Arc<Mesh>,
+) -> Dialling {
+    Box::pin(dial_conn(
+        addr,
+        timeout,
+        source,
+        plan.clone(),
+        Arc::clone(mesh),
+    ))
 }
 
 /// True if an idle connection still looks usable: no EOF and no unsolicited bytes waiting.
-/// (An HTTP/1 server that sent something before our first request is closing or confused.)
+/// (An HTTP/1 server that sent something before our first request is closing or confused; a
+/// mesh peer sends nothing unprompted either: no session tickets, see `identity::verify`.)
 pub(crate) fn is_fresh(stream: &TcpStream) -> bool {
     let mut byte = [0u8; 1];
     matches!(
@@ -108,7 +136,7 @@ pub(crate) fn is_fresh(stream: &TcpStream) -> bool {
 
 /// An upstream connection made during detection, offered to whoever next dials its destination.
 pub(crate) enum Predial {
-    Ready(TcpStream),
+    Ready(Conn),
     Dialling(Dialling),
 }
 
@@ -119,9 +147,9 @@ impl Predial {
     pub(crate) async fn into_stream(
         self,
         server_may_speak: bool,
-    ) -> Result<Option<TcpStream>, ConnectError> {
+    ) -> Result<Option<Conn>, ConnectError> {
         match self {
-            Predial::Ready(s) if server_may_speak || is_fresh(&s) => Ok(Some(s)),
+            Predial::Ready(s) if server_may_speak || is_fresh(s.tcp()) => Ok(Some(s)),
             Predial::Ready(_) => Ok(None),
             Predial::Dialling(f) => f.await.map(Some),
         }
@@ -226,10 +254,16 @@ pub(crate) struct Connector {
     /// Where the connect timeout of a destination comes from.
     pub(crate) policies: Arc<PolicyStore>,
     pub(crate) source: Source,
+    pub(crate) mesh: Arc<Mesh>,
 }
 
 impl Connector {
-    pub(crate) async fn open(&self, authority: &Authority) -> Result<TcpStream, ConnectError> {
+    /// A connection to `authority`, per `plan` (mesh TLS or plaintext).
+    pub(crate) async fn open(
+        &self,
+        authority: &Authority,
+        plan: &Plan,
+    ) -> Result<Conn, ConnectError> {
         let host = authority.host();
         let port = authority.port_u16().unwrap_or(80);
         let connect_timeout = match self.source {
@@ -244,7 +278,8 @@ impl Connector {
                     return Ok(stream);
                 }
             }
-            return dial(addr, connect_timeout, self.source).await;
+            let mesh = Arc::clone(&self.mesh);
+            return dial_conn(addr, connect_timeout, self.source, plan.clone(), mesh).await;
         }
         let addrs = tokio::net::lookup_host((host, port))
             .await
@@ -252,7 +287,8 @@ impl Connector {
         let mut last = None;
         for addr in addrs {
             match dial(addr, connect_timeout, self.source).await {
-                Ok(s) => return Ok(s),
+                // `--target` mode by name: never mesh TLS (it is for intercepted destinations).
+                Ok(s) => return Ok(Conn::Plain(s)),
                 Err(e) => last = Some(e),
             }
         }
@@ -279,7 +315,7 @@ mod tests {
         let s = dial(dst, Duration::from_secs(5), Source::Any)
             .await
             .unwrap();
-        let guard = stash.put(dst, Predial::Ready(s));
+        let guard = stash.put(dst, Predial::Ready(Conn::Plain(s)));
         assert_eq!(stash.len(), 1);
         drop(guard);
         assert_eq!(stash.len(), 0);
@@ -292,7 +328,13 @@ mod tests {
         let stash = Arc::new(Stash::default());
         let guard = stash.put(
             dst,
-            Predial::Dialling(start_dial(dst, Duration::from_secs(5), Source::Any)),
+            Predial::Dialling(start_dial(
+                dst,
+                Duration::from_secs(5),
+                Source::Any,
+                &Plan::Plain,
+                &Mesh::disabled(),
+            )),
         );
         let taken = stash.take(dst).expect("parked");
         drop(guard);

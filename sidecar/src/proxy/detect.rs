@@ -153,20 +153,8 @@ pub fn classify(buf: &[u8], inbound: bool) -> Detection {
     }
 }
 
-/// True if the upstream's first bytes are an HTTP/2 frame header of a SETTINGS frame
-/// (type 4, no flags, stream 0): the server connection preface of RFC 9113 3.4.
-pub(crate) fn starts_with_h2_settings(stream: &TcpStream) -> bool {
-    let mut head = [0u8; 9];
-    match recv(
-        stream.as_raw_fd(),
-        &mut head,
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-    ) {
-        Ok(9) => is_h2_settings_header(&head),
-        _ => false,
-    }
-}
-
+/// True if `head` is the frame header of an HTTP/2 SETTINGS frame (type 4, no flags, stream 0):
+/// the server connection preface of RFC 9113 3.4.
 pub(crate) fn is_h2_settings_header(head: &[u8; 9]) -> bool {
     let length = u32::from_be_bytes([0, head[0], head[1], head[2]]);
     // SETTINGS payloads are 6-byte entries; 16384 is the smallest maximum frame size.
@@ -201,6 +189,114 @@ pub(crate) async fn client_bytes(
         .await
 }
 
+/// The largest TLS record a ClientHello may arrive in (RFC 8446 5.1: 2^14 bytes of payload, plus
+/// the 5-byte header).
+pub const MAX_HELLO_RECORD: usize = 5 + 16_384;
+
+/// What the first TLS record of a client says about mesh TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hello {
+    /// Not all of the first record is here yet: this many bytes are needed.
+    NeedMore(usize),
+    /// A ClientHello offering the mesh ALPN protocol: a sidecar's.
+    Mesh,
+    /// Anything else: the app's own TLS, or not TLS at all.
+    Other,
+}
+
+/// True if `buf` may start a TLS handshake record (content type 22, version 3.x).
+pub fn looks_like_tls(buf: &[u8]) -> bool {
+    buf.first() == Some(&22) && buf.get(1).is_none_or(|v| *v == 3)
+}
+
+/// Reads the first TLS record for a ClientHello offering `alpn` (only the first record: a
+/// sidecar's ClientHello always fits in one). Never panics on any input.
+pub fn client_hello(buf: &[u8], alpn: &[u8]) -> Hello {
+    if buf.len() < 5 {
+        return if buf.is_empty() || looks_like_tls(buf) {
+            Hello::NeedMore(5)
+        } else {
+            Hello::Other
+        };
+    }
+    if buf[0] != 22 || buf[1] != 3 {
+        return Hello::Other;
+    }
+    let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+    if len == 0 || 5 + len > MAX_HELLO_RECORD {
+        return Hello::Other;
+    }
+    if buf.len() < 5 + len {
+        return Hello::NeedMore(5 + len);
+    }
+    match offers_alpn(&buf[5..5 + len], alpn) {
+        Some(true) => Hello::Mesh,
+        _ => Hello::Other,
+    }
+}
+
+/// A cursor over a byte slice: every read is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<usize> {
+        self.take(1).map(|b| usize::from(b[0]))
+    }
+    fn u16(&mut self) -> Option<usize> {
+        self.take(2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    }
+    fn vec8(&mut self) -> Option<&'a [u8]> {
+        let n = self.u8()?;
+        self.take(n)
+    }
+    fn vec16(&mut self) -> Option<&'a [u8]> {
+        let n = self.u16()?;
+        self.take(n)
+    }
+}
+
+/// Whether the handshake message(s) in `record` start with a ClientHello offering `alpn`
+/// (`None`: malformed or cut short).
+fn offers_alpn(record: &[u8], alpn: &[u8]) -> Option<bool> {
+    let mut r = Reader(record);
+    if r.u8()? != 1 {
+        return Some(false);
+    }
+    let body_len = r.take(3)?;
+    let body_len =
+        usize::from(body_len[0]) << 16 | usize::from(body_len[1]) << 8 | usize::from(body_len[2]);
+    let mut hello = Reader(r.take(body_len)?);
+    hello.take(2 + 32)?; // legacy_version, random
+    hello.vec8()?; // legacy_session_id
+    hello.vec16()?; // cipher_suites
+    hello.vec8()?; // legacy_compression_methods
+    let mut extensions = Reader(hello.vec16()?);
+    while !extensions.0.is_empty() {
+        let kind = extensions.u16()?;
+        let data = extensions.vec16()?;
+        if kind == 16 {
+            let mut list = Reader(data);
+            let mut protocols = Reader(list.vec16()?);
+            while !protocols.0.is_empty() {
+                if protocols.vec8()? == alpn {
+                    return Some(true);
+                }
+            }
+            return Some(false);
+        }
+    }
+    Some(false)
+}
+
 pub(crate) async fn wait_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -211,6 +307,57 @@ pub(crate) async fn wait_until(deadline: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real ClientHello (rustls) offering `alpn`.
+    fn hello(alpn: &[&[u8]]) -> Vec<u8> {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn mesh_client_hellos_are_told_apart_from_other_tls() {
+        let ours = b"sidecar.mesh.dev/mtls-1";
+        let mesh = hello(&[ours]);
+        assert_eq!(client_hello(&mesh, ours), Hello::Mesh);
+        assert!(looks_like_tls(&mesh[..1]));
+        for cut in [0, 1, 4, 5, 40, mesh.len() - 1] {
+            let got = client_hello(&mesh[..cut], ours);
+            assert!(
+                matches!(got, Hello::NeedMore(n) if n > cut),
+                "{cut}: {got:?}"
+            );
+        }
+        assert_eq!(
+            client_hello(&hello(&[b"h2", b"http/1.1"]), ours),
+            Hello::Other
+        );
+        assert_eq!(client_hello(&hello(&[]), ours), Hello::Other);
+        // Our protocol among others is still ours.
+        assert_eq!(client_hello(&hello(&[b"h2", ours]), ours), Hello::Mesh);
+        // Not TLS, and a record whose length field lies: never a panic.
+        assert_eq!(client_hello(b"GET / HTTP/1.1\r\n", ours), Hello::Other);
+        let mut lying = mesh.clone();
+        lying[3..5].copy_from_slice(&200u16.to_be_bytes());
+        assert!(matches!(
+            client_hello(&lying, ours),
+            Hello::Other | Hello::Mesh
+        ));
+        for i in 5..mesh.len() {
+            let mut broken = mesh.clone();
+            broken[i] ^= 0xff;
+            let _ = client_hello(&broken, ours);
+        }
+    }
 
     fn out(buf: &[u8]) -> Detection {
         classify(buf, false)

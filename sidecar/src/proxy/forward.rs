@@ -5,6 +5,7 @@
 //! answer, or the local one that says who failed.
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,7 +21,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{debug, warn};
 
-use super::connect::{dial, Predial, Source};
+use super::connect::{dial_conn, Mesh, Predial, Source};
 use super::pool::PooledBody;
 use super::route::Route;
 use super::shared::{Egress, Shared};
@@ -228,9 +229,11 @@ pub(crate) async fn forward_h1(
     let pool_host = match &route.upstream {
         Some(host) => host,
         None => {
-            looked_up = egress
-                .pool
-                .host(&route.authority, route.dest.policy().max_connections);
+            looked_up = egress.pool.host(
+                &route.authority,
+                route.dest.policy().max_connections,
+                route.plan.clone(),
+            );
             &looked_up
         }
     };
@@ -286,6 +289,7 @@ pub(crate) struct H2Upstream {
     /// Policies of the connection's destination (and the dial's connect timeout).
     route: Route,
     source: Source,
+    mesh: Arc<Mesh>,
     state: tokio::sync::Mutex<H2State>,
 }
 
@@ -301,11 +305,13 @@ impl H2Upstream {
         route: Route,
         source: Source,
         predial: Option<Predial>,
+        mesh: Arc<Mesh>,
     ) -> Self {
         H2Upstream {
             dst,
             route,
             source,
+            mesh,
             state: tokio::sync::Mutex::new(H2State {
                 predial,
                 sender: None,
@@ -331,9 +337,15 @@ impl H2Upstream {
         };
         let stream = match predialled {
             Some(stream) => stream,
-            None => dial(self.dst, timeout, self.source)
-                .await
-                .map_err(connect_failed)?,
+            None => dial_conn(
+                self.dst,
+                timeout,
+                self.source,
+                self.route.plan.clone(),
+                Arc::clone(&self.mesh),
+            )
+            .await
+            .map_err(connect_failed)?,
         };
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())

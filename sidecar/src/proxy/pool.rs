@@ -33,7 +33,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::connect::Connector;
+use super::connect::{Connector, Plan};
 use crate::error::{Chain, ConnectError, Failed};
 use crate::metrics::PoolMetrics;
 use crate::policy::retry::UpstreamBody;
@@ -52,18 +52,20 @@ pub(crate) struct Pool {
     hosts: Mutex<HashMap<Key, Arc<Host>>>,
 }
 
-/// A destination: an address (interception mode, and IP-literal targets) or a name.
+/// A destination: an address (interception mode, and IP-literal targets) or a name; and
+/// whether its connections are mesh TLS (never mixed in one host: a connection that fell back
+/// to plaintext under a mesh host serves its one exchange and is closed).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Key {
-    Addr(SocketAddr),
-    Name(Authority),
+    Addr(SocketAddr, bool),
+    Name(Authority, bool),
 }
 
 impl Key {
-    fn of(authority: &Authority) -> Key {
+    fn of(authority: &Authority, tls: bool) -> Key {
         match authority.as_str().parse() {
-            Ok(addr) => Key::Addr(addr),
-            Err(_) => Key::Name(authority.clone()),
+            Ok(addr) => Key::Addr(addr, tls),
+            Err(_) => Key::Name(authority.clone(), tls),
         }
     }
 }
@@ -76,6 +78,10 @@ pub(crate) struct Host {
     idle_timeout: Duration,
     metrics: PoolMetrics,
     state: Mutex<HostState>,
+    /// Mesh TLS or not (part of the key), and how to dial, as of the latest downstream
+    /// connection (the identity in force then).
+    tls: bool,
+    plan: Mutex<Plan>,
 }
 
 impl std::fmt::Debug for Host {
@@ -133,19 +139,21 @@ impl Pool {
 
     /// True if `dst` has pooled HTTP/1 connections open: it speaks HTTP/1, so a new client
     /// connection to it has no server greeting to wait for.
-    pub(crate) fn speaks_http1(&self, dst: SocketAddr) -> bool {
-        let host = lock(&self.hosts).get(&Key::Addr(dst)).cloned();
+    pub(crate) fn speaks_http1(&self, dst: SocketAddr, tls: bool) -> bool {
+        let host = lock(&self.hosts).get(&Key::Addr(dst, tls)).cloned();
         host.is_some_and(|h| lock(&h.state).open > 0)
     }
 
     /// The pool's entry for `authority`, with at most `limit` connections (the destination
     /// policy's; call once per downstream connection, not per request).
-    pub(crate) fn host(&self, authority: &Authority, limit: usize) -> Arc<Host> {
-        let key = Key::of(authority);
+    pub(crate) fn host(&self, authority: &Authority, limit: usize, plan: Plan) -> Arc<Host> {
+        let tls = plan.is_tls();
+        let key = Key::of(authority, tls);
         let limit = limit.max(1);
         let mut hosts = lock(&self.hosts);
         if let Some(host) = hosts.get(&key) {
             host.limit.store(limit, Ordering::Relaxed);
+            *lock(&host.plan) = plan;
             return Arc::clone(host);
         }
         let host = Arc::new(Host {
@@ -154,6 +162,8 @@ impl Pool {
             idle_timeout: self.idle_timeout,
             metrics: self.metrics.clone(),
             state: Mutex::new(HostState::default()),
+            tls,
+            plan: Mutex::new(plan),
         });
         hosts.insert(key, Arc::clone(&host));
         host
@@ -255,11 +265,13 @@ impl Pool {
     /// otherwise carry (and move) its space.
     async fn dial(&self, slot: Slot) -> Result<Lease, Failed> {
         let host = Arc::clone(slot.0.as_ref().expect("an armed slot"));
+        let plan = lock(&host.plan).clone();
         let stream = self
             .connector
-            .open(&host.key)
+            .open(&host.key, &plan)
             .await
             .map_err(|e: ConnectError| Failed::connect(&e))?;
+        let reusable = stream.is_mesh() == host.tls;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Failed::from_error(&e))?;
@@ -272,7 +284,9 @@ impl Pool {
             // not when somebody next looks.
             owner.prune_closed();
         });
-        Ok(slot.fill(sender))
+        let mut lease = slot.fill(sender);
+        lease.reusable = reusable;
+        Ok(lease)
     }
 }
 
@@ -322,6 +336,7 @@ impl Host {
             host: Arc::clone(self),
             sender: Some(sender),
             done: true,
+            reusable: true,
         });
         while let Some(waiter) = state.waiters.pop_front() {
             match waiter.send(grant) {
@@ -375,6 +390,7 @@ impl Slot {
             host,
             sender: Some(sender),
             done: false,
+            reusable: true,
         }
     }
 }
@@ -393,6 +409,9 @@ pub(crate) struct Lease {
     host: Arc<Host>,
     sender: Option<Sender>,
     done: bool,
+    /// False for a connection not of its host's kind (a plaintext fallback under a mesh host):
+    /// closed after its exchange instead of going back.
+    reusable: bool,
 }
 
 impl Lease {
@@ -401,6 +420,7 @@ impl Lease {
             host: Arc::clone(host),
             sender: Some(sender),
             done: false,
+            reusable: true,
         }
     }
 }
@@ -410,7 +430,7 @@ impl Drop for Lease {
         let Some(sender) = self.sender.take() else {
             return;
         };
-        if self.done {
+        if self.done && self.reusable {
             self.host.put_back(sender);
         } else {
             // Dropping the last sender closes the connection once its task sees it.
@@ -519,6 +539,7 @@ mod tests {
             stash: Arc::new(Stash::default()),
             policies: Arc::new(PolicyStore::new(&PolicyConfig::default())),
             source: Source::Any,
+            mesh: crate::proxy::connect::Mesh::disabled(),
         };
         let metrics = PoolMetrics {
             open: IntGauge::new("open", "test").unwrap(),
@@ -544,7 +565,11 @@ mod tests {
             }
         });
         let pool = pool();
-        let host = pool.host(&Authority::try_from(addr.to_string()).unwrap(), 1);
+        let host = pool.host(
+            &Authority::try_from(addr.to_string()).unwrap(),
+            1,
+            Plan::Plain,
+        );
         let mut first = pool.checkout(&host).await.expect("dialled");
         assert_eq!(counts(&host), (1, 0, 0));
 

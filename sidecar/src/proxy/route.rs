@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use http::uri::Authority;
 
+use super::mesh::Plan;
 use super::pool::Host;
 use crate::policy::headers::ForwardedClient;
 use crate::policy::{Destination, Policies};
@@ -31,6 +32,8 @@ pub(crate) struct Route {
     pub(crate) forwarded_for: Option<ForwardedClient>,
     /// HTTP/1: the pool's entry for `authority`, looked up once per connection.
     pub(crate) upstream: Option<Arc<Host>>,
+    /// How upstream connections are made: plaintext or mesh TLS (decided per connection).
+    pub(crate) plan: Plan,
 }
 
 impl Route {

@@ -19,7 +19,7 @@ use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -44,8 +44,8 @@ pub(crate) enum Protocol {
 /// the time and size of a request head, HTTP/2 streams, and dead HTTP/2 peers.
 // The connection's pieces are passed as they are: bundling them would only rename them.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn serve_http<F, Fut>(
-    client: CountedIo<TcpStream>,
+pub(crate) async fn serve_http<I, F, Fut>(
+    client: CountedIo<I>,
     protocol: Protocol,
     limits: &HttpLimits,
     stop: &CancellationToken,
@@ -54,6 +54,7 @@ pub(crate) async fn serve_http<F, Fut>(
     forward: F,
 ) -> Result<(), hyper::Error>
 where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {

@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::config::{ProxyConfig, Resolvers, Telemetry};
-use super::connect::{Connector, Source, Stash};
+use super::connect::{Connector, Mesh, Source, Stash};
 use super::pool::Pool;
 use super::route::{Origin, Route};
 use crate::metrics::access::{Observer, UpstreamName};
@@ -82,12 +82,14 @@ impl Egress {
         source: Source,
         policies: &Arc<PolicyStore>,
         metrics: PoolMetrics,
+        mesh: &Arc<Mesh>,
     ) -> Self {
         let stash = Arc::new(Stash::default());
         let connector = Connector {
             stash: Arc::clone(&stash),
             policies: Arc::clone(policies),
             source,
+            mesh: Arc::clone(mesh),
         };
         let pool = Pool::new(connector, config.pool_idle_timeout, metrics);
         Egress {
@@ -116,6 +118,8 @@ pub(crate) struct Shared {
     /// force, swapped whole on reload.
     pub(crate) policies: Arc<PolicyStore>,
     pub(crate) telemetry: Telemetry,
+    /// Mesh TLS: the identity, and peers found not to be sidecars.
+    pub(crate) mesh: Arc<Mesh>,
     /// Open downstream connections per direction (the drain waits on them).
     pub(crate) active: [Arc<ActiveConns>; 2],
     /// Inbound connections dialled to the app while their client has said nothing yet (see
@@ -176,18 +180,26 @@ impl Shared {
             dest,
             access_log: self.telemetry.access_log,
             peer,
+            peer_id: None,
             upstream: UpstreamName::Name(upstream),
         })
     }
 
     /// How requests of one connection to `dst` are recorded. Shared by the connection's
     /// requests: one reference count per request, no more.
-    pub(crate) fn observer(&self, dir: Dir, dst: SocketAddr, peer: SocketAddr) -> Arc<Observer> {
+    pub(crate) fn observer(
+        &self,
+        dir: Dir,
+        dst: SocketAddr,
+        peer: SocketAddr,
+        peer_id: Option<Arc<str>>,
+    ) -> Arc<Observer> {
         Arc::new(Observer {
             metrics: Arc::clone(&self.telemetry.metrics),
             dest: self.telemetry.metrics.destination(dir, dst),
             access_log: self.telemetry.access_log,
             peer,
+            peer_id,
             upstream: UpstreamName::Addr(dst),
         })
     }

@@ -15,42 +15,55 @@
 //! first gets all the time it needs); only a partial client preface that might still become HTTP
 //! waits (up to `detect_timeout`) for the rest. A connection on which neither side says anything
 //! for the destination's idle timeout (1 h by default) is closed, as an idle opaque one is.
+//!
+//! Mesh TLS ([`super::mesh`]): outbound, the dial is mesh TLS when the plan says so (the
+//! detection above then runs over it unchanged). Inbound, with an identity configured, a client
+//! whose first bytes are TLS has its first record read: a ClientHello offering the mesh ALPN is
+//! terminated and detection starts again on the decrypted stream (the app connection dialled so
+//! far is kept); any other TLS is the app's own and is relayed untouched. A strict port refuses
+//! everything that did not arrive over mesh TLS (HTTP: 403, except probe paths; else a reset).
+//!
+//! Size: about 750 lines: the detection state machine and its three outcomes for both
+//! directions and both kinds of client stream, kept in one place so the transitions can be read
+//! together.
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
-use nix::sys::socket::{recv, MsgFlags};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::connect::{dial, start_dial, Dialling, Predial, Source};
+use super::connect::{dial_conn, start_dial, Conn, Dialling, Mesh, Plan, Predial, Source};
 use super::detect::{
-    classify, client_bytes, starts_with_h2_settings, wait_until, Detection, MAX_DETECT_LEN,
+    classify, client_bytes, client_hello, is_h2_settings_header, looks_like_tls, wait_until,
+    Detection, Hello, MAX_DETECT_LEN,
 };
+use super::forward::error_response;
 use super::forward::{forward_h1, forward_h2, H2Upstream};
+use super::mesh::Downstream;
 use super::route::{Origin, Resolved, Route};
 use super::serve::{serve_http, Protocol};
 use super::shared::{Direction, Shared, SilentDial};
 use crate::error::{Chain, ConnectError, ProxyError};
+use crate::identity::{SpiffeId, MESH_ALPN};
 use crate::metrics::conn::{ConnGuard, CountedIo};
 use crate::metrics::Dir;
 use crate::policy::headers::ForwardedClient;
 use crate::policy::idle::{self, Relayed};
-use crate::policy::Destination;
+use crate::policy::{Destination, InboundMtls};
 
 /// The upstream side while detecting.
 enum Upstream {
     Dialling(Dialling),
-    Ready(TcpStream),
+    Ready(Conn),
     /// Sent an HTTP/2 SETTINGS frame unprompted (Go and hyper h2c servers do): it now waits for
     /// the client's preface, so keep waiting for the client (bounded) instead of going opaque.
-    SentH2Settings(TcpStream),
+    SentH2Settings(Conn),
     /// The connect failed, and why (for the metrics of a reset).
     Failed(ProxyError),
     /// Not dialled: the destination's circuit breaker is open. An HTTP client gets its 503
@@ -62,7 +75,7 @@ enum Event {
     Cancelled,
     /// The client has `n` bytes waiting (0: it closed without sending anything).
     Client(io::Result<usize>),
-    Connected(Result<TcpStream, ConnectError>),
+    Connected(Result<Conn, ConnectError>),
     UpstreamSpoke,
     Deadline,
     Idle,
@@ -76,13 +89,34 @@ enum Decision {
     Reset(ProxyError),
     /// The client failed while we waited: just close.
     Close,
+    /// Inbound: the client's first bytes are TLS (mesh TLS to terminate, or the app's own).
+    Tls,
+}
+
+/// How a downstream connection arrived, for strict ports and `sidecar_mtls_connections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Mtls,
+    Plaintext,
+    /// The app's own TLS, relayed untouched (inbound).
+    Passthrough,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Mtls => "mtls",
+            Mode::Plaintext => "plaintext",
+            Mode::Passthrough => "passthrough",
+        }
+    }
 }
 
 /// Serves one accepted, captured connection; `conn` keeps its books until it closes.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     direction: Direction,
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
     conn: ConnGuard,
 ) {
@@ -94,43 +128,177 @@ pub(crate) async fn serve(
         debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
     }
     let dest = connection_policies(&shared, direction, dst);
-    let mut detecting = Detecting::start(&shared, direction, &client, dst, &dest);
-    let decision = detecting.run(&client, peer).await;
-    // Detection is over: this connection no longer counts as a silent dial.
+    let plan = match direction {
+        Direction::Outbound => {
+            let policies = shared.policies.load();
+            shared
+                .mesh
+                .plan(dst, dest.policy(), &policies.config().mesh)
+        }
+        // To the app, on this host: never mesh TLS.
+        Direction::Inbound { .. } => Plan::Plain,
+    };
+    let mut detecting = Detecting::start(&shared, direction, &mut client, dst, &dest, plan);
+    let decision = detecting.run(&mut client, peer).await;
+    let accepted = Accepted {
+        shared,
+        direction,
+        peer,
+        dst,
+        dest,
+        conn,
+    };
+    if !matches!(decision, Decision::Tls) {
+        // Detection is over: this connection no longer counts as a silent dial.
+        detecting.silent = None;
+        return accepted
+            .finish(client, detecting, decision, Mode::Plaintext)
+            .await;
+    }
+    // Inbound TLS: a sidecar's (terminate it), or the app's own (relay it untouched)?
+    let timeout = accepted.shared.config.detect_timeout;
+    if sniff_hello(&client, timeout).await != Hello::Mesh {
+        detecting.silent = None;
+        return accepted
+            .finish(client, detecting, Decision::Opaque, Mode::Passthrough)
+            .await;
+    }
+    let Some(mut tls) = accepted.shared.mesh.accept(client, peer, timeout).await else {
+        return;
+    };
+    // Detect again on the decrypted stream, keeping the app connection dialled so far.
+    detecting.restart();
+    let decision = detecting.run(&mut tls, peer).await;
     detecting.silent = None;
-    match decision {
-        Decision::Close => {}
-        Decision::Reset(err) => {
-            shared.telemetry.metrics.error(direction.dir(), err);
-            reset(client);
-        }
-        Decision::Opaque => {
-            let up = detecting.upstream;
-            opaque(&shared, direction, &dest, client, conn, up, peer, dst).await;
-        }
-        Decision::Http(protocol) => {
-            let authority = match Authority::from_maybe_shared(Bytes::from(dst.to_string())) {
-                Ok(a) => a,
-                // Not expected for a socket address; if it happens, stay out of the way.
-                Err(_) => {
-                    let up = detecting.upstream;
-                    return opaque(&shared, direction, &dest, client, conn, up, peer, dst).await;
+    accepted.finish(tls, detecting, decision, Mode::Mtls).await;
+}
+
+/// Reads the client's first TLS record (bounded by `timeout` and one record's size): does it
+/// offer mesh TLS?
+async fn sniff_hello(client: &TcpStream, timeout: Duration) -> Hello {
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 5];
+    let mut seen = 0;
+    loop {
+        match client_hello(&buf[..seen], MESH_ALPN) {
+            Hello::NeedMore(n) => {
+                buf.resize(n, 0);
+                match tokio::time::timeout_at(deadline, client_bytes(client, &mut buf, seen)).await
+                {
+                    Ok(Ok(n)) if n > seen => seen = n,
+                    _ => return Hello::Other,
                 }
-            };
-            let predial = match detecting.upstream {
-                Upstream::Ready(s) | Upstream::SentH2Settings(s) => Some(Predial::Ready(s)),
-                Upstream::Dialling(f) => Some(Predial::Dialling(f)),
-                Upstream::Failed(_) | Upstream::Held => None,
-            };
-            let http = HttpConn {
-                direction,
-                peer,
-                dst,
-                authority,
-                predial,
-                dest,
-            };
-            serve_http_conn(shared, http, protocol, CountedIo::new(client, conn)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// A captured connection whose destination and policies are known.
+struct Accepted {
+    shared: Arc<Shared>,
+    direction: Direction,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    dest: Resolved,
+    conn: ConnGuard,
+}
+
+impl Accepted {
+    /// Acts on detection's decision for `client`, which arrived as `mode`.
+    async fn finish<D: Downstream>(
+        self,
+        client: D,
+        detecting: Detecting,
+        decision: Decision,
+        mode: Mode,
+    ) {
+        let Accepted {
+            shared,
+            direction,
+            peer,
+            dst,
+            dest,
+            conn,
+        } = self;
+        let dir = direction.dir();
+        let strict = matches!(direction, Direction::Inbound { .. })
+            && mode != Mode::Mtls
+            && shared.policies.load().config().inbound.mtls_for(dst.port()) == InboundMtls::Strict;
+        match decision {
+            Decision::Close | Decision::Tls => return,
+            Decision::Reset(err) => {
+                shared.telemetry.metrics.error(dir, err);
+                return reset(client.tcp());
+            }
+            _ => {}
+        }
+        if matches!(direction, Direction::Inbound { .. }) {
+            shared.telemetry.metrics.mtls.connection(dir, mode.as_str());
+        }
+        let plan = detecting.plan;
+        match decision {
+            Decision::Opaque if strict => {
+                debug!(%peer, %dst, "plaintext to a strict port; reset");
+                shared
+                    .telemetry
+                    .metrics
+                    .error(dir, ProxyError::InboundMtlsRequired);
+                reset(client.tcp());
+            }
+            Decision::Opaque => {
+                let up = detecting.upstream;
+                let ctx = OpaqueCtx {
+                    shared: &shared,
+                    direction,
+                    dest: &dest,
+                    plan,
+                    peer,
+                    dst,
+                };
+                ctx.run(client, conn, up).await;
+            }
+            Decision::Http(protocol) => {
+                let authority = match Authority::from_maybe_shared(Bytes::from(dst.to_string())) {
+                    Ok(a) => a,
+                    // Not expected for a socket address; if it happens, stay out of the way.
+                    Err(_) => {
+                        let up = detecting.upstream;
+                        let ctx = OpaqueCtx {
+                            shared: &shared,
+                            direction,
+                            dest: &dest,
+                            plan,
+                            peer,
+                            dst,
+                        };
+                        return ctx.run(client, conn, up).await;
+                    }
+                };
+                let predial = match detecting.upstream {
+                    Upstream::Ready(s) | Upstream::SentH2Settings(s) => Some(Predial::Ready(s)),
+                    Upstream::Dialling(f) => Some(Predial::Dialling(f)),
+                    Upstream::Failed(_) | Upstream::Held => None,
+                };
+                if direction == Direction::Outbound {
+                    let mode = if plan.is_tls() { "mtls" } else { "plaintext" };
+                    shared.telemetry.metrics.mtls.connection(dir, mode);
+                }
+                let client_id = client.peer_id().cloned();
+                let http = HttpConn {
+                    direction,
+                    peer,
+                    dst,
+                    authority,
+                    predial,
+                    dest,
+                    plan,
+                    client_id,
+                    strict,
+                };
+                serve_http_conn(shared, http, protocol, CountedIo::new(client, conn)).await;
+            }
+            Decision::Close | Decision::Tls | Decision::Reset(_) => {}
         }
     }
 }
@@ -192,6 +360,11 @@ fn connection_policies(shared: &Shared, direction: Direction, dst: SocketAddr) -
 /// (only set while a partial preface, a drain, a failed dial or a held dial is pending).
 struct Detecting {
     upstream: Upstream,
+    /// How the upstream is dialled (mesh TLS or plaintext).
+    plan: Plan,
+    mesh: Arc<Mesh>,
+    /// Inbound with an identity configured: TLS first bytes end detection ([`Decision::Tls`]).
+    sniff_tls: bool,
     deadline: Option<Instant>,
     buf: [u8; MAX_DETECT_LEN],
     seen: usize,
@@ -220,9 +393,10 @@ impl Detecting {
     fn start(
         shared: &Shared,
         direction: Direction,
-        client: &TcpStream,
+        client: &mut TcpStream,
         dst: SocketAddr,
         dest: &Destination,
+        plan: Plan,
     ) -> Detecting {
         let egress = shared.egress(direction);
         let inbound = matches!(direction, Direction::Inbound { .. });
@@ -233,10 +407,10 @@ impl Detecting {
         // waiting at accept. Then there is nothing to gain from dialling at once (the upstream
         // cannot have spoken first), and the keep-alive pool may hold an idle connection: no
         // pre-dial, which saves a connect and a close per client connection under churn.
-        let http1_waiting = matches!(
-            recv(client.as_raw_fd(), &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
-            Ok(n) if n > 0 && matches!(classify(&buf[..n], inbound), Detection::Http1)
-        );
+        let waiting = client.peek_now(&mut buf);
+        let http1_waiting =
+            waiting > 0 && matches!(classify(&buf[..waiting], inbound), Detection::Http1);
+        let mesh = Arc::clone(&shared.mesh);
         let mut deadline = None;
         // A destination the pool is talking HTTP/1 to has no greeting to wait for either: hold
         // the dial until the client speaks (or, for a client that stays silent for
@@ -256,7 +430,7 @@ impl Detecting {
             // Server-speaks-first protocols would wait for a dial that never comes: bounded.
             deadline = Some(Instant::now() + detect_timeout);
             Upstream::Held
-        } else if egress.pool.speaks_http1(dst) {
+        } else if egress.pool.speaks_http1(dst, plan.is_tls()) {
             dial_at_deadline = true;
             deadline = Some(Instant::now() + detect_timeout);
             Upstream::Held
@@ -264,7 +438,13 @@ impl Detecting {
             match SilentDial::try_take(count) {
                 Some(share) => {
                     silent = Some(share);
-                    Upstream::Dialling(start_dial(dst, connect_timeout, egress.source))
+                    Upstream::Dialling(start_dial(
+                        dst,
+                        connect_timeout,
+                        egress.source,
+                        &plan,
+                        &mesh,
+                    ))
                 }
                 // Too many silent clients dialled already: this one waits until it speaks.
                 None => {
@@ -273,10 +453,19 @@ impl Detecting {
                 }
             }
         } else {
-            Upstream::Dialling(start_dial(dst, connect_timeout, egress.source))
+            Upstream::Dialling(start_dial(
+                dst,
+                connect_timeout,
+                egress.source,
+                &plan,
+                &mesh,
+            ))
         };
         Detecting {
             upstream,
+            plan,
+            mesh,
+            sniff_tls: inbound && shared.config.identity.is_some(),
             deadline,
             buf,
             seen: 0,
@@ -296,6 +485,17 @@ impl Detecting {
         }
     }
 
+    /// Starts over on the decrypted stream of a terminated mesh connection (the upstream
+    /// dialled so far is kept); TLS inside it is the app's own.
+    fn restart(&mut self) {
+        self.seen = 0;
+        self.buf = [0u8; MAX_DETECT_LEN];
+        self.sniff_tls = false;
+        self.draining = false;
+        self.deadline = None;
+        self.idle_deadline = Instant::now() + self.idle;
+    }
+
     /// Brings the deadline forward to at most `detect_timeout` from now.
     fn at_most_detect_timeout(&mut self) {
         let limit = Instant::now() + self.detect_timeout;
@@ -303,7 +503,7 @@ impl Detecting {
     }
 
     /// Waits until it is clear what the connection is.
-    async fn run(&mut self, client: &TcpStream, peer: SocketAddr) -> Decision {
+    async fn run<D: Downstream>(&mut self, client: &mut D, peer: SocketAddr) -> Decision {
         let dst = self.dst;
         loop {
             let seen = self.seen;
@@ -316,7 +516,7 @@ impl Detecting {
                 // Upstream first: if both have spoken, opaque is always safe (and an h2 server's
                 // SETTINGS frame is recognised below, so h2c is still detected).
                 event = upstream_event(&mut self.upstream) => event,
-                n = client_bytes(client, &mut self.buf, seen) => Event::Client(n),
+                n = client.peek_more(&mut self.buf, seen) => Event::Client(n),
                 _ = wait_until(self.deadline) => Event::Deadline,
                 // Neither side has said anything for the idle timeout: the same bound as an
                 // opaque connection on which nothing moves.
@@ -347,14 +547,22 @@ impl Detecting {
                             }
                         }
                     }
-                    self.upstream =
-                        Upstream::Dialling(start_dial(dst, self.connect_timeout, self.source));
+                    self.upstream = Upstream::Dialling(start_dial(
+                        dst,
+                        self.connect_timeout,
+                        self.source,
+                        &self.plan,
+                        &self.mesh,
+                    ));
                     // A partial preface still gets its own `detect_timeout` from now.
                     self.deadline = (self.seen > 0).then(|| Instant::now() + self.detect_timeout);
                 }
                 Event::Client(Ok(0)) => return Decision::Opaque,
                 Event::Client(Ok(n)) => {
                     self.seen = n;
+                    if self.sniff_tls && looks_like_tls(&self.buf[..n]) {
+                        return Decision::Tls;
+                    }
                     match classify(&self.buf[..n], self.inbound) {
                         Detection::Http1 => return Decision::Http(Protocol::Http1),
                         Detection::Http2 => return Decision::Http(Protocol::Http2),
@@ -383,8 +591,13 @@ impl Detecting {
                 }
                 Event::UpstreamSpoke => {
                     match std::mem::replace(&mut self.upstream, Upstream::Held) {
-                        Upstream::Ready(s) if starts_with_h2_settings(&s) => {
-                            self.upstream = Upstream::SentH2Settings(s);
+                        Upstream::Ready(mut s) => {
+                            if sent_h2_settings(&mut s) {
+                                self.upstream = Upstream::SentH2Settings(s);
+                            } else {
+                                self.upstream = Upstream::Ready(s);
+                                return Decision::Opaque;
+                            }
                         }
                         other => {
                             self.upstream = other;
@@ -412,15 +625,20 @@ struct HttpConn {
     authority: Authority,
     predial: Option<Predial>,
     dest: Resolved,
+    plan: Plan,
+    /// The client's SPIFFE ID (inbound mesh TLS): `x-forwarded-client-cert`, the access log.
+    client_id: Option<SpiffeId>,
+    /// Plaintext to a strict port: only probe paths are served.
+    strict: bool,
 }
 
 /// Serves a captured HTTP connection: HTTP/1 through the direction's pool (the pre-dialled
 /// connection parked for it), h2c over one upstream h2 connection of its own.
-async fn serve_http_conn(
+async fn serve_http_conn<D: Downstream>(
     shared: Arc<Shared>,
     conn: HttpConn,
     protocol: Protocol,
-    client: CountedIo<TcpStream>,
+    client: CountedIo<D>,
 ) {
     let HttpConn {
         direction,
@@ -429,9 +647,22 @@ async fn serve_http_conn(
         authority,
         predial,
         dest,
+        plan,
+        client_id,
+        strict,
     } = conn;
     debug!(dir = direction.name(), %peer, %dst, ?protocol, "http");
-    let observer = shared.observer(direction.dir(), dst, peer);
+    let observer = shared.observer(
+        direction.dir(),
+        dst,
+        peer,
+        client_id.as_ref().map(|id| Arc::from(id.as_str())),
+    );
+    let route_client = RouteClient {
+        peer,
+        id: client_id,
+        plan,
+    };
     let stop = shared.stop_token(direction.dir()).clone();
     let limit = shared.config.detect_timeout;
     let svc_shared = Arc::clone(&shared);
@@ -440,12 +671,23 @@ async fn serve_http_conn(
             // Parked until the pool's connector takes it; removed when this connection ends.
             let _parked = predial.map(|p| shared.egress(direction).stash.put(dst, p));
             let route = Arc::new(route_for(
-                &shared, direction, authority, dst, peer, dest, true,
+                &shared,
+                direction,
+                authority,
+                dst,
+                route_client,
+                dest,
+                true,
             ));
-            let forward = move |req| {
+            let forward = move |req: http::Request<hyper::body::Incoming>| {
                 let shared = Arc::clone(&svc_shared);
                 let route = Arc::clone(&route);
-                async move { forward_h1(&shared, shared.egress(direction), &route, req).await }
+                async move {
+                    if strict && !is_probe(&shared, &req) {
+                        return error_response(ProxyError::InboundMtlsRequired);
+                    }
+                    forward_h1(&shared, shared.egress(direction), &route, req).await
+                }
             };
             serve_http(
                 client,
@@ -460,12 +702,26 @@ async fn serve_http_conn(
         }
         Protocol::Http2 => {
             let source = shared.egress(direction).source;
-            let route = route_for(&shared, direction, authority, dst, peer, dest, false);
-            let upstream = Arc::new(H2Upstream::new(dst, route, source, predial));
-            let forward = move |req| {
+            let route = route_for(
+                &shared,
+                direction,
+                authority,
+                dst,
+                route_client,
+                dest,
+                false,
+            );
+            let mesh = Arc::clone(&shared.mesh);
+            let upstream = Arc::new(H2Upstream::new(dst, route, source, predial, mesh));
+            let forward = move |req: http::Request<hyper::body::Incoming>| {
                 let shared = Arc::clone(&svc_shared);
                 let upstream = Arc::clone(&upstream);
-                async move { forward_h2(&shared, &upstream, req).await }
+                async move {
+                    if strict && !is_probe(&shared, &req) {
+                        return error_response(ProxyError::InboundMtlsRequired);
+                    }
+                    forward_h2(&shared, &upstream, req).await
+                }
             };
             serve_http(
                 client,
@@ -487,17 +743,46 @@ async fn serve_http_conn(
     }
 }
 
+/// A plaintext request a strict port still serves: a kubelet probe path (`[inbound]
+/// probe_paths`).
+fn is_probe(shared: &Shared, req: &http::Request<hyper::body::Incoming>) -> bool {
+    shared
+        .policies
+        .load()
+        .config()
+        .inbound
+        .is_probe(req.method(), req.uri().path())
+}
+
+/// Who the client of an HTTP connection is, and how its upstream connections are made.
+struct RouteClient {
+    peer: SocketAddr,
+    id: Option<SpiffeId>,
+    plan: Plan,
+}
+
 /// Where the HTTP requests of one connection go, under which policies.
 fn route_for(
     shared: &Shared,
     direction: Direction,
     authority: Authority,
     dst: SocketAddr,
-    peer: SocketAddr,
+    client: RouteClient,
     dest: Resolved,
     http1: bool,
 ) -> Route {
     let outbound = direction == Direction::Outbound;
+    let RouteClient { peer, id, plan } = client;
+    let forwarded_for = (!outbound).then(|| {
+        let client = ForwardedClient::new(peer.ip());
+        match &id {
+            Some(id) => {
+                let own = shared.mesh.own_id();
+                client.with_client_cert(own.as_ref().map(SpiffeId::as_str), id.as_str())
+            }
+            None => client,
+        }
+    });
     Route {
         upstream: http1.then(|| {
             // Inbound has its own pool, and its own limit: all of its clients share the app.
@@ -506,7 +791,10 @@ fn route_for(
             } else {
                 shared.config.inbound_max_connections
             };
-            shared.egress(direction).pool.host(&authority, limit)
+            shared
+                .egress(direction)
+                .pool
+                .host(&authority, limit, plan.clone())
         }),
         authority,
         prefix: None,
@@ -521,42 +809,65 @@ fn route_for(
         by_name: outbound,
         default_port: dst.port(),
         // Inbound requests come from other hosts: say who the client was.
-        forwarded_for: (!outbound).then(|| ForwardedClient::new(peer.ip())),
+        forwarded_for,
+        plan,
     }
 }
 
-/// Opaque TCP once the upstream connection is there; a failed connect resets the client.
-// The connection's pieces are passed as they are: bundling them would only rename them.
-#[allow(clippy::too_many_arguments)]
-async fn opaque(
-    shared: &Shared,
+/// What an opaque relay needs to know about its connection.
+struct OpaqueCtx<'a> {
+    shared: &'a Shared,
     direction: Direction,
-    dest: &Destination,
-    client: TcpStream,
-    conn: ConnGuard,
-    upstream: Upstream,
+    dest: &'a Destination,
+    plan: Plan,
     peer: SocketAddr,
     dst: SocketAddr,
-) {
-    let connected = match upstream {
-        Upstream::Ready(s) | Upstream::SentH2Settings(s) => Ok(s),
-        Upstream::Dialling(f) => f.await.map_err(|e| connect_failed(peer, dst, &e)),
-        Upstream::Failed(err) => Err(err),
-        Upstream::Held => {
-            let source = shared.egress(direction).source;
-            dial(dst, dest.policy().connect_timeout, source)
-                .await
-                .map_err(|e| connect_failed(peer, dst, &e))
-        }
-    };
-    match connected {
-        Ok(upstream) => {
-            let idle = dest.policy().idle_timeout;
-            relay(CountedIo::new(client, conn), upstream, peer, dst, idle).await;
-        }
-        Err(err) => {
-            shared.telemetry.metrics.error(direction.dir(), err);
-            reset(client);
+}
+
+impl OpaqueCtx<'_> {
+    /// Opaque TCP once the upstream connection is there; a failed connect resets the client.
+    async fn run<D: Downstream>(self, client: D, conn: ConnGuard, upstream: Upstream) {
+        let OpaqueCtx {
+            shared,
+            direction,
+            dest,
+            plan,
+            peer,
+            dst,
+        } = self;
+        let connected = match upstream {
+            Upstream::Ready(s) | Upstream::SentH2Settings(s) => Ok(s),
+            Upstream::Dialling(f) => f.await.map_err(|e| connect_failed(peer, dst, &e)),
+            Upstream::Failed(err) => Err(err),
+            Upstream::Held => {
+                let source = shared.egress(direction).source;
+                let mesh = Arc::clone(&shared.mesh);
+                dial_conn(dst, dest.policy().connect_timeout, source, plan, mesh)
+                    .await
+                    .map_err(|e| connect_failed(peer, dst, &e))
+            }
+        };
+        match connected {
+            Ok(upstream) => {
+                if direction == Direction::Outbound {
+                    let mode = if upstream.is_mesh() {
+                        "mtls"
+                    } else {
+                        "plaintext"
+                    };
+                    shared
+                        .telemetry
+                        .metrics
+                        .mtls
+                        .connection(Dir::Outbound, mode);
+                }
+                let idle = dest.policy().idle_timeout;
+                relay(CountedIo::new(client, conn), upstream, peer, dst, idle).await;
+            }
+            Err(err) => {
+                shared.telemetry.metrics.error(direction.dir(), err);
+                reset(client.tcp());
+            }
         }
     }
 }
@@ -568,9 +879,9 @@ fn connect_failed(peer: SocketAddr, dst: SocketAddr, e: &ConnectError) -> ProxyE
 
 /// Opaque TCP: bytes that were only peeked are still in the client socket, so the relay sends
 /// them like everything else. Half-closes are propagated; nothing moving for `idle` closes both.
-async fn relay(
-    mut client: CountedIo<TcpStream>,
-    mut upstream: TcpStream,
+async fn relay<D: Downstream>(
+    mut client: CountedIo<D>,
+    mut upstream: Conn,
     peer: SocketAddr,
     dst: SocketAddr,
     idle: Duration,
@@ -587,11 +898,14 @@ async fn relay(
 
 /// Closes with RST so that the client sees a failure (as it would have without us), not an
 /// orderly end of stream.
-fn reset(client: TcpStream) {
-    if let Err(e) = client.set_zero_linger() {
-        debug!(error = %e, "cannot set SO_LINGER 0");
-    }
-    drop(client);
+fn reset(client: &TcpStream) {
+    super::mesh::reset(client);
+}
+
+/// True if the upstream's first bytes are an HTTP/2 SETTINGS frame header (RFC 9113 3.4).
+fn sent_h2_settings(conn: &mut Conn) -> bool {
+    let head = conn.first_bytes();
+    <[u8; 9]>::try_from(head.as_slice()).is_ok_and(|h| is_h2_settings_header(&h))
 }
 
 async fn upstream_event(upstream: &mut Upstream) -> Event {
@@ -599,8 +913,7 @@ async fn upstream_event(upstream: &mut Upstream) -> Event {
         Upstream::Dialling(dialling) => Event::Connected(dialling.await),
         Upstream::Ready(stream) => {
             // Data, EOF and errors all mean "the server acted first": relay opaquely.
-            let mut byte = [0u8; 1];
-            let _ = stream.peek(&mut byte).await;
+            stream.spoke().await;
             Event::UpstreamSpoke
         }
         Upstream::SentH2Settings(_) | Upstream::Failed(_) | Upstream::Held => {

@@ -467,6 +467,8 @@ impl Settings {
                     inbound_max_connections: usize::try_from(inbound_max_connections)
                         .unwrap_or(usize::MAX),
                     refuse_if_captured: true,
+                    // Loaded by `run` (it registers metrics).
+                    identity: None,
                 },
                 workers,
                 drain_timeout,

@@ -1,7 +1,7 @@
 //! Unit tests of [`super`] (`policy/config_file.rs`).
 use super::*;
-use std::time::Duration;
 use http::StatusCode;
+use std::time::Duration;
 
 fn flag<'a>(path: &'static str, value: Option<&'a str>) -> Flag<'a> {
     Flag {
