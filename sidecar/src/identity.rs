@@ -136,7 +136,12 @@ impl Identity {
         })
     }
 
-    /// Seconds until the leaf expires (negative once it has).
+    /// The digest of the three files this identity was read from.
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
+    /// Time until the leaf expires (zero once it has).
     pub fn expires_in(&self, now: SystemTime) -> Duration {
         self.not_after.duration_since(now).unwrap_or_default()
     }

@@ -125,6 +125,8 @@ pub struct Readiness {
     app: Condition,
     /// Inbound at its connection limit: new clients are being refused, send them elsewhere.
     load: Condition,
+    /// A strict mTLS port and no valid workload identity (or one about to expire).
+    identity: Condition,
     draining: AtomicBool,
 }
 
@@ -139,8 +141,23 @@ impl Readiness {
                 required: true,
                 problem: Mutex::new(None),
             },
+            identity: Condition {
+                required: false,
+                problem: Mutex::new(None),
+            },
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// Checks the workload identity too (`--identity-dir`).
+    pub fn with_identity(mut self) -> Readiness {
+        self.identity.required = true;
+        self
+    }
+
+    /// `Err` while a strict mTLS port has no valid identity, or it expires within the margin.
+    pub fn set_identity(&self, result: Result<(), String>) {
+        self.identity.set(result);
     }
 
     pub fn set_listening(&self) {
@@ -182,6 +199,7 @@ impl Readiness {
             ("interception", &self.interception),
             ("app", &self.app),
             ("load", &self.load),
+            ("identity", &self.identity),
         ] {
             if c.required {
                 all.push((name, c.problem().is_none()));
@@ -201,6 +219,7 @@ impl Readiness {
             ("interception", &self.interception),
             ("app", &self.app),
             ("load", &self.load),
+            ("identity", &self.identity),
         ] {
             if let Some(p) = c.problem() {
                 problems.push(format!("{name}: {p}"));
@@ -411,6 +430,7 @@ pub async fn keep_checking(
     probe: Option<AppProbe>,
     interval: Duration,
     load: impl Fn() -> Result<(), String>,
+    identity: impl Fn() -> Result<(), String>,
 ) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -427,6 +447,7 @@ pub async fn keep_checking(
             readiness.set_app(probe.probe().await);
         }
         readiness.set_load(load());
+        readiness.set_identity(identity());
         let now = readiness.check();
         if was_ready.as_ref() != Some(&now.is_ok()) {
             match &now {

@@ -11,6 +11,10 @@
 //! | `SIGHUP` | at once |
 //! | `POST /reload` on the admin port | at once; only from the proxy's own uid (see [`crate::admin`]); answers with the outcome |
 //!
+//! The workload identity (`--identity-dir`, see [`crate::identity`]) reloads the same way: its
+//! three files are polled by content (settled like the config file), and `SIGHUP` and
+//! `/reload` read them again too. A bad set keeps the identity in force.
+//!
 //! A file mounted with `subPath` is a bind mount of one file, which the kubelet never updates:
 //! [`Watch::describe`] says so (log at start, `/config`), and `SIGHUP`/`/reload` still work.
 use std::path::{Path, PathBuf};
@@ -23,6 +27,7 @@ use tokio::signal::unix::Signal;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::identity::IdentityStore;
 use crate::policy::config_file::{KeyError, PolicySource};
 use crate::policy::{Changes, PolicyStore};
 
@@ -178,6 +183,7 @@ pub type Guard = Box<dyn Fn(&Path, &str) -> Vec<KeyError> + Send + Sync>;
 pub struct Reloader {
     source: PolicySource,
     guard: Option<Guard>,
+    identity: Option<Arc<IdentityStore>>,
     store: Arc<PolicyStore>,
     status: Mutex<Status>,
     metrics: ReloadMetrics,
@@ -207,6 +213,7 @@ impl Reloader {
         Reloader {
             source,
             guard,
+            identity: None,
             store,
             status: Mutex::new(Status {
                 sha256,
@@ -221,9 +228,21 @@ impl Reloader {
         }
     }
 
-    /// Reads the file again and puts it in force if it is valid (see the module documentation).
-    /// Blocking (file I/O); reloads run one at a time.
+    /// Reloads `identity` too (on `SIGHUP`, `/reload`, and when its files change).
+    pub fn with_identity(mut self, identity: Option<Arc<IdentityStore>>) -> Reloader {
+        self.identity = identity;
+        self
+    }
+
+    /// Reads the file again and puts it in force if it is valid (see the module documentation);
+    /// on `SIGHUP` and `/reload`, the identity too. Blocking (file I/O); reloads run one at a
+    /// time.
     pub fn reload(&self, cause: Cause) -> Outcome {
+        if cause != Cause::File {
+            if let Some(identity) = &self.identity {
+                identity.reload();
+            }
+        }
         let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
         let loaded = self.source.load();
         let text = loaded.text.and_then(Result::ok);
@@ -336,6 +355,7 @@ impl Reloader {
             })).collect::<Vec<_>>()),
             "watch": self.watch.describe(),
             "sources": sources,
+            "identity": self.identity.as_ref().map(|i| i.status_json()),
         })
     }
 
@@ -427,6 +447,15 @@ pub fn start(reloader: &Arc<Reloader>, mut hangups: Signal, stop: &CancellationT
             run_blocking(&on_signal, Cause::Signal).await;
         }
     });
+    if let Some(identity) = reloader.identity.clone() {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = poll_identity(&identity) => {}
+            }
+        });
+    }
     if let Watch::Polled(path) | Watch::SubPath(path) = reloader.watch.clone() {
         if let Watch::SubPath(_) = reloader.watch {
             warn!("{}", reloader.watch.describe());
@@ -491,6 +520,38 @@ async fn poll(reloader: &Arc<Reloader>, path: &Path) {
         }
         seen = last;
         run_blocking(reloader, Cause::File).await;
+    }
+}
+
+/// Polls the identity files by content; a change is read once they have settled (a
+/// `..data` swap changes all three at once; a writer that replaces them one by one is waited for).
+async fn poll_identity(identity: &Arc<IdentityStore>) {
+    // Compared with the files in force, so that a change made before this task's first turn is
+    // a change too.
+    let mut seen = match identity.current() {
+        Some(current) => Ok(current.digest()),
+        None => identity.snapshot(),
+    };
+    loop {
+        tokio::time::sleep(POLL).await;
+        let now = identity.snapshot();
+        if now == seen {
+            continue;
+        }
+        let started = tokio::time::Instant::now();
+        let mut last = now;
+        let mut still_since = tokio::time::Instant::now();
+        while still_since.elapsed() < SETTLE && started.elapsed() < SETTLE_MAX {
+            tokio::time::sleep(SETTLE_STEP).await;
+            let next = identity.snapshot();
+            if next != last {
+                last = next;
+                still_since = tokio::time::Instant::now();
+            }
+        }
+        seen = last;
+        let store = Arc::clone(identity);
+        let _ = tokio::task::spawn_blocking(move || store.reload()).await;
     }
 }
 

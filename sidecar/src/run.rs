@@ -135,10 +135,17 @@ async fn run(settings: Settings, run_file: file_args::RunFile) -> ExitCode {
     };
     let life = settings.lifecycle.clone();
     let (registry, telemetry) = wiring::telemetry(&settings);
-    let readiness = Arc::new(Readiness::new(
-        life.pin_dir.is_some(),
-        life.app_probe.is_some(),
-    ));
+    let mut readiness = Readiness::new(life.pin_dir.is_some(), life.app_probe.is_some());
+    let identity = settings
+        .identity_dir
+        .clone()
+        .map(|dir| Arc::new(crate::identity::IdentityStore::new(dir, &registry)));
+    if identity.is_some() {
+        readiness = readiness.with_identity();
+    }
+    let readiness = Arc::new(readiness);
+    let mut proxy_config = settings.proxy.clone();
+    proxy_config.identity = identity.clone();
     crate::metrics::register(
         &registry,
         Box::new(lifecycle::gauges::ReadinessCollector::new(Arc::clone(
@@ -150,7 +157,7 @@ async fn run(settings: Settings, run_file: file_args::RunFile) -> ExitCode {
     let logs = wiring::LogForwarder::start(settings.logs.clone());
 
     let resolvers = proxy::Resolvers::kernel();
-    let proxy = match proxy::start_observed(settings.proxy.clone(), resolvers, telemetry).await {
+    let proxy = match proxy::start_observed(proxy_config, resolvers, telemetry).await {
         Ok(p) => p,
         Err(e) => {
             error!(error = %e, "cannot start the proxy");
@@ -163,15 +170,18 @@ async fn run(settings: Settings, run_file: file_args::RunFile) -> ExitCode {
     let background = tokio_util::sync::CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
     let origins = run_file.origins.clone();
-    let reloader = Arc::new(Reloader::new(
-        settings.policy_source.clone(),
-        Arc::clone(proxy.policies()),
-        settings.policy_text.clone(),
-        Some(Box::new(move |path, text| {
-            file_args::restart_required(path, text, &run_file)
-        })),
-        &registry,
-    ));
+    let reloader = Arc::new(
+        Reloader::new(
+            settings.policy_source.clone(),
+            Arc::clone(proxy.policies()),
+            settings.policy_text.clone(),
+            Some(Box::new(move |path, text| {
+                file_args::restart_required(path, text, &run_file)
+            })),
+            &registry,
+        )
+        .with_identity(identity.clone()),
+    );
     reload::start(&reloader, hangups, &background);
     let view = {
         let mut base = config_json(&settings, &proxy);
@@ -191,7 +201,7 @@ async fn run(settings: Settings, run_file: file_args::RunFile) -> ExitCode {
     ) else {
         return ExitCode::FAILURE;
     };
-    wiring::keep_checking(&life, &readiness, &proxy, &background);
+    wiring::keep_checking(&life, &readiness, &proxy, identity, &background);
     let app_done = triggers.watch(&life);
     wiring::log_listening(&settings, &proxy, &admin_addrs);
 

@@ -34,6 +34,7 @@
 pub mod bpf;
 pub mod client;
 pub mod env;
+pub mod mesh;
 pub mod metrics;
 pub mod netns;
 mod pod;

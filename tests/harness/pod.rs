@@ -726,6 +726,34 @@ impl Pod {
         in_namespace(&self.remote_ns, move || client::http_get(target, "/", None))
     }
 
+    /// A client in the remote namespace sends one request (`headers` as `Name: value`).
+    pub fn remote_request(
+        &self,
+        addr: &str,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+        body: &str,
+    ) -> HttpReply {
+        let target = sock(addr);
+        let (method, path, body) = (method.to_owned(), path.to_owned(), body.to_owned());
+        let headers: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+        in_namespace(&self.remote_ns, move || {
+            let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+            client::http_request(
+                target,
+                &client::HttpRequest {
+                    method: &method,
+                    path: &path,
+                    host: None,
+                    headers: &headers,
+                    body: &body,
+                },
+            )
+        })
+        .unwrap_or_else(|e| panic!("request from the remote netns to {addr} failed: {e}"))
+    }
+
     /// A client in the remote namespace sends `bytes` opaque bytes to an echo server at `addr`.
     pub fn remote_echo(&self, addr: &str, bytes: usize) -> EchoReply {
         let target = sock(addr);

@@ -79,6 +79,23 @@ fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<(
             name: "curl".into(),
             found: ctx.find_program("curl").map(|p| p.display().to_string()),
         },
+        // The mTLS tests: tcpdump captures the wire between two pods; openssl is a TLS client
+        // with a certificate of our choosing; redis-server is a real non-HTTP server.
+        DebPackage {
+            name: "tcpdump".into(),
+            found: ctx.find_program("tcpdump").map(|p| p.display().to_string()),
+        },
+        DebPackage {
+            name: "openssl".into(),
+            found: ctx.find_program("openssl").map(|p| p.display().to_string()),
+        },
+        DebPackage {
+            name: "redis-server".into(),
+            found: ctx
+                .find_program("redis-server")
+                .and(ctx.find_program("redis-cli"))
+                .map(|p| p.display().to_string()),
+        },
         DebPackage {
             name: "prometheus".into(),
             found: ctx
@@ -143,6 +160,9 @@ fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<(
             "bpftool" => ctx.find_program("bpftool").is_some(),
             "iproute2" => ctx.find_program("ip").is_some(),
             "curl" => ctx.find_program("curl").is_some(),
+            "tcpdump" => ctx.find_program("tcpdump").is_some(),
+            "openssl" => ctx.find_program("openssl").is_some(),
+            "redis-server" => ctx.find_program("redis-server").is_some(),
             "prometheus" => {
                 ctx.find_program("promtool").is_some() && ctx.find_program("prometheus").is_some()
             }

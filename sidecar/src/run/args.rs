@@ -38,6 +38,12 @@ pub struct RunArgs {
     #[arg(long, env = "SIDECAR_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    /// Workload identity for mesh mTLS: a directory holding tls.crt (leaf and chain), tls.key
+    /// and ca.crt (trust bundle), as csi-driver-spiffe, SPIRE or a TLS Secret write them;
+    /// reloaded when they change. Without it there is no mesh TLS
+    #[arg(long, env = "SIDECAR_IDENTITY_DIR", value_name = "DIR")]
+    pub identity_dir: Option<PathBuf>,
+
     /// Upstream connect timeout [default: 1s]
     #[arg(long, env = "SIDECAR_CONNECT_TIMEOUT", value_name = "DURATION")]
     pub connect_timeout: Option<String>,

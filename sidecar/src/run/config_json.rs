@@ -34,6 +34,8 @@ fn policy_json(policy: &PolicyConfig) -> serde_json::Value {
                 "max_body_bytes": p.retry.max_body_bytes,
                 "backoff": fmt_duration(p.retry.backoff),
             },
+            "mtls": p.mtls.as_str(),
+            "server_identities": p.server_identities.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
         })
     };
     let destinations: Vec<_> = policy
@@ -45,7 +47,22 @@ fn policy_json(policy: &PolicyConfig) -> serde_json::Value {
             v
         })
         .collect();
-    serde_json::json!({ "defaults": one(&policy.defaults), "destinations": destinations })
+    let mesh = &policy.mesh;
+    let inbound = &policy.inbound;
+    serde_json::json!({
+        "defaults": one(&policy.defaults),
+        "destinations": destinations,
+        "mtls": {
+            "mesh_networks": mesh.networks.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            "fallback_ttl": fmt_duration(mesh.fallback_ttl),
+            "expiry_margin": fmt_duration(mesh.expiry_margin),
+        },
+        "inbound": {
+            "mtls": inbound.mtls.as_str(),
+            "ports": inbound.ports.iter().map(|(p, m)| (p.to_string(), serde_json::Value::from(m.as_str()))).collect::<serde_json::Map<_, _>>(),
+            "probe_paths": inbound.probe_paths.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        },
+    })
 }
 
 /// `/config`: the configuration in force, as bound (listener ports resolved).
@@ -120,5 +137,6 @@ pub fn current(
     v["connect_timeout"] = fmt_duration(config.defaults.connect_timeout).into();
     v["request_timeout"] = fmt_duration(config.defaults.request_timeout).into();
     v["config_file"] = reloader.status_json();
+    v["identity"] = v["config_file"]["identity"].take();
     v
 }

@@ -175,6 +175,8 @@ pub struct Settings {
     pub policy_source: PolicySource,
     /// ...and the config file's text they were built from.
     pub policy_text: Option<String>,
+    /// `--identity-dir`: the workload identity for mesh TLS.
+    pub identity_dir: Option<PathBuf>,
 }
 
 impl Settings {
@@ -478,6 +480,10 @@ impl Settings {
                 logs,
                 policy_source,
                 policy_text,
+                identity_dir: args
+                    .identity_dir
+                    .clone()
+                    .filter(|p| !p.as_os_str().is_empty()),
             }),
             _ => Err(ConfigErrors {
                 command: "run",

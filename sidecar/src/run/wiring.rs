@@ -144,9 +144,25 @@ pub(super) fn keep_checking(
     life: &LifecycleSettings,
     readiness: &Arc<Readiness>,
     proxy: &Proxy,
+    identity: Option<Arc<crate::identity::IdentityStore>>,
     stop: &CancellationToken,
 ) {
     let load = proxy.inbound_load();
+    let policies = Arc::clone(proxy.policies());
+    let identity = move || {
+        let Some(store) = &identity else {
+            return Ok(());
+        };
+        let policies = policies.load();
+        let config = policies.config();
+        if !config.inbound.any_strict() {
+            return Ok(());
+        }
+        match store.ready_problem(config.mesh.expiry_margin) {
+            Some(problem) => Err(format!("{problem} (a strict mTLS port needs one)")),
+            None => Ok(()),
+        }
+    };
     let inbound_listeners = proxy.inbound_addrs().len();
     let readiness = Arc::clone(readiness);
     let (pin_dir, probe, interval) = (
@@ -158,7 +174,7 @@ pub(super) fn keep_checking(
     tokio::spawn(async move {
         tokio::select! {
             _ = stop.cancelled() => {}
-            _ = lifecycle::keep_checking(&readiness, pin_dir, inbound_listeners, probe, interval, load) => {}
+            _ = lifecycle::keep_checking(&readiness, pin_dir, inbound_listeners, probe, interval, load, identity) => {}
         }
     });
 }

@@ -85,6 +85,7 @@ fn defaults() -> RunArgs {
         target: None,
         service_name: None,
         config: None,
+        identity_dir: None,
         connect_timeout: None,
         request_timeout: None,
         idle_timeout: None,
