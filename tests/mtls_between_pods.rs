@@ -7,7 +7,7 @@ use std::time::Duration;
 use sidecar_tests::mesh::{
     link, spiffe_id, tls_records, Capture, IdentityDir, MeshCa, LINK_IP_B, MESH_ALPN,
 };
-use sidecar_tests::metrics::{admin_get, value};
+use sidecar_tests::metrics::value;
 use sidecar_tests::{assert_eventually, Pod};
 
 /// Two linked pods with identities from `ca`: A (`ns/a/sa/a`) and B (`ns/b/sa/b`), each with

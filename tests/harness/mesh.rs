@@ -374,3 +374,58 @@ pub fn tls_records(bytes: &[u8]) -> Result<Vec<(u8, usize)>, String> {
     }
     Ok(records)
 }
+
+/// A third-party server (redis-server, openssl s_server) run in a network namespace; killed when
+/// dropped.
+pub struct NetnsServer {
+    child: Child,
+    what: String,
+}
+
+impl NetnsServer {
+    /// Starts `cmd args` in `netns` and waits until `addr` accepts connections there.
+    pub fn start(netns: &str, addr: &str, cmd: &str, args: &[&str]) -> NetnsServer {
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, cmd])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd} (is it installed?): {e}"));
+        let server = NetnsServer {
+            child,
+            what: format!("{cmd} on {addr} in {netns}"),
+        };
+        let target: std::net::SocketAddr = addr.parse().expect("an address");
+        let netns_name = netns.to_owned();
+        let up = crate::eventually(Duration::from_secs(10), || {
+            crate::netns::in_netns(&netns_name, move || {
+                std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok()
+            })
+            .unwrap_or(false)
+        });
+        assert!(up, "{} did not start listening", server.what);
+        server
+    }
+}
+
+impl Drop for NetnsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Serial numbers compared as numbers (DER drops leading zero bytes; tools print colons or not).
+pub fn same_serial(a: &str, b: &str) -> bool {
+    let norm = |s: &str| {
+        s.chars()
+            .filter(char::is_ascii_hexdigit)
+            .collect::<String>()
+            .to_ascii_uppercase()
+            .trim_start_matches('0')
+            .to_owned()
+    };
+    norm(a) == norm(b)
+}

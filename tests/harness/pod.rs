@@ -873,6 +873,25 @@ impl Pod {
         Upstream::websocket(&self.remote_ns, addr, name)
     }
 
+    /// Runs `program args` as the app (in the pod's cgroup and netns, as root) and returns its
+    /// output: a real third-party client (curl, redis-cli) as the app would use it.
+    pub fn app_command(&self, program: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null());
+        self.in_pod(&mut cmd, None);
+        cmd.output()
+            .unwrap_or_else(|e| panic!("run {program} in pod {}: {e}", self.name))
+    }
+
+    /// Starts `program args` as the app, with piped stdin and stdout (a long-lived client).
+    pub fn app_spawn(&self, program: &str, args: &[&str]) -> Child {
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
+        self.in_pod(&mut cmd, None);
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("spawn {program} in pod {}: {e}", self.name))
+    }
+
     /// The app in the pod sends one HTTP/1.1 request (`headers` as `Name: value`).
     pub fn app_request(&self, addr: &str, method: &str, headers: &[&str], body: &str) -> HttpReply {
         let mut args = vec![

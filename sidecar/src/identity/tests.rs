@@ -150,7 +150,7 @@ async fn handshake(
         assert_eq!(s.get_ref().1.alpn_protocol(), Some(MESH_ALPN));
         let mut buf = [0u8; 4];
         s.read_exact(&mut buf).await.map_err(|_| "read")?;
-        s.write_all(id.trust_domain()[..4].as_bytes())
+        s.write_all(&id.trust_domain().as_bytes()[..4])
             .await
             .map_err(|_| "write")?;
         s.flush().await.map_err(|_| "flush")?;

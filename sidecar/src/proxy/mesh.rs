@@ -322,6 +322,7 @@ pub(crate) fn reset(tcp: &TcpStream) {
 }
 
 /// Reads what the peer sent into `ahead` (at most `want` bytes in all) without losing it.
+/// Cancel-safe: bytes land in `ahead` only once a read has completed.
 async fn read_ahead<S: AsyncRead + Unpin>(
     stream: &mut S,
     ahead: &mut Vec<u8>,
@@ -330,19 +331,15 @@ async fn read_ahead<S: AsyncRead + Unpin>(
     if ahead.len() >= want {
         return Ok(ahead.len());
     }
-    let start = ahead.len();
-    ahead.resize(want, 0);
-    match stream.read(&mut ahead[start..]).await {
-        Ok(n) => {
-            ahead.truncate(start + n);
-            Ok(n)
-        }
-        Err(e) => {
-            ahead.truncate(start);
-            Err(e)
-        }
-    }
+    let mut chunk = [0u8; MAX_AHEAD];
+    let room = (want - ahead.len()).min(MAX_AHEAD);
+    let n = stream.read(&mut chunk[..room]).await?;
+    ahead.extend_from_slice(&chunk[..n]);
+    Ok(n)
 }
+
+/// The most read ahead at once (detection looks at 64 bytes).
+const MAX_AHEAD: usize = 64;
 
 /// Serves `ahead` before the stream itself.
 fn poll_read_ahead<S: AsyncRead + Unpin>(
@@ -542,29 +539,23 @@ impl Downstream for MeshServerStream {
         n
     }
 
-    fn peek_more<'a>(
-        &'a mut self,
-        buf: &'a mut [u8],
-        seen: usize,
-    ) -> impl Future<Output = io::Result<usize>> + Send + 'a {
-        async move {
-            loop {
-                if self.ahead.len() > seen {
-                    return Ok(self.peek_now(buf));
+    async fn peek_more(&mut self, buf: &mut [u8], seen: usize) -> io::Result<usize> {
+        loop {
+            if self.ahead.len() > seen {
+                return Ok(self.peek_now(buf));
+            }
+            if self.ahead.len() >= buf.len() {
+                // Nothing more can be shown: wait (detection's deadline decides).
+                std::future::pending::<()>().await;
+            }
+            let want = buf.len();
+            let n = read_ahead(&mut self.tls, &mut self.ahead, want).await?;
+            if n == 0 {
+                if self.ahead.is_empty() {
+                    return Ok(0);
                 }
-                if self.ahead.len() >= buf.len() {
-                    // Nothing more can be shown: wait (detection's deadline decides).
-                    std::future::pending::<()>().await;
-                }
-                let want = buf.len();
-                let n = read_ahead(&mut self.tls, &mut self.ahead, want).await?;
-                if n == 0 {
-                    if self.ahead.is_empty() {
-                        return Ok(0);
-                    }
-                    // Closed after a partial preface: nothing more comes.
-                    std::future::pending::<()>().await;
-                }
+                // Closed after a partial preface: nothing more comes.
+                std::future::pending::<()>().await;
             }
         }
     }
