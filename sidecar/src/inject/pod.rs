@@ -21,6 +21,12 @@ pub const CONFIG_VOLUME: &str = "sidecar-config";
 pub const CONFIG_MOUNT: &str = "/etc/sidecar/config";
 /// ...and the key of the ConfigMap the proxy reads (`SIDECAR_CONFIG`).
 pub const CONFIG_KEY: &str = "policy.toml";
+/// The workload identity for mesh mTLS (`identity` / `identity-secret` annotations), mounted
+/// in the proxy container only, where `SIDECAR_IDENTITY_DIR` points.
+pub const IDENTITY_VOLUME: &str = "sidecar-identity";
+pub const IDENTITY_MOUNT: &str = "/var/run/secrets/sidecar.mesh.dev/identity";
+/// cert-manager's csi-driver-spiffe: writes tls.crt, tls.key and ca.crt, renews them in place.
+pub const CSI_SPIFFE_DRIVER: &str = "spiffe.csi.cert-manager.io";
 /// Where the init container sees the node's cgroup2 hierarchy. Not /sys/fs/cgroup: the container
 /// runtime mounts the container's own (namespaced) cgroup there. Deeper than /sys/fs/cgroup on
 /// purpose: containerd orders mounts by depth, so this one comes after the container's own in
@@ -62,6 +68,8 @@ enum Kind {
     AppProbe,
     /// A Kubernetes object name (DNS subdomain: lower-case letters, digits, `-`, `.`).
     ObjectName,
+    /// `csi-spiffe`.
+    IdentitySource,
 }
 
 /// One row of the annotation table: the annotation (after the prefix), the `SIDECAR_*` variable it
@@ -165,6 +173,16 @@ const ANNOTATIONS: &[Annotation] = &[
         init_env: None,
         kind: Kind::ObjectName,
     },
+    Annotation {
+        name: "identity",
+        init_env: None,
+        kind: Kind::IdentitySource,
+    },
+    Annotation {
+        name: "identity-secret",
+        init_env: None,
+        kind: Kind::ObjectName,
+    },
 ];
 
 /// The names of all annotations, for documentation and error messages.
@@ -203,6 +221,15 @@ impl<'a> Annotations<'a> {
     }
 }
 
+/// Where a pod's workload identity for mesh mTLS comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// A csi-driver-spiffe volume (`sidecar.mesh.dev/identity: csi-spiffe`).
+    CsiSpiffe,
+    /// A TLS Secret with `ca.crt` (cert-manager's Certificate secrets have it).
+    Secret(String),
+}
+
 /// Per-workload settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -214,6 +241,8 @@ pub struct Settings {
     pub app_probe: Option<String>,
     /// The policy ConfigMap (`SIDECAR_CONFIG`, reloaded when the kubelet updates it).
     pub config_map: Option<String>,
+    /// Where the workload identity comes from (`SIDECAR_IDENTITY_DIR`), if anywhere.
+    pub identity: Option<IdentitySource>,
     pub cpu_request: String,
     pub cpu_limit: String,
     pub memory_request: String,
@@ -281,6 +310,7 @@ impl Settings {
         let proxy_log = value_of("proxy-log-level");
         let app_probe = value_of("app-probe");
         let config_map = value_of("config-map");
+        let identity_sources = (value_of("identity"), value_of("identity-secret"));
         let cpu_request = value_of("proxy-cpu-request");
         let cpu_limit = value_of("proxy-cpu-limit");
         let memory_request = value_of("proxy-memory-request");
@@ -320,6 +350,17 @@ impl Settings {
             memory_limit,
             (DEFAULT_PROXY_MEMORY_REQUEST, DEFAULT_PROXY_MEMORY_LIMIT),
         );
+        let identity = match identity_sources {
+            (Some(_), Some(_)) => {
+                errors.push(format!(
+                    "annotations {PREFIX}identity and {PREFIX}identity-secret both set: choose one source of the workload identity"
+                ));
+                None
+            }
+            (Some(_), None) => Some(IdentitySource::CsiSpiffe),
+            (None, Some(secret)) => Some(IdentitySource::Secret(secret)),
+            (None, None) => None,
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -330,6 +371,7 @@ impl Settings {
             proxy_log,
             app_probe,
             config_map,
+            identity,
             cpu_request,
             cpu_limit,
             memory_request,
@@ -389,6 +431,12 @@ fn check(kind: Kind, value: &str) -> Result<(), String> {
         }
         // What `sidecar run` would refuse with exit 64 (a crash-looping proxy) is refused here.
         Kind::AppProbe => crate::lifecycle::AppProbe::parse(value).map(|_| ()),
+        Kind::IdentitySource => match value {
+            "csi-spiffe" => Ok(()),
+            _ => Err(format!(
+                "expected \"csi-spiffe\" (cert-manager's csi-driver-spiffe); for a TLS Secret use {PREFIX}identity-secret"
+            )),
+        },
         Kind::ObjectName => {
             let ok = !value.is_empty()
                 && value.len() <= 253
@@ -400,7 +448,7 @@ fn check(kind: Kind, value: &str) -> Result<(), String> {
             if ok {
                 Ok(())
             } else {
-                Err("expected a ConfigMap name (lower-case letters, digits, '-' and '.')".into())
+                Err("expected an object name (lower-case letters, digits, '-' and '.')".into())
             }
         }
     }
@@ -652,6 +700,14 @@ pub fn proxy_container(s: &Settings) -> Node {
             ("readOnly", Node::bool(true)),
         ]));
     }
+    if s.identity.is_some() {
+        env.push(env_value("SIDECAR_IDENTITY_DIR", IDENTITY_MOUNT));
+        mounts.push(Node::map([
+            ("name", Node::str(IDENTITY_VOLUME)),
+            ("mountPath", Node::str(IDENTITY_MOUNT)),
+            ("readOnly", Node::bool(true)),
+        ]));
+    }
     Node::map([
         ("name", Node::str(PROXY_CONTAINER)),
         ("image", Node::str(&s.image)),
@@ -723,10 +779,43 @@ pub fn volumes(s: &Settings) -> Vec<Result<Node, &'static str>> {
         ])),
         None => Err(CONFIG_VOLUME),
     };
+    let identity = match &s.identity {
+        // The files belong to the proxy's group; the driver renews them in place.
+        Some(IdentitySource::CsiSpiffe) => Ok(Node::map([
+            ("name", Node::str(IDENTITY_VOLUME)),
+            (
+                "csi",
+                Node::map([
+                    ("driver", Node::str(CSI_SPIFFE_DRIVER)),
+                    ("readOnly", Node::bool(true)),
+                    (
+                        "volumeAttributes",
+                        Node::map([(
+                            "csi.cert-manager.io/fs-group",
+                            Node::str(&PROXY_UID.to_string()),
+                        )]),
+                    ),
+                ]),
+            ),
+        ])),
+        // Readable by the proxy's UID without an fsGroup; only the proxy container mounts it.
+        Some(IdentitySource::Secret(name)) => Ok(Node::map([
+            ("name", Node::str(IDENTITY_VOLUME)),
+            (
+                "secret",
+                Node::map([
+                    ("secretName", Node::str(name)),
+                    ("defaultMode", Node::int(0o444)),
+                ]),
+            ),
+        ])),
+        None => Err(IDENTITY_VOLUME),
+    };
     vec![
         Ok(host_dir(BPFFS_VOLUME, "/sys/fs/bpf")),
         Ok(host_dir(CGROUP_VOLUME, "/sys/fs/cgroup")),
         config,
+        identity,
     ]
 }
 

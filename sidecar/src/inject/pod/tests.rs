@@ -106,7 +106,7 @@ fn a_config_map_is_mounted_as_a_directory() {
     .unwrap_err();
     assert!(
         bad.iter()
-            .any(|e| e.contains("config-map") && e.contains("ConfigMap name")),
+            .any(|e| e.contains("config-map") && e.contains("object name")),
         "{bad:?}"
     );
 }
@@ -150,4 +150,56 @@ fn app_containers_may_not_run_as_the_proxy() {
         "sidecar:test"
     )
     .is_ok());
+}
+
+/// `identity: csi-spiffe` mounts a csi-driver-spiffe volume (files owned by the proxy's group),
+/// `identity-secret` a TLS Secret; either sets `SIDECAR_IDENTITY_DIR` in the proxy only.
+#[test]
+fn the_identity_volume_is_mounted_in_the_proxy_only() {
+    let pod = |annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  annotations:\n{annotations}spec:\n  containers:\n  - name: app\n    image: app:1\n"
+        )
+    };
+    let csi = crate::inject::inject(
+        &pod("    sidecar.mesh.dev/identity: csi-spiffe\n"),
+        "sidecar:test",
+    )
+    .unwrap()
+    .output;
+    assert!(csi.contains("driver: spiffe.csi.cert-manager.io"), "{csi}");
+    assert!(
+        csi.contains("csi.cert-manager.io/fs-group: \"1337\""),
+        "{csi}"
+    );
+    assert!(
+        csi.contains("name: SIDECAR_IDENTITY_DIR\n")
+            && csi.contains(&format!("value: {IDENTITY_MOUNT}")),
+        "{csi}"
+    );
+    assert_eq!(
+        csi.matches(&format!("mountPath: {IDENTITY_MOUNT}")).count(),
+        1
+    );
+    let secret = crate::inject::inject(
+        &pod("    sidecar.mesh.dev/identity-secret: web-tls\n"),
+        "sidecar:test",
+    )
+    .unwrap()
+    .output;
+    assert!(secret.contains("secretName: web-tls"), "{secret}");
+    // Re-injected without it: gone.
+    let without = secret.replace("    sidecar.mesh.dev/identity-secret: web-tls\n", "");
+    let again = crate::inject::inject(&without, "sidecar:test")
+        .unwrap()
+        .output;
+    assert!(!again.contains(IDENTITY_VOLUME), "{again}");
+    assert!(!again.contains("SIDECAR_IDENTITY_DIR"), "{again}");
+    for bad in [
+        "    sidecar.mesh.dev/identity: spire\n",
+        "    sidecar.mesh.dev/identity: csi-spiffe\n    sidecar.mesh.dev/identity-secret: web-tls\n",
+    ] {
+        let errors = crate::inject::inject(&pod(bad), "sidecar:test").unwrap_err();
+        assert!(errors.iter().any(|e| e.contains("identity")), "{errors:?}");
+    }
 }
