@@ -90,14 +90,21 @@ fn mtls_leg(checks: &mut Checks) -> Vec<Pod> {
         "   on the wire: {} bytes in {} flows, {}",
         wire.len(),
         flows.len(),
-        if records { "all TLS records" } else { "NOT all TLS" }
+        if records {
+            "all TLS records"
+        } else {
+            "NOT all TLS"
+        }
     );
     checks.check(
         records && !wire.is_empty() && !String::from_utf8_lossy(&wire).contains("HTTP/1.1"),
         "only TLS 1.3 records crossed the wire, no plaintext HTTP",
     );
     checks.check(
-        value(&b, r#"sidecar_mtls_handshakes_total{direction="inbound",result="ok"}"#) == 1.0,
+        value(
+            &b,
+            r#"sidecar_mtls_handshakes_total{direction="inbound",result="ok"}"#,
+        ) == 1.0,
         "B counted one verified mesh handshake",
     );
     drop(app_b);

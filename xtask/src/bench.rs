@@ -474,9 +474,10 @@ impl Meter<'_> {
         Reading {
             cpu_ticks: self
                 .live
-                .proxy_cgroup
-                .as_deref()
-                .map_or(0, |cg| procfs::usage(cg).cpu_ticks),
+                .proxy_cgroups()
+                .iter()
+                .map(|cg| procfs::usage(cg).cpu_ticks)
+                .sum(),
             upstream: procfs::TcpCounters::read(self.upstream_pid),
             listener: procfs::TcpCounters::read(self.listener_pid()),
         }
@@ -496,16 +497,27 @@ impl Meter<'_> {
     }
 
     fn rss_mib(&self) -> Option<f64> {
-        let cg = self.live.proxy_cgroup.as_deref()?;
-        Some(procfs::usage(cg).rss_kib as f64 / MIB)
+        self.live.proxy_cgroup.as_ref()?;
+        let kib: u64 = self
+            .live
+            .proxy_cgroups()
+            .iter()
+            .map(|cg| procfs::usage(cg).rss_kib)
+            .sum();
+        Some(kib as f64 / MIB)
     }
 
-    /// (RSS, PSS, processes) of the proxy.
+    /// (RSS, PSS, processes) of the proxy (both proxies of a pair).
     fn memory(&self) -> Option<(f64, f64, usize)> {
-        let cg = self.live.proxy_cgroup.as_deref()?;
-        let u = procfs::usage(cg);
-        let pss = procfs::pss_total_kib(cg);
-        Some((u.rss_kib as f64 / MIB, pss as f64 / MIB, u.processes))
+        self.live.proxy_cgroup.as_ref()?;
+        let (mut rss, mut pss, mut processes) = (0, 0, 0);
+        for cg in self.live.proxy_cgroups() {
+            let u = procfs::usage(cg);
+            rss += u.rss_kib;
+            processes += u.processes;
+            pss += procfs::pss_total_kib(cg);
+        }
+        Some((rss as f64 / MIB, pss as f64 / MIB, processes))
     }
 }
 

@@ -792,7 +792,7 @@ pub fn volumes(s: &Settings) -> Vec<Result<Node, &'static str>> {
                         "volumeAttributes",
                         Node::map([(
                             "csi.cert-manager.io/fs-group",
-                            Node::str(&PROXY_UID.to_string()),
+                            Node::str(PROXY_UID.to_string()),
                         )]),
                     ),
                 ]),

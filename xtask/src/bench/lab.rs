@@ -147,8 +147,8 @@ pub struct Lab {
     netns: Vec<String>,
     /// Created cgroups, parents before children (removed in reverse).
     cgroups: Vec<PathBuf>,
-    /// `sidecar init` was run on this cgroup with this binary: undo it on drop.
-    ebpf: Option<(PathBuf, PathBuf)>,
+    /// `sidecar init` was run on these cgroups with this binary: undo it on drop.
+    ebpf: Vec<(PathBuf, PathBuf)>,
     procs: Vec<Proc>,
     counter: u32,
     pub failed: bool,
@@ -166,7 +166,7 @@ impl Lab {
             cpus,
             netns: Vec::new(),
             cgroups: Vec::new(),
-            ebpf: None,
+            ebpf: Vec::new(),
             procs: Vec::new(),
             counter: 0,
             failed: false,
@@ -292,6 +292,11 @@ impl Lab {
         Ok(path)
     }
 
+    /// The path of a cgroup of the lab made earlier with [`Lab::cgroup`].
+    pub fn cgroup_path(&self, rel: &str) -> PathBuf {
+        self.cgroup_root.join(rel)
+    }
+
     fn make_cgroup(&mut self, path: &Path) -> Result<()> {
         fs::create_dir(path).with_context(|| format!("cannot create cgroup {}", path.display()))?;
         self.cgroups.push(path.to_path_buf());
@@ -300,11 +305,45 @@ impl Lab {
 
     /// `sidecar init` on `cgroup` (outbound capture only); undone on drop.
     pub fn init_ebpf(&mut self, sidecar: &Path, cgroup: &Path) -> Result<()> {
-        self.ebpf = Some((sidecar.to_path_buf(), cgroup.to_path_buf()));
+        self.init_with(sidecar, cgroup, &["--pod-ip", POD_IP])
+    }
+
+    /// `sidecar init` on `cgroup` with inbound capture in `net` (its address `ip`), as for a pod
+    /// serving there; undone by [`Lab::remove_ebpf`] or on drop.
+    pub fn init_ebpf_inbound(
+        &mut self,
+        sidecar: &Path,
+        cgroup: &Path,
+        net: Net,
+        ip: &str,
+    ) -> Result<()> {
+        let netns = format!("/run/netns/{}", self.netns_name(net));
+        self.init_with(sidecar, cgroup, &["--pod-ip", ip, "--netns", &netns])
+    }
+
+    /// Undoes [`Lab::init_ebpf_inbound`].
+    pub fn remove_ebpf(&mut self, cgroup: &Path) -> Result<()> {
+        let Some(i) = self.ebpf.iter().position(|(_, c)| c == cgroup) else {
+            return Ok(());
+        };
+        let (sidecar, cgroup) = self.ebpf.remove(i);
+        run_quiet(
+            Command::new(&sidecar)
+                .args(["init", "--remove", "--cgroup"])
+                .arg(&cgroup)
+                .env_clear()
+                .env("PATH", CHILD_PATH),
+            "sidecar init --remove",
+        )
+    }
+
+    fn init_with(&mut self, sidecar: &Path, cgroup: &Path, args: &[&str]) -> Result<()> {
+        self.ebpf
+            .push((sidecar.to_path_buf(), cgroup.to_path_buf()));
         let out = Command::new(sidecar)
             .args(["init", "--cgroup"])
             .arg(cgroup)
-            .args(["--pod-ip", POD_IP])
+            .args(args)
             .env_clear()
             .env("PATH", CHILD_PATH)
             .stdin(Stdio::null())
@@ -429,7 +468,7 @@ impl Drop for Lab {
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
-        if let Some((sidecar, cgroup)) = &self.ebpf {
+        for (sidecar, cgroup) in self.ebpf.iter().rev() {
             let ok = Command::new(sidecar)
                 .args(["init", "--remove", "--cgroup"])
                 .arg(cgroup)
@@ -551,14 +590,16 @@ fn sweep_leftovers(cgroup2: &Path, sidecar: &Path) {
             let name = e.file_name().to_string_lossy().into_owned();
             if dead(&name) && e.path().is_dir() {
                 say!("sweep: removing leftover cgroup {}", e.path().display());
-                let pod = e.path().join("pod");
-                if pod.is_dir() {
-                    let _ = Command::new(sidecar)
-                        .args(["init", "--remove", "--cgroup"])
-                        .arg(&pod)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status();
+                for attached in ["pod", "upstream"] {
+                    let pod = e.path().join(attached);
+                    if pod.is_dir() {
+                        let _ = Command::new(sidecar)
+                            .args(["init", "--remove", "--cgroup"])
+                            .arg(&pod)
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .status();
+                    }
                 }
                 remove_cgroup(&e.path());
             }

@@ -24,10 +24,15 @@ pub enum Target {
     Nginx,
     Haproxy,
     Envoy,
+    /// Two sidecars, mesh mTLS between them: the app's sidecar (eBPF capture) and the server's
+    /// (sk_lookup inbound capture in front of the upstream).
+    SidecarMtls,
+    /// Two Envoys with static TLS contexts (mutual TLS 1.3) between them.
+    EnvoyMtls,
 }
 
 impl Target {
-    pub const ALL: [Target; 7] = [
+    pub const ALL: [Target; 9] = [
         Target::Direct,
         Target::SidecarEbpf,
         Target::SidecarIptables,
@@ -35,6 +40,8 @@ impl Target {
         Target::Nginx,
         Target::Haproxy,
         Target::Envoy,
+        Target::SidecarMtls,
+        Target::EnvoyMtls,
     ];
 
     pub fn key(self) -> &'static str {
@@ -46,6 +53,8 @@ impl Target {
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
             Target::Envoy => "envoy",
+            Target::SidecarMtls => "sidecar-mtls",
+            Target::EnvoyMtls => "envoy-mtls",
         }
     }
 
@@ -69,6 +78,14 @@ impl Target {
             Target::Nginx => "nginx reverse proxy, 1 worker, upstream keepalive pool",
             Target::Haproxy => "HAProxy reverse proxy, nbthread 1",
             Target::Envoy => "Envoy reverse proxy, --concurrency 1",
+            Target::SidecarMtls => {
+                "two sidecars, mutual TLS 1.3 between them (the app's, eBPF capture; the \
+                 server's, sk_lookup inbound capture); CPU of both"
+            }
+            Target::EnvoyMtls => {
+                "two Envoys, mutual TLS 1.3 with static TLS contexts; --concurrency 1 each, CPU \
+                 of both"
+            }
         }
     }
 
@@ -83,7 +100,11 @@ impl Target {
             Target::Nginx => 15102,
             Target::Haproxy => 15103,
             Target::Envoy => 15104,
-            Target::Direct | Target::SidecarEbpf | Target::SidecarIptables => OUTBOUND_PORT,
+            Target::EnvoyMtls => 15105,
+            Target::Direct
+            | Target::SidecarEbpf
+            | Target::SidecarIptables
+            | Target::SidecarMtls => OUTBOUND_PORT,
         }
     }
 }
@@ -114,7 +135,27 @@ pub struct Live {
     /// Where the load generator runs and what it requests.
     pub load: Place,
     pub url: String,
+    /// The server side of a two-proxy target, in its own cgroup (its CPU counts too).
+    pub peer: Option<(Proc, PathBuf)>,
+    /// The cgroup `sidecar init` attached to for the server side (removed again on stop).
+    pub ebpf_upstream: Option<PathBuf>,
 }
+
+impl Live {
+    /// Every cgroup whose processes are the proxy (one, or two for the mTLS pairs).
+    pub fn proxy_cgroups(&self) -> Vec<&Path> {
+        self.proxy_cgroup
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(self.peer.as_ref().map(|(_, cg)| cg.as_path()))
+            .collect()
+    }
+}
+
+/// The port the server-side Envoy of `envoy-mtls` listens on (in the upstream's namespace).
+const ENVOY_MTLS_SERVER_PORT: u16 = 15443;
+/// The trust domain of the bench's mesh.
+const TRUST_DOMAIN: &str = "bench.test";
 
 /// Starts the upstream: nginx, 1 worker, a fixed 3-byte answer that echoes `X-Forwarded-By` back
 /// as `X-Seen-Forwarded-By` (how the check proves a request went through a proxy).
@@ -184,7 +225,9 @@ pub fn start(
     let (load, url) = match target {
         Target::Direct => (load_place(Net::Pod, &cgroups.load), upstream_url.clone()),
         // The app asks for the upstream itself; the kernel sends it to the proxy.
-        Target::SidecarEbpf => (load_place(Net::Pod, &cgroups.pod_app), upstream_url.clone()),
+        Target::SidecarEbpf | Target::SidecarMtls => {
+            (load_place(Net::Pod, &cgroups.pod_app), upstream_url.clone())
+        }
         Target::SidecarIptables => (
             load_place(Net::Ipt, &cgroups.load),
             format!("http://{IPT_UPSTREAM_IP}:{UPSTREAM_PORT}/"),
@@ -197,10 +240,19 @@ pub fn start(
         proxy_cgroup: None,
         load,
         url,
+        peer: None,
+        ebpf_upstream: None,
     };
+    match target {
+        Target::SidecarMtls => start_mtls_server(lab, programs, &mut live, true)?,
+        Target::EnvoyMtls => start_mtls_server(lab, programs, &mut live, false)?,
+        _ => {}
+    }
     if target.is_proxy() {
         let cgroup = match target {
-            Target::SidecarEbpf => lab.cgroup(&format!("pod/proxy-{}", next()))?,
+            Target::SidecarEbpf | Target::SidecarMtls => {
+                lab.cgroup(&format!("pod/proxy-{}", next()))?
+            }
             _ => lab.cgroup(&format!("proxy-{key}-{}", next()))?,
         };
         let place = Place {
@@ -212,9 +264,13 @@ pub fn start(
             cgroup: cgroup.clone(),
             cpu: lab.cpus.proxy,
             // Both capture mechanisms exempt uid 1337; the others run as root like the load.
-            proxy_user: target == Target::SidecarEbpf
-                || target == Target::SidecarIptables
-                || target == Target::SidecarAddressed,
+            proxy_user: matches!(
+                target,
+                Target::SidecarEbpf
+                    | Target::SidecarIptables
+                    | Target::SidecarAddressed
+                    | Target::SidecarMtls
+            ),
         };
         let cmd = proxy_command(lab, programs, &place, target, &upstream_url)?;
         live.proc = Some(lab.spawn(key, &cgroup, cmd, None)?);
@@ -222,6 +278,180 @@ pub fn start(
     }
     wait_answering(lab, tools, &mut live)?;
     Ok(live)
+}
+
+/// Mints the bench mesh's identities once (openssl: a P-256 CA, and a leaf per side with a SPIFFE
+/// URI SAN, for both TLS uses): `<lab>/mesh/{client,server}/{tls.crt,tls.key,ca.crt}`.
+fn identities(lab: &Lab) -> Result<PathBuf> {
+    let root = lab.dir.join("mesh");
+    if root.join("server").join("tls.crt").exists() {
+        return Ok(root);
+    }
+    fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+    let openssl = |args: &[&str], dir: &Path| -> Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("cannot run openssl (Debian package openssl)")?;
+        if !out.status.success() {
+            bail!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bench mesh root",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+        &root,
+    )?;
+    for side in ["client", "server"] {
+        let dir = root.join(side);
+        fs::create_dir_all(&dir)?;
+        fs::write(
+            dir.join("ext.cnf"),
+            format!(
+                "subjectAltName=URI:spiffe://{TRUST_DOMAIN}/ns/bench/sa/{side}\n\
+                 extendedKeyUsage=serverAuth,clientAuth\n\
+                 keyUsage=critical,digitalSignature\n\
+                 basicConstraints=critical,CA:FALSE\n"
+            ),
+        )?;
+        openssl(
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "tls.key",
+                "-out",
+                "leaf.csr",
+                "-subj",
+                &format!("/CN={side}"),
+            ],
+            &dir,
+        )?;
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "leaf.csr",
+                "-CA",
+                "../ca.crt",
+                "-CAkey",
+                "../ca.key",
+                "-CAcreateserial",
+                "-out",
+                "tls.crt",
+                "-days",
+                "1",
+                "-extfile",
+                "ext.cnf",
+            ],
+            &dir,
+        )?;
+        fs::copy(root.join("ca.crt"), dir.join("ca.crt"))?;
+        // The sidecars run as uid 1337.
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["tls.crt", "tls.key", "ca.crt"] {
+            fs::set_permissions(dir.join(f), fs::Permissions::from_mode(0o644))?;
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for d in [root.clone(), root.join("client"), root.join("server")] {
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(root)
+}
+
+/// The server side of an mTLS pair, in the upstream's namespace: a sidecar whose inbound capture
+/// (`sidecar init --netns` on the upstream's cgroup) takes the connections to the upstream, or an
+/// Envoy terminating mutual TLS on its own port. Waits until it listens.
+fn start_mtls_server(
+    lab: &mut Lab,
+    programs: &Programs,
+    live: &mut Live,
+    sidecar: bool,
+) -> Result<()> {
+    let mesh = identities(lab)?;
+    let upstream_cgroup = lab.cgroup_path("upstream");
+    let (cgroup, label) = if sidecar {
+        (
+            lab.cgroup(&format!("upstream/proxy-mtls-{}", next()))?,
+            "sidecar-mtls server",
+        )
+    } else {
+        (
+            lab.cgroup(&format!("proxy-envoy-mtls-server-{}", next()))?,
+            "envoy-mtls server",
+        )
+    };
+    let place = Place {
+        net: Net::Up,
+        cgroup: cgroup.clone(),
+        cpu: lab.cpus.proxy,
+        proxy_user: sidecar,
+    };
+    let (cmd, port) = if sidecar {
+        lab.init_ebpf_inbound(&programs.sidecar, &upstream_cgroup, Net::Up, UPSTREAM_IP)?;
+        live.ebpf_upstream = Some(upstream_cgroup);
+        let mut cmd = lab.command(&place, &programs.sidecar);
+        cmd.arg("run")
+            .args(["--service-name", "bench-server"])
+            .arg("--identity-dir")
+            .arg(mesh.join("server"));
+        (cmd, 15006)
+    } else {
+        let conf = lab.file("envoy-mtls-server", "yaml");
+        fs::write(&conf, envoy_mtls_server_conf(&mesh))?;
+        let mut cmd = lab.command(&place, &programs.envoy);
+        cmd.arg("-c")
+            .arg(&conf)
+            .args(["--concurrency", "1", "--disable-hot-restart"])
+            .args(["--log-level", "warn", "--base-id", "7"]);
+        (cmd, ENVOY_MTLS_SERVER_PORT)
+    };
+    let mut proc = lab.spawn(label, &cgroup, cmd, None)?;
+    let pid = proc.pid();
+    let ok = lab::poll(READY_TIMEOUT, || {
+        proc.exited().is_none() && listening(pid, port)
+    });
+    if !ok {
+        bail!(
+            "{label} did not listen on :{port} ({}):\n{}",
+            proc.exited().unwrap_or_else(|| "still running".into()),
+            proc.log_tail()
+        );
+    }
+    live.peer = Some((proc, cgroup));
+    Ok(())
 }
 
 fn next() -> u32 {
@@ -245,6 +475,30 @@ fn proxy_command(
             let mut cmd = lab.command(place, &programs.sidecar);
             // Defaults: outbound 127.0.0.1:15001 (+[::1]), 1 worker; every feature at its default.
             cmd.arg("run").args(["--service-name", "bench"]);
+            cmd
+        }
+        Target::SidecarMtls => {
+            let mesh = lab.dir.join("mesh");
+            let conf = lab.file("sidecar-mtls", "toml");
+            // `require`: a handshake that failed would show as errors, never as plaintext.
+            fs::write(&conf, "[defaults]\nmtls = \"require\"\n")?;
+            let mut cmd = lab.command(place, &programs.sidecar);
+            cmd.arg("run")
+                .args(["--service-name", "bench"])
+                .arg("--identity-dir")
+                .arg(mesh.join("client"))
+                .arg("--config")
+                .arg(&conf);
+            cmd
+        }
+        Target::EnvoyMtls => {
+            let conf = lab.file("envoy-mtls-client", "yaml");
+            fs::write(&conf, envoy_mtls_client_conf(port, &lab.dir.join("mesh")))?;
+            let mut cmd = lab.command(place, &programs.envoy);
+            cmd.arg("-c")
+                .arg(&conf)
+                .args(["--concurrency", "1", "--disable-hot-restart"])
+                .args(["--log-level", "warn", "--base-id", "8"]);
             cmd
         }
         Target::SidecarAddressed => {
@@ -416,6 +670,106 @@ fn envoy_conf(port: u16) -> String {
     )
 }
 
+/// The common TLS context of one side of `envoy-mtls`: TLS 1.3 only, its certificate, the
+/// mesh CA, and the peer's SPIFFE ID required.
+fn envoy_tls_context(dir: &Path, peer: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"common_tls_context:
+            tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}
+            tls_certificates:
+            - certificate_chain: {{ filename: "{d}/tls.crt" }}
+              private_key: {{ filename: "{d}/tls.key" }}
+            validation_context:
+              trusted_ca: {{ filename: "{d}/ca.crt" }}
+              match_typed_subject_alt_names:
+              - san_type: URI
+                matcher: {{ exact: "spiffe://{TRUST_DOMAIN}/ns/bench/sa/{peer}" }}"#
+    )
+}
+
+/// The app side of `envoy-mtls`: plain HTTP in, mutual TLS to the server side.
+fn envoy_mtls_client_conf(port: u16, mesh: &Path) -> String {
+    let tls = envoy_tls_context(&mesh.join("client"), "server");
+    let base = envoy_conf(port);
+    let cluster_at = base.find("  clusters:").unwrap_or(base.len());
+    format!(
+        r#"{}  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    circuit_breakers:
+      thresholds:
+      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        {tls}
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {UPSTREAM_IP}, port_value: {ENVOY_MTLS_SERVER_PORT} }}
+"#,
+        &base[..cluster_at]
+    )
+}
+
+/// The server side of `envoy-mtls`: mutual TLS in (client certificate required), plain HTTP to
+/// the upstream on its own host.
+fn envoy_mtls_server_conf(mesh: &Path) -> String {
+    let tls = envoy_tls_context(&mesh.join("server"), "client");
+    format!(
+        r#"static_resources:
+  listeners:
+  - name: mtls
+    address:
+      socket_address: {{ address: 0.0.0.0, port_value: {ENVOY_MTLS_SERVER_PORT} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          {tls}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: mtls
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: local }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: local
+    type: STATIC
+    connect_timeout: 1s
+    circuit_breakers:
+      thresholds:
+      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}
+    load_assignment:
+      cluster_name: local
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {UPSTREAM_PORT} }}
+"#
+    )
+}
+
 /// Polls with one request at a time until the target answers 200 "ok" from the upstream, with
 /// the proxy's header when there is a proxy, failing fast if the proxy exits.
 fn wait_answering(lab: &mut Lab, tools: &Tools, live: &mut Live) -> Result<()> {
@@ -489,6 +843,13 @@ pub fn stop(lab: &mut Lab, live: Live) -> Result<()> {
     }
     if let Some(cg) = &live.proxy_cgroup {
         lab.remove_cgroup(cg);
+    }
+    if let Some((proc, cg)) = live.peer {
+        lab.stop(proc)?;
+        lab.remove_cgroup(&cg);
+    }
+    if let Some(cg) = &live.ebpf_upstream {
+        lab.remove_ebpf(cg)?;
     }
     Ok(())
 }
