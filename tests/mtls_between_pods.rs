@@ -280,3 +280,38 @@ fn client_certificates_from_elsewhere_are_refused_and_counted() {
     );
     assert!(app.requests().is_empty());
 }
+
+/// A hostile client on a strict port: a TLS record header promising 16 KiB, a few bytes, then
+/// nothing. The proxy reads at most one record for at most `--detect-timeout`, then resets it as
+/// the plaintext it is; nothing reaches the app.
+#[test]
+fn a_client_stalling_in_its_client_hello_is_reset_on_a_strict_port() {
+    use std::io::{Read, Write};
+    let ca = MeshCa::new("mesh root");
+    let config = "[inbound]\nmtls = \"strict\"\n";
+    let (m, echo) = mesh(&ca, config, |b| b.app_echo_server("0.0.0.0:9000", "echo"));
+    let outcome = sidecar_tests::netns::in_netns(m.b.remote_netns(), || {
+        let mut s = std::net::TcpStream::connect("10.200.0.2:9000").map_err(|e| e.to_string())?;
+        s.write_all(&[22, 3, 1, 0x40, 0, 1, 0, 0x3f, 3, 3])
+            .map_err(|e| e.to_string())?;
+        // Far longer than the detect timeout (1 s): the proxy must end it, not this timeout.
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(n) => Ok(format!("closed after {n} bytes")),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok("reset".to_owned()),
+            Err(e) => Err(format!("not ended by the proxy: {e}")),
+        }
+    })
+    .expect("enter the remote netns");
+    assert_eq!(outcome, Ok("reset".to_owned()));
+    assert!(echo.requests().is_empty(), "nothing reached the app");
+    assert_eq!(
+        value(
+            &m.b,
+            r#"sidecar_proxy_errors_total{direction="inbound",reason="inbound-mtls-required"}"#
+        ),
+        1.0
+    );
+}

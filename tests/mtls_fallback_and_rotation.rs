@@ -437,3 +437,79 @@ fn the_apps_own_https_passes_through_untouched() {
         1.0
     );
 }
+
+/// A strict port without an identity: `/ready` says why (the issuer has not written the files
+/// yet); once valid files appear they are loaded without a restart and the pod becomes ready.
+#[test]
+fn a_strict_port_is_not_ready_until_an_identity_arrives() {
+    let ca = MeshCa::new("mesh root");
+    let mut b = Pod::new();
+    let _app = b.app_http_server("0.0.0.0:8080", "b");
+    b.init_with_netns(&[]);
+    let dir = b.log_dir().join("identity");
+    let conf = b.log_dir().join("sidecar.toml");
+    std::fs::write(&conf, "[inbound]\nmtls = \"strict\"\n").unwrap();
+    let (dir_arg, conf_arg) = (dir.display().to_string(), conf.display().to_string());
+    b.start_proxy_with_inbound(&["--identity-dir", &dir_arg, "--config", &conf_arg]);
+    let ready = |pod: &Pod| {
+        sidecar_tests::netns::in_netns(pod.pod_netns(), || {
+            sidecar_tests::client::http_get(
+                std::net::SocketAddr::from(([127, 0, 0, 1], sidecar_tests::metrics::ADMIN_PORT)),
+                "/ready",
+                None,
+            )
+        })
+        .unwrap()
+        .unwrap()
+    };
+    assert_eventually!(
+        RELOAD,
+        {
+            let r = ready(&b);
+            r.status == 503 && r.body.contains("identity: no workload identity")
+        },
+        "/ready names the missing identity: {:?}",
+        ready(&b)
+    );
+    let leaf = ca.leaf(&spiffe_id("b", "b"));
+    let _id = IdentityDir::create(&dir, &leaf, &ca.pem());
+    assert_eventually!(
+        RELOAD,
+        ready(&b).status == 200,
+        "ready once the identity is in force: {:?}",
+        ready(&b)
+    );
+    wait_for_serial(&b, &leaf);
+}
+
+/// `server_identities` pins who the server must be: another workload of the same mesh is refused.
+#[test]
+fn a_pinned_server_identity_refuses_any_other_workload() {
+    let ca = MeshCa::new("mesh root");
+    let mut a = Pod::new();
+    let mut b = Pod::new();
+    link(&a, &b);
+    let app = b.app_http_server("0.0.0.0:8080", "b");
+    let a_id = identity(&a, &ca.leaf(&spiffe_id("a", "a")), &ca.pem());
+    let b_id = identity(&b, &ca.leaf(&spiffe_id("b", "impostor")), &ca.pem());
+    a.init_with_netns(&[]);
+    b.init_with_netns(&[]);
+    let pin = format!(
+        "[[destination]]\nmatch = \"{LINK_IP_B}:8080\"\nserver_identities = [\"{}\"]\n",
+        spiffe_id("b", "b")
+    );
+    start(&mut a, &a_id, Some(&pin));
+    start(&mut b, &b_id, None);
+    let reply = a.app_http(&format!("{LINK_IP_B}:8080"));
+    assert_eq!(reply.status, 502, "{reply:?}");
+    assert_eq!(reply.header("x-sidecar-error"), Some("upstream-mtls-failed"));
+    assert!(app.requests().is_empty());
+    assert_eq!(
+        value(
+            &a,
+            r#"sidecar_mtls_handshakes_total{direction="outbound",result="identity_mismatch"}"#
+        ),
+        // The first attempt and its retries (a failed connect is retried; nothing was sent).
+        3.0
+    );
+}

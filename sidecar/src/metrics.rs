@@ -297,10 +297,22 @@ impl ProxyMetrics {
             max_destinations,
             destinations: RwLock::new(HashMap::new()),
             overflow,
-            mtls: MtlsMetrics {
-                handshakes,
-                connections: mtls_conns,
-                fallbacks,
+            mtls: {
+                // Present from the start (at 0): "no mesh traffic yet" is not "no data".
+                for (dir, mode) in [
+                    ("inbound", "mtls"),
+                    ("inbound", "plaintext"),
+                    ("inbound", "passthrough"),
+                    ("outbound", "mtls"),
+                    ("outbound", "plaintext"),
+                ] {
+                    mtls_conns.with_label_values(&[dir, mode]);
+                }
+                MtlsMetrics {
+                    handshakes,
+                    connections: mtls_conns,
+                    fallbacks,
+                }
             },
         }))
     }

@@ -53,7 +53,7 @@ pub use config::{
     DEFAULT_POOL_IDLE_TIMEOUT,
 };
 pub use connect::INBOUND_PASSTHROUGH_V4;
-pub use detect::{classify, Detection, H2_PREFACE, MAX_DETECT_LEN};
+pub use detect::{classify, client_hello, Detection, Hello, H2_PREFACE, MAX_DETECT_LEN, MAX_HELLO_RECORD};
 pub use forward::{error_response, ProxyBody};
 
 use connect::{Mesh, Plan, Source};

@@ -19,6 +19,8 @@ pub const TARGETS: &[&str] = &[
     "log_records",
     "proc_tables",
     "units",
+    "tls_hello",
+    "spiffe",
 ];
 
 /// Seconds per target in `cargo xtask test`: enough to find a shallow regression, bounded.
