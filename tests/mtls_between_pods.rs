@@ -315,3 +315,38 @@ fn a_client_stalling_in_its_client_hello_is_reset_on_a_strict_port() {
         1.0
     );
 }
+
+/// gRPC (HTTP/2 with trailers) and a WebSocket upgrade travel inside mesh TLS as they do in the
+/// clear: detection runs again on the decrypted stream at B.
+#[test]
+fn grpc_and_websockets_work_inside_mesh_tls() {
+    let ca = MeshCa::new("mesh root");
+    let (m, (grpc, ws)) = mesh(&ca, "[inbound]\nmtls = \"strict\"\n", |b| {
+        (
+            sidecar_tests::Upstream::grpc(b.pod_netns(), "0.0.0.0:50051", "grpc-b"),
+            sidecar_tests::Upstream::websocket(b.pod_netns(), "0.0.0.0:8081", "ws-b"),
+        )
+    });
+    let reply = m.a.app_grpc(&format!("{LINK_IP_B}:50051"), "over mesh tls");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
+    assert!(reply.message.contains("over mesh tls"), "{reply:?}");
+    let seen = grpc.only_request();
+    assert_eq!(
+        seen.header("x-forwarded-client-cert"),
+        Some(format!("By={};URI={}", spiffe_id("b", "b"), spiffe_id("a", "a")).as_str()),
+        "{seen:#?}"
+    );
+    let reply = m.a.app_websocket(&format!("{LINK_IP_B}:8081"), "hello inside mTLS");
+    assert_eq!(reply.status, 101, "{reply:?}");
+    assert!(reply.accept_ok);
+    assert_eq!(reply.echoed, "hello inside mTLS");
+    assert_eq!(ws.requests().len(), 1);
+    assert_eq!(
+        value(
+            &m.b,
+            r#"sidecar_mtls_connections_total{direction="inbound",mode="mtls"}"#
+        ),
+        2.0
+    );
+}
