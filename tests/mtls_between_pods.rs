@@ -337,7 +337,8 @@ fn grpc_and_websockets_work_inside_mesh_tls() {
         Some(format!("By={};URI={}", spiffe_id("b", "b"), spiffe_id("a", "a")).as_str()),
         "{seen:#?}"
     );
-    let reply = m.a.app_websocket(&format!("{LINK_IP_B}:8081"), "hello inside mTLS");
+    let reply =
+        m.a.app_websocket(&format!("{LINK_IP_B}:8081"), "hello inside mTLS");
     assert_eq!(reply.status, 101, "{reply:?}");
     assert!(reply.accept_ok);
     assert_eq!(reply.echoed, "hello inside mTLS");

@@ -502,7 +502,10 @@ fn a_pinned_server_identity_refuses_any_other_workload() {
     start(&mut b, &b_id, None);
     let reply = a.app_http(&format!("{LINK_IP_B}:8080"));
     assert_eq!(reply.status, 502, "{reply:?}");
-    assert_eq!(reply.header("x-sidecar-error"), Some("upstream-mtls-failed"));
+    assert_eq!(
+        reply.header("x-sidecar-error"),
+        Some("upstream-mtls-failed")
+    );
     assert!(app.requests().is_empty());
     assert_eq!(
         value(

@@ -124,6 +124,8 @@ pub enum ProxyError {
     ProxyNoIdentity,
     /// A strict inbound port got a plaintext request (HTTP 403) or connection (reset).
     InboundMtlsRequired,
+    /// Inbound authorization denied the request (HTTP 403, gRPC status 7) or connection (reset).
+    InboundAuthzDenied,
 }
 
 /// Who failed, for logs, metrics labels and the error header.
@@ -175,6 +177,7 @@ impl ProxyError {
             ProxyError::UpstreamMtls => "upstream-mtls-failed",
             ProxyError::ProxyNoIdentity => "proxy-no-identity",
             ProxyError::InboundMtlsRequired => "inbound-mtls-required",
+            ProxyError::InboundAuthzDenied => "inbound-authz-denied",
         }
     }
 
@@ -186,7 +189,9 @@ impl ProxyError {
             ProxyError::UpstreamBreakerOpen
             | ProxyError::ProxyLocalResources
             | ProxyError::ProxyNoIdentity => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::InboundMtlsRequired => StatusCode::FORBIDDEN,
+            ProxyError::InboundMtlsRequired | ProxyError::InboundAuthzDenied => {
+                StatusCode::FORBIDDEN
+            }
             ProxyError::DownstreamBody | ProxyError::ProxyBadRequest => StatusCode::BAD_REQUEST,
             ProxyError::DownstreamTimeout | ProxyError::DownstreamHeaderTimeout => {
                 StatusCode::REQUEST_TIMEOUT
@@ -206,7 +211,8 @@ impl ProxyError {
             | ProxyError::DownstreamHeaderTimeout
             | ProxyError::DownstreamHeadTooLarge
             | ProxyError::DownstreamProtocol
-            | ProxyError::InboundMtlsRequired => Culprit::Downstream,
+            | ProxyError::InboundMtlsRequired
+            | ProxyError::InboundAuthzDenied => Culprit::Downstream,
             ProxyError::ProxyUnsupported
             | ProxyError::ProxyNoIdentity
             | ProxyError::ProxyBadRequest
@@ -288,6 +294,9 @@ impl ProxyError {
             }
             ProxyError::InboundMtlsRequired => {
                 "sidecar: this port accepts mesh TLS only (the caller has no sidecar)\n"
+            }
+            ProxyError::InboundAuthzDenied => {
+                "sidecar: denied by the inbound authorization policy\n"
             }
             ProxyError::ProxyBadRequest
             | ProxyError::ProxyNotRedirected

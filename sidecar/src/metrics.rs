@@ -121,6 +121,22 @@ impl MtlsMetrics {
     }
 }
 
+/// Inbound authorization decisions.
+#[derive(Clone)]
+pub struct AuthzMetrics {
+    decisions: IntCounterVec,
+}
+
+impl AuthzMetrics {
+    /// One decision: the deciding rule (or `default`, `probe`), its action, and the result
+    /// (`allow`, `deny`, `dry_run_deny`, `dry_run_allow`).
+    pub fn decision(&self, rule: &str, action: &str, result: &str) {
+        self.decisions
+            .with_label_values(&[rule, action, result])
+            .inc();
+    }
+}
+
 /// What a destination is known by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum DestKey {
@@ -141,6 +157,7 @@ pub struct ProxyMetrics {
     destinations: RwLock<HashMap<(Dir, DestKey), Arc<DestinationMetrics>>>,
     overflow: [Arc<DestinationMetrics>; 2],
     pub mtls: MtlsMetrics,
+    pub authz: AuthzMetrics,
 }
 
 impl ProxyMetrics {
@@ -243,8 +260,18 @@ impl ProxyMetrics {
             "sidecar_mtls_fallbacks_total",
             "Opportunistic mesh TLS that found a peer without a sidecar and went plaintext",
         )?;
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "sidecar_authz_decisions_total",
+                "Inbound authorization decisions, by the deciding rule (default, probe, or a \
+                 rule's name), its action and the result (allow, deny, dry_run_deny, \
+                 dry_run_allow)",
+            ),
+            &["rule", "action", "result"],
+        )?;
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(decisions.clone()),
             Box::new(handshakes.clone()),
             Box::new(mtls_conns.clone()),
             Box::new(fallbacks.clone()),
@@ -314,6 +341,7 @@ impl ProxyMetrics {
                     fallbacks,
                 }
             },
+            authz: AuthzMetrics { decisions },
         }))
     }
 

@@ -13,6 +13,7 @@
 //! The hot path: a connection resolves its [`Destination`] once (a hash lookup under a sharded
 //! mutex); each request then takes the breaker's mutex twice (ask, report) and the budget's once,
 //! never across an await, and allocates nothing for policy unless it is retried.
+pub mod authz;
 pub mod breaker;
 pub mod config_file;
 mod destination;
@@ -28,6 +29,7 @@ use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+pub use authz::PathPattern;
 use breaker::BreakerConfig;
 pub use breaker::{
     DEFAULT_BREAKER_CONSECUTIVE_FAILURES, DEFAULT_BREAKER_FAILURE_RATE_MIN_REQUESTS,
@@ -38,7 +40,7 @@ pub use destination::Destination;
 use destination::METRICS;
 pub use model::{
     DestinationPolicy, DestinationRule, InboundConfig, InboundMtls, Match, MeshConfig, MtlsMode,
-    PathPattern, PolicyConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    PolicyConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS_PER_DESTINATION, DEFAULT_REQUEST_TIMEOUT,
 };
 pub use retry::{

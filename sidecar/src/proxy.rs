@@ -7,6 +7,7 @@
 //! [`transparent`] (interception, both directions) or [`target`]. Below it, in the order they may
 //! import each other (never upwards; the tidy test checks): `serve` (hyper, once) > `forward`
 //! (one request) > `shared` > `route` > `pool` > `connect` > `detect`, `config`.
+mod authorize;
 mod config;
 mod connect;
 mod detect;
@@ -53,7 +54,9 @@ pub use config::{
     DEFAULT_POOL_IDLE_TIMEOUT,
 };
 pub use connect::INBOUND_PASSTHROUGH_V4;
-pub use detect::{classify, client_hello, Detection, Hello, H2_PREFACE, MAX_DETECT_LEN, MAX_HELLO_RECORD};
+pub use detect::{
+    classify, client_hello, Detection, Hello, H2_PREFACE, MAX_DETECT_LEN, MAX_HELLO_RECORD,
+};
 pub use forward::{error_response, ProxyBody};
 
 use connect::{Mesh, Plan, Source};

@@ -59,7 +59,7 @@ const PROXY_LAYERS: &[&[&str]] = &[
     &["route"],
     &["shared"],
     &["forward"],
-    &["serve"],
+    &["serve", "authorize"],
     &["transparent", "target"],
 ];
 

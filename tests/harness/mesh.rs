@@ -429,3 +429,43 @@ pub fn same_serial(a: &str, b: &str) -> bool {
     };
     norm(a) == norm(b)
 }
+
+/// A mesh TLS client that is not a sidecar: `openssl s_client` from `netns`, offering the mesh
+/// ALPN with `leaf` (trusting `bundle`), sends `request` (raw bytes, e.g. an HTTP/1.1 request with
+/// `Connection: close`) and returns what came back (empty when the connection was refused).
+/// `dir` holds the key files.
+pub fn openssl_mesh_request(
+    netns: &str,
+    addr: &str,
+    dir: &Path,
+    leaf: &Leaf,
+    bundle: &str,
+    request: &[u8],
+) -> String {
+    use std::io::Write;
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    fs::write(dir.join("c.crt"), &leaf.cert).expect("write c.crt");
+    fs::write(dir.join("c.key"), &leaf.key).expect("write c.key");
+    fs::write(dir.join("ca.pem"), bundle).expect("write ca.pem");
+    let mut child = Command::new("ip")
+        .args([
+            "netns", "exec", netns, "openssl", "s_client", "-quiet", "-connect", addr,
+        ])
+        .args(["-alpn", MESH_ALPN, "-tls1_3"])
+        .arg("-cert")
+        .arg(dir.join("c.crt"))
+        .arg("-key")
+        .arg(dir.join("c.key"))
+        .arg("-CAfile")
+        .arg(dir.join("ca.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn openssl s_client");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let _ = stdin.write_all(request);
+    drop(stdin);
+    let out = child.wait_with_output().expect("openssl s_client");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

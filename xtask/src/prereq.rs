@@ -79,8 +79,9 @@ fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<(
             name: "curl".into(),
             found: ctx.find_program("curl").map(|p| p.display().to_string()),
         },
-        // The mTLS tests: tcpdump captures the wire between two pods; openssl is a TLS client
-        // with a certificate of our choosing; redis-server is a real non-HTTP server.
+        // The mTLS and authorization tests: tcpdump captures the wire between two pods; openssl
+        // is a TLS client with a certificate of our choosing; nghttp an HTTP/2 client with
+        // several streams on one connection; redis-server a real non-HTTP server.
         DebPackage {
             name: "tcpdump".into(),
             found: ctx.find_program("tcpdump").map(|p| p.display().to_string()),
@@ -88,6 +89,10 @@ fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<(
         DebPackage {
             name: "openssl".into(),
             found: ctx.find_program("openssl").map(|p| p.display().to_string()),
+        },
+        DebPackage {
+            name: "nghttp2-client".into(),
+            found: ctx.find_program("nghttp").map(|p| p.display().to_string()),
         },
         DebPackage {
             name: "redis-server".into(),
@@ -163,6 +168,7 @@ fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<(
             "tcpdump" => ctx.find_program("tcpdump").is_some(),
             "openssl" => ctx.find_program("openssl").is_some(),
             "redis-server" => ctx.find_program("redis-server").is_some(),
+            "nghttp2-client" => ctx.find_program("nghttp").is_some(),
             "prometheus" => {
                 ctx.find_program("promtool").is_some() && ctx.find_program("prometheus").is_some()
             }

@@ -27,6 +27,11 @@ pub(crate) struct Observer {
     pub(crate) upstream: UpstreamName,
 }
 
+/// The inbound authorization rule that decided a request (a response extension, for the access
+/// log).
+#[derive(Debug, Clone)]
+pub struct AuthzRule(pub Arc<str>);
+
 /// The original destination (no allocation per connection), or the `--target` authority.
 #[derive(Debug, Clone)]
 pub(crate) enum UpstreamName {
@@ -116,6 +121,10 @@ where
     // Only answers the proxy made itself carry the error (see `crate::error::local_response`):
     // an upstream sidecar's error header relayed through us is not our error.
     let local_error = resp.extensions().get::<ProxyError>().copied();
+    let authz = resp
+        .extensions()
+        .get::<AuthzRule>()
+        .map(|r| Arc::clone(&r.0));
     if let Some(err) = local_error {
         obs.metrics.error(obs.dest.direction(), err);
     }
@@ -131,6 +140,7 @@ where
             upstream = %obs.upstream,
             peer = %obs.peer,
             peer_id = %obs.peer_id.as_deref().unwrap_or("-"),
+            authz = %authz.as_deref().unwrap_or("-"),
             error = %local_error.map_or("-", ProxyError::code),
         );
     }

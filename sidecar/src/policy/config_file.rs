@@ -602,6 +602,7 @@ fn unknown_key(path: &str) -> String {
     }
 }
 
+mod authz;
 pub mod mesh;
 #[cfg(test)]
 mod tests;

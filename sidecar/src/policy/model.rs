@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use super::authz::PathPattern;
 use crate::identity::SpiffeId;
 use crate::net::Cidr;
 
@@ -127,52 +128,6 @@ impl MeshConfig {
     }
 }
 
-/// A request path pattern: exact, or a prefix ending in `*`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PathPattern {
-    Exact(Box<str>),
-    Prefix(Box<str>),
-}
-
-impl PathPattern {
-    pub fn parse(text: &str) -> Result<PathPattern, String> {
-        if !text.starts_with('/') {
-            return Err(format!("{text:?} is not a path: it must start with /"));
-        }
-        if text
-            .bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-        {
-            return Err(format!("{text:?} holds spaces or control characters"));
-        }
-        match text.strip_suffix('*') {
-            Some(prefix) if prefix.contains('*') => {
-                Err(format!("{text:?}: only one '*', at the end"))
-            }
-            Some(prefix) => Ok(PathPattern::Prefix(prefix.into())),
-            None if text.contains('*') => Err(format!("{text:?}: '*' only at the end")),
-            None => Ok(PathPattern::Exact(text.into())),
-        }
-    }
-
-    /// Matches the path without its query.
-    pub fn matches(&self, path: &str) -> bool {
-        match self {
-            PathPattern::Exact(p) => path == &**p,
-            PathPattern::Prefix(p) => path.starts_with(&**p),
-        }
-    }
-}
-
-impl std::fmt::Display for PathPattern {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PathPattern::Exact(p) => f.write_str(p),
-            PathPattern::Prefix(p) => write!(f, "{p}*"),
-        }
-    }
-}
-
 /// The `[inbound]` section: what the app's ports accept.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct InboundConfig {
@@ -183,6 +138,8 @@ pub struct InboundConfig {
     /// Plaintext `GET`/`HEAD` requests to these paths pass on strict ports: the kubelet's
     /// probes (it has no mesh identity).
     pub probe_paths: Vec<PathPattern>,
+    /// Who may call what (`default`, `[[inbound.rule]]`).
+    pub authz: super::authz::AuthzConfig,
 }
 
 impl InboundConfig {

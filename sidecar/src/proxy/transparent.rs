@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::authorize::{self, Caller};
 use super::connect::{dial_conn, start_dial, Conn, Dialling, Mesh, Plan, Predial, Source};
 use super::detect::{
     classify, client_bytes, client_hello, is_h2_settings_header, looks_like_tls, wait_until,
@@ -237,6 +238,11 @@ impl Accepted {
             shared.telemetry.metrics.mtls.connection(dir, mode.as_str());
         }
         let plan = detecting.plan;
+        let caller = matches!(direction, Direction::Inbound { .. }).then(|| Caller {
+            id: client.peer_id().cloned(),
+            ip: peer.ip().to_canonical(),
+            port: dst.port(),
+        });
         match decision {
             Decision::Opaque if strict => {
                 debug!(%peer, %dst, "plaintext to a strict port; reset");
@@ -244,6 +250,18 @@ impl Accepted {
                     .telemetry
                     .metrics
                     .error(dir, ProxyError::InboundMtlsRequired);
+                reset(client.tcp());
+            }
+            Decision::Opaque
+                if caller
+                    .as_ref()
+                    .and_then(|c| authorize::connection(&shared, c))
+                    .is_some_and(|d| !d.allowed) =>
+            {
+                shared
+                    .telemetry
+                    .metrics
+                    .error(dir, ProxyError::InboundAuthzDenied);
                 reset(client.tcp());
             }
             Decision::Opaque => {
@@ -286,6 +304,7 @@ impl Accepted {
                 }
                 let client_id = client.peer_id().cloned();
                 let http = HttpConn {
+                    caller,
                     direction,
                     peer,
                     dst,
@@ -386,6 +405,9 @@ struct Detecting {
     /// Counts a silent client not dialled at once.
     deferred: prometheus::IntCounter,
     silent: Option<SilentDial>,
+    /// Inbound, authorization applies to the port: the app is dialled only after a decision
+    /// (a silent client is decided after `detect_timeout`, as plaintext).
+    gated: bool,
 }
 
 impl Detecting {
@@ -411,6 +433,14 @@ impl Detecting {
         let http1_waiting =
             waiting > 0 && matches!(classify(&buf[..waiting], inbound), Detection::Http1);
         let mesh = Arc::clone(&shared.mesh);
+        let gated = inbound
+            && shared
+                .policies
+                .load()
+                .config()
+                .inbound
+                .authz
+                .gates(dst.port());
         let mut deadline = None;
         // A destination the pool is talking HTTP/1 to has no greeting to wait for either: hold
         // the dial until the client speaks (or, for a client that stays silent for
@@ -424,7 +454,11 @@ impl Detecting {
             .silent_dials_deferred
             .clone();
         let mut silent = None;
-        let upstream = if http1_waiting {
+        let upstream = if gated {
+            dial_at_deadline = true;
+            deadline = Some(Instant::now() + detect_timeout);
+            Upstream::Held
+        } else if http1_waiting {
             Upstream::Held
         } else if dest.is_open() {
             // Server-speaks-first protocols would wait for a dial that never comes: bounded.
@@ -482,6 +516,7 @@ impl Detecting {
             silent_dials,
             deferred,
             silent,
+            gated,
         }
     }
 
@@ -494,6 +529,10 @@ impl Detecting {
         self.draining = false;
         self.deadline = None;
         self.idle_deadline = Instant::now() + self.idle;
+        if self.gated {
+            self.dial_at_deadline = true;
+            self.deadline = Some(Instant::now() + self.detect_timeout);
+        }
     }
 
     /// Brings the deadline forward to at most `detect_timeout` from now.
@@ -532,6 +571,15 @@ impl Detecting {
                     self.at_most_detect_timeout();
                 }
                 Event::Deadline if self.draining && self.seen == 0 => return Decision::Close,
+                Event::Deadline if self.dial_at_deadline && self.gated => {
+                    // Decided (and dialled) once detection ends: a silent client now, as
+                    // opaque; a partial preface gets its own `detect_timeout`.
+                    self.dial_at_deadline = false;
+                    if self.seen == 0 {
+                        return Decision::Opaque;
+                    }
+                    self.deadline = Some(Instant::now() + self.detect_timeout);
+                }
                 Event::Deadline if self.dial_at_deadline => {
                     self.dial_at_deadline = false;
                     if self.seen == 0 {
@@ -619,6 +667,8 @@ impl Detecting {
 
 /// A connection found to be HTTP, about to be served.
 struct HttpConn {
+    /// Inbound: who calls, for authorization.
+    caller: Option<Caller>,
     direction: Direction,
     peer: SocketAddr,
     dst: SocketAddr,
@@ -641,6 +691,7 @@ async fn serve_http_conn<D: Downstream>(
     client: CountedIo<D>,
 ) {
     let HttpConn {
+        caller,
         direction,
         peer,
         dst,
@@ -679,14 +730,21 @@ async fn serve_http_conn<D: Downstream>(
                 dest,
                 true,
             ));
+            let caller = caller.map(Arc::new);
             let forward = move |req: http::Request<hyper::body::Incoming>| {
                 let shared = Arc::clone(&svc_shared);
                 let route = Arc::clone(&route);
+                let caller = caller.clone();
                 async move {
-                    if strict && !is_probe(&shared, &req) {
-                        return error_response(ProxyError::InboundMtlsRequired);
+                    let allowed = match admit(&shared, strict, caller.as_deref(), &req) {
+                        Ok(allowed) => allowed,
+                        Err(refusal) => return refusal,
+                    };
+                    let mut resp = forward_h1(&shared, shared.egress(direction), &route, req).await;
+                    if let Some(allowed) = allowed {
+                        allowed.mark(&mut resp);
                     }
-                    forward_h1(&shared, shared.egress(direction), &route, req).await
+                    resp
                 }
             };
             serve_http(
@@ -713,14 +771,21 @@ async fn serve_http_conn<D: Downstream>(
             );
             let mesh = Arc::clone(&shared.mesh);
             let upstream = Arc::new(H2Upstream::new(dst, route, source, predial, mesh));
+            let caller = caller.map(Arc::new);
             let forward = move |req: http::Request<hyper::body::Incoming>| {
                 let shared = Arc::clone(&svc_shared);
                 let upstream = Arc::clone(&upstream);
+                let caller = caller.clone();
                 async move {
-                    if strict && !is_probe(&shared, &req) {
-                        return error_response(ProxyError::InboundMtlsRequired);
+                    let allowed = match admit(&shared, strict, caller.as_deref(), &req) {
+                        Ok(allowed) => allowed,
+                        Err(refusal) => return refusal,
+                    };
+                    let mut resp = forward_h2(&shared, &upstream, req).await;
+                    if let Some(allowed) = allowed {
+                        allowed.mark(&mut resp);
                     }
-                    forward_h2(&shared, &upstream, req).await
+                    resp
                 }
             };
             serve_http(
@@ -740,6 +805,23 @@ async fn serve_http_conn<D: Downstream>(
         if let Some(err) = ProxyError::of_downstream(&e) {
             shared.telemetry.metrics.error(direction.dir(), err);
         }
+    }
+}
+
+/// Whether an inbound request may go to the app: a strict port's plaintext refusal first (probe
+/// paths excepted), then authorization. `Ok` carries the deciding rule to mark the answer with.
+fn admit(
+    shared: &Shared,
+    strict: bool,
+    caller: Option<&Caller>,
+    req: &http::Request<hyper::body::Incoming>,
+) -> Result<Option<authorize::Allowed>, http::Response<super::forward::ProxyBody>> {
+    if strict && !is_probe(shared, req) {
+        return Err(error_response(ProxyError::InboundMtlsRequired));
+    }
+    match caller {
+        Some(caller) => authorize::request(shared, caller, req),
+        None => Ok(None),
     }
 }
 

@@ -61,6 +61,24 @@ fn policy_json(policy: &PolicyConfig) -> serde_json::Value {
             "mtls": inbound.mtls.as_str(),
             "ports": inbound.ports.iter().map(|(p, m)| (p.to_string(), serde_json::Value::from(m.as_str()))).collect::<serde_json::Map<_, _>>(),
             "probe_paths": inbound.probe_paths.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "default": inbound.authz.default.as_str(),
+            "expose_rule": inbound.authz.expose_rule,
+            "probe_networks": inbound.authz.probe_networks.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            "rules": inbound.authz.rules.iter().map(|r| serde_json::json!({
+                "name": &*r.name,
+                "action": r.action.as_str(),
+                "dry_run": r.dry_run,
+                "ports": r.ports,
+                "from": {
+                    "principals": r.principals.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                    "namespaces": r.namespaces.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                    "ip_blocks": r.ip_blocks.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                },
+                "to": {
+                    "methods": r.methods.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+                    "paths": r.paths.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                },
+            })).collect::<Vec<_>>(),
         },
     })
 }

@@ -25,10 +25,11 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use super::authz::{boolean, cidrs, default_action, rules, strings, unknown};
 use super::values::{count, duration, positive_duration, KeyError, Raw};
 use crate::identity::SpiffeId;
-use crate::net::Cidr;
-use crate::policy::model::{InboundConfig, InboundMtls, MeshConfig, MtlsMode, PathPattern};
+use crate::policy::authz::PathPattern;
+use crate::policy::model::{InboundConfig, InboundMtls, MeshConfig, MtlsMode};
 
 pub(super) fn mtls_mode(v: Raw<'_>) -> Result<MtlsMode, String> {
     match v.text().map(str::trim) {
@@ -47,35 +48,11 @@ fn inbound_mode(v: Raw<'_>) -> Result<InboundMtls, String> {
     }
 }
 
-/// A list of strings, or one comma-separated string.
-fn strings(v: Raw<'_>) -> Result<Vec<String>, String> {
-    match (v, v.text()) {
-        (_, Some(s)) => Ok(s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect()),
-        (Raw::Toml(Value::Array(items)), _) => items
-            .iter()
-            .map(|i| match i {
-                Value::String(s) => Ok(s.trim().to_owned()),
-                _ => Err("expected a list of strings".to_owned()),
-            })
-            .collect(),
-        _ => Err("expected a list of strings".to_owned()),
-    }
-}
-
 pub(super) fn spiffe_ids(v: Raw<'_>) -> Result<Vec<SpiffeId>, String> {
     strings(v)?
         .iter()
         .map(|s| SpiffeId::parse(s).map_err(|e| format!("{s:?}: {e}")))
         .collect()
-}
-
-fn cidrs(v: Raw<'_>) -> Result<Vec<Cidr>, String> {
-    strings(v)?.iter().map(|s| Cidr::parse(s)).collect()
 }
 
 fn paths(v: Raw<'_>) -> Result<Vec<PathPattern>, String> {
@@ -131,6 +108,13 @@ pub(super) fn inbound_section(
         let result = match (k.as_str(), v) {
             ("mtls", _) => inbound_mode(raw).map(|m| inbound.mtls = m),
             ("probe_paths", _) => paths(raw).map(|p| inbound.probe_paths = p),
+            ("default", _) => default_action(raw).map(|d| inbound.authz.default = d),
+            ("expose_rule", _) => boolean(raw).map(|b| inbound.authz.expose_rule = b),
+            ("probe_networks", _) => cidrs(raw).map(|c| inbound.authz.probe_networks = c),
+            ("rule", list) => {
+                inbound.authz.rules = rules(list, label, errors);
+                Ok(())
+            }
             ("port", Value::Table(ports)) => {
                 for (port, entry) in ports {
                     let port_label = format!("{label} port.{port}");
@@ -169,18 +153,22 @@ pub(super) fn inbound_section(
                 Ok(())
             }
             ("port", _) => Err("expected tables: [inbound.port.8080]".to_owned()),
-            _ => Err(unknown(k, &["mtls", "probe_paths", "port"])),
+            _ => Err(unknown(
+                k,
+                &[
+                    "mtls",
+                    "probe_paths",
+                    "port",
+                    "default",
+                    "expose_rule",
+                    "probe_networks",
+                    "rule",
+                ],
+            )),
         };
         if let Err(problem) = result {
             push(errors, label, k, v, problem);
         }
-    }
-}
-
-fn unknown(key: &str, valid: &[&str]) -> String {
-    match crate::config_errors::nearest(valid.iter().copied(), key) {
-        Some(near) => format!("unknown key; did you mean {near}?"),
-        None => format!("unknown key; valid keys here: {}", valid.join(", ")),
     }
 }
 
@@ -261,5 +249,83 @@ mod tests {
             .find(|e| e.key == "f: [mtls] mesh_network")
             .unwrap();
         assert!(typo.problem.contains("mesh_networks"), "{}", typo.problem);
+    }
+
+    #[test]
+    fn authorization_rules_parse_and_name_bad_keys() {
+        use crate::policy::authz::{Action, DefaultAction};
+        let c = from_str(
+            "f",
+            r#"
+            [inbound]
+            default = "deny"
+            expose_rule = true
+            probe_networks = ["10.0.0.0/8"]
+            [[inbound.rule]]
+            name = "orders"
+            action = "allow"
+            ports = [8080]
+            from.principals = ["spiffe://td/ns/shop/*"]
+            to.methods = ["get"]
+            to.paths = ["/orders/*"]
+            [[inbound.rule]]
+            name = "watch"
+            action = "deny"
+            dry_run = true
+            from.namespaces = ["other"]
+            from.ip_blocks = ["10.1.0.0/16"]
+            "#,
+            &[],
+        )
+        .unwrap();
+        let authz = &c.inbound.authz;
+        assert_eq!(authz.default, DefaultAction::Deny);
+        assert!(authz.expose_rule);
+        assert_eq!(authz.rules.len(), 2);
+        assert_eq!(authz.rules[0].action, Action::Allow);
+        assert_eq!(&*authz.rules[0].methods[0], "GET");
+        assert!(authz.rules[1].dry_run);
+
+        let errors = from_str(
+            "f",
+            r#"
+            [inbound]
+            default = "closed"
+            [[inbound.rule]]
+            action = "permit"
+            from.principal = ["spiffe://td/x"]
+            to.paths = ["orders"]
+            [[inbound.rule]]
+            name = "a"
+            action = "deny"
+            [[inbound.rule]]
+            name = "a"
+            action = "deny"
+            ports = [0]
+            [[inbound.rule]]
+            name = "a"
+            action = "allow"
+            [[inbound.rule]]
+            name = "default"
+            action = "allow"
+            from.principals = ["a*b"]
+            "#,
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        for expected in [
+            "f: [inbound] default",
+            "f: [inbound] rule #1 action",
+            "f: [inbound] rule #1 from.principal",
+            "f: [inbound] rule #1 to.paths",
+            "f: [inbound] rule #1 name",
+            "f: [inbound] rule #3 ports",
+            "f: [inbound] rule #4 name",
+            "f: [inbound] rule #5 name",
+            "f: [inbound] rule #5 from.principals",
+        ] {
+            assert!(keys.contains(&expected), "{expected} not in {keys:?}");
+        }
     }
 }

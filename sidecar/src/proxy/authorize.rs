@@ -1,0 +1,154 @@
+//! Inbound authorization on the connection path ([`crate::policy::authz`] decides): once per
+//! opaque connection, before the app is dialled ([`connection`]), and per HTTP request
+//! ([`request`]). Every decision is counted in `sidecar_authz_decisions_total` with its deciding
+//! rule; dry-run rules are counted and never enforced. A denied request gets 403
+//! `inbound-authz-denied` (gRPC: `grpc-status: 7` in a trailers-only answer, so a gRPC client
+//! sees PERMISSION_DENIED and an HTTP/2 connection's other streams go on); a denied connection is
+//! reset.
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use tracing::debug;
+
+use super::forward::{error_response, ProxyBody};
+use super::shared::Shared;
+use crate::error::ProxyError;
+use crate::identity::SpiffeId;
+use crate::metrics::access::AuthzRule;
+use crate::policy::authz::{Decision, Peer, Request as Called};
+
+/// Names the deciding rule on answers, when `[inbound] expose_rule` is on.
+static X_SIDECAR_AUTHZ_RULE: HeaderName = HeaderName::from_static("x-sidecar-authz-rule");
+
+/// Who is calling the app, as far as the connection tells.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    pub(crate) id: Option<SpiffeId>,
+    pub(crate) ip: IpAddr,
+    /// The app port called.
+    pub(crate) port: u16,
+}
+
+impl Caller {
+    fn peer(&self) -> Peer<'_> {
+        Peer {
+            principal: self.id.as_ref(),
+            ip: self.ip,
+            port: self.port,
+        }
+    }
+}
+
+fn count(shared: &Shared, d: &Decision) {
+    let metrics = &shared.telemetry.metrics.authz;
+    metrics.decision(&d.rule, d.action, d.result());
+    for (rule, action) in &d.dry_run {
+        let result = match action {
+            crate::policy::authz::Action::Deny => "dry_run_deny",
+            crate::policy::authz::Action::Allow => "dry_run_allow",
+        };
+        metrics.decision(rule, action.as_str(), result);
+    }
+}
+
+/// The L4 decision for an opaque connection; `None` when no authorization applies to the port.
+pub(crate) fn connection(shared: &Shared, caller: &Caller) -> Option<Decision> {
+    let policies = shared.policies.load();
+    let authz = &policies.config().inbound.authz;
+    if !authz.is_active(caller.port) {
+        return None;
+    }
+    let d = authz.decide(&caller.peer(), None, false);
+    count(shared, &d);
+    if !d.allowed {
+        debug!(peer = %caller.ip, port = caller.port, rule = %d.rule, principal = ?caller.id, "inbound connection denied");
+    }
+    Some(d)
+}
+
+/// An allowed request's decision, to mark its answer with ([`mark`]).
+pub(crate) struct Allowed {
+    decision: Decision,
+    expose: bool,
+}
+
+impl Allowed {
+    pub(crate) fn mark(&self, resp: &mut Response<ProxyBody>) {
+        mark(resp, &self.decision, self.expose);
+    }
+}
+
+/// The decision for one request: `Ok` with the deciding rule (or `None`: nothing configured),
+/// or the answer of a denial.
+pub(crate) fn request<B>(
+    shared: &Shared,
+    caller: &Caller,
+    req: &Request<B>,
+) -> Result<Option<Allowed>, Response<ProxyBody>> {
+    let policies = shared.policies.load();
+    let inbound = &policies.config().inbound;
+    let authz = &inbound.authz;
+    if !authz.is_active(caller.port) {
+        return Ok(None);
+    }
+    let path = req.uri().path();
+    let probe = inbound.is_probe(req.method(), path);
+    let called = Called {
+        method: req.method().as_str(),
+        path,
+    };
+    let d = authz.decide(&caller.peer(), Some(&called), probe);
+    count(shared, &d);
+    if d.allowed {
+        return Ok(Some(Allowed {
+            decision: d,
+            expose: authz.expose_rule,
+        }));
+    }
+    debug!(peer = %caller.ip, port = caller.port, rule = %d.rule, principal = ?caller.id, method = %req.method(), path, "inbound request denied");
+    let is_grpc = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    let mut resp = if is_grpc {
+        grpc_denied()
+    } else {
+        error_response(ProxyError::InboundAuthzDenied)
+    };
+    mark(&mut resp, &d, authz.expose_rule);
+    Err(resp)
+}
+
+/// Records the deciding rule on an answer (the access log; the header when exposed).
+fn mark(resp: &mut Response<ProxyBody>, d: &Decision, expose: bool) {
+    if expose {
+        if let Ok(v) = HeaderValue::from_str(&d.rule) {
+            resp.headers_mut().insert(X_SIDECAR_AUTHZ_RULE.clone(), v);
+        }
+    }
+    resp.extensions_mut().insert(AuthzRule(Arc::clone(&d.rule)));
+}
+
+/// gRPC's PERMISSION_DENIED as a trailers-only answer (HTTP 200, the status in the headers).
+fn grpc_denied() -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from_static("7"));
+    h.insert(
+        "grpc-message",
+        HeaderValue::from_static("sidecar:%20denied%20by%20the%20inbound%20authorization%20policy"),
+    );
+    h.insert(
+        crate::error::X_SIDECAR_ERROR.clone(),
+        HeaderValue::from_static(ProxyError::InboundAuthzDenied.code()),
+    );
+    resp.extensions_mut().insert(ProxyError::InboundAuthzDenied);
+    resp
+}
