@@ -169,7 +169,7 @@ impl Rule {
         !self.methods.is_empty() || !self.paths.is_empty()
     }
 
-    fn from_matches(&self, peer: &Peer<'_>) -> bool {
+    fn caller_matches(&self, peer: &Peer<'_>) -> bool {
         let id = peer.principal.map(SpiffeId::as_str);
         (self.principals.is_empty()
             || id.is_some_and(|id| self.principals.iter().any(|p| p.matches(id))))
@@ -183,7 +183,7 @@ impl Rule {
 
     /// Whether the rule matches: `request` is `None` for opaque TCP (see the module doc).
     fn matches(&self, peer: &Peer<'_>, request: Option<&Request<'_>>) -> bool {
-        if !self.applies_to(peer.port) || !self.from_matches(peer) {
+        if !self.applies_to(peer.port) || !self.caller_matches(peer) {
             return false;
         }
         match request {

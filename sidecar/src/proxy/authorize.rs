@@ -88,7 +88,7 @@ pub(crate) fn request<B>(
     shared: &Shared,
     caller: &Caller,
     req: &Request<B>,
-) -> Result<Option<Allowed>, Response<ProxyBody>> {
+) -> Result<Option<Allowed>, Box<Response<ProxyBody>>> {
     let policies = shared.policies.load();
     let inbound = &policies.config().inbound;
     let authz = &inbound.authz;
@@ -121,7 +121,7 @@ pub(crate) fn request<B>(
         error_response(ProxyError::InboundAuthzDenied)
     };
     mark(&mut resp, &d, authz.expose_rule);
-    Err(resp)
+    Err(Box::new(resp))
 }
 
 /// Records the deciding rule on an answer (the access log; the header when exposed).

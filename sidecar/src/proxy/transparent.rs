@@ -738,7 +738,7 @@ async fn serve_http_conn<D: Downstream>(
                 async move {
                     let allowed = match admit(&shared, strict, caller.as_deref(), &req) {
                         Ok(allowed) => allowed,
-                        Err(refusal) => return refusal,
+                        Err(refusal) => return *refusal,
                     };
                     let mut resp = forward_h1(&shared, shared.egress(direction), &route, req).await;
                     if let Some(allowed) = allowed {
@@ -779,7 +779,7 @@ async fn serve_http_conn<D: Downstream>(
                 async move {
                     let allowed = match admit(&shared, strict, caller.as_deref(), &req) {
                         Ok(allowed) => allowed,
-                        Err(refusal) => return refusal,
+                        Err(refusal) => return *refusal,
                     };
                     let mut resp = forward_h2(&shared, &upstream, req).await;
                     if let Some(allowed) = allowed {
@@ -815,9 +815,9 @@ fn admit(
     strict: bool,
     caller: Option<&Caller>,
     req: &http::Request<hyper::body::Incoming>,
-) -> Result<Option<authorize::Allowed>, http::Response<super::forward::ProxyBody>> {
+) -> Result<Option<authorize::Allowed>, Box<http::Response<super::forward::ProxyBody>>> {
     if strict && !is_probe(shared, req) {
-        return Err(error_response(ProxyError::InboundMtlsRequired));
+        return Err(Box::new(error_response(ProxyError::InboundMtlsRequired)));
     }
     match caller {
         Some(caller) => authorize::request(shared, caller, req),

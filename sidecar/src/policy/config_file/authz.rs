@@ -178,8 +178,14 @@ fn rule(t: &Table, here: &str, errors: &mut Vec<KeyError>) -> Option<Rule> {
                 _ => Err("expected a name of letters, digits, '.', '_' and '-' (not \"default\" or \"probe\")".to_owned()),
             },
             ("action", _) => match v.as_str() {
-                Some("allow") => Ok(action = Some(Action::Allow)),
-                Some("deny") => Ok(action = Some(Action::Deny)),
+                Some("allow") => {
+                    action = Some(Action::Allow);
+                    Ok(())
+                }
+                Some("deny") => {
+                    action = Some(Action::Deny);
+                    Ok(())
+                }
                 _ => Err("expected \"allow\" or \"deny\"".to_owned()),
             },
             ("dry_run", _) => boolean(raw).map(|b| r.dry_run = b),
