@@ -322,3 +322,85 @@ fn a_reload_flips_the_decision_for_new_requests() {
     );
     assert!(get().stdout.contains("\"status\":403"));
 }
+
+/// `sidecar inject` reads the pod's `httpGet` probes and hands their paths to the proxy; under
+/// default-deny and strict mTLS, the kubelet (a plaintext client from outside the pod) still gets
+/// its probe answered, while any other path from the same source is refused.
+#[test]
+fn probes_of_an_injected_deployment_pass_under_default_deny_and_strict_mtls() {
+    let deployment = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: orders
+spec:
+  selector:
+    matchLabels: {app: orders}
+  template:
+    metadata:
+      labels: {app: orders}
+    spec:
+      containers:
+      - name: app
+        image: orders:1
+        readinessProbe:
+          httpGet: {path: /ready, port: 8080}
+        livenessProbe:
+          httpGet: {path: /healthz?verbose=1, port: 8080}
+";
+    let mut inject = std::process::Command::new(sidecar_tests::env::sidecar_bin())
+        .args(["inject", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sidecar inject");
+    {
+        use std::io::Write;
+        inject
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(deployment.as_bytes())
+            .unwrap();
+    }
+    let out = inject.wait_with_output().unwrap();
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    let paths = yaml
+        .split("name: SIDECAR_PROBE_PATHS")
+        .nth(1)
+        .and_then(|rest| rest.lines().nth(1))
+        .and_then(|line| line.trim().strip_prefix("value: "))
+        .unwrap_or_else(|| panic!("inject wrote no SIDECAR_PROBE_PATHS:\n{yaml}"))
+        .trim_matches('"')
+        .to_owned();
+    assert_eq!(paths, "/ready,/healthz");
+
+    let config = "[inbound]\ndefault = \"deny\"\nmtls = \"strict\"\n";
+    let ca = MeshCa::new("mesh root");
+    let mut b = Pod::new();
+    let app = b.app_http_server("0.0.0.0:8080", "orders");
+    let id = IdentityDir::create(
+        &b.log_dir().join("identity"),
+        &ca.leaf(&spiffe_id("shop", "orders")),
+        &ca.pem(),
+    );
+    let conf = b.log_dir().join("sidecar.toml");
+    std::fs::write(&conf, config).unwrap();
+    b.init_with_netns(&[]);
+    let (d, c) = (id.path().display().to_string(), conf.display().to_string());
+    b.start_proxy_with_inbound(&[
+        "--identity-dir",
+        &d,
+        "--config",
+        &c,
+        "--probe-paths",
+        &paths,
+    ]);
+    for probe in ["/ready", "/healthz"] {
+        let r = b.remote_request("10.200.0.2:8080", "GET", probe, &[], "");
+        assert_eq!(r.status, 200, "the kubelet's probe {probe}: {r:?}");
+    }
+    let other = b.remote_request("10.200.0.2:8080", "GET", "/orders", &[], "");
+    assert_eq!(other.status, 403, "{other:?}");
+    assert_eq!(app.requests().len(), 2, "only the probes reached the app");
+    assert_eq!(decisions(&b, "probe", "allow", "allow"), 2.0);
+}

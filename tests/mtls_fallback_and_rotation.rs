@@ -507,12 +507,18 @@ fn a_pinned_server_identity_refuses_any_other_workload() {
         Some("upstream-mtls-failed")
     );
     assert!(app.requests().is_empty());
+    // The attempt and its retries (a failed connect is retried; nothing was sent), plus the dial
+    // started at accept when the request was not there yet: every one refused, none accepted.
+    let mismatches = value(
+        &a,
+        r#"sidecar_mtls_handshakes_total{direction="outbound",result="identity_mismatch"}"#,
+    );
+    assert!((3.0..=4.0).contains(&mismatches), "{mismatches}");
     assert_eq!(
         value(
             &a,
-            r#"sidecar_mtls_handshakes_total{direction="outbound",result="identity_mismatch"}"#
+            r#"sidecar_mtls_handshakes_total{direction="outbound",result="ok"}"#
         ),
-        // The first attempt and its retries (a failed connect is retried; nothing was sent).
-        3.0
+        0.0
     );
 }

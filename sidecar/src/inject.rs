@@ -175,8 +175,12 @@ fn process(
     .find_map(|p| template.path(p).and_then(Node::as_str))
     .unwrap_or(name)
     .to_owned();
+    let probe_paths = template
+        .get("spec")
+        .map(pod::probe_paths)
+        .unwrap_or_default();
     let settings = match pod::Settings::from_annotations(&annotations, image, &service) {
-        Ok(s) => s,
+        Ok(s) => pod::Settings { probe_paths, ..s },
         Err(problems) => {
             errors.extend(problems.into_iter().map(|p| format!("{label}: {p}")));
             return;

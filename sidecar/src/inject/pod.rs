@@ -243,6 +243,9 @@ pub struct Settings {
     pub config_map: Option<String>,
     /// Where the workload identity comes from (`SIDECAR_IDENTITY_DIR`), if anywhere.
     pub identity: Option<IdentitySource>,
+    /// The app containers' `httpGet` probe paths (`SIDECAR_PROBE_PATHS`): answered on strict
+    /// mTLS ports and under default-deny authorization, so the kubelet's probes keep working.
+    pub probe_paths: Vec<String>,
     pub cpu_request: String,
     pub cpu_limit: String,
     pub memory_request: String,
@@ -372,6 +375,7 @@ impl Settings {
             app_probe,
             config_map,
             identity,
+            probe_paths: Vec::new(),
             cpu_request,
             cpu_limit,
             memory_request,
@@ -700,6 +704,9 @@ pub fn proxy_container(s: &Settings) -> Node {
             ("readOnly", Node::bool(true)),
         ]));
     }
+    if !s.probe_paths.is_empty() {
+        env.push(env_value("SIDECAR_PROBE_PATHS", &s.probe_paths.join(",")));
+    }
     if s.identity.is_some() {
         env.push(env_value("SIDECAR_IDENTITY_DIR", IDENTITY_MOUNT));
         mounts.push(Node::map([
@@ -759,6 +766,34 @@ pub fn proxy_container(s: &Settings) -> Node {
         // policy ConfigMap, as a directory.
         ("volumeMounts", Node::seq(mounts)),
     ])
+}
+
+/// The `httpGet` paths of the app containers' probes (startup, readiness, liveness), without
+/// their queries, each once; ours are left out.
+pub fn probe_paths(spec: &Node) -> Vec<String> {
+    let mut paths: Vec<String> = Vec::new();
+    let containers = spec.get("containers").and_then(Node::items).unwrap_or(&[]);
+    for c in containers {
+        let name = c.get("name").and_then(Node::as_str);
+        if name == Some(PROXY_CONTAINER) || name == Some(INIT_CONTAINER) {
+            continue;
+        }
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            let Some(path) = c.path(&[probe, "httpGet", "path"]).and_then(Node::as_str) else {
+                continue;
+            };
+            let path = path.split('?').next().unwrap_or_default();
+            // A path with '*', ',' or spaces is not written (the proxy would read it otherwise).
+            let plain = path.starts_with('/')
+                && !path.bytes().any(|b| {
+                    b == b'*' || b == b',' || b.is_ascii_whitespace() || b.is_ascii_control()
+                });
+            if plain && !paths.iter().any(|p| p == path) {
+                paths.push(path.to_owned());
+            }
+        }
+    }
+    paths
 }
 
 /// The pod's volumes for the sidecar; `Err` names one to remove (an earlier injection's).

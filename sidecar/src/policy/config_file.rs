@@ -481,6 +481,21 @@ fn parse_layers(
         let Some(value) = flag.value else {
             continue;
         };
+        if flag.path == "inbound.probe_paths" {
+            // Added to the file's: the pod's own probes (`sidecar inject` writes them).
+            for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                match super::authz::PathPattern::parse(item) {
+                    Ok(p) if !inbound.probe_paths.contains(&p) => inbound.probe_paths.push(p),
+                    Ok(_) => {}
+                    Err(problem) => errors.push(KeyError {
+                        key: flag.name.to_owned(),
+                        value: value.to_owned(),
+                        problem,
+                    }),
+                }
+            }
+            continue;
+        }
         let Some(k) = key(flag.path) else {
             continue;
         };

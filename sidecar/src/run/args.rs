@@ -44,6 +44,12 @@ pub struct RunArgs {
     #[arg(long, env = "SIDECAR_IDENTITY_DIR", value_name = "DIR")]
     pub identity_dir: Option<PathBuf>,
 
+    /// The kubelet's probe paths (comma-separated; `sidecar inject` sets them from the pod's
+    /// httpGet probes): added to the config file's [inbound] probe_paths, answered on strict
+    /// mTLS ports and under default-deny authorization
+    #[arg(long, env = "SIDECAR_PROBE_PATHS", value_name = "PATHS")]
+    pub probe_paths: Option<String>,
+
     /// Upstream connect timeout [default: 1s]
     #[arg(long, env = "SIDECAR_CONNECT_TIMEOUT", value_name = "DURATION")]
     pub connect_timeout: Option<String>,

@@ -568,6 +568,11 @@ fn policy_config(
             "--retry-budget-min-per-second / SIDECAR_RETRY_BUDGET_MIN_PER_SECOND",
             &args.retry_budget_min_per_second,
         ),
+        flag(
+            "inbound.probe_paths",
+            "--probe-paths / SIDECAR_PROBE_PATHS",
+            &args.probe_paths,
+        ),
     ];
     let source = PolicySource {
         file: args.config.clone().filter(|p| !p.as_os_str().is_empty()),

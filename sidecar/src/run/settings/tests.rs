@@ -86,6 +86,7 @@ fn defaults() -> RunArgs {
         service_name: None,
         config: None,
         identity_dir: None,
+        probe_paths: None,
         connect_timeout: None,
         request_timeout: None,
         idle_timeout: None,
