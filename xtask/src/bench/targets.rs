@@ -29,10 +29,12 @@ pub enum Target {
     SidecarMtls,
     /// Two Envoys with static TLS contexts (mutual TLS 1.3) between them.
     EnvoyMtls,
+    /// `SidecarMtls` with 50 authorization rules on the server side (the matching one last).
+    SidecarMtlsAuthz,
 }
 
 impl Target {
-    pub const ALL: [Target; 9] = [
+    pub const ALL: [Target; 10] = [
         Target::Direct,
         Target::SidecarEbpf,
         Target::SidecarIptables,
@@ -42,6 +44,7 @@ impl Target {
         Target::Envoy,
         Target::SidecarMtls,
         Target::EnvoyMtls,
+        Target::SidecarMtlsAuthz,
     ];
 
     pub fn key(self) -> &'static str {
@@ -55,6 +58,7 @@ impl Target {
             Target::Envoy => "envoy",
             Target::SidecarMtls => "sidecar-mtls",
             Target::EnvoyMtls => "envoy-mtls",
+            Target::SidecarMtlsAuthz => "sidecar-mtls-authz50",
         }
     }
 
@@ -86,6 +90,10 @@ impl Target {
                 "two Envoys, mutual TLS 1.3 with static TLS contexts; --concurrency 1 each, CPU \
                  of both"
             }
+            Target::SidecarMtlsAuthz => {
+                "sidecar-mtls with 50 inbound authorization rules on the server (default deny; \
+                 the rule that allows is the last one evaluated)"
+            }
         }
     }
 
@@ -104,7 +112,8 @@ impl Target {
             Target::Direct
             | Target::SidecarEbpf
             | Target::SidecarIptables
-            | Target::SidecarMtls => OUTBOUND_PORT,
+            | Target::SidecarMtls
+            | Target::SidecarMtlsAuthz => OUTBOUND_PORT,
         }
     }
 }
@@ -225,7 +234,7 @@ pub fn start(
     let (load, url) = match target {
         Target::Direct => (load_place(Net::Pod, &cgroups.load), upstream_url.clone()),
         // The app asks for the upstream itself; the kernel sends it to the proxy.
-        Target::SidecarEbpf | Target::SidecarMtls => {
+        Target::SidecarEbpf | Target::SidecarMtls | Target::SidecarMtlsAuthz => {
             (load_place(Net::Pod, &cgroups.pod_app), upstream_url.clone())
         }
         Target::SidecarIptables => (
@@ -244,13 +253,14 @@ pub fn start(
         ebpf_upstream: None,
     };
     match target {
-        Target::SidecarMtls => start_mtls_server(lab, programs, &mut live, true)?,
-        Target::EnvoyMtls => start_mtls_server(lab, programs, &mut live, false)?,
+        Target::SidecarMtls => start_mtls_server(lab, programs, &mut live, Some(false))?,
+        Target::SidecarMtlsAuthz => start_mtls_server(lab, programs, &mut live, Some(true))?,
+        Target::EnvoyMtls => start_mtls_server(lab, programs, &mut live, None)?,
         _ => {}
     }
     if target.is_proxy() {
         let cgroup = match target {
-            Target::SidecarEbpf | Target::SidecarMtls => {
+            Target::SidecarEbpf | Target::SidecarMtls | Target::SidecarMtlsAuthz => {
                 lab.cgroup(&format!("pod/proxy-{}", next()))?
             }
             _ => lab.cgroup(&format!("proxy-{key}-{}", next()))?,
@@ -270,6 +280,7 @@ pub fn start(
                     | Target::SidecarIptables
                     | Target::SidecarAddressed
                     | Target::SidecarMtls
+                    | Target::SidecarMtlsAuthz
             ),
         };
         let cmd = proxy_command(lab, programs, &place, target, &upstream_url)?;
@@ -391,15 +402,54 @@ fn identities(lab: &Lab) -> Result<PathBuf> {
     Ok(root)
 }
 
+/// 50 authorization rules for the server sidecar: default deny, 49 rules that do not match the
+/// bench client (other principals, namespaces, paths, a dry-run), and the allow that does, last.
+fn authz_rules() -> String {
+    let mut text = String::from("[inbound]\ndefault = \"deny\"\n");
+    for i in 0..49 {
+        let (action, from, to) = match i % 4 {
+            0 => (
+                "deny",
+                format!("from.principals = [\"spiffe://{TRUST_DOMAIN}/ns/other-{i}/*\"]"),
+                String::new(),
+            ),
+            1 => (
+                "allow",
+                format!("from.namespaces = [\"team-{i}\"]"),
+                "to.methods = [\"POST\"]".to_owned(),
+            ),
+            2 => (
+                "deny",
+                String::new(),
+                format!("to.paths = [\"/admin-{i}/*\"]"),
+            ),
+            _ => (
+                "allow",
+                format!("from.principals = [\"*/sa/client-{i}\"]"),
+                format!("to.paths = [\"/v{i}/*\"]"),
+            ),
+        };
+        text.push_str(&format!(
+            "[[inbound.rule]]\nname = \"rule-{i}\"\naction = \"{action}\"\n{from}\n{to}\n"
+        ));
+    }
+    text.push_str(&format!(
+        "[[inbound.rule]]\nname = \"bench-client\"\naction = \"allow\"\nfrom.principals = [\"spiffe://{TRUST_DOMAIN}/ns/bench/sa/client\"]\nto.methods = [\"GET\"]\nto.paths = [\"/*\"]\n"
+    ));
+    text
+}
+
 /// The server side of an mTLS pair, in the upstream's namespace: a sidecar whose inbound capture
-/// (`sidecar init --netns` on the upstream's cgroup) takes the connections to the upstream, or an
-/// Envoy terminating mutual TLS on its own port. Waits until it listens.
+/// (`sidecar init --netns` on the upstream's cgroup) takes the connections to the upstream
+/// (`Some(with 50 authorization rules)`), or an Envoy terminating mutual TLS on its own port
+/// (`None`). Waits until it listens.
 fn start_mtls_server(
     lab: &mut Lab,
     programs: &Programs,
     live: &mut Live,
-    sidecar: bool,
+    sidecar_authz: Option<bool>,
 ) -> Result<()> {
+    let sidecar = sidecar_authz.is_some();
     let mesh = identities(lab)?;
     let upstream_cgroup = lab.cgroup_path("upstream");
     let (cgroup, label) = if sidecar {
@@ -427,6 +477,11 @@ fn start_mtls_server(
             .args(["--service-name", "bench-server"])
             .arg("--identity-dir")
             .arg(mesh.join("server"));
+        if sidecar_authz == Some(true) {
+            let conf = lab.file("sidecar-authz50", "toml");
+            fs::write(&conf, authz_rules())?;
+            cmd.arg("--config").arg(&conf);
+        }
         (cmd, 15006)
     } else {
         let conf = lab.file("envoy-mtls-server", "yaml");
@@ -477,7 +532,7 @@ fn proxy_command(
             cmd.arg("run").args(["--service-name", "bench"]);
             cmd
         }
-        Target::SidecarMtls => {
+        Target::SidecarMtls | Target::SidecarMtlsAuthz => {
             let mesh = lab.dir.join("mesh");
             let conf = lab.file("sidecar-mtls", "toml");
             // `require`: a handshake that failed would show as errors, never as plaintext.
