@@ -404,3 +404,40 @@ spec:
     assert_eq!(app.requests().len(), 2, "only the probes reached the app");
     assert_eq!(decisions(&b, "probe", "allow", "allow"), 2.0);
 }
+
+/// `sidecar check-config` checks the rules as `sidecar run` would: every bad key named, exit 64;
+/// a good file passes.
+#[test]
+fn check_config_names_every_bad_rule_key() {
+    let dir = std::env::temp_dir().join(format!("sidecar-authz-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let check = |text: &str| {
+        let file = dir.join("policy.toml");
+        std::fs::write(&file, text).unwrap();
+        std::process::Command::new(sidecar_tests::env::sidecar_bin())
+            .arg("check-config")
+            .arg(&file)
+            .output()
+            .expect("run sidecar check-config")
+    };
+    let bad = check(
+        "[inbound]\ndefault = \"closed\"\n[[inbound.rule]]\nname = \"x\"\naction = \"permit\"\nfrom.principals = [\"a*b\"]\nto.paths = [\"orders\"]\n",
+    );
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(64), "{stderr}");
+    for key in [
+        "[inbound] default",
+        "rule #1 action",
+        "rule #1 from.principals",
+        "rule #1 to.paths",
+    ] {
+        assert!(stderr.contains(key), "{key} not named:\n{stderr}");
+    }
+    let good = check(RULES);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

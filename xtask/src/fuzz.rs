@@ -21,6 +21,7 @@ pub const TARGETS: &[&str] = &[
     "units",
     "tls_hello",
     "spiffe",
+    "authz",
 ];
 
 /// Seconds per target in `cargo xtask test`: enough to find a shallow regression, bounded.
