@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use tracing::debug;
+use tracing::info;
 
 use super::forward::{error_response, ProxyBody};
 use super::shared::Shared;
@@ -43,6 +43,36 @@ impl Caller {
     }
 }
 
+/// Denials logged per second at most: a caller retrying in a loop cannot flood the log (the
+/// metrics and the access log still see every one).
+const DENIAL_LOGS_PER_SECOND: u64 = 10;
+
+/// True if one more denial may be logged this second.
+fn may_log_denial() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // The current second (high 44 bits) and the count logged in it (low 20 bits).
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut current = WINDOW.load(Ordering::Relaxed);
+    loop {
+        let (second, logged) = (current >> 20, current & 0xf_ffff);
+        let next = if second == now {
+            if logged >= DENIAL_LOGS_PER_SECOND {
+                return false;
+            }
+            current + 1
+        } else {
+            now << 20 | 1
+        };
+        match WINDOW.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(seen) => current = seen,
+        }
+    }
+}
+
 fn count(shared: &Shared, d: &Decision) {
     let metrics = &shared.telemetry.metrics.authz;
     metrics.decision(&d.rule, d.action, d.result());
@@ -64,8 +94,8 @@ pub(crate) fn connection(shared: &Shared, caller: &Caller) -> Option<Decision> {
     }
     let d = authz.decide(&caller.peer(), None, false);
     count(shared, &d);
-    if !d.allowed {
-        debug!(peer = %caller.ip, port = caller.port, rule = %d.rule, principal = ?caller.id, "inbound connection denied");
+    if !d.allowed && may_log_denial() {
+        info!(peer = %caller.ip, port = caller.port, rule = %d.rule, principal = ?caller.id, "inbound connection denied");
     }
     Some(d)
 }
@@ -109,7 +139,9 @@ pub(crate) fn request<B>(
             expose: authz.expose_rule,
         }));
     }
-    debug!(peer = %caller.ip, port = caller.port, rule = %d.rule, principal = ?caller.id, method = %req.method(), path, "inbound request denied");
+    if may_log_denial() {
+        info!(peer = %caller.ip, port = caller.port, rule = %d.rule, principal = ?caller.id, method = %req.method(), path, "inbound request denied");
+    }
     let is_grpc = req
         .headers()
         .get(CONTENT_TYPE)
