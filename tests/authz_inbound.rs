@@ -5,7 +5,9 @@
 //! identities are `openssl s_client` with certificates minted for the test.
 use std::time::Duration;
 
-use sidecar_tests::mesh::{link, openssl_mesh_request, spiffe_id, IdentityDir, MeshCa, LINK_IP_B};
+use sidecar_tests::mesh::{
+    openssl_mesh_request, spiffe_id, IdentityDir, MeshCa, MeshPair, LINK_IP_B,
+};
 use sidecar_tests::metrics::value;
 use sidecar_tests::{assert_eventually, Pod, Upstream};
 
@@ -39,48 +41,13 @@ dry_run = true
 from.namespaces = ["b"]
 "#;
 
-struct Setup {
-    a: Pod,
-    b: Pod,
-    ca: MeshCa,
-    _ids: (IdentityDir, IdentityDir),
-}
-
-fn setup<T>(config: &str, b_apps: impl FnOnce(&Pod) -> T) -> (Setup, T) {
-    let ca = MeshCa::new("mesh root");
-    let mut a = Pod::new();
-    let mut b = Pod::new();
-    link(&a, &b);
-    let apps = b_apps(&b);
-    let a_id = IdentityDir::create(
-        &a.log_dir().join("identity"),
-        &ca.leaf(&spiffe_id("a", "a")),
-        &ca.pem(),
-    );
-    let b_id = IdentityDir::create(
-        &b.log_dir().join("identity"),
-        &ca.leaf(&spiffe_id("server", "app")),
-        &ca.pem(),
-    );
-    let conf = b.log_dir().join("sidecar.toml");
-    std::fs::write(&conf, config).unwrap();
-    a.init_with_netns(&[]);
-    b.init_with_netns(&[]);
-    let (ad, bd, c) = (
-        a_id.path().display().to_string(),
-        b_id.path().display().to_string(),
-        conf.display().to_string(),
-    );
-    a.start_proxy_with_inbound(&["--identity-dir", &ad]);
-    b.start_proxy_with_inbound(&["--identity-dir", &bd, "--config", &c, "--access-log"]);
-    (
-        Setup {
-            a,
-            b,
-            ca,
-            _ids: (a_id, b_id),
-        },
-        apps,
+/// The pair of the tests: A is `ns/a/sa/a`, B (the callee) `ns/server/sa/app` with `config`.
+fn setup<T>(ca: &MeshCa, config: &str, b_apps: impl FnOnce(&Pod) -> T) -> (MeshPair, T) {
+    MeshPair::start(
+        ca,
+        (&spiffe_id("a", "a"), &spiffe_id("server", "app")),
+        config,
+        b_apps,
     )
 }
 
@@ -104,7 +71,8 @@ fn status_of(response: &str) -> u16 {
 
 #[test]
 fn default_deny_allows_only_what_a_rule_allows_and_counts_the_deciding_rule() {
-    let (s, app) = setup(RULES, |b| b.app_http_server("0.0.0.0:8080", "b"));
+    let ca = MeshCa::new("mesh root");
+    let (s, app) = setup(&ca, RULES, |b| b.app_http_server("0.0.0.0:8080", "b"));
     let target = format!("{LINK_IP_B}:8080");
     let as_a = |method: &str, path: &str| {
         s.a.run_app_raw(&[
@@ -127,13 +95,13 @@ fn default_deny_allows_only_what_a_rule_allows_and_counts_the_deciding_rule() {
         post.stdout
     );
     // Principal B: a mesh client of the same trust domain, another identity.
-    let leaf_b = s.ca.leaf(&spiffe_id("b", "b"));
+    let leaf_b = ca.leaf(&spiffe_id("b", "b"));
     let b_said = openssl_mesh_request(
         s.b.remote_netns(),
         "10.200.0.2:8080",
         &s.b.log_dir().join("client-b"),
         &leaf_b,
-        &s.ca.pem(),
+        &ca.pem(),
         b"GET /orders/1 HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(status_of(&b_said), 403, "{b_said}");
@@ -179,7 +147,8 @@ fn default_deny_allows_only_what_a_rule_allows_and_counts_the_deciding_rule() {
 
 #[test]
 fn a_deny_rule_wins_over_a_broad_allow_and_dry_run_never_enforces() {
-    let (s, app) = setup(RULES, |b| b.app_http_server("0.0.0.0:8080", "b"));
+    let ca = MeshCa::new("mesh root");
+    let (s, app) = setup(&ca, RULES, |b| b.app_http_server("0.0.0.0:8080", "b"));
     let target = format!("{LINK_IP_B}:8080");
     let public =
         s.a.run_app_raw(&["http", "--connect", &target, "--path", "/public/x"]);
@@ -193,13 +162,13 @@ fn a_deny_rule_wins_over_a_broad_allow_and_dry_run_never_enforces() {
     assert!(admin.stdout.contains("\"status\":403"), "{}", admin.stdout);
     assert_eq!(decisions(&s.b, "no-admin", "deny", "deny"), 1.0);
     // B is watched by a dry-run deny: its allowed request succeeds, and the rule is counted.
-    let leaf_b = s.ca.leaf(&spiffe_id("b", "b"));
+    let leaf_b = ca.leaf(&spiffe_id("b", "b"));
     let b_said = openssl_mesh_request(
         s.b.remote_netns(),
         "10.200.0.2:8080",
         &s.b.log_dir().join("client-b"),
         &leaf_b,
-        &s.ca.pem(),
+        &ca.pem(),
         b"GET /public/y HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(status_of(&b_said), 200, "{b_said}");
@@ -214,7 +183,8 @@ fn a_deny_rule_wins_over_a_broad_allow_and_dry_run_never_enforces() {
 #[test]
 fn a_denied_opaque_connection_is_reset_before_the_app_accepts_anything() {
     let config = "[inbound]\ndefault = \"deny\"\n[[inbound.rule]]\nname = \"a-only\"\naction = \"allow\"\nports = [9000]\nfrom.principals = [\"spiffe://mesh.test/ns/a/sa/a\"]\n";
-    let (s, echo) = setup(config, |b| b.app_echo_server("0.0.0.0:9000", "echo"));
+    let ca = MeshCa::new("mesh root");
+    let (s, echo) = setup(&ca, config, |b| b.app_echo_server("0.0.0.0:9000", "echo"));
     // A plaintext client of raw TCP: reset, and the app never saw a connection.
     let plain = s.b.remote_echo("10.200.0.2:9000", 64);
     assert!(!plain.ok && plain.received == 0, "{plain:?}");
@@ -234,7 +204,8 @@ fn a_denied_opaque_connection_is_reset_before_the_app_accepts_anything() {
 #[test]
 fn a_denied_grpc_call_gets_status_7_and_other_streams_go_on() {
     let config = "[inbound]\nexpose_rule = true\n[[inbound.rule]]\nname = \"no-admin\"\naction = \"deny\"\nto.paths = [\"/admin/*\", \"/sidecar.test.Echo/*\"]\n";
-    let (s, grpc) = setup(config, |b| {
+    let ca = MeshCa::new("mesh root");
+    let (s, grpc) = setup(&ca, config, |b| {
         Upstream::grpc(b.pod_netns(), "0.0.0.0:50051", "grpc-b")
     });
     let reply = s.a.app_grpc(&format!("{LINK_IP_B}:50051"), "denied");
@@ -291,7 +262,8 @@ fn a_denied_grpc_call_gets_status_7_and_other_streams_go_on() {
 
 #[test]
 fn a_reload_flips_the_decision_for_new_requests() {
-    let (s, _app) = setup("[inbound]\ndefault = \"allow\"\n", |b| {
+    let ca = MeshCa::new("mesh root");
+    let (s, _app) = setup(&ca, "[inbound]\ndefault = \"allow\"\n", |b| {
         b.app_http_server("0.0.0.0:8080", "b")
     });
     let target = format!("{LINK_IP_B}:8080");

@@ -5,51 +5,19 @@
 use std::time::Duration;
 
 use sidecar_tests::mesh::{
-    link, spiffe_id, tls_records, Capture, IdentityDir, MeshCa, LINK_IP_B, MESH_ALPN,
+    spiffe_id, tls_records, Capture, MeshCa, MeshPair, LINK_IP_B, MESH_ALPN,
 };
 use sidecar_tests::metrics::value;
 use sidecar_tests::{assert_eventually, Pod};
 
-/// Two linked pods with identities from `ca`: A (`ns/a/sa/a`) and B (`ns/b/sa/b`), each with
-/// its sidecar running (B with `b_config` as its config file).
-struct Mesh {
-    a: Pod,
-    b: Pod,
-    a_id: IdentityDir,
-    b_id: IdentityDir,
-}
-
-fn mesh<T>(ca: &MeshCa, b_config: &str, b_app: impl FnOnce(&Pod) -> T) -> (Mesh, T) {
-    let mut a = Pod::new();
-    let mut b = Pod::new();
-    link(&a, &b);
-    let app = b_app(&b);
-    let a_id = IdentityDir::create(
-        &a.log_dir().join("identity"),
-        &ca.leaf(&spiffe_id("a", "a")),
-        &ca.pem(),
-    );
-    let b_id = IdentityDir::create(
-        &b.log_dir().join("identity"),
-        &ca.leaf(&spiffe_id("b", "b")),
-        &ca.pem(),
-    );
-    let b_conf = b.log_dir().join("sidecar.toml");
-    std::fs::write(&b_conf, b_config).unwrap();
-    a.init_with_netns(&[]);
-    b.init_with_netns(&[]);
-    let a_dir = a_id.path().display().to_string();
-    let b_dir = b_id.path().display().to_string();
-    let b_conf = b_conf.display().to_string();
-    a.start_proxy_with_inbound(&["--identity-dir", &a_dir]);
-    b.start_proxy_with_inbound(&[
-        "--identity-dir",
-        &b_dir,
-        "--config",
-        &b_conf,
-        "--access-log",
-    ]);
-    (Mesh { a, b, a_id, b_id }, app)
+/// The pair of the tests: A is `ns/a/sa/a`, B is `ns/b/sa/b` with `b_config`.
+fn mesh<T>(ca: &MeshCa, b_config: &str, b_apps: impl FnOnce(&Pod) -> T) -> (MeshPair, T) {
+    MeshPair::start(
+        ca,
+        (&spiffe_id("a", "a"), &spiffe_id("b", "b")),
+        b_config,
+        b_apps,
+    )
 }
 
 #[test]
@@ -135,8 +103,6 @@ fn a_calls_b_over_mutual_tls_and_b_sees_who_called() {
         expiry > 1.7e9,
         "the certificate's expiry is exported: {expiry}"
     );
-    drop(m.a_id);
-    drop(m.b_id);
 }
 
 #[test]

@@ -7,7 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sidecar_tests::mesh::{
-    link, same_serial, spiffe_id, IdentityDir, Leaf, MeshCa, NetnsServer, LINK_IP_B, MESH_ALPN,
+    link, same_serial, spiffe_id, IdentityDir, Leaf, MeshCa, MeshPair, NetnsServer, LINK_IP_B,
+    MESH_ALPN,
 };
 use sidecar_tests::metrics::{admin_get, value};
 use sidecar_tests::{assert_eventually, Pod, REMOTE_IP4};
@@ -200,17 +201,17 @@ fn server_serial(netns: &str, addr: &str, dir: &Path, leaf: &Leaf, ca: &str) -> 
 #[test]
 fn a_leaf_rotated_under_a_live_connection_keeps_it_and_new_handshakes_show_the_new_leaf() {
     let ca = MeshCa::new("mesh root");
-    let mut a = Pod::new();
-    let mut b = Pod::new();
-    link(&a, &b);
-    let echo = b.app_echo_server("0.0.0.0:9000", "echo");
-    let mut a_id = identity(&a, &ca.leaf(&spiffe_id("a", "a")), &ca.pem());
-    let first_b = ca.leaf(&spiffe_id("b", "b"));
-    let mut b_id = identity(&b, &first_b, &ca.pem());
-    a.init_with_netns(&[]);
-    b.init_with_netns(&[]);
-    start(&mut a, &a_id, None);
-    start(&mut b, &b_id, None);
+    let (m, echo) = MeshPair::start(&ca, (&spiffe_id("a", "a"), &spiffe_id("b", "b")), "", |b| {
+        b.app_echo_server("0.0.0.0:9000", "echo")
+    });
+    let MeshPair {
+        a,
+        b,
+        a_identity: mut a_id,
+        b_identity: mut b_id,
+        b_leaf: first_b,
+        ..
+    } = m;
     let dir = b.log_dir().join("client");
     std::fs::create_dir_all(&dir).unwrap();
     let client = ca.leaf(&spiffe_id("c", "c"));
@@ -279,23 +280,25 @@ fn a_leaf_rotated_under_a_live_connection_keeps_it_and_new_handshakes_show_the_n
 fn a_ca_rotation_in_three_steps_fails_no_request() {
     let old = MeshCa::new("old root");
     let new = MeshCa::new("new root");
-    let mut a = Pod::new();
-    let mut b = Pod::new();
-    link(&a, &b);
-    let (app, echo) = (
-        b.app_http_server("0.0.0.0:8080", "b"),
-        b.app_echo_server("0.0.0.0:9000", "echo"),
+    let (m, (app, echo)) = MeshPair::start(
+        &old,
+        (&spiffe_id("a", "a"), &spiffe_id("b", "b")),
+        "",
+        |b| {
+            (
+                b.app_http_server("0.0.0.0:8080", "b"),
+                b.app_echo_server("0.0.0.0:9000", "echo"),
+            )
+        },
     );
-    let (a_leaf, b_leaf) = (
-        old.leaf(&spiffe_id("a", "a")),
-        old.leaf(&spiffe_id("b", "b")),
-    );
-    let mut a_id = identity(&a, &a_leaf, &old.pem());
-    let mut b_id = identity(&b, &b_leaf, &old.pem());
-    a.init_with_netns(&[]);
-    b.init_with_netns(&[]);
-    start(&mut a, &a_id, None);
-    start(&mut b, &b_id, None);
+    let MeshPair {
+        a,
+        b,
+        a_identity: mut a_id,
+        b_identity: mut b_id,
+        a_leaf,
+        b_leaf,
+    } = m;
     let target = format!("{LINK_IP_B}:8080");
     let echo_target = format!("{LINK_IP_B}:9000");
     let mut requests = 0;

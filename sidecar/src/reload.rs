@@ -501,25 +501,33 @@ async fn poll(reloader: &Arc<Reloader>, path: &Path) {
         None => snapshot(path),
     };
     loop {
+        seen = next_change(seen, || snapshot(path)).await;
+        run_blocking(reloader, Cause::File).await;
+    }
+}
+
+/// Polls `look` every [`POLL`] until it differs from `seen`, then until it has stayed the same
+/// for [`SETTLE`] (at most [`SETTLE_MAX`]): a burst of writes is one change. Returns the settled
+/// value.
+async fn next_change<T: PartialEq>(seen: T, look: impl Fn() -> T) -> T {
+    loop {
         tokio::time::sleep(POLL).await;
-        let now = snapshot(path);
+        let now = look();
         if now == seen {
             continue;
         }
-        // Settle: wait until it stays the same for SETTLE (bounded by SETTLE_MAX).
         let started = tokio::time::Instant::now();
         let mut last = now;
         let mut still_since = tokio::time::Instant::now();
         while still_since.elapsed() < SETTLE && started.elapsed() < SETTLE_MAX {
             tokio::time::sleep(SETTLE_STEP).await;
-            let next = snapshot(path);
+            let next = look();
             if next != last {
                 last = next;
                 still_since = tokio::time::Instant::now();
             }
         }
-        seen = last;
-        run_blocking(reloader, Cause::File).await;
+        return last;
     }
 }
 
@@ -533,23 +541,7 @@ async fn poll_identity(identity: &Arc<IdentityStore>) {
         None => identity.snapshot(),
     };
     loop {
-        tokio::time::sleep(POLL).await;
-        let now = identity.snapshot();
-        if now == seen {
-            continue;
-        }
-        let started = tokio::time::Instant::now();
-        let mut last = now;
-        let mut still_since = tokio::time::Instant::now();
-        while still_since.elapsed() < SETTLE && started.elapsed() < SETTLE_MAX {
-            tokio::time::sleep(SETTLE_STEP).await;
-            let next = identity.snapshot();
-            if next != last {
-                last = next;
-                still_since = tokio::time::Instant::now();
-            }
-        }
-        seen = last;
+        seen = next_change(seen, || identity.snapshot()).await;
         let store = Arc::clone(identity);
         let _ = tokio::task::spawn_blocking(move || store.reload()).await;
     }

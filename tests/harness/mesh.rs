@@ -469,3 +469,59 @@ pub fn openssl_mesh_request(
     let out = child.wait_with_output().expect("openssl s_client");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Two linked pods with their sidecars running and identities from `ca`: A, the caller
+/// (`a_id`), and B, the callee (`b_id`, `b_config` as its config file, access log on). `b_apps`
+/// starts B's servers before `init` (so the kernel knows them as the app's listeners).
+pub struct MeshPair {
+    pub a: Pod,
+    pub b: Pod,
+    pub a_identity: IdentityDir,
+    pub b_identity: IdentityDir,
+    /// The leaves the identities started with.
+    pub a_leaf: Leaf,
+    pub b_leaf: Leaf,
+}
+
+impl MeshPair {
+    pub fn start<T>(
+        ca: &MeshCa,
+        (a_id, b_id): (&str, &str),
+        b_config: &str,
+        b_apps: impl FnOnce(&Pod) -> T,
+    ) -> (MeshPair, T) {
+        let mut a = Pod::new();
+        let mut b = Pod::new();
+        link(&a, &b);
+        let apps = b_apps(&b);
+        let (a_leaf, b_leaf) = (ca.leaf(a_id), ca.leaf(b_id));
+        let a_identity = IdentityDir::create(&a.log_dir().join("identity"), &a_leaf, &ca.pem());
+        let b_identity = IdentityDir::create(&b.log_dir().join("identity"), &b_leaf, &ca.pem());
+        let b_conf = b.log_dir().join("sidecar.toml");
+        fs::write(&b_conf, b_config).unwrap_or_else(|e| panic!("write {}: {e}", b_conf.display()));
+        a.init_with_netns(&[]);
+        b.init_with_netns(&[]);
+        let a_dir = a_identity.path().display().to_string();
+        let b_dir = b_identity.path().display().to_string();
+        let b_conf = b_conf.display().to_string();
+        a.start_proxy_with_inbound(&["--identity-dir", &a_dir]);
+        b.start_proxy_with_inbound(&[
+            "--identity-dir",
+            &b_dir,
+            "--config",
+            &b_conf,
+            "--access-log",
+        ]);
+        (
+            MeshPair {
+                a,
+                b,
+                a_identity,
+                b_identity,
+                a_leaf,
+                b_leaf,
+            },
+            apps,
+        )
+    }
+}

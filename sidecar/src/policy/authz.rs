@@ -161,6 +161,21 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// A rule with no conditions (it matches everything) until some are set.
+    pub fn new(name: &str, action: Action) -> Rule {
+        Rule {
+            name: name.into(),
+            action,
+            dry_run: false,
+            ports: Vec::new(),
+            principals: Vec::new(),
+            namespaces: Vec::new(),
+            ip_blocks: Vec::new(),
+            methods: Vec::new(),
+            paths: Vec::new(),
+        }
+    }
+
     fn applies_to(&self, port: u16) -> bool {
         self.ports.is_empty() || self.ports.contains(&port)
     }
@@ -317,17 +332,7 @@ mod tests {
     use super::*;
 
     fn rule(name: &str, action: Action, f: impl FnOnce(&mut Rule)) -> Rule {
-        let mut r = Rule {
-            name: name.into(),
-            action,
-            dry_run: false,
-            ports: Vec::new(),
-            principals: Vec::new(),
-            namespaces: Vec::new(),
-            ip_blocks: Vec::new(),
-            methods: Vec::new(),
-            paths: Vec::new(),
-        };
+        let mut r = Rule::new(name, action);
         f(&mut r);
         r
     }

@@ -156,17 +156,7 @@ fn rule(t: &Table, here: &str, errors: &mut Vec<KeyError>) -> Option<Rule> {
     };
     let mut name = None;
     let mut action = None;
-    let mut r = Rule {
-        name: "".into(),
-        action: Action::Allow,
-        dry_run: false,
-        ports: Vec::new(),
-        principals: Vec::new(),
-        namespaces: Vec::new(),
-        ip_blocks: Vec::new(),
-        methods: Vec::new(),
-        paths: Vec::new(),
-    };
+    let mut r = Rule::new("", Action::Allow);
     for (k, v) in t {
         let raw = Raw::Toml(v);
         let result = match (k.as_str(), v) {
