@@ -23,8 +23,9 @@
 //! far is kept); any other TLS is the app's own and is relayed untouched. A strict port refuses
 //! everything that did not arrive over mesh TLS (HTTP: 403, except probe paths; else a reset).
 //!
-//! Size: about 750 lines: the detection state machine and its three outcomes for both
-//! directions and both kinds of client stream, kept in one place so the transitions can be read
+//! Size: about 1,000 lines: the detection state machine, its outcomes for both directions and
+//! both kinds of client stream (plain, terminated mesh TLS), and the inbound checks at those
+//! outcomes (strict mTLS, authorization), kept in one place so the transitions can be read
 //! together.
 use std::io;
 use std::net::SocketAddr;
