@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sidecar_tests::mesh::{
-    link, same_serial, spiffe_id, IdentityDir, Leaf, MeshCa, MeshPair, NetnsServer, LINK_IP_B,
-    MESH_ALPN,
+    link, openssl_s_client, same_serial, spiffe_id, IdentityDir, Leaf, MeshCa, MeshPair,
+    NetnsServer, LINK_IP_B,
 };
 use sidecar_tests::metrics::{admin_get, value};
 use sidecar_tests::{assert_eventually, Pod, REMOTE_IP4};
@@ -155,30 +155,10 @@ fn require_never_falls_back() {
 /// The certificate `openssl s_client` was shown by the server at `addr` (from `netns`), as its
 /// serial; the client presents `leaf`.
 fn server_serial(netns: &str, addr: &str, dir: &Path, leaf: &Leaf, ca: &str) -> String {
-    std::fs::write(dir.join("c.crt"), &leaf.cert).unwrap();
-    std::fs::write(dir.join("c.key"), &leaf.key).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca).unwrap();
-    let out = Command::new("ip")
-        .args([
-            "netns", "exec", netns, "openssl", "s_client", "-connect", addr,
-        ])
-        .args(["-alpn", MESH_ALPN, "-tls1_3", "-verify_return_error"])
-        .arg("-cert")
-        .arg(dir.join("c.crt"))
-        .arg("-key")
-        .arg(dir.join("c.key"))
-        .arg("-CAfile")
-        .arg(dir.join("ca.pem"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("openssl s_client");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find("-----BEGIN CERTIFICATE-----").unwrap_or_else(|| {
-        panic!(
-            "no server certificate shown:\n{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let (text, err) = openssl_s_client(netns, addr, dir, leaf, ca, &["-verify_return_error"], b"");
+    let start = text
+        .find("-----BEGIN CERTIFICATE-----")
+        .unwrap_or_else(|| panic!("no server certificate shown:\n{text}\n{err}"));
     let end = text[start..].find("-----END CERTIFICATE-----").unwrap() + start + 25;
     let mut x509 = Command::new("openssl")
         .args(["x509", "-noout", "-serial"])
@@ -189,7 +169,7 @@ fn server_serial(netns: &str, addr: &str, dir: &Path, leaf: &Leaf, ca: &str) -> 
     x509.stdin
         .take()
         .unwrap()
-        .write_all(text[start..end].as_bytes())
+        .write_all(&text.as_bytes()[start..end])
         .unwrap();
     let out = x509.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout)

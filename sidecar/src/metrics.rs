@@ -97,11 +97,33 @@ pub struct PoolMetrics {
     pub waits: IntCounter,
 }
 
+/// How a connection crossed the network: the `mode` of `sidecar_mtls_connections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshMode {
+    Mtls,
+    Plaintext,
+    /// The app's own TLS, relayed untouched (inbound).
+    Passthrough,
+}
+
+impl MeshMode {
+    pub const ALL: [MeshMode; 3] = [MeshMode::Mtls, MeshMode::Plaintext, MeshMode::Passthrough];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeshMode::Mtls => "mtls",
+            MeshMode::Plaintext => "plaintext",
+            MeshMode::Passthrough => "passthrough",
+        }
+    }
+}
+
 /// Mesh TLS: handshakes, the mode of each connection, fallbacks to plaintext.
 #[derive(Clone)]
 pub struct MtlsMetrics {
     handshakes: IntCounterVec,
-    connections: IntCounterVec,
+    /// By direction, then [`MeshMode`]: resolved once (counted on every connection).
+    connections: [[IntCounter; 3]; 2],
     pub fallbacks: IntCounter,
 }
 
@@ -113,27 +135,9 @@ impl MtlsMetrics {
             .inc();
     }
 
-    /// One connection by mode: `mtls`, `plaintext` or `passthrough` (the app's own TLS, inbound).
-    pub fn connection(&self, dir: Dir, mode: &str) {
-        self.connections
-            .with_label_values(&[dir.as_str(), mode])
-            .inc();
-    }
-}
-
-/// Inbound authorization decisions.
-#[derive(Clone)]
-pub struct AuthzMetrics {
-    decisions: IntCounterVec,
-}
-
-impl AuthzMetrics {
-    /// One decision: the deciding rule (or `default`, `probe`), its action, and the result
-    /// (`allow`, `deny`, `dry_run_deny`, `dry_run_allow`).
-    pub fn decision(&self, rule: &str, action: &str, result: &str) {
-        self.decisions
-            .with_label_values(&[rule, action, result])
-            .inc();
+    /// One connection, by how it crossed the network.
+    pub fn connection(&self, dir: Dir, mode: MeshMode) {
+        self.connections[dir.index()][mode as usize].inc();
     }
 }
 
@@ -157,7 +161,8 @@ pub struct ProxyMetrics {
     destinations: RwLock<HashMap<(Dir, DestKey), Arc<DestinationMetrics>>>,
     overflow: [Arc<DestinationMetrics>; 2],
     pub mtls: MtlsMetrics,
-    pub authz: AuthzMetrics,
+    /// Inbound authorization decisions: `rule`, `action`, `result`.
+    pub authz: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -324,24 +329,16 @@ impl ProxyMetrics {
             max_destinations,
             destinations: RwLock::new(HashMap::new()),
             overflow,
-            mtls: {
+            mtls: MtlsMetrics {
+                handshakes,
                 // Present from the start (at 0): "no mesh traffic yet" is not "no data".
-                for (dir, mode) in [
-                    ("inbound", "mtls"),
-                    ("inbound", "plaintext"),
-                    ("inbound", "passthrough"),
-                    ("outbound", "mtls"),
-                    ("outbound", "plaintext"),
-                ] {
-                    mtls_conns.with_label_values(&[dir, mode]);
-                }
-                MtlsMetrics {
-                    handshakes,
-                    connections: mtls_conns,
-                    fallbacks,
-                }
+                connections: [Dir::Inbound, Dir::Outbound].map(|dir| {
+                    MeshMode::ALL
+                        .map(|mode| mtls_conns.with_label_values(&[dir.as_str(), mode.as_str()]))
+                }),
+                fallbacks,
             },
-            authz: AuthzMetrics { decisions },
+            authz: decisions,
         }))
     }
 

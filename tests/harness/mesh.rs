@@ -430,18 +430,18 @@ pub fn same_serial(a: &str, b: &str) -> bool {
     norm(a) == norm(b)
 }
 
-/// A mesh TLS client that is not a sidecar: `openssl s_client` from `netns`, offering the mesh
-/// ALPN with `leaf` (trusting `bundle`), sends `request` (raw bytes, e.g. an HTTP/1.1 request with
-/// `Connection: close`) and returns what came back (empty when the connection was refused).
-/// `dir` holds the key files.
-pub fn openssl_mesh_request(
+/// A mesh TLS client that is not a sidecar: `openssl s_client` from `netns` to `addr`, offering
+/// the mesh ALPN (TLS 1.3) with `leaf`, trusting `bundle`, with `extra` arguments; writes `input`
+/// then closes its stdin. Returns (stdout, stderr). `dir` holds the key files.
+pub fn openssl_s_client(
     netns: &str,
     addr: &str,
     dir: &Path,
     leaf: &Leaf,
     bundle: &str,
-    request: &[u8],
-) -> String {
+    extra: &[&str],
+    input: &[u8],
+) -> (String, String) {
     use std::io::Write;
     fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
     fs::write(dir.join("c.crt"), &leaf.cert).expect("write c.crt");
@@ -449,7 +449,7 @@ pub fn openssl_mesh_request(
     fs::write(dir.join("ca.pem"), bundle).expect("write ca.pem");
     let mut child = Command::new("ip")
         .args([
-            "netns", "exec", netns, "openssl", "s_client", "-quiet", "-connect", addr,
+            "netns", "exec", netns, "openssl", "s_client", "-connect", addr,
         ])
         .args(["-alpn", MESH_ALPN, "-tls1_3"])
         .arg("-cert")
@@ -458,16 +458,33 @@ pub fn openssl_mesh_request(
         .arg(dir.join("c.key"))
         .arg("-CAfile")
         .arg(dir.join("ca.pem"))
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn openssl s_client");
     let mut stdin = child.stdin.take().expect("stdin");
-    let _ = stdin.write_all(request);
+    let _ = stdin.write_all(input);
     drop(stdin);
     let out = child.wait_with_output().expect("openssl s_client");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`openssl_s_client`] sending `request` (raw bytes, e.g. an HTTP/1.1 request with
+/// `Connection: close`); what came back (empty when the connection was refused).
+pub fn openssl_mesh_request(
+    netns: &str,
+    addr: &str,
+    dir: &Path,
+    leaf: &Leaf,
+    bundle: &str,
+    request: &[u8],
+) -> String {
+    openssl_s_client(netns, addr, dir, leaf, bundle, &["-quiet"], request).0
 }
 
 /// Two linked pods with their sidecars running and identities from `ca`: A, the caller

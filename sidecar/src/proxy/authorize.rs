@@ -74,14 +74,18 @@ fn may_log_denial() -> bool {
 }
 
 fn count(shared: &Shared, d: &Decision) {
-    let metrics = &shared.telemetry.metrics.authz;
-    metrics.decision(&d.rule, d.action, d.result());
+    let decisions = &shared.telemetry.metrics.authz;
+    decisions
+        .with_label_values(&[&*d.rule, d.action, d.result()])
+        .inc();
     for (rule, action) in &d.dry_run {
         let result = match action {
             crate::policy::authz::Action::Deny => "dry_run_deny",
             crate::policy::authz::Action::Allow => "dry_run_allow",
         };
-        metrics.decision(rule, action.as_str(), result);
+        decisions
+            .with_label_values(&[&**rule, action.as_str(), result])
+            .inc();
     }
 }
 

@@ -401,14 +401,8 @@ impl Conn {
         match self {
             Conn::Plain(s) => {
                 let mut head = [0u8; 9];
-                match nix::sys::socket::recv(
-                    std::os::fd::AsRawFd::as_raw_fd(s),
-                    &mut head,
-                    nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-                ) {
-                    Ok(n) => head[..n].to_vec(),
-                    Err(_) => Vec::new(),
-                }
+                let n = s.peek_now(&mut head);
+                head[..n].to_vec()
             }
             Conn::Mesh(m) => m.ahead.iter().take(9).copied().collect(),
         }

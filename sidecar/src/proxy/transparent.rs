@@ -54,7 +54,7 @@ use super::shared::{Direction, Shared, SilentDial};
 use crate::error::{Chain, ConnectError, ProxyError};
 use crate::identity::{SpiffeId, MESH_ALPN};
 use crate::metrics::conn::{ConnGuard, CountedIo};
-use crate::metrics::Dir;
+use crate::metrics::{Dir, MeshMode};
 use crate::policy::headers::ForwardedClient;
 use crate::policy::idle::{self, Relayed};
 use crate::policy::{Destination, InboundMtls};
@@ -95,25 +95,6 @@ enum Decision {
     Tls,
 }
 
-/// How a downstream connection arrived, for strict ports and `sidecar_mtls_connections_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Mtls,
-    Plaintext,
-    /// The app's own TLS, relayed untouched (inbound).
-    Passthrough,
-}
-
-impl Mode {
-    fn as_str(self) -> &'static str {
-        match self {
-            Mode::Mtls => "mtls",
-            Mode::Plaintext => "plaintext",
-            Mode::Passthrough => "passthrough",
-        }
-    }
-}
-
 /// Serves one accepted, captured connection; `conn` keeps its books until it closes.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
@@ -129,18 +110,8 @@ pub(crate) async fn serve(
     if let Err(e) = client.set_nodelay(true) {
         debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
     }
-    let dest = connection_policies(&shared, direction, dst);
-    let plan = match direction {
-        Direction::Outbound => {
-            let policies = shared.policies.load();
-            shared
-                .mesh
-                .plan(dst, dest.policy(), &policies.config().mesh)
-        }
-        // To the app, on this host: never mesh TLS.
-        Direction::Inbound { .. } => Plan::Plain,
-    };
-    let mut detecting = Detecting::start(&shared, direction, &mut client, dst, &dest, plan);
+    let ConnectionPolicies { dest, plan, gated } = connection_policies(&shared, direction, dst);
+    let mut detecting = Detecting::start(&shared, direction, &mut client, dst, &dest, plan, gated);
     let decision = detecting.run(&mut client, peer).await;
     let accepted = Accepted {
         shared,
@@ -154,7 +125,7 @@ pub(crate) async fn serve(
         // Detection is over: this connection no longer counts as a silent dial.
         detecting.silent = None;
         return accepted
-            .finish(client, detecting, decision, Mode::Plaintext)
+            .finish(client, detecting, decision, MeshMode::Plaintext)
             .await;
     }
     // Inbound TLS: a sidecar's (terminate it), or the app's own (relay it untouched)?
@@ -162,7 +133,7 @@ pub(crate) async fn serve(
     if sniff_hello(&client, timeout).await != Hello::Mesh {
         detecting.silent = None;
         return accepted
-            .finish(client, detecting, Decision::Opaque, Mode::Passthrough)
+            .finish(client, detecting, Decision::Opaque, MeshMode::Passthrough)
             .await;
     }
     let Some(mut tls) = accepted.shared.mesh.accept(client, peer, timeout).await else {
@@ -172,7 +143,9 @@ pub(crate) async fn serve(
     detecting.restart();
     let decision = detecting.run(&mut tls, peer).await;
     detecting.silent = None;
-    accepted.finish(tls, detecting, decision, Mode::Mtls).await;
+    accepted
+        .finish(tls, detecting, decision, MeshMode::Mtls)
+        .await;
 }
 
 /// Reads the client's first TLS record (bounded by `timeout` and one record's size): does it
@@ -213,7 +186,7 @@ impl Accepted {
         client: D,
         detecting: Detecting,
         decision: Decision,
-        mode: Mode,
+        mode: MeshMode,
     ) {
         let Accepted {
             shared,
@@ -225,7 +198,7 @@ impl Accepted {
         } = self;
         let dir = direction.dir();
         let strict = matches!(direction, Direction::Inbound { .. })
-            && mode != Mode::Mtls
+            && mode != MeshMode::Mtls
             && shared.policies.load().config().inbound.mtls_for(dst.port()) == InboundMtls::Strict;
         match decision {
             Decision::Close | Decision::Tls => return,
@@ -236,7 +209,7 @@ impl Accepted {
             _ => {}
         }
         if matches!(direction, Direction::Inbound { .. }) {
-            shared.telemetry.metrics.mtls.connection(dir, mode.as_str());
+            shared.telemetry.metrics.mtls.connection(dir, mode);
         }
         let plan = detecting.plan;
         let caller = matches!(direction, Direction::Inbound { .. }).then(|| Caller {
@@ -300,7 +273,11 @@ impl Accepted {
                     Upstream::Failed(_) | Upstream::Held => None,
                 };
                 if direction == Direction::Outbound {
-                    let mode = if plan.is_tls() { "mtls" } else { "plaintext" };
+                    let mode = if plan.is_tls() {
+                        MeshMode::Mtls
+                    } else {
+                        MeshMode::Plaintext
+                    };
                     shared.telemetry.metrics.mtls.connection(dir, mode);
                 }
                 let client_id = client.peer_id().cloned();
@@ -357,23 +334,54 @@ fn destination(
 }
 
 /// The policies of a connection (connect and idle timeouts now, breaker and the rest per
-/// request), resolved once under the generation in force.
-fn connection_policies(shared: &Shared, direction: Direction, dst: SocketAddr) -> Resolved {
+/// request), its mesh plan and whether authorization gates it, resolved once under the
+/// generation in force.
+fn connection_policies(
+    shared: &Shared,
+    direction: Direction,
+    dst: SocketAddr,
+) -> ConnectionPolicies {
     let policies = shared.policies.load();
-    let dest = match direction {
+    let (dest, plan, gated) = match direction {
         Direction::Outbound => {
             let label = || {
                 let metrics = shared.telemetry.metrics.destination(Dir::Outbound, dst);
                 Arc::clone(metrics.label())
             };
-            policies.outbound(dst, Some(&label))
+            let dest = policies.outbound(dst, Some(&label));
+            let plan = shared
+                .mesh
+                .plan(dst, dest.policy(), &policies.config().mesh);
+            (dest, plan, false)
         }
-        Direction::Inbound { .. } => policies.inbound(),
+        // To the app, on this host: never mesh TLS.
+        // A port that can refuse a client (authorization, strict mTLS) never dials the app
+        // for one it has not decided on.
+        Direction::Inbound { .. } => {
+            let inbound = &policies.config().inbound;
+            let gated = inbound.authz.gates(dst.port())
+                || inbound.mtls_for(dst.port()) == InboundMtls::Strict;
+            (policies.inbound(), Plan::Plain, gated)
+        }
     };
-    Resolved {
-        dest,
-        generation: policies.generation(),
+    ConnectionPolicies {
+        dest: Resolved {
+            dest,
+            generation: policies.generation(),
+        },
+        plan,
+        gated,
     }
+}
+
+/// What one connection runs under, all from one generation of the policies.
+struct ConnectionPolicies {
+    dest: Resolved,
+    /// How the upstream is dialled (outbound: mesh TLS or plaintext).
+    plan: Plan,
+    /// Inbound: authorization or strict mTLS applies to the port (the app is dialled only after
+    /// a decision).
+    gated: bool,
 }
 
 /// Detection in progress: the upstream side, the client bytes peeked so far, and the deadline
@@ -406,8 +414,8 @@ struct Detecting {
     /// Counts a silent client not dialled at once.
     deferred: prometheus::IntCounter,
     silent: Option<SilentDial>,
-    /// Inbound, authorization applies to the port: the app is dialled only after a decision
-    /// (a silent client is decided after `detect_timeout`, as plaintext).
+    /// Inbound, authorization or strict mTLS applies to the port: the app is dialled only after a
+    /// decision (a silent client is decided after `detect_timeout`, as plaintext).
     gated: bool,
 }
 
@@ -420,6 +428,7 @@ impl Detecting {
         dst: SocketAddr,
         dest: &Destination,
         plan: Plan,
+        gated: bool,
     ) -> Detecting {
         let egress = shared.egress(direction);
         let inbound = matches!(direction, Direction::Inbound { .. });
@@ -434,14 +443,6 @@ impl Detecting {
         let http1_waiting =
             waiting > 0 && matches!(classify(&buf[..waiting], inbound), Detection::Http1);
         let mesh = Arc::clone(&shared.mesh);
-        let gated = inbound
-            && shared
-                .policies
-                .load()
-                .config()
-                .inbound
-                .authz
-                .gates(dst.port());
         let mut deadline = None;
         // A destination the pool is talking HTTP/1 to has no greeting to wait for either: hold
         // the dial until the client speaks (or, for a client that stays silent for
@@ -934,9 +935,9 @@ impl OpaqueCtx<'_> {
             Ok(upstream) => {
                 if direction == Direction::Outbound {
                     let mode = if upstream.is_mesh() {
-                        "mtls"
+                        MeshMode::Mtls
                     } else {
-                        "plaintext"
+                        MeshMode::Plaintext
                     };
                     shared
                         .telemetry

@@ -632,7 +632,13 @@ backend be
         }
         Target::Envoy => {
             let conf = lab.file("envoy", "yaml");
-            fs::write(&conf, envoy_conf(port))?;
+            fs::write(
+                &conf,
+                envoy_conf(
+                    port,
+                    &envoy_cluster("upstream", UPSTREAM_IP, UPSTREAM_PORT, ""),
+                ),
+            )?;
             let mut cmd = lab.command(place, &programs.envoy);
             cmd.arg("-c")
                 .arg(&conf)
@@ -678,7 +684,7 @@ http {{
     Ok(conf)
 }
 
-fn envoy_conf(port: u16) -> String {
+fn envoy_conf(port: u16, clusters: &str) -> String {
     format!(
         r#"static_resources:
   listeners:
@@ -706,21 +712,29 @@ fn envoy_conf(port: u16) -> String {
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: upstream
+{clusters}"#
+    )
+}
+
+/// One Envoy cluster of a single static endpoint, with the bench's connection limits and an
+/// optional transport socket (YAML indented for `clusters:`).
+fn envoy_cluster(name: &str, address: &str, port: u16, transport: &str) -> String {
+    format!(
+        r#"  clusters:
+  - name: {name}
     type: STATIC
     connect_timeout: 1s
     # The defaults (1024) would turn the 1,000-connection phase into a test of these limits.
     circuit_breakers:
       thresholds:
       - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}
-    load_assignment:
-      cluster_name: upstream
+{transport}    load_assignment:
+      cluster_name: {name}
       endpoints:
       - lb_endpoints:
         - endpoint:
             address:
-              socket_address: {{ address: {UPSTREAM_IP}, port_value: {UPSTREAM_PORT} }}
+              socket_address: {{ address: {address}, port_value: {port} }}
 "#
     )
 }
@@ -746,30 +760,17 @@ fn envoy_tls_context(dir: &Path, peer: &str) -> String {
 /// The app side of `envoy-mtls`: plain HTTP in, mutual TLS to the server side.
 fn envoy_mtls_client_conf(port: u16, mesh: &Path) -> String {
     let tls = envoy_tls_context(&mesh.join("client"), "server");
-    let base = envoy_conf(port);
-    let cluster_at = base.find("  clusters:").unwrap_or(base.len());
-    format!(
-        r#"{}  clusters:
-  - name: upstream
-    type: STATIC
-    connect_timeout: 1s
-    circuit_breakers:
-      thresholds:
-      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}
-    transport_socket:
+    let transport = format!(
+        r#"    transport_socket:
       name: envoy.transport_sockets.tls
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         {tls}
-    load_assignment:
-      cluster_name: upstream
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: {UPSTREAM_IP}, port_value: {ENVOY_MTLS_SERVER_PORT} }}
-"#,
-        &base[..cluster_at]
+"#
+    );
+    envoy_conf(
+        port,
+        &envoy_cluster("upstream", UPSTREAM_IP, ENVOY_MTLS_SERVER_PORT, &transport),
     )
 }
 
@@ -807,21 +808,8 @@ fn envoy_mtls_server_conf(mesh: &Path) -> String {
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: local
-    type: STATIC
-    connect_timeout: 1s
-    circuit_breakers:
-      thresholds:
-      - {{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }}
-    load_assignment:
-      cluster_name: local
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: 127.0.0.1, port_value: {UPSTREAM_PORT} }}
-"#
+{local}"#,
+        local = envoy_cluster("local", "127.0.0.1", UPSTREAM_PORT, "")
     )
 }
 
