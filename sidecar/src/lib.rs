@@ -21,6 +21,7 @@ pub mod reload;
 pub mod run;
 #[cfg(test)]
 mod tidy;
+pub mod transcode;
 pub mod units;
 
 /// Exit code for bad configuration or usage (sysexits.h `EX_USAGE`).

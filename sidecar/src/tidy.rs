@@ -33,6 +33,9 @@ const LAYERS: &[&[&str]] = &[
     &["metrics"],
     // Workload identity for mesh TLS (certificates from files, peer verification).
     &["identity"],
+    // REST/JSON to gRPC: descriptor sets, routes, messages (pure conversion, no I/O but reading
+    // the descriptor set).
+    &["transcode"],
     // What happens to each request (breaker, retries, timeouts, headers) and its defaults.
     &["policy"],
     // Reading the policy file again and swapping the policies in force.

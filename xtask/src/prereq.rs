@@ -11,7 +11,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::cmd::{self, probe, Ctx};
 use crate::say;
@@ -360,25 +360,75 @@ fn linked_llvm_major(ctx: &Ctx) -> Option<u32> {
 
 /// Version of the offline Kubernetes schema validator the manifest tests use.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// The transcoding tests' independent gRPC app and client (tests/fixtures/transcode/*.py).
+const GRPC_PYTHON: &[&str] = &["grpcio==1.85.3", "protobuf==7.36.2"];
 
-/// Tools only the tests need: kubernetes-validate (PyPI) in a venv under target/tools, so nothing
-/// is installed into the system Python. Returns the path of its script, which the tests receive
-/// as $KUBERNETES_VALIDATE.
-pub fn test_tools(ctx: &Ctx) -> Result<PathBuf> {
-    let venv = ctx.target_dir.join("tools/kubernetes-validate");
-    let script = venv.join("bin/kubernetes-validate");
-    if script.is_file() {
-        say!(
-            "check {KUBERNETES_VALIDATE}: present ({})",
-            script.display()
-        );
-        return Ok(script);
+/// Tools only the tests need, each in its own venv under target/tools (nothing goes into the
+/// system Python). The tests receive them as environment variables of the same names.
+pub struct TestTools {
+    /// $KUBERNETES_VALIDATE: the kubernetes-validate script.
+    pub kubernetes_validate: PathBuf,
+    /// $GRPC_PYTHON: a python with grpcio and protobuf.
+    pub grpc_python: PathBuf,
+}
+
+pub fn test_tools(ctx: &Ctx) -> Result<TestTools> {
+    Ok(TestTools {
+        kubernetes_validate: python_venv(
+            ctx,
+            &Venv {
+                dir: "kubernetes-validate",
+                packages: &[KUBERNETES_VALIDATE],
+                product: "bin/kubernetes-validate",
+                env: "KUBERNETES_VALIDATE",
+            },
+        )?,
+        grpc_python: python_venv(
+            ctx,
+            &Venv {
+                dir: "grpcio",
+                packages: GRPC_PYTHON,
+                product: "bin/python",
+                env: "GRPC_PYTHON",
+            },
+        )?,
+    })
+}
+
+/// A venv under target/tools with pinned PyPI packages.
+struct Venv {
+    /// Directory under target/tools.
+    dir: &'static str,
+    /// pip requirements, installed with one `pip install`.
+    packages: &'static [&'static str],
+    /// The file the tests use, relative to the venv.
+    product: &'static str,
+    /// The environment variable the tests read it from.
+    env: &'static str,
+}
+
+/// Makes the venv unless it holds exactly `packages` (a stamp written after a successful install
+/// records them, so a changed pin reinstalls); returns the path of its product.
+fn python_venv(ctx: &Ctx, v: &Venv) -> Result<PathBuf> {
+    let venv = ctx.target_dir.join("tools").join(v.dir);
+    let product = venv.join(v.product);
+    let stamp = venv.join("xtask-installed.txt");
+    let wanted = v.packages.join(" ");
+    if product.is_file() && fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == wanted) {
+        say!("check {wanted}: present ({})", venv.display());
+        return Ok(product);
     }
     say!(
-        "check {KUBERNETES_VALIDATE}: missing, installing into {}",
+        "check {wanted}: missing (or other versions), installing into {}",
         venv.display()
     );
-    let hint = "check that PyPI is reachable; or install it yourself and set KUBERNETES_VALIDATE to its script";
+    let hint = format!(
+        "check that PyPI is reachable; or make the venv yourself (`python3 -m venv {0} && \
+         {0}/bin/pip install {wanted}`) and, to run the tests by hand, set {1}={2}",
+        venv.display(),
+        v.env,
+        product.display()
+    );
     let python = ctx.find_program("python3").ok_or_else(|| {
         anyhow::anyhow!("python3 is not installed: `apt-get install -y python3 python3-venv`")
     })?;
@@ -403,7 +453,7 @@ pub fn test_tools(ctx: &Ctx) -> Result<PathBuf> {
                     "python3-venv",
                 ]),
             "apt-get install python3-venv",
-            Some(hint),
+            Some(&hint),
         )?;
     }
     // A half-made venv from an interrupted run would make `venv` succeed and pip fail oddly.
@@ -411,26 +461,25 @@ pub fn test_tools(ctx: &Ctx) -> Result<PathBuf> {
     cmd::run(
         ctx.cmd(&python).arg("-m").arg("venv").arg(&venv),
         "python3 -m venv",
-        Some(hint),
+        Some(&hint),
     )?;
     cmd::run(
-        ctx.cmd(venv.join("bin/pip")).args([
-            "install",
-            "--disable-pip-version-check",
-            "--quiet",
-            KUBERNETES_VALIDATE,
-        ]),
-        &format!("pip install {KUBERNETES_VALIDATE}"),
-        Some(hint),
+        ctx.cmd(venv.join("bin/pip"))
+            .args(["install", "--disable-pip-version-check", "--quiet"])
+            .args(v.packages),
+        &format!("pip install {wanted}"),
+        Some(&hint),
     )?;
-    if !script.is_file() {
+    if !product.is_file() {
         bail!(
-            "pip installed {KUBERNETES_VALIDATE} but {} is missing; {hint}",
-            script.display()
+            "pip installed {wanted} but {} is missing; {hint}",
+            product.display()
         );
     }
-    say!("check {KUBERNETES_VALIDATE}: now present");
-    Ok(script)
+    fs::write(&stamp, format!("{wanted}\n"))
+        .with_context(|| format!("cannot write {}", stamp.display()))?;
+    say!("check {wanted}: now present");
+    Ok(product)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
     ensure_stable_component(ctx, "rustfmt", &["fmt", "--version"])?;
     ensure_stable_component(ctx, "clippy", &["clippy", "--version"])?;
     ebpf::build(ctx, ebpf::Profile::Release)?;
-    let kubernetes_validate = prereq::test_tools(ctx)?;
+    let tools = prereq::test_tools(ctx)?;
 
     // A build failure leaves nothing to test: stop here.
     cmd::run(
@@ -59,7 +59,8 @@ pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
         .args(extra)
         .env("SIDECAR_BIN", &sidecar)
         .env("SIDECAR_PROBE_BIN", ctx.debug_bin("sidecar-probe"))
-        .env("KUBERNETES_VALIDATE", &kubernetes_validate);
+        .env("KUBERNETES_VALIDATE", &tools.kubernetes_validate)
+        .env("GRPC_PYTHON", &tools.grpc_python);
     results.push(("tests", cmd::run(&mut tests, "tests", None)));
 
     results.push((
