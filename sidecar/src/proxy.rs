@@ -28,6 +28,7 @@ mod smuggling_tests;
 mod target;
 #[cfg(test)]
 mod tests;
+mod transcode;
 mod transparent;
 
 use std::io;

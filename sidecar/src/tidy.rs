@@ -62,7 +62,7 @@ const PROXY_LAYERS: &[&[&str]] = &[
     &["route"],
     &["shared"],
     &["forward"],
-    &["serve", "authorize"],
+    &["serve", "authorize", "transcode"],
     &["transparent", "target"],
 ];
 

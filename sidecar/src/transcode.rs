@@ -19,16 +19,17 @@ use std::sync::Arc;
 use http::Method;
 use prost::Message as _;
 use prost_reflect::{
-    DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MethodDescriptor, SerializeOptions,
-    Value,
+    DescriptorPool, DynamicMessage, Kind, MethodDescriptor, SerializeOptions, Value,
 };
 use sha2::{Digest, Sha256};
 
 pub mod grpc;
 mod message;
+pub mod stream;
 pub mod template;
 
 pub use grpc::{Deframer, StatusBody};
+use message::BodyField;
 use template::{Binding, Template};
 
 /// What to do with JSON fields and query parameters the request message does not have.
@@ -97,17 +98,6 @@ impl Settings {
             unmatched: Unmatched::default(),
         }
     }
-}
-
-/// Where the request body goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum BodyField {
-    /// No body: a non-empty one is refused.
-    None,
-    /// `body: "*"`: the whole message (but the fields bound by the path).
-    All,
-    /// `body: "order"`: that field.
-    Field(Vec<String>),
 }
 
 /// One HTTP binding of a gRPC method.
@@ -290,10 +280,21 @@ impl Transcoder {
         method: &Method,
         path: &str,
     ) -> Option<(&Route, Result<Vec<Binding>, String>)> {
+        self.route_index(method, path)
+            .map(|(i, b)| (&self.routes[i], b))
+    }
+
+    /// [`Transcoder::route`], by index into [`Transcoder::routes`].
+    pub fn route_index(
+        &self,
+        method: &Method,
+        path: &str,
+    ) -> Option<(usize, Result<Vec<Binding>, String>)> {
         self.routes
             .iter()
-            .filter(|r| r.http_method == *method)
-            .find_map(|r| r.template.matches(path).map(|b| (r, b)))
+            .enumerate()
+            .filter(|(_, r)| r.http_method == *method)
+            .find_map(|(i, r)| r.template.matches(path).map(|b| (i, b)))
     }
 
     /// The encoded request message of `route`.
@@ -441,10 +442,6 @@ fn compile(
     })
 }
 
-/// Request JSON parsing options (unknown fields per the section's setting).
-fn deserialize_options(reject: bool) -> DeserializeOptions {
-    DeserializeOptions::new().deny_unknown_fields(reject)
-}
-
 #[cfg(test)]
-mod tests;
+#[cfg(test)]
+pub(crate) mod tests;

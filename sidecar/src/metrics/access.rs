@@ -32,6 +32,11 @@ pub(crate) struct Observer {
 #[derive(Debug, Clone)]
 pub struct AuthzRule(pub Arc<str>);
 
+/// The gRPC method a REST request was transcoded to (a response extension, for the access
+/// log's `grpc` field).
+#[derive(Debug, Clone)]
+pub struct Transcoded(pub Arc<str>);
+
 /// The original destination (no allocation per connection), or the `--target` authority.
 #[derive(Debug, Clone)]
 pub(crate) enum UpstreamName {
@@ -125,6 +130,10 @@ where
         .extensions()
         .get::<AuthzRule>()
         .map(|r| Arc::clone(&r.0));
+    let grpc = resp
+        .extensions()
+        .get::<Transcoded>()
+        .map(|t| Arc::clone(&t.0));
     if let Some(err) = local_error {
         obs.metrics.error(obs.dest.direction(), err);
     }
@@ -141,6 +150,7 @@ where
             peer = %obs.peer,
             peer_id = %obs.peer_id.as_deref().unwrap_or("-"),
             authz = %authz.as_deref().unwrap_or("-"),
+            grpc = %grpc.as_deref().unwrap_or("-"),
             error = %local_error.map_or("-", ProxyError::code),
         );
     }

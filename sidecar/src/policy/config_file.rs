@@ -46,7 +46,8 @@
 //! | `mtls` | `off`, `opportunistic` or `require` | `opportunistic` | | mesh TLS to destinations inside `[mtls] mesh_networks` when the proxy has an identity (`--identity-dir`); opportunistic falls back to plaintext for a peer that is not a sidecar, require never does (HTTP 502, TCP reset). Decided per connection by address, so only `[defaults]` and address rules apply |
 //! | `server_identities` | list of SPIFFE IDs | none | | the server must prove one of these (else 502 / reset, `result="identity_mismatch"`) |
 //!
-//! The `[mtls]` and `[inbound]` sections are described in [`mesh`].
+//! The `[mtls]` and `[inbound]` sections are described in [`mesh`], `[[transcode]]` in
+//! `transcode.rs`.
 //!
 //! Durations are strings with a unit: `500ms`, `2s`, `1m`, `1h`. Lists may also be given as one
 //! comma-separated string (that is how flags and environment variables give them).
@@ -381,6 +382,7 @@ fn parse_layers(
     let mut rules: Vec<(String, Match, &Table)> = Vec::new();
     let mut mesh = MeshConfig::default();
     let mut inbound = InboundConfig::default();
+    let mut transcode = Vec::new();
     if let Some((name, table)) = file {
         for (k, v) in table {
             match (k.as_str(), v) {
@@ -394,6 +396,9 @@ fn parse_layers(
                         &format!("{name}: [inbound]"),
                         errors,
                     );
+                }
+                ("transcode", list) => {
+                    transcode = transcode::sections(list, name, errors);
                 }
                 ("mtls" | "inbound", other) => errors.push(KeyError {
                     key: format!("{name}: {k}"),
@@ -471,7 +476,7 @@ fn parse_layers(
                     key: format!("{name}: {other}"),
                     value: Raw::Toml(v).shown(),
                     problem:
-                        "unknown section; expected [defaults], [[destination]], [mtls], [inbound] or [run]"
+                        "unknown section; expected [defaults], [[destination]], [mtls], [inbound], [[transcode]] or [run]"
                             .to_owned(),
                 }),
             }
@@ -539,6 +544,7 @@ fn parse_layers(
         destinations,
         mesh,
         inbound,
+        transcode,
     }
 }
 
@@ -621,4 +627,5 @@ mod authz;
 pub mod mesh;
 #[cfg(test)]
 mod tests;
+mod transcode;
 mod values;

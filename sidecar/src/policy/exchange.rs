@@ -162,6 +162,34 @@ pub async fn exchange<B, S, F>(
     dest: &Destination,
     head: Parts,
     body: Incoming,
+    send: S,
+) -> Result<Response<B>, Failed>
+where
+    S: FnMut(Request<UpstreamBody>) -> F,
+    F: Future<Output = Result<Response<B>, Failed>>,
+{
+    exchange_with(dest, head, Prepared::Stream(body), send).await
+}
+
+/// [`exchange`] of a body the proxy made itself (a transcoded gRPC message): already in
+/// memory, so it can always be sent again.
+pub async fn exchange_buffered<B, S, F>(
+    dest: &Destination,
+    head: Parts,
+    body: Replay,
+    send: S,
+) -> Result<Response<B>, Failed>
+where
+    S: FnMut(Request<UpstreamBody>) -> F,
+    F: Future<Output = Result<Response<B>, Failed>>,
+{
+    exchange_with(dest, head, Prepared::Replay(body), send).await
+}
+
+async fn exchange_with<B, S, F>(
+    dest: &Destination,
+    head: Parts,
+    body: Prepared,
     mut send: S,
 ) -> Result<Response<B>, Failed>
 where
@@ -176,11 +204,12 @@ where
     dest.count_request();
     let retry = &policy.retry;
     let idempotent = is_idempotent(&head.method);
-    let prepared = if retry.max_retries > 0 {
+    let prepared = match body {
         // A failure here is the client's: the permit is dropped unreported (ignored).
-        prepare_replay(body, &head.headers, retry.max_body_bytes, deadline).await?
-    } else {
-        Prepared::Stream(body)
+        Prepared::Stream(body) if retry.max_retries > 0 => {
+            prepare_replay(body, &head.headers, retry.max_body_bytes, deadline).await?
+        }
+        prepared => prepared,
     };
     let replay = match prepared {
         Prepared::Stream(body) => {

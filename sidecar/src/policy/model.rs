@@ -2,11 +2,13 @@
 //! rule applies to ([`Match`]), and a proxy's whole policy configuration ([`PolicyConfig`]), with
 //! the defaults. Pure data: [`super::config_file`] builds it, [`super::Policies`] runs it.
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::authz::PathPattern;
 use crate::identity::SpiffeId;
 use crate::net::Cidr;
+use crate::transcode::Transcoder;
 
 use super::breaker::BreakerConfig;
 use super::retry::{FailureSet, RetryConfig};
@@ -248,4 +250,13 @@ pub struct PolicyConfig {
     pub mesh: MeshConfig,
     /// `[inbound]`.
     pub inbound: InboundConfig,
+    /// `[[transcode]]`: REST/JSON to the gRPC app, by inbound port (at most one per port).
+    pub transcode: Vec<Arc<Transcoder>>,
+}
+
+impl PolicyConfig {
+    /// The transcoder of an inbound port, if it has one.
+    pub fn transcoder(&self, port: u16) -> Option<&Arc<Transcoder>> {
+        self.transcode.iter().find(|t| t.settings().port == port)
+    }
 }

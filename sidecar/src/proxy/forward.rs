@@ -31,9 +31,11 @@ use crate::policy::headers;
 use crate::policy::idle::{self, Relayed};
 use crate::policy::retry::UpstreamBody;
 use crate::policy::Destination;
+use crate::transcode::stream::Streamed;
 
-/// The body we answer with: the upstream's, streamed through, or a short local one.
-pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
+/// The body we answer with: the upstream's, streamed through (or a gRPC stream transcoded to
+/// JSON lines as it arrives), or a short local one.
+pub type ProxyBody = Either<Either<PooledBody, Streamed>, Full<Bytes>>;
 
 // Statics built at compile time; cloning one is a pointer copy (static `Bytes`), so the hot path
 // neither validates nor allocates header names.
@@ -253,7 +255,7 @@ pub(crate) async fn forward_h1(
             strip_hop_by_hop(resp.headers_mut(), false, false);
         }
     }
-    resp.map(Either::Left)
+    resp.map(|body| Either::Left(Either::Left(body)))
 }
 
 /// After a `101 Switching Protocols`, both sides speak the new protocol: relay bytes (until both
@@ -319,9 +321,14 @@ impl H2Upstream {
         }
     }
 
+    /// The connection's route: its policies, the authority used when a request has none.
+    pub(crate) fn route(&self) -> &Route {
+        &self.route
+    }
+
     /// The live sender, (re)connecting if there is none: first with the connection dialled
     /// during detection, later by dialling again.
-    async fn sender(&self) -> Result<SendRequest<UpstreamBody>, Failed> {
+    pub(crate) async fn sender(&self) -> Result<SendRequest<UpstreamBody>, Failed> {
         let mut state = self.state.lock().await;
         if let Some(sender) = &state.sender {
             if !sender.is_closed() {
@@ -412,7 +419,7 @@ pub(crate) async fn forward_h2(
         Err(f) => return failed(f, dest, &request_id),
     };
     strip_hop_by_hop(resp.headers_mut(), false, false);
-    resp.map(|body| Either::Left(PooledBody::unpooled(body)))
+    resp.map(|body| Either::Left(Either::Left(PooledBody::unpooled(body))))
 }
 
 #[cfg(test)]

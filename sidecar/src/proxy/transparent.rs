@@ -51,6 +51,7 @@ use super::mesh::Downstream;
 use super::route::{Origin, Resolved, Route};
 use super::serve::{serve_http, Protocol};
 use super::shared::{Direction, Shared, SilentDial};
+use super::transcode::{self, Handled};
 use crate::error::{Chain, ConnectError, ProxyError};
 use crate::identity::{SpiffeId, MESH_ALPN};
 use crate::metrics::conn::{ConnGuard, CountedIo};
@@ -721,6 +722,20 @@ async fn serve_http_conn<D: Downstream>(
     let svc_shared = Arc::clone(&shared);
     let result = match protocol {
         Protocol::Http1 => {
+            // A transcoded gRPC port: REST calls go over an HTTP/2 connection of their own, and
+            // the connection dialled during detection is the app's gRPC one.
+            let transcoding = direction != Direction::Outbound
+                && shared
+                    .policies
+                    .load()
+                    .config()
+                    .transcoder(dst.port())
+                    .is_some();
+            let (predial, h2_predial) = if transcoding {
+                (None, predial)
+            } else {
+                (predial, None)
+            };
             // Parked until the pool's connector takes it; removed when this connection ends.
             let _parked = predial.map(|p| shared.egress(direction).stash.put(dst, p));
             let route = Arc::new(route_for(
@@ -732,15 +747,34 @@ async fn serve_http_conn<D: Downstream>(
                 dest,
                 true,
             ));
+            let h2 = transcoding.then(|| {
+                let route = Route {
+                    upstream: None,
+                    ..(*route).clone()
+                };
+                let source = shared.egress(direction).source;
+                let mesh = Arc::clone(&shared.mesh);
+                Arc::new(H2Upstream::new(dst, route, source, h2_predial, mesh))
+            });
             let caller = caller.map(Arc::new);
             let forward = move |req: http::Request<hyper::body::Incoming>| {
                 let shared = Arc::clone(&svc_shared);
                 let route = Arc::clone(&route);
                 let caller = caller.clone();
+                let h2 = h2.clone();
                 async move {
                     let allowed = match admit(&shared, strict, caller.as_deref(), &req) {
                         Ok(allowed) => allowed,
                         Err(refusal) => return *refusal,
+                    };
+                    let req = match transcoded(&shared, dst, h2.as_deref(), req).await {
+                        Handled::Pass(req) => req,
+                        Handled::Answer(mut resp) => {
+                            if let Some(allowed) = allowed {
+                                allowed.mark(&mut resp);
+                            }
+                            return resp;
+                        }
                     };
                     let mut resp = forward_h1(&shared, shared.egress(direction), &route, req).await;
                     if let Some(allowed) = allowed {
@@ -783,6 +817,17 @@ async fn serve_http_conn<D: Downstream>(
                         Ok(allowed) => allowed,
                         Err(refusal) => return *refusal,
                     };
+                    let inbound = direction != Direction::Outbound;
+                    let h2 = inbound.then_some(&*upstream);
+                    let req = match transcoded(&shared, dst, h2, req).await {
+                        Handled::Pass(req) => req,
+                        Handled::Answer(mut resp) => {
+                            if let Some(allowed) = allowed {
+                                allowed.mark(&mut resp);
+                            }
+                            return resp;
+                        }
+                    };
                     let mut resp = forward_h2(&shared, &upstream, req).await;
                     if let Some(allowed) = allowed {
                         allowed.mark(&mut resp);
@@ -807,6 +852,30 @@ async fn serve_http_conn<D: Downstream>(
         if let Some(err) = ProxyError::of_downstream(&e) {
             shared.telemetry.metrics.error(direction.dir(), err);
         }
+    }
+}
+
+/// A REST call to a transcoded inbound port, answered; anything else passed on. `h2` is the
+/// connection's HTTP/2 upstream to the app (none: not an inbound port transcoded when the
+/// connection began).
+async fn transcoded(
+    shared: &Shared,
+    dst: SocketAddr,
+    h2: Option<&H2Upstream>,
+    req: http::Request<hyper::body::Incoming>,
+) -> Handled {
+    let Some(h2) = h2 else {
+        return Handled::Pass(req);
+    };
+    let transcoder = shared
+        .policies
+        .load()
+        .config()
+        .transcoder(dst.port())
+        .cloned();
+    match transcoder {
+        Some(t) => transcode::handle(shared, &t, h2, req).await,
+        None => Handled::Pass(req),
     }
 }
 

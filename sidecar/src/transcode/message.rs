@@ -4,11 +4,21 @@
 //! then query parameters where neither set the field), which prost-reflect then reads with the
 //! proto3 JSON mapping, so a value from the path or the query is parsed exactly as the same
 //! value in a body would be. Errors name the field: `order.quantity: invalid type ...`.
-use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor};
+use prost_reflect::{DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value as Json};
 
 use super::template::{percent_decode, Binding};
-use super::BodyField;
+
+/// Where the request body goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum BodyField {
+    /// No body: a non-empty one is refused.
+    None,
+    /// `body: "*"`: the whole message (but the fields bound by the path).
+    All,
+    /// `body: "order"`: that field.
+    Field(Vec<String>),
+}
 
 /// The field at `path` (by proto or JSON name), which must be a singular, non-message field
 /// (a path variable or query parameter is one text value; repeated fields take several).
@@ -218,7 +228,7 @@ pub(super) fn build(
     DynamicMessage::deserialize_with_options(
         desc.clone(),
         de,
-        &super::deserialize_options(reject_unknown),
+        &DeserializeOptions::new().deny_unknown_fields(reject_unknown),
     )
     .map_err(|e| {
         let at = track.path().to_string();

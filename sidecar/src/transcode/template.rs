@@ -195,10 +195,8 @@ impl Template {
             } else {
                 from
             };
-            let multi = self.pieces[var.start..var.end]
-                .iter()
-                .any(|p| *p == Piece::Rest)
-                || var.end - var.start > 1;
+            let multi =
+                self.pieces[var.start..var.end].contains(&Piece::Rest) || var.end - var.start > 1;
             let raw = segs[from..to].join("/");
             match percent_decode(&raw, multi) {
                 Ok(v) => out.push((var.field.clone(), v)),

@@ -138,7 +138,7 @@ fn every_bad_key_is_reported() {
         "#;
     let flags = [flag("retry.max_retries", Some("many"))];
     let errors = from_str("policy.toml", text, &flags).unwrap_err();
-    let expected = r#"policy.toml: colour = "blue": unknown section; expected [defaults], [[destination]], [mtls], [inbound] or [run]
+    let expected = r#"policy.toml: colour = "blue": unknown section; expected [defaults], [[destination]], [mtls], [inbound], [[transcode]] or [run]
 policy.toml: [defaults] breaker.open_time = "0s": must be greater than zero
 policy.toml: [defaults] idle_timeout = "30": expected a duration string with a unit, e.g. "500ms" or "2s"
 policy.toml: [defaults] request_timout = "10s": unknown key; did you mean request_timeout?
