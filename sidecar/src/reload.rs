@@ -15,6 +15,9 @@
 //! three files are polled by content (settled like the config file), and `SIGHUP` and
 //! `/reload` read them again too. A bad set keeps the identity in force.
 //!
+//! The descriptor sets named by `[[transcode]]` sections are polled with the file: replacing a
+//! set alone reloads too (and a set that does not compile is rejected like a bad key).
+//!
 //! A file mounted with `subPath` is a bind mount of one file, which the kubelet never updates:
 //! [`Watch::describe`] says so (log at start, `/config`), and `SIGHUP`/`/reload` still work.
 use std::path::{Path, PathBuf};
@@ -422,15 +425,44 @@ fn sha256_hex(text: &str) -> String {
 
 use crate::units::unix_seconds;
 
-/// What the poller compares: the file's content (or why it cannot be read).
-fn snapshot(path: &Path) -> Result<[u8; 32], std::io::ErrorKind> {
+/// The digest of a file's first `max + 1` bytes (or why it cannot be read).
+fn file_digest(path: &Path, max: u64) -> Result<[u8; 32], std::io::ErrorKind> {
     use std::io::Read as _;
     let file = std::fs::File::open(path).map_err(|e| e.kind())?;
-    let mut text = Vec::new();
-    file.take(crate::policy::config_file::MAX_FILE_BYTES + 1)
-        .read_to_end(&mut text)
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| e.kind())?;
-    Ok(Sha256::digest(&text).into())
+    Ok(Sha256::digest(&bytes).into())
+}
+
+/// The file's digest combined with those of the descriptor sets its `[[transcode]]` sections
+/// name (`None`: unreadable).
+fn with_sets(text: [u8; 32], sets: impl Iterator<Item = Option<[u8; 32]>>) -> [u8; 32] {
+    let mut all = Sha256::new();
+    all.update(text);
+    for set in sets {
+        match set {
+            Some(digest) => all.update(digest),
+            None => all.update([0u8]),
+        }
+    }
+    all.finalize().into()
+}
+
+/// What the poller compares: the file's content and the descriptor sets of the sections in
+/// force (so replacing a set alone reloads too), or why the file cannot be read.
+fn snapshot(path: &Path, store: &PolicyStore) -> Result<[u8; 32], std::io::ErrorKind> {
+    let text = file_digest(path, crate::policy::config_file::MAX_FILE_BYTES)?;
+    let policies = store.load();
+    let sets = policies.config().transcode.iter().map(|t| {
+        file_digest(
+            &t.settings().descriptor_set,
+            crate::transcode::MAX_DESCRIPTOR_SET_BYTES,
+        )
+        .ok()
+    });
+    Ok(with_sets(text, sets))
 }
 
 /// Runs the triggers until `stop`: the file poller (when there is a file) and `hangups`
@@ -495,13 +527,18 @@ async fn poll(reloader: &Arc<Reloader>, path: &Path) {
         .unwrap_or_else(PoisonError::into_inner)
         .text
         .as_ref()
-        .map(|t| Sha256::digest(t.as_bytes()).into());
+        .map(|text| {
+            let policies = reloader.store.load();
+            let sets = policies.config().transcode.iter().map(|t| Some(t.digest()));
+            with_sets(Sha256::digest(text.as_bytes()).into(), sets)
+        });
+    let store = &reloader.store;
     let mut seen = match in_force {
         Some(digest) => Ok(digest),
-        None => snapshot(path),
+        None => snapshot(path, store),
     };
     loop {
-        seen = next_change(seen, || snapshot(path)).await;
+        seen = next_change(seen, || snapshot(path, store)).await;
         run_blocking(reloader, Cause::File).await;
     }
 }

@@ -42,6 +42,15 @@ pub enum UnknownFields {
     Ignore,
 }
 
+impl UnknownFields {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnknownFields::Reject => "reject",
+            UnknownFields::Ignore => "ignore",
+        }
+    }
+}
+
 /// The field names of response JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum JsonNames {
@@ -52,6 +61,15 @@ pub enum JsonNames {
     Proto,
 }
 
+impl JsonNames {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JsonNames::LowerCamel => "lower_camel",
+            JsonNames::Proto => "proto",
+        }
+    }
+}
+
 /// Requests that match no route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Unmatched {
@@ -60,6 +78,15 @@ pub enum Unmatched {
     NotFound,
     /// Passed to the app unchanged (an app that also serves HTTP on that port).
     Pass,
+}
+
+impl Unmatched {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unmatched::NotFound => "not_found",
+            Unmatched::Pass => "pass",
+        }
+    }
 }
 
 /// Default `max_body_bytes`: a JSON request body (1 MiB).
@@ -267,6 +294,11 @@ impl Transcoder {
     /// Methods not transcoded, and why.
     pub fn skipped(&self) -> &[String] {
         &self.skipped
+    }
+
+    /// The sha256 of the descriptor set this was built from.
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
     }
 
     /// The sha256 of the descriptor set in force (hex), for `/config`.

@@ -80,6 +80,27 @@ fn policy_json(policy: &PolicyConfig) -> serde_json::Value {
                 },
             })).collect::<Vec<_>>(),
         },
+        "transcode": policy.transcode.iter().map(|t| {
+            let s = t.settings();
+            serde_json::json!({
+                "port": s.port,
+                "descriptor_set": s.descriptor_set.display().to_string(),
+                "descriptor_set_sha256": t.digest_hex(),
+                "services": s.services,
+                "unknown_fields": s.unknown_fields.as_str(),
+                "json_names": s.json_names.as_str(),
+                "print_defaults": s.print_defaults,
+                "max_body_bytes": s.max_body_bytes,
+                "max_message_bytes": s.max_message_bytes,
+                "unmatched": s.unmatched.as_str(),
+                "routes": t.routes().iter().map(|r| serde_json::json!({
+                    "http": r.pattern,
+                    "grpc": &*r.grpc_path,
+                    "server_streaming": r.server_streaming(),
+                })).collect::<Vec<_>>(),
+                "skipped": t.skipped(),
+            })
+        }).collect::<Vec<_>>(),
     })
 }
 
