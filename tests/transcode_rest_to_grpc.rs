@@ -226,6 +226,24 @@ fn grpc_call(s: &Setup, method: &str, request: &str, extra: &[&str]) -> Value {
     })
 }
 
+/// `tests/fixtures/transcode/orders.pb` is what protox makes of orders.proto today (the bench
+/// and the docs' example use the committed file): `UPDATE_GOLDEN=1` rewrites it.
+#[test]
+fn the_committed_descriptor_set_is_current() {
+    let path = fixtures().join("orders.pb");
+    let fresh = descriptor_set("orders.proto");
+    if std::env::var("UPDATE_GOLDEN").as_deref() == Ok("1") {
+        fs::write(&path, &fresh).unwrap();
+    }
+    let committed = fs::read(&path).unwrap_or_default();
+    assert!(
+        committed == fresh,
+        "{} is stale: run `UPDATE_GOLDEN=1 cargo nextest run -p sidecar-tests --test \
+         transcode_rest_to_grpc the_committed` and commit it",
+        path.display()
+    );
+}
+
 fn transcoded(pod: &Pod, route: &str, code: &str) -> f64 {
     value(
         pod,

@@ -492,6 +492,21 @@ pub fn goals(r: &Results) -> Vec<Goal> {
         ),
         verdict: Verdict::of_rounds(&rs, |x| x >= 0.98),
     });
+    let rs = r.ratio(
+        Target::SidecarTranscode,
+        Target::SidecarInbound,
+        "ol1k_cpu_us_per_req",
+    );
+    goals.push(Goal {
+        name: "REST->gRPC transcoding costs <= 2x a plain proxied request's CPU".into(),
+        detail: format!(
+            "sidecar-transcode {} vs sidecar-inbound {} µs/req at 1k req/s = {}",
+            fmt(m(r.stat(Target::SidecarTranscode, "ol1k_cpu_us_per_req")), 1),
+            fmt(m(r.stat(Target::SidecarInbound, "ol1k_cpu_us_per_req")), 1),
+            ratio_text(&rs, 2)
+        ),
+        verdict: Verdict::of_rounds(&rs, |x| x <= 2.0),
+    });
     let rs = r.ratio(Target::SidecarEbpf, Target::SidecarIptables, "conn_per_s");
     goals.push(Goal {
         name: "eBPF new-connection rate >= iptables REDIRECT's".into(),

@@ -31,10 +31,16 @@ pub enum Target {
     EnvoyMtls,
     /// `SidecarMtls` with 50 authorization rules on the server side (the matching one last).
     SidecarMtlsAuthz,
+    /// The server's sidecar alone (sk_lookup inbound capture in front of the upstream), plain
+    /// HTTP/1.1: the baseline of `SidecarTranscode`.
+    SidecarInbound,
+    /// The server's sidecar alone, transcoding `GET /v1/orders/42` to a unary gRPC call
+    /// (nginx answering a fixed gRPC message over h2c, with `grpc-status` trailers).
+    SidecarTranscode,
 }
 
 impl Target {
-    pub const ALL: [Target; 10] = [
+    pub const ALL: [Target; 12] = [
         Target::Direct,
         Target::SidecarEbpf,
         Target::SidecarIptables,
@@ -45,6 +51,8 @@ impl Target {
         Target::SidecarMtls,
         Target::EnvoyMtls,
         Target::SidecarMtlsAuthz,
+        Target::SidecarInbound,
+        Target::SidecarTranscode,
     ];
 
     pub fn key(self) -> &'static str {
@@ -59,6 +67,8 @@ impl Target {
             Target::SidecarMtls => "sidecar-mtls",
             Target::EnvoyMtls => "envoy-mtls",
             Target::SidecarMtlsAuthz => "sidecar-mtls-authz50",
+            Target::SidecarInbound => "sidecar-inbound",
+            Target::SidecarTranscode => "sidecar-transcode",
         }
     }
 
@@ -94,7 +104,22 @@ impl Target {
                 "sidecar-mtls with 50 inbound authorization rules on the server (default deny; \
                  the rule that allows is the last one evaluated)"
             }
+            Target::SidecarInbound => {
+                "the server's sidecar alone (sk_lookup inbound capture in front of the \
+                 upstream), plain HTTP/1.1; CPU of that sidecar"
+            }
+            Target::SidecarTranscode => {
+                "the server's sidecar alone, REST GET /v1/orders/42 transcoded to a unary gRPC \
+                 call (the upstream nginx answers a fixed message over h2c with grpc-status \
+                 trailers); CPU of that sidecar"
+            }
         }
+    }
+
+    /// A target whose only proxy is the server's sidecar (the load calls the upstream's
+    /// address from outside the pod).
+    fn server_only(self) -> bool {
+        matches!(self, Target::SidecarInbound | Target::SidecarTranscode)
     }
 
     pub fn is_proxy(self) -> bool {
@@ -113,7 +138,9 @@ impl Target {
             | Target::SidecarEbpf
             | Target::SidecarIptables
             | Target::SidecarMtls
-            | Target::SidecarMtlsAuthz => OUTBOUND_PORT,
+            | Target::SidecarMtlsAuthz
+            | Target::SidecarInbound
+            | Target::SidecarTranscode => OUTBOUND_PORT,
         }
     }
 }
@@ -163,6 +190,20 @@ impl Live {
 
 /// The port the server-side Envoy of `envoy-mtls` listens on (in the upstream's namespace).
 const ENVOY_MTLS_SERVER_PORT: u16 = 15443;
+/// The upstream nginx's gRPC (h2c) port, for `sidecar-transcode`.
+const GRPC_PORT: u16 = 15051;
+
+/// A framed `shop.v1.Order {id: 42, item: "widget", quantity: 3, status: PENDING}`.
+fn grpc_order() -> Vec<u8> {
+    let mut msg = vec![0x08, 42, 0x12, 6];
+    msg.extend_from_slice(b"widget");
+    msg.extend_from_slice(&[0x18, 3, 0x20, 1]);
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    framed
+}
+
 /// The trust domain of the bench's mesh.
 const TRUST_DOMAIN: &str = "bench.test";
 
@@ -171,6 +212,9 @@ const TRUST_DOMAIN: &str = "bench.test";
 pub fn start_upstream(lab: &mut Lab, nginx: &Path) -> Result<Proc> {
     let cgroup = lab.cgroup("upstream")?;
     let dir = lab.dir.join("upstream-nginx");
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    fs::write(dir.join("order.bin"), grpc_order())?;
+    let d = dir.display();
     let conf = nginx_conf(
         &dir,
         &format!(
@@ -180,6 +224,22 @@ pub fn start_upstream(lab: &mut Lab, nginx: &Path) -> Result<Proc> {
             default_type text/plain;
             add_header X-Seen-Forwarded-By $http_x_forwarded_by always;
             return 200 \"ok\\n\";
+        }}
+    }}
+    # A gRPC server of one answer: every call gets order.bin (a framed shop.v1.Order) and
+    # grpc-status 0 in the trailers. nginx's static module refuses POST, so the 405 becomes
+    # an internal GET of the file.
+    server {{
+        listen {GRPC_PORT} http2 backlog=4096;
+        location / {{
+            error_page 405 =200 /order.bin;
+            return 405;
+        }}
+        location = /order.bin {{
+            internal;
+            root {d};
+            default_type application/grpc;
+            add_trailer grpc-status 0 always;
         }}
     }}"
         ),
@@ -241,6 +301,11 @@ pub fn start(
             load_place(Net::Ipt, &cgroups.load),
             format!("http://{IPT_UPSTREAM_IP}:{UPSTREAM_PORT}/"),
         ),
+        Target::SidecarInbound => (load_place(Net::Pod, &cgroups.load), upstream_url.clone()),
+        Target::SidecarTranscode => (
+            load_place(Net::Pod, &cgroups.load),
+            format!("http://{UPSTREAM_IP}:{GRPC_PORT}/v1/orders/42"),
+        ),
         _ => (load_place(Net::Pod, &cgroups.load), local_url),
     };
     let mut live = Live {
@@ -256,9 +321,11 @@ pub fn start(
         Target::SidecarMtls => start_mtls_server(lab, programs, &mut live, Some(false))?,
         Target::SidecarMtlsAuthz => start_mtls_server(lab, programs, &mut live, Some(true))?,
         Target::EnvoyMtls => start_mtls_server(lab, programs, &mut live, None)?,
+        Target::SidecarInbound => start_inbound_server(lab, programs, &mut live, false)?,
+        Target::SidecarTranscode => start_inbound_server(lab, programs, &mut live, true)?,
         _ => {}
     }
-    if target.is_proxy() {
+    if target.is_proxy() && !target.server_only() {
         let cgroup = match target {
             Target::SidecarEbpf | Target::SidecarMtls | Target::SidecarMtlsAuthz => {
                 lab.cgroup(&format!("pod/proxy-{}", next()))?
@@ -493,6 +560,18 @@ fn start_mtls_server(
             .args(["--log-level", "warn", "--base-id", "7"]);
         (cmd, ENVOY_MTLS_SERVER_PORT)
     };
+    run_server(lab, live, label, cgroup, cmd, port)
+}
+
+/// Starts the server side of a target (in `cgroup`) and waits for it to listen on `port`.
+fn run_server(
+    lab: &mut Lab,
+    live: &mut Live,
+    label: &str,
+    cgroup: PathBuf,
+    cmd: std::process::Command,
+    port: u16,
+) -> Result<()> {
     let mut proc = lab.spawn(label, &cgroup, cmd, None)?;
     let pid = proc.pid();
     let ok = lab::poll(READY_TIMEOUT, || {
@@ -507,6 +586,46 @@ fn start_mtls_server(
     }
     live.peer = Some((proc, cgroup));
     Ok(())
+}
+
+/// The server's sidecar alone in front of the upstream (sk_lookup inbound capture), with
+/// `transcode`: a `[[transcode]]` section for the upstream's gRPC port (the fixture's
+/// descriptor set, `tests/fixtures/transcode/orders.pb`).
+fn start_inbound_server(
+    lab: &mut Lab,
+    programs: &Programs,
+    live: &mut Live,
+    transcode: bool,
+) -> Result<()> {
+    let upstream_cgroup = lab.cgroup_path("upstream");
+    let cgroup = lab.cgroup(&format!("upstream/proxy-inbound-{}", next()))?;
+    let place = Place {
+        net: Net::Up,
+        cgroup: cgroup.clone(),
+        cpu: lab.cpus.proxy,
+        proxy_user: true,
+    };
+    lab.init_ebpf_inbound(&programs.sidecar, &upstream_cgroup, Net::Up, UPSTREAM_IP)?;
+    live.ebpf_upstream = Some(upstream_cgroup);
+    let mut cmd = lab.command(&place, &programs.sidecar);
+    cmd.arg("run").args(["--service-name", "bench-server"]);
+    if transcode {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/transcode/orders.pb");
+        let set = lab.file("orders", "pb");
+        fs::copy(&fixture, &set).with_context(|| format!("copy {}", fixture.display()))?;
+        let conf = lab.file("sidecar-transcode", "toml");
+        fs::write(
+            &conf,
+            format!(
+                "[[transcode]]\nport = {GRPC_PORT}\ndescriptor_set = \"{}\"\n\
+                 services = [\"shop.v1.Orders\"]\n",
+                set.display()
+            ),
+        )?;
+        cmd.arg("--config").arg(&conf);
+    }
+    run_server(lab, live, "sidecar inbound server", cgroup, cmd, 15006)
 }
 
 fn next() -> u32 {
@@ -525,7 +644,9 @@ fn proxy_command(
     let upstream = format!("{UPSTREAM_IP}:{UPSTREAM_PORT}");
     let port = target.port();
     Ok(match target {
-        Target::Direct => bail!("direct has no proxy"),
+        Target::Direct | Target::SidecarInbound | Target::SidecarTranscode => {
+            bail!("{} has no proxy of its own", target.key())
+        }
         Target::SidecarEbpf | Target::SidecarIptables => {
             let mut cmd = lab.command(place, &programs.sidecar);
             // Defaults: outbound 127.0.0.1:15001 (+[::1]), 1 worker; every feature at its default.
@@ -829,6 +950,19 @@ fn wait_answering(lab: &mut Lab, tools: &Tools, live: &mut Live) -> Result<()> {
             }
         }
         match load::check(lab, tools, &live.load, &live.url) {
+            // Transcoded: the JSON of the upstream's gRPC message (nginx alone would answer
+            // the binary frame, and only to a POST).
+            Ok(c) if c.status == 200 && live.target == Target::SidecarTranscode => {
+                if c.body.contains("\"item\":\"widget\"") {
+                    return Ok(());
+                }
+                bail!(
+                    "{}: {} answered {:?}, not the transcoded order",
+                    live.target.key(),
+                    live.url,
+                    c.body
+                );
+            }
             Ok(c) if c.status == 200 && c.body == "ok" => {
                 let via_proxy = c.forwarded_by.as_deref() == Some("sidecar");
                 if via_proxy == live.target.is_proxy() {
