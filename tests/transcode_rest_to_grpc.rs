@@ -141,8 +141,7 @@ impl Reply {
     }
 
     fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
     }
 
     /// The body's JSON lines (a server stream).
@@ -157,7 +156,15 @@ impl Reply {
 /// `curl <args>` from the remote namespace (a REST client with no sidecar).
 fn curl(pod: &Pod, args: &[&str]) -> Reply {
     let out = Command::new("ip")
-        .args(["netns", "exec", pod.remote_netns(), "curl", "-sS", "--max-time", "20"])
+        .args([
+            "netns",
+            "exec",
+            pod.remote_netns(),
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+        ])
         .args(["-D", "-", "-w", "\n%{http_code}"])
         .args(args)
         .stdin(Stdio::null())
@@ -187,8 +194,13 @@ fn get(pod: &Pod, path: &str) -> Reply {
     curl(pod, &[&format!("http://{APP}{path}")])
 }
 
+/// `method path` with a JSON `body` (from a file: bodies may be larger than an argument can be).
 fn send(pod: &Pod, method: &str, path: &str, body: &str) -> Reply {
-    curl(
+    static BODIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = BODIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = pod.log_dir().join(format!("body-{n}.json"));
+    fs::write(&file, body).unwrap();
+    let reply = curl(
         pod,
         &[
             "-X",
@@ -196,10 +208,12 @@ fn send(pod: &Pod, method: &str, path: &str, body: &str) -> Reply {
             "-H",
             "content-type: application/json",
             "--data-binary",
-            body,
+            &format!("@{}", file.display()),
             &format!("http://{APP}{path}"),
         ],
-    )
+    );
+    let _ = fs::remove_file(&file);
+    reply
 }
 
 /// The native grpcio client's result of one call (see grpc_client.py).
@@ -222,7 +236,10 @@ fn grpc_call(s: &Setup, method: &str, request: &str, extra: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("grpc_client.py printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        panic!(
+            "grpc_client.py printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     })
 }
 
@@ -298,7 +315,12 @@ fn rest_calls_reach_the_grpc_app_with_the_proto3_json_mapping() {
     let fetched = get(pod, "/v1/orders/9007199254740993");
     assert_eq!(fetched.json()["item"], "gadget", "{fetched:?}");
     // A query parameter beside the body, and a custom verb with body "*".
-    let dry = send(pod, "POST", "/v1/orders?validate_only=true", r#"{"item":"x","quantity":1}"#);
+    let dry = send(
+        pod,
+        "POST",
+        "/v1/orders?validate_only=true",
+        r#"{"item":"x","quantity":1}"#,
+    );
     assert_eq!(dry.status, 200, "{dry:?}");
     let shipped = send(pod, "POST", "/v1/orders/42:ship", r#"{"carrier":"ups"}"#);
     assert_eq!(shipped.status, 200, "{shipped:?}");
@@ -306,7 +328,11 @@ fn rest_calls_reach_the_grpc_app_with_the_proto3_json_mapping() {
     assert_eq!(shipped.json()["tags"][2], "carrier:ups");
     // `{path=**}` and `response_body`.
     let file = get(pod, "/v1/files/a/b/c.txt");
-    assert_eq!((file.status, file.body.as_str()), (200, "\"a/b/c.txt\""), "{file:?}");
+    assert_eq!(
+        (file.status, file.body.as_str()),
+        (200, "\"a/b/c.txt\""),
+        "{file:?}"
+    );
 
     // The app's errors, by the google.rpc table, with the JSON status body.
     let missing = get(pod, "/v1/orders/7");
@@ -315,7 +341,11 @@ fn rest_calls_reach_the_grpc_app_with_the_proto3_json_mapping() {
         missing.json(),
         json!({"code": 5, "message": "order 7 not found", "details": []})
     );
-    assert_eq!(missing.header("x-sidecar-error"), None, "the app's answer, not ours");
+    assert_eq!(
+        missing.header("x-sidecar-error"),
+        None,
+        "the app's answer, not ours"
+    );
     let invalid = send(pod, "POST", "/v1/orders", r#"{"item":"x","quantity":0}"#);
     assert_eq!(invalid.status, 400, "{invalid:?}");
     assert_eq!(invalid.json()["code"], 3);
@@ -324,20 +354,41 @@ fn rest_calls_reach_the_grpc_app_with_the_proto3_json_mapping() {
     // The caller's mistakes: 400 naming the field, before anything reaches the app.
     let unknown = send(pod, "POST", "/v1/orders", r#"{"item":"x","colour":"red"}"#);
     assert_eq!(unknown.status, 400, "{unknown:?}");
-    assert_eq!(unknown.header("x-sidecar-error"), Some("transcode-bad-request"));
-    assert!(unknown.json()["message"].as_str().unwrap().contains("colour"), "{unknown:?}");
+    assert_eq!(
+        unknown.header("x-sidecar-error"),
+        Some("transcode-bad-request")
+    );
+    assert!(
+        unknown.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("colour"),
+        "{unknown:?}"
+    );
     let bad_id = get(pod, "/v1/orders/forty-two");
     assert_eq!(bad_id.status, 400, "{bad_id:?}");
-    assert!(bad_id.json()["message"].as_str().unwrap().contains("id"), "{bad_id:?}");
+    assert!(
+        bad_id.json()["message"].as_str().unwrap().contains("id"),
+        "{bad_id:?}"
+    );
     let bad_type = send(pod, "POST", "/v1/orders", r#"{"quantity":"many"}"#);
     assert_eq!(bad_type.status, 400, "{bad_type:?}");
-    assert!(bad_type.json()["message"].as_str().unwrap().contains("quantity"), "{bad_type:?}");
+    assert!(
+        bad_type.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("quantity"),
+        "{bad_type:?}"
+    );
     let not_json = send(pod, "POST", "/v1/orders", "{item:");
     assert_eq!(not_json.status, 400, "{not_json:?}");
     // Over max_body_bytes (1 MiB by default): refused from its length, or, chunked, once the
     // limit is crossed.
     let big = s.dir.join("big.json");
-    write_readable(&big, format!(r#"{{"item":"{}"}}"#, "x".repeat(1_100_000)).as_bytes());
+    write_readable(
+        &big,
+        format!(r#"{{"item":"{}"}}"#, "x".repeat(1_100_000)).as_bytes(),
+    );
     let big_arg = format!("@{}", big.display());
     let url = format!("http://{APP}/v1/orders");
     for chunked in [false, true] {
@@ -346,39 +397,75 @@ fn rest_calls_reach_the_grpc_app_with_the_proto3_json_mapping() {
             args.extend(["-H", "transfer-encoding: chunked"]);
         }
         let too_large = curl(pod, &args);
-        assert_eq!(too_large.status, 413, "chunked {chunked}: {:?}", too_large.headers);
-        assert_eq!(too_large.header("x-sidecar-error"), Some("transcode-body-too-large"));
+        assert_eq!(
+            too_large.status, 413,
+            "chunked {chunked}: {:?}",
+            too_large.headers
+        );
+        assert_eq!(
+            too_large.header("x-sidecar-error"),
+            Some("transcode-body-too-large")
+        );
     }
     let no_route = get(pod, "/v2/nothing");
     assert_eq!(no_route.status, 404, "{no_route:?}");
-    assert_eq!(no_route.header("x-sidecar-error"), Some("transcode-no-route"));
+    assert_eq!(
+        no_route.header("x-sidecar-error"),
+        Some("transcode-no-route")
+    );
 
     // HTTP/2 REST callers too (the h2c path of the same port).
-    let h2 = curl(pod, &["--http2-prior-knowledge", &format!("http://{APP}/v1/orders/42")]);
+    let h2 = curl(
+        pod,
+        &[
+            "--http2-prior-knowledge",
+            &format!("http://{APP}/v1/orders/42"),
+        ],
+    );
     assert_eq!(h2.status, 200, "{h2:?}");
     assert_eq!(h2.json()["id"], "42");
 
     // Native gRPC on the same port: untouched, trailers included.
-    let native = grpc_call(&s, "GetOrder", r#"{"id":"42"}"#, &["--metadata", "x-echo-metadata=hi"]);
+    let native = grpc_call(
+        &s,
+        "GetOrder",
+        r#"{"id":"42"}"#,
+        &["--metadata", "x-echo-metadata=hi"],
+    );
     assert_eq!(native["code"], "OK", "{native}");
     assert_eq!(native["responses"][0]["item"], "widget");
-    assert_eq!(native["trailing"]["x-echoed"], "hi", "trailing metadata arrives: {native}");
+    assert_eq!(
+        native["trailing"]["x-echoed"], "hi",
+        "trailing metadata arrives: {native}"
+    );
     let native_missing = grpc_call(&s, "GetOrder", r#"{"id":"7"}"#, &[]);
     assert_eq!(native_missing["code"], "NOT_FOUND", "{native_missing}");
     assert_eq!(native_missing["details"], "order 7 not found");
 
     // Counted per route and outcome; the native calls are not transcoded, so not counted.
     let route = "/shop.v1.Orders/GetOrder";
-    assert_eq!(transcoded(pod, route, "OK"), 4.0, "42, shops/main, 9007199254740993, h2");
+    assert_eq!(
+        transcoded(pod, route, "OK"),
+        4.0,
+        "42, shops/main, 9007199254740993, h2"
+    );
     assert_eq!(transcoded(pod, route, "NOT_FOUND"), 2.0);
     assert_eq!(transcoded(pod, route, "bad_request"), 1.0);
-    assert_eq!(transcoded(pod, "/shop.v1.Orders/CreateOrder", "INVALID_ARGUMENT"), 1.0);
-    assert_eq!(transcoded(pod, "/shop.v1.Orders/CreateOrder", "too_large"), 2.0);
+    assert_eq!(
+        transcoded(pod, "/shop.v1.Orders/CreateOrder", "INVALID_ARGUMENT"),
+        1.0
+    );
+    assert_eq!(
+        transcoded(pod, "/shop.v1.Orders/CreateOrder", "too_large"),
+        2.0
+    );
     assert_eq!(transcoded(pod, "none", "no_route"), 1.0);
     let config: Value = serde_json::from_str(&admin_get(pod, "/config")).unwrap();
     let routes = &config["policy"]["transcode"][0]["routes"];
     assert!(
-        routes.as_array().is_some_and(|r| r.iter().any(|r| r["http"] == "GET /v1/orders/{id}")),
+        routes
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["http"] == "GET /v1/orders/{id}")),
         "{config}"
     );
 }
@@ -413,10 +500,18 @@ fn server_streams_are_json_lines_and_an_immediate_error_is_not_a_200() {
     let route = "/shop.v1.Orders/ListOrders";
     assert_eq!(transcoded(pod, route, "OK"), 2.0);
     assert_eq!(transcoded(pod, route, "INVALID_ARGUMENT"), 1.0);
-    assert_eq!(transcoded(pod, route, "UNAVAILABLE"), 1.0, "counted with the status it ended with");
+    assert_eq!(
+        transcoded(pod, route, "UNAVAILABLE"),
+        1.0,
+        "counted with the status it ended with"
+    );
     // A native server-streaming call on the same port.
     let native = grpc_call(&s, "ListOrders", r#"{"item":"stream"}"#, &["--stream"]);
-    assert_eq!(native["responses"].as_array().map(Vec::len), Some(3), "{native}");
+    assert_eq!(
+        native["responses"].as_array().map(Vec::len),
+        Some(3),
+        "{native}"
+    );
 }
 
 fn reloads(pod: &Pod, result: &str) -> f64 {
@@ -440,7 +535,8 @@ fn a_new_descriptor_set_arrives_by_reload_and_a_corrupt_one_is_rejected() {
     let applied = reloads(pod, "applied");
     write_readable(&s.dir.join("orders.pb"), &descriptor_set("orders_v2.proto"));
     assert!(
-        eventually(Duration::from_secs(10), || reloads(pod, "applied") > applied),
+        eventually(Duration::from_secs(10), || reloads(pod, "applied")
+            > applied),
         "the new descriptor set was not applied:\n{}",
         pod.proxy_log()
     );
@@ -452,7 +548,8 @@ fn a_new_descriptor_set_arrives_by_reload_and_a_corrupt_one_is_rejected() {
     let rejected = reloads(pod, "rejected");
     write_readable(&s.dir.join("orders.pb"), b"\x0a\x07garbage");
     assert!(
-        eventually(Duration::from_secs(10), || reloads(pod, "rejected") > rejected),
+        eventually(Duration::from_secs(10), || reloads(pod, "rejected")
+            > rejected),
         "the corrupt set was not rejected:\n{}",
         pod.proxy_log()
     );
@@ -470,10 +567,89 @@ fn a_new_descriptor_set_arrives_by_reload_and_a_corrupt_one_is_rejected() {
           services = [\"shop.v1.Orders\"]\nunknown_fields = \"ignore\"\n",
     );
     assert!(
-        eventually(Duration::from_secs(10), || reloads(pod, "applied") > applied),
+        eventually(Duration::from_secs(10), || reloads(pod, "applied")
+            > applied),
         "{}",
         pod.proxy_log()
     );
-    let lenient = send(pod, "POST", "/v1/orders", r#"{"item":"x","quantity":1,"colour":"red"}"#);
-    assert_eq!(lenient.status, 200, "unknown_fields = \"ignore\": {lenient:?}");
+    let lenient = send(
+        pod,
+        "POST",
+        "/v1/orders",
+        r#"{"item":"x","quantity":1,"colour":"red"}"#,
+    );
+    assert_eq!(
+        lenient.status, 200,
+        "unknown_fields = \"ignore\": {lenient:?}"
+    );
+}
+
+/// A raw HTTP/1.1 exchange from the remote namespace: `head` then `body`, then whatever comes
+/// back until the server closes or 10 s pass.
+fn raw(pod: &Pod, bytes: Vec<u8>) -> String {
+    use std::io::{Read, Write};
+    let remote = pod.remote_netns().to_owned();
+    sidecar_tests::netns::in_netns(&remote, move || {
+        let mut s = std::net::TcpStream::connect(APP).expect("connect to the app port");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&bytes).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            if out.windows(4).any(|w| w == b"\r\n\r\n") && out.ends_with(b"}") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .expect("enter the remote netns")
+}
+
+#[test]
+fn hostile_rest_callers_get_bounded_refusals() {
+    let s = Setup::start("\n[defaults]\nrequest_timeout = \"1s\"\n");
+    let pod = &s.pod;
+    // A body that stops half-way: refused once the request timeout passes, the app never called.
+    let stalled = raw(
+        pod,
+        b"POST /v1/orders HTTP/1.1\r\nHost: app\r\ncontent-type: application/json\r\n\
+          content-length: 100\r\n\r\n{\"item\":"
+            .to_vec(),
+    );
+    assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
+    assert!(
+        stalled.contains("x-sidecar-error: downstream-timeout"),
+        "{stalled}"
+    );
+    // JSON nested past any sane depth: a 400, not a stack overflow.
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let nested = send(pod, "POST", "/v1/orders", &deep);
+    assert_eq!(nested.status, 400, "{nested:?}");
+    assert_eq!(
+        nested.header("x-sidecar-error"),
+        Some("transcode-bad-request")
+    );
+    // A flood of query parameters: one answer naming the first bad one.
+    let flood: String = (0..2000).map(|i| format!("&p{i}=x")).collect();
+    let flooded = get(pod, &format!("/v1/orders?limit=1{flood}"));
+    assert_eq!(flooded.status, 400, "{flooded:?}");
+    assert!(
+        flooded.json()["message"].as_str().unwrap().contains("p0"),
+        "{flooded:?}"
+    );
+    // Percent-encoding that does not decode, ambiguous framing: refused, and the proxy still
+    // serves the next caller.
+    assert_eq!(get(pod, "/v1/orders/%ff%fe").status, 400);
+    let smuggled = raw(
+        pod,
+        b"POST /v1/orders HTTP/1.1\r\nHost: app\r\ncontent-length: 4\r\n\
+          transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+            .to_vec(),
+    );
+    assert!(smuggled.starts_with("HTTP/1.1 400"), "CL+TE: {smuggled}");
+    assert_eq!(get(pod, "/v1/orders/42").status, 200);
 }

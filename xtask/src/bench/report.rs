@@ -501,7 +501,10 @@ pub fn goals(r: &Results) -> Vec<Goal> {
         name: "REST->gRPC transcoding costs <= 2x a plain proxied request's CPU".into(),
         detail: format!(
             "sidecar-transcode {} vs sidecar-inbound {} µs/req at 1k req/s = {}",
-            fmt(m(r.stat(Target::SidecarTranscode, "ol1k_cpu_us_per_req")), 1),
+            fmt(
+                m(r.stat(Target::SidecarTranscode, "ol1k_cpu_us_per_req")),
+                1
+            ),
             fmt(m(r.stat(Target::SidecarInbound, "ol1k_cpu_us_per_req")), 1),
             ratio_text(&rs, 2)
         ),

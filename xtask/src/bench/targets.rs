@@ -610,8 +610,8 @@ fn start_inbound_server(
     let mut cmd = lab.command(&place, &programs.sidecar);
     cmd.arg("run").args(["--service-name", "bench-server"]);
     if transcode {
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/transcode/orders.pb");
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/transcode/orders.pb");
         let set = lab.file("orders", "pb");
         fs::copy(&fixture, &set).with_context(|| format!("copy {}", fixture.display()))?;
         let conf = lab.file("sidecar-transcode", "toml");
