@@ -485,7 +485,7 @@ impl Meter<'_> {
 
     /// Proxy CPU µs per unit of work between two readings (`None` without a proxy).
     fn cpu_us_per(&self, a: &Reading, b: &Reading, units: u64) -> Option<f64> {
-        (self.live.proxy_cgroup.is_some() && units > 0).then(|| {
+        (!self.live.proxy_cgroups().is_empty() && units > 0).then(|| {
             b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 * 1e6 / self.clk_tck / units as f64
         })
     }
@@ -497,7 +497,9 @@ impl Meter<'_> {
     }
 
     fn rss_mib(&self) -> Option<f64> {
-        self.live.proxy_cgroup.as_ref()?;
+        if self.live.proxy_cgroups().is_empty() {
+            return None;
+        }
         let kib: u64 = self
             .live
             .proxy_cgroups()
@@ -509,7 +511,9 @@ impl Meter<'_> {
 
     /// (RSS, PSS, processes) of the proxy (both proxies of a pair).
     fn memory(&self) -> Option<(f64, f64, usize)> {
-        self.live.proxy_cgroup.as_ref()?;
+        if self.live.proxy_cgroups().is_empty() {
+            return None;
+        }
         let (mut rss, mut pss, mut processes) = (0, 0, 0);
         for cg in self.live.proxy_cgroups() {
             let u = procfs::usage(cg);

@@ -22,6 +22,7 @@ pub const TARGETS: &[&str] = &[
     "tls_hello",
     "spiffe",
     "authz",
+    "transcode",
 ];
 
 /// Seconds per target in `cargo xtask test`: enough to find a shallow regression, bounded.
@@ -30,7 +31,8 @@ pub const SMOKE_SECONDS: u32 = 15;
 pub const USAGE: &str = "fuzz [--seconds N] [TARGET...]";
 pub const HELP: &str = "install cargo-fuzz if missing, build the fuzz targets (nightly) and run \
      each for N seconds (default 60) from its kept corpus; fails on a crash or a broken \
-     invariant. Targets: detect, config_file, inject_yaml, log_records, proc_tables, units";
+     invariant. Targets: detect, config_file, inject_yaml, log_records, proc_tables, units, \
+     tls_hello, spiffe, authz, transcode";
 
 /// Parsed `fuzz` arguments.
 #[derive(Debug)]
