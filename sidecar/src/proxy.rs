@@ -16,6 +16,7 @@ mod drain_tests;
 #[cfg(test)]
 mod flow_tests;
 mod forward;
+mod h2;
 #[cfg(test)]
 mod h2_abuse_tests;
 mod mesh;
@@ -290,6 +291,7 @@ pub async fn start_observed(
         overloaded: Default::default(),
         inbound_silent_dials: Default::default(),
         target_dest,
+        transcode_upstreams: Default::default(),
     });
     let outbound_kind = if shared.target_route.is_some() {
         Kind::Target

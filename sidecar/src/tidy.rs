@@ -60,6 +60,7 @@ const PROXY_LAYERS: &[&[&str]] = &[
     &["connect"],
     &["pool"],
     &["route"],
+    &["h2"],
     &["shared"],
     &["forward"],
     &["serve", "authorize", "transcode"],

@@ -4,8 +4,6 @@
 //! make one attempt (the HTTP/1 pool, or the connection's upstream h2 connection), and relays the
 //! answer, or the local one that says who failed.
 use std::fmt;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,12 +14,11 @@ use http::{
 };
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
-use super::connect::{dial_conn, Mesh, Predial, Source};
+use super::h2::H2Upstream;
 use super::pool::PooledBody;
 use super::route::Route;
 use super::shared::{Egress, Shared};
@@ -29,7 +26,6 @@ use crate::error::{local_response, Chain, Failed, ProxyError};
 use crate::policy::exchange::{self, exchange};
 use crate::policy::headers;
 use crate::policy::idle::{self, Relayed};
-use crate::policy::retry::UpstreamBody;
 use crate::policy::Destination;
 use crate::transcode::stream::Streamed;
 
@@ -281,100 +277,6 @@ async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade, idle: Duration) {
     }
 }
 
-/// The upstream HTTP/2 connection of one downstream h2c connection.
-///
-/// HTTP/2 is not pooled across downstream connections: the upstream `:authority` must be the one
-/// the client sent, while a pool keyed by original destination would rewrite it. One upstream
-/// connection per downstream connection keeps both right, and h2 multiplexes anyway.
-pub(crate) struct H2Upstream {
-    dst: SocketAddr,
-    /// Policies of the connection's destination (and the dial's connect timeout).
-    route: Route,
-    source: Source,
-    mesh: Arc<Mesh>,
-    state: tokio::sync::Mutex<H2State>,
-}
-
-struct H2State {
-    predial: Option<Predial>,
-    sender: Option<SendRequest<UpstreamBody>>,
-}
-
-impl H2Upstream {
-    /// `route.authority` is the `:authority` used when the client sent none.
-    pub(crate) fn new(
-        dst: SocketAddr,
-        route: Route,
-        source: Source,
-        predial: Option<Predial>,
-        mesh: Arc<Mesh>,
-    ) -> Self {
-        H2Upstream {
-            dst,
-            route,
-            source,
-            mesh,
-            state: tokio::sync::Mutex::new(H2State {
-                predial,
-                sender: None,
-            }),
-        }
-    }
-
-    /// The connection's route: its policies, the authority used when a request has none.
-    pub(crate) fn route(&self) -> &Route {
-        &self.route
-    }
-
-    /// The live sender, (re)connecting if there is none: first with the connection dialled
-    /// during detection, later by dialling again.
-    pub(crate) async fn sender(&self) -> Result<SendRequest<UpstreamBody>, Failed> {
-        let mut state = self.state.lock().await;
-        if let Some(sender) = &state.sender {
-            if !sender.is_closed() {
-                return Ok(sender.clone());
-            }
-        }
-        state.sender = None;
-        let timeout = self.route.dest.policy().connect_timeout;
-        let connect_failed = |e: crate::error::ConnectError| Failed::connect(&e);
-        let predialled = match state.predial.take() {
-            Some(predial) => predial.into_stream(true).await.map_err(connect_failed)?,
-            None => None,
-        };
-        let stream = match predialled {
-            Some(stream) => stream,
-            None => dial_conn(
-                self.dst,
-                timeout,
-                self.source,
-                self.route.plan.clone(),
-                Arc::clone(&self.mesh),
-            )
-            .await
-            .map_err(connect_failed)?,
-        };
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| {
-                Failed::new(
-                    ProxyError::UpstreamProtocol,
-                    format!("h2 handshake failed: {}", Chain(&e)),
-                )
-            })?;
-        let dst = self.dst;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%dst, error = %Chain(&e), "upstream h2 connection ended");
-            }
-        });
-        state.sender = Some(sender.clone());
-        Ok(sender)
-    }
-}
-
 /// Forwards one request of an h2c prior-knowledge client over the upstream h2 connection.
 pub(crate) async fn forward_h2(
     shared: &Shared,
@@ -388,7 +290,7 @@ pub(crate) async fn forward_h2(
             .headers()
             .get(HOST)
             .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-            .unwrap_or_else(|| upstream.route.authority.clone());
+            .unwrap_or_else(|| upstream.route().authority.clone());
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = Some(Scheme::HTTP);
         parts.authority = Some(authority);
@@ -397,10 +299,10 @@ pub(crate) async fn forward_h2(
         }
         match Uri::from_parts(parts) {
             Ok(uri) => *req.uri_mut() = uri,
-            Err(e) => return fail(ProxyError::ProxyBadRequest, &upstream.dst, &e),
+            Err(e) => return fail(ProxyError::ProxyBadRequest, &upstream.dst(), &e),
         }
     }
-    let route = &upstream.route;
+    let route = upstream.route();
     let request_id = headers::apply(req.headers_mut(), route.forwarded_for.as_ref());
     let dest = shared.destination(route, req.uri().authority().map(Authority::as_str));
     let dest = &*dest;

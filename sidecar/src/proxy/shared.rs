@@ -1,12 +1,14 @@
 //! State shared by every connection of one proxy, and each direction's way out.
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::config::{ProxyConfig, Resolvers, Telemetry};
-use super::connect::{Connector, Mesh, Source, Stash};
+use super::connect::{Connector, Mesh, Predial, Source, Stash};
+use super::h2::H2Upstream;
 use super::pool::Pool;
 use super::route::{Origin, Route};
 use crate::metrics::access::{Observer, UpstreamName};
@@ -129,6 +131,9 @@ pub(crate) struct Shared {
     pub(crate) overloaded: [std::sync::atomic::AtomicBool; 2],
     /// `--target` mode: the target's request metrics and name, resolved once.
     pub(crate) target_dest: Option<(Arc<DestinationMetrics>, Arc<str>)>,
+    /// Transcoded gRPC ports: one HTTP/2 connection to the app per original destination,
+    /// multiplexing the calls of every HTTP/1 client (bounded by the configured ports).
+    pub(crate) transcode_upstreams: std::sync::Mutex<HashMap<SocketAddr, Arc<H2Upstream>>>,
 }
 
 impl Shared {
@@ -221,6 +226,41 @@ impl Shared {
             (_, None) => Arc::from(route.authority.as_str()),
         };
         route.destination(&policies, authority, &label)
+    }
+
+    /// The shared HTTP/2 connection to the transcoded gRPC app at `dst` (made on first use
+    /// from `route`: its connect timeout and plan; a later connection's `predial` seeds it when
+    /// it has none open).
+    pub(crate) async fn transcode_upstream(
+        &self,
+        dst: SocketAddr,
+        route: &Route,
+        predial: Option<Predial>,
+    ) -> Arc<H2Upstream> {
+        let upstream = {
+            let mut map = self
+                .transcode_upstreams
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(map.entry(dst).or_insert_with(|| {
+                let route = Route {
+                    upstream: None,
+                    forwarded_for: None,
+                    ..route.clone()
+                };
+                Arc::new(H2Upstream::new(
+                    dst,
+                    route,
+                    self.inbound.source,
+                    None,
+                    Arc::clone(&self.mesh),
+                ))
+            }))
+        };
+        if let Some(predial) = predial {
+            upstream.offer(predial).await;
+        }
+        upstream
     }
 
     /// The way out of connections going `direction`.

@@ -21,7 +21,9 @@ use prometheus::IntCounterVec;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::forward::{strip_hop_by_hop, H2Upstream, ProxyBody};
+use super::forward::{strip_hop_by_hop, ProxyBody};
+use super::h2::H2Upstream;
+use super::route::Route;
 use super::shared::Shared;
 use crate::error::{Failed, ProxyError};
 use crate::metrics::access::Transcoded;
@@ -56,6 +58,7 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 pub(crate) async fn handle(
     shared: &Shared,
     transcoder: &Arc<Transcoder>,
+    conn_route: &Route,
     upstream: &H2Upstream,
     req: Request<Incoming>,
 ) -> Handled {
@@ -74,7 +77,11 @@ pub(crate) async fn handle(
     let route = &transcoder.routes()[index];
     let grpc_path = Arc::clone(&route.grpc_path);
     let count = |code: &str| counter.with_label_values(&[&*grpc_path, code]).inc();
-    let mut resp = match call(shared, transcoder, index, upstream, bindings, req).await {
+    let mut resp = match call(
+        shared, transcoder, index, conn_route, upstream, bindings, req,
+    )
+    .await
+    {
         Ok(resp) => resp,
         Err(refused) => {
             count(match refused.err {
@@ -125,6 +132,7 @@ async fn call(
     shared: &Shared,
     transcoder: &Arc<Transcoder>,
     index: usize,
+    proxy_route: &Route,
     upstream: &H2Upstream,
     bindings: Result<Vec<crate::transcode::template::Binding>, String>,
     mut req: Request<Incoming>,
@@ -132,7 +140,6 @@ async fn call(
     let route = &transcoder.routes()[index];
     let settings = transcoder.settings();
     let bindings = bindings.map_err(|e| Refused::new(ProxyError::TranscodeBadRequest, e))?;
-    let proxy_route = upstream.route();
     let host = req
         .headers()
         .get(HOST)

@@ -46,7 +46,8 @@ use super::detect::{
     Detection, Hello, MAX_DETECT_LEN,
 };
 use super::forward::error_response;
-use super::forward::{forward_h1, forward_h2, H2Upstream};
+use super::forward::{forward_h1, forward_h2};
+use super::h2::H2Upstream;
 use super::mesh::Downstream;
 use super::route::{Origin, Resolved, Route};
 use super::serve::{serve_http, Protocol};
@@ -747,15 +748,10 @@ async fn serve_http_conn<D: Downstream>(
                 dest,
                 true,
             ));
-            let h2 = transcoding.then(|| {
-                let route = Route {
-                    upstream: None,
-                    ..(*route).clone()
-                };
-                let source = shared.egress(direction).source;
-                let mesh = Arc::clone(&shared.mesh);
-                Arc::new(H2Upstream::new(dst, route, source, h2_predial, mesh))
-            });
+            let h2 = match transcoding {
+                true => Some(shared.transcode_upstream(dst, &route, h2_predial).await),
+                false => None,
+            };
             let caller = caller.map(Arc::new);
             let forward = move |req: http::Request<hyper::body::Incoming>| {
                 let shared = Arc::clone(&svc_shared);
@@ -767,7 +763,7 @@ async fn serve_http_conn<D: Downstream>(
                         Ok(allowed) => allowed,
                         Err(refusal) => return *refusal,
                     };
-                    let req = match transcoded(&shared, dst, h2.as_deref(), req).await {
+                    let req = match transcoded(&shared, dst, &route, h2.as_deref(), req).await {
                         Handled::Pass(req) => req,
                         Handled::Answer(mut resp) => {
                             if let Some(allowed) = allowed {
@@ -819,7 +815,7 @@ async fn serve_http_conn<D: Downstream>(
                     };
                     let inbound = direction != Direction::Outbound;
                     let h2 = inbound.then_some(&*upstream);
-                    let req = match transcoded(&shared, dst, h2, req).await {
+                    let req = match transcoded(&shared, dst, upstream.route(), h2, req).await {
                         Handled::Pass(req) => req,
                         Handled::Answer(mut resp) => {
                             if let Some(allowed) = allowed {
@@ -855,12 +851,13 @@ async fn serve_http_conn<D: Downstream>(
     }
 }
 
-/// A REST call to a transcoded inbound port, answered; anything else passed on. `h2` is the
-/// connection's HTTP/2 upstream to the app (none: not an inbound port transcoded when the
-/// connection began).
+/// A REST call to a transcoded inbound port, answered; anything else passed on. `route` is the
+/// connection's (its client, its policies); `h2` the HTTP/2 upstream to the app (none: not an
+/// inbound port transcoded when the connection began).
 async fn transcoded(
     shared: &Shared,
     dst: SocketAddr,
+    route: &Route,
     h2: Option<&H2Upstream>,
     req: http::Request<hyper::body::Incoming>,
 ) -> Handled {
@@ -874,7 +871,7 @@ async fn transcoded(
         .transcoder(dst.port())
         .cloned();
     match transcoder {
-        Some(t) => transcode::handle(shared, &t, h2, req).await,
+        Some(t) => transcode::handle(shared, &t, route, h2, req).await,
         None => Handled::Pass(req),
     }
 }
