@@ -481,6 +481,13 @@ fn server_streams_are_json_lines_and_an_immediate_error_is_not_a_200() {
     assert_eq!(ids, vec![json!("1"), json!("2"), json!("3")], "{stream:?}");
     let limited = get(pod, "/v1/orders?item=stream&limit=2");
     assert_eq!(limited.lines().len(), 2, "{limited:?}");
+    let none = get(pod, "/v1/orders?item=nothing-like-it");
+    assert_eq!(
+        (none.status, none.body.as_str()),
+        (200, ""),
+        "an empty stream: {none:?}"
+    );
+    assert_eq!(none.header("content-type"), Some("application/x-ndjson"));
 
     // The app fails before its first message: the status line says so.
     let immediate = get(pod, "/v1/orders?failFirst=true");
@@ -498,7 +505,7 @@ fn server_streams_are_json_lines_and_an_immediate_error_is_not_a_200() {
         json!({"error": {"code": 14, "message": "stream broken after 2", "details": []}})
     );
     let route = "/shop.v1.Orders/ListOrders";
-    assert_eq!(transcoded(pod, route, "OK"), 2.0);
+    assert_eq!(transcoded(pod, route, "OK"), 3.0);
     assert_eq!(transcoded(pod, route, "INVALID_ARGUMENT"), 1.0);
     assert_eq!(
         transcoded(pod, route, "UNAVAILABLE"),

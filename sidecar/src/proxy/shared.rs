@@ -263,6 +263,14 @@ impl Shared {
         upstream
     }
 
+    /// Whether `dst` is a transcoded gRPC port with its shared HTTP/2 connection made.
+    pub(crate) fn has_transcode_upstream(&self, dst: SocketAddr) -> bool {
+        self.transcode_upstreams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&dst)
+    }
+
     /// The way out of connections going `direction`.
     pub(crate) fn egress(&self, direction: Direction) -> &Egress {
         match direction {

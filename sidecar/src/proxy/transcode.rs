@@ -212,9 +212,7 @@ async fn call(
     headers.insert(CONTENT_TYPE, APPLICATION_GRPC.clone());
     headers.insert(TE, TRAILERS.clone());
     let left = deadline.saturating_duration_since(Instant::now());
-    if let Ok(v) = HeaderValue::try_from(format!("{}m", left.as_millis().max(1))) {
-        headers.insert("grpc-timeout", v);
-    }
+    headers.insert("grpc-timeout", grpc_timeout(left));
     let uri = Uri::builder()
         .scheme("http")
         .authority(host)
@@ -255,6 +253,18 @@ async fn call(
     };
     let counter = &shared.telemetry.metrics.transcode;
     Ok(answer(transcoder, index, counter, resp, deadline).await)
+}
+
+/// `grpc-timeout` for `left`: at most 8 digits, in milliseconds while they fit, else seconds.
+fn grpc_timeout(left: std::time::Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let ms = left.as_millis().max(1);
+    let text = if ms <= MAX {
+        format!("{ms}m")
+    } else {
+        format!("{}S", left.as_secs().min(MAX as u64))
+    };
+    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("1S"))
 }
 
 /// A local answer's head with a JSON body.
@@ -304,12 +314,15 @@ async fn answer(
     }
     let mut out_headers = HeaderMap::new();
     metadata(&parts.headers, &mut out_headers);
+    let streaming = route.server_streaming();
     // A trailers-only answer: the status is in the head.
     if let Some(status) = StatusBody::from_headers(&parts.headers) {
-        return status_answer(transcoder, status, out_headers, Vec::new());
+        if status.code == 0 && !streaming {
+            return upstream_error("the app sent no message for a unary method".to_owned());
+        }
+        return status_answer(transcoder, status, out_headers, Vec::new(), streaming);
     }
     let mut deframer = Deframer::new(transcoder.settings().max_message_bytes);
-    let streaming = route.server_streaming();
     let mut lines: Vec<Bytes> = Vec::new();
     let mut messages = 0usize;
     loop {
@@ -391,7 +404,7 @@ async fn answer(
         if status.code == 0 && !streaming && messages != 1 {
             return upstream_error("the app sent no message for a unary method".to_owned());
         }
-        return status_answer(transcoder, status, out_headers, lines);
+        return status_answer(transcoder, status, out_headers, lines, streaming);
     }
 }
 
@@ -402,6 +415,7 @@ fn status_answer(
     status: StatusBody,
     headers: HeaderMap,
     lines: Vec<Bytes>,
+    streaming: bool,
 ) -> Response<ProxyBody> {
     let code = status.code;
     let mut resp = if code == 0 {
@@ -421,8 +435,13 @@ fn status_answer(
         resp
     };
     if code == 0 {
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, APPLICATION_JSON.clone());
+        // A stream that ended with no message is an empty list of lines.
+        let ct = if streaming {
+            &APPLICATION_NDJSON
+        } else {
+            &APPLICATION_JSON
+        };
+        resp.headers_mut().insert(CONTENT_TYPE, ct.clone());
     }
     resp.extensions_mut().insert(Code(code));
     resp
@@ -448,4 +467,20 @@ fn upstream_error(message: String) -> Response<ProxyBody> {
     let mut resp = refusal(ProxyError::UpstreamProtocol, 13, message);
     resp.extensions_mut().insert(Code(13));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::grpc_timeout;
+
+    #[test]
+    fn grpc_timeout_fits_eight_digits() {
+        assert_eq!(grpc_timeout(Duration::from_secs(30)), "30000m");
+        assert_eq!(grpc_timeout(Duration::ZERO), "1m");
+        assert_eq!(grpc_timeout(Duration::from_secs(99_999)), "99999000m");
+        assert_eq!(grpc_timeout(Duration::from_secs(100_000)), "100000S");
+        assert_eq!(grpc_timeout(Duration::from_secs(u64::MAX / 2)), "99999999S");
+    }
 }

@@ -468,7 +468,11 @@ impl Detecting {
             // Server-speaks-first protocols would wait for a dial that never comes: bounded.
             deadline = Some(Instant::now() + detect_timeout);
             Upstream::Held
-        } else if egress.pool.speaks_http1(dst, plan.is_tls()) {
+        } else if egress.pool.speaks_http1(dst, plan.is_tls())
+            || (inbound && shared.has_transcode_upstream(dst))
+        {
+            // (A transcoded gRPC port's calls share one HTTP/2 connection to the app: a
+            // client's own dial would only be closed again.)
             dial_at_deadline = true;
             deadline = Some(Instant::now() + detect_timeout);
             Upstream::Held
