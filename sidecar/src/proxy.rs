@@ -26,6 +26,7 @@ mod serve;
 mod shared;
 #[cfg(test)]
 mod smuggling_tests;
+mod spike;
 mod target;
 #[cfg(test)]
 mod tests;
@@ -49,8 +50,8 @@ use crate::net::{addrs_of, bind_all};
 use crate::policy::PolicyStore;
 
 pub use config::{
-    local_addr_resolver, original_dst_resolver, HttpLimits, ListenAddr, ProxyConfig, Resolver,
-    Resolvers, Target, Telemetry, DEFAULT_DETECT_TIMEOUT, DEFAULT_H2_IDLE_TIMEOUT,
+    local_addr_resolver, original_dst_resolver, Http1Engine, HttpLimits, ListenAddr, ProxyConfig,
+    Resolver, Resolvers, Target, Telemetry, DEFAULT_DETECT_TIMEOUT, DEFAULT_H2_IDLE_TIMEOUT,
     DEFAULT_H2_KEEPALIVE, DEFAULT_H2_MAX_CONCURRENT_STREAMS, DEFAULT_HEADER_TIMEOUT,
     DEFAULT_INBOUND_MAX_CONNECTIONS, DEFAULT_MAX_DOWNSTREAM_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_POOL_IDLE_TIMEOUT,

@@ -63,7 +63,7 @@ const PROXY_LAYERS: &[&[&str]] = &[
     &["h2"],
     &["shared"],
     &["forward"],
-    &["serve", "authorize", "transcode"],
+    &["serve", "authorize", "transcode", "spike"],
     &["transparent", "target"],
 ];
 

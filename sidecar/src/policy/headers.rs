@@ -44,6 +44,26 @@ fn new_request_id(random: u128) -> HeaderValue {
     HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
+/// A new `x-request-id` value (for engines that write header lines themselves).
+pub fn fresh_request_id() -> HeaderValue {
+    new_request_id(fastrand::u128(..))
+}
+
+/// A new `traceparent` value: a trace rooted here (see [`ensure_traceparent`]).
+pub fn fresh_traceparent() -> HeaderValue {
+    let trace = loop {
+        let t = fastrand::u128(..);
+        if t != 0 {
+            break t;
+        }
+    };
+    let parent = fastrand::u64(1..);
+    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    hex_into(&mut buf[3..35], trace);
+    hex_into(&mut buf[36..52], u128::from(parent));
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
 /// Keeps the request's `x-request-id` or adds a new one; returns the value in force (for the
 /// proxy's own error answers, so a failed request can be found in both sides' logs).
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
@@ -95,19 +115,7 @@ pub fn ensure_traceparent(headers: &mut HeaderMap) {
         return;
     }
     headers.remove(&TRACESTATE);
-    let trace = loop {
-        let t = fastrand::u128(..);
-        if t != 0 {
-            break t;
-        }
-    };
-    let parent = fastrand::u64(1..);
-    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    hex_into(&mut buf[3..35], trace);
-    hex_into(&mut buf[36..52], u128::from(parent));
-    if let Ok(value) = HeaderValue::from_bytes(&buf) {
-        headers.insert(TRACEPARENT.clone(), value);
-    }
+    headers.insert(TRACEPARENT.clone(), fresh_traceparent());
 }
 
 /// The request headers every forwarded request gets: `x-forwarded-by`, an `x-request-id` and a
@@ -157,6 +165,16 @@ impl ForwardedClient {
             element: value(element),
             client_cert: None,
         }
+    }
+
+    /// The `x-forwarded-for` element.
+    pub fn addr(&self) -> &HeaderValue {
+        &self.addr
+    }
+
+    /// The `forwarded` element.
+    pub fn element(&self) -> &HeaderValue {
+        &self.element
     }
 
     /// The client proved `uri` over mesh TLS to this proxy, `by`. (SPIFFE IDs hold only

@@ -52,6 +52,29 @@ pub struct HttpLimits {
     pub h2_keepalive: Duration,
     /// See [`DEFAULT_H2_IDLE_TIMEOUT`].
     pub h2_idle_timeout: Duration,
+    /// `--http1-engine`: who serves HTTP/1 clients in `--target` mode.
+    pub http1_engine: Http1Engine,
+}
+
+/// The HTTP/1 engine of `--target` mode (`--http1-engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Http1Engine {
+    /// hyper's server and client (every feature).
+    #[default]
+    Hyper,
+    /// The measurement spike of issue 19 (`proxy/spike.rs`): GET and HEAD without a body,
+    /// relayed by one task with the head bytes kept; anything else is refused with 501.
+    Spike,
+}
+
+impl Http1Engine {
+    pub fn parse(text: &str) -> Option<Http1Engine> {
+        match text {
+            "hyper" => Some(Http1Engine::Hyper),
+            "spike" => Some(Http1Engine::Spike),
+            _ => None,
+        }
+    }
 }
 
 impl Default for HttpLimits {
@@ -62,6 +85,7 @@ impl Default for HttpLimits {
             h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
             h2_keepalive: DEFAULT_H2_KEEPALIVE,
             h2_idle_timeout: DEFAULT_H2_IDLE_TIMEOUT,
+            http1_engine: Http1Engine::Hyper,
         }
     }
 }

@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::config::Http1Engine;
 use super::detect::{client_bytes, wait_until, H2_PREFACE};
 use super::forward::{error_response, forward_h1};
 use super::serve::{serve_http, Protocol};
@@ -36,6 +37,13 @@ pub(crate) async fn serve(
         .target_route
         .as_ref()
         .map(|r| Arc::new(r.for_client(peer)));
+    if !h2 && shared.config.http.http1_engine == Http1Engine::Spike {
+        if let Some(route) = &route {
+            super::spike::serve(&shared, route, client, &observer).await;
+        }
+        drop(conn);
+        return;
+    }
     let svc_shared = Arc::clone(&shared);
     let forward = move |req| {
         let shared = Arc::clone(&svc_shared);

@@ -106,6 +106,16 @@ pub struct RunArgs {
     )]
     pub pool_idle_timeout: String,
 
+    /// `--target` mode's HTTP/1 engine: `hyper`, or `spike` (an experiment, for measurement:
+    /// GET and HEAD only, anything else answered 501; see docs/performance.md)
+    #[arg(
+        long,
+        env = "SIDECAR_HTTP1_ENGINE",
+        value_name = "ENGINE",
+        default_value = "hyper"
+    )]
+    pub http1_engine: String,
+
     /// HTTP/1: a request head must be complete within this, counted from when the connection
     /// starts waiting for it (so it is also the keep-alive idle timeout)
     #[arg(

@@ -10,7 +10,7 @@ pub use crate::config_errors::{ConfigError, ConfigErrors};
 use crate::lifecycle::{AppProbe, AppTarget};
 use crate::policy::config_file::{OwnedFlag, PolicySource};
 use crate::policy::PolicyConfig;
-use crate::proxy::{HttpLimits, ListenAddr, ProxyConfig, Target};
+use crate::proxy::{Http1Engine, HttpLimits, ListenAddr, ProxyConfig, Target};
 use crate::units::{parse_addrs, parse_duration, parse_size};
 
 /// Admin, readiness, drain and telemetry settings (see the table at the top).
@@ -374,6 +374,14 @@ impl Settings {
                 None
             }
         };
+        let http1_engine = Http1Engine::parse(args.http1_engine.trim());
+        if http1_engine.is_none() {
+            errors.push(ConfigError {
+                key: "--http1-engine / SIDECAR_HTTP1_ENGINE".into(),
+                value: args.http1_engine.clone(),
+                problem: "expected hyper or spike".to_owned(),
+            });
+        }
         let http = match (
             header_timeout,
             max_header_bytes,
@@ -393,6 +401,7 @@ impl Settings {
                 h2_max_concurrent_streams: u32::try_from(streams).unwrap_or(u32::MAX),
                 h2_keepalive,
                 h2_idle_timeout,
+                http1_engine: http1_engine.unwrap_or_default(),
             }),
             _ => None,
         };
