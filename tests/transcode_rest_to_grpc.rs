@@ -115,7 +115,7 @@ impl Setup {
         assert_eq!(ready.trim(), "ready", "the grpcio app did not start");
         pod.init_with_netns(&[]);
         let config = dir.join("sidecar.toml").display().to_string();
-        pod.start_proxy_with_inbound(&["--config", &config]);
+        pod.start_proxy_with_inbound(&["--config", &config, "--access-log"]);
         Setup {
             pod,
             _app: app,
@@ -460,6 +460,14 @@ fn rest_calls_reach_the_grpc_app_with_the_proto3_json_mapping() {
         2.0
     );
     assert_eq!(transcoded(pod, "none", "no_route"), 1.0);
+    // The access log says which method a request became.
+    assert!(
+        eventually(Duration::from_secs(5), || pod.proxy_log().lines().any(
+            |l| l.contains("path=/v1/orders/42") && l.contains("grpc=/shop.v1.Orders/GetOrder")
+        )),
+        "no access log line with grpc=:\n{}",
+        pod.proxy_log()
+    );
     let config: Value = serde_json::from_str(&admin_get(pod, "/config")).unwrap();
     let routes = &config["policy"]["transcode"][0]["routes"];
     assert!(
