@@ -26,11 +26,12 @@ use std::{
     process::ExitCode,
 };
 
-pub use config::{Cidr, ConfigErrors, FailMode, InitArgs, InitConfig, PortSet};
+pub use config::{Cidr, ConfigErrors, FailMode, InitArgs, InitConfig, PortSet, DEFAULT_PIN_ROOT};
 pub use error::InitError;
 use gc::remove_pins;
 pub use gc::{cleanup_main, collect_garbage, CleanupArgs};
 use host::check_privileges;
+pub use host::pod_uid_of;
 pub use host::{cgroup2_mounts, pids_below, pod_cgroup, resolve_cgroup, PodCgroup};
 pub use load::PROGRAMS;
 use load::{load_attach_pin, OBJECT};

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod bpf;
 pub mod cli;
+pub mod cni;
 pub mod config_errors;
 pub mod doctor;
 pub mod error;

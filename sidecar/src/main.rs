@@ -36,6 +36,9 @@ enum Command {
     Cleanup(sidecar::intercept::CleanupArgs),
     /// Forward the application's log file to an HTTP collector (at least once, through rotations).
     Logs(sidecar::logs::LogsArgs),
+    /// The chained CNI plugin (what the container runtime runs as `sidecar-cni`): CNI_COMMAND
+    /// and the network configuration on stdin, as the CNI specification says.
+    Cni,
     /// Add the sidecar to Kubernetes workload manifests (reads YAML, writes YAML).
     Inject(sidecar::inject::InjectArgs),
     /// Check that this node has what the sidecar needs (kernel, cgroup v2, bpffs, capabilities).
@@ -43,6 +46,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The container runtime runs CNI plugins by file name, with no arguments: a copy or link of
+    // this binary named `sidecar-cni` is the plugin.
+    let invoked_as = std::env::args_os().next().map(std::path::PathBuf::from);
+    if invoked_as
+        .as_deref()
+        .and_then(std::path::Path::file_name)
+        .is_some_and(|n| n == "sidecar-cni")
+    {
+        return sidecar::cni::main();
+    }
     let parsed = Cli::command()
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
@@ -60,6 +73,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Init(args) => sidecar::intercept::main(args),
+        Command::Cni => sidecar::cni::main(),
         Command::Run(args) => {
             // The config file's [run] section fills what the command line and the environment
             // leave unset: `run` needs to know which those were, and the command line itself.

@@ -47,7 +47,7 @@ const LAYERS: &[&[&str]] = &[
     // Subsystems beside the proxy.
     &["admin", "logs", "intercept"],
     // Commands built on the init step's configuration.
-    &["inject", "doctor"],
+    &["inject", "doctor", "cni"],
     // `sidecar run`: wires everything together.
     &["run"],
 ];

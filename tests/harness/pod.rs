@@ -101,6 +101,8 @@ pub struct Pod {
     netns_created: Vec<String>,
     pod_netns: Option<File>,
     cgroup: PathBuf,
+    /// What cleanup removes: the pod's cgroup, or the tree above it (`new_kube`).
+    cgroup_top: PathBuf,
     cgroup_created: bool,
     cgroup_procs: CString,
     dir: PathBuf,
@@ -113,6 +115,34 @@ pub struct Pod {
 impl Pod {
     /// Builds a fresh pod. Panics loudly when not privileged (tests must fail, not pass silently).
     pub fn new() -> Pod {
+        Pod::create(None)
+    }
+
+    /// A pod whose cgroup is named as the kubelet names it (cgroupfs driver):
+    /// `<cgroup2>/<pod name>/kubepods/burstable/pod<uid>`; [`Pod::cgroup_root`] is the
+    /// `<cgroup2>/<pod name>` above it (the "cgroup mount" a CNI plugin is told to search).
+    pub fn new_kube(uid: &str) -> Pod {
+        Pod::create(Some(uid))
+    }
+
+    /// The directory above the pod's cgroup that cleanup removes (its own cgroup but for
+    /// [`Pod::new_kube`]).
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_top
+    }
+
+    /// Pins made for this pod by something other than `init` (a CNI plugin): removed with
+    /// `init --remove --pod-id <pod_id>` at cleanup if the test did not.
+    pub fn track_pins(&mut self, pin_root: &str, pod_id: &str) {
+        self.inits.push(InitRecord {
+            cgroup: self.cgroup.clone(),
+            pin_root: Some(pin_root.to_owned()),
+            pod_id: Some(pod_id.to_owned()),
+            pin_dir: Some(Path::new(pin_root).join(pod_id)),
+        });
+    }
+
+    fn create(kube_uid: Option<&str>) -> Pod {
         env::require_privileged();
         env::sweep_leftovers();
         let name = format!(
@@ -120,7 +150,11 @@ impl Pod {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
-        let cgroup = env::cgroup2_mount().join(&name);
+        let cgroup_top = env::cgroup2_mount().join(&name);
+        let cgroup = match kube_uid {
+            Some(uid) => cgroup_top.join(format!("kubepods/burstable/pod{uid}")),
+            None => cgroup_top.clone(),
+        };
         let cgroup_procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
             .unwrap_or_else(|e| panic!("cgroup path {}: {e}", cgroup.display()));
         // Fields first, resources second: if a step below panics, Drop removes what exists so far.
@@ -132,6 +166,7 @@ impl Pod {
             netns_created: Vec::new(),
             pod_netns: None,
             cgroup,
+            cgroup_top,
             cgroup_created: false,
             cgroup_procs,
             sidecar_exec: None,
@@ -143,7 +178,8 @@ impl Pod {
             .and_then(|()| fs::set_permissions(&pod.dir, fs::Permissions::from_mode(0o755)))
             .unwrap_or_else(|e| panic!("create {}: {e}", pod.dir.display()));
         pod.build_network();
-        fs::create_dir(&pod.cgroup)
+        fs::create_dir(&pod.cgroup_top)
+            .and_then(|()| fs::create_dir_all(&pod.cgroup))
             .unwrap_or_else(|e| panic!("create cgroup {}: {e}", pod.cgroup.display()));
         pod.cgroup_created = true;
         eprintln!(
@@ -805,8 +841,8 @@ impl Pod {
     /// `sidecar init --remove` (its members are killed first).
     pub fn delete_cgroup(&mut self) {
         self.kill_children();
-        if !env::remove_cgroup_tree(&self.cgroup, CLEANUP_TIMEOUT) {
-            panic!("could not remove cgroup {}", self.cgroup.display());
+        if !env::remove_cgroup_tree(&self.cgroup_top, CLEANUP_TIMEOUT) {
+            panic!("could not remove cgroup {}", self.cgroup_top.display());
         }
         self.cgroup_created = false;
     }
@@ -981,8 +1017,11 @@ impl Drop for Pod {
                 eprintln!("cleanup: could not delete netns {ns}");
             }
         }
-        if self.cgroup_created && !env::remove_cgroup_tree(&self.cgroup, CLEANUP_TIMEOUT) {
-            eprintln!("cleanup: could not remove cgroup {}", self.cgroup.display());
+        if self.cgroup_created && !env::remove_cgroup_tree(&self.cgroup_top, CLEANUP_TIMEOUT) {
+            eprintln!(
+                "cleanup: could not remove cgroup {}",
+                self.cgroup_top.display()
+            );
         }
         if failed {
             eprintln!("pod {}: logs kept in {}", self.name, self.dir.display());

@@ -91,7 +91,9 @@ fn kernel_err(what: String) -> impl FnOnce(Box<dyn std::error::Error + Send + Sy
 
 pub fn collect(args: &StatusArgs) -> Result<Status, InitError> {
     let cgroup = pod_cgroup(&resolve_cgroup(&args.cgroup)?)?;
-    let dir = pin_dir(&args.pin_root, args.pod_id.as_deref(), cgroup.id);
+    // As `init` names it: the pod UID of a kubelet cgroup, else the given id, else the inode.
+    let pod_id = super::host::pod_id_for(&cgroup, args.pod_id.as_deref())?;
+    let dir = pin_dir(&args.pin_root, pod_id.as_deref(), cgroup.id);
     if !dir.is_dir() {
         return Err(InitError::Cgroup {
             path: cgroup.path,

@@ -44,7 +44,9 @@ impl log::Log for Printer {
 
 fn run(args: &TraceArgs) -> Result<(), InitError> {
     let cgroup = pod_cgroup(&resolve_cgroup(&args.cgroup)?)?;
-    let dir = pin_dir(&args.pin_root, args.pod_id.as_deref(), cgroup.id);
+    // As `init` names it: the pod UID of a kubelet cgroup, else the given id, else the inode.
+    let pod_id = super::host::pod_id_for(&cgroup, args.pod_id.as_deref())?;
+    let dir = pin_dir(&args.pin_root, pod_id.as_deref(), cgroup.id);
     let link = crate::pins::link(&dir, sidecar_common::progs::CONNECT4);
     let fd = crate::bpf::obj_get(&link).map_err(|e| InitError::Kernel {
         what: format!("open {}", link.display()),

@@ -1,0 +1,499 @@
+//! `sidecar cni` (also run as `sidecar-cni`, the name the container runtime executes): a chained
+//! CNI plugin (CNI specification 1.0; 0.3.x and 0.4.0 configurations accepted) that does what
+//! `sidecar init` does for a pod when the runtime creates the pod's network, so that app pods
+//! need no privileged init container.
+//!
+//! | `CNI_COMMAND` | what it does |
+//! |---|---|
+//! | `ADD` | for a pod of a served namespace: finds its cgroup from `K8S_POD_UID` (cgroupfs `.../pod<uid>` and systemd `...-pod<uid_>.slice` naming), takes its addresses from `prevResult`, and installs the interception with `sidecar init`'s own code (`intercept::install`, pod id = the pod UID, the section's `init_args` as init flags); prints `prevResult` unchanged. Any other pod: `prevResult` unchanged, nothing done |
+//! | `DEL` | removes that pod's pins (`intercept::remove`); nothing there is not an error |
+//! | `CHECK` | fails (code 100) when a served pod's interception is not in place |
+//! | `VERSION` | the supported versions |
+//!
+//! Which pods: those of the namespaces listed in the plugin's configuration (`sidecar.namespaces`;
+//! `sidecar inject --mode cni` adds only the proxy to their pods). The plugin does not read pod
+//! annotations through the Kubernetes API: a CNI call blocks pod start, and making every pod's
+//! network depend on the API server's availability, with node credentials able to read every
+//! pod, is a cost the namespace list avoids. Per-pod settings therefore come from the node's
+//! configuration; pods that need their own use the init-container mode.
+//!
+//! Errors are CNI error objects on stdout (`{"cniVersion","code","msg","details"}`) with a
+//! non-zero exit: 4 (bad environment), 6 (stdin is not JSON), 7 (bad configuration), 1 (a
+//! version not supported), 100 (interception failed or, for `CHECK`, missing), 101 (no cgroup
+//! for the pod). A pod outside the served namespaces never gets an error.
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::intercept::{self, InitArgs};
+
+/// The configuration versions this plugin reads (and echoes in its results).
+pub const SUPPORTED_VERSIONS: [&str; 6] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0", "1.2.0"];
+
+/// The largest network configuration read from stdin.
+const MAX_STDIN: u64 = 1 << 20;
+
+/// A CNI error: its well-known code, the message and details.
+#[derive(Debug)]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    pub details: String,
+}
+
+impl CniError {
+    fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> CniError {
+        CniError {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
+    }
+}
+
+/// The `sidecar` section of the plugin's network configuration.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    /// Namespaces whose pods are intercepted.
+    #[serde(default)]
+    namespaces: Vec<String>,
+    /// The cgroup v2 mount where the kubelet's pod cgroups are.
+    #[serde(default)]
+    cgroup_root: Option<PathBuf>,
+    /// `sidecar init --pin-root`.
+    #[serde(default)]
+    pin_root: Option<PathBuf>,
+    /// More `sidecar init` flags for every pod (`["--exclude-inbound-ports", "15021"]`).
+    #[serde(default)]
+    init_args: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NetConf {
+    #[serde(rename = "cniVersion")]
+    cni_version: String,
+    #[serde(rename = "prevResult")]
+    prev_result: Option<Value>,
+    #[serde(default)]
+    sidecar: Settings,
+}
+
+/// The CNI environment of one call.
+#[derive(Debug, Default)]
+pub struct CniEnv {
+    pub command: String,
+    pub container_id: String,
+    pub netns: String,
+    pub args: HashMap<String, String>,
+}
+
+impl CniEnv {
+    /// From the process environment.
+    pub fn from_process() -> CniEnv {
+        let var = |k: &str| std::env::var(k).unwrap_or_default();
+        let args = var("CNI_ARGS")
+            .split(';')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        CniEnv {
+            command: var("CNI_COMMAND"),
+            container_id: var("CNI_CONTAINERID"),
+            netns: var("CNI_NETNS"),
+            args,
+        }
+    }
+}
+
+/// Runs one call as the runtime made it; what to print on stdout and the exit code.
+pub fn main() -> ExitCode {
+    let env = CniEnv::from_process();
+    let mut stdin = String::new();
+    let read = io::stdin().take(MAX_STDIN).read_to_string(&mut stdin);
+    let started = Instant::now();
+    let result = match read {
+        Ok(_) => run(&env, &stdin),
+        Err(e) => Err(CniError::new(
+            5,
+            "cannot read the network configuration",
+            e.to_string(),
+        )),
+    };
+    let version = serde_json::from_str::<Value>(&stdin)
+        .ok()
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "1.0.0".to_owned());
+    let mut out = io::stdout();
+    match result {
+        Ok(printed) => {
+            if let Some(printed) = printed {
+                let _ = writeln!(out, "{printed}");
+            }
+            let _ = writeln!(
+                io::stderr(),
+                "sidecar-cni: {} {} done in {:.1} ms",
+                env.command,
+                env.container_id,
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = writeln!(
+                out,
+                "{}",
+                json!({"cniVersion": version, "code": e.code, "msg": e.msg, "details": e.details})
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One call: `Ok(Some(json))` to print, `Ok(None)` for nothing (DEL, CHECK).
+pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
+    if env.command == "VERSION" {
+        let version = serde_json::from_str::<Value>(stdin)
+            .ok()
+            .and_then(|v| {
+                v.get("cniVersion")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "1.0.0".to_owned());
+        return Ok(Some(
+            json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
+        ));
+    }
+    let conf: NetConf = serde_json::from_str(stdin).map_err(|e| {
+        let code = if e.is_data() { 7 } else { 6 };
+        CniError::new(
+            code,
+            "the network configuration is not a valid sidecar-cni configuration",
+            e.to_string(),
+        )
+    })?;
+    if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+        return Err(CniError::new(
+            1,
+            format!("cniVersion {} is not supported", conf.cni_version),
+            format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
+        ));
+    }
+    let passthrough = || {
+        let mut result = conf.prev_result.clone().unwrap_or_else(|| json!({}));
+        if let Value::Object(map) = &mut result {
+            map.insert("cniVersion".into(), Value::from(conf.cni_version.clone()));
+        }
+        result.to_string()
+    };
+    let pod = match (
+        env.args.get("K8S_POD_NAMESPACE"),
+        env.args.get("K8S_POD_UID"),
+    ) {
+        (Some(ns), Some(uid)) if conf.sidecar.namespaces.iter().any(|n| n == ns) => {
+            Some((ns.clone(), uid.clone()))
+        }
+        _ => None,
+    };
+    match env.command.as_str() {
+        "ADD" => {
+            if conf.prev_result.is_none() {
+                return Err(CniError::new(
+                    7,
+                    "sidecar-cni is a chained plugin: it needs a prevResult",
+                    "list it after the plugin that sets up the pod's interface in the conflist",
+                ));
+            }
+            let Some((_, uid)) = pod else {
+                return Ok(Some(passthrough()));
+            };
+            if env.netns.is_empty() {
+                return Err(CniError::new(4, "CNI_NETNS is not set", ""));
+            }
+            let root = cgroup_root(&conf.sidecar);
+            // The node's init flags are checked first: a bad configuration says so for every pod.
+            init_args(&conf.sidecar, &root, &uid, None, &[], false)?;
+            let cgroup = find_pod_cgroup(&root, &uid).ok_or_else(|| {
+                CniError::new(
+                    101,
+                    format!("no cgroup for pod {uid} under {}", root.display()),
+                    "is sidecar.cgroup_root the kubelet's cgroup v2 mount?",
+                )
+            })?;
+            let ips = pod_ips(conf.prev_result.as_ref());
+            let args = init_args(&conf.sidecar, &cgroup, &uid, Some(&env.netns), &ips, false)?;
+            intercept::install(&args).map_err(|e| {
+                CniError::new(
+                    100,
+                    format!("interception of pod {uid} failed"),
+                    e.to_string(),
+                )
+            })?;
+            Ok(Some(passthrough()))
+        }
+        "DEL" => {
+            let Some((_, uid)) = pod else {
+                return Ok(None);
+            };
+            let root = cgroup_root(&conf.sidecar);
+            // The cgroup may be gone already: then the pins are removed by the pod id alone.
+            let cgroup = find_pod_cgroup(&root, &uid).unwrap_or_else(|| root.join("gone"));
+            let args = init_args(&conf.sidecar, &cgroup, &uid, None, &[], true)?;
+            intercept::remove(&args).map_err(|e| {
+                CniError::new(
+                    100,
+                    format!("removing pod {uid}'s interception failed"),
+                    e.to_string(),
+                )
+            })?;
+            Ok(None)
+        }
+        "CHECK" => {
+            let Some((_, uid)) = pod else {
+                return Ok(None);
+            };
+            let pin_root = conf
+                .sidecar
+                .pin_root
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(intercept::DEFAULT_PIN_ROOT));
+            let dir = crate::pins::pod_dir(&pin_root, Some(&uid), 0);
+            for prog in [
+                sidecar_common::progs::CONNECT4,
+                sidecar_common::progs::SOCKOPS,
+            ] {
+                let link = crate::pins::link(&dir, prog);
+                if !link.exists() {
+                    return Err(CniError::new(
+                        100,
+                        format!("pod {uid} is not intercepted"),
+                        format!("{} is missing", link.display()),
+                    ));
+                }
+            }
+            Ok(None)
+        }
+        other => Err(CniError::new(
+            4,
+            format!("CNI_COMMAND {other:?} is not ADD, DEL, CHECK or VERSION"),
+            "",
+        )),
+    }
+}
+
+fn cgroup_root(settings: &Settings) -> PathBuf {
+    settings
+        .cgroup_root
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+}
+
+/// The pod's addresses in a CNI result (`ips[].address`, without the prefix length).
+fn pod_ips(prev: Option<&Value>) -> Vec<String> {
+    prev.and_then(|p| p.get("ips"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip.get("address").and_then(Value::as_str))
+        .map(|a| a.split('/').next().unwrap_or(a).to_owned())
+        .collect()
+}
+
+/// The cgroup of pod `uid` below `root`: the kubelet's naming under either driver, at most
+/// four levels down (`kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice`,
+/// `kubepods/burstable/pod<uid>`).
+pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
+    fn walk(dir: &Path, uid: &str, depth: u32) -> Option<PathBuf> {
+        let entries = std::fs::read_dir(dir).ok()?;
+        let mut subdirs = Vec::new();
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.contains("pod") && intercept::pod_uid_of(&path).as_deref() == Some(uid) {
+                return Some(path);
+            }
+            let qos = matches!(&*name, "burstable" | "besteffort" | "guaranteed");
+            if name.starts_with("kubepods") || qos {
+                subdirs.push(path);
+            }
+        }
+        if depth >= 4 {
+            return None;
+        }
+        subdirs.into_iter().find_map(|d| walk(&d, uid, depth + 1))
+    }
+    walk(root, uid, 0)
+}
+
+/// `sidecar init`'s arguments for the pod, parsed by its own parser (so every init flag and its
+/// checks apply).
+fn init_args(
+    settings: &Settings,
+    cgroup: &Path,
+    uid: &str,
+    netns: Option<&str>,
+    ips: &[String],
+    remove: bool,
+) -> Result<InitArgs, CniError> {
+    #[derive(Parser)]
+    struct Init {
+        #[command(flatten)]
+        args: InitArgs,
+    }
+    let mut argv: Vec<String> = vec![
+        "sidecar-cni init".into(),
+        "--cgroup".into(),
+        cgroup.display().to_string(),
+        "--pod-id".into(),
+        uid.to_owned(),
+    ];
+    if let Some(root) = &settings.pin_root {
+        argv.extend(["--pin-root".into(), root.display().to_string()]);
+    }
+    if let Some(netns) = netns {
+        argv.extend(["--netns".into(), netns.to_owned()]);
+    }
+    if !ips.is_empty() {
+        argv.extend(["--pod-ip".into(), ips.join(",")]);
+    }
+    if remove {
+        argv.push("--remove".into());
+    }
+    argv.extend(settings.init_args.iter().cloned());
+    Init::try_parse_from(argv).map(|i| i.args).map_err(|e| {
+        CniError::new(
+            7,
+            "sidecar.init_args are not valid `sidecar init` flags",
+            e.to_string(),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(command: &str, args: &str) -> CniEnv {
+        CniEnv {
+            command: command.into(),
+            container_id: "c1".into(),
+            netns: "/run/netns/x".into(),
+            args: args
+                .split(';')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        }
+    }
+
+    const POD: &str =
+        "K8S_POD_NAMESPACE=other;K8S_POD_NAME=p;K8S_POD_UID=0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0";
+
+    #[test]
+    fn version_lists_what_is_supported() {
+        let out = run(&env("VERSION", ""), r#"{"cniVersion":"1.0.0"}"#)
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["cniVersion"], "1.0.0");
+        assert!(v["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("0.4.0")));
+    }
+
+    #[test]
+    fn pods_outside_the_served_namespaces_pass_through_untouched() {
+        let conf = r#"{"cniVersion":"1.0.0","name":"net","type":"sidecar-cni",
+            "prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.2.3/24"}],"dns":{}},
+            "sidecar":{"namespaces":["shop"]}}"#;
+        let out = run(&env("ADD", POD), conf).unwrap().unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            v["ips"][0]["address"], "10.1.2.3/24",
+            "prevResult is the result"
+        );
+        assert_eq!(run(&env("DEL", POD), conf).unwrap(), None);
+        assert_eq!(run(&env("CHECK", POD), conf).unwrap(), None);
+        // Not a Kubernetes pod at all.
+        assert!(run(&env("ADD", ""), conf).unwrap().is_some());
+    }
+
+    #[test]
+    fn bad_input_is_a_cni_error_with_its_code() {
+        let e = run(&env("ADD", POD), "{not json").unwrap_err();
+        assert_eq!(e.code, 6);
+        let e = run(
+            &env("ADD", POD),
+            r#"{"cniVersion":"1.0.0","name":"n","type":"sidecar-cni","sidecar":{"namespace":["x"]}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, 7, "{e:?}");
+        assert!(
+            e.details.contains("namespace"),
+            "names the unknown key: {e:?}"
+        );
+        let e = run(
+            &env("ADD", POD),
+            r#"{"cniVersion":"9.9.9","name":"n","type":"t"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, 1);
+        let e = run(
+            &env("ADD", POD),
+            r#"{"cniVersion":"1.0.0","name":"n","type":"t"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, 7, "not chained: {e:?}");
+        let e = run(
+            &env("SPIN", POD),
+            r#"{"cniVersion":"1.0.0","name":"n","type":"t"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, 4);
+        let served = r#"{"cniVersion":"1.0.0","name":"n","type":"t","prevResult":{},
+            "sidecar":{"namespaces":["other"],"cgroup_root":"/nonexistent-cgroup-root"}}"#;
+        let e = run(&env("ADD", POD), served).unwrap_err();
+        assert_eq!(e.code, 101, "{e:?}");
+        let bad_flags = r#"{"cniVersion":"1.0.0","name":"n","type":"t","prevResult":{},
+            "sidecar":{"namespaces":["other"],"init_args":["--no-such-flag"]}}"#;
+        let e = run(&env("ADD", POD), bad_flags).unwrap_err();
+        assert_eq!(e.code, 7, "{e:?}");
+        assert!(e.details.contains("--no-such-flag"), "{e:?}");
+    }
+
+    #[test]
+    fn pod_cgroups_are_found_under_both_drivers() {
+        let root = std::env::temp_dir().join(format!("cni-cg-{}", std::process::id()));
+        let uid = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0";
+        let systemd = root.join(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0b1c2d3e_4f50_6172_8394_a5b6c7d8e9f0.slice",
+        );
+        std::fs::create_dir_all(&systemd).unwrap();
+        assert_eq!(find_pod_cgroup(&root, uid), Some(systemd));
+        let _ = std::fs::remove_dir_all(&root);
+        let cgroupfs = root.join(format!("kubepods/besteffort/pod{uid}"));
+        std::fs::create_dir_all(&cgroupfs).unwrap();
+        assert_eq!(find_pod_cgroup(&root, uid), Some(cgroupfs));
+        assert_eq!(
+            find_pod_cgroup(&root, "ffffffff-4f50-6172-8394-a5b6c7d8e9f0"),
+            None
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}

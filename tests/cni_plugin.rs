@@ -1,0 +1,266 @@
+//! The chained CNI plugin, invoked exactly as a container runtime does: the binary named
+//! `sidecar-cni` from `CNI_PATH`, no arguments, `CNI_COMMAND` / `CNI_CONTAINERID` / `CNI_NETNS` /
+//! `CNI_IFNAME` / `CNI_ARGS` (with the kubelet's `K8S_POD_*`) in the environment, the network
+//! configuration with the previous plugin's `prevResult` on stdin. The pod is the harness's, its
+//! cgroup named as the kubelet names it; the prevResult is its interface's. No `sidecar init` is
+//! run by hand: after ADD the pod's traffic goes through the proxy both ways; after DEL nothing
+//! of it is left.
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sidecar_tests::env::sidecar_bin;
+use sidecar_tests::Pod;
+
+const PIN_ROOT: &str = "/sys/fs/bpf/sidecar";
+
+/// A pod UID of this test process (the pin directory is named after it).
+fn new_uid() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{:08x}-c0de-4000-8000-{:012x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// The plugin binary as the runtime finds it: `<CNI_PATH>/sidecar-cni`.
+fn plugin_dir(pod: &Pod) -> PathBuf {
+    let dir = pod.log_dir().join("cni-bin");
+    let plugin = dir.join("sidecar-cni");
+    if !plugin.exists() {
+        fs::create_dir_all(&dir).unwrap();
+        fs::copy(sidecar_bin(), &plugin).unwrap();
+        fs::set_permissions(&plugin, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    dir
+}
+
+struct Call {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+impl Call {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {:?} / {}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// One plugin call as the runtime makes it.
+fn cni(pod: &Pod, command: &str, namespace: &str, uid: &str, conf: &str) -> Call {
+    let dir = plugin_dir(pod);
+    let args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=orders-7d9f;\
+         K8S_POD_INFRA_CONTAINER_ID=abc123;K8S_POD_UID={uid}"
+    );
+    let started = Instant::now();
+    let mut child = Command::new(dir.join("sidecar-cni"))
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "abc123")
+        .env("CNI_NETNS", pod.netns_path())
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", args)
+        .env("CNI_PATH", &dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the plugin");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !stderr.contains("panicked"),
+        "the plugin panicked: {stderr}"
+    );
+    Call {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+        took,
+    }
+}
+
+/// The harness pod's interface, as the network plugin before ours reports it.
+fn prev_result(pod: &Pod) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0", "sandbox": pod.netns_path()}],
+        "ips": [
+            {"address": "10.200.0.2/24", "interface": 0},
+            {"address": "fd00:200::2/64", "interface": 0}
+        ],
+        "dns": {}
+    })
+}
+
+fn conf(pod: &Pod, extra: Value) -> String {
+    let mut sidecar = json!({
+        "namespaces": ["shop"],
+        "cgroup_root": pod.cgroup_root(),
+        "pin_root": PIN_ROOT,
+    });
+    if let (Value::Object(base), Value::Object(more)) = (&mut sidecar, extra) {
+        base.extend(more);
+    }
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "type": "sidecar-cni",
+        "prevResult": prev_result(pod),
+        "sidecar": sidecar,
+    })
+    .to_string()
+}
+
+fn pins(uid: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(uid)
+}
+
+#[test]
+fn add_intercepts_the_pod_both_ways_and_del_leaves_nothing() {
+    let uid = new_uid();
+    let mut pod = Pod::new_kube(&uid);
+    pod.track_pins(PIN_ROOT, &uid);
+    let upstream = pod.http_upstream("10.200.0.1:8080", "upstream");
+    let app = pod.app_http_server("0.0.0.0:8080", "app");
+    let conf = conf(&pod, json!({}));
+
+    let add = cni(&pod, "ADD", "shop", &uid, &conf);
+    assert!(add.ok, "ADD failed: {} {}", add.stdout, add.stderr);
+    let mut expected = prev_result(&pod);
+    expected["cniVersion"] = json!("1.0.0");
+    assert_eq!(
+        add.json(),
+        expected,
+        "the result is the previous plugin's, unchanged"
+    );
+    eprintln!(
+        "ADD took {:?} (the whole process: exec, load, attach, pin)",
+        add.took
+    );
+    assert!(pins(&uid).exists(), "pinned under the pod's UID");
+    let check = cni(&pod, "CHECK", "shop", &uid, &conf);
+    assert!(check.ok, "CHECK: {} {}", check.stdout, check.stderr);
+
+    // No `sidecar init` by hand: the proxy starts and both directions are captured.
+    pod.start_proxy_with_inbound(&[]);
+    let reply = pod.app_http("10.200.0.1:8080");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        upstream.only_request().header("x-forwarded-by"),
+        Some("sidecar"),
+        "the app's outbound call went through the proxy"
+    );
+    let inbound = pod.remote_http("10.200.0.2:8080");
+    assert_eq!(inbound.status, 200, "{inbound:?}");
+    assert_eq!(
+        app.only_request().peer.ip().to_string(),
+        "127.0.0.6",
+        "the inbound call was delivered by the proxy"
+    );
+
+    let del = cni(&pod, "DEL", "shop", &uid, &conf);
+    assert!(del.ok, "DEL: {} {}", del.stdout, del.stderr);
+    assert!(
+        del.stdout.trim().is_empty(),
+        "DEL prints nothing: {}",
+        del.stdout
+    );
+    assert!(!pins(&uid).exists(), "DEL left {}", pins(&uid).display());
+    let again = cni(&pod, "DEL", "shop", &uid, &conf);
+    assert!(again.ok, "a second DEL is not an error: {}", again.stdout);
+    let check = cni(&pod, "CHECK", "shop", &uid, &conf);
+    assert!(!check.ok, "CHECK after DEL must fail");
+    assert_eq!(check.json()["code"], 100, "{}", check.stdout);
+}
+
+#[test]
+fn pods_outside_the_served_namespaces_are_untouched() {
+    let uid = new_uid();
+    let mut pod = Pod::new_kube(&uid);
+    pod.track_pins(PIN_ROOT, &uid);
+    let conf = conf(&pod, json!({}));
+    let add = cni(&pod, "ADD", "default", &uid, &conf);
+    assert!(add.ok, "{} {}", add.stdout, add.stderr);
+    assert_eq!(add.json()["ips"][0]["address"], "10.200.0.2/24");
+    assert!(
+        !pins(&uid).exists(),
+        "nothing pinned for a pod that is not served"
+    );
+    for command in ["CHECK", "DEL"] {
+        let call = cni(&pod, command, "default", &uid, &conf);
+        assert!(call.ok, "{command}: {} {}", call.stdout, call.stderr);
+    }
+    let version = cni(
+        &pod,
+        "VERSION",
+        "default",
+        &uid,
+        r#"{"cniVersion":"1.0.0"}"#,
+    );
+    assert!(version.json()["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("1.0.0")));
+}
+
+#[test]
+fn bad_configuration_and_a_missing_cgroup_are_cni_errors_never_panics() {
+    let uid = new_uid();
+    let mut pod = Pod::new_kube(&uid);
+    pod.track_pins(PIN_ROOT, &uid);
+    let cases = [
+        ("{not json".to_owned(), 6, "not JSON"),
+        (
+            conf(&pod, json!({"namespace": ["typo"]})),
+            7,
+            "an unknown key",
+        ),
+        (
+            conf(
+                &pod,
+                json!({"init_args": ["--fail-mode-inbound", "sideways"]}),
+            ),
+            7,
+            "a bad init flag",
+        ),
+        (
+            conf(&pod, json!({"cgroup_root": pod.log_dir()})),
+            101,
+            "no cgroup for the pod",
+        ),
+    ];
+    for (conf, code, what) in cases {
+        let add = cni(&pod, "ADD", "shop", &uid, &conf);
+        assert!(!add.ok, "{what}: must fail");
+        let err = add.json();
+        assert_eq!(err["code"], code, "{what}: {err}");
+        assert!(
+            !err["msg"].as_str().unwrap_or("").is_empty(),
+            "{what}: {err}"
+        );
+        assert!(!pins(&uid).exists(), "{what}: nothing pinned");
+    }
+}
