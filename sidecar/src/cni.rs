@@ -11,8 +11,8 @@
 //! | `VERSION` | the supported versions |
 //!
 //! Which pods: those of the namespaces listed in the plugin's configuration (`sidecar.namespaces`).
-//! Their pods need only the proxy container (`sidecar inject` has no proxy-only mode yet). The
-//! plugin does not read pod
+//! Their pods need only the proxy container (`sidecar inject` with the annotation
+//! `sidecar.mesh.dev/interception: cni`). The plugin does not read pod
 //! annotations through the Kubernetes API: a CNI call blocks pod start, and making every pod's
 //! network depend on the API server's availability, with node credentials able to read every
 //! pod, is a cost the namespace list avoids. Per-pod settings therefore come from the node's

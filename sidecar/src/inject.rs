@@ -245,8 +245,12 @@ fn apply(template: &mut Node, settings: &pod::Settings) -> Result<String, String
         .ok_or("spec.initContainers is not a list")?;
     inits.retain(|c| !is_ours(c));
     // First, so the app's own init containers already run with the proxy in place.
-    inits.insert(0, pod::init_container(settings));
-    inits.insert(1, pod::proxy_container(settings));
+    if settings.cni {
+        inits.insert(0, pod::proxy_container(settings));
+    } else {
+        inits.insert(0, pod::init_container(settings));
+        inits.insert(1, pod::proxy_container(settings));
+    }
     let volumes = spec
         .seq_entry("volumes")
         .ok_or("spec.volumes is not a list")?;

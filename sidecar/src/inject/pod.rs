@@ -70,6 +70,8 @@ enum Kind {
     ObjectName,
     /// `csi-spiffe`.
     IdentitySource,
+    /// `init` or `cni`.
+    Interception,
 }
 
 /// One row of the annotation table: the annotation (after the prefix), the `SIDECAR_*` variable it
@@ -87,6 +89,11 @@ const ANNOTATIONS: &[Annotation] = &[
         name: "inject",
         init_env: None,
         kind: Kind::OnOff,
+    },
+    Annotation {
+        name: "interception",
+        init_env: None,
+        kind: Kind::Interception,
     },
     Annotation {
         name: "exclude-outbound-ports",
@@ -235,6 +242,8 @@ pub enum IdentitySource {
 pub struct Settings {
     pub image: String,
     pub service_name: String,
+    /// `interception: cni`: the node's CNI plugin sets up the interception; no init container.
+    pub cni: bool,
     pub init_env: Vec<(&'static str, String)>,
     pub proxy_log: Option<String>,
     /// `SIDECAR_APP_PROBE`: `/ready` also waits for the app.
@@ -300,10 +309,15 @@ impl Settings {
             }
         };
         let _ = value_of("inject");
+        let cni = value_of("interception").as_deref() == Some("cni");
         // Each annotation is read (and checked) once: the others are read below.
+        let mut unused = Vec::new();
         for spec in ANNOTATIONS {
             if let Some(env) = spec.init_env {
                 if let Some(value) = value_of(spec.name) {
+                    if cni {
+                        unused.push(spec.name);
+                    }
                     init_env.push((env, value));
                 }
             }
@@ -318,6 +332,13 @@ impl Settings {
         let cpu_limit = value_of("proxy-cpu-limit");
         let memory_request = value_of("proxy-memory-request");
         let memory_limit = value_of("proxy-memory-limit");
+        // No init container to give them to: an annotation that does nothing is an error, as a
+        // typo is.
+        for name in unused {
+            errors.push(format!(
+                "annotation {PREFIX}{name}: with {PREFIX}interception: cni the node's sidecar-cni configuration decides it (init_args); remove it, or use interception: init"
+            ));
+        }
         let mut pair =
             |what: &str, request: Option<String>, limit: Option<String>, defaults: (&str, &str)| {
                 let request_set = request.is_some();
@@ -370,6 +391,7 @@ impl Settings {
         Ok(Settings {
             image,
             service_name,
+            cni,
             init_env,
             proxy_log,
             app_probe,
@@ -435,6 +457,10 @@ fn check(kind: Kind, value: &str) -> Result<(), String> {
         }
         // What `sidecar run` would refuse with exit 64 (a crash-looping proxy) is refused here.
         Kind::AppProbe => crate::lifecycle::AppProbe::parse(value).map(|_| ()),
+        Kind::Interception => match value {
+            "init" | "cni" => Ok(()),
+            _ => Err("expected \"init\" (a privileged init container in the pod) or \"cni\" (the node's sidecar-cni plugin sets it up)".into()),
+        },
         Kind::IdentitySource => match value {
             "csi-spiffe" => Ok(()),
             _ => Err(format!(
@@ -846,9 +872,15 @@ pub fn volumes(s: &Settings) -> Vec<Result<Node, &'static str>> {
         ])),
         None => Err(IDENTITY_VOLUME),
     };
+    // The proxy reads the pin root (readiness); only the init container needs the cgroup tree.
+    let cgroup = if s.cni {
+        Err(CGROUP_VOLUME)
+    } else {
+        Ok(host_dir(CGROUP_VOLUME, "/sys/fs/cgroup"))
+    };
     vec![
         Ok(host_dir(BPFFS_VOLUME, "/sys/fs/bpf")),
-        Ok(host_dir(CGROUP_VOLUME, "/sys/fs/cgroup")),
+        cgroup,
         config,
         identity,
     ]

@@ -203,3 +203,69 @@ fn the_identity_volume_is_mounted_in_the_proxy_only() {
         assert!(errors.iter().any(|e| e.contains("identity")), "{errors:?}");
     }
 }
+
+#[test]
+fn cni_interception_injects_only_the_proxy() {
+    let pod = |annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  annotations:\n{annotations}spec:\n  containers:\n  - name: app\n    image: app:1\n"
+        )
+    };
+    let out = crate::inject::inject(
+        &pod("    sidecar.mesh.dev/interception: cni\n"),
+        "sidecar:test",
+    )
+    .unwrap()
+    .output;
+    assert!(out.contains("name: sidecar-proxy"), "{out}");
+    assert!(!out.contains("sidecar-init"), "no init container: {out}");
+    assert!(
+        !out.contains("SYS_ADMIN"),
+        "no privileges in the pod: {out}"
+    );
+    assert!(
+        !out.contains("path: /sys/fs/cgroup"),
+        "no cgroup tree: {out}"
+    );
+    assert!(
+        out.contains("path: /sys/fs/bpf"),
+        "the pin root stays, for /ready: {out}"
+    );
+    // Re-injecting an init-mode pod in cni mode drops its init container.
+    let init = crate::inject::inject(
+        &pod("    sidecar.mesh.dev/inject: \"true\"\n"),
+        "sidecar:test",
+    )
+    .unwrap()
+    .output;
+    assert!(init.contains("sidecar-init"));
+    let again = crate::inject::inject(
+        &init.replace(
+            "sidecar.mesh.dev/inject: \"true\"",
+            "sidecar.mesh.dev/interception: cni",
+        ),
+        "sidecar:test",
+    )
+    .unwrap()
+    .output;
+    assert!(!again.contains("sidecar-init"), "{again}");
+    assert!(!again.contains("path: /sys/fs/cgroup"), "{again}");
+    // Init settings in cni mode would do nothing: refused, naming what decides instead.
+    let errors = crate::inject::inject(
+        &pod("    sidecar.mesh.dev/interception: cni\n    sidecar.mesh.dev/exclude-inbound-ports: \"22\"\n"),
+        "sidecar:test",
+    )
+    .unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("exclude-inbound-ports") && e.contains("init_args")),
+        "{errors:?}"
+    );
+    let errors = crate::inject::inject(
+        &pod("    sidecar.mesh.dev/interception: ebpf\n"),
+        "sidecar:test",
+    )
+    .unwrap_err();
+    assert!(errors.iter().any(|e| e.contains("\"init\"")), "{errors:?}");
+}
