@@ -129,6 +129,14 @@ fn daemonset() {
     golden("daemonset");
 }
 
+/// `sidecar.mesh.dev/interception: cni`: the proxy alone, no privileged container in the pod.
+#[test]
+fn cni_mode_adds_only_the_proxy() {
+    golden("cni-mode");
+    let out = fs::read_to_string(fixtures().join("cni-mode.out.yaml")).expect("golden");
+    assert!(!out.contains("sidecar-init") && !out.contains("SYS_ADMIN"), "{out}");
+}
+
 #[test]
 fn replicaset() {
     golden("replicaset");
