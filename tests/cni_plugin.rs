@@ -264,3 +264,172 @@ fn bad_configuration_and_a_missing_cgroup_are_cni_errors_never_panics() {
         assert!(!pins(&uid).exists(), "{what}: nothing pinned");
     }
 }
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("sidecar-cni-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("bin")).unwrap();
+        fs::create_dir_all(dir.join("net.d")).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn installer(dir: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(sidecar_bin());
+    cmd.env_clear()
+        .args(["cni", "install", "--cni-bin-dir"])
+        .arg(dir.join("bin"))
+        .arg("--cni-conf-dir")
+        .arg(dir.join("net.d"))
+        .arg("--pin-root")
+        .arg(dir.join("pins"))
+        .args(extra);
+    cmd
+}
+
+fn installed(dir: &Path) -> bool {
+    Command::new(sidecar_bin())
+        .env_clear()
+        .args(["cni", "installed", "--cni-bin-dir"])
+        .arg(dir.join("bin"))
+        .arg("--cni-conf-dir")
+        .arg(dir.join("net.d"))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+}
+
+const BRIDGE: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins":[{"type":"bridge","bridge":"cni0","ipam":{"type":"host-local","subnet":"10.244.0.0/24"}}]}"#;
+
+#[test]
+fn the_node_installer_chains_itself_keeps_chained_and_removes_itself() {
+    let s = Scratch::new("install");
+    let conflist = s.0.join("net.d/10-bridge.conflist");
+    fs::write(&conflist, BRIDGE).unwrap();
+    fs::write(s.0.join("net.d/99-later.conflist"), BRIDGE).unwrap();
+    let mut child = installer(
+        &s.0,
+        &[
+            "--settings",
+            r#"{"namespaces":["shop"]}"#,
+            "--interval",
+            "100ms",
+        ],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    assert!(
+        sidecar_tests::eventually(Duration::from_secs(10), || installed(&s.0)),
+        "not installed"
+    );
+    let conf = read_json(&conflist);
+    assert_eq!(
+        conf["plugins"][0]["type"], "bridge",
+        "the network plugin first"
+    );
+    assert_eq!(
+        conf["plugins"][1],
+        json!({"type": "sidecar-cni", "sidecar": {"namespaces": ["shop"]}})
+    );
+    assert_eq!(
+        read_json(&s.0.join("net.d/99-later.conflist")),
+        serde_json::from_str::<Value>(BRIDGE).unwrap(),
+        "only the file the runtime uses is touched"
+    );
+    // The installed binary is the plugin.
+    let plugin = s.0.join("bin/sidecar-cni");
+    let mut version = Command::new(&plugin)
+        .env_clear()
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    version
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"cniVersion":"1.0.0"}"#)
+        .unwrap();
+    let out = version.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("supportedVersions"));
+
+    // The network plugin rewrites its file (dropping us): chained again.
+    fs::write(&conflist, BRIDGE).unwrap();
+    assert!(
+        sidecar_tests::eventually(Duration::from_secs(10), || installed(&s.0)),
+        "not chained again"
+    );
+
+    // Uninstall on SIGTERM: the entry and the binary go; the network plugin's file stays.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        read_json(&conflist)["plugins"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert!(!plugin.exists());
+    assert!(!installed(&s.0));
+}
+
+#[test]
+fn the_installer_converts_a_single_plugin_conf_and_refuses_bad_settings() {
+    let s = Scratch::new("single");
+    fs::write(
+        s.0.join("net.d/10-bridge.conf"),
+        r#"{"cniVersion":"0.4.0","name":"net","type":"bridge","bridge":"cni0"}"#,
+    )
+    .unwrap();
+    let out = installer(&s.0, &["--once", "--settings", r#"{"namespaces":["a"]}"#])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!s.0.join("net.d/10-bridge.conf").exists());
+    let conf = read_json(&s.0.join("net.d/10-bridge.conflist"));
+    assert_eq!(conf["cniVersion"], "0.4.0");
+    assert_eq!(conf["plugins"][0]["type"], "bridge");
+    assert_eq!(conf["plugins"][1]["type"], "sidecar-cni");
+
+    for (settings, names) in [
+        (r#"{"namespace":["a"]}"#, "namespace"),
+        (
+            r#"{"init_args":["--fail-mode-inbound","sideways"]}"#,
+            "sideways",
+        ),
+        ("[1]", "JSON object"),
+    ] {
+        let out = installer(&s.0, &["--once", "--settings", settings])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{settings}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(names), "{settings}: {err}");
+    }
+    // No configuration yet: a clear error with --once.
+    let empty = Scratch::new("empty");
+    let out = installer(&empty.0, &["--once"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no CNI configuration yet"));
+}

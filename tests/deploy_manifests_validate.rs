@@ -238,10 +238,11 @@ fn container<'a>(spec: &'a Value, list: &str, name: &str) -> Option<&'a Value> {
     spec[list].as_array()?.iter().find(|c| c["name"] == name)
 }
 
-/// `SIDECAR_*` names and `--flags` that `sidecar <sub> --help` lists.
-fn help_words(sub: &str) -> BTreeSet<String> {
+/// `SIDECAR_*` names and `--flags` that `sidecar <sub...> --help` lists.
+fn help_words(sub: &[&str]) -> BTreeSet<String> {
     let out = Command::new(sidecar_bin())
-        .args([sub, "--help"])
+        .args(sub)
+        .arg("--help")
         .output()
         .expect("run sidecar --help");
     let help = String::from_utf8_lossy(&out.stdout);
@@ -267,8 +268,17 @@ impl Rules {
     /// Every SIDECAR_* variable and --flag given to a sidecar container exists in its --help.
     fn cli_names(&mut self, label: &str, c: &Value) {
         let args = strings(&c["args"]);
-        let Some(sub) = args.first() else { return };
-        let known = help_words(sub);
+        // The subcommand path: the words before the first flag (`cni install`).
+        let path: Vec<&str> = args
+            .iter()
+            .copied()
+            .take_while(|a| !a.starts_with('-'))
+            .collect();
+        if path.is_empty() {
+            return;
+        }
+        let known = help_words(&path);
+        let sub = path.join(" ");
         let env: Vec<&str> = c["env"]
             .as_array()
             .into_iter()
@@ -305,9 +315,12 @@ impl Rules {
                 });
                 let add = strings(&sc["capabilities"]["add"]);
                 if !add.is_empty() {
-                    let cmd = strings(&c["args"]).first().copied().unwrap_or_default();
-                    self.check(["init", "cleanup"].contains(&cmd), || {
-                        format!("{label}: container {name} adds capabilities {add:?} but is not `sidecar init` or `sidecar cleanup`")
+                    let args = strings(&c["args"]);
+                    let cmd = args.first().copied().unwrap_or_default();
+                    // `cni install` collects stale pins as `cleanup` does.
+                    let cni_install = cmd == "cni" && args.get(1) == Some(&"install");
+                    self.check(["init", "cleanup"].contains(&cmd) || cni_install, || {
+                        format!("{label}: container {name} adds capabilities {add:?} but is not `sidecar init`, `sidecar cleanup` or `sidecar cni install`")
                     });
                     self.check(add.iter().all(|a| ["BPF", "NET_ADMIN", "SYS_ADMIN"].contains(a)), || {
                         format!("{label}: container {name} adds {add:?}; only BPF, NET_ADMIN, SYS_ADMIN are needed")
@@ -696,8 +709,9 @@ fn operator_guide_covers_every_flag_metric_and_error_code() {
         "logs",
         "inject",
         "doctor",
+        "cni install",
     ] {
-        let words = help_words(sub);
+        let words = help_words(&sub.split(' ').collect::<Vec<_>>());
         assert!(
             words.len() > 1,
             "`sidecar {sub} --help` listed nothing: {words:?}"

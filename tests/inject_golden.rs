@@ -134,7 +134,10 @@ fn daemonset() {
 fn cni_mode_adds_only_the_proxy() {
     golden("cni-mode");
     let out = fs::read_to_string(fixtures().join("cni-mode.out.yaml")).expect("golden");
-    assert!(!out.contains("sidecar-init") && !out.contains("SYS_ADMIN"), "{out}");
+    assert!(
+        !out.contains("sidecar-init") && !out.contains("SYS_ADMIN"),
+        "{out}"
+    );
 }
 
 #[test]

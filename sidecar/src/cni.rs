@@ -34,6 +34,8 @@ use serde_json::{json, Value};
 
 use crate::intercept::{self, InitArgs};
 
+pub mod install;
+
 /// The configuration versions this plugin reads (and echoes in its results).
 pub const SUPPORTED_VERSIONS: [&str; 6] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0", "1.2.0"];
 
@@ -176,21 +178,7 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
             json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
         ));
     }
-    let conf: NetConf = serde_json::from_str(stdin).map_err(|e| {
-        let code = if e.is_data() { 7 } else { 6 };
-        CniError::new(
-            code,
-            "the network configuration is not a valid sidecar-cni configuration",
-            e.to_string(),
-        )
-    })?;
-    if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
-        return Err(CniError::new(
-            1,
-            format!("cniVersion {} is not supported", conf.cni_version),
-            format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
-        ));
-    }
+    let conf = parse_conf(stdin)?;
     let passthrough = || {
         let mut result = conf.prev_result.clone().unwrap_or_else(|| json!({}));
         if let Value::Object(map) = &mut result {
@@ -291,6 +279,37 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
             "",
         )),
     }
+}
+
+/// The network configuration, checked: valid JSON, a supported version, a valid `sidecar`
+/// section (unknown keys refused).
+fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
+    let conf: NetConf = serde_json::from_str(stdin).map_err(|e| {
+        let code = if e.is_data() { 7 } else { 6 };
+        CniError::new(
+            code,
+            "the network configuration is not a valid sidecar-cni configuration",
+            e.to_string(),
+        )
+    })?;
+    if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+        return Err(CniError::new(
+            1,
+            format!("cniVersion {} is not supported", conf.cni_version),
+            format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
+        ));
+    }
+    Ok(conf)
+}
+
+/// Checks a `sidecar` section as ADD would (for the installer: a typo fails at install, not at
+/// every pod start).
+pub fn check_settings(settings: &Value) -> Result<(), CniError> {
+    let conf =
+        json!({"cniVersion": "1.0.0", "name": "check", "type": "sidecar-cni", "sidecar": settings});
+    let conf = parse_conf(&conf.to_string())?;
+    let root = cgroup_root(&conf.sidecar);
+    init_args(&conf.sidecar, &root, "check", None, &[], false).map(|_| ())
 }
 
 fn cgroup_root(settings: &Settings) -> PathBuf {

@@ -36,9 +36,9 @@ enum Command {
     Cleanup(sidecar::intercept::CleanupArgs),
     /// Forward the application's log file to an HTTP collector (at least once, through rotations).
     Logs(sidecar::logs::LogsArgs),
-    /// The chained CNI plugin (what the container runtime runs as `sidecar-cni`): CNI_COMMAND
-    /// and the network configuration on stdin, as the CNI specification says.
-    Cni,
+    /// The chained CNI plugin (what the container runtime runs as `sidecar-cni`: CNI_COMMAND and
+    /// the network configuration on stdin); `cni install` is the node DaemonSet's installer.
+    Cni(sidecar::cni::install::CniArgs),
     /// Add the sidecar to Kubernetes workload manifests (reads YAML, writes YAML).
     Inject(sidecar::inject::InjectArgs),
     /// Check that this node has what the sidecar needs (kernel, cgroup v2, bpffs, capabilities).
@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Init(args) => sidecar::intercept::main(args),
-        Command::Cni => sidecar::cni::main(),
+        Command::Cni(args) => sidecar::cni::install::dispatch(args),
         Command::Run(args) => {
             // The config file's [run] section fills what the command line and the environment
             // leave unset: `run` needs to know which those were, and the command line itself.
