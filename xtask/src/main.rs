@@ -9,6 +9,7 @@ mod demo;
 mod ebpf;
 mod fuzz;
 mod host;
+mod image;
 mod prereq;
 mod test;
 
@@ -37,6 +38,12 @@ const COMMANDS: &[(&str, &str)] = &[
     ),
     (bench::USAGE, bench::HELP),
     (fuzz::USAGE, fuzz::HELP),
+    (
+        "image",
+        "build the container image sidecar:0.1.0 offline with podman (the release binary and the \
+         shared objects it links, FROM scratch) and run it: --version, doctor, the proxy as UID \
+         1337 on a read-only root filesystem (needs root)",
+    ),
     (
         "check-host",
         "check what the privileged tests need from this machine: root with CAP_BPF, CAP_SYS_ADMIN \
@@ -73,6 +80,7 @@ enum Command {
     CheckHost,
     Bench(bench::Options),
     Fuzz(fuzz::Options),
+    Image,
 }
 
 fn parse(args: Vec<OsString>) -> Result<Parsed> {
@@ -129,6 +137,10 @@ fn parse(args: Vec<OsString>) -> Result<Parsed> {
         }
         Some("bench") => Command::Bench(bench::Options::parse(&rest)?),
         Some("fuzz") => Command::Fuzz(fuzz::Options::parse(&rest)?),
+        Some("image") => {
+            flags(&rest, &[])?;
+            Command::Image
+        }
         Some("check-host") => {
             flags(&rest, &[])?;
             Command::CheckHost
@@ -160,6 +172,10 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Prereqs { mode } => prereq::ensure(ctx, mode),
         Command::CheckHost => host::require_privileged_host(ctx, "cargo xtask check-host"),
         Command::Bench(opts) => bench::run(ctx, &opts),
+        Command::Image => {
+            prereq::ensure(ctx, prereq::Mode::Install)?;
+            image::run(ctx).map(|_| ())
+        }
         Command::Fuzz(opts) => {
             prereq::ensure(ctx, prereq::Mode::Install)?;
             fuzz::run(ctx, &opts)

@@ -101,6 +101,16 @@ fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<(
                 .and(ctx.find_program("redis-cli"))
                 .map(|p| p.display().to_string()),
         },
+        // The image (`cargo xtask image`): podman builds it, runc runs it (crun refuses hybrid
+        // cgroup hierarchies).
+        DebPackage {
+            name: "podman".into(),
+            found: ctx.find_program("podman").map(|p| p.display().to_string()),
+        },
+        DebPackage {
+            name: "runc".into(),
+            found: ctx.find_program("runc").map(|p| p.display().to_string()),
+        },
         DebPackage {
             name: "prometheus".into(),
             found: ctx
@@ -169,6 +179,8 @@ fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<(
             "openssl" => ctx.find_program("openssl").is_some(),
             "redis-server" => ctx.find_program("redis-server").is_some(),
             "nghttp2-client" => ctx.find_program("nghttp").is_some(),
+            "podman" => ctx.find_program("podman").is_some(),
+            "runc" => ctx.find_program("runc").is_some(),
             "prometheus" => {
                 ctx.find_program("promtool").is_some() && ctx.find_program("prometheus").is_some()
             }

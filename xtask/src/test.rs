@@ -137,6 +137,15 @@ pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
         ));
     }
 
+    // The container image, built offline and run as a user would (after the bench smoke, which
+    // built the same release binary). Skipped when a test filter was given.
+    if extra.is_empty() {
+        results.push((
+            "image (cargo xtask image: build, --version, doctor, the proxy as 1337 read-only)",
+            crate::image::run(ctx).map(|_| ()),
+        ));
+    }
+
     say!("summary ({} in all):", cmd::elapsed(started.elapsed()));
     for (name, r) in &results {
         say!("  {name}: {}", if r.is_ok() { "ok" } else { "FAILED" });

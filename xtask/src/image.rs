@@ -1,0 +1,210 @@
+//! `cargo xtask image`: the container image, built offline with podman from what this machine
+//! has: the release `sidecar` (eBPF object embedded) and the shared objects it links (the dynamic
+//! loader, libc, libm, libgcc_s, as `ldd` lists them), copied into an otherwise empty image
+//! (`FROM scratch`, no base image pulled, no shell). Then the image is run as a user would:
+//! `sidecar --version`, `sidecar doctor`, and the proxy as UID 1337 on a read-only root
+//! filesystem answering on its admin port and exiting cleanly on SIGTERM.
+//!
+//! podman runs containers with runc here: crun refuses hybrid cgroup hierarchies, and this VM's
+//! hard limits are below podman's default ulimits, so the runs set their own.
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cmd::{self, probe, Ctx};
+use crate::{ebpf, say};
+
+/// The image's name, as the manifests use it.
+pub const TAG: &str = "sidecar:0.1.0";
+/// Ports of the run check (host network; nothing else of the tests uses them).
+const ADMIN_PORT: u16 = 17090;
+const OUTBOUND_PORT: u16 = 17101;
+
+/// Container run flags this machine needs (see the module documentation).
+const RUN_FLAGS: [&str; 6] = [
+    "--ulimit",
+    "nofile=16384:16384",
+    "--ulimit",
+    "nproc=4096:4096",
+    "--pull",
+    "never",
+];
+
+/// Builds the image and checks it; returns its size in bytes.
+pub fn run(ctx: &Ctx) -> Result<u64> {
+    ebpf::build(ctx, ebpf::Profile::Release)?;
+    cmd::run(
+        ctx.cargo().args(["build", "--release", "-p", "sidecar"]),
+        "cargo build --release -p sidecar",
+        None,
+    )?;
+    let binary = ctx.root.join("target/release/sidecar");
+    let context = ctx.root.join("target/image");
+    stage(ctx, &binary, &context)?;
+    cmd::run(
+        ctx.cmd("podman")
+            .args(["build", "--pull=never", "-t", TAG, "-f"])
+            .arg(ctx.root.join("deploy/Dockerfile"))
+            .arg(&context),
+        "podman build",
+        Some("see the build output above; the context is target/image/"),
+    )?;
+    let size: u64 =
+        probe(
+            ctx.cmd("podman")
+                .args(["image", "inspect", "--format", "{{.Size}}", TAG]),
+        )
+        .and_then(|s| s.trim().parse().ok())
+        .context("podman image inspect gave no size")?;
+    say!("image {TAG}: {:.1} MB ({size} bytes)", size as f64 / 1e6);
+    check(ctx)?;
+    Ok(size)
+}
+
+/// `target/image/root/`: the binary and the shared objects it needs, at their paths.
+fn stage(ctx: &Ctx, binary: &Path, context: &Path) -> Result<()> {
+    let root = context.join("root");
+    let _ = fs::remove_dir_all(&root);
+    let ldd = probe(ctx.cmd("ldd").arg(binary)).context("ldd gave nothing")?;
+    let mut files: Vec<PathBuf> = vec![];
+    for line in ldd.lines() {
+        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` or `/lib64/ld-linux-x86-64.so.2 (0x...)`.
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            files.push(PathBuf::from(p));
+        }
+    }
+    if !files
+        .iter()
+        .any(|f| f.to_string_lossy().contains("ld-linux"))
+    {
+        bail!("ldd {} listed no dynamic loader:\n{ldd}", binary.display());
+    }
+    for file in &files {
+        let dest = root.join(file.strip_prefix("/").unwrap_or(file));
+        fs::create_dir_all(dest.parent().unwrap_or(&root))?;
+        // `fs::copy` follows the symlink: the image gets the file itself.
+        fs::copy(file, &dest).with_context(|| format!("copy {}", file.display()))?;
+    }
+    let dest = root.join("usr/local/bin/sidecar");
+    fs::create_dir_all(dest.parent().unwrap_or(&root))?;
+    fs::copy(binary, &dest).context("copy the sidecar binary")?;
+    say!(
+        "image context: {} and {} shared objects",
+        dest.display(),
+        files.len()
+    );
+    Ok(())
+}
+
+fn podman_run(ctx: &Ctx) -> std::process::Command {
+    let mut c = ctx.cmd("podman");
+    c.args(["--runtime", "runc", "run"]).args(RUN_FLAGS);
+    c
+}
+
+/// The image as a user runs it.
+fn check(ctx: &Ctx) -> Result<()> {
+    let version = probe(podman_run(ctx).args(["--rm", TAG, "--version"]))
+        .context("`podman run sidecar --version` failed")?;
+    if !version.contains("sidecar 0.1.0") {
+        bail!("`sidecar --version` in the image printed {version:?}");
+    }
+    say!("image check: --version: {}", version.trim());
+    // doctor judges the node; inside a container without privileges it fails its checks, but
+    // it must run and say so (a missing library or file would make it crash instead).
+    let doctor = ctx
+        .cmd("podman")
+        .args(["--runtime", "runc", "run"])
+        .args(RUN_FLAGS)
+        .args(["--rm", TAG, "doctor"])
+        .output()
+        .context("podman run doctor")?;
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    if !text.contains("CHECK") || !text.contains("result:") {
+        bail!(
+            "`sidecar doctor` in the image printed no report ({}):\n{text}{}",
+            doctor.status,
+            String::from_utf8_lossy(&doctor.stderr)
+        );
+    }
+    say!(
+        "image check: doctor ran ({})",
+        text.lines().last().unwrap_or("").trim()
+    );
+    proxy_check(ctx)
+}
+
+/// The proxy as the manifests run it: UID 1337, read-only root filesystem, answering `/live`
+/// and `/ready`, exiting 0 on SIGTERM.
+fn proxy_check(ctx: &Ctx) -> Result<()> {
+    let name = format!("sidecar-image-check-{}", std::process::id());
+    let _ = ctx.cmd("podman").args(["rm", "-f", &name]).output();
+    let target = format!("http://127.0.0.1:{ADMIN_PORT}");
+    cmd::run(
+        podman_run(ctx)
+            .args(["-d", "--name", &name, "--read-only", "--user", "1337:1337"])
+            .args(["--network", "host", TAG, "run", "--target", &target])
+            .arg("--outbound")
+            .arg(format!("127.0.0.1:{OUTBOUND_PORT}"))
+            .arg("--admin")
+            .arg(format!("127.0.0.1:{ADMIN_PORT}")),
+        "podman run (the proxy)",
+        None,
+    )?;
+    let result = (|| -> Result<()> {
+        let started = Instant::now();
+        let url = format!("http://127.0.0.1:{ADMIN_PORT}/ready");
+        loop {
+            let code =
+                probe(
+                    ctx.cmd("curl")
+                        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]),
+                );
+            if code.as_deref() == Some("200") {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let logs = probe(ctx.cmd("podman").args(["logs", &name])).unwrap_or_default();
+                bail!("the proxy in the image did not answer /ready within 20 s:\n{logs}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let user = probe(ctx.cmd("podman").args(["top", &name, "user"]))
+            .context("podman top gave nothing")?;
+        let users: Vec<&str> = user.lines().skip(1).map(str::trim).collect();
+        if users.is_empty() || users.iter().any(|u| *u != "1337") {
+            bail!("the proxy does not run as 1337: {user}");
+        }
+        cmd::run(
+            ctx.cmd("podman").args(["stop", "-t", "10", &name]),
+            "podman stop",
+            None,
+        )?;
+        let code =
+            probe(
+                ctx.cmd("podman")
+                    .args(["inspect", "--format", "{{.State.ExitCode}}", &name]),
+            )
+            .unwrap_or_default();
+        if code.trim() != "0" {
+            let logs = probe(ctx.cmd("podman").args(["logs", &name])).unwrap_or_default();
+            bail!(
+                "the proxy exited {} on SIGTERM, not 0:\n{logs}",
+                code.trim()
+            );
+        }
+        say!("image check: the proxy ran as 1337 on a read-only root, ready, exited 0 on SIGTERM");
+        Ok(())
+    })();
+    let _ = ctx.cmd("podman").args(["rm", "-f", &name]).output();
+    result
+}
