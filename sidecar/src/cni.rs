@@ -129,14 +129,7 @@ pub fn main() -> ExitCode {
             e.to_string(),
         )),
     };
-    let version = serde_json::from_str::<Value>(&stdin)
-        .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "1.0.0".to_owned());
+    let version = requested_version(&stdin);
     let mut out = io::stdout();
     match result {
         Ok(printed) => {
@@ -163,17 +156,22 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The `cniVersion` the caller gave (results and errors echo it), else 1.0.0.
+fn requested_version(stdin: &str) -> String {
+    serde_json::from_str::<Value>(stdin)
+        .ok()
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "1.0.0".to_owned())
+}
+
 /// One call: `Ok(Some(json))` to print, `Ok(None)` for nothing (DEL, CHECK).
 pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
     if env.command == "VERSION" {
-        let version = serde_json::from_str::<Value>(stdin)
-            .ok()
-            .and_then(|v| {
-                v.get("cniVersion")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| "1.0.0".to_owned());
+        let version = requested_version(stdin);
         return Ok(Some(
             json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
         ));

@@ -308,14 +308,7 @@ pub(crate) async fn forward_h2(
     let dest = &*dest;
 
     let (head, body) = req.into_parts();
-    let result = exchange(dest, head, body, |req| async move {
-        let mut sender = upstream.sender().await?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| Failed::from_error(&e))
-    })
-    .await;
+    let result = exchange(dest, head, body, |req| upstream.send(req)).await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(f) => return failed(f, dest, &request_id),

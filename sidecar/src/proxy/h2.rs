@@ -65,7 +65,7 @@ impl H2Upstream {
 
     /// The live sender, (re)connecting if there is none: first with the connection dialled
     /// during detection, later by dialling again.
-    pub(crate) async fn sender(&self) -> Result<SendRequest<UpstreamBody>, Failed> {
+    async fn sender(&self) -> Result<SendRequest<UpstreamBody>, Failed> {
         let mut state = self.state.lock().await;
         if let Some(sender) = &state.sender {
             if !sender.is_closed() {
@@ -109,6 +109,18 @@ impl H2Upstream {
         });
         state.sender = Some(sender.clone());
         Ok(sender)
+    }
+
+    /// One request over the connection (made or made again first if need be).
+    pub(crate) async fn send(
+        &self,
+        req: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, Failed> {
+        let mut sender = self.sender().await?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| Failed::from_error(&e))
     }
 
     /// Hands over a connection dialled during detection, if none is open or waiting; else it

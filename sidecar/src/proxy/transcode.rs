@@ -25,7 +25,7 @@ use super::forward::{strip_hop_by_hop, ProxyBody};
 use super::h2::H2Upstream;
 use super::route::Route;
 use super::shared::Shared;
-use crate::error::{Failed, ProxyError};
+use crate::error::ProxyError;
 use crate::metrics::access::Transcoded;
 use crate::policy::exchange::{self, exchange_buffered};
 use crate::policy::headers;
@@ -226,14 +226,7 @@ async fn call(
     *call.version_mut() = http::Version::HTTP_2;
     let (head, ()) = call.into_parts();
     let replay = Replay::new(frame(&message), None);
-    let result = exchange_buffered(&dest, head, replay, |req| async move {
-        let mut sender = upstream.sender().await?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| Failed::from_error(&e))
-    })
-    .await;
+    let result = exchange_buffered(&dest, head, replay, |req| upstream.send(req)).await;
     let resp = match result {
         Ok(resp) => resp,
         Err(f) => {

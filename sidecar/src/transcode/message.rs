@@ -43,17 +43,8 @@ pub(super) fn resolve_any(
 ) -> Result<FieldDescriptor, String> {
     let mut current = desc.clone();
     let mut found = None;
-    for (i, name) in path.iter().enumerate() {
-        let field = current
-            .get_field_by_name(name)
-            .or_else(|| current.get_field_by_json_name(name))
-            .ok_or_else(|| {
-                format!(
-                    "{} has no field {:?}",
-                    current.full_name(),
-                    path[..=i].join(".")
-                )
-            })?;
+    for i in 0..path.len() {
+        let field = step(&current, path, i)?;
         if i + 1 < path.len() {
             match field.kind() {
                 Kind::Message(m) if !field.is_list() && !field.is_map() => current = m,
@@ -63,6 +54,21 @@ pub(super) fn resolve_any(
         found = Some(field);
     }
     found.ok_or_else(|| "empty field path".to_owned())
+}
+
+/// Field `path[i]` of `current` (by proto or JSON name), or an error naming the path so far.
+fn step(current: &MessageDescriptor, path: &[String], i: usize) -> Result<FieldDescriptor, String> {
+    let name = &path[i];
+    current
+        .get_field_by_name(name)
+        .or_else(|| current.get_field_by_json_name(name))
+        .ok_or_else(|| {
+            format!(
+                "{} has no field {:?}",
+                current.full_name(),
+                path[..=i].join(".")
+            )
+        })
 }
 
 /// Well-known message types whose JSON form is a string or a scalar.
@@ -244,17 +250,8 @@ pub(super) fn build(
 fn json_path(desc: &MessageDescriptor, path: &[String]) -> Result<Vec<String>, String> {
     let mut current = desc.clone();
     let mut out = Vec::with_capacity(path.len());
-    for (i, name) in path.iter().enumerate() {
-        let field = current
-            .get_field_by_name(name)
-            .or_else(|| current.get_field_by_json_name(name))
-            .ok_or_else(|| {
-                format!(
-                    "{} has no field {:?}",
-                    current.full_name(),
-                    path[..=i].join(".")
-                )
-            })?;
+    for i in 0..path.len() {
+        let field = step(&current, path, i)?;
         out.push(field.json_name().to_owned());
         if let Kind::Message(m) = field.kind() {
             current = m;
