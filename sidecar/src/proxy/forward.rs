@@ -31,7 +31,7 @@ use crate::transcode::stream::Streamed;
 
 /// The body we answer with: the upstream's, streamed through (or a gRPC stream transcoded to
 /// JSON lines as it arrives), or a short local one.
-pub type ProxyBody = Either<Either<PooledBody, Streamed>, Full<Bytes>>;
+pub type ProxyBody = Either<Either<PooledBody, Box<Streamed>>, Full<Bytes>>;
 
 // Statics built at compile time; cloning one is a pointer copy (static `Bytes`), so the hot path
 // neither validates nor allocates header names.

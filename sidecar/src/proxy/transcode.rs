@@ -378,7 +378,7 @@ async fn answer(
                     });
                     let stream =
                         Streamed::new(body, deframer, Arc::clone(transcoder), index, lines, on_end);
-                    let mut resp = Response::new(Either::Left(Either::Right(stream)));
+                    let mut resp = Response::new(Either::Left(Either::Right(Box::new(stream))));
                     *resp.headers_mut() = out_headers;
                     resp.headers_mut()
                         .insert(CONTENT_TYPE, APPLICATION_NDJSON.clone());

@@ -736,13 +736,6 @@ async fn serve_http_conn<D: Downstream>(
                     .config()
                     .transcoder(dst.port())
                     .is_some();
-            let (predial, h2_predial) = if transcoding {
-                (None, predial)
-            } else {
-                (predial, None)
-            };
-            // Parked until the pool's connector takes it; removed when this connection ends.
-            let _parked = predial.map(|p| shared.egress(direction).stash.put(dst, p));
             let route = Arc::new(route_for(
                 &shared,
                 direction,
@@ -752,9 +745,14 @@ async fn serve_http_conn<D: Downstream>(
                 dest,
                 true,
             ));
-            let h2 = match transcoding {
-                true => Some(shared.transcode_upstream(dst, &route, h2_predial).await),
-                false => None,
+            let (h2, _parked) = if transcoding {
+                // Boxed: the connection's own future stays the size of a plain one.
+                let h2 = Box::pin(shared.transcode_upstream(dst, &route, predial)).await;
+                (Some(h2), None)
+            } else {
+                // Parked until the pool's connector takes it; removed when this connection ends.
+                let parked = predial.map(|p| shared.egress(direction).stash.put(dst, p));
+                (None, parked)
             };
             let caller = caller.map(Arc::new);
             let forward = move |req: http::Request<hyper::body::Incoming>| {
@@ -767,14 +765,21 @@ async fn serve_http_conn<D: Downstream>(
                         Ok(allowed) => allowed,
                         Err(refusal) => return *refusal,
                     };
-                    let req = match transcoded(&shared, dst, &route, h2.as_deref(), req).await {
-                        Handled::Pass(req) => req,
-                        Handled::Answer(mut resp) => {
-                            if let Some(allowed) = allowed {
-                                allowed.mark(&mut resp);
+                    let req = match transcoder_for(&shared, dst, h2.as_deref()) {
+                        // Boxed: only transcoded requests carry the transcoding future; every
+                        // connection's request slot stays the size of a plain exchange.
+                        Some((t, h2)) => {
+                            match Box::pin(transcode::handle(&shared, &t, &route, h2, req)).await {
+                                Handled::Pass(req) => req,
+                                Handled::Answer(mut resp) => {
+                                    if let Some(allowed) = allowed {
+                                        allowed.mark(&mut resp);
+                                    }
+                                    return resp;
+                                }
                             }
-                            return resp;
                         }
+                        None => req,
                     };
                     let mut resp = forward_h1(&shared, shared.egress(direction), &route, req).await;
                     if let Some(allowed) = allowed {
@@ -819,14 +824,20 @@ async fn serve_http_conn<D: Downstream>(
                     };
                     let inbound = direction != Direction::Outbound;
                     let h2 = inbound.then_some(&*upstream);
-                    let req = match transcoded(&shared, dst, upstream.route(), h2, req).await {
-                        Handled::Pass(req) => req,
-                        Handled::Answer(mut resp) => {
-                            if let Some(allowed) = allowed {
-                                allowed.mark(&mut resp);
+                    let req = match transcoder_for(&shared, dst, h2) {
+                        Some((t, h2)) => {
+                            let route = h2.route();
+                            match Box::pin(transcode::handle(&shared, &t, route, h2, req)).await {
+                                Handled::Pass(req) => req,
+                                Handled::Answer(mut resp) => {
+                                    if let Some(allowed) = allowed {
+                                        allowed.mark(&mut resp);
+                                    }
+                                    return resp;
+                                }
                             }
-                            return resp;
                         }
+                        None => req,
                     };
                     let mut resp = forward_h2(&shared, &upstream, req).await;
                     if let Some(allowed) = allowed {
@@ -855,29 +866,18 @@ async fn serve_http_conn<D: Downstream>(
     }
 }
 
-/// A REST call to a transcoded inbound port, answered; anything else passed on. `route` is the
-/// connection's (its client, its policies); `h2` the HTTP/2 upstream to the app (none: not an
-/// inbound port transcoded when the connection began).
-async fn transcoded(
+/// The transcoder of an inbound port and the HTTP/2 upstream its calls take, when the port has
+/// one in force and the connection has an upstream for it (`h2`: none for ports that were not
+/// transcoded when the connection began).
+fn transcoder_for<'a>(
     shared: &Shared,
     dst: SocketAddr,
-    route: &Route,
-    h2: Option<&H2Upstream>,
-    req: http::Request<hyper::body::Incoming>,
-) -> Handled {
-    let Some(h2) = h2 else {
-        return Handled::Pass(req);
-    };
-    let transcoder = shared
-        .policies
-        .load()
-        .config()
-        .transcoder(dst.port())
-        .cloned();
-    match transcoder {
-        Some(t) => transcode::handle(shared, &t, route, h2, req).await,
-        None => Handled::Pass(req),
-    }
+    h2: Option<&'a H2Upstream>,
+) -> Option<(Arc<crate::transcode::Transcoder>, &'a H2Upstream)> {
+    let h2 = h2?;
+    let policies = shared.policies.load();
+    let transcoder = policies.config().transcoder(dst.port())?;
+    Some((Arc::clone(transcoder), h2))
 }
 
 /// Whether an inbound request may go to the app: a strict port's plaintext refusal first (probe
