@@ -668,3 +668,39 @@ fn hostile_rest_callers_get_bounded_refusals() {
     assert!(smuggled.starts_with("HTTP/1.1 400"), "CL+TE: {smuggled}");
     assert_eq!(get(pod, "/v1/orders/42").status, 200);
 }
+
+/// Authorization sees the REST request (method and path as the caller sent them) before it is
+/// transcoded; `unmatched = "pass"` hands other requests to the app untouched.
+#[test]
+fn authorization_applies_to_the_rest_path_and_unmatched_requests_can_pass() {
+    let s = Setup::start(
+        "unmatched = \"pass\"\n\n[[inbound.rule]]\nname = \"no-create\"\naction = \"deny\"\n\
+         to.methods = [\"POST\"]\nto.paths = [\"/v1/orders\"]\n",
+    );
+    let pod = &s.pod;
+    let denied = send(pod, "POST", "/v1/orders", r#"{"item":"x","quantity":1}"#);
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert_eq!(
+        denied.header("x-sidecar-error"),
+        Some("inbound-authz-denied")
+    );
+    assert_eq!(get(pod, "/v1/orders/42").status, 200);
+    assert_eq!(
+        transcoded(pod, "/shop.v1.Orders/CreateOrder", "OK"),
+        0.0,
+        "a denied request is never transcoded"
+    );
+    // Not a route: passed to the app as it came (an h2c-only gRPC server cannot answer HTTP/1,
+    // so the proxy reports the app's protocol failure), not answered `transcode-no-route`.
+    let passed = get(pod, "/v2/nothing");
+    assert_ne!(
+        passed.header("x-sidecar-error"),
+        Some("transcode-no-route"),
+        "{passed:?}"
+    );
+    assert!(passed.status >= 500, "{passed:?}");
+    assert_eq!(transcoded(pod, "none", "no_route"), 0.0);
+    // Native gRPC is not a REST path: the rule does not apply to it.
+    let native = grpc_call(&s, "GetOrder", r#"{"id":"42"}"#, &[]);
+    assert_eq!(native["code"], "OK", "{native}");
+}
