@@ -22,8 +22,15 @@ pub const TAG: &str = "sidecar:0.1.0";
 const ADMIN_PORT: u16 = 17090;
 const OUTBOUND_PORT: u16 = 17101;
 
+/// The cgroup the check containers go under (in every hierarchy), removed after the checks:
+/// podman's default parent, `libpod_parent`, would stay on the host. (`--cgroups=disabled` would
+/// make none, but runc refuses it, and crun refuses hybrid hierarchies.)
+const CGROUP_PARENT: &str = "sidecar-image-check";
+
 /// Container run flags this machine needs (see the module documentation).
-const RUN_FLAGS: [&str; 6] = [
+const RUN_FLAGS: [&str; 8] = [
+    "--cgroup-parent",
+    "/sidecar-image-check",
     "--ulimit",
     "nofile=16384:16384",
     "--ulimit",
@@ -59,8 +66,45 @@ pub fn run(ctx: &Ctx) -> Result<u64> {
         .and_then(|s| s.trim().parse().ok())
         .context("podman image inspect gave no size")?;
     say!("image {TAG}: {:.1} MB ({size} bytes)", size as f64 / 1e6);
-    check(ctx)?;
+    let checked = check(ctx);
+    let cleaned = remove_cgroup_parent();
+    checked?;
+    cleaned?;
     Ok(size)
+}
+
+/// Removes [`CGROUP_PARENT`] from the cgroup2 root and every v1 hierarchy (empty by now: the
+/// check containers are gone).
+fn remove_cgroup_parent() -> Result<()> {
+    fn rmdir_tree(dir: &Path) {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    rmdir_tree(&e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(dir);
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    let mut candidates = vec![root.join(CGROUP_PARENT)];
+    if let Ok(entries) = fs::read_dir(root) {
+        candidates.extend(entries.flatten().map(|e| e.path().join(CGROUP_PARENT)));
+    }
+    let left: Vec<String> = candidates
+        .iter()
+        .filter(|c| c.exists())
+        .inspect(|c| rmdir_tree(c))
+        .filter(|c| c.exists())
+        .map(|c| c.display().to_string())
+        .collect();
+    if !left.is_empty() {
+        bail!(
+            "could not remove the check containers' cgroups: {}",
+            left.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// `target/image/root/`: the binary and the shared objects it needs, at their paths.
