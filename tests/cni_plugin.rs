@@ -62,20 +62,44 @@ impl Call {
 /// One plugin call as the runtime makes it.
 fn cni(pod: &Pod, command: &str, namespace: &str, uid: &str, conf: &str) -> Call {
     let dir = plugin_dir(pod);
+    exec_plugin(
+        Command::new(dir.join("sidecar-cni")),
+        &dir,
+        pod,
+        command,
+        namespace,
+        uid,
+        "eth0",
+        conf,
+    )
+}
+
+/// Runs one plugin binary with the CNI environment and `conf` on stdin.
+#[allow(clippy::too_many_arguments)]
+fn exec_plugin(
+    mut cmd: Command,
+    cni_path: &Path,
+    pod: &Pod,
+    command: &str,
+    namespace: &str,
+    uid: &str,
+    ifname: &str,
+    conf: &str,
+) -> Call {
     let args = format!(
         "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=orders-7d9f;\
          K8S_POD_INFRA_CONTAINER_ID=abc123;K8S_POD_UID={uid}"
     );
     let started = Instant::now();
-    let mut child = Command::new(dir.join("sidecar-cni"))
+    let mut child = cmd
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", "abc123")
         .env("CNI_NETNS", pod.netns_path())
-        .env("CNI_IFNAME", "eth0")
+        .env("CNI_IFNAME", ifname)
         .env("CNI_ARGS", args)
-        .env("CNI_PATH", &dir)
+        .env("CNI_PATH", cni_path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -102,6 +126,80 @@ fn cni(pod: &Pod, command: &str, namespace: &str, uid: &str, conf: &str) -> Call
     }
 }
 
+/// Debian's reference plugins (containernetworking-plugins).
+const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+/// A conflist run as libcni runs it: ADD plugin by plugin in order, each given the list's
+/// `name` and `cniVersion`, the previous plugin's result as `prevResult` and, for the
+/// capabilities it declares, the runtime's `runtimeConfig`; DEL and CHECK in reverse order with
+/// the cached ADD result. The reference plugins run in the node's network namespace (the
+/// harness's remote namespace), ours where the runtime runs, as a node's would.
+fn run_list(
+    pod: &Pod,
+    command: &str,
+    list: &Value,
+    runtime: &Value,
+    cached: Option<&Value>,
+    uid: &str,
+) -> Result<Value, Call> {
+    let ours = plugin_dir(pod);
+    let cni_path = std::env::join_paths([ours.as_path(), Path::new(REFERENCE_PLUGINS)]).unwrap();
+    let mut plugins: Vec<Value> = list["plugins"].as_array().unwrap().clone();
+    if command != "ADD" {
+        plugins.reverse();
+    }
+    let mut prev = cached.cloned();
+    for plugin in plugins {
+        let mut conf = plugin.clone();
+        conf["name"] = list["name"].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        if let Some(prev) = &prev {
+            conf["prevResult"] = prev.clone();
+        }
+        let mut rc = serde_json::Map::new();
+        for (cap, on) in plugin["capabilities"].as_object().into_iter().flatten() {
+            if on == &json!(true) {
+                if let Some(v) = runtime.get(cap) {
+                    rc.insert(cap.clone(), v.clone());
+                }
+            }
+        }
+        if !rc.is_empty() {
+            conf["runtimeConfig"] = Value::Object(rc);
+        }
+        let kind = plugin["type"].as_str().unwrap();
+        let cmd = if kind == "sidecar-cni" {
+            Command::new(ours.join(kind))
+        } else {
+            let mut c = Command::new("nsenter");
+            c.arg(format!(
+                "--net={}",
+                sidecar_tests::netns::netns_path(pod.remote_netns()).display()
+            ))
+            .arg(Path::new(REFERENCE_PLUGINS).join(kind));
+            c
+        };
+        let call = exec_plugin(
+            cmd,
+            Path::new(&cni_path),
+            pod,
+            command,
+            "shop",
+            uid,
+            "net1",
+            &conf.to_string(),
+        );
+        eprintln!("{command} {kind}: {:?}", call.took);
+        if !call.ok {
+            return Err(call);
+        }
+        if command == "ADD" {
+            prev = Some(call.json());
+        }
+    }
+    Ok(prev.unwrap_or(Value::Null))
+}
+
 /// The harness pod's interface, as the network plugin before ours reports it.
 fn prev_result(pod: &Pod) -> Value {
     json!({
@@ -115,7 +213,13 @@ fn prev_result(pod: &Pod) -> Value {
     })
 }
 
-fn conf(pod: &Pod, extra: Value) -> String {
+/// The pod annotations `sidecar inject` writes for the CNI mode.
+fn injected() -> Value {
+    json!({"sidecar.mesh.dev/interception": "cni", "kubectl.kubernetes.io/default-container": "app"})
+}
+
+/// The plugin's `sidecar` section for the harness pod, with `extra` keys.
+fn settings(pod: &Pod, extra: Value) -> Value {
     let mut sidecar = json!({
         "namespaces": ["shop"],
         "cgroup_root": pod.cgroup_root(),
@@ -124,14 +228,28 @@ fn conf(pod: &Pod, extra: Value) -> String {
     if let (Value::Object(base), Value::Object(more)) = (&mut sidecar, extra) {
         base.extend(more);
     }
-    json!({
+    sidecar
+}
+
+/// The configuration the runtime hands the plugin for an injected pod: the plugin's entry with the
+/// previous result and, for its declared capability, the pod's annotations in `runtimeConfig`.
+fn conf(pod: &Pod, extra: Value) -> String {
+    conf_with(pod, extra, Some(injected()))
+}
+
+fn conf_with(pod: &Pod, extra: Value, annotations: Option<Value>) -> String {
+    let mut conf = json!({
         "cniVersion": "1.0.0",
         "name": "k8s-pod-network",
         "type": "sidecar-cni",
+        "capabilities": {"io.kubernetes.cri.pod-annotations": true},
         "prevResult": prev_result(pod),
-        "sidecar": sidecar,
-    })
-    .to_string()
+        "sidecar": settings(pod, extra),
+    });
+    if let Some(annotations) = annotations {
+        conf["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": annotations});
+    }
+    conf.to_string()
 }
 
 fn pins(uid: &str) -> PathBuf {
@@ -196,23 +314,131 @@ fn add_intercepts_the_pod_both_ways_and_del_leaves_nothing() {
     assert_eq!(check.json()["code"], 100, "{}", check.stdout);
 }
 
+/// Chained after the reference `bridge` plugin (host-local IPAM) in a conflist, as a node's
+/// runtime runs it: the pod gets its bridge interface and address from `bridge`, and our plugin
+/// intercepts it on that address with the pod's own annotation applied; DEL takes both away.
 #[test]
-fn pods_outside_the_served_namespaces_are_untouched() {
+fn chained_after_the_reference_bridge_plugin() {
+    let bridge = Path::new(REFERENCE_PLUGINS).join("bridge");
+    assert!(
+        bridge.exists(),
+        "{} is missing: cargo xtask test installs containernetworking-plugins",
+        bridge.display()
+    );
     let uid = new_uid();
     let mut pod = Pod::new_kube(&uid);
     pod.track_pins(PIN_ROOT, &uid);
-    let conf = conf(&pod, json!({}));
-    let add = cni(&pod, "ADD", "default", &uid, &conf);
-    assert!(add.ok, "{} {}", add.stdout, add.stderr);
-    assert_eq!(add.json()["ips"][0]["address"], "10.200.0.2/24");
+    let ipam_dir = pod.log_dir().join("ipam");
+    let list = json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "plugins": [
+            {"type": "bridge", "bridge": "scbr0", "isGateway": true,
+             "ipam": {"type": "host-local", "subnet": "10.201.0.0/24", "dataDir": ipam_dir}},
+            {"type": "sidecar-cni", "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+             "sidecar": settings(&pod, json!({}))}
+        ]
+    });
+    let mut annotations = injected();
+    annotations["sidecar.mesh.dev/exclude-inbound-ports"] = json!("9090");
+    let runtime = json!({"io.kubernetes.cri.pod-annotations": annotations});
+    // The app's listeners exist before ADD (harness servers run outside the pod cgroup).
+    let app = pod.app_http_server("0.0.0.0:8080", "app");
+    let direct = pod.app_http_server("0.0.0.0:9090", "excluded");
+    let result = run_list(&pod, "ADD", &list, &runtime, None, &uid)
+        .unwrap_or_else(|c| panic!("ADD: {} {}", c.stdout, c.stderr));
+    assert_eq!(result["ips"][0]["address"], "10.201.0.2/24", "{result}");
     assert!(
-        !pins(&uid).exists(),
-        "nothing pinned for a pod that is not served"
+        result["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "net1"),
+        "bridge's result passed through: {result}"
     );
-    for command in ["CHECK", "DEL"] {
-        let call = cni(&pod, command, "default", &uid, &conf);
-        assert!(call.ok, "{command}: {} {}", call.stdout, call.stderr);
+    assert!(pins(&uid).exists());
+    run_list(&pod, "CHECK", &list, &runtime, Some(&result), &uid)
+        .unwrap_or_else(|c| panic!("CHECK: {} {}", c.stdout, c.stderr));
+
+    let upstream = pod.http_upstream("10.201.0.1:8080", "upstream");
+    pod.start_proxy_with_inbound(&[]);
+    assert_eq!(pod.app_http("10.201.0.1:8080").status, 200);
+    assert_eq!(
+        upstream.only_request().header("x-forwarded-by"),
+        Some("sidecar"),
+        "outbound over the bridge went through the proxy"
+    );
+    assert_eq!(pod.remote_http("10.201.0.2:8080").status, 200);
+    assert_eq!(app.only_request().peer.ip().to_string(), "127.0.0.6");
+    assert_eq!(pod.remote_http("10.201.0.2:9090").status, 200);
+    assert_eq!(
+        direct.only_request().peer.ip().to_string(),
+        "10.201.0.1",
+        "the pod's exclude-inbound-ports annotation applied"
+    );
+
+    run_list(&pod, "DEL", &list, &runtime, Some(&result), &uid)
+        .unwrap_or_else(|c| panic!("DEL: {} {}", c.stdout, c.stderr));
+    assert!(!pins(&uid).exists(), "DEL left {}", pins(&uid).display());
+    let link = Command::new("ip")
+        .args(["-n", pod.pod_netns(), "link", "show", "net1"])
+        .output()
+        .unwrap();
+    assert!(!link.status.success(), "bridge's DEL removed net1");
+    let leases = fs::read_dir(ipam_dir.join("k8s-pod-network"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("10.201."))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(leases, 0, "the address went back to host-local");
+}
+
+#[test]
+fn pods_not_injected_or_outside_the_served_namespaces_are_untouched() {
+    let uid = new_uid();
+    let mut pod = Pod::new_kube(&uid);
+    pod.track_pins(PIN_ROOT, &uid);
+    let not_injected = [
+        json!({}),
+        json!({"sidecar.mesh.dev/interception": "init"}),
+        json!({"sidecar.mesh.dev/interception": "cni", "sidecar.mesh.dev/inject": "false"}),
+    ];
+    // In a served namespace: the pod's annotations say it is not injected.
+    let mut cases: Vec<(&str, String)> = not_injected
+        .into_iter()
+        .map(|a| ("shop", conf_with(&pod, json!({}), Some(a))))
+        .collect();
+    // In another namespace, whatever the annotations (or their absence) say.
+    cases.push(("default", conf(&pod, json!({}))));
+    cases.push(("default", conf_with(&pod, json!({}), None)));
+    for (namespace, conf) in &cases {
+        let add = cni(&pod, "ADD", namespace, &uid, conf);
+        assert!(add.ok, "{conf}: {} {}", add.stdout, add.stderr);
+        assert_eq!(add.json()["ips"][0]["address"], "10.200.0.2/24");
+        assert!(!pins(&uid).exists(), "nothing pinned for {conf}");
+        for command in ["CHECK", "DEL"] {
+            let call = cni(&pod, command, namespace, &uid, conf);
+            assert!(call.ok, "{command}: {} {}", call.stdout, call.stderr);
+        }
     }
+    // The pod is not intercepted: its outbound call reaches the upstream directly.
+    let upstream = pod.http_upstream("10.200.0.1:8080", "upstream");
+    assert_eq!(pod.app_http("10.200.0.1:8080").status, 200);
+    assert_eq!(upstream.only_request().header("x-forwarded-by"), None);
+    // A runtime that passes no annotations gets an error for a served pod, saying what to do,
+    // unless the plugin takes every pod of the namespace.
+    let blind = cni(&pod, "ADD", "shop", &uid, &conf_with(&pod, json!({}), None));
+    assert!(!blind.ok);
+    assert_eq!(blind.json()["code"], 7, "{}", blind.stdout);
+    assert!(blind.stdout.contains("select"), "{}", blind.stdout);
+    let every = conf_with(&pod, json!({"select": "namespace"}), None);
+    let add = cni(&pod, "ADD", "shop", &uid, &every);
+    assert!(add.ok, "{} {}", add.stdout, add.stderr);
+    assert!(pins(&uid).exists(), "select = namespace takes every pod");
+    assert!(cni(&pod, "DEL", "shop", &uid, &every).ok);
+    assert!(!pins(&uid).exists());
     let version = cni(
         &pod,
         "VERSION",
@@ -250,6 +476,16 @@ fn bad_configuration_and_a_missing_cgroup_are_cni_errors_never_panics() {
             conf(&pod, json!({"cgroup_root": pod.log_dir()})),
             101,
             "no cgroup for the pod",
+        ),
+        (
+            conf_with(
+                &pod,
+                json!({}),
+                Some(json!({"sidecar.mesh.dev/interception": "cni",
+                    "sidecar.mesh.dev/fail-mode-outbound": "sideways"})),
+            ),
+            7,
+            "a bad annotation on the pod",
         ),
     ];
     for (conf, code, what) in cases {
@@ -345,7 +581,7 @@ fn the_node_installer_chains_itself_keeps_chained_and_removes_itself() {
     );
     assert_eq!(
         conf["plugins"][1],
-        json!({"type": "sidecar-cni", "sidecar": {"namespaces": ["shop"]}})
+        json!({"type": "sidecar-cni", "capabilities": {"io.kubernetes.cri.pod-annotations": true}, "sidecar": {"namespaces": ["shop"]}})
     );
     assert_eq!(
         read_json(&s.0.join("net.d/99-later.conflist")),

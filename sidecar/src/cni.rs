@@ -5,18 +5,24 @@
 //!
 //! | `CNI_COMMAND` | what it does |
 //! |---|---|
-//! | `ADD` | for a pod of a served namespace: finds its cgroup from `K8S_POD_UID` (cgroupfs `.../pod<uid>` and systemd `...-pod<uid_>.slice` naming), takes its addresses from `prevResult`, and installs the interception with `sidecar init`'s own code (`intercept::install`, pod id = the pod UID, the section's `init_args` as init flags); prints `prevResult` unchanged. Any other pod: `prevResult` unchanged, nothing done |
-//! | `DEL` | removes that pod's pins (`intercept::remove`); nothing there is not an error |
-//! | `CHECK` | fails (code 100) when a served pod's interception is not in place |
+//! | `ADD` | for a selected pod (below): finds its cgroup from `K8S_POD_UID` (cgroupfs `.../pod<uid>` and systemd `...-pod<uid_>.slice` naming), takes its addresses from `prevResult`, and installs the interception with `sidecar init`'s own code (`intercept::install`, pod id = the pod UID, the section's `init_args` as init flags, the pod's init annotations over them); prints `prevResult` unchanged. Any other pod: `prevResult` unchanged, nothing done |
+//! | `DEL` | for a pod of a served namespace: removes its pins (`intercept::remove`); nothing there is not an error |
+//! | `CHECK` | fails (code 100) when a selected pod's interception is not in place |
 //! | `VERSION` | the supported versions |
 //!
-//! Which pods: those of the namespaces listed in the plugin's configuration (`sidecar.namespaces`).
-//! Their pods need only the proxy container (`sidecar inject` with the annotation
-//! `sidecar.mesh.dev/interception: cni`). The plugin does not read pod
-//! annotations through the Kubernetes API: a CNI call blocks pod start, and making every pod's
-//! network depend on the API server's availability, with node credentials able to read every
-//! pod, is a cost the namespace list avoids. Per-pod settings therefore come from the node's
-//! configuration; pods that need their own use the init-container mode.
+//! Which pods: only those of the namespaces listed in the plugin's configuration
+//! (`sidecar.namespaces`) are looked at; a pod of any other namespace never gets an error. Of
+//! those, `select = "annotation"` (the default) takes the pods annotated
+//! `sidecar.mesh.dev/interception: cni` (what `sidecar inject` writes for this mode), not opted
+//! out with `sidecar.mesh.dev/inject: "false"`. The annotations come from the container runtime
+//! itself: containerd (1.5+) and CRI-O (1.29+) pass them in `runtimeConfig` to a plugin that
+//! declares the `io.kubernetes.cri.pod-annotations` capability, as `sidecar cni install` does. So
+//! a pod's network set-up never waits on the API server, and the node needs no credentials to
+//! read pods. The pod's init annotations (`exclude-inbound-ports`, `fail-mode-outbound`, ...) are
+//! read with the injector's table and checks and become `sidecar init` flags, as they would on an
+//! init container. `select = "namespace"` takes every pod of the served namespaces, for runtimes
+//! that pass no annotations (in `annotation` mode such a runtime gets error 7 for served pods,
+//! saying so).
 //!
 //! Errors are CNI error objects on stdout (`{"cniVersion","code","msg","details"}`) with a
 //! non-zero exit: 4 (bad environment), 6 (stdin is not JSON), 7 (bad configuration), 1 (a
@@ -64,9 +70,12 @@ impl CniError {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Settings {
-    /// Namespaces whose pods are intercepted.
+    /// Namespaces the plugin serves: pods of any other namespace are never looked at.
     #[serde(default)]
     namespaces: Vec<String>,
+    /// Which pods of the served namespaces are intercepted.
+    #[serde(default)]
+    select: Select,
     /// The cgroup v2 mount where the kubelet's pod cgroups are.
     #[serde(default)]
     cgroup_root: Option<PathBuf>,
@@ -78,6 +87,23 @@ struct Settings {
     init_args: Vec<String>,
 }
 
+/// `sidecar.select`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Select {
+    /// The pods annotated `sidecar.mesh.dev/interception: cni` (what `sidecar inject` writes), read
+    /// from the annotations the runtime passes (`runtimeConfig`, capability
+    /// `io.kubernetes.cri.pod-annotations`).
+    #[default]
+    Annotation,
+    /// Every pod of the served namespaces (for runtimes that pass no annotations).
+    Namespace,
+}
+
+/// The CNI capability under which containerd (1.5 and later) and CRI-O (1.29 and later) pass a
+/// pod's annotations in `runtimeConfig`, when the plugin's configuration declares it.
+pub const POD_ANNOTATIONS: &str = "io.kubernetes.cri.pod-annotations";
+
 #[derive(Debug, Deserialize)]
 struct NetConf {
     #[serde(rename = "cniVersion")]
@@ -86,6 +112,8 @@ struct NetConf {
     prev_result: Option<Value>,
     #[serde(default)]
     sidecar: Settings,
+    #[serde(rename = "runtimeConfig")]
+    runtime_config: Option<Value>,
 }
 
 /// The CNI environment of one call.
@@ -184,7 +212,7 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
         }
         result.to_string()
     };
-    let pod = match (
+    let served = match (
         env.args.get("K8S_POD_NAMESPACE"),
         env.args.get("K8S_POD_UID"),
     ) {
@@ -202,15 +230,16 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
                     "list it after the plugin that sets up the pod's interface in the conflist",
                 ));
             }
-            let Some((_, uid)) = pod else {
+            let Some((flags, uid)) = selected(&conf, env, served)? else {
                 return Ok(Some(passthrough()));
             };
             if env.netns.is_empty() {
                 return Err(CniError::new(4, "CNI_NETNS is not set", ""));
             }
             let root = cgroup_root(&conf.sidecar);
-            // The node's init flags are checked first: a bad configuration says so for every pod.
-            init_args(&conf.sidecar, &root, &uid, None, &[], false)?;
+            // The node's init flags are checked first: a bad configuration says so for every
+            // selected pod (`sidecar cni install` refuses to write one).
+            init_args(&conf.sidecar, &root, &uid, None, &[], false, &[])?;
             let cgroup = find_pod_cgroup(&root, &uid).ok_or_else(|| {
                 CniError::new(
                     101,
@@ -219,7 +248,15 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
                 )
             })?;
             let ips = pod_ips(conf.prev_result.as_ref());
-            let args = init_args(&conf.sidecar, &cgroup, &uid, Some(&env.netns), &ips, false)?;
+            let args = init_args(
+                &conf.sidecar,
+                &cgroup,
+                &uid,
+                Some(&env.netns),
+                &ips,
+                false,
+                &flags,
+            )?;
             intercept::install(&args).map_err(|e| {
                 CniError::new(
                     100,
@@ -230,13 +267,14 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
             Ok(Some(passthrough()))
         }
         "DEL" => {
-            let Some((_, uid)) = pod else {
+            // Whatever the pod's annotations say now: a served pod's pins go (none is no error).
+            let Some((_, uid)) = served else {
                 return Ok(None);
             };
             let root = cgroup_root(&conf.sidecar);
             // The cgroup may be gone already: then the pins are removed by the pod id alone.
             let cgroup = find_pod_cgroup(&root, &uid).unwrap_or_else(|| root.join("gone"));
-            let args = init_args(&conf.sidecar, &cgroup, &uid, None, &[], true)?;
+            let args = init_args(&conf.sidecar, &cgroup, &uid, None, &[], true, &[])?;
             intercept::remove(&args).map_err(|e| {
                 CniError::new(
                     100,
@@ -247,7 +285,7 @@ pub fn run(env: &CniEnv, stdin: &str) -> Result<Option<String>, CniError> {
             Ok(None)
         }
         "CHECK" => {
-            let Some((_, uid)) = pod else {
+            let Some((_, uid)) = selected(&conf, env, served)? else {
                 return Ok(None);
             };
             let pin_root = conf
@@ -307,7 +345,58 @@ pub fn check_settings(settings: &Value) -> Result<(), CniError> {
         json!({"cniVersion": "1.0.0", "name": "check", "type": "sidecar-cni", "sidecar": settings});
     let conf = parse_conf(&conf.to_string())?;
     let root = cgroup_root(&conf.sidecar);
-    init_args(&conf.sidecar, &root, "check", None, &[], false).map(|_| ())
+    init_args(&conf.sidecar, &root, "check", None, &[], false, &[]).map(|_| ())
+}
+
+/// Whether a served pod (namespace, UID) is intercepted, and with which per-pod `sidecar init`
+/// flags: its annotations, read with the injector's table and checks.
+#[allow(clippy::type_complexity)]
+fn selected(
+    conf: &NetConf,
+    env: &CniEnv,
+    served: Option<(String, String)>,
+) -> Result<Option<(Vec<(String, String)>, String)>, CniError> {
+    let Some((ns, uid)) = served else {
+        return Ok(None);
+    };
+    let name = env.args.get("K8S_POD_NAME").cloned().unwrap_or_default();
+    let annotations: Option<Vec<(String, String)>> = conf
+        .runtime_config
+        .as_ref()
+        .and_then(|r| r.get(POD_ANNOTATIONS))
+        .map(|a| {
+            a.as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        });
+    let pod = match &annotations {
+        Some(a) => {
+            crate::inject::pod::pod_interception(a.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map_err(|errors| {
+                    CniError::new(
+                        7,
+                        format!("pod {ns}/{name}: its sidecar annotations are not valid"),
+                        errors.join("; "),
+                    )
+                })?
+        }
+        None if conf.sidecar.select == Select::Annotation => {
+            return Err(CniError::new(
+                7,
+                format!(
+                    "pod {ns}/{name}: the runtime passed no pod annotations, so whether it is injected is unknown"
+                ),
+                format!(
+                    "declare \"capabilities\": {{\"{POD_ANNOTATIONS}\": true}} on sidecar-cni in the conflist (sidecar cni install does) with containerd 1.5+ or CRI-O 1.29+, or set sidecar.select = \"namespace\" to intercept every pod of the served namespaces"
+                ),
+            ));
+        }
+        None => Default::default(),
+    };
+    let intercept = !pod.opted_out && (pod.cni || conf.sidecar.select == Select::Namespace);
+    Ok(intercept.then_some((pod.init_flags, uid)))
 }
 
 fn cgroup_root(settings: &Settings) -> PathBuf {
@@ -367,6 +456,7 @@ fn init_args(
     netns: Option<&str>,
     ips: &[String],
     remove: bool,
+    pod_flags: &[(String, String)],
 ) -> Result<InitArgs, CniError> {
     #[derive(Parser)]
     struct Init {
@@ -392,126 +482,38 @@ fn init_args(
     if remove {
         argv.push("--remove".into());
     }
-    argv.extend(settings.init_args.iter().cloned());
-    Init::try_parse_from(argv).map(|i| i.args).map_err(|e| {
-        CniError::new(
-            7,
-            "sidecar.init_args are not valid `sidecar init` flags",
-            e.to_string(),
-        )
+    // The pod's annotation wins over the node's default for the same flag.
+    let mut node = settings.init_args.iter();
+    while let Some(arg) = node.next() {
+        let flag = arg.split_once('=').map_or(arg.as_str(), |(f, _)| f);
+        if pod_flags.iter().any(|(f, _)| f == flag) {
+            if !arg.contains('=') {
+                node.next();
+            }
+            continue;
+        }
+        argv.push(arg.clone());
+    }
+    let node_only = argv.clone();
+    for (flag, value) in pod_flags {
+        argv.extend([flag.clone(), value.clone()]);
+    }
+    Init::try_parse_from(&argv).map(|i| i.args).map_err(|e| {
+        if Init::try_parse_from(node_only).is_ok() {
+            CniError::new(
+                7,
+                "the pod's sidecar annotations are not valid `sidecar init` settings",
+                e.to_string(),
+            )
+        } else {
+            CniError::new(
+                7,
+                "sidecar.init_args are not valid `sidecar init` flags",
+                e.to_string(),
+            )
+        }
     })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env(command: &str, args: &str) -> CniEnv {
-        CniEnv {
-            command: command.into(),
-            container_id: "c1".into(),
-            netns: "/run/netns/x".into(),
-            args: args
-                .split(';')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-        }
-    }
-
-    const POD: &str =
-        "K8S_POD_NAMESPACE=other;K8S_POD_NAME=p;K8S_POD_UID=0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0";
-
-    #[test]
-    fn version_lists_what_is_supported() {
-        let out = run(&env("VERSION", ""), r#"{"cniVersion":"1.0.0"}"#)
-            .unwrap()
-            .unwrap();
-        let v: Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(v["cniVersion"], "1.0.0");
-        assert!(v["supportedVersions"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("0.4.0")));
-    }
-
-    #[test]
-    fn pods_outside_the_served_namespaces_pass_through_untouched() {
-        let conf = r#"{"cniVersion":"1.0.0","name":"net","type":"sidecar-cni",
-            "prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.2.3/24"}],"dns":{}},
-            "sidecar":{"namespaces":["shop"]}}"#;
-        let out = run(&env("ADD", POD), conf).unwrap().unwrap();
-        let v: Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(
-            v["ips"][0]["address"], "10.1.2.3/24",
-            "prevResult is the result"
-        );
-        assert_eq!(run(&env("DEL", POD), conf).unwrap(), None);
-        assert_eq!(run(&env("CHECK", POD), conf).unwrap(), None);
-        // Not a Kubernetes pod at all.
-        assert!(run(&env("ADD", ""), conf).unwrap().is_some());
-    }
-
-    #[test]
-    fn bad_input_is_a_cni_error_with_its_code() {
-        let e = run(&env("ADD", POD), "{not json").unwrap_err();
-        assert_eq!(e.code, 6);
-        let e = run(
-            &env("ADD", POD),
-            r#"{"cniVersion":"1.0.0","name":"n","type":"sidecar-cni","sidecar":{"namespace":["x"]}}"#,
-        )
-        .unwrap_err();
-        assert_eq!(e.code, 7, "{e:?}");
-        assert!(
-            e.details.contains("namespace"),
-            "names the unknown key: {e:?}"
-        );
-        let e = run(
-            &env("ADD", POD),
-            r#"{"cniVersion":"9.9.9","name":"n","type":"t"}"#,
-        )
-        .unwrap_err();
-        assert_eq!(e.code, 1);
-        let e = run(
-            &env("ADD", POD),
-            r#"{"cniVersion":"1.0.0","name":"n","type":"t"}"#,
-        )
-        .unwrap_err();
-        assert_eq!(e.code, 7, "not chained: {e:?}");
-        let e = run(
-            &env("SPIN", POD),
-            r#"{"cniVersion":"1.0.0","name":"n","type":"t"}"#,
-        )
-        .unwrap_err();
-        assert_eq!(e.code, 4);
-        let served = r#"{"cniVersion":"1.0.0","name":"n","type":"t","prevResult":{},
-            "sidecar":{"namespaces":["other"],"cgroup_root":"/nonexistent-cgroup-root"}}"#;
-        let e = run(&env("ADD", POD), served).unwrap_err();
-        assert_eq!(e.code, 101, "{e:?}");
-        let bad_flags = r#"{"cniVersion":"1.0.0","name":"n","type":"t","prevResult":{},
-            "sidecar":{"namespaces":["other"],"init_args":["--no-such-flag"]}}"#;
-        let e = run(&env("ADD", POD), bad_flags).unwrap_err();
-        assert_eq!(e.code, 7, "{e:?}");
-        assert!(e.details.contains("--no-such-flag"), "{e:?}");
-    }
-
-    #[test]
-    fn pod_cgroups_are_found_under_both_drivers() {
-        let root = std::env::temp_dir().join(format!("cni-cg-{}", std::process::id()));
-        let uid = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0";
-        let systemd = root.join(
-            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0b1c2d3e_4f50_6172_8394_a5b6c7d8e9f0.slice",
-        );
-        std::fs::create_dir_all(&systemd).unwrap();
-        assert_eq!(find_pod_cgroup(&root, uid), Some(systemd));
-        let _ = std::fs::remove_dir_all(&root);
-        let cgroupfs = root.join(format!("kubepods/besteffort/pod{uid}"));
-        std::fs::create_dir_all(&cgroupfs).unwrap();
-        assert_eq!(find_pod_cgroup(&root, uid), Some(cgroupfs));
-        assert_eq!(
-            find_pod_cgroup(&root, "ffffffff-4f50-6172-8394-a5b6c7d8e9f0"),
-            None
-        );
-        let _ = std::fs::remove_dir_all(&root);
-    }
-}
+mod tests;

@@ -4,7 +4,7 @@
 //!
 //! Re-injecting replaces what an earlier run added (so changed annotations take effect) and is a
 //! no-op on its own output. Nothing is written unless every document was understood.
-mod pod;
+pub mod pod;
 mod yaml;
 
 use std::io::{Read, Write};

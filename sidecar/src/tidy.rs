@@ -47,7 +47,9 @@ const LAYERS: &[&[&str]] = &[
     // Subsystems beside the proxy.
     &["admin", "logs", "intercept"],
     // Commands built on the init step's configuration.
-    &["inject", "doctor", "cni"],
+    &["inject", "doctor"],
+    // The CNI plugin: init's install, with the injector's reading of a pod's annotations.
+    &["cni"],
     // `sidecar run`: wires everything together.
     &["run"],
 ];

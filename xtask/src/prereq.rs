@@ -111,6 +111,13 @@ fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<(
             name: "runc".into(),
             found: ctx.find_program("runc").map(|p| p.display().to_string()),
         },
+        // The CNI plugin's test chains it after the reference `bridge` plugin (host-local IPAM).
+        DebPackage {
+            name: "containernetworking-plugins".into(),
+            found: Some(PathBuf::from("/usr/lib/cni/bridge"))
+                .filter(|p| p.exists())
+                .map(|p| p.display().to_string()),
+        },
         DebPackage {
             name: "prometheus".into(),
             found: ctx
@@ -181,6 +188,7 @@ fn debian_packages(ctx: &Ctx, mode: Mode, missing: &mut Vec<String>) -> Result<(
             "nghttp2-client" => ctx.find_program("nghttp").is_some(),
             "podman" => ctx.find_program("podman").is_some(),
             "runc" => ctx.find_program("runc").is_some(),
+            "containernetworking-plugins" => Path::new("/usr/lib/cni/bridge").exists(),
             "prometheus" => {
                 ctx.find_program("promtool").is_some() && ctx.find_program("prometheus").is_some()
             }

@@ -127,7 +127,12 @@ pub fn chained(conf: &Value, settings: &Value) -> Result<Value, String> {
     if plugins.is_empty() {
         return Err("it has no plugin to chain after".into());
     }
-    plugins.push(json!({"type": PLUGIN, "sidecar": settings}));
+    // The runtime passes each pod's annotations (which pods are injected, their init settings).
+    plugins.push(json!({
+        "type": PLUGIN,
+        "capabilities": {super::POD_ANNOTATIONS: true},
+        "sidecar": settings
+    }));
     Ok(list)
 }
 
@@ -331,7 +336,7 @@ mod tests {
         let once = chained(&list, &settings).unwrap();
         assert_eq!(
             once["plugins"][1],
-            json!({"type": PLUGIN, "sidecar": settings})
+            json!({"type": PLUGIN, "capabilities": {super::super::POD_ANNOTATIONS: true}, "sidecar": settings})
         );
         assert_eq!(chained(&once, &settings).unwrap(), once, "idempotent");
         assert_eq!(unchained(&once), list);

@@ -310,14 +310,12 @@ impl Settings {
         };
         let _ = value_of("inject");
         let cni = value_of("interception").as_deref() == Some("cni");
-        // Each annotation is read (and checked) once: the others are read below.
-        let mut unused = Vec::new();
+        // Each annotation is read (and checked) once: the others are read below. With
+        // `interception: cni` there is no init container: the node's sidecar-cni plugin applies
+        // these from the annotations the runtime hands it (`pod_init_flags`).
         for spec in ANNOTATIONS {
             if let Some(env) = spec.init_env {
                 if let Some(value) = value_of(spec.name) {
-                    if cni {
-                        unused.push(spec.name);
-                    }
                     init_env.push((env, value));
                 }
             }
@@ -332,13 +330,6 @@ impl Settings {
         let cpu_limit = value_of("proxy-cpu-limit");
         let memory_request = value_of("proxy-memory-request");
         let memory_limit = value_of("proxy-memory-limit");
-        // No init container to give them to: an annotation that does nothing is an error, as a
-        // typo is.
-        for name in unused {
-            errors.push(format!(
-                "annotation {PREFIX}{name}: with {PREFIX}interception: cni the node's sidecar-cni configuration decides it (init_args); remove it, or use interception: init"
-            ));
-        }
         let mut pair =
             |what: &str, request: Option<String>, limit: Option<String>, defaults: (&str, &str)| {
                 let request_set = request.is_some();
@@ -403,6 +394,63 @@ impl Settings {
             memory_request,
             memory_limit,
         })
+    }
+}
+
+/// What a pod's own annotations (as the container runtime passes them to a CNI plugin) say
+/// about its interception.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodInterception {
+    /// `interception: cni`.
+    pub cni: bool,
+    /// `inject: "false"` (or `"disabled"`).
+    pub opted_out: bool,
+    /// `sidecar init` flags from the init annotations, in table order: `["--exclude-inbound-ports",
+    /// "22"]`; checked as the injector checks them.
+    pub init_flags: Vec<(String, String)>,
+}
+
+/// Reads a pod's annotations for the CNI plugin, with the injector's table and checks (the same
+/// annotations set the same flags in both install modes). Errors name the annotation.
+pub fn pod_interception<'a>(
+    annotations: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+) -> Result<PodInterception, Vec<String>> {
+    let get = |name: &str| {
+        let key = format!("{PREFIX}{name}");
+        annotations
+            .clone()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.trim())
+    };
+    let mut errors = Vec::new();
+    let mut out = PodInterception::default();
+    for spec in ANNOTATIONS {
+        let Some(value) = get(spec.name) else {
+            continue;
+        };
+        let matters = spec.init_env.is_some() || matches!(spec.name, "inject" | "interception");
+        if !matters {
+            continue;
+        }
+        if let Err(problem) = check(spec.kind, value) {
+            errors.push(format!(
+                "annotation {PREFIX}{}: \"{value}\": {problem}",
+                spec.name
+            ));
+            continue;
+        }
+        match spec.name {
+            "inject" => {
+                out.opted_out = matches!(value.to_ascii_lowercase().as_str(), "false" | "disabled");
+            }
+            "interception" => out.cni = value == "cni",
+            name => out.init_flags.push((format!("--{name}"), value.to_owned())),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
     }
 }
 

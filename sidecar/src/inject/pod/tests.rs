@@ -250,16 +250,47 @@ fn cni_interception_injects_only_the_proxy() {
     .output;
     assert!(!again.contains("sidecar-init"), "{again}");
     assert!(!again.contains("path: /sys/fs/cgroup"), "{again}");
-    // Init settings in cni mode would do nothing: refused, naming what decides instead.
-    let errors = crate::inject::inject(
+    // Init settings in cni mode are kept on the pod: the node's plugin reads them from there.
+    let with_ports = crate::inject::inject(
         &pod("    sidecar.mesh.dev/interception: cni\n    sidecar.mesh.dev/exclude-inbound-ports: \"22\"\n"),
+        "sidecar:test",
+    )
+    .unwrap()
+    .output;
+    assert!(
+        with_ports.contains("sidecar.mesh.dev/exclude-inbound-ports: \"22\""),
+        "{with_ports}"
+    );
+    assert!(!with_ports.contains("sidecar-init"), "{with_ports}");
+    // ...and checked by the same table the plugin uses.
+    let errors = crate::inject::inject(
+        &pod("    sidecar.mesh.dev/interception: cni\n    sidecar.mesh.dev/exclude-inbound-ports: \"ssh\"\n"),
         "sidecar:test",
     )
     .unwrap_err();
     assert!(
-        errors
-            .iter()
-            .any(|e| e.contains("exclude-inbound-ports") && e.contains("init_args")),
+        errors.iter().any(|e| e.contains("exclude-inbound-ports")),
+        "{errors:?}"
+    );
+    let plugin = pod_interception(
+        [
+            ("sidecar.mesh.dev/interception", "cni"),
+            ("sidecar.mesh.dev/exclude-inbound-ports", " 22 "),
+            ("sidecar.mesh.dev/proxy-cpu-limit", "1"),
+            ("other/annotation", "x"),
+        ]
+        .into_iter(),
+    )
+    .unwrap();
+    assert!(plugin.cni && !plugin.opted_out);
+    assert_eq!(
+        plugin.init_flags,
+        [("--exclude-inbound-ports".to_owned(), "22".to_owned())]
+    );
+    let errors = pod_interception([("sidecar.mesh.dev/fail-mode-inbound", "maybe")].into_iter())
+        .unwrap_err();
+    assert!(
+        errors[0].contains("sidecar.mesh.dev/fail-mode-inbound"),
         "{errors:?}"
     );
     let errors = crate::inject::inject(
