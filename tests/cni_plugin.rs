@@ -100,6 +100,9 @@ fn exec_plugin(
         .env("CNI_IFNAME", ifname)
         .env("CNI_ARGS", args)
         .env("CNI_PATH", cni_path)
+        // The runtime's environment reaches plugins: init's variables there must not count
+        // (were this one read, every ADD would fail on its value).
+        .env("SIDECAR_FAIL_MODE_INBOUND", "sideways")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

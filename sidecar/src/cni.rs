@@ -145,6 +145,14 @@ impl CniEnv {
 
 /// Runs one call as the runtime made it; what to print on stdout and the exit code.
 pub fn main() -> ExitCode {
+    // The runtime's own environment reaches its plugins (libcni passes it on): a `SIDECAR_*`
+    // variable there must not become an init setting of every pod. Only the configuration and
+    // the pod's annotations decide. (Single-threaded here: nothing else reads the environment.)
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("SIDECAR_") {
+            std::env::remove_var(key);
+        }
+    }
     let env = CniEnv::from_process();
     let mut stdin = String::new();
     let read = io::stdin().take(MAX_STDIN).read_to_string(&mut stdin);

@@ -50,6 +50,12 @@ pub fn run(ctx: &Ctx) -> Result<u64> {
     let binary = ctx.root.join("target/release/sidecar");
     let context = ctx.root.join("target/image");
     stage(ctx, &binary, &context)?;
+    // The image the tag named before: removed once the tag moves, so rebuilds leave no
+    // untagged images behind.
+    let previous = probe(
+        ctx.cmd("podman")
+            .args(["image", "inspect", "--format", "{{.Id}}", TAG]),
+    );
     cmd::run(
         ctx.cmd("podman")
             .args(["build", "--pull=never", "-t", TAG, "-f"])
@@ -65,6 +71,15 @@ pub fn run(ctx: &Ctx) -> Result<u64> {
         )
         .and_then(|s| s.trim().parse().ok())
         .context("podman image inspect gave no size")?;
+    let current = probe(
+        ctx.cmd("podman")
+            .args(["image", "inspect", "--format", "{{.Id}}", TAG]),
+    );
+    if let (Some(old), Some(new)) = (previous, current) {
+        if old.trim() != new.trim() {
+            let _ = ctx.cmd("podman").args(["rmi", old.trim()]).output();
+        }
+    }
     say!("image {TAG}: {:.1} MB ({size} bytes)", size as f64 / 1e6);
     let checked = check(ctx);
     let cleaned = remove_cgroup_parent();
