@@ -16,6 +16,7 @@ mod drain_tests;
 #[cfg(test)]
 mod flow_tests;
 mod forward;
+mod h1;
 mod h2;
 #[cfg(test)]
 mod h2_abuse_tests;
@@ -26,7 +27,6 @@ mod serve;
 mod shared;
 #[cfg(test)]
 mod smuggling_tests;
-mod spike;
 mod target;
 #[cfg(test)]
 mod tests;

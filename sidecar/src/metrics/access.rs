@@ -74,10 +74,10 @@ impl std::fmt::Display for Field<'_> {
 
 /// The request fields the access log prints, taken before the request is forwarded (only when
 /// the access log is on: they cost a clone).
-struct Head {
-    method: http::Method,
-    authority: String,
-    path: String,
+pub(crate) struct Head {
+    pub(crate) method: http::Method,
+    pub(crate) authority: String,
+    pub(crate) path: String,
 }
 
 impl Head {
@@ -121,19 +121,45 @@ where
     let head = obs.access_log.then(|| Head::of(&req));
     let resp = forward(req).await;
     let elapsed = start.elapsed();
-    let status = resp.status();
-    obs.dest.record_as(method, status, elapsed);
     // Only answers the proxy made itself carry the error (see `crate::error::local_response`):
     // an upstream sidecar's error header relayed through us is not our error.
-    let local_error = resp.extensions().get::<ProxyError>().copied();
-    let authz = resp
-        .extensions()
-        .get::<AuthzRule>()
-        .map(|r| Arc::clone(&r.0));
-    let grpc = resp
-        .extensions()
-        .get::<Transcoded>()
-        .map(|t| Arc::clone(&t.0));
+    let answer = Answer {
+        status: resp.status(),
+        local_error: resp.extensions().get::<ProxyError>().copied(),
+        authz: resp
+            .extensions()
+            .get::<AuthzRule>()
+            .map(|r| Arc::clone(&r.0)),
+        grpc: resp
+            .extensions()
+            .get::<Transcoded>()
+            .map(|t| Arc::clone(&t.0)),
+    };
+    record(obs, method, head, &answer, elapsed);
+    resp
+}
+
+/// How a request was answered, as far as the records go.
+pub(crate) struct Answer {
+    pub(crate) status: http::StatusCode,
+    /// The proxy's own error, for an answer it made itself.
+    pub(crate) local_error: Option<ProxyError>,
+    pub(crate) authz: Option<Arc<str>>,
+    pub(crate) grpc: Option<Arc<str>>,
+}
+
+/// Records one request: its count and duration (to the response head), the proxy's error if it
+/// answered itself, and the access log line (`head`: present when the access log is on).
+pub(crate) fn record(
+    obs: &Observer,
+    method: super::MethodLabel,
+    head: Option<Head>,
+    answer: &Answer,
+    elapsed: std::time::Duration,
+) {
+    let status = answer.status;
+    obs.dest.record_as(method, status, elapsed);
+    let local_error = answer.local_error;
     if let Some(err) = local_error {
         obs.metrics.error(obs.dest.direction(), err);
     }
@@ -149,12 +175,11 @@ where
             upstream = %obs.upstream,
             peer = %obs.peer,
             peer_id = %obs.peer_id.as_deref().unwrap_or("-"),
-            authz = %authz.as_deref().unwrap_or("-"),
-            grpc = %grpc.as_deref().unwrap_or("-"),
+            authz = %answer.authz.as_deref().unwrap_or("-"),
+            grpc = %answer.grpc.as_deref().unwrap_or("-"),
             error = %local_error.map_or("-", ProxyError::code),
         );
     }
-    resp
 }
 
 #[cfg(test)]

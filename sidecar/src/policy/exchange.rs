@@ -196,18 +196,14 @@ where
     S: FnMut(Request<UpstreamBody>) -> F,
     F: Future<Output = Result<Response<B>, Failed>>,
 {
-    let policy = dest.policy();
-    let deadline = Instant::now() + policy.request_timeout;
-    let mut permit = dest.admit()?;
-    // Only requests that are sent pay into the retry budget: an outage refused by the breaker
-    // must not save up retries for the moment it ends.
-    dest.count_request();
-    let retry = &policy.retry;
     let idempotent = is_idempotent(&head.method);
+    let deadline = Instant::now() + dest.policy().request_timeout;
+    let mut retrying = Retrying::begin(dest, idempotent)?;
     let prepared = match body {
         // A failure here is the client's: the permit is dropped unreported (ignored).
-        Prepared::Stream(body) if retry.max_retries > 0 => {
-            prepare_replay(body, &head.headers, retry.max_body_bytes, deadline).await?
+        Prepared::Stream(body) if retrying.may_replay() => {
+            let max = dest.policy().retry.max_body_bytes;
+            prepare_replay(body, &head.headers, max, deadline).await?
         }
         prepared => prepared,
     };
@@ -215,48 +211,116 @@ where
         Prepared::Stream(body) => {
             let req = Request::from_parts(head, UpstreamBody::Streaming(body));
             let result = attempt(&mut send, req, deadline).await;
-            dest.report(permit, dest.outcome(summary(&result)));
+            retrying.last(summary(&result));
             return result;
         }
         Prepared::Replay(replay) => replay,
     };
-    let mut number = 1u32;
     loop {
         let mut parts = clone_head(&head);
-        if number > 1 {
-            parts
-                .headers
-                .insert(X_SIDECAR_ATTEMPT.clone(), HeaderValue::from(number));
+        if retrying.number() > 1 {
+            parts.headers.insert(
+                X_SIDECAR_ATTEMPT.clone(),
+                HeaderValue::from(retrying.number()),
+            );
         }
         let req = Request::from_parts(parts, UpstreamBody::Replay(replay.body()));
         let result = attempt(&mut send, req, deadline).await;
-        let outcome = summary(&result);
-        dest.report(permit, dest.outcome(outcome));
-        if number > retry.max_retries || !may_resend(dest, idempotent, outcome) {
+        if !retrying.again(summary(&result), deadline).await {
             return result;
         }
-        let pause = backoff(retry.backoff, number);
+    }
+}
+
+/// One request's attempts under its destination's policies, for callers that make the
+/// attempts themselves (both HTTP/1 engines): the breaker's permit and accounting, the retry
+/// decision, the pause and the budget.
+///
+/// ```text
+/// let mut r = Retrying::begin(dest, idempotent)?;   // breaker open: Err, nothing sent
+/// loop {
+///     let result = /* attempt r.number() */;
+///     if !r.again(outcome(&result), deadline).await { return result; }
+/// }
+/// ```
+pub struct Retrying<'a> {
+    dest: &'a Destination,
+    permit: Option<super::breaker::Permit<'a>>,
+    idempotent: bool,
+    number: u32,
+}
+
+impl<'a> Retrying<'a> {
+    /// Asks the breaker for the first attempt (open: the answer to give, nothing to send).
+    pub fn begin(dest: &'a Destination, idempotent: bool) -> Result<Self, Failed> {
+        let permit = dest.admit()?;
+        // Only requests that are sent pay into the retry budget: an outage refused by the
+        // breaker must not save up retries for the moment it ends.
+        dest.count_request();
+        Ok(Retrying {
+            dest,
+            permit: Some(permit),
+            idempotent,
+            number: 1,
+        })
+    }
+
+    /// Whether a request may be sent more than once (retries on): then its body is worth
+    /// keeping for a replay, if small.
+    pub fn may_replay(&self) -> bool {
+        self.dest.policy().retry.max_retries > 0
+    }
+
+    /// The attempt about to be made: 1, 2, ...
+    pub fn number(&self) -> u32 {
+        self.number
+    }
+
+    /// Reports the outcome of an attempt that cannot be repeated (its body was streamed).
+    pub fn last(mut self, outcome: Result<StatusCode, ProxyError>) {
+        if let Some(permit) = self.permit.take() {
+            self.dest.report(permit, self.dest.outcome(outcome));
+        }
+    }
+
+    /// Reports the outcome of the attempt just made; true (after the pause, with a new permit)
+    /// if another attempt is to be made, false if this outcome is the answer.
+    pub async fn again(
+        &mut self,
+        outcome: Result<StatusCode, ProxyError>,
+        deadline: Instant,
+    ) -> bool {
+        let dest = self.dest;
+        if let Some(permit) = self.permit.take() {
+            dest.report(permit, dest.outcome(outcome));
+        }
+        let retry = &dest.policy().retry;
+        if self.number > retry.max_retries || !may_resend(dest, self.idempotent, outcome) {
+            return false;
+        }
+        let pause = backoff(retry.backoff, self.number);
         if Instant::now() + pause >= deadline {
-            return result;
+            return false;
         }
         if !dest.take_retry() {
             debug!(
                 destination = dest.name(),
                 "retry budget exhausted; not retrying"
             );
-            return result;
+            return false;
         }
         tokio::time::sleep(pause).await;
-        permit = match dest.admit() {
-            Ok(p) => p,
+        match dest.admit() {
+            Ok(p) => self.permit = Some(p),
             // This very failure may have opened the breaker: answer with what we got.
-            Err(_) => return result,
-        };
+            Err(_) => return false,
+        }
         let cause = match outcome {
             Ok(status) => Cow::Owned(status.as_u16().to_string()),
             Err(e) => Cow::Borrowed(e.code()),
         };
-        number += 1;
-        debug!(destination = dest.name(), attempt = number, %cause, "retrying");
+        self.number += 1;
+        debug!(destination = dest.name(), attempt = self.number, %cause, "retrying");
+        true
     }
 }

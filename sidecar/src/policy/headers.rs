@@ -177,6 +177,11 @@ impl ForwardedClient {
         &self.element
     }
 
+    /// The `x-forwarded-client-cert` value of a client proven over mesh TLS.
+    pub fn client_cert(&self) -> Option<&HeaderValue> {
+        self.client_cert.as_ref()
+    }
+
     /// The client proved `uri` over mesh TLS to this proxy, `by`. (SPIFFE IDs hold only
     /// URI-safe ASCII, so the value is always valid.)
     pub fn with_client_cert(mut self, by: Option<&str>, uri: &str) -> Self {

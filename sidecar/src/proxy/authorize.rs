@@ -114,6 +114,16 @@ impl Allowed {
     pub(crate) fn mark(&self, resp: &mut Response<ProxyBody>) {
         mark(resp, &self.decision, self.expose);
     }
+
+    /// The rule that allowed the request.
+    pub(crate) fn rule(&self) -> &Arc<str> {
+        &self.decision.rule
+    }
+
+    /// Whether answers name the deciding rule (`x-sidecar-authz-rule`).
+    pub(crate) fn exposed(&self) -> bool {
+        self.expose
+    }
 }
 
 /// The decision for one request: `Ok` with the deciding rule (or `None`: nothing configured),

@@ -52,26 +52,26 @@ pub struct HttpLimits {
     pub h2_keepalive: Duration,
     /// See [`DEFAULT_H2_IDLE_TIMEOUT`].
     pub h2_idle_timeout: Duration,
-    /// `--http1-engine`: who serves HTTP/1 clients in `--target` mode.
+    /// `--http1-engine`: who serves HTTP/1 clients.
     pub http1_engine: Http1Engine,
 }
 
-/// The HTTP/1 engine of `--target` mode (`--http1-engine`).
+/// Who serves HTTP/1 clients (`--http1-engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Http1Engine {
-    /// hyper's server and client (every feature).
+    /// The native engine (`proxy/h1.rs`): heads kept as their bytes (header case and order),
+    /// one task per connection driving both sockets, strict framing.
     #[default]
+    Native,
+    /// hyper's HTTP/1 server and client (the engine before the native one).
     Hyper,
-    /// The measurement spike of issue 19 (`proxy/spike.rs`): GET and HEAD without a body,
-    /// relayed by one task with the head bytes kept; anything else is refused with 501.
-    Spike,
 }
 
 impl Http1Engine {
     pub fn parse(text: &str) -> Option<Http1Engine> {
         match text {
+            "native" => Some(Http1Engine::Native),
             "hyper" => Some(Http1Engine::Hyper),
-            "spike" => Some(Http1Engine::Spike),
             _ => None,
         }
     }
@@ -85,7 +85,7 @@ impl Default for HttpLimits {
             h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
             h2_keepalive: DEFAULT_H2_KEEPALIVE,
             h2_idle_timeout: DEFAULT_H2_IDLE_TIMEOUT,
-            http1_engine: Http1Engine::Hyper,
+            http1_engine: Http1Engine::Native,
         }
     }
 }

@@ -1,4 +1,7 @@
 //! The upstream HTTP/1 connection pool: keep-alive connections per destination, with a cap.
+//! Generic over what it keeps of a connection ([`Pooled`]): hyper's client sender (the hyper
+//! engine, [`Pool::send`]) or the connection itself (the native engine checks one out, writes
+//! and reads it, and hands it back when both messages were exactly framed).
 //!
 //! Each downstream connection resolves its destination's [`Host`] once; a request then checks
 //! out a connection from it (no hashing, no allocation, no task per request): the most recently
@@ -16,6 +19,7 @@
 //! Idle connections older than the idle timeout are closed by the reaper (and skipped on
 //! checkout).
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +38,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::connect::{Connector, Plan};
+use super::mesh::Conn;
 use crate::error::{Chain, ConnectError, Failed};
 use crate::metrics::PoolMetrics;
 use crate::policy::retry::UpstreamBody;
@@ -42,14 +47,55 @@ use crate::policy::retry::UpstreamBody;
 /// another connection (nothing was sent, so this is safe for any method).
 const RESEND_UNSENT: usize = 3;
 
-type Sender = SendRequest<UpstreamBody>;
+pub(crate) type Sender = SendRequest<UpstreamBody>;
+
+/// What the pool keeps of one upstream connection.
+pub(crate) trait Pooled: Sized + Send + 'static {
+    /// Still usable, as far as can be told without waiting (the peer has not closed it).
+    fn alive(&mut self) -> bool;
+    /// Waits until it can take a request (hyper: its previous exchange is wound up); false if it
+    /// cannot.
+    fn ready(&mut self) -> impl Future<Output = bool> + Send;
+    /// Sets a freshly opened connection up for `host` (hyper: the handshake and the
+    /// connection's task).
+    fn establish(
+        stream: Conn,
+        host: &Arc<Host<Self>>,
+    ) -> impl Future<Output = Result<Self, Failed>> + Send;
+}
+
+impl Pooled for Sender {
+    fn alive(&mut self) -> bool {
+        !self.is_closed()
+    }
+
+    async fn ready(&mut self) -> bool {
+        SendRequest::ready(self).await.is_ok()
+    }
+
+    async fn establish(stream: Conn, host: &Arc<Host<Self>>) -> Result<Self, Failed> {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Failed::from_error(&e))?;
+        let owner = Arc::clone(host);
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(destination = %owner.key, error = %Chain(&e), "upstream connection ended");
+            }
+            // Closed while idle (the server's keep-alive timeout, a reset): free its slot now,
+            // not when somebody next looks.
+            owner.prune_closed();
+        });
+        Ok(sender)
+    }
+}
 
 /// One direction's pool.
-pub(crate) struct Pool {
+pub(crate) struct Pool<C: Pooled = Sender> {
     connector: Connector,
     idle_timeout: Duration,
     metrics: PoolMetrics,
-    hosts: Mutex<HashMap<Key, Arc<Host>>>,
+    hosts: Mutex<HashMap<Key, Arc<Host<C>>>>,
 }
 
 /// A destination: an address (interception mode, and IP-literal targets) or a name; and
@@ -71,46 +117,55 @@ impl Key {
 }
 
 /// The connections of one destination.
-pub(crate) struct Host {
+pub(crate) struct Host<C: Pooled = Sender> {
     key: Authority,
     /// The destination policy's `max_connections`, as of the latest downstream connection.
     limit: AtomicUsize,
     idle_timeout: Duration,
     metrics: PoolMetrics,
-    state: Mutex<HostState>,
+    state: Mutex<HostState<C>>,
     /// Mesh TLS or not (part of the key), and how to dial, as of the latest downstream
     /// connection (the identity in force then).
     tls: bool,
     plan: Mutex<Plan>,
 }
 
-impl std::fmt::Debug for Host {
+impl<C: Pooled> std::fmt::Debug for Host<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Host").field("key", &self.key).finish()
     }
 }
 
-#[derive(Default)]
-struct HostState {
+struct HostState<C: Pooled> {
     /// Most recently returned last.
-    idle: Vec<Idle>,
+    idle: Vec<Idle<C>>,
     open: usize,
-    waiters: VecDeque<oneshot::Sender<Grant>>,
+    waiters: VecDeque<oneshot::Sender<Grant<C>>>,
 }
 
-struct Idle {
-    sender: Sender,
+impl<C: Pooled> Default for HostState<C> {
+    fn default() -> Self {
+        HostState {
+            idle: Vec::new(),
+            open: 0,
+            waiters: VecDeque::new(),
+        }
+    }
+}
+
+struct Idle<C: Pooled> {
+    sender: C,
     since: Instant,
 }
 
 /// What a queued request is handed. Both carry their own clean-up: a grant dropped unreceived
 /// (the waiter gave up just after it was sent) passes the connection or slot on, so neither can
 /// leak.
-enum Grant {
+enum Grant<C: Pooled> {
     /// A connection that just became free (a lease marked done: dropped, it goes back).
-    Conn(Lease),
+    Conn(Lease<C>),
     /// A slot under the limit: dial a new connection.
-    Slot(Slot),
+    Slot(Slot<C>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -118,12 +173,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Pool {
+impl<C: Pooled> Pool<C> {
     pub(crate) fn new(
         connector: Connector,
         idle_timeout: Duration,
         metrics: PoolMetrics,
-    ) -> Arc<Pool> {
+    ) -> Arc<Pool<C>> {
         let pool = Arc::new(Pool {
             connector,
             idle_timeout,
@@ -146,7 +201,7 @@ impl Pool {
 
     /// The pool's entry for `authority`, with at most `limit` connections (the destination
     /// policy's; call once per downstream connection, not per request).
-    pub(crate) fn host(&self, authority: &Authority, limit: usize, plan: Plan) -> Arc<Host> {
+    pub(crate) fn host(&self, authority: &Authority, limit: usize, plan: Plan) -> Arc<Host<C>> {
         let tls = plan.is_tls();
         let key = Key::of(authority, tls);
         let limit = limit.max(1);
@@ -169,42 +224,8 @@ impl Pool {
         host
     }
 
-    /// Sends `req` on a connection of `host`; the response body hands the connection back.
-    pub(crate) async fn send(
-        &self,
-        host: &Arc<Host>,
-        mut req: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, Failed> {
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let mut lease = self.checkout(host).await?;
-            let sender = lease.sender.as_mut().expect("a lease holds its connection");
-            match sender.try_send_request(req).await {
-                Ok(resp) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-                    // The connection becomes the tunnel's: never back to the pool.
-                    return Ok(resp.map(|body| PooledBody {
-                        inner: body,
-                        lease: Some(lease),
-                    }));
-                }
-                Ok(resp) => return Ok(resp.map(|body| PooledBody::new(body, lease))),
-                Err(mut e) => {
-                    // The lease is dropped unreturned: the connection closes, its slot moves on.
-                    match e.take_message() {
-                        Some(unsent) if tries < RESEND_UNSENT => {
-                            debug!(destination = %host.key, error = %Chain(e.error()), "connection closed before the request was written; sending on another");
-                            req = unsent;
-                        }
-                        _ => return Err(Failed::from_error(e.error())),
-                    }
-                }
-            }
-        }
-    }
-
     /// A ready connection of `host`: idle, new, or handed over after queueing.
-    async fn checkout(&self, host: &Arc<Host>) -> Result<Lease, Failed> {
+    pub(crate) async fn checkout(&self, host: &Arc<Host<C>>) -> Result<Lease<C>, Failed> {
         let mut waited = false;
         loop {
             let next = {
@@ -252,7 +273,7 @@ impl Pool {
                 .expect("a lease holds its connection")
                 .ready()
                 .await;
-            if ready.is_ok() {
+            if ready {
                 return Ok(lease);
             }
             // Closed while idle: dropping the lease frees its slot; take the next one.
@@ -263,7 +284,7 @@ impl Pool {
     /// the caller gives up while dialling). Callers box this future: it is large (connect,
     /// name lookup, handshake) and rare with a warm pool, and every request's future would
     /// otherwise carry (and move) its space.
-    async fn dial(&self, slot: Slot) -> Result<Lease, Failed> {
+    async fn dial(&self, slot: Slot<C>) -> Result<Lease<C>, Failed> {
         let host = Arc::clone(slot.0.as_ref().expect("an armed slot"));
         let plan = lock(&host.plan).clone();
         let stream = self
@@ -272,38 +293,63 @@ impl Pool {
             .await
             .map_err(|e: ConnectError| Failed::connect(&e))?;
         let reusable = stream.is_mesh() == host.tls;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| Failed::from_error(&e))?;
-        let owner = Arc::clone(&host);
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                debug!(destination = %owner.key, error = %Chain(&e), "upstream connection ended");
-            }
-            // Closed while idle (the server's keep-alive timeout, a reset): free its slot now,
-            // not when somebody next looks.
-            owner.prune_closed();
-        });
+        let sender = C::establish(stream, &host).await?;
         let mut lease = slot.fill(sender);
         lease.reusable = reusable;
         Ok(lease)
     }
 }
 
-enum Next {
-    Idle(Sender),
-    Dial,
-    Wait(oneshot::Receiver<Grant>),
+impl Pool<Sender> {
+    /// Sends `req` on a connection of `host`; the response body hands the connection back.
+    pub(crate) async fn send(
+        &self,
+        host: &Arc<Host>,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, Failed> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut lease = self.checkout(host).await?;
+            let sender = lease.sender.as_mut().expect("a lease holds its connection");
+            match sender.try_send_request(req).await {
+                Ok(resp) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    // The connection becomes the tunnel's: never back to the pool.
+                    return Ok(resp.map(|body| PooledBody {
+                        inner: body,
+                        lease: Some(lease),
+                    }));
+                }
+                Ok(resp) => return Ok(resp.map(|body| PooledBody::new(body, lease))),
+                Err(mut e) => {
+                    // The lease is dropped unreturned: the connection closes, its slot moves on.
+                    match e.take_message() {
+                        Some(unsent) if tries < RESEND_UNSENT => {
+                            debug!(destination = %host.key, error = %Chain(e.error()), "connection closed before the request was written; sending on another");
+                            req = unsent;
+                        }
+                        _ => return Err(Failed::from_error(e.error())),
+                    }
+                }
+            }
+        }
+    }
 }
 
-impl HostState {
+enum Next<C: Pooled> {
+    Idle(C),
+    Dial,
+    Wait(oneshot::Receiver<Grant<C>>),
+}
+
+impl<C: Pooled> HostState<C> {
     /// The most recently used idle connection that is still open and within its idle time;
     /// stale ones are closed on the way (their slots are reused by this caller's own dial or
     /// handed to waiters by the caller's next step, so no waiter exists here: waiters only
     /// queue while nothing is idle).
-    fn pop_idle(&mut self, idle_timeout: Duration, metrics: &PoolMetrics) -> Option<Sender> {
-        while let Some(idle) = self.idle.pop() {
-            if !idle.sender.is_closed() && idle.since.elapsed() < idle_timeout {
+    fn pop_idle(&mut self, idle_timeout: Duration, metrics: &PoolMetrics) -> Option<C> {
+        while let Some(mut idle) = self.idle.pop() {
+            if idle.since.elapsed() < idle_timeout && idle.sender.alive() {
                 return Some(idle.sender);
             }
             self.open -= 1;
@@ -314,10 +360,10 @@ impl HostState {
 
     /// Closes the idle connections that are closed already or `expired`, freeing their slots
     /// (no waiter exists while anything is idle, so the count just drops); returns how many.
-    fn close_idle(&mut self, metrics: &PoolMetrics, expired: impl Fn(&Idle) -> bool) -> usize {
+    fn close_idle(&mut self, metrics: &PoolMetrics, expired: impl Fn(&Idle<C>) -> bool) -> usize {
         let before = self.idle.len();
         self.idle
-            .retain(|idle| !idle.sender.is_closed() && !expired(idle));
+            .retain_mut(|idle| !expired(idle) && idle.sender.alive());
         let gone = before - self.idle.len();
         self.open -= gone;
         metrics.open.sub(gone as i64);
@@ -325,10 +371,10 @@ impl HostState {
     }
 }
 
-impl Host {
+impl<C: Pooled> Host<C> {
     /// Takes back a connection whose exchange completed: to the oldest waiter, else idle.
-    fn put_back(self: &Arc<Self>, sender: Sender) {
-        if sender.is_closed() {
+    fn put_back(self: &Arc<Self>, mut sender: C) {
+        if !sender.alive() {
             return self.free_slot();
         }
         let mut state = lock(&self.state);
@@ -381,10 +427,10 @@ impl Host {
 }
 
 /// A slot held while dialling; freed if the dial fails or is abandoned.
-struct Slot(Option<Arc<Host>>);
+struct Slot<C: Pooled>(Option<Arc<Host<C>>>);
 
-impl Slot {
-    fn fill(mut self, sender: Sender) -> Lease {
+impl<C: Pooled> Slot<C> {
+    fn fill(mut self, sender: C) -> Lease<C> {
         let host = self.0.take().expect("filled once");
         Lease {
             host,
@@ -395,7 +441,7 @@ impl Slot {
     }
 }
 
-impl Drop for Slot {
+impl<C: Pooled> Drop for Slot<C> {
     fn drop(&mut self) {
         if let Some(host) = self.0.take() {
             host.free_slot();
@@ -405,17 +451,17 @@ impl Drop for Slot {
 
 /// A connection checked out for one exchange. Dropped with `done` set (the response was read
 /// to its end), the connection goes back to the pool; otherwise it is closed.
-pub(crate) struct Lease {
-    host: Arc<Host>,
-    sender: Option<Sender>,
+pub(crate) struct Lease<C: Pooled = Sender> {
+    host: Arc<Host<C>>,
+    sender: Option<C>,
     done: bool,
     /// False for a connection not of its host's kind (a plaintext fallback under a mesh host):
     /// closed after its exchange instead of going back.
     reusable: bool,
 }
 
-impl Lease {
-    fn new(host: &Arc<Host>, sender: Sender) -> Lease {
+impl<C: Pooled> Lease<C> {
+    fn new(host: &Arc<Host<C>>, sender: C) -> Lease<C> {
         Lease {
             host: Arc::clone(host),
             sender: Some(sender),
@@ -425,7 +471,20 @@ impl Lease {
     }
 }
 
-impl Drop for Lease {
+impl<C: Pooled> Lease<C> {
+    /// The connection (the native engine reads and writes it directly).
+    pub(crate) fn conn(&mut self) -> &mut C {
+        self.sender.as_mut().expect("a lease holds its connection")
+    }
+
+    /// Both messages of the exchange were exactly framed and wholly transferred: the
+    /// connection goes back to the pool (or to a waiter) when the lease is dropped.
+    pub(crate) fn finish(&mut self) {
+        self.done = true;
+    }
+}
+
+impl<C: Pooled> Drop for Lease<C> {
     fn drop(&mut self) {
         let Some(sender) = self.sender.take() else {
             return;
@@ -501,7 +560,7 @@ impl Body for PooledBody {
 }
 
 /// Every `period`: closes idle connections past the idle timeout and forgets hosts nobody uses.
-async fn reap(pool: Weak<Pool>, period: Duration) {
+async fn reap<C: Pooled>(pool: Weak<Pool<C>>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -527,79 +586,4 @@ async fn reap(pool: Weak<Pool>, period: Duration) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::{PolicyConfig, PolicyStore};
-    use crate::proxy::connect::{Source, Stash};
-    use prometheus::{IntCounter, IntGauge};
-    use tokio::net::TcpListener;
-
-    fn pool() -> Arc<Pool> {
-        let connector = Connector {
-            stash: Arc::new(Stash::default()),
-            policies: Arc::new(PolicyStore::new(&PolicyConfig::default())),
-            source: Source::Any,
-            mesh: crate::proxy::connect::Mesh::disabled(),
-        };
-        let metrics = PoolMetrics {
-            open: IntGauge::new("open", "test").unwrap(),
-            waits: IntCounter::new("waits", "test").unwrap(),
-        };
-        Pool::new(connector, Duration::from_secs(30), metrics)
-    }
-
-    fn counts(host: &Host) -> (usize, usize, usize) {
-        let state = lock(&host.state);
-        (state.open, state.idle.len(), state.waiters.len())
-    }
-
-    #[tokio::test]
-    async fn a_grant_the_waiter_never_took_goes_back_to_the_pool() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        // Accept and hold connections; no request is sent in this test.
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((s, _)) = listener.accept().await {
-                held.push(s);
-            }
-        });
-        let pool = pool();
-        let host = pool.host(
-            &Authority::try_from(addr.to_string()).unwrap(),
-            1,
-            Plan::Plain,
-        );
-        let mut first = pool.checkout(&host).await.expect("dialled");
-        assert_eq!(counts(&host), (1, 0, 0));
-
-        // A second request queues behind the limit...
-        let mut second = Box::pin(pool.checkout(&host));
-        tokio::select! {
-            biased;
-            _ = &mut second => panic!("served past the limit"),
-            () = std::future::ready(()) => {}
-        }
-        assert_eq!(counts(&host), (1, 0, 1));
-        // ...is handed the first connection when it is returned, and gives up before taking it.
-        first.done = true;
-        drop(first);
-        assert_eq!(counts(&host), (1, 0, 0));
-        drop(second);
-        // The connection went back to the pool instead of being lost with the slot.
-        assert_eq!(counts(&host), (1, 1, 0));
-        let third = pool.checkout(&host).await.expect("the idle connection");
-        assert_eq!(counts(&host), (1, 0, 0));
-
-        // Same for a slot: the lease closes, its slot is granted to a waiter that gives up.
-        let mut fourth = Box::pin(pool.checkout(&host));
-        tokio::select! {
-            biased;
-            _ = &mut fourth => panic!("served past the limit"),
-            () = std::future::ready(()) => {}
-        }
-        drop(third);
-        drop(fourth);
-        assert_eq!(counts(&host), (0, 0, 0), "the slot was freed, not leaked");
-    }
-}
+mod tests;

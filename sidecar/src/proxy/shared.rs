@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 use super::config::{ProxyConfig, Resolvers, Telemetry};
 use super::connect::{Connector, Mesh, Predial, Source, Stash};
 use super::h2::H2Upstream;
+use super::mesh::Conn;
 use super::pool::Pool;
 use super::route::{Origin, Route};
 use crate::metrics::access::{Observer, UpstreamName};
@@ -74,6 +75,8 @@ impl Direction {
 /// Inbound and outbound never share connections: inbound ones come from 127.0.0.6.
 pub(crate) struct Egress {
     pub(crate) pool: Arc<Pool>,
+    /// The native HTTP/1 engine's pool: the connections themselves (same limits and metrics).
+    pub(crate) raw: Arc<Pool<Conn>>,
     pub(crate) stash: Arc<Stash>,
     pub(crate) source: Source,
 }
@@ -87,15 +90,17 @@ impl Egress {
         mesh: &Arc<Mesh>,
     ) -> Self {
         let stash = Arc::new(Stash::default());
-        let connector = Connector {
+        let connector = || Connector {
             stash: Arc::clone(&stash),
             policies: Arc::clone(policies),
             source,
             mesh: Arc::clone(mesh),
         };
-        let pool = Pool::new(connector, config.pool_idle_timeout, metrics);
+        let pool = Pool::new(connector(), config.pool_idle_timeout, metrics.clone());
+        let raw = Pool::new(connector(), config.pool_idle_timeout, metrics);
         Egress {
             pool,
+            raw,
             stash,
             source,
         }

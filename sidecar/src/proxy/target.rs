@@ -11,6 +11,7 @@ use tracing::debug;
 use super::config::Http1Engine;
 use super::detect::{client_bytes, wait_until, H2_PREFACE};
 use super::forward::{error_response, forward_h1};
+use super::h1;
 use super::serve::{serve_http, Protocol};
 use super::shared::Shared;
 use crate::error::{Chain, ProxyError};
@@ -37,11 +38,28 @@ pub(crate) async fn serve(
         .target_route
         .as_ref()
         .map(|r| Arc::new(r.for_client(peer)));
-    if !h2 && shared.config.http.http1_engine == Http1Engine::Spike {
-        if let Some(route) = &route {
-            super::spike::serve(&shared, route, client, &observer).await;
+    if !h2 && shared.config.http.http1_engine == Http1Engine::Native {
+        if let Some(route) = route {
+            let egress = &shared.outbound;
+            let host = egress.raw.host(
+                &route.authority,
+                route.dest.policy().max_connections,
+                route.plan.clone(),
+            );
+            let engine = h1::Client {
+                pool: Arc::clone(&egress.raw),
+                host,
+                route,
+                observer,
+                stop: stop.clone(),
+                limit,
+                strict: false,
+                caller: None,
+                dir: crate::metrics::Dir::Inbound,
+                shared: Arc::clone(&shared),
+            };
+            h1::serve(engine, CountedIo::new(client, conn)).await;
         }
-        drop(conn);
         return;
     }
     let svc_shared = Arc::clone(&shared);

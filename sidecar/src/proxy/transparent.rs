@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::authorize::{self, Caller};
+use super::config::Http1Engine;
 use super::connect::{dial_conn, start_dial, Conn, Dialling, Mesh, Plan, Predial, Source};
 use super::detect::{
     classify, client_bytes, client_hello, is_h2_settings_header, looks_like_tls, wait_until,
@@ -47,6 +48,7 @@ use super::detect::{
 };
 use super::forward::error_response;
 use super::forward::{forward_h1, forward_h2};
+use super::h1;
 use super::h2::H2Upstream;
 use super::mesh::Downstream;
 use super::route::{Origin, Resolved, Route};
@@ -469,6 +471,7 @@ impl Detecting {
             deadline = Some(Instant::now() + detect_timeout);
             Upstream::Held
         } else if egress.pool.speaks_http1(dst, plan.is_tls())
+            || egress.raw.speaks_http1(dst, plan.is_tls())
             || (inbound && shared.has_transcode_upstream(dst))
         {
             // (A transcoded gRPC port's calls share one HTTP/2 connection to the app: a
@@ -736,6 +739,38 @@ async fn serve_http_conn<D: Downstream>(
                     .config()
                     .transcoder(dst.port())
                     .is_some();
+            if !transcoding && shared.config.http.http1_engine == Http1Engine::Native {
+                let route = Arc::new(route_for(
+                    &shared,
+                    direction,
+                    authority,
+                    dst,
+                    route_client,
+                    dest,
+                    false,
+                ));
+                let egress = shared.egress(direction);
+                let limit_conns = pool_limit(&shared, direction, &route.dest);
+                let host = egress
+                    .raw
+                    .host(&route.authority, limit_conns, route.plan.clone());
+                // Parked until the pool's connector takes it; removed when this connection ends.
+                let _parked = predial.map(|p| egress.stash.put(dst, p));
+                let engine = h1::Client {
+                    pool: Arc::clone(&egress.raw),
+                    host,
+                    route,
+                    observer,
+                    stop: stop.clone(),
+                    limit,
+                    strict,
+                    caller,
+                    dir: direction.dir(),
+                    shared: Arc::clone(&shared),
+                };
+                h1::serve(engine, client).await;
+                return;
+            }
             let route = Arc::new(route_for(
                 &shared,
                 direction,
@@ -939,12 +974,7 @@ fn route_for(
     });
     Route {
         upstream: http1.then(|| {
-            // Inbound has its own pool, and its own limit: all of its clients share the app.
-            let limit = if outbound {
-                dest.policy().max_connections
-            } else {
-                shared.config.inbound_max_connections
-            };
+            let limit = pool_limit(shared, direction, &dest);
             shared
                 .egress(direction)
                 .pool
@@ -965,6 +995,16 @@ fn route_for(
         // Inbound requests come from other hosts: say who the client was.
         forwarded_for,
         plan,
+    }
+}
+
+/// The most upstream connections a destination's pool entry may have. Inbound has its own pool,
+/// and its own limit: all of its clients share the app.
+fn pool_limit(shared: &Shared, direction: Direction, dest: &Destination) -> usize {
+    if direction == Direction::Outbound {
+        dest.policy().max_connections
+    } else {
+        shared.config.inbound_max_connections
     }
 }
 

@@ -106,13 +106,13 @@ pub struct RunArgs {
     )]
     pub pool_idle_timeout: String,
 
-    /// `--target` mode's HTTP/1 engine: `hyper`, or `spike` (an experiment, for measurement:
-    /// GET and HEAD only, anything else answered 501; see docs/performance.md)
+    /// Who serves HTTP/1 clients: `native` (heads forwarded as their bytes, header case and
+    /// order kept, strict framing) or `hyper` (hyper's server and client)
     #[arg(
         long,
         env = "SIDECAR_HTTP1_ENGINE",
         value_name = "ENGINE",
-        default_value = "hyper"
+        default_value = "native"
     )]
     pub http1_engine: String,
 

@@ -379,7 +379,7 @@ impl Settings {
             errors.push(ConfigError {
                 key: "--http1-engine / SIDECAR_HTTP1_ENGINE".into(),
                 value: args.http1_engine.clone(),
-                problem: "expected hyper or spike".to_owned(),
+                problem: "expected native or hyper".to_owned(),
             });
         }
         let http = match (

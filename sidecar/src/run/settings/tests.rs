@@ -98,7 +98,7 @@ fn defaults() -> RunArgs {
         retry_budget_min_per_second: None,
         detect_timeout: "1s".into(),
         pool_idle_timeout: "30s".into(),
-        http1_engine: "hyper".into(),
+        http1_engine: "native".into(),
         header_timeout: "30s".into(),
         max_header_bytes: "32KiB".into(),
         http2_max_concurrent_streams: "100".into(),

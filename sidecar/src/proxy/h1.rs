@@ -1,0 +1,1273 @@
+//! The native HTTP/1 engine (`--http1-engine native`, the default): one task per client
+//! connection owns the client socket and, for each exchange, the upstream connection it
+//! borrows from the pool, and drives both. Heads are parsed into offsets of the connection's
+//! buffer ([`wire`]) and forwarded as their original bytes (name case and order kept), without
+//! the hop-by-hop lines and with the policy headers appended, in one write; bodies are relayed
+//! as they are framed, re-framed strictly ([`relay`], [`chunked`]). Buffers come from a
+//! per-thread pool and go back when the connection goes idle.
+//!
+//! Everything around the bytes is the hyper engine's: admission (strict mTLS ports,
+//! authorization), the destination and its policies ([`Retrying`]: breaker, request timeout,
+//! retries of idempotent requests with the body kept when small), the local answers and their
+//! error header, the request metrics and access log ([`record`]), and the drain.
+//!
+//! Decided per connection, before any byte is read (so one parser frames every message of a
+//! connection): transcoded gRPC ports keep hyper (their REST side needs the request as a whole).
+//!
+//! Size: about 900 lines. The exchange is one state machine over two sockets; split further,
+//! its steps would pass the same ten values back and forth.
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::authorize::{self, Caller};
+use super::forward::ProxyBody;
+use super::mesh::Conn;
+use super::pool::{Host, Lease, Pool, Pooled};
+use super::route::Route;
+use super::shared::Shared;
+use crate::error::{local_response, Failed, ProxyError};
+use crate::metrics::access::{record, Answer, Head as LogHead, Observer};
+use crate::metrics::{method_label, Dir};
+use crate::policy::exchange::{answer as failed_answer, Retrying};
+use crate::policy::headers::{fresh_request_id, fresh_traceparent, is_valid_traceparent};
+use crate::policy::retry::is_idempotent;
+
+mod chunked;
+mod relay;
+pub(crate) mod wire;
+
+use relay::{Body, Fault, Inbuf, Sink, Source};
+use wire::{Framing, Head, Refusal, Role};
+
+/// The largest response head read from an upstream.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// How often a request whose connection turned out closed before anything was written goes
+/// to another one (nothing was sent: safe for any method).
+const RESEND_UNSENT: u32 = 3;
+
+/// The native engine keeps the connection itself: nothing runs for it while it is idle, so
+/// whether the peer closed it is asked of the socket (a peek that never blocks).
+impl Pooled for Conn {
+    fn alive(&mut self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: a one-byte buffer we own; MSG_PEEK leaves the byte in the socket.
+        let n = unsafe {
+            libc::recv(
+                self.tcp().as_raw_fd(),
+                std::ptr::addr_of_mut!(byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            // Closed by the peer.
+            0 => false,
+            // Bytes nobody asked for: a plaintext server talking out of turn (its next answer
+            // would be read as ours); over mesh TLS, records such as session tickets are normal.
+            1.. => self.is_mesh(),
+            _ => io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock,
+        }
+    }
+
+    async fn ready(&mut self) -> bool {
+        self.alive()
+    }
+
+    async fn establish(stream: Conn, _host: &Arc<Host<Self>>) -> Result<Self, Failed> {
+        Ok(stream)
+    }
+}
+
+/// One client connection, as the engine serves it.
+pub(crate) struct Client {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) route: Arc<Route>,
+    pub(crate) observer: Arc<Observer>,
+    pub(crate) pool: Arc<Pool<Conn>>,
+    pub(crate) host: Arc<Host<Conn>>,
+    /// The drain of the connection's direction.
+    pub(crate) stop: CancellationToken,
+    /// How long a connection that has sent nothing yet when the drain begins gets for its
+    /// first request.
+    pub(crate) limit: Duration,
+    /// A strict mesh TLS port reached in plaintext: only probe paths are served.
+    pub(crate) strict: bool,
+    /// Inbound: who is calling, for authorization.
+    pub(crate) caller: Option<Caller>,
+    pub(crate) dir: Dir,
+}
+
+/// Serves `io` until the client closes, breaks the protocol, or the drain ends it.
+pub(crate) async fn serve<D>(c: Client, mut io: D)
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut inbuf = Inbuf::default();
+    let mut first = true;
+    loop {
+        let head = match read_head(&c, &mut io, &mut inbuf, first).await {
+            Got::Head(head) => head,
+            Got::Closed => break,
+            Got::TimedOut => {
+                c.shared
+                    .telemetry
+                    .metrics
+                    .error(c.dir, ProxyError::DownstreamHeaderTimeout);
+                break;
+            }
+            Got::Refused(err, why) => {
+                // Counted, not recorded as a request: there was no request to speak of.
+                debug!(peer = %c.observer.peer, reason = why, "request refused");
+                c.shared.telemetry.metrics.error(c.dir, err);
+                let unknown = Request {
+                    method: Method::GET,
+                    version: 1,
+                    keep_alive: false,
+                    framing: Framing::Empty,
+                    upgrade: false,
+                    expect_continue: false,
+                };
+                write_error(&mut io, err, None, &unknown, true).await;
+                break;
+            }
+        };
+        first = false;
+        // Boxed: an idle connection's task holds only the loop above, not an exchange's state.
+        let keep = Box::pin(exchange(&c, &mut io, &mut inbuf, head)).await;
+        if !keep || c.stop.is_cancelled() {
+            break;
+        }
+        inbuf.release();
+    }
+    let _ = io.shutdown().await;
+}
+
+enum Got {
+    Head(Head),
+    Closed,
+    TimedOut,
+    Refused(ProxyError, &'static str),
+}
+
+/// Reads the next request head: within the header timeout (an idle kept-alive connection too),
+/// at most `max_header_bytes`. Once the drain begins, a connection that has not sent a byte of
+/// a new request is closed, except that its first request gets `limit` to arrive.
+async fn read_head<D>(c: &Client, io: &mut D, inbuf: &mut Inbuf, first: bool) -> Got
+where
+    D: AsyncRead + Unpin,
+{
+    let limits = &c.shared.config.http;
+    let timeout = tokio::time::sleep(limits.header_timeout);
+    tokio::pin!(timeout);
+    let mut drain: Option<Instant> = None;
+    loop {
+        if !inbuf.is_empty() {
+            match wire::parse_request(inbuf.data()) {
+                Ok(Some(head)) => return Got::Head(head),
+                Ok(None) => {}
+                Err(Refusal::TooManyHeaders) => {
+                    return Got::Refused(ProxyError::DownstreamHeadTooLarge, "too many headers")
+                }
+                Err(r) => return Got::Refused(ProxyError::DownstreamProtocol, r.reason()),
+            }
+            if inbuf.len() >= limits.max_header_bytes
+                || (inbuf.is_full() && !inbuf.grow(limits.max_header_bytes))
+            {
+                return Got::Refused(ProxyError::DownstreamHeadTooLarge, "head too large");
+            }
+        }
+        if drain.is_none() && c.stop.is_cancelled() {
+            if inbuf.is_empty() && !first {
+                return Got::Closed;
+            }
+            drain = Some(Instant::now() + c.limit);
+        }
+        let read = std::future::poll_fn(|cx| inbuf.poll_fill(cx, io));
+        tokio::select! {
+            biased;
+            r = read => match r {
+                Ok(0) | Err(_) => return Got::Closed,
+                Ok(_) => {}
+            },
+            () = &mut timeout => return Got::TimedOut,
+            () = c.stop.cancelled(), if drain.is_none() => {}
+            () = sleep_until(drain) => return Got::Closed,
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a request is, for the exchange and its records.
+struct Request {
+    method: Method,
+    version: u8,
+    keep_alive: bool,
+    framing: Framing,
+    upgrade: bool,
+    expect_continue: bool,
+}
+
+/// One request and its answer; true if the client connection can carry another.
+async fn exchange<D>(c: &Client, io: &mut D, inbuf: &mut Inbuf, head: Head) -> bool
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let label = method_label(&head.method);
+    let log = c.observer.access_log.then(|| log_head(inbuf.data(), &head));
+    let (answer, elapsed, keep) = answer(c, io, inbuf, head, started).await;
+    if let Some(answer) = answer {
+        record(&c.observer, label, log, &answer, elapsed);
+    }
+    keep
+}
+
+/// The access log's view of a request.
+fn log_head(buf: &[u8], head: &Head) -> LogHead {
+    let target = head.target.of(buf);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let (authority, path) = if target.first() == Some(&b'/') || target == b"*" {
+        let path = target.split(|b| *b == b'#').next().unwrap_or(target);
+        let host = head.value(buf, Role::Host).map(text);
+        (host, text(path))
+    } else {
+        match http::Uri::try_from(target) {
+            Ok(uri) => (
+                uri.authority()
+                    .map(|a| a.as_str().to_owned())
+                    .or_else(|| head.value(buf, Role::Host).map(text)),
+                uri.path_and_query()
+                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            ),
+            Err(_) => (None, text(target)),
+        }
+    };
+    LogHead {
+        method: head.method.clone(),
+        authority: authority.unwrap_or_else(|| "-".to_owned()),
+        path,
+    }
+}
+
+/// A local answer's record.
+fn local(err: ProxyError) -> Answer {
+    Answer {
+        status: err.status(),
+        local_error: Some(err),
+        authz: None,
+        grpc: None,
+    }
+}
+
+/// Answers one request: (its record, none if the client went away first; the time to the
+/// response head; keep the connection).
+async fn answer<D>(
+    c: &Client,
+    io: &mut D,
+    inbuf: &mut Inbuf,
+    head: Head,
+    started: Instant,
+) -> (Option<Answer>, Duration, bool)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let req = Request {
+        method: head.method.clone(),
+        version: head.version,
+        keep_alive: head.keep_alive,
+        framing: head.framing,
+        upgrade: head.upgrade,
+        expect_continue: head.expect_continue,
+    };
+    // A local answer leaves the connection usable only if no request body is left unread.
+    let bodiless = req.framing == Framing::Empty;
+
+    // Admission: a strict port's plaintext refusal, then authorization.
+    let mut allowed = None;
+    if c.strict || c.caller.is_some() {
+        let probe_req = admission_request(inbuf.data(), &head);
+        if c.strict && !is_probe(&c.shared, &probe_req) {
+            let keep =
+                write_error(io, ProxyError::InboundMtlsRequired, None, &req, !bodiless).await;
+            return (
+                Some(local(ProxyError::InboundMtlsRequired)),
+                started.elapsed(),
+                keep,
+            );
+        }
+        if let Some(caller) = &c.caller {
+            match authorize::request(&c.shared, caller, &probe_req) {
+                Ok(a) => allowed = a,
+                Err(resp) => {
+                    let (answer, keep) = write_response(io, *resp, &req, !bodiless).await;
+                    return (Some(answer), started.elapsed(), keep);
+                }
+            }
+        }
+    }
+    if head.count(Role::Host) > 1 {
+        // RFC 9112 3.2: a request with more than one Host is invalid; which one a server would
+        // use is anybody's guess (a classic way around host-based routing).
+        debug!(destination = %c.route.authority, "more than one Host header");
+        let keep = write_error(io, ProxyError::ProxyBadRequest, None, &req, !bodiless).await;
+        return (
+            Some(local(ProxyError::ProxyBadRequest)),
+            started.elapsed(),
+            keep,
+        );
+    }
+    if req.method == Method::CONNECT {
+        // A CONNECT at the start of a connection was passed through opaquely by detection; one
+        // in the middle of an HTTP connection cannot be (the bytes before it are gone).
+        debug!(destination = %c.route.authority, "CONNECT inside an HTTP connection");
+        let keep = write_error(io, ProxyError::ProxyUnsupported, None, &req, true).await;
+        return (
+            Some(local(ProxyError::ProxyUnsupported)),
+            started.elapsed(),
+            keep,
+        );
+    }
+    let built = match build_head(inbuf.data(), &head, &c.route) {
+        Ok(b) => b,
+        Err(why) => {
+            debug!(destination = %c.route.authority, error = why, "request cannot be forwarded");
+            let keep = write_error(io, ProxyError::ProxyBadRequest, None, &req, !bodiless).await;
+            return (
+                Some(local(ProxyError::ProxyBadRequest)),
+                started.elapsed(),
+                keep,
+            );
+        }
+    };
+    let dest = c.shared.destination(&c.route, built.host.as_deref());
+    inbuf.consume(head.len);
+    drop(head);
+    let extra = authz_lines(allowed.as_ref());
+    let authz = allowed.as_ref().map(|a| Arc::clone(a.rule()));
+
+    let mut retrying = match Retrying::begin(&dest, is_idempotent(&req.method)) {
+        Ok(r) => r,
+        Err(f) => {
+            let (answer, keep) =
+                write_failed(io, f, &dest, &built.request_id, &req, !bodiless).await;
+            return (Some(answer), started.elapsed(), keep);
+        }
+    };
+    let deadline = Instant::now() + dest.policy().request_timeout;
+    if req.expect_continue && !bodiless {
+        // As hyper's server does when the body is first read: the client may send it now.
+        if io
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return (
+                Some(local(ProxyError::DownstreamBody)),
+                started.elapsed(),
+                false,
+            );
+        }
+    }
+    // The body is kept for a replay when retries are on and it is small and sized.
+    let replay = match req.framing {
+        _ if req.upgrade => None,
+        Framing::Empty => Some(Vec::new()),
+        Framing::Length(n)
+            if retrying.may_replay() && n <= dest.policy().retry.max_body_bytes as u64 =>
+        {
+            match tokio::time::timeout_at(deadline, read_body(io, inbuf, n)).await {
+                Ok(Ok(body)) => Some(body),
+                Ok(Err(e)) => {
+                    // The client's failure: the permit goes unreported.
+                    debug!(error = %e, "reading the request body failed");
+                    return (
+                        Some(local(ProxyError::DownstreamBody)),
+                        started.elapsed(),
+                        false,
+                    );
+                }
+                Err(_) => {
+                    let f = Failed::new(
+                        ProxyError::DownstreamTimeout,
+                        "the request body did not arrive within the request timeout",
+                    );
+                    let (answer, keep) =
+                        write_failed(io, f, &dest, &built.request_id, &req, true).await;
+                    return (Some(answer), started.elapsed(), keep);
+                }
+            }
+        }
+        _ => None,
+    };
+    let (result, body_sent) = match replay {
+        Some(body) => {
+            let attempts = async {
+                loop {
+                    let attempt = retrying.number();
+                    let result = tokio::time::timeout_at(
+                        deadline,
+                        send_replay(c, &built, attempt, &body, &req.method),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(Failed::timeout()));
+                    let outcome = result.as_ref().map(|r| r.status()).map_err(|f| f.err);
+                    if !retrying.again(outcome, deadline).await {
+                        break result;
+                    }
+                }
+            };
+            // A client that goes away gives the exchange up: its upstream connection closes
+            // (as hyper's server drops the request's future).
+            // The client first: gone, it gets no answer even if one has just arrived.
+            tokio::select! {
+                biased;
+                () = client_gone(io, inbuf) => {
+                    // Not recorded: nobody got an answer (as when hyper drops the request).
+                    debug!(destination = %c.route.authority, "the client closed before the answer");
+                    return (None, started.elapsed(), false);
+                }
+                result = attempts => (result, true),
+            }
+        }
+        None => {
+            let (mut sent, mut gone) = (false, false);
+            let result = tokio::time::timeout_at(
+                deadline,
+                send_streaming(c, io, inbuf, &built, &req, &mut sent, &mut gone),
+            )
+            .await
+            .unwrap_or_else(|_| Err(Failed::timeout()));
+            if gone {
+                // Given up, as below: not an answer, not an outcome.
+                debug!(destination = %c.route.authority, "the client closed before the answer");
+                return (None, started.elapsed(), false);
+            }
+            retrying.last(result.as_ref().map(|r| r.status()).map_err(|f| f.err));
+            (result, sent)
+        }
+    };
+    let elapsed = started.elapsed();
+    let reply = match result {
+        Ok(reply) => reply,
+        Err(f) => {
+            let (answer, keep) =
+                write_failed(io, f, &dest, &built.request_id, &req, !body_sent).await;
+            return (Some(answer), elapsed, keep);
+        }
+    };
+    let status = reply.status();
+    let answer = Answer {
+        status,
+        local_error: None,
+        authz,
+        grpc: None,
+    };
+    let keep = relay_reply(c, io, inbuf, reply, &req, body_sent, &extra, &dest).await;
+    (Some(answer), elapsed, keep)
+}
+
+/// The parts of a request admission looks at (method, path, content type), as an
+/// `http::Request` for the code both engines share.
+fn admission_request(buf: &[u8], head: &Head) -> http::Request<()> {
+    let mut req = http::Request::new(());
+    *req.method_mut() = head.method.clone();
+    let target = head.target.of(buf);
+    let path = if target.first() == Some(&b'/') {
+        target
+    } else {
+        b"/"
+    };
+    if let Ok(uri) = http::Uri::try_from(path) {
+        *req.uri_mut() = uri;
+    }
+    if let Some(ct) = head
+        .lines
+        .iter()
+        .find(|l| name_is(l.line.of(buf), b"content-type"))
+    {
+        if let Ok(v) = HeaderValue::from_bytes(ct.value.of(buf)) {
+            req.headers_mut().insert(http::header::CONTENT_TYPE, v);
+        }
+    }
+    req
+}
+
+fn is_probe(shared: &Shared, req: &http::Request<()>) -> bool {
+    shared
+        .policies
+        .load()
+        .config()
+        .inbound
+        .is_probe(req.method(), req.uri().path())
+}
+
+/// True if a header line's name is `name` (ASCII case-insensitive).
+fn name_is(line: &[u8], name: &[u8]) -> bool {
+    line.len() > name.len()
+        && line[name.len()] == b':'
+        && line[..name.len()].eq_ignore_ascii_case(name)
+}
+
+/// The `x-sidecar-authz-rule` line of an allowed request, when rules are exposed.
+fn authz_lines(allowed: Option<&authorize::Allowed>) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(a) = allowed {
+        if a.exposed() && HeaderValue::from_str(a.rule()).is_ok() {
+            out.extend_from_slice(b"x-sidecar-authz-rule: ");
+            out.extend_from_slice(a.rule().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out
+}
+
+/// The upstream request head, built once: `base` (request line and every line but the
+/// client's `x-sidecar-attempt`), then the attempt lines, then the final CRLF.
+struct Built {
+    base: Vec<u8>,
+    /// The client's own `x-sidecar-attempt` lines (sent on the first attempt only; retries
+    /// say which attempt they are instead).
+    client_attempt: Vec<u8>,
+    request_id: HeaderValue,
+    /// The request's authority (`Host`, or an absolute-form target's), for name rules.
+    host: Option<String>,
+}
+
+fn push_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Builds the upstream head: the request line in origin-form (under the route's prefix), the
+/// client's lines as they came minus the hop-by-hop ones, `Host` if there was none, the policy
+/// headers (see `crate::policy::headers::apply`, which the hyper engine uses) and the framing.
+fn build_head(buf: &[u8], head: &Head, route: &Route) -> Result<Built, &'static str> {
+    let mut out = Vec::with_capacity(head.len + 256);
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = head.target.of(buf);
+    let mut authority: Option<String> = None;
+    let origin: &[u8];
+    let owned;
+    if target.first() == Some(&b'/') || target == b"*" {
+        origin = target.split(|b| *b == b'#').next().unwrap_or(target);
+    } else {
+        let uri = http::Uri::try_from(target).map_err(|_| "invalid request target")?;
+        authority = uri.authority().map(|a| a.as_str().to_owned());
+        owned = uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+        origin = owned.as_bytes();
+    }
+    if let Some(prefix) = &route.prefix {
+        if origin != b"*" {
+            out.extend_from_slice(prefix.as_bytes());
+        }
+    }
+    out.extend_from_slice(origin);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+
+    let forwarded = route.forwarded_for.as_ref();
+    let mut request_id = None;
+    let first_id_empty = head
+        .lines
+        .iter()
+        .find(|l| l.role == Role::RequestId)
+        .map(|l| l.value.of(buf).is_empty());
+    let traceparents = head.count(Role::Traceparent);
+    let trace_ok = traceparents == 1
+        && head
+            .value(buf, Role::Traceparent)
+            .is_some_and(is_valid_traceparent);
+    let mut earlier_xff: Vec<&[u8]> = Vec::new();
+    let mut has_proto = false;
+    let mut host = None;
+    let mut client_attempt = Vec::new();
+    for line in &head.lines {
+        let bytes = line.line.of(buf);
+        let keep = match line.role {
+            Role::Plain | Role::ContentLength => true,
+            Role::HopByHop => false,
+            Role::Upgrade => head.upgrade,
+            Role::Host => {
+                host.get_or_insert(line.value.of(buf));
+                true
+            }
+            Role::Expect => true,
+            Role::RequestId => {
+                if first_id_empty == Some(false) {
+                    request_id.get_or_insert(line.value.of(buf));
+                    true
+                } else {
+                    false
+                }
+            }
+            Role::Traceparent | Role::Tracestate => trace_ok,
+            Role::ForwardedBy => false,
+            Role::ForwardedFor => {
+                if forwarded.is_some() {
+                    let v = trim_ows(line.value.of(buf));
+                    if !v.is_empty() {
+                        earlier_xff.push(v);
+                    }
+                    false
+                } else {
+                    true
+                }
+            }
+            Role::ForwardedProto => {
+                has_proto = true;
+                true
+            }
+            Role::ClientCert => forwarded.is_none(),
+            Role::Attempt => {
+                client_attempt.extend_from_slice(bytes);
+                client_attempt.extend_from_slice(b"\r\n");
+                false
+            }
+        };
+        if keep {
+            out.extend_from_slice(bytes);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    let host: Option<String> = match host {
+        Some(h) => Some(String::from_utf8_lossy(h).into_owned()),
+        None => {
+            // HTTP/2-style or HTTP/1.0 requests without Host: the authority names it.
+            let a = authority
+                .clone()
+                .unwrap_or_else(|| route.authority.as_str().to_owned());
+            push_line(&mut out, b"host", a.as_bytes());
+            Some(a)
+        }
+    };
+    push_line(&mut out, b"x-forwarded-by", b"sidecar");
+    let request_id = match request_id {
+        Some(id) => HeaderValue::from_bytes(id).unwrap_or_else(|_| fresh_request_id()),
+        None => {
+            let id = fresh_request_id();
+            push_line(&mut out, b"x-request-id", id.as_bytes());
+            id
+        }
+    };
+    if !trace_ok {
+        push_line(&mut out, b"traceparent", fresh_traceparent().as_bytes());
+    }
+    if let Some(client) = forwarded {
+        if let Some(cert) = client.client_cert() {
+            push_line(&mut out, b"x-forwarded-client-cert", cert.as_bytes());
+        }
+        out.extend_from_slice(b"x-forwarded-for: ");
+        for earlier in &earlier_xff {
+            out.extend_from_slice(earlier);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(client.addr().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        push_line(&mut out, b"forwarded", client.element().as_bytes());
+        if !has_proto {
+            push_line(&mut out, b"x-forwarded-proto", b"http");
+        }
+    }
+    if head.framing == Framing::Chunked {
+        push_line(&mut out, b"transfer-encoding", b"chunked");
+    }
+    if head.upgrade {
+        push_line(&mut out, b"connection", b"upgrade");
+    }
+    Ok(Built {
+        base: out,
+        client_attempt,
+        request_id,
+        host,
+    })
+}
+
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |e| e + 1);
+    &v[start..end.max(start)]
+}
+
+/// Resolves when the client closes its side (or fails) while its request is in flight; what it
+/// sends meanwhile (a pipelined request) is kept for later. Never resolves once the buffer is
+/// full.
+async fn client_gone<D: AsyncRead + Unpin>(io: &mut D, inbuf: &mut Inbuf) {
+    std::future::poll_fn(|cx| loop {
+        if inbuf.is_full() {
+            return Poll::Pending;
+        }
+        match std::task::ready!(inbuf.poll_fill(cx, io)) {
+            Ok(0) | Err(_) => return Poll::Ready(()),
+            Ok(_) => {}
+        }
+    })
+    .await;
+}
+
+/// Reads a sized request body whole (to send it again if need be).
+async fn read_body<D>(io: &mut D, inbuf: &mut Inbuf, n: u64) -> io::Result<Vec<u8>>
+where
+    D: AsyncRead + Unpin,
+{
+    let n = n as usize;
+    let mut body = Vec::with_capacity(n);
+    loop {
+        let take = (n - body.len()).min(inbuf.len());
+        body.extend_from_slice(&inbuf.data()[..take]);
+        inbuf.consume(take);
+        if body.len() == n {
+            return Ok(body);
+        }
+        let got = std::future::poll_fn(|cx| inbuf.poll_fill(cx, io)).await?;
+        if got == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// An upstream's answer: its head, the connection it came on, and what was read past the head.
+struct Reply {
+    lease: Lease<Conn>,
+    ubuf: Inbuf,
+    head: Head,
+}
+
+impl Reply {
+    fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.head.status).unwrap_or(StatusCode::BAD_GATEWAY)
+    }
+}
+
+/// One attempt with the whole request in memory: head and body in one write, then the answer's
+/// head. A connection found closed before anything was written is replaced (up to
+/// [`RESEND_UNSENT`] times).
+async fn send_replay(
+    c: &Client,
+    built: &Built,
+    attempt: u32,
+    body: &[u8],
+    method: &Method,
+) -> Result<Reply, Failed> {
+    let number;
+    let attempt_line: &[u8] = if attempt > 1 {
+        number = format!("x-sidecar-attempt: {attempt}\r\n");
+        number.as_bytes()
+    } else {
+        &built.client_attempt
+    };
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut lease = c.pool.checkout(&c.host).await?;
+        let mut parts = [
+            IoSlice::new(&built.base),
+            IoSlice::new(attempt_line),
+            IoSlice::new(b"\r\n"),
+            IoSlice::new(body),
+        ];
+        match write_vectored_all(lease.conn(), &mut parts).await {
+            Ok(()) => {}
+            Err((e, 0)) if tries < RESEND_UNSENT => {
+                debug!(destination = %c.route.authority, error = %e, "connection closed before the request was written; sending on another");
+                continue;
+            }
+            Err((e, _)) => return Err(Failed::from_error(&e)),
+        }
+        let mut ubuf = Inbuf::default();
+        let head =
+            std::future::poll_fn(|cx| poll_reply_head(cx, &mut ubuf, lease.conn(), method)).await?;
+        return Ok(Reply { lease, ubuf, head });
+    }
+}
+
+/// One attempt whose request body is relayed from the client as it arrives, while the answer's
+/// head is awaited (an upstream may answer before the body is complete). `sent` says whether the
+/// whole body went out.
+async fn send_streaming<D>(
+    c: &Client,
+    io: &mut D,
+    inbuf: &mut Inbuf,
+    built: &Built,
+    req: &Request,
+    sent: &mut bool,
+    gone: &mut bool,
+) -> Result<Reply, Failed>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    if req.framing == Framing::Chunked {
+        // What of the body is here already is checked before anything goes upstream: a
+        // broken body then never leaves the upstream with half a request.
+        let mut probe = chunked::Decoder::default();
+        if let Err(why) = probe.decode(inbuf.data(), |_| {}) {
+            return Err(Failed::new(ProxyError::DownstreamBody, why));
+        }
+    }
+    let mut lease = c.pool.checkout(&c.host).await?;
+    let mut parts = [
+        IoSlice::new(&built.base),
+        IoSlice::new(&built.client_attempt),
+        IoSlice::new(b"\r\n"),
+    ];
+    write_vectored_all(lease.conn(), &mut parts)
+        .await
+        .map_err(|(e, _)| Failed::from_error(&e))?;
+    let mut body = match req.framing {
+        Framing::Length(n) => Some(Body::new(Source::Length(n), Sink::Same)),
+        Framing::Chunked => Some(Body::new(
+            Source::Chunked(Default::default()),
+            Sink::Chunked,
+        )),
+        Framing::Empty | Framing::UntilClose => None,
+    };
+    *sent = body.is_none();
+    let mut upstream_gone = false;
+    let mut ubuf = Inbuf::default();
+    let up = lease.conn();
+    let head = std::future::poll_fn(|cx| {
+        if let Some(b) = body.as_mut().filter(|_| !*sent && !upstream_gone) {
+            match b.poll_relay(cx, inbuf, io, up) {
+                Poll::Ready(Ok(())) => *sent = true,
+                // The upstream stopped reading: it may have answered already.
+                Poll::Ready(Err(Fault::Write(e))) => {
+                    debug!(error = %e, "the upstream stopped reading the request body");
+                    upstream_gone = true;
+                }
+                Poll::Ready(Err(Fault::Read(e))) => {
+                    return Poll::Ready(Err(Failed::new(
+                        ProxyError::DownstreamBody,
+                        format!("reading the request body: {e}"),
+                    )))
+                }
+                Poll::Ready(Err(Fault::Framing(why))) => {
+                    return Poll::Ready(Err(Failed::new(ProxyError::DownstreamBody, why)))
+                }
+                Poll::Pending => {}
+            }
+        }
+        while *sent && !inbuf.is_full() {
+            // The client going away gives the exchange up (see `client_gone`).
+            match inbuf.poll_fill(cx, io) {
+                Poll::Ready(Ok(0) | Err(_)) => {
+                    *gone = true;
+                    return Poll::Ready(Err(Failed::new(
+                        ProxyError::DownstreamBody,
+                        "the client closed before the answer",
+                    )));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => break,
+            }
+        }
+        poll_reply_head(cx, &mut ubuf, up, &req.method)
+    })
+    .await?;
+    drop(body);
+    Ok(Reply { lease, ubuf, head })
+}
+
+/// Reads an answer's head (interim 1xx answers other than 101 are read and dropped, as
+/// hyper's client does).
+fn poll_reply_head(
+    cx: &mut std::task::Context<'_>,
+    ubuf: &mut Inbuf,
+    up: &mut Conn,
+    method: &Method,
+) -> Poll<Result<Head, Failed>> {
+    loop {
+        if !ubuf.is_empty() {
+            match wire::parse_response(ubuf.data(), method) {
+                Ok(Some(head)) if head.status < 200 && head.status != 101 => {
+                    ubuf.consume(head.len);
+                    continue;
+                }
+                Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                Ok(None) => {}
+                Err(r) => {
+                    return Poll::Ready(Err(Failed::new(ProxyError::UpstreamProtocol, r.reason())))
+                }
+            }
+            if ubuf.is_full() && !ubuf.grow(MAX_RESPONSE_HEAD) {
+                return Poll::Ready(Err(Failed::new(
+                    ProxyError::UpstreamProtocol,
+                    "response head too large",
+                )));
+            }
+        }
+        match std::task::ready!(ubuf.poll_fill(cx, up)) {
+            Ok(0) => {
+                return Poll::Ready(Err(Failed::new(
+                    ProxyError::UpstreamClosed,
+                    "connection closed before a complete response head",
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Poll::Ready(Err(Failed::from_error(&e))),
+        }
+    }
+}
+
+/// Writes all of `parts`; on failure, the error and how many bytes had gone out.
+async fn write_vectored_all<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut parts: &mut [IoSlice<'_>],
+) -> Result<(), (io::Error, usize)> {
+    let mut written = 0;
+    while !parts.is_empty() {
+        if parts[0].is_empty() {
+            parts = &mut parts[1..];
+            continue;
+        }
+        match w.write_vectored(parts).await {
+            Ok(0) => return Err((io::ErrorKind::WriteZero.into(), written)),
+            Ok(n) => {
+                written += n;
+                IoSlice::advance_slices(&mut parts, n);
+            }
+            Err(e) => return Err((e, written)),
+        }
+    }
+    w.flush().await.map_err(|e| (e, written))
+}
+
+/// Relays the answer: its head (status line, the upstream's lines minus the hop-by-hop ones,
+/// the framing the client gets) and its body; a `101` becomes a tunnel. True if the client
+/// connection can carry another request.
+#[allow(clippy::too_many_arguments)]
+async fn relay_reply<D>(
+    c: &Client,
+    io: &mut D,
+    inbuf: &mut Inbuf,
+    reply: Reply,
+    req: &Request,
+    body_sent: bool,
+    extra: &[u8],
+    dest: &crate::policy::Destination,
+) -> bool
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let Reply {
+        mut lease,
+        mut ubuf,
+        head,
+    } = reply;
+    let client_11 = req.version == 1;
+    if head.status == 101 {
+        if !req.upgrade {
+            // Not asked for: hyper's client refuses it too.
+            let f = Failed::new(
+                ProxyError::UpstreamProtocol,
+                "101 without an upgrade request",
+            );
+            let id = fresh_request_id();
+            let _ = write_failed(io, f, dest, &id, req, true).await;
+            return false;
+        }
+        let mut out = Vec::with_capacity(256);
+        status_line(&mut out, ubuf.data(), &head);
+        for line in &head.lines {
+            if matches!(line.role, Role::HopByHop) {
+                continue;
+            }
+            out.extend_from_slice(line.line.of(ubuf.data()));
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(extra);
+        out.extend_from_slice(b"connection: upgrade\r\n\r\n");
+        ubuf.consume(head.len);
+        if io.write_all(&out).await.is_err() {
+            return false;
+        }
+        tunnel(
+            io,
+            inbuf,
+            lease.conn(),
+            &mut ubuf,
+            dest.policy().idle_timeout,
+        )
+        .await;
+        return false;
+    }
+    // The client's framing: chunked where the upstream's was, or was close-delimited (an
+    // HTTP/1.1 client keeps its connection); an HTTP/1.0 client gets the data close-delimited.
+    let (source, sink) = match head.framing {
+        Framing::Empty => (None, Sink::Same),
+        Framing::Length(n) => (Some(Source::Length(n)), Sink::Same),
+        Framing::Chunked if client_11 => (Some(Source::Chunked(Default::default())), Sink::Chunked),
+        Framing::Chunked => (Some(Source::Chunked(Default::default())), Sink::Plain),
+        Framing::UntilClose if client_11 => (Some(Source::UntilClose), Sink::Chunked),
+        Framing::UntilClose => (Some(Source::UntilClose), Sink::Same),
+    };
+    let close_delimited =
+        sink == Sink::Plain || (sink == Sink::Same && matches!(source, Some(Source::UntilClose)));
+    let keep_client = req.keep_alive && body_sent && !close_delimited && !c.stop.is_cancelled();
+    let mut out = Vec::with_capacity(head.len + 64);
+    status_line(&mut out, ubuf.data(), &head);
+    for line in &head.lines {
+        if matches!(line.role, Role::HopByHop | Role::Upgrade) {
+            continue;
+        }
+        out.extend_from_slice(line.line.of(ubuf.data()));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(extra);
+    if sink == Sink::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !keep_client {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if !client_11 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let upstream_keep = head.keep_alive;
+    ubuf.consume(head.len);
+    let relayed = match source {
+        None => io.write_all(&out).await.is_ok(),
+        Some(source) => {
+            // A whole sized body already here: head and body in one write.
+            if let Source::Length(n) = source {
+                if ubuf.len() as u64 >= n {
+                    let n = n as usize;
+                    let mut parts = [IoSlice::new(&out), IoSlice::new(&ubuf.data()[..n])];
+                    let ok = write_vectored_all(io, &mut parts).await.is_ok();
+                    ubuf.consume(n);
+                    finish(&mut lease, &ubuf, upstream_keep && body_sent && ok);
+                    return ok && keep_client;
+                }
+            }
+            if io.write_all(&out).await.is_err() {
+                return false;
+            }
+            let mut body = Body::new(source, sink);
+            let up = lease.conn();
+            match std::future::poll_fn(|cx| body.poll_relay(cx, &mut ubuf, up, io)).await {
+                Ok(()) => true,
+                Err(fault) => {
+                    debug!(destination = %c.route.authority, ?fault, "response body relay ended early");
+                    false
+                }
+            }
+        }
+    };
+    finish(&mut lease, &ubuf, upstream_keep && body_sent && relayed);
+    relayed && keep_client
+}
+
+/// Hands the upstream connection back to the pool if its exchange ended exactly: both messages
+/// framed and wholly transferred, nothing more sent by the upstream.
+fn finish(lease: &mut Lease<Conn>, ubuf: &Inbuf, clean: bool) {
+    if clean && ubuf.is_empty() {
+        lease.finish();
+    }
+}
+
+/// `HTTP/1.1 <status> <reason>`: the upstream's reason phrase, else the standard one.
+fn status_line(out: &mut Vec<u8>, buf: &[u8], head: &Head) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa3(head.status).as_slice());
+    out.push(b' ');
+    let reason = head.reason.of(buf);
+    if reason.is_empty() {
+        let canonical = StatusCode::from_u16(head.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        out.extend_from_slice(canonical.as_bytes());
+    } else {
+        out.extend_from_slice(reason);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa3(n: u16) -> [u8; 3] {
+    [
+        b'0' + (n / 100 % 10) as u8,
+        b'0' + (n / 10 % 10) as u8,
+        b'0' + (n % 10) as u8,
+    ]
+}
+
+/// After a `101`: bytes both ways until both sides are done, or nothing moved for `idle`.
+async fn tunnel<D>(io: &mut D, inbuf: &mut Inbuf, up: &mut Conn, ubuf: &mut Inbuf, idle: Duration)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut to_up = Body::new(Source::Tunnel, Sink::Same);
+    let mut to_client = Body::new(Source::Tunnel, Sink::Same);
+    let (mut up_done, mut down_done) = (false, false);
+    let mut moved = 0u64;
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    let result = std::future::poll_fn(|cx| {
+        if !up_done {
+            match to_up.poll_relay(cx, inbuf, io, up) {
+                Poll::Ready(Ok(())) => up_done = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        if !down_done {
+            match to_client.poll_relay(cx, ubuf, up, io) {
+                Poll::Ready(Ok(())) => down_done = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        if up_done && down_done {
+            return Poll::Ready(Ok(()));
+        }
+        let now_moved = to_up.moved + to_client.moved;
+        if now_moved != moved {
+            moved = now_moved;
+            sleep.as_mut().reset(Instant::now() + idle);
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(Fault::Read(io::ErrorKind::TimedOut.into())));
+        }
+        Poll::Pending
+    })
+    .await;
+    match result {
+        Ok(()) => debug!(
+            bytes_up = to_up.moved,
+            bytes_down = to_client.moved,
+            "upgraded connection closed"
+        ),
+        Err(e) => debug!(error = ?e, "upgraded connection ended"),
+    }
+}
+
+/// Writes a local answer for `err`; true if the connection can go on.
+async fn write_error<D>(
+    io: &mut D,
+    err: ProxyError,
+    request_id: Option<&HeaderValue>,
+    req: &Request,
+    unread_body: bool,
+) -> bool
+where
+    D: AsyncWrite + Unpin,
+{
+    let mut resp = local_response(err);
+    if let Some(id) = request_id {
+        resp.headers_mut()
+            .insert(crate::policy::headers::X_REQUEST_ID.clone(), id.clone());
+    }
+    let (_, keep) = write_response(
+        io,
+        resp.map(http_body_util::Either::Right),
+        req,
+        unread_body,
+    )
+    .await;
+    keep
+}
+
+/// Writes the local answer to a failed request (see `crate::policy::exchange::answer`).
+async fn write_failed<D>(
+    io: &mut D,
+    f: Failed,
+    dest: &crate::policy::Destination,
+    request_id: &HeaderValue,
+    req: &Request,
+    unread_body: bool,
+) -> (Answer, bool)
+where
+    D: AsyncWrite + Unpin,
+{
+    let resp = failed_answer(f, dest, request_id);
+    write_response(
+        io,
+        resp.map(http_body_util::Either::Right),
+        req,
+        unread_body,
+    )
+    .await
+}
+
+/// Writes an answer the proxy made (its body is in memory); its record, and true if the
+/// connection can go on (the client keeps it alive and no request body is left unread).
+async fn write_response<D>(
+    io: &mut D,
+    resp: http::Response<ProxyBody>,
+    req: &Request,
+    unread_body: bool,
+) -> (Answer, bool)
+where
+    D: AsyncWrite + Unpin,
+{
+    let (parts, body) = resp.into_parts();
+    let answer = Answer {
+        status: parts.status,
+        local_error: parts.extensions.get::<ProxyError>().copied(),
+        authz: parts
+            .extensions
+            .get::<crate::metrics::access::AuthzRule>()
+            .map(|r| Arc::clone(&r.0)),
+        grpc: None,
+    };
+    let body: Bytes = match body {
+        http_body_util::Either::Right(full) => full
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default(),
+        http_body_util::Either::Left(_) => Bytes::new(),
+    };
+    let keep = req.keep_alive && !unread_body;
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa3(parts.status.as_u16()).as_slice());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        push_line(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    push_line(
+        &mut out,
+        b"content-length",
+        body.len().to_string().as_bytes(),
+    );
+    if !keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if req.version == 0 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if req.method != Method::HEAD {
+        out.extend_from_slice(&body);
+    }
+    let ok = io.write_all(&out).await.is_ok() && io.flush().await.is_ok();
+    (answer, keep && ok)
+}
