@@ -17,6 +17,8 @@ mod drain_tests;
 mod flow_tests;
 mod forward;
 mod h1;
+#[cfg(test)]
+mod h1_tests;
 mod h2;
 #[cfg(test)]
 mod h2_abuse_tests;

@@ -300,11 +300,19 @@ where
     // A local answer leaves the connection usable only if no request body is left unread.
     let bodiless = req.framing == Framing::Empty;
 
+    // Everything needed of the head's bytes is taken now: then they are consumed, whatever the
+    // answer (a local one included), so the connection's next request starts at the front.
+    let admission =
+        (c.strict || c.caller.is_some()).then(|| admission_request(inbuf.data(), &head));
+    let hosts = head.count(Role::Host);
+    let built = build_head(inbuf.data(), &head, &c.route);
+    inbuf.consume(head.len);
+    drop(head);
+
     // Admission: a strict port's plaintext refusal, then authorization.
     let mut allowed = None;
-    if c.strict || c.caller.is_some() {
-        let probe_req = admission_request(inbuf.data(), &head);
-        if c.strict && !is_probe(&c.shared, &probe_req) {
+    if let Some(probe_req) = &admission {
+        if c.strict && !is_probe(&c.shared, probe_req) {
             let keep =
                 write_error(io, ProxyError::InboundMtlsRequired, None, &req, !bodiless).await;
             return (
@@ -314,7 +322,7 @@ where
             );
         }
         if let Some(caller) = &c.caller {
-            match authorize::request(&c.shared, caller, &probe_req) {
+            match authorize::request(&c.shared, caller, probe_req) {
                 Ok(a) => allowed = a,
                 Err(resp) => {
                     let (answer, keep) = write_response(io, *resp, &req, !bodiless).await;
@@ -323,7 +331,7 @@ where
             }
         }
     }
-    if head.count(Role::Host) > 1 {
+    if hosts > 1 {
         // RFC 9112 3.2: a request with more than one Host is invalid; which one a server would
         // use is anybody's guess (a classic way around host-based routing).
         debug!(destination = %c.route.authority, "more than one Host header");
@@ -345,7 +353,7 @@ where
             keep,
         );
     }
-    let built = match build_head(inbuf.data(), &head, &c.route) {
+    let built = match built {
         Ok(b) => b,
         Err(why) => {
             debug!(destination = %c.route.authority, error = why, "request cannot be forwarded");
@@ -358,8 +366,6 @@ where
         }
     };
     let dest = c.shared.destination(&c.route, built.host.as_deref());
-    inbuf.consume(head.len);
-    drop(head);
     let extra = authz_lines(allowed.as_ref());
     let authz = allowed.as_ref().map(|a| Arc::clone(a.rule()));
 
