@@ -18,6 +18,8 @@ mod flow_tests;
 mod forward;
 mod h1;
 #[cfg(test)]
+mod h1_differential_tests;
+#[cfg(test)]
 mod h1_tests;
 mod h2;
 #[cfg(test)]
@@ -78,6 +80,9 @@ pub struct Proxy {
     active: [Arc<ActiveConns>; 2],
     max_connections: usize,
     policies: Arc<PolicyStore>,
+    /// What its connections share (the engine tests serve a scripted client with it).
+    #[cfg(test)]
+    shared: Arc<Shared>,
 }
 
 impl Proxy {
@@ -319,6 +324,8 @@ pub async fn start_observed(
         active,
         max_connections,
         policies: Arc::clone(&shared.policies),
+        #[cfg(test)]
+        shared: Arc::clone(&shared),
     })
 }
 

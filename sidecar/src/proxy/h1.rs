@@ -90,6 +90,22 @@ impl Pooled for Conn {
     }
 }
 
+/// Counts the data bytes of a chunked body (tests of other modules read what the engine sent).
+#[cfg(test)]
+pub(crate) fn wire_test_decoder() -> impl FnMut(&[u8], &mut usize) {
+    let mut d = chunked::Decoder::default();
+    move |bytes, count| {
+        let used = d
+            .decode(bytes, |e| {
+                if let chunked::Event::Data(s, e) = e {
+                    *count += e - s;
+                }
+            })
+            .expect("strictly chunked");
+        assert!(d.is_done() && used == bytes.len(), "ends exactly");
+    }
+}
+
 /// One client connection, as the engine serves it.
 pub(crate) struct Client {
     pub(crate) shared: Arc<Shared>,
@@ -392,45 +408,71 @@ where
             );
         }
     }
-    // The body is kept for a replay when retries are on and it is small and sized.
-    let replay = match req.framing {
-        _ if req.upgrade => None,
-        Framing::Empty => Some(Vec::new()),
-        Framing::Length(n)
-            if retrying.may_replay() && n <= dest.policy().retry.max_body_bytes as u64 =>
-        {
-            match tokio::time::timeout_at(deadline, read_body(io, inbuf, n)).await {
-                Ok(Ok(body)) => Some(body),
-                Ok(Err(e)) => {
-                    // The client's failure: the permit goes unreported.
-                    debug!(error = %e, "reading the request body failed");
-                    return (
-                        Some(local(ProxyError::DownstreamBody)),
-                        started.elapsed(),
-                        false,
-                    );
-                }
-                Err(_) => {
-                    let f = Failed::new(
-                        ProxyError::DownstreamTimeout,
-                        "the request body did not arrive within the request timeout",
-                    );
-                    let (answer, keep) =
-                        write_failed(io, f, &dest, &built.request_id, &req, true).await;
-                    return (Some(answer), started.elapsed(), keep);
-                }
-            }
+    // How the body goes: kept whole (then it can be sent again) when it is empty, sized and
+    // small with retries on, or chunked and ending within the same limit (then it is checked
+    // whole before anything is sent, and goes as `content-length`); otherwise relayed as it
+    // arrives.
+    let max = dest.policy().retry.max_body_bytes;
+    let read = match req.framing {
+        // An upgrade is one attempt, its body (rare) relayed before the tunnel.
+        Framing::Length(n) if req.upgrade => Ok(Ok(Plan::Stream(
+            Some(Body::new(Source::Length(n), Sink::Same)),
+            &[][..],
+        ))),
+        Framing::Chunked if req.upgrade => Ok(Ok(Plan::Stream(
+            Some(Body::new(
+                Source::Chunked(Default::default()),
+                Sink::Chunked,
+            )),
+            b"transfer-encoding: chunked\r\n",
+        ))),
+        _ if req.upgrade => Ok(Ok(Plan::Stream(None, &[][..]))),
+        Framing::Empty | Framing::UntilClose => Ok(Ok(Plan::Replay(Vec::new(), None))),
+        Framing::Length(n) if retrying.may_replay() && n <= max as u64 => {
+            tokio::time::timeout_at(deadline, read_body(io, inbuf, n))
+                .await
+                .map(|r| r.map(|body| Plan::Replay(body, None)))
         }
-        _ => None,
+        Framing::Length(n) => Ok(Ok(Plan::Stream(
+            Some(Body::new(Source::Length(n), Sink::Same)),
+            &[][..],
+        ))),
+        Framing::Chunked => tokio::time::timeout_at(deadline, read_chunked(io, inbuf, max)).await,
+    };
+    let plan = match read {
+        Ok(Ok(plan)) => plan,
+        Ok(Err(e)) => {
+            // The client's failure: the permit goes unreported.
+            debug!(error = %e, "reading the request body failed");
+            let f = Failed::new(
+                ProxyError::DownstreamBody,
+                format!("reading the request body: {e}"),
+            );
+            let (answer, _) = write_failed(io, f, &dest, &built.request_id, &req, true).await;
+            return (Some(answer), started.elapsed(), false);
+        }
+        Err(_) => {
+            let f = Failed::new(
+                ProxyError::DownstreamTimeout,
+                "the request body did not arrive within the request timeout",
+            );
+            let (answer, keep) = write_failed(io, f, &dest, &built.request_id, &req, true).await;
+            return (Some(answer), started.elapsed(), keep);
+        }
+    };
+    let (replay, streamed) = match plan {
+        Plan::Replay(body, framing) => (Some((body, framing)), None),
+        Plan::Stream(body, framing) => (None, Some((body, framing))),
     };
     let (result, body_sent) = match replay {
-        Some(body) => {
+        Some((body, framing)) => {
+            let framing = framing.as_deref().unwrap_or_default();
             let attempts = async {
                 loop {
                     let attempt = retrying.number();
                     let result = tokio::time::timeout_at(
                         deadline,
-                        send_replay(c, &built, attempt, &body, &req.method),
+                        send_replay(c, &built, framing, attempt, &body, &req.method),
                     )
                     .await
                     .unwrap_or_else(|_| Err(Failed::timeout()));
@@ -454,10 +496,21 @@ where
             }
         }
         None => {
+            let (body, framing) = streamed.unwrap_or((None, &[][..]));
             let (mut sent, mut gone) = (false, false);
             let result = tokio::time::timeout_at(
                 deadline,
-                send_streaming(c, io, inbuf, &built, &req, &mut sent, &mut gone),
+                send_streaming(
+                    c,
+                    io,
+                    inbuf,
+                    &built,
+                    framing,
+                    body,
+                    &req.method,
+                    &mut sent,
+                    &mut gone,
+                ),
             )
             .await
             .unwrap_or_else(|_| Err(Failed::timeout()));
@@ -696,9 +749,6 @@ fn build_head(buf: &[u8], head: &Head, route: &Route) -> Result<Built, &'static 
             push_line(&mut out, b"x-forwarded-proto", b"http");
         }
     }
-    if head.framing == Framing::Chunked {
-        push_line(&mut out, b"transfer-encoding", b"chunked");
-    }
     if head.upgrade {
         push_line(&mut out, b"connection", b"upgrade");
     }
@@ -736,6 +786,46 @@ async fn client_gone<D: AsyncRead + Unpin>(io: &mut D, inbuf: &mut Inbuf) {
         }
     })
     .await;
+}
+
+/// How a request body goes upstream.
+enum Plan {
+    /// Read whole: sent with each attempt, after this framing line (none: the client's own).
+    Replay(Vec<u8>, Option<Vec<u8>>),
+    /// Relayed as it arrives (if there is one), after this framing line.
+    Stream(Option<Body>, &'static [u8]),
+}
+
+/// Reads a chunked request body whole if it ends within `max` bytes of data: then it is sent
+/// with `content-length`. A longer one is relayed, re-chunked, from where the reading stopped.
+async fn read_chunked<D>(io: &mut D, inbuf: &mut Inbuf, max: usize) -> io::Result<Plan>
+where
+    D: AsyncRead + Unpin,
+{
+    let mut decoder = chunked::Decoder::default();
+    let mut decoded = Vec::new();
+    loop {
+        let data = inbuf.data();
+        let used = decoder
+            .decode(data, |e| {
+                if let chunked::Event::Data(s, e) = e {
+                    decoded.extend_from_slice(&data[s..e]);
+                }
+            })
+            .map_err(|why| io::Error::new(io::ErrorKind::InvalidData, why))?;
+        inbuf.consume(used);
+        if decoder.is_done() {
+            let line = format!("content-length: {}\r\n", decoded.len()).into_bytes();
+            return Ok(Plan::Replay(decoded, Some(line)));
+        }
+        if decoded.len() > max {
+            let body = Body::resumed(decoder, &decoded);
+            return Ok(Plan::Stream(Some(body), b"transfer-encoding: chunked\r\n"));
+        }
+        if std::future::poll_fn(|cx| inbuf.poll_fill(cx, io)).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
 }
 
 /// Reads a sized request body whole (to send it again if need be).
@@ -778,6 +868,7 @@ impl Reply {
 async fn send_replay(
     c: &Client,
     built: &Built,
+    framing: &[u8],
     attempt: u32,
     body: &[u8],
     method: &Method,
@@ -795,6 +886,7 @@ async fn send_replay(
         let mut lease = c.pool.checkout(&c.host).await?;
         let mut parts = [
             IoSlice::new(&built.base),
+            IoSlice::new(framing),
             IoSlice::new(attempt_line),
             IoSlice::new(b"\r\n"),
             IoSlice::new(body),
@@ -814,46 +906,34 @@ async fn send_replay(
     }
 }
 
-/// One attempt whose request body is relayed from the client as it arrives, while the answer's
-/// head is awaited (an upstream may answer before the body is complete). `sent` says whether the
-/// whole body went out.
+/// One attempt whose request body (if any) is relayed from the client as it arrives, while the
+/// answer's head is awaited (an upstream may answer before the body is complete). `sent` says
+/// whether the whole body went out; `gone`, that the client closed while waiting.
+#[allow(clippy::too_many_arguments)]
 async fn send_streaming<D>(
     c: &Client,
     io: &mut D,
     inbuf: &mut Inbuf,
     built: &Built,
-    req: &Request,
+    framing: &[u8],
+    mut body: Option<Body>,
+    method: &Method,
     sent: &mut bool,
     gone: &mut bool,
 ) -> Result<Reply, Failed>
 where
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    if req.framing == Framing::Chunked {
-        // What of the body is here already is checked before anything goes upstream: a
-        // broken body then never leaves the upstream with half a request.
-        let mut probe = chunked::Decoder::default();
-        if let Err(why) = probe.decode(inbuf.data(), |_| {}) {
-            return Err(Failed::new(ProxyError::DownstreamBody, why));
-        }
-    }
     let mut lease = c.pool.checkout(&c.host).await?;
     let mut parts = [
         IoSlice::new(&built.base),
+        IoSlice::new(framing),
         IoSlice::new(&built.client_attempt),
         IoSlice::new(b"\r\n"),
     ];
     write_vectored_all(lease.conn(), &mut parts)
         .await
         .map_err(|(e, _)| Failed::from_error(&e))?;
-    let mut body = match req.framing {
-        Framing::Length(n) => Some(Body::new(Source::Length(n), Sink::Same)),
-        Framing::Chunked => Some(Body::new(
-            Source::Chunked(Default::default()),
-            Sink::Chunked,
-        )),
-        Framing::Empty | Framing::UntilClose => None,
-    };
     *sent = body.is_none();
     let mut upstream_gone = false;
     let mut ubuf = Inbuf::default();
@@ -893,7 +973,7 @@ where
                 Poll::Pending => break,
             }
         }
-        poll_reply_head(cx, &mut ubuf, up, &req.method)
+        poll_reply_head(cx, &mut ubuf, up, method)
     })
     .await?;
     drop(body);

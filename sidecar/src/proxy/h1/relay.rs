@@ -193,6 +193,8 @@ pub(crate) struct Body {
     /// Re-framed bytes waiting to be written: `staged[at..]`.
     staged: Vec<u8>,
     at: usize,
+    /// Decoded chunk data of one read, before it is framed.
+    scratch: Vec<u8>,
     /// Bytes at the front of the sender's buffer to be written as they are.
     pass: usize,
     /// The whole body has been read (the bytes may still be on their way out).
@@ -204,12 +206,25 @@ pub(crate) struct Body {
 }
 
 impl Body {
+    /// A chunked body some of which was read already: `decoded` goes out first (as one chunk),
+    /// then the rest as `decoder` finds it.
+    pub(crate) fn resumed(decoder: Decoder, decoded: &[u8]) -> Body {
+        let mut body = Body::new(Source::Chunked(decoder), Sink::Chunked);
+        if !decoded.is_empty() {
+            chunked::size_line(&mut body.staged, decoded.len() as u64);
+            body.staged.extend_from_slice(decoded);
+            body.staged.extend_from_slice(b"\r\n");
+        }
+        body
+    }
+
     pub(crate) fn new(source: Source, sink: Sink) -> Body {
         Body {
             source,
             sink,
             staged: Vec::new(),
             at: 0,
+            scratch: Vec::new(),
             pass: 0,
             read_all: false,
             shut: false,
@@ -311,24 +326,32 @@ impl Body {
                 }
             }
             Source::Chunked(decoder) => {
-                let sink = self.sink;
-                let staged = &mut self.staged;
-                let mut moved = 0u64;
+                // What one read decodes leaves as one chunk, whatever the sender's chunk sizes
+                // (only the data is forwarded; a decoder picked up mid-chunk is fine).
+                let mut decoded = std::mem::take(&mut self.scratch);
+                decoded.clear();
                 let used = decoder
-                    .decode(data, |event| match (event, sink) {
-                        (Event::Data(s, e), _) => {
-                            moved += (e - s) as u64;
-                            staged.extend_from_slice(&data[s..e]);
+                    .decode(data, |event| {
+                        if let Event::Data(s, e) = event {
+                            decoded.extend_from_slice(&data[s..e]);
                         }
-                        (Event::Chunk(n), Sink::Chunked) => chunked::size_line(staged, n),
-                        (Event::ChunkEnd, Sink::Chunked) => staged.extend_from_slice(b"\r\n"),
-                        (Event::End, Sink::Chunked) => {
-                            staged.extend_from_slice(chunked::LAST_CHUNK);
-                        }
-                        _ => {}
                     })
                     .map_err(Fault::Framing)?;
-                self.moved += moved;
+                self.moved += decoded.len() as u64;
+                match self.sink {
+                    Sink::Chunked => {
+                        if !decoded.is_empty() {
+                            chunked::size_line(&mut self.staged, decoded.len() as u64);
+                            self.staged.extend_from_slice(&decoded);
+                            self.staged.extend_from_slice(b"\r\n");
+                        }
+                        if decoder.is_done() {
+                            self.staged.extend_from_slice(chunked::LAST_CHUNK);
+                        }
+                    }
+                    _ => self.staged.extend_from_slice(&decoded),
+                }
+                self.scratch = decoded;
                 self.read_all = decoder.is_done();
                 inbuf.consume(used);
             }
@@ -376,7 +399,22 @@ mod tests {
                 step,
             )
             .await;
-            assert_eq!(out, b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", "step {step}");
+            // Re-chunked as it was read: the same data, strictly framed, ending exactly.
+            let mut again = Vec::new();
+            let mut d = Decoder::default();
+            let used = d
+                .decode(&out, |e| {
+                    if let Event::Data(s, e) = e {
+                        again.extend_from_slice(&out[s..e]);
+                    }
+                })
+                .unwrap();
+            assert!(d.is_done() && used == out.len(), "step {step}: {out:?}");
+            assert_eq!(again, b"abcde", "step {step}");
+            assert!(
+                !out.windows(2).any(|w| w == b";x"),
+                "no extensions: {out:?}"
+            );
             assert!(b"NEXT".starts_with(&rest), "step {step}: {rest:?}");
             let (out, _) = relay(
                 Source::Chunked(Decoder::default()),
