@@ -186,7 +186,7 @@ async fn native(proxy: &Proxy, pieces: Vec<Vec<u8>>) -> Vec<u8> {
         limit: Duration::from_secs(1),
         strict: false,
         caller: None,
-        dir: crate::metrics::Dir::Inbound,
+        dir: Dir::Inbound,
     };
     let out = Arc::new(Mutex::new(Vec::new()));
     let io = Scripted {
