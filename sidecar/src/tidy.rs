@@ -65,7 +65,8 @@ const PROXY_LAYERS: &[&[&str]] = &[
     &["h2"],
     &["shared"],
     &["forward"],
-    &["serve", "authorize", "transcode", "spike"],
+    &["serve", "authorize", "transcode"],
+    &["h1"],
     &["transparent", "target"],
 ];
 
