@@ -30,8 +30,8 @@ fn hex_into(out: &mut [u8], mut value: u128) {
     }
 }
 
-/// A random UUID (version 4, RFC 9562) as `x-request-id` value; 36 bytes built on the stack.
-fn new_request_id(random: u128) -> HeaderValue {
+/// A random UUID (version 4, RFC 9562) as `x-request-id` value, built on the stack.
+fn request_id_bytes(random: u128) -> [u8; 36] {
     // Version 4 in bits 76..80, variant 0b10 in bits 62..64.
     let id = (random & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
     let mut buf = [b'-'; 36];
@@ -40,8 +40,13 @@ fn new_request_id(random: u128) -> HeaderValue {
     hex_into(&mut buf[14..18], id >> 64);
     hex_into(&mut buf[19..23], id >> 48);
     hex_into(&mut buf[24..36], id);
+    buf
+}
+
+fn new_request_id(random: u128) -> HeaderValue {
     // Only hex digits and dashes: always a valid header value.
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    HeaderValue::from_bytes(&request_id_bytes(random))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// A new `x-request-id` value (for engines that write header lines themselves).
@@ -49,8 +54,13 @@ pub fn fresh_request_id() -> HeaderValue {
     new_request_id(fastrand::u128(..))
 }
 
-/// A new `traceparent` value: a trace rooted here (see [`ensure_traceparent`]).
-pub fn fresh_traceparent() -> HeaderValue {
+/// [`fresh_request_id`]'s bytes, without a heap copy.
+pub fn fresh_request_id_bytes() -> [u8; 36] {
+    request_id_bytes(fastrand::u128(..))
+}
+
+/// A new `traceparent` value's bytes: a trace rooted here (see [`ensure_traceparent`]).
+pub fn fresh_traceparent_bytes() -> [u8; 55] {
     let trace = loop {
         let t = fastrand::u128(..);
         if t != 0 {
@@ -61,7 +71,13 @@ pub fn fresh_traceparent() -> HeaderValue {
     let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
     hex_into(&mut buf[3..35], trace);
     hex_into(&mut buf[36..52], u128::from(parent));
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    buf
+}
+
+/// A new `traceparent` value: a trace rooted here (see [`ensure_traceparent`]).
+pub fn fresh_traceparent() -> HeaderValue {
+    HeaderValue::from_bytes(&fresh_traceparent_bytes())
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Keeps the request's `x-request-id` or adds a new one; returns the value in force (for the

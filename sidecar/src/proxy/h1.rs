@@ -19,6 +19,7 @@
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -27,8 +28,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
 use super::authorize::{self, Caller};
@@ -41,7 +42,9 @@ use crate::error::{local_response, Failed, ProxyError};
 use crate::metrics::access::{record, Answer, Head as LogHead, Observer};
 use crate::metrics::{method_label, Dir};
 use crate::policy::exchange::{answer as failed_answer, Retrying};
-use crate::policy::headers::{fresh_request_id, fresh_traceparent, is_valid_traceparent};
+use crate::policy::headers::{
+    fresh_request_id, fresh_request_id_bytes, fresh_traceparent_bytes, is_valid_traceparent,
+};
 use crate::policy::retry::is_idempotent;
 
 mod chunked;
@@ -60,29 +63,49 @@ const RESEND_UNSENT: u32 = 3;
 /// The native engine keeps the connection itself: nothing runs for it while it is idle, so
 /// whether the peer closed it is asked of the socket (a peek that never blocks).
 impl Pooled for Conn {
+    /// No task watches an idle connection: the reaper's look (no syscall unless the socket
+    /// became readable) frees the slot of one the upstream closed within a second.
+    const REAP_EVERY: Duration = Duration::from_secs(1);
+
     fn alive(&mut self) -> bool {
-        let mut byte = 0u8;
-        // SAFETY: a one-byte buffer we own; MSG_PEEK leaves the byte in the socket.
-        let n = unsafe {
-            libc::recv(
-                self.tcp().as_raw_fd(),
-                std::ptr::addr_of_mut!(byte).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        match n {
+        // Asked of the socket only if the reactor saw it become readable since our last read
+        // (tokio clears readiness after a read that drained the socket): usually no syscall.
+        let fd = self.tcp().as_raw_fd();
+        let peeked = self.tcp().try_io(tokio::io::Interest::READABLE, || {
+            let mut byte = 0u8;
+            // SAFETY: a one-byte buffer we own; MSG_PEEK leaves the byte in the socket.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    std::ptr::addr_of_mut!(byte).cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n)
+            }
+        });
+        match peeked {
             // Closed by the peer.
-            0 => false,
+            Ok(0) => false,
             // Bytes nobody asked for: a plaintext server talking out of turn (its next answer
             // would be read as ours); over mesh TLS, records such as session tickets are normal.
-            1.. => self.is_mesh(),
-            _ => io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock,
+            Ok(_) => self.is_mesh(),
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
         }
     }
 
+    fn returned(&mut self) -> bool {
+        // Just read to the end of its answer: it is checked when next checked out.
+        true
+    }
+
     async fn ready(&mut self) -> bool {
-        self.alive()
+        // Checked when it was taken from the idle list; a new one is ready.
+        true
     }
 
     async fn establish(stream: Conn, _host: &Arc<Host<Self>>) -> Result<Self, Failed> {
@@ -132,8 +155,23 @@ where
 {
     let mut inbuf = Inbuf::default();
     let mut first = true;
+    // One timer for the connection: the header timeout, then each exchange's deadline; and
+    // one registration with the drain.
+    let timer = tokio::time::sleep(c.shared.config.http.header_timeout);
+    tokio::pin!(timer);
+    let stopped = c.stop.clone().cancelled_owned();
+    tokio::pin!(stopped);
     loop {
-        let head = match read_head(&c, &mut io, &mut inbuf, first).await {
+        let head = match read_head(
+            &c,
+            &mut io,
+            &mut inbuf,
+            first,
+            timer.as_mut(),
+            stopped.as_mut(),
+        )
+        .await
+        {
             Got::Head(head) => head,
             Got::Closed => break,
             Got::TimedOut => {
@@ -161,7 +199,7 @@ where
         };
         first = false;
         // Boxed: an idle connection's task holds only the loop above, not an exchange's state.
-        let keep = Box::pin(exchange(&c, &mut io, &mut inbuf, head)).await;
+        let keep = Box::pin(exchange(&c, &mut io, &mut inbuf, head, timer.as_mut())).await;
         if !keep || c.stop.is_cancelled() {
             break;
         }
@@ -180,13 +218,21 @@ enum Got {
 /// Reads the next request head: within the header timeout (an idle kept-alive connection too),
 /// at most `max_header_bytes`. Once the drain begins, a connection that has not sent a byte of
 /// a new request is closed, except that its first request gets `limit` to arrive.
-async fn read_head<D>(c: &Client, io: &mut D, inbuf: &mut Inbuf, first: bool) -> Got
+async fn read_head<D>(
+    c: &Client,
+    io: &mut D,
+    inbuf: &mut Inbuf,
+    first: bool,
+    mut timeout: Pin<&mut Sleep>,
+    mut stopped: Pin<&mut WaitForCancellationFutureOwned>,
+) -> Got
 where
     D: AsyncRead + Unpin,
 {
     let limits = &c.shared.config.http;
-    let timeout = tokio::time::sleep(limits.header_timeout);
-    tokio::pin!(timeout);
+    timeout
+        .as_mut()
+        .reset(Instant::now() + limits.header_timeout);
     let mut drain: Option<Instant> = None;
     loop {
         if !inbuf.is_empty() {
@@ -217,10 +263,24 @@ where
                 Ok(0) | Err(_) => return Got::Closed,
                 Ok(_) => {}
             },
-            () = &mut timeout => return Got::TimedOut,
-            () = c.stop.cancelled(), if drain.is_none() => {}
+            () = timeout.as_mut() => return Got::TimedOut,
+            () = stopped.as_mut(), if drain.is_none() => {}
             () = sleep_until(drain) => return Got::Closed,
         }
+    }
+}
+
+/// `fut` until `deadline`, on the connection's timer (`Err` when it passes first).
+async fn within<F: Future>(
+    mut timer: Pin<&mut Sleep>,
+    deadline: Instant,
+    fut: F,
+) -> Result<F::Output, ()> {
+    timer.as_mut().reset(deadline);
+    tokio::select! {
+        biased;
+        out = fut => Ok(out),
+        () = timer => Err(()),
     }
 }
 
@@ -242,14 +302,20 @@ struct Request {
 }
 
 /// One request and its answer; true if the client connection can carry another.
-async fn exchange<D>(c: &Client, io: &mut D, inbuf: &mut Inbuf, head: Head) -> bool
+async fn exchange<D>(
+    c: &Client,
+    io: &mut D,
+    inbuf: &mut Inbuf,
+    head: Head,
+    timer: Pin<&mut Sleep>,
+) -> bool
 where
     D: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
     let label = method_label(&head.method);
     let log = c.observer.access_log.then(|| log_head(inbuf.data(), &head));
-    let (answer, elapsed, keep) = answer(c, io, inbuf, head, started).await;
+    let (answer, elapsed, keep) = answer(c, io, inbuf, head, started, timer).await;
     if let Some(answer) = answer {
         record(&c.observer, label, log, &answer, elapsed);
     }
@@ -301,6 +367,7 @@ async fn answer<D>(
     inbuf: &mut Inbuf,
     head: Head,
     started: Instant,
+    mut timer: Pin<&mut Sleep>,
 ) -> (Option<Answer>, Duration, bool)
 where
     D: AsyncRead + AsyncWrite + Unpin,
@@ -322,6 +389,10 @@ where
         (c.strict || c.caller.is_some()).then(|| admission_request(inbuf.data(), &head));
     let hosts = head.count(Role::Host);
     let built = build_head(inbuf.data(), &head, &c.route);
+    let dest = c.shared.destination(
+        &c.route,
+        Some(&request_authority(inbuf.data(), &head, &c.route)),
+    );
     inbuf.consume(head.len);
     drop(head);
 
@@ -381,7 +452,6 @@ where
             );
         }
     };
-    let dest = c.shared.destination(&c.route, built.host.as_deref());
     let extra = authz_lines(allowed.as_ref());
     let authz = allowed.as_ref().map(|a| Arc::clone(a.rule()));
 
@@ -389,11 +459,11 @@ where
         Ok(r) => r,
         Err(f) => {
             let (answer, keep) =
-                write_failed(io, f, &dest, &built.request_id, &req, !bodiless).await;
+                write_failed(io, f, &dest, &built.request_id(), &req, !bodiless).await;
             return (Some(answer), started.elapsed(), keep);
         }
     };
-    let deadline = Instant::now() + dest.policy().request_timeout;
+    let deadline = started + dest.policy().request_timeout;
     if req.expect_continue && !bodiless {
         // As hyper's server does when the body is first read: the client may send it now.
         if io
@@ -429,7 +499,7 @@ where
         _ if req.upgrade => Ok(Ok(Plan::Stream(None, &[][..]))),
         Framing::Empty | Framing::UntilClose => Ok(Ok(Plan::Replay(Vec::new(), None))),
         Framing::Length(n) if retrying.may_replay() && n <= max as u64 => {
-            tokio::time::timeout_at(deadline, read_body(io, inbuf, n))
+            within(timer.as_mut(), deadline, read_body(io, inbuf, n))
                 .await
                 .map(|r| r.map(|body| Plan::Replay(body, None)))
         }
@@ -437,7 +507,7 @@ where
             Some(Body::new(Source::Length(n), Sink::Same)),
             &[][..],
         ))),
-        Framing::Chunked => tokio::time::timeout_at(deadline, read_chunked(io, inbuf, max)).await,
+        Framing::Chunked => within(timer.as_mut(), deadline, read_chunked(io, inbuf, max)).await,
     };
     let plan = match read {
         Ok(Ok(plan)) => plan,
@@ -448,7 +518,7 @@ where
                 ProxyError::DownstreamBody,
                 format!("reading the request body: {e}"),
             );
-            let (answer, _) = write_failed(io, f, &dest, &built.request_id, &req, true).await;
+            let (answer, _) = write_failed(io, f, &dest, &built.request_id(), &req, true).await;
             return (Some(answer), started.elapsed(), false);
         }
         Err(_) => {
@@ -456,7 +526,7 @@ where
                 ProxyError::DownstreamTimeout,
                 "the request body did not arrive within the request timeout",
             );
-            let (answer, keep) = write_failed(io, f, &dest, &built.request_id, &req, true).await;
+            let (answer, keep) = write_failed(io, f, &dest, &built.request_id(), &req, true).await;
             return (Some(answer), started.elapsed(), keep);
         }
     };
@@ -470,7 +540,8 @@ where
             let attempts = async {
                 loop {
                     let attempt = retrying.number();
-                    let result = tokio::time::timeout_at(
+                    let result = within(
+                        timer.as_mut(),
                         deadline,
                         send_replay(c, &built, framing, attempt, &body, &req.method),
                     )
@@ -498,7 +569,8 @@ where
         None => {
             let (body, framing) = streamed.unwrap_or((None, &[][..]));
             let (mut sent, mut gone) = (false, false);
-            let result = tokio::time::timeout_at(
+            let result = within(
+                timer.as_mut(),
                 deadline,
                 send_streaming(
                     c,
@@ -528,7 +600,7 @@ where
         Ok(reply) => reply,
         Err(f) => {
             let (answer, keep) =
-                write_failed(io, f, &dest, &built.request_id, &req, !body_sent).await;
+                write_failed(io, f, &dest, &built.request_id(), &req, !body_sent).await;
             return (Some(answer), elapsed, keep);
         }
     };
@@ -601,13 +673,22 @@ fn authz_lines(allowed: Option<&authorize::Allowed>) -> Vec<u8> {
 /// The upstream request head, built once: `base` (request line and every line but the
 /// client's `x-sidecar-attempt`), then the attempt lines, then the final CRLF.
 struct Built {
-    base: Vec<u8>,
+    base: relay::Scratch,
     /// The client's own `x-sidecar-attempt` lines (sent on the first attempt only; retries
     /// say which attempt they are instead).
     client_attempt: Vec<u8>,
-    request_id: HeaderValue,
-    /// The request's authority (`Host`, or an absolute-form target's), for name rules.
-    host: Option<String>,
+    /// The request's `x-request-id` as the client sent it, or the one added (the local answer
+    /// to a failed request carries it).
+    client_id: Option<HeaderValue>,
+    fresh_id: [u8; 36],
+}
+
+impl Built {
+    fn request_id(&self) -> HeaderValue {
+        self.client_id.clone().unwrap_or_else(|| {
+            HeaderValue::from_bytes(&self.fresh_id).unwrap_or_else(|_| fresh_request_id())
+        })
+    }
 }
 
 fn push_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -621,7 +702,7 @@ fn push_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// client's lines as they came minus the hop-by-hop ones, `Host` if there was none, the policy
 /// headers (see `crate::policy::headers::apply`, which the hyper engine uses) and the framing.
 fn build_head(buf: &[u8], head: &Head, route: &Route) -> Result<Built, &'static str> {
-    let mut out = Vec::with_capacity(head.len + 256);
+    let mut out = relay::scratch();
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     let target = head.target.of(buf);
@@ -710,28 +791,22 @@ fn build_head(buf: &[u8], head: &Head, route: &Route) -> Result<Built, &'static 
             out.extend_from_slice(b"\r\n");
         }
     }
-    let host: Option<String> = match host {
-        Some(h) => Some(String::from_utf8_lossy(h).into_owned()),
-        None => {
-            // HTTP/2-style or HTTP/1.0 requests without Host: the authority names it.
-            let a = authority
-                .clone()
-                .unwrap_or_else(|| route.authority.as_str().to_owned());
-            push_line(&mut out, b"host", a.as_bytes());
-            Some(a)
-        }
-    };
+    if host.is_none() {
+        // HTTP/1.0 requests without Host: the authority names it.
+        let a = authority.as_deref().unwrap_or(route.authority.as_str());
+        push_line(&mut out, b"host", a.as_bytes());
+    }
     push_line(&mut out, b"x-forwarded-by", b"sidecar");
-    let request_id = match request_id {
-        Some(id) => HeaderValue::from_bytes(id).unwrap_or_else(|_| fresh_request_id()),
+    let fresh_id = fresh_request_id_bytes();
+    let client_id = match request_id {
+        Some(id) => Some(HeaderValue::from_bytes(id).unwrap_or_else(|_| fresh_request_id())),
         None => {
-            let id = fresh_request_id();
-            push_line(&mut out, b"x-request-id", id.as_bytes());
-            id
+            push_line(&mut out, b"x-request-id", &fresh_id);
+            None
         }
     };
     if !trace_ok {
-        push_line(&mut out, b"traceparent", fresh_traceparent().as_bytes());
+        push_line(&mut out, b"traceparent", &fresh_traceparent_bytes());
     }
     if let Some(client) = forwarded {
         if let Some(cert) = client.client_cert() {
@@ -755,9 +830,34 @@ fn build_head(buf: &[u8], head: &Head, route: &Route) -> Result<Built, &'static 
     Ok(Built {
         base: out,
         client_attempt,
-        request_id,
-        host,
+        client_id,
+        fresh_id,
     })
+}
+
+/// The request's authority, for the destination's name rules: `Host`, an absolute-form
+/// target's, else the route's (as the hyper engine's `Host` insertion makes it).
+fn request_authority<'a>(
+    buf: &'a [u8],
+    head: &Head,
+    route: &'a Route,
+) -> std::borrow::Cow<'a, str> {
+    if let Some(host) = head
+        .value(buf, Role::Host)
+        .and_then(|h| std::str::from_utf8(h).ok())
+    {
+        return std::borrow::Cow::Borrowed(host);
+    }
+    let target = head.target.of(buf);
+    if target.first() != Some(&b'/') && target != b"*" {
+        if let Some(a) = http::Uri::try_from(target)
+            .ok()
+            .and_then(|u| u.authority().cloned())
+        {
+            return std::borrow::Cow::Owned(a.as_str().to_owned());
+        }
+    }
+    std::borrow::Cow::Borrowed(route.authority.as_str())
 }
 
 fn trim_ows(v: &[u8]) -> &[u8] {
@@ -1116,7 +1216,7 @@ where
     let close_delimited =
         sink == Sink::Plain || (sink == Sink::Same && matches!(source, Some(Source::UntilClose)));
     let keep_client = req.keep_alive && body_sent && !close_delimited && !c.stop.is_cancelled();
-    let mut out = Vec::with_capacity(head.len + 64);
+    let mut out = relay::scratch();
     status_line(&mut out, ubuf.data(), &head);
     for line in &head.lines {
         if matches!(line.role, Role::HopByHop | Role::Upgrade) {

@@ -53,6 +53,14 @@ pub(crate) type Sender = SendRequest<UpstreamBody>;
 pub(crate) trait Pooled: Sized + Send + 'static {
     /// Still usable, as far as can be told without waiting (the peer has not closed it).
     fn alive(&mut self) -> bool;
+    /// How soon an idle connection the peer closed is noticed without a checkout: hyper's
+    /// connections have a task that sees it at once; others only when the reaper looks.
+    const REAP_EVERY: Duration = Duration::from_secs(30);
+    /// Whether a connection handed back after an exact exchange goes to the idle list (or a
+    /// waiter): [`Pooled::alive`] unless checking on checkout is enough.
+    fn returned(&mut self) -> bool {
+        self.alive()
+    }
     /// Waits until it can take a request (hyper: its previous exchange is wound up); false if it
     /// cannot.
     fn ready(&mut self) -> impl Future<Output = bool> + Send;
@@ -187,7 +195,7 @@ impl<C: Pooled> Pool<C> {
         });
         // Closes idle connections past their timeout and forgets unused hosts; ends with the pool.
         let weak = Arc::downgrade(&pool);
-        let period = idle_timeout.clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let period = idle_timeout.clamp(Duration::from_millis(100), C::REAP_EVERY);
         tokio::spawn(reap(weak, period));
         pool
     }
@@ -374,7 +382,7 @@ impl<C: Pooled> HostState<C> {
 impl<C: Pooled> Host<C> {
     /// Takes back a connection whose exchange completed: to the oldest waiter, else idle.
     fn put_back(self: &Arc<Self>, mut sender: C) {
-        if !sender.alive() {
+        if !sender.returned() {
             return self.free_slot();
         }
         let mut state = lock(&self.state);

@@ -21,6 +21,49 @@ const KEEP: usize = 64;
 
 thread_local! {
     static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A vector to build a head in, from the thread's spares (no allocation per message); it goes
+/// back when dropped.
+pub(crate) struct Scratch(Vec<u8>);
+
+pub(crate) fn scratch() -> Scratch {
+    Scratch(
+        SCRATCH
+            .with(|f| f.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(1024)),
+    )
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Vec<u8>;
+
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let mut v = std::mem::take(&mut self.0);
+        if v.capacity() > 4 * BUF {
+            return;
+        }
+        v.clear();
+        SCRATCH.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(v);
+            }
+        });
+    }
 }
 
 /// A buffer of [`BUF`] bytes (initialised: reads write into it directly).

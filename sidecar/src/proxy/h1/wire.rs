@@ -85,6 +85,17 @@ pub(crate) struct Line {
     pub(crate) role: Role,
 }
 
+thread_local! {
+    /// Line vectors of heads dropped on this thread, for the next heads.
+    static SPARE: std::cell::RefCell<Vec<Vec<Line>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_lines() -> Vec<Line> {
+    SPARE
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(32))
+}
+
 /// A parsed head: offsets into the buffer it came from.
 #[derive(Debug)]
 pub(crate) struct Head {
@@ -107,6 +118,21 @@ pub(crate) struct Head {
     pub(crate) upgrade: bool,
     /// `Expect: 100-continue` (requests).
     pub(crate) expect_continue: bool,
+}
+
+impl Drop for Head {
+    fn drop(&mut self) {
+        let mut lines = std::mem::take(&mut self.lines);
+        if lines.capacity() <= 4 * MAX_HEADERS {
+            lines.clear();
+            SPARE.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < 64 {
+                    s.push(lines);
+                }
+            });
+        }
+    }
 }
 
 impl Head {
@@ -164,7 +190,7 @@ pub(crate) fn parse_request(buf: &[u8]) -> Result<Option<Head>, Refusal> {
         target: Span::within(buf, path.as_bytes()),
         status: 0,
         reason: Span::default(),
-        lines: Vec::with_capacity(req.headers.len() + 4),
+        lines: take_lines(),
         framing: Framing::Empty,
         keep_alive: version == 1,
         upgrade: false,
@@ -203,7 +229,7 @@ pub(crate) fn parse_response(buf: &[u8], method: &Method) -> Result<Option<Head>
         } else {
             Span::within(buf, reason.as_bytes())
         },
-        lines: Vec::with_capacity(resp.headers.len() + 2),
+        lines: take_lines(),
         framing: Framing::Empty,
         keep_alive: version == 1,
         upgrade: false,
