@@ -65,6 +65,7 @@ pub use detect::{
     classify, client_hello, Detection, Hello, H2_PREFACE, MAX_DETECT_LEN, MAX_HELLO_RECORD,
 };
 pub use forward::{error_response, ProxyBody};
+pub use h1::fuzzing as h1_fuzzing;
 
 use connect::{Mesh, Plan, Source};
 use route::{Origin, Route};

@@ -14,6 +14,9 @@ use crate::say;
 /// The targets (`fuzz/fuzz_targets/<name>.rs`).
 pub const TARGETS: &[&str] = &[
     "detect",
+    "h1_request",
+    "h1_response",
+    "h1_chunked",
     "config_file",
     "inject_yaml",
     "log_records",

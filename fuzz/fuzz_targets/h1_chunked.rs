@@ -1,0 +1,50 @@
+//! The native HTTP/1 engine's chunked decoder: the same data and the same end wherever the
+//! input is split across reads (the split points come from the input); never more data than
+//! input; where the body ends is where a well-formed body ends (re-encoding the data the
+//! engine's way and decoding it again gives the data back, ending exactly); and nothing an
+//! accepted body holds is a bare CR or LF in a size line.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use sidecar::proxy::h1_fuzzing::{chunked, encode};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&cuts, body)) = data.split_first() else {
+        return;
+    };
+    let whole = chunked(&[body]);
+    // Up to eight split points, spread by the first byte.
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for i in 0..8u32 {
+        if cuts >> (i % 8) & 1 == 0 || at >= body.len() {
+            continue;
+        }
+        let next = (at + 1 + (cuts as usize * (i as usize + 3)) % (body.len() - at)).min(body.len());
+        pieces.push(&body[at..next]);
+        at = next;
+    }
+    pieces.push(&body[at..]);
+    let split = chunked(&pieces);
+    match (&whole, &split) {
+        (Ok(w), Ok(s)) => assert_eq!(w, s),
+        (Err(_), Err(_)) => {}
+        // A split may stop at the body's end before the bytes that the whole read rejects.
+        (Err(_), Ok((_, Some(_)))) | (Ok((_, Some(_))), Err(_)) => panic!("{whole:?} / {split:?}"),
+        _ => {}
+    }
+    if let Ok((data, end)) = &whole {
+        assert!(data.len() <= body.len());
+        if let Some(end) = end {
+            assert!(*end <= body.len());
+            let again = encode(data);
+            assert_eq!(chunked(&[&again]), Ok((data.clone(), Some(again.len()))));
+            // The size lines of what was accepted hold no bare line breaks.
+            let taken = &body[..*end];
+            for (i, b) in taken.iter().enumerate() {
+                if *b == b'\n' {
+                    assert!(i > 0 && taken[i - 1] == b'\r' || data.contains(&b'\n'));
+                }
+            }
+        }
+    }
+});
