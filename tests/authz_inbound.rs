@@ -258,6 +258,19 @@ fn a_denied_grpc_call_gets_status_7_and_other_streams_go_on() {
         "only the allowed stream reached the app"
     );
     assert_eq!(decisions(&s.b, "no-admin", "deny", "deny"), 2.0);
+    // An absolute-form HTTP/1 request (a client that takes us for its proxy) is decided on its
+    // own path, the one the app would get.
+    let leaf = ca.leaf(&spiffe_id("b", "b"));
+    let said = openssl_mesh_request(
+        s.b.remote_netns(),
+        "10.200.0.2:50051",
+        &s.b.log_dir().join("absolute-form"),
+        &leaf,
+        &ca.pem(),
+        b"GET http://b/admin/x HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status_of(&said), 403, "{said}");
+    assert!(said.contains("x-sidecar-authz-rule: no-admin"), "{said}");
 }
 
 #[test]

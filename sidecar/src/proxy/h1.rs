@@ -734,13 +734,10 @@ where
 fn admission_request(buf: &[u8], head: &Head) -> http::Request<()> {
     let mut req = http::Request::new(());
     *req.method_mut() = head.method.clone();
+    // Any form of target: an absolute-form request is decided on its own path (the one the
+    // app gets), never on a default.
     let target = head.target.of(buf);
-    let path = if target.first() == Some(&b'/') {
-        target
-    } else {
-        b"/"
-    };
-    if let Ok(uri) = http::Uri::try_from(path) {
+    if let Ok(uri) = http::Uri::try_from(target) {
         *req.uri_mut() = uri;
     }
     if let Some(ct) = head
