@@ -823,7 +823,9 @@ async fn serve_http_conn<D: Downstream>(
                     resp
                 }
             };
-            serve_http(
+            // Boxed: hyper's server state is only paid for by the connections that use it (the
+            // native engine's connections keep this future small).
+            Box::pin(serve_http(
                 client,
                 protocol,
                 &shared.config.http,
@@ -831,7 +833,7 @@ async fn serve_http_conn<D: Downstream>(
                 limit,
                 observer,
                 forward,
-            )
+            ))
             .await
         }
         Protocol::Http2 => {
@@ -881,7 +883,9 @@ async fn serve_http_conn<D: Downstream>(
                     resp
                 }
             };
-            serve_http(
+            // Boxed: hyper's server state is only paid for by the connections that use it (the
+            // native engine's connections keep this future small).
+            Box::pin(serve_http(
                 client,
                 protocol,
                 &shared.config.http,
@@ -889,7 +893,7 @@ async fn serve_http_conn<D: Downstream>(
                 limit,
                 observer,
                 forward,
-            )
+            ))
             .await
         }
     };
