@@ -401,7 +401,7 @@ where
     // Admission: a strict port's plaintext refusal, then authorization.
     let mut allowed = None;
     if let Some(probe_req) = &admission {
-        if c.strict && !is_probe(&c.shared, probe_req) {
+        if c.strict && !authorize::is_probe(&c.shared, probe_req) {
             let keep =
                 write_error(io, ProxyError::InboundMtlsRequired, None, &req, !bodiless).await;
             return (
@@ -638,15 +638,6 @@ fn admission_request(buf: &[u8], head: &Head) -> http::Request<()> {
         }
     }
     req
-}
-
-fn is_probe(shared: &Shared, req: &http::Request<()>) -> bool {
-    shared
-        .policies
-        .load()
-        .config()
-        .inbound
-        .is_probe(req.method(), req.uri().path())
 }
 
 /// True if a header line's name is `name` (ASCII case-insensitive).

@@ -19,9 +19,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::smuggling_tests::{recording_upstream as oracle_upstream, Seen};
 use super::*;
 
 /// The request streams. Each ends with `connection: close` (or is refused before), so that
@@ -57,50 +58,6 @@ const CORPUS: &[(&str, &[u8])] = &[
     ("HTTP/2 version", b"GET /a HTTP/2.0\r\nhost: x\r\nconnection: close\r\n\r\n"),
     ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
 ];
-
-type Seen = Arc<Mutex<Vec<String>>>;
-
-/// A hyper server recording `METHOD path body` of each request it reads; answers with the path
-/// in `x-path`.
-async fn oracle_upstream() -> (SocketAddr, Seen) {
-    use http_body_util::{BodyExt, Full};
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen: Seen = Arc::default();
-    let log = Arc::clone(&seen);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let log = Arc::clone(&log);
-            tokio::spawn(async move {
-                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let log = Arc::clone(&log);
-                    async move {
-                        let (head, body) = req.into_parts();
-                        let body = match body.collect().await {
-                            Ok(c) => String::from_utf8_lossy(&c.to_bytes()).into_owned(),
-                            Err(_) => "<broken body>".to_owned(),
-                        };
-                        let path = head.uri.path().to_owned();
-                        log.lock()
-                            .unwrap()
-                            .push(format!("{} {path} {body}", head.method));
-                        let mut resp =
-                            http::Response::new(Full::new(bytes::Bytes::from_static(b"ok")));
-                        resp.headers_mut()
-                            .insert("x-path", http::HeaderValue::from_str(&path).unwrap());
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, seen)
-}
 
 /// The statuses and `x-path`s of the answers in `out`, in order.
 fn answers(out: &[u8]) -> (Vec<u16>, Vec<String>) {

@@ -18,11 +18,11 @@ async fn guard<T>(fut: impl std::future::Future<Output = T>) -> T {
         .expect("test hung")
 }
 
-type Seen = Arc<Mutex<Vec<String>>>;
+pub(super) type Seen = Arc<Mutex<Vec<String>>>;
 
 /// An upstream that parses requests strictly (hyper) and records each one's method, path and
-/// body; it answers with the path in `x-path`.
-async fn recording_upstream() -> (SocketAddr, Seen) {
+/// body (`<broken body>` for one that broke off); it answers with the path in `x-path`.
+pub(super) async fn recording_upstream() -> (SocketAddr, Seen) {
     use http_body_util::{BodyExt, Full};
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
@@ -38,17 +38,14 @@ async fn recording_upstream() -> (SocketAddr, Seen) {
                     let log = Arc::clone(&log);
                     async move {
                         let (head, body) = req.into_parts();
-                        let body = body
-                            .collect()
-                            .await
-                            .map(|c| c.to_bytes())
-                            .unwrap_or_default();
+                        let body = match body.collect().await {
+                            Ok(c) => String::from_utf8_lossy(&c.to_bytes()).into_owned(),
+                            Err(_) => "<broken body>".to_owned(),
+                        };
                         let path = head.uri.path().to_owned();
-                        log.lock().unwrap().push(format!(
-                            "{} {path} {}",
-                            head.method,
-                            String::from_utf8_lossy(&body)
-                        ));
+                        log.lock()
+                            .unwrap()
+                            .push(format!("{} {path} {body}", head.method));
                         let mut resp =
                             http::Response::new(Full::new(bytes::Bytes::from_static(b"ok")));
                         resp.headers_mut()

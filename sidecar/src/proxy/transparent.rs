@@ -927,24 +927,13 @@ fn admit(
     caller: Option<&Caller>,
     req: &http::Request<hyper::body::Incoming>,
 ) -> Result<Option<authorize::Allowed>, Box<http::Response<super::forward::ProxyBody>>> {
-    if strict && !is_probe(shared, req) {
+    if strict && !authorize::is_probe(shared, req) {
         return Err(Box::new(error_response(ProxyError::InboundMtlsRequired)));
     }
     match caller {
         Some(caller) => authorize::request(shared, caller, req),
         None => Ok(None),
     }
-}
-
-/// A plaintext request a strict port still serves: a kubelet probe path (`[inbound]
-/// probe_paths`).
-fn is_probe(shared: &Shared, req: &http::Request<hyper::body::Incoming>) -> bool {
-    shared
-        .policies
-        .load()
-        .config()
-        .inbound
-        .is_probe(req.method(), req.uri().path())
 }
 
 /// Who the client of an HTTP connection is, and how its upstream connections are made.
