@@ -172,7 +172,9 @@ fn podman_run(ctx: &Ctx) -> std::process::Command {
 
 /// The image as a user runs it.
 fn check(ctx: &Ctx) -> Result<()> {
-    let version = probe(podman_run(ctx).args(["--rm", TAG, "--version"]))
+    // No network for the checks that need none: podman's default one would leave its bridge
+    // (`cni-podman0`) on the host.
+    let version = probe(podman_run(ctx).args(["--rm", "--network", "none", TAG, "--version"]))
         .context("`podman run sidecar --version` failed")?;
     if !version.contains("sidecar 0.1.0") {
         bail!("`sidecar --version` in the image printed {version:?}");
@@ -184,7 +186,7 @@ fn check(ctx: &Ctx) -> Result<()> {
         .cmd("podman")
         .args(["--runtime", "runc", "run"])
         .args(RUN_FLAGS)
-        .args(["--rm", TAG, "doctor"])
+        .args(["--rm", "--network", "none", TAG, "doctor"])
         .output()
         .context("podman run doctor")?;
     let text = String::from_utf8_lossy(&doctor.stdout);
