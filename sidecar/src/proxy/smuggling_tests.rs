@@ -70,10 +70,17 @@ async fn send_raw(proxy: SocketAddr, raw: &[u8]) -> (Vec<u16>, Vec<String>) {
     let _ = s.shutdown().await;
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out);
+    answers(&out)
+}
+
+/// The statuses (interim `100 Continue` left out) and `x-path`s of the answers in `out`, in
+/// order.
+pub(super) fn answers(out: &[u8]) -> (Vec<u16>, Vec<String>) {
+    let text = String::from_utf8_lossy(out);
     let statuses = text
         .match_indices("HTTP/1.1 ")
         .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
+        .filter(|s| *s != 100)
         .collect();
     let paths = text
         .lines()

@@ -128,13 +128,14 @@ impl Inbuf {
         !self.buf.is_empty() && self.start == 0 && self.end == self.buf.len()
     }
 
-    /// Doubles the buffer, up to `max` bytes; false if it is that big already.
+    /// Grows the buffer by half a [`BUF`], up to `max` bytes; false if it is that big already (a head
+    /// just over one buffer costs half a buffer more, not a whole one).
     pub(crate) fn grow(&mut self, max: usize) -> bool {
         let len = self.buf.len();
         if len >= max {
             return false;
         }
-        self.buf.resize((len * 2).clamp(BUF, max), 0);
+        self.buf.resize((len + BUF / 2).min(max), 0);
         true
     }
 
