@@ -135,63 +135,73 @@ pub(crate) struct Client {
 }
 
 /// Serves `io` until the client closes, breaks the protocol, or the drain ends it.
-pub(crate) async fn serve<D>(c: Client, mut io: D)
+///
+/// A block rather than an `async fn`, which would keep `c` and `io` twice in the future every
+/// connection's task holds (see `transparent::serve`).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in its future"
+)]
+pub(crate) fn serve<D>(c: Client, mut io: D) -> impl Future<Output = ()> + Send
 where
     D: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let mut inbuf = Inbuf::default();
-    let mut first = true;
-    // One timer for the connection: the header timeout, then each exchange's deadline; and
-    // one registration with the drain.
-    let timer = tokio::time::sleep(c.shared.config.http.header_timeout);
-    tokio::pin!(timer);
-    let stopped = c.stop.clone().cancelled_owned();
-    tokio::pin!(stopped);
-    loop {
-        let head = match read_head(
-            &c,
-            &mut io,
-            &mut inbuf,
-            first,
-            timer.as_mut(),
-            stopped.as_mut(),
-        )
-        .await
-        {
-            Got::Head(head) => head,
-            Got::Closed => break,
-            Got::TimedOut => {
-                c.shared
-                    .telemetry
-                    .metrics
-                    .error(c.dir, ProxyError::DownstreamHeaderTimeout);
+    async move {
+        let mut inbuf = Inbuf::default();
+        let mut first = true;
+        // One timer for the connection: the header timeout, then each exchange's deadline; and
+        // one registration with the drain.
+        let timer = tokio::time::sleep(c.shared.config.http.header_timeout);
+        tokio::pin!(timer);
+        let stopped = c.stop.clone().cancelled_owned();
+        tokio::pin!(stopped);
+        loop {
+            let head = match read_head(
+                &c,
+                &mut io,
+                &mut inbuf,
+                first,
+                timer.as_mut(),
+                stopped.as_mut(),
+            )
+            .await
+            {
+                Got::Head(head) => head,
+                Got::Closed => break,
+                Got::TimedOut => {
+                    c.shared
+                        .telemetry
+                        .metrics
+                        .error(c.dir, ProxyError::DownstreamHeaderTimeout);
+                    break;
+                }
+                Got::Refused(err, why) => {
+                    // Counted, not recorded as a request: there was no request to speak of.
+                    debug!(peer = %c.observer.peer, reason = why, "request refused");
+                    c.shared.telemetry.metrics.error(c.dir, err);
+                    let unknown = Request {
+                        method: Method::GET,
+                        version: 1,
+                        keep_alive: false,
+                        framing: Framing::Empty,
+                        upgrade: false,
+                        expect_continue: false,
+                    };
+                    // Boxed: the answer's state is only paid for by the connections refused.
+                    Box::pin(write_error(&mut io, err, None, &unknown, true)).await;
+                    break;
+                }
+            };
+            first = false;
+            // Boxed: an idle connection's task holds only the loop above, not an exchange's state.
+            let keep = Box::pin(exchange(&c, &mut io, &mut inbuf, head, timer.as_mut())).await;
+            if !keep || c.stop.is_cancelled() {
                 break;
             }
-            Got::Refused(err, why) => {
-                // Counted, not recorded as a request: there was no request to speak of.
-                debug!(peer = %c.observer.peer, reason = why, "request refused");
-                c.shared.telemetry.metrics.error(c.dir, err);
-                let unknown = Request {
-                    method: Method::GET,
-                    version: 1,
-                    keep_alive: false,
-                    framing: Framing::Empty,
-                    upgrade: false,
-                    expect_continue: false,
-                };
-                write_error(&mut io, err, None, &unknown, true).await;
-                break;
-            }
-        };
-        first = false;
-        // Boxed: an idle connection's task holds only the loop above, not an exchange's state.
-        let keep = Box::pin(exchange(&c, &mut io, &mut inbuf, head, timer.as_mut())).await;
-        if !keep || c.stop.is_cancelled() {
-            break;
+            inbuf.release();
         }
-        inbuf.release();
+        let _ = io.shutdown().await;
     }
-    let _ = io.shutdown().await;
 }
 
 enum Got {

@@ -1,5 +1,6 @@
 //! `--target` mode: a reverse proxy in front of one service. HTTP/1 and h2c (told apart by the
 //! first bytes), every request to the target URL, under its destination's policies.
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,82 +18,91 @@ use super::shared::Shared;
 use crate::error::{Chain, ProxyError};
 use crate::metrics::conn::{ConnGuard, CountedIo};
 
-/// Serves one `--target` connection.
-pub(crate) async fn serve(
+/// Serves one `--target` connection. (A block rather than an `async fn`: see
+/// `transparent::serve`.)
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in its future"
+)]
+pub(crate) fn serve(
     shared: Arc<Shared>,
     client: TcpStream,
     peer: SocketAddr,
     conn: ConnGuard,
-) {
-    if let Err(e) = client.set_nodelay(true) {
-        debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
-    }
-    let stop = &shared.inbound_cancel;
-    let limit = shared.config.detect_timeout;
-    let Some(h2) = sniff_h2(&client, stop, limit).await else {
-        return;
-    };
-    let observer = shared.target_observer(peer);
-    // A reverse proxy in front of one service: its requests come from other hosts.
-    let route = shared
-        .target_route
-        .as_ref()
-        .map(|r| Arc::new(r.for_client(peer)));
-    if !h2 && shared.config.http.http1_engine == Http1Engine::Native {
-        if let Some(route) = route {
-            let egress = &shared.outbound;
-            let host = egress.raw.host(
-                &route.authority,
-                route.dest.policy().max_connections,
-                route.plan.clone(),
-            );
-            let engine = h1::Client {
-                pool: Arc::clone(&egress.raw),
-                host,
-                route,
-                observer,
-                stop: stop.clone(),
-                limit,
-                strict: false,
-                caller: None,
-                dir: crate::metrics::Dir::Inbound,
-                shared: Arc::clone(&shared),
-            };
-            h1::serve(engine, CountedIo::new(client, conn)).await;
+) -> impl Future<Output = ()> + Send {
+    async move {
+        if let Err(e) = client.set_nodelay(true) {
+            debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
         }
-        return;
-    }
-    let svc_shared = Arc::clone(&shared);
-    let forward = move |req| {
-        let shared = Arc::clone(&svc_shared);
-        let route = route.clone();
-        async move {
-            match &route {
-                Some(route) => forward_h1(&shared, &shared.outbound, route, req).await,
-                // Not reached: target connections only exist in `--target` mode.
-                None => error_response(ProxyError::ProxyBadRequest),
+        let stop = &shared.inbound_cancel;
+        let limit = shared.config.detect_timeout;
+        let Some(h2) = sniff_h2(&client, stop, limit).await else {
+            return;
+        };
+        let observer = shared.target_observer(peer);
+        // A reverse proxy in front of one service: its requests come from other hosts.
+        let route = shared
+            .target_route
+            .as_ref()
+            .map(|r| Arc::new(r.for_client(peer)));
+        if !h2 && shared.config.http.http1_engine == Http1Engine::Native {
+            if let Some(route) = route {
+                let egress = &shared.outbound;
+                let host = egress.raw.host(
+                    &route.authority,
+                    route.dest.policy().max_connections,
+                    route.plan.clone(),
+                );
+                let engine = h1::Client {
+                    pool: Arc::clone(&egress.raw),
+                    host,
+                    route,
+                    observer,
+                    stop: stop.clone(),
+                    limit,
+                    strict: false,
+                    caller: None,
+                    dir: crate::metrics::Dir::Inbound,
+                    shared: Arc::clone(&shared),
+                };
+                h1::serve(engine, CountedIo::new(client, conn)).await;
             }
+            return;
         }
-    };
-    let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
-    let client = CountedIo::new(client, conn);
-    let result = serve_http(
-        client,
-        protocol,
-        &shared.config.http,
-        stop,
-        limit,
-        observer,
-        forward,
-    )
-    .await;
-    if let Err(e) = result {
-        debug!(%peer, error = %Chain(&e), "connection ended with an error");
-        if let Some(err) = ProxyError::of_downstream(&e) {
-            shared
-                .telemetry
-                .metrics
-                .error(crate::metrics::Dir::Inbound, err);
+        let svc_shared = Arc::clone(&shared);
+        let forward = move |req| {
+            let shared = Arc::clone(&svc_shared);
+            let route = route.clone();
+            async move {
+                match &route {
+                    Some(route) => forward_h1(&shared, &shared.outbound, route, req).await,
+                    // Not reached: target connections only exist in `--target` mode.
+                    None => error_response(ProxyError::ProxyBadRequest),
+                }
+            }
+        };
+        let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
+        let client = CountedIo::new(client, conn);
+        // Boxed: hyper's server state is only paid for by the connections that use it (the
+        // native engine's connections keep this future small).
+        let result = Box::pin(serve_http(
+            client,
+            protocol,
+            &shared.config.http,
+            stop,
+            limit,
+            observer,
+            forward,
+        ))
+        .await;
+        if let Err(e) = result {
+            debug!(%peer, error = %Chain(&e), "connection ended with an error");
+            if let Some(err) = ProxyError::of_downstream(&e) {
+                shared
+                    .telemetry
+                    .metrics
+                    .error(crate::metrics::Dir::Inbound, err);
+            }
         }
     }
 }

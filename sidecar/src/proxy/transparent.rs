@@ -27,13 +27,17 @@
 //! both kinds of client stream (plain, terminated mesh TLS), and the inbound checks at those
 //! outcomes (strict mTLS, authorization), kept in one place so the transitions can be read
 //! together.
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
+use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +45,9 @@ use tracing::{debug, warn};
 
 use super::authorize::{self, Caller};
 use super::config::Http1Engine;
-use super::connect::{dial_conn, start_dial, Conn, Dialling, Mesh, Plan, Predial, Source};
+use super::connect::{
+    dial_conn, start_dial, Conn, Dialling, Mesh, Plan, Predial, Source, StashGuard,
+};
 use super::detect::{
     classify, client_bytes, client_hello, is_h2_settings_header, looks_like_tls, wait_until,
     Detection, Hello, MAX_DETECT_LEN,
@@ -100,16 +106,121 @@ enum Decision {
 }
 
 /// Serves one accepted, captured connection; `conn` keeps its books until it closes.
-pub(crate) async fn serve(
+///
+/// Every connection's task holds this future for its whole life, so it is kept to the state of
+/// what the connection became: detection runs in a box of its own, freed once it has decided;
+/// an opaque relay and a mesh TLS session are boxed too, so that an HTTP/1 connection (the
+/// common case) carries only its own state. (And it is a block rather than an `async fn`, which
+/// would keep its arguments twice in the future: as given, and moved into the body.)
+pub(crate) fn serve(
+    shared: Arc<Shared>,
+    direction: Direction,
+    client: TcpStream,
+    peer: SocketAddr,
+    conn: ConnGuard,
+) -> impl Future<Output = ()> + Send {
+    Connection {
+        phase: Phase::Detecting {
+            fut: Box::pin(detect(shared, direction, client, peer, conn)),
+        },
+        native: h1::serve::<CountedIo<TcpStream>>,
+    }
+}
+
+pin_project! {
+    /// A captured connection's task (see [`serve`]): one phase at a time, so its size is the
+    /// largest phase's, not their sum. `native` starts the HTTP/1 engine (a function, so that
+    /// the engine's future type can be held without being named).
+    struct Connection<M, H> {
+        #[pin]
+        phase: Phase<H>,
+        native: M,
+    }
+}
+
+pin_project! {
+    #[project = PhaseProj]
+    enum Phase<H> {
+        Detecting { fut: Pin<Box<dyn Future<Output = Detected> + Send>> },
+        Native { #[pin] fut: H, parked: Option<StashGuard> },
+        Boxed { fut: Pin<Box<dyn Future<Output = ()> + Send>> },
+        Done,
+    }
+}
+
+impl<M, H> Future for Connection<M, H>
+where
+    M: FnMut(h1::Client, CountedIo<TcpStream>) -> H,
+    H: Future<Output = ()>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        loop {
+            match this.phase.as_mut().project() {
+                PhaseProj::Detecting { fut } => {
+                    let next = match ready!(fut.as_mut().poll(cx)) {
+                        Detected::Plain(Next::Http(http)) => match serve_http_conn(http) {
+                            Serving::Native {
+                                engine,
+                                client,
+                                parked,
+                            } => Phase::Native {
+                                fut: (this.native)(engine, client),
+                                parked,
+                            },
+                            Serving::Hyper(fut) => Phase::Boxed { fut },
+                        },
+                        // Boxed: a relay's state is only paid for by opaque connections.
+                        Detected::Plain(Next::Opaque(opaque)) => Phase::Boxed {
+                            fut: Box::pin(opaque.run()),
+                        },
+                        Detected::Plain(Next::Done) => Phase::Done,
+                        // Boxed: a mesh TLS session is large (rustls' state, the decrypted
+                        // stream's buffers), and only the connections that terminate one
+                        // should carry it.
+                        Detected::MeshTls(tls) => Phase::Boxed {
+                            fut: Box::pin(tls.serve()),
+                        },
+                    };
+                    this.phase.set(next);
+                }
+                PhaseProj::Native { fut, .. } => {
+                    ready!(fut.poll(cx));
+                    this.phase.set(Phase::Done);
+                }
+                PhaseProj::Boxed { fut } => {
+                    ready!(fut.as_mut().poll(cx));
+                    this.phase.set(Phase::Done);
+                }
+                PhaseProj::Done => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+/// A captured connection until detection has decided what it is.
+enum Detected {
+    Plain(Next<TcpStream>),
+    /// Inbound mesh TLS, to terminate.
+    MeshTls(MeshTls),
+}
+
+/// Finds out where `client` was going, under which policies, and what it speaks.
+async fn detect(
     shared: Arc<Shared>,
     direction: Direction,
     mut client: TcpStream,
     peer: SocketAddr,
     conn: ConnGuard,
-) {
+) -> Detected {
     let dst = match destination(&shared, direction, &client, peer) {
         Ok(dst) => dst,
-        Err(err) => return shared.telemetry.metrics.error(direction.dir(), err),
+        Err(err) => {
+            shared.telemetry.metrics.error(direction.dir(), err);
+            return Detected::Plain(Next::Done);
+        }
     };
     if let Err(e) = client.set_nodelay(true) {
         debug!(%peer, error = %e, "cannot set TCP_NODELAY downstream");
@@ -125,31 +236,95 @@ pub(crate) async fn serve(
         dest,
         conn,
     };
-    if !matches!(decision, Decision::Tls) {
-        // Detection is over: this connection no longer counts as a silent dial.
-        detecting.silent = None;
-        return accepted
-            .finish(client, detecting, decision, MeshMode::Plaintext)
-            .await;
-    }
-    // Inbound TLS: a sidecar's (terminate it), or the app's own (relay it untouched)?
-    let timeout = accepted.shared.config.detect_timeout;
-    if sniff_hello(&client, timeout).await != Hello::Mesh {
-        detecting.silent = None;
-        return accepted
-            .finish(client, detecting, Decision::Opaque, MeshMode::Passthrough)
-            .await;
-    }
-    let Some(mut tls) = accepted.shared.mesh.accept(client, peer, timeout).await else {
-        return;
+    let (decision, mode) = if !matches!(decision, Decision::Tls) {
+        (decision, MeshMode::Plaintext)
+    } else {
+        // Inbound TLS: a sidecar's (terminate it), or the app's own (relay it untouched)?
+        let timeout = accepted.shared.config.detect_timeout;
+        if sniff_hello(&client, timeout).await != Hello::Mesh {
+            (Decision::Opaque, MeshMode::Passthrough)
+        } else {
+            return Detected::MeshTls(MeshTls {
+                accepted,
+                client,
+                detecting,
+                peer,
+                timeout,
+            });
+        }
     };
-    // Detect again on the decrypted stream, keeping the app connection dialled so far.
-    detecting.restart();
-    let decision = detecting.run(&mut tls, peer).await;
+    // Detection is over: this connection no longer counts as a silent dial.
     detecting.silent = None;
-    accepted
-        .finish(tls, detecting, decision, MeshMode::Mtls)
-        .await;
+    Detected::Plain(accepted.next(client, detecting, decision, mode))
+}
+
+/// An inbound client whose first TLS record offers mesh TLS.
+struct MeshTls {
+    accepted: Accepted,
+    client: TcpStream,
+    detecting: Detecting,
+    peer: SocketAddr,
+    timeout: Duration,
+}
+
+impl MeshTls {
+    /// Terminates the session, and serves what the client says inside it.
+    async fn serve(self) {
+        let MeshTls {
+            accepted,
+            client,
+            mut detecting,
+            peer,
+            timeout,
+        } = self;
+        let Some(mut tls) = accepted.shared.mesh.accept(client, peer, timeout).await else {
+            return;
+        };
+        // Detect again on the decrypted stream, keeping the app connection dialled so far.
+        detecting.restart();
+        let decision = detecting.run(&mut tls, peer).await;
+        detecting.silent = None;
+        match accepted.next(tls, detecting, decision, MeshMode::Mtls) {
+            Next::Http(http) => serve_http_conn(http).run().await,
+            Next::Opaque(opaque) => opaque.run().await,
+            Next::Done => {}
+        }
+    }
+}
+
+/// What a captured connection becomes once detection has decided.
+enum Next<D> {
+    Http(HttpConn<D>),
+    Opaque(Opaque<D>),
+    /// Refused or closed: nothing more to do.
+    Done,
+}
+
+/// An opaque relay to start.
+struct Opaque<D> {
+    shared: Arc<Shared>,
+    direction: Direction,
+    dest: Resolved,
+    plan: Plan,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    client: D,
+    conn: ConnGuard,
+    upstream: Upstream,
+}
+
+impl<D: Downstream> Opaque<D> {
+    async fn run(self) {
+        let ctx = OpaqueCtx {
+            shared: &self.shared,
+            direction: self.direction,
+            dest: &self.dest,
+            plan: self.plan,
+            peer: self.peer,
+            dst: self.dst,
+        };
+        ctx.run(self.client, self.conn, self.upstream).await;
+    }
 }
 
 /// Reads the client's first TLS record (bounded by `timeout` and one record's size): does it
@@ -184,14 +359,15 @@ struct Accepted {
 }
 
 impl Accepted {
-    /// Acts on detection's decision for `client`, which arrived as `mode`.
-    async fn finish<D: Downstream>(
+    /// Acts on detection's decision for `client`, which arrived as `mode`: counts it, refuses
+    /// what must be refused, and says what the connection becomes.
+    fn next<D: Downstream>(
         self,
         client: D,
         detecting: Detecting,
         decision: Decision,
         mode: MeshMode,
-    ) {
+    ) -> Next<D> {
         let Accepted {
             shared,
             direction,
@@ -205,10 +381,11 @@ impl Accepted {
             && mode != MeshMode::Mtls
             && shared.policies.load().config().inbound.mtls_for(dst.port()) == InboundMtls::Strict;
         match decision {
-            Decision::Close | Decision::Tls => return,
+            Decision::Close | Decision::Tls => return Next::Done,
             Decision::Reset(err) => {
                 shared.telemetry.metrics.error(dir, err);
-                return reset(client.tcp());
+                reset(client.tcp());
+                return Next::Done;
             }
             _ => {}
         }
@@ -229,6 +406,7 @@ impl Accepted {
                     .metrics
                     .error(dir, ProxyError::InboundMtlsRequired);
                 reset(client.tcp());
+                Next::Done
             }
             Decision::Opaque
                 if caller
@@ -241,34 +419,35 @@ impl Accepted {
                     .metrics
                     .error(dir, ProxyError::InboundAuthzDenied);
                 reset(client.tcp());
+                Next::Done
             }
-            Decision::Opaque => {
-                let up = detecting.upstream;
-                let ctx = OpaqueCtx {
-                    shared: &shared,
-                    direction,
-                    dest: &dest,
-                    plan,
-                    peer,
-                    dst,
-                };
-                ctx.run(client, conn, up).await;
-            }
+            Decision::Opaque => Next::Opaque(Opaque {
+                shared,
+                direction,
+                dest,
+                plan,
+                peer,
+                dst,
+                client,
+                conn,
+                upstream: detecting.upstream,
+            }),
             Decision::Http(protocol) => {
                 let authority = match Authority::from_maybe_shared(Bytes::from(dst.to_string())) {
                     Ok(a) => a,
                     // Not expected for a socket address; if it happens, stay out of the way.
                     Err(_) => {
-                        let up = detecting.upstream;
-                        let ctx = OpaqueCtx {
-                            shared: &shared,
+                        return Next::Opaque(Opaque {
+                            shared,
                             direction,
-                            dest: &dest,
+                            dest,
                             plan,
                             peer,
                             dst,
-                        };
-                        return ctx.run(client, conn, up).await;
+                            client,
+                            conn,
+                            upstream: detecting.upstream,
+                        });
                     }
                 };
                 let predial = match detecting.upstream {
@@ -285,7 +464,10 @@ impl Accepted {
                     shared.telemetry.metrics.mtls.connection(dir, mode);
                 }
                 let client_id = client.peer_id().cloned();
-                let http = HttpConn {
+                Next::Http(HttpConn {
+                    shared,
+                    protocol,
+                    client: CountedIo::new(client, conn),
                     caller,
                     direction,
                     peer,
@@ -296,10 +478,9 @@ impl Accepted {
                     plan,
                     client_id,
                     strict,
-                };
-                serve_http_conn(shared, http, protocol, CountedIo::new(client, conn)).await;
+                })
             }
-            Decision::Close | Decision::Tls | Decision::Reset(_) => {}
+            Decision::Close | Decision::Tls | Decision::Reset(_) => Next::Done,
         }
     }
 }
@@ -677,7 +858,10 @@ impl Detecting {
 }
 
 /// A connection found to be HTTP, about to be served.
-struct HttpConn {
+struct HttpConn<D> {
+    shared: Arc<Shared>,
+    protocol: Protocol,
+    client: CountedIo<D>,
     /// Inbound: who calls, for authorization.
     caller: Option<Caller>,
     direction: Direction,
@@ -693,15 +877,141 @@ struct HttpConn {
     strict: bool,
 }
 
+/// How a captured HTTP connection is served, decided before anything is awaited.
+enum Serving<D> {
+    /// The native HTTP/1 engine, whose future the connection's task holds inline.
+    Native {
+        engine: h1::Client,
+        client: CountedIo<D>,
+        /// The connection dialled during detection, parked until the pool's connector takes it;
+        /// removed when this connection ends.
+        parked: Option<StashGuard>,
+    },
+    /// hyper (h2c, transcoded gRPC ports, `--http1-engine hyper`), boxed: its state is only
+    /// paid for by the connections that use it.
+    Hyper(Pin<Box<dyn Future<Output = ()> + Send>>),
+}
+
+impl<D: Downstream> Serving<D> {
+    async fn run(self) {
+        match self {
+            Serving::Native {
+                engine,
+                client,
+                parked,
+            } => {
+                h1::serve(engine, client).await;
+                drop(parked);
+            }
+            Serving::Hyper(fut) => fut.await,
+        }
+    }
+}
+
 /// Serves a captured HTTP connection: HTTP/1 through the direction's pool (the pre-dialled
 /// connection parked for it), h2c over one upstream h2 connection of its own.
-async fn serve_http_conn<D: Downstream>(
-    shared: Arc<Shared>,
-    conn: HttpConn,
-    protocol: Protocol,
-    client: CountedIo<D>,
-) {
+fn serve_http_conn<D: Downstream>(conn: HttpConn<D>) -> Serving<D> {
     let HttpConn {
+        shared,
+        protocol,
+        client,
+        caller,
+        direction,
+        peer,
+        dst,
+        authority,
+        predial,
+        dest,
+        plan,
+        client_id,
+        strict,
+    } = conn;
+    // A transcoded gRPC port: REST calls go over an HTTP/2 connection of their own, and the
+    // connection dialled during detection is the app's gRPC one.
+    let native = protocol == Protocol::Http1
+        && shared.config.http.http1_engine == Http1Engine::Native
+        && !transcoding(&shared, direction, dst);
+    if !native {
+        return Serving::Hyper(Box::pin(serve_hyper_conn(HttpConn {
+            shared,
+            protocol,
+            client,
+            caller,
+            direction,
+            peer,
+            dst,
+            authority,
+            predial,
+            dest,
+            plan,
+            client_id,
+            strict,
+        })));
+    }
+    debug!(dir = direction.name(), %peer, %dst, ?protocol, "http");
+    let observer = shared.observer(
+        direction.dir(),
+        dst,
+        peer,
+        client_id.as_ref().map(|id| Arc::from(id.as_str())),
+    );
+    let route_client = RouteClient {
+        peer,
+        id: client_id,
+        plan,
+    };
+    let route = Arc::new(route_for(
+        &shared,
+        direction,
+        authority,
+        dst,
+        route_client,
+        dest,
+        false,
+    ));
+    let egress = shared.egress(direction);
+    let limit_conns = pool_limit(&shared, direction, &route.dest);
+    let host = egress
+        .raw
+        .host(&route.authority, limit_conns, route.plan.clone());
+    let parked = predial.map(|p| egress.stash.put(dst, p));
+    let engine = h1::Client {
+        pool: Arc::clone(&egress.raw),
+        host,
+        route,
+        observer,
+        stop: shared.stop_token(direction.dir()).clone(),
+        limit: shared.config.detect_timeout,
+        strict,
+        caller,
+        dir: direction.dir(),
+        shared: Arc::clone(&shared),
+    };
+    Serving::Native {
+        engine,
+        client,
+        parked,
+    }
+}
+
+/// Whether `dst` is an inbound port whose REST calls are transcoded to gRPC.
+fn transcoding(shared: &Shared, direction: Direction, dst: SocketAddr) -> bool {
+    direction != Direction::Outbound
+        && shared
+            .policies
+            .load()
+            .config()
+            .transcoder(dst.port())
+            .is_some()
+}
+
+/// Serves a captured HTTP connection with hyper: h2c, a transcoded gRPC port's HTTP/1, or any
+/// HTTP/1 under `--http1-engine hyper`.
+async fn serve_hyper_conn<D: Downstream>(conn: HttpConn<D>) {
+    let HttpConn {
+        shared,
+        protocol,
+        client,
         caller,
         direction,
         peer,
@@ -730,47 +1040,7 @@ async fn serve_http_conn<D: Downstream>(
     let svc_shared = Arc::clone(&shared);
     let result = match protocol {
         Protocol::Http1 => {
-            // A transcoded gRPC port: REST calls go over an HTTP/2 connection of their own, and
-            // the connection dialled during detection is the app's gRPC one.
-            let transcoding = direction != Direction::Outbound
-                && shared
-                    .policies
-                    .load()
-                    .config()
-                    .transcoder(dst.port())
-                    .is_some();
-            if !transcoding && shared.config.http.http1_engine == Http1Engine::Native {
-                let route = Arc::new(route_for(
-                    &shared,
-                    direction,
-                    authority,
-                    dst,
-                    route_client,
-                    dest,
-                    false,
-                ));
-                let egress = shared.egress(direction);
-                let limit_conns = pool_limit(&shared, direction, &route.dest);
-                let host = egress
-                    .raw
-                    .host(&route.authority, limit_conns, route.plan.clone());
-                // Parked until the pool's connector takes it; removed when this connection ends.
-                let _parked = predial.map(|p| egress.stash.put(dst, p));
-                let engine = h1::Client {
-                    pool: Arc::clone(&egress.raw),
-                    host,
-                    route,
-                    observer,
-                    stop: stop.clone(),
-                    limit,
-                    strict,
-                    caller,
-                    dir: direction.dir(),
-                    shared: Arc::clone(&shared),
-                };
-                h1::serve(engine, client).await;
-                return;
-            }
+            let transcoding = transcoding(&shared, direction, dst);
             let route = Arc::new(route_for(
                 &shared,
                 direction,
