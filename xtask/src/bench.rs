@@ -117,6 +117,9 @@ impl Options {
     }
 }
 
+/// How long holding the idle connections may take to set up (1,000 requests one after another).
+const IDLE_HOLD_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Durations and loads of one run.
 #[derive(Debug, Clone)]
 struct Plan {
@@ -129,6 +132,8 @@ struct Plan {
     rates: [u32; 2],
     connections: u32,
     many_connections: u32,
+    /// Idle keep-alive connections held for the memory-per-connection measurement.
+    idle_connections: u32,
     /// `--perf`: where perf.data files go.
     perf_dir: Option<PathBuf>,
 }
@@ -146,6 +151,7 @@ impl Plan {
                 rates: [1000, 5000],
                 connections: 50,
                 many_connections: 1000,
+                idle_connections: 1000,
                 perf_dir: None,
             }
         } else {
@@ -159,6 +165,7 @@ impl Plan {
                 rates: [1000, 5000],
                 connections: 50,
                 many_connections: 1000,
+                idle_connections: 1000,
                 perf_dir: None,
             }
         }
@@ -178,6 +185,7 @@ impl Plan {
             )
             .with("connections", self.connections as u64)
             .with("many_connections", self.many_connections as u64)
+            .with("idle_connections", self.idle_connections as u64)
     }
 }
 
@@ -338,6 +346,7 @@ fn run_in_lab(
         oha: found.oha.clone(),
         wrk: found.wrk.clone(),
         curl: found.curl.clone(),
+        python3: found.python3.clone(),
     };
     let clk_tck = clock_ticks();
     let mut samples: Vec<(Target, Vec<Sample>)> =
@@ -538,6 +547,20 @@ fn phases(
         s.set("rss_idle_mib", rss);
         s.set("pss_idle_mib", pss);
         s.set("proxy_processes", processes as f64);
+    }
+    // Memory per idle client connection, first, on a fresh proxy: what its RSS grows by while
+    // it holds connections that were each answered once and then say nothing (with the
+    // upstream's keep-alive pool, as for every proxy here).
+    if let Some(before) = m.rss_mib() {
+        let mut holding = load::hold_idle(lab, tools, &place, &url, plan.idle_connections)?;
+        let held = holding.wait_held(IDLE_HOLD_TIMEOUT);
+        let during = m.rss_mib();
+        holding.stop(lab)?;
+        held.context("idle connections")?;
+        if let Some(during) = during {
+            let kib = (during - before) * 1024.0 / f64::from(plan.idle_connections);
+            s.set("idle_conn_kib", kib);
+        }
     }
     if !plan.warmup.is_zero() {
         load::closed_loop(

@@ -124,9 +124,6 @@ pub(crate) struct Client {
     pub(crate) host: Arc<Host<Conn>>,
     /// The drain of the connection's direction.
     pub(crate) stop: CancellationToken,
-    /// How long a connection that has sent nothing yet when the drain begins gets for its
-    /// first request.
-    pub(crate) limit: Duration,
     /// A strict mesh TLS port reached in plaintext: only probe paths are served.
     pub(crate) strict: bool,
     /// Inbound: who is calling, for authorization.
@@ -179,16 +176,8 @@ where
                     // Counted, not recorded as a request: there was no request to speak of.
                     debug!(peer = %c.observer.peer, reason = why, "request refused");
                     c.shared.telemetry.metrics.error(c.dir, err);
-                    let unknown = Request {
-                        method: Method::GET,
-                        version: 1,
-                        keep_alive: false,
-                        framing: Framing::Empty,
-                        upgrade: false,
-                        expect_continue: false,
-                    };
                     // Boxed: the answer's state is only paid for by the connections refused.
-                    Box::pin(write_error(&mut io, err, None, &unknown, true)).await;
+                    Box::pin(refuse(&mut io, err)).await;
                     break;
                 }
             };
@@ -202,6 +191,23 @@ where
         }
         let _ = io.shutdown().await;
     }
+}
+
+/// Answers a request that could not be read (a malformed or oversized head) with `err`'s
+/// status; the connection then closes.
+async fn refuse<D>(io: &mut D, err: ProxyError)
+where
+    D: AsyncWrite + Unpin,
+{
+    let unknown = Request {
+        method: Method::GET,
+        version: 1,
+        keep_alive: false,
+        framing: Framing::Empty,
+        upgrade: false,
+        expect_continue: false,
+    };
+    write_error(io, err, None, &unknown, true).await;
 }
 
 enum Got {
@@ -226,9 +232,10 @@ where
     D: AsyncRead + Unpin,
 {
     let limits = &c.shared.config.http;
-    timeout
-        .as_mut()
-        .reset(Instant::now() + limits.header_timeout);
+    let header_deadline = Instant::now() + limits.header_timeout;
+    timeout.as_mut().reset(header_deadline);
+    // When the drain began, the connection's timer runs to whichever comes first of the header
+    // deadline and the drain's (no second timer in every idle connection).
     let mut drain: Option<Instant> = None;
     loop {
         if !inbuf.is_empty() {
@@ -250,7 +257,13 @@ where
             if inbuf.is_empty() && !first {
                 return Got::Closed;
             }
-            drain = Some(Instant::now() + c.limit);
+            // A connection that has sent nothing yet when the drain begins gets the detection
+            // limit for its first request.
+            let at = Instant::now() + c.shared.config.detect_timeout;
+            drain = Some(at);
+            if at < header_deadline {
+                timeout.as_mut().reset(at);
+            }
         }
         let read = std::future::poll_fn(|cx| inbuf.poll_fill(cx, io));
         tokio::select! {
@@ -259,9 +272,13 @@ where
                 Ok(0) | Err(_) => return Got::Closed,
                 Ok(_) => {}
             },
-            () = timeout.as_mut() => return Got::TimedOut,
+            () = timeout.as_mut() => {
+                return match drain {
+                    Some(at) if at < header_deadline => Got::Closed,
+                    _ => Got::TimedOut,
+                };
+            }
             () = stopped.as_mut(), if drain.is_none() => {}
-            () = sleep_until(drain) => return Got::Closed,
         }
     }
 }
@@ -277,13 +294,6 @@ async fn within<F: Future>(
         biased;
         out = fut => Ok(out),
         () = timer => Err(()),
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

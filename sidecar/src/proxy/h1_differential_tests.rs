@@ -124,7 +124,6 @@ async fn native(proxy: &Proxy, pieces: Vec<Vec<u8>>) -> Vec<u8> {
         host,
         route,
         stop: CancellationToken::new(),
-        limit: Duration::from_secs(1),
         strict: false,
         caller: None,
         dir: Dir::Inbound,

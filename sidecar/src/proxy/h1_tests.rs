@@ -316,3 +316,48 @@ async fn a_long_chunked_body_is_streamed_from_where_buffering_stopped() {
     .await;
     proxy.stop_all();
 }
+
+/// The drain, as a connection of the engine sees it: an idle kept-alive connection closes at
+/// once; a request under way when the drain begins gets the detection limit to arrive (one
+/// completed in time is answered; a stalled one is closed then, not at the header timeout).
+#[tokio::test]
+async fn the_drain_closes_idle_connections_and_gives_a_request_under_way_the_detection_limit() {
+    let (upstream, _seen, _) =
+        scripted_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let mut config = ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]);
+    config.target = Some(Target::parse(&format!("http://{upstream}")).unwrap());
+    config.detect_timeout = Duration::from_millis(300);
+    // Far beyond the test's own bound: a connection closed at all was closed by the drain.
+    config.http.header_timeout = Duration::from_secs(600);
+    let proxy = start(config, original_dst_resolver()).await.unwrap();
+    let addr = proxy.local_addrs()[0];
+    guard(async {
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut idle, |b| b.ends_with(b"ok")).await;
+        let mut completes = TcpStream::connect(addr).await.unwrap();
+        completes
+            .write_all(b"GET /late HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let mut stalls = TcpStream::connect(addr).await.unwrap();
+        stalls
+            .write_all(b"GET /stalled HTTP/1.1\r\n")
+            .await
+            .unwrap();
+
+        proxy.stop_inbound();
+        completes.write_all(b"Host: a\r\n\r\n").await.unwrap();
+        let answer = text(&read_until(&mut completes, |b| b.ends_with(b"ok")).await);
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        let mut rest = Vec::new();
+        for (name, s) in [("idle", &mut idle), ("stalled", &mut stalls)] {
+            rest.clear();
+            let n = s.read_to_end(&mut rest).await.unwrap_or(0);
+            assert_eq!(n, 0, "{name}: closed without an answer: {}", text(&rest));
+        }
+    })
+    .await;
+}

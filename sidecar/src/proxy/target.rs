@@ -59,7 +59,6 @@ pub(crate) fn serve(
                     route,
                     observer,
                     stop: stop.clone(),
-                    limit,
                     strict: false,
                     caller: None,
                     dir: crate::metrics::Dir::Inbound,

@@ -1575,7 +1575,7 @@ fn future_size<A, B, C, D, E, F: Future>(_: fn(A, B, C, D, E) -> F) -> usize {
 /// Every connection's task holds its future for the connection's whole life, so the future is
 /// memory per connection. A captured connection's is the size of its largest phase (the HTTP/1
 /// engine's loop), not of every phase together: 12.5 KB when detection, the opaque relay, mesh
-/// TLS and hyper were all held inline; 864 bytes (release), 872 (debug) now.
+/// TLS and hyper were all held inline; 728 bytes (release) now.
 #[test]
 fn a_captured_connection_task_holds_one_phase_at_a_time() {
     let size = future_size(transparent::serve);

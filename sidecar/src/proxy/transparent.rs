@@ -981,7 +981,6 @@ fn serve_http_conn<D: Downstream>(conn: HttpConn<D>) -> Serving<D> {
         route,
         observer,
         stop: shared.stop_token(direction.dir()).clone(),
-        limit: shared.config.detect_timeout,
         strict,
         caller,
         dir: direction.dir(),

@@ -1,6 +1,7 @@
 //! The load generators, started inside the lab and parsed: oha for fixed-rate open-loop latency
 //! (coordinated-omission corrected), wrk for closed-loop maximum throughput and connection churn,
-//! curl for the "does it answer, and through the proxy?" check.
+//! curl for the "does it answer, and through the proxy?" check, and a small Python holder for
+//! idle keep-alive connections (no load generator keeps connections open doing nothing).
 
 use std::fs;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ pub struct Tools {
     pub oha: PathBuf,
     pub wrk: PathBuf,
     pub curl: PathBuf,
+    pub python3: PathBuf,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -243,6 +245,99 @@ pub struct Check {
 }
 
 /// One GET with curl from `place`.
+/// The idle-connection holder: `n` keep-alive connections opened one after another, each
+/// answered once (so the proxy has served it and holds whatever it keeps between requests),
+/// then all kept open, silent, until the holder is stopped.
+const HOLDER: &str = r#"
+import socket, sys, threading
+host, port, path, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+held = []
+for i in range(n):
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit(f"connection {i}: closed before the answer")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if not lines[0].startswith(b"HTTP/1.1 2"):
+        sys.exit(f"connection {i}: {lines[0]!r}")
+    length = next((int(l.split(b":", 1)[1]) for l in lines[1:]
+                   if l.lower().startswith(b"content-length:")), None)
+    if length is None:
+        sys.exit(f"connection {i}: no content-length")
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit(f"connection {i}: closed inside the body")
+        body += chunk
+    held.append(s)
+print(f"held {len(held)}", flush=True)
+threading.Event().wait()
+"#;
+
+/// Idle connections being held (see [`HOLDER`]).
+pub struct Holding {
+    proc: Proc,
+    out: PathBuf,
+}
+
+/// Starts holding `n` idle keep-alive connections to `url` (`http://host:port/path`).
+pub fn hold_idle(
+    lab: &mut Lab,
+    tools: &Tools,
+    place: &Place,
+    url: &str,
+    n: u32,
+) -> Result<Holding> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("not an http:// URL: {url}"))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (host, port) = authority
+        .rsplit_once(':')
+        .with_context(|| format!("no port in {url}"))?;
+    let path = if path.is_empty() { "/" } else { path };
+    let script = lab.file("idle-holder", "py");
+    fs::write(&script, HOLDER).with_context(|| format!("write {}", script.display()))?;
+    let out = lab.file("idle-holder-stdout", "txt");
+    let mut cmd = lab.command(place, &tools.python3);
+    cmd.arg(&script).args([host, port, path]).arg(n.to_string());
+    let proc = lab.spawn("idle holder", &place.cgroup, cmd, Some(&out))?;
+    Ok(Holding { proc, out })
+}
+
+impl Holding {
+    /// Waits until every connection was answered and is held (the holder says so), up to
+    /// `timeout`.
+    pub fn wait_held(&mut self, timeout: Duration) -> Result<()> {
+        let out = &self.out;
+        let proc = &mut self.proc;
+        let said = || fs::read_to_string(out).unwrap_or_default();
+        lab::poll(timeout, || {
+            said().starts_with("held ") || proc.exited().is_some()
+        });
+        if said().starts_with("held ") {
+            return Ok(());
+        }
+        bail!(
+            "the idle-connection holder did not hold its connections within {timeout:?} ({}):\n{}\n{}",
+            proc.exited().unwrap_or_else(|| "still running".into()),
+            proc.log_tail(),
+            said()
+        )
+    }
+
+    /// Closes the connections (stops the holder).
+    pub fn stop(self, lab: &mut Lab) -> Result<()> {
+        lab.stop(self.proc)
+    }
+}
+
 pub fn check(lab: &mut Lab, tools: &Tools, place: &Place, url: &str) -> Result<Check> {
     let args = vec![
         "-sS".into(),

@@ -25,6 +25,8 @@ pub struct Found {
     pub curl: PathBuf,
     pub envoy: PathBuf,
     pub oha: PathBuf,
+    /// The idle-connection holder's interpreter (also what installs Envoy).
+    pub python3: PathBuf,
     /// "name version" lines for the results file.
     pub versions: Vec<(String, String)>,
 }
@@ -92,6 +94,7 @@ pub fn ensure(ctx: &Ctx) -> Result<Found> {
         curl: need("curl")?,
         envoy,
         oha,
+        python3: need("python3")?,
         versions: Vec::new(),
     };
     found.versions = versions(ctx, &found);
