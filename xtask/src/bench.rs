@@ -703,6 +703,10 @@ fn phases(
     if let Some((rss, pss)) = peak {
         s.set("rss_1000_mib", rss);
         s.set("pss_1000_mib", pss);
+        if let Some(idle) = s.get("rss_idle_mib") {
+            let kib = (rss - idle) * 1024.0 / f64::from(plan.many_connections);
+            s.set("busy_conn_kib", kib);
+        }
     }
     Ok(())
 }

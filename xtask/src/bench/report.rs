@@ -71,6 +71,10 @@ pub const METRICS: &[(&str, &str)] = &[
         "proxy RSS, highest seen during 1,000 concurrent connections, MiB",
     ),
     (
+        "busy_conn_kib",
+        "proxy RSS growth per connection with 1,000 busy connections (highest RSS minus idle RSS), KiB",
+    ),
+    (
         "idle_conn_kib",
         "proxy RSS growth per idle keep-alive client connection (1,000 held, each answered once), KiB",
     ),
@@ -486,9 +490,20 @@ pub fn goals(r: &Results) -> Vec<Goal> {
             ),
             verdict: Verdict::of_rounds(&rs, |x| x < 1.0),
         });
+        let rs = r.ratio(sc, Target::Nginx, "busy_conn_kib");
+        goals.push(Goal {
+            name: format!("{name}: memory per connection with 1,000 open <= nginx's"),
+            detail: format!(
+                "{} vs nginx {} KiB (RSS growth over idle) = {}",
+                fmt(m(r.stat(sc, "busy_conn_kib")), 1),
+                fmt(m(r.stat(Target::Nginx, "busy_conn_kib")), 1),
+                ratio_text(&rs, 2)
+            ),
+            verdict: Verdict::of_rounds(&rs, |x| x <= 1.0),
+        });
         let rs = r.ratio(sc, Target::Nginx, "idle_conn_kib");
         goals.push(Goal {
-            name: format!("{name}: memory per idle client connection <= nginx's"),
+            name: format!("{name}: memory per idle keep-alive connection <= nginx's"),
             detail: format!(
                 "{} vs nginx {} KiB = {}",
                 fmt(m(r.stat(sc, "idle_conn_kib")), 1),
