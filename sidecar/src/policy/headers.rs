@@ -20,26 +20,47 @@ pub static X_SIDECAR_ATTEMPT: HeaderName = HeaderName::from_static("x-sidecar-at
 static FORWARDED_BY_VALUE: HeaderValue = HeaderValue::from_static("sidecar");
 static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-/// Writes `value`'s low `out.len()` nibbles as lowercase hex, most significant first.
-fn hex_into(out: &mut [u8], mut value: u128) {
-    for slot in out.iter_mut().rev() {
-        *slot = HEX[(value & 0xf) as usize];
-        value >>= 4;
+/// `value` as 32 lowercase hex digits, most significant first: eight nibbles at a time spread
+/// into bytes and mapped to ASCII with a few word operations (the ids are made per request).
+fn hex32(value: u128) -> [u8; 32] {
+    // 0xABCD_EF12 -> 0x0A0B_0C0D_0E0F_0102: each nibble in a byte of its own, in order.
+    fn spread(x: u32) -> u64 {
+        let x = u64::from(x);
+        let x = (x | (x << 16)) & 0x0000_FFFF_0000_FFFF;
+        let x = (x | (x << 8)) & 0x00FF_00FF_00FF_00FF;
+        (x | (x << 4)) & 0x0F0F_0F0F_0F0F_0F0F
     }
+    // Bytes of 0..=15 to '0'..='9', 'a'..='f' (no byte carries into the next).
+    fn ascii(n: u64) -> [u8; 8] {
+        let letters = ((n + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+        (n + 0x3030_3030_3030_3030 + letters * (u64::from(b'a') - u64::from(b'9') - 1))
+            .to_be_bytes()
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+        chunk.copy_from_slice(&ascii(spread((value >> (96 - 32 * i)) as u32)));
+    }
+    out
+}
+
+/// Writes `value`'s low `out.len()` nibbles (at most 32) as lowercase hex, most significant
+/// first.
+fn hex_into(out: &mut [u8], value: u128) {
+    let digits = hex32(value);
+    out.copy_from_slice(&digits[32 - out.len()..]);
 }
 
 /// A random UUID (version 4, RFC 9562) as `x-request-id` value, built on the stack.
 fn request_id_bytes(random: u128) -> [u8; 36] {
     // Version 4 in bits 76..80, variant 0b10 in bits 62..64.
     let id = (random & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
+    let digits = hex32(id);
     let mut buf = [b'-'; 36];
-    hex_into(&mut buf[0..8], id >> 96);
-    hex_into(&mut buf[9..13], id >> 80);
-    hex_into(&mut buf[14..18], id >> 64);
-    hex_into(&mut buf[19..23], id >> 48);
-    hex_into(&mut buf[24..36], id);
+    buf[0..8].copy_from_slice(&digits[0..8]);
+    buf[9..13].copy_from_slice(&digits[8..12]);
+    buf[14..18].copy_from_slice(&digits[12..16]);
+    buf[19..23].copy_from_slice(&digits[16..20]);
+    buf[24..36].copy_from_slice(&digits[20..32]);
     buf
 }
 
@@ -264,6 +285,18 @@ mod tests {
         let mut out = [0u8; 12];
         hex_into(&mut out, v >> 64);
         assert_eq!(&out, b"456789abcdef");
+    }
+
+    #[test]
+    fn hex_digits_agree_with_the_formatter() {
+        let mut rng = fastrand::Rng::with_seed(19);
+        let edges = [0, u128::MAX, 0xa, 0x9 << 124, 0xf0f0 << 64];
+        for v in edges
+            .into_iter()
+            .chain(std::iter::repeat_with(|| rng.u128(..)).take(10_000))
+        {
+            assert_eq!(hex32(v), format!("{v:032x}").as_bytes(), "{v:#x}");
+        }
     }
 
     #[test]
