@@ -7,9 +7,10 @@
 //! The upstream connect starts the moment the connection is accepted, and the proxy then waits
 //! for whichever side speaks first ([`Detecting`]):
 //! - the upstream (SMTP, MySQL, SSH, ...): opaque relay at once, no detection delay on any port;
-//! - the client: classify its first bytes; HTTP is served with hyper ([`super::serve`]; the
-//!   connection already dialled goes to the HTTP client's pool), anything else is relayed
-//!   opaquely.
+//! - the client: classify its first bytes; HTTP/1 is served by the native engine ([`super::h1`]),
+//!   h2c (and HTTP/1 on transcoded ports or under `--http1-engine hyper`) by hyper
+//!   ([`super::serve`]); the connection already dialled goes to the HTTP client's pool; anything
+//!   else is relayed opaquely.
 //!
 //! No detection timeout applies while neither side has said anything (a server that speaks
 //! first gets all the time it needs); only a partial client preface that might still become HTTP
@@ -23,10 +24,14 @@
 //! far is kept); any other TLS is the app's own and is relayed untouched. A strict port refuses
 //! everything that did not arrive over mesh TLS (HTTP: 403, except probe paths; else a reset).
 //!
-//! Size: about 1,000 lines: the detection state machine, its outcomes for both directions and
-//! both kinds of client stream (plain, terminated mesh TLS), and the inbound checks at those
-//! outcomes (strict mTLS, authorization), kept in one place so the transitions can be read
-//! together.
+//! A connection's task is a [`Connection`]: one phase at a time (detection, then what it
+//! became), so that what every connection holds for its whole life is only the state of what it
+//! is now.
+//!
+//! Size: about 1,400 lines: the detection state machine, its outcomes for both directions and
+//! both kinds of client stream (plain, terminated mesh TLS), the inbound checks at those
+//! outcomes (strict mTLS, authorization), and the connection's phases, kept in one place so the
+//! transitions can be read together.
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
