@@ -257,8 +257,8 @@ where
             if inbuf.is_empty() && !first {
                 return Got::Closed;
             }
-            // A connection that has sent nothing yet when the drain begins gets the detection
-            // limit for its first request.
+            // A request under way when the drain begins (or a connection's first) gets the
+            // detection limit to arrive.
             let at = Instant::now() + c.shared.config.detect_timeout;
             drain = Some(at);
             if at < header_deadline {
