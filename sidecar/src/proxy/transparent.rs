@@ -68,6 +68,7 @@ use super::shared::{Direction, Shared, SilentDial};
 use super::transcode::{self, Handled};
 use crate::error::{Chain, ConnectError, ProxyError};
 use crate::identity::{SpiffeId, MESH_ALPN};
+use crate::metrics::access::Observer;
 use crate::metrics::conn::{ConnGuard, CountedIo};
 use crate::metrics::{Dir, MeshMode};
 use crate::policy::headers::ForwardedClient;
@@ -882,6 +883,25 @@ struct HttpConn<D> {
     strict: bool,
 }
 
+impl<D> HttpConn<D> {
+    /// The connection's observer (metrics, access log) and its client as its route sees it.
+    fn observe(&self) -> (Arc<Observer>, RouteClient) {
+        debug!(dir = self.direction.name(), peer = %self.peer, dst = %self.dst, protocol = ?self.protocol, "http");
+        let observer = self.shared.observer(
+            self.direction.dir(),
+            self.dst,
+            self.peer,
+            self.client_id.as_ref().map(|id| Arc::from(id.as_str())),
+        );
+        let client = RouteClient {
+            peer: self.peer,
+            id: self.client_id.clone(),
+            plan: self.plan.clone(),
+        };
+        (observer, client)
+    }
+}
+
 /// How a captured HTTP connection is served, decided before anything is awaited.
 enum Serving<D> {
     /// The native HTTP/1 engine, whose future the connection's task holds inline.
@@ -916,55 +936,27 @@ impl<D: Downstream> Serving<D> {
 /// Serves a captured HTTP connection: HTTP/1 through the direction's pool (the pre-dialled
 /// connection parked for it), h2c over one upstream h2 connection of its own.
 fn serve_http_conn<D: Downstream>(conn: HttpConn<D>) -> Serving<D> {
+    // A transcoded gRPC port: REST calls go over an HTTP/2 connection of their own, and the
+    // connection dialled during detection is the app's gRPC one.
+    let native = conn.protocol == Protocol::Http1
+        && conn.shared.config.http.http1_engine == Http1Engine::Native
+        && !transcoding(&conn.shared, conn.direction, conn.dst);
+    if !native {
+        return Serving::Hyper(Box::pin(serve_hyper_conn(conn)));
+    }
+    let (observer, route_client) = conn.observe();
     let HttpConn {
         shared,
-        protocol,
         client,
         caller,
         direction,
-        peer,
         dst,
         authority,
         predial,
         dest,
-        plan,
-        client_id,
         strict,
+        ..
     } = conn;
-    // A transcoded gRPC port: REST calls go over an HTTP/2 connection of their own, and the
-    // connection dialled during detection is the app's gRPC one.
-    let native = protocol == Protocol::Http1
-        && shared.config.http.http1_engine == Http1Engine::Native
-        && !transcoding(&shared, direction, dst);
-    if !native {
-        return Serving::Hyper(Box::pin(serve_hyper_conn(HttpConn {
-            shared,
-            protocol,
-            client,
-            caller,
-            direction,
-            peer,
-            dst,
-            authority,
-            predial,
-            dest,
-            plan,
-            client_id,
-            strict,
-        })));
-    }
-    debug!(dir = direction.name(), %peer, %dst, ?protocol, "http");
-    let observer = shared.observer(
-        direction.dir(),
-        dst,
-        peer,
-        client_id.as_ref().map(|id| Arc::from(id.as_str())),
-    );
-    let route_client = RouteClient {
-        peer,
-        id: client_id,
-        plan,
-    };
     let route = Arc::new(route_for(
         &shared,
         direction,
@@ -1012,6 +1004,7 @@ fn transcoding(shared: &Shared, direction: Direction, dst: SocketAddr) -> bool {
 /// Serves a captured HTTP connection with hyper: h2c, a transcoded gRPC port's HTTP/1, or any
 /// HTTP/1 under `--http1-engine hyper`.
 async fn serve_hyper_conn<D: Downstream>(conn: HttpConn<D>) {
+    let (observer, route_client) = conn.observe();
     let HttpConn {
         shared,
         protocol,
@@ -1023,22 +1016,9 @@ async fn serve_hyper_conn<D: Downstream>(conn: HttpConn<D>) {
         authority,
         predial,
         dest,
-        plan,
-        client_id,
         strict,
+        ..
     } = conn;
-    debug!(dir = direction.name(), %peer, %dst, ?protocol, "http");
-    let observer = shared.observer(
-        direction.dir(),
-        dst,
-        peer,
-        client_id.as_ref().map(|id| Arc::from(id.as_str())),
-    );
-    let route_client = RouteClient {
-        peer,
-        id: client_id,
-        plan,
-    };
     let stop = shared.stop_token(direction.dir()).clone();
     let limit = shared.config.detect_timeout;
     let svc_shared = Arc::clone(&shared);

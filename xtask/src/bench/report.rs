@@ -447,17 +447,15 @@ pub fn goals(r: &Results) -> Vec<Goal> {
             ),
             verdict: Verdict::of_rounds(&rs, |x| x <= 0.9),
         });
-        let rs = r.ratio(sc, Target::Nginx, "max_rps");
-        goals.push(Goal {
-            name: format!("{name}: closed-loop throughput >= nginx's"),
-            detail: format!(
-                "{} vs nginx {} req/s = {}",
-                fmt(m(r.stat(sc, "max_rps")), 0),
-                fmt(m(r.stat(Target::Nginx, "max_rps")), 0),
-                ratio_text(&rs, 2)
-            ),
-            verdict: Verdict::of_rounds(&rs, |x| x >= 1.0),
-        });
+        goals.push(against_nginx(
+            r,
+            sc,
+            "max_rps",
+            "closed-loop throughput >= nginx's",
+            "req/s",
+            0,
+            |x| x >= 1.0,
+        ));
         let ours = m(r.added(sc, "ol5k_p99_us"));
         let theirs = m(r.added(Target::Nginx, "ol5k_p99_us"));
         // Our p99 minus nginx's, round by round; a gap smaller than how much the direct
@@ -479,39 +477,33 @@ pub fn goals(r: &Results) -> Vec<Goal> {
             ),
             verdict,
         });
-        let rs = r.ratio(sc, Target::Nginx, "rss_1000_mib");
-        goals.push(Goal {
-            name: format!("{name}: RSS with 1,000 connections < nginx's"),
-            detail: format!(
-                "{} vs nginx {} MiB = {}",
-                fmt(m(r.stat(sc, "rss_1000_mib")), 1),
-                fmt(m(r.stat(Target::Nginx, "rss_1000_mib")), 1),
-                ratio_text(&rs, 2)
-            ),
-            verdict: Verdict::of_rounds(&rs, |x| x < 1.0),
-        });
-        let rs = r.ratio(sc, Target::Nginx, "busy_conn_kib");
-        goals.push(Goal {
-            name: format!("{name}: memory per connection with 1,000 open <= nginx's"),
-            detail: format!(
-                "{} vs nginx {} KiB (RSS growth over idle) = {}",
-                fmt(m(r.stat(sc, "busy_conn_kib")), 1),
-                fmt(m(r.stat(Target::Nginx, "busy_conn_kib")), 1),
-                ratio_text(&rs, 2)
-            ),
-            verdict: Verdict::of_rounds(&rs, |x| x <= 1.0),
-        });
-        let rs = r.ratio(sc, Target::Nginx, "idle_conn_kib");
-        goals.push(Goal {
-            name: format!("{name}: memory per idle keep-alive connection <= nginx's"),
-            detail: format!(
-                "{} vs nginx {} KiB = {}",
-                fmt(m(r.stat(sc, "idle_conn_kib")), 1),
-                fmt(m(r.stat(Target::Nginx, "idle_conn_kib")), 1),
-                ratio_text(&rs, 2)
-            ),
-            verdict: Verdict::of_rounds(&rs, |x| x <= 1.0),
-        });
+        goals.push(against_nginx(
+            r,
+            sc,
+            "rss_1000_mib",
+            "RSS with 1,000 connections < nginx's",
+            "MiB",
+            1,
+            |x| x < 1.0,
+        ));
+        goals.push(against_nginx(
+            r,
+            sc,
+            "busy_conn_kib",
+            "memory per connection with 1,000 open <= nginx's",
+            "KiB (RSS growth over idle)",
+            1,
+            |x| x <= 1.0,
+        ));
+        goals.push(against_nginx(
+            r,
+            sc,
+            "idle_conn_kib",
+            "memory per idle keep-alive connection <= nginx's",
+            "KiB",
+            1,
+            |x| x <= 1.0,
+        ));
         let idle = m(r.stat(sc, "rss_idle_mib"));
         let busy = m(r.stat(sc, "rss_1000_mib"));
         goals.push(Goal {
@@ -573,6 +565,30 @@ fn fmt(v: Option<f64>, decimals: usize) -> String {
 
 /// "1.04x (rounds: 0.91, 1.17)": ratios are paired within a round, then the median is taken, so
 /// the headline can differ from the ratio of the two medians printed next to it.
+/// A goal comparing `sc`'s median of `key` with nginx's, its verdict `pass` on each round's ratio.
+fn against_nginx(
+    r: &Results,
+    sc: Target,
+    key: &str,
+    what: &str,
+    unit: &str,
+    decimals: usize,
+    pass: fn(f64) -> bool,
+) -> Goal {
+    let m = |s: Option<Stat>| s.map(|s| s.median);
+    let rs = r.ratio(sc, Target::Nginx, key);
+    Goal {
+        name: format!("{}: {what}", sc.key()),
+        detail: format!(
+            "{} vs nginx {} {unit} = {}",
+            fmt(m(r.stat(sc, key)), decimals),
+            fmt(m(r.stat(Target::Nginx, key)), decimals),
+            ratio_text(&rs, 2)
+        ),
+        verdict: Verdict::of_rounds(&rs, pass),
+    }
+}
+
 fn ratio_text(s: &Option<Stat>, decimals: usize) -> String {
     match s {
         None => "n/a".into(),
