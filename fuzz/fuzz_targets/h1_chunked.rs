@@ -1,4 +1,4 @@
-//! The native HTTP/1 engine's chunked decoder: the same data and the same end wherever the
+//! The native HTTP/1 engine's chunked decoder: the same data, end and refusal wherever the
 //! input is split across reads (the split points come from the input); never more data than
 //! input; where the body ends is where a well-formed body ends (re-encoding the data the
 //! engine's way and decoding it again gives the data back, ending exactly). (Bare CR and LF in
@@ -16,22 +16,18 @@ fuzz_target!(|data: &[u8]| {
     let mut pieces = Vec::new();
     let mut at = 0;
     for i in 0..8u32 {
-        if cuts >> (i % 8) & 1 == 0 || at >= body.len() {
+        if cuts >> i & 1 == 0 || at >= body.len() {
             continue;
         }
-        let next = (at + 1 + (cuts as usize * (i as usize + 3)) % (body.len() - at)).min(body.len());
+        let next =
+            (at + 1 + (cuts as usize * (i as usize + 3)) % (body.len() - at)).min(body.len());
         pieces.push(&body[at..next]);
         at = next;
     }
     pieces.push(&body[at..]);
-    let split = chunked(&pieces);
-    match (&whole, &split) {
-        (Ok(w), Ok(s)) => assert_eq!(w, s),
-        (Err(_), Err(_)) => {}
-        // A split may stop at the body's end before the bytes that the whole read rejects.
-        (Err(_), Ok((_, Some(_)))) | (Ok((_, Some(_))), Err(_)) => panic!("{whole:?} / {split:?}"),
-        _ => {}
-    }
+    // The decoder uses every byte it is given until the body ends, and both reads see the
+    // same bytes in the same order: the same data, end and refusal, however they are split.
+    assert_eq!(chunked(&pieces), whole);
     if let Ok((data, end)) = &whole {
         assert!(data.len() <= body.len());
         if let Some(end) = end {

@@ -126,8 +126,6 @@ impl Allowed {
     }
 }
 
-/// The decision for one request: `Ok` with the deciding rule (or `None`: nothing configured),
-/// or the answer of a denial.
 /// A plaintext request a strict port still serves: a kubelet probe path (`[inbound]
 /// probe_paths`).
 pub(crate) fn is_probe<B>(shared: &Shared, req: &Request<B>) -> bool {
@@ -139,6 +137,8 @@ pub(crate) fn is_probe<B>(shared: &Shared, req: &Request<B>) -> bool {
         .is_probe(req.method(), req.uri().path())
 }
 
+/// The decision for one request: `Ok` with the deciding rule (or `None`: nothing configured),
+/// or the answer of a denial.
 pub(crate) fn request<B>(
     shared: &Shared,
     caller: &Caller,

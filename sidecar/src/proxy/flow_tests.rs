@@ -457,3 +457,35 @@ async fn target_mode_has_no_breaker_unless_a_rule_asks_for_one() {
     })
     .await;
 }
+
+/// A name rule is chosen by the request's `Host`: its short request timeout applies, where the
+/// connection's address alone would give the default (far beyond the test's bound).
+#[tokio::test]
+async fn a_name_rule_is_chosen_by_the_requests_host() {
+    use crate::policy::{DestinationRule, Match};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    guard(async {
+        let upstream = hanging().await;
+        let mut config = policy(|p| p.request_timeout = Duration::from_secs(600));
+        let mut named = config.defaults.clone();
+        named.request_timeout = Duration::from_millis(200);
+        config.destinations.push(DestinationRule {
+            matcher: Match::parse("slow.example:80").unwrap(),
+            policy: named,
+        });
+        let (_proxy, addr) = proxy_to(upstream, config).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: Slow.Example:80\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+        assert!(
+            answer.contains("x-sidecar-error: upstream-timeout"),
+            "{answer}"
+        );
+    })
+    .await;
+}

@@ -3,6 +3,7 @@
 //! the policies' [`exchange`] (breaker, request timeout, retries within the budget) with a way to
 //! make one attempt (the HTTP/1 pool, or the connection's upstream h2 connection), and relays the
 //! answer, or the local one that says who failed.
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -219,8 +220,10 @@ pub(crate) async fn forward_h1(
         head.version = Version::HTTP_11;
     }
     let request_id = headers::apply(&mut head.headers, route.forwarded_for.as_ref());
-    let host = head.headers.get(HOST).and_then(|h| h.to_str().ok());
-    let dest = shared.destination(route, host);
+    let dest = shared.destination(route, || {
+        let host = head.headers.get(HOST)?.to_str().ok()?;
+        Some(Cow::Borrowed(host))
+    });
     let dest = &*dest;
 
     let looked_up;
@@ -304,7 +307,9 @@ pub(crate) async fn forward_h2(
     }
     let route = upstream.route();
     let request_id = headers::apply(req.headers_mut(), route.forwarded_for.as_ref());
-    let dest = shared.destination(route, req.uri().authority().map(Authority::as_str));
+    let dest = shared.destination(route, || {
+        req.uri().authority().map(|a| Cow::Borrowed(a.as_str()))
+    });
     let dest = &*dest;
 
     let (head, body) = req.into_parts();

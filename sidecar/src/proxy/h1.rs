@@ -395,10 +395,9 @@ where
         (c.strict || c.caller.is_some()).then(|| admission_request(inbuf.data(), &head));
     let hosts = head.count(Role::Host);
     let built = build_head(inbuf.data(), &head, &c.route);
-    // The request's authority matters only to name rules (read only when there are some).
-    let by_name = c.route.by_name && c.shared.policies.load().has_name_rules();
-    let authority = by_name.then(|| request_authority(inbuf.data(), &head, &c.route));
-    let dest = c.shared.destination(&c.route, authority.as_deref());
+    let dest = c.shared.destination(&c.route, || {
+        Some(request_authority(inbuf.data(), &head, &c.route))
+    });
     inbuf.consume(head.len);
     drop(head);
 

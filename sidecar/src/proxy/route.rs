@@ -1,4 +1,5 @@
 //! Where the HTTP requests of one downstream connection go, and under which policies.
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -47,16 +48,18 @@ impl Route {
 
     /// The destination of one request under `policies` (the generation in force when it
     /// started): a name rule for its authority, else the connection's destination, looked up
-    /// again when a reload has happened since the connection began. `label` names a destination
-    /// first seen now, in metrics.
-    pub(crate) fn destination(
+    /// again when a reload has happened since the connection began. `authority` is asked only
+    /// when there are name rules to match it; `label` names a destination first seen now, in
+    /// metrics.
+    pub(crate) fn destination<'a>(
         &self,
         policies: &Policies,
-        authority: Option<&str>,
+        authority: impl FnOnce() -> Option<Cow<'a, str>>,
         label: &dyn Fn() -> Arc<str>,
     ) -> Arc<Destination> {
         if self.by_name && policies.has_name_rules() {
-            if let Some(d) = authority.and_then(|a| policies.by_authority(a, self.default_port)) {
+            if let Some(d) = authority().and_then(|a| policies.by_authority(&a, self.default_port))
+            {
                 return d;
             }
         }

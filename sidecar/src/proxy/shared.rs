@@ -1,4 +1,5 @@
 //! State shared by every connection of one proxy, and each direction's way out.
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError};
@@ -218,7 +219,12 @@ impl Shared {
 impl Shared {
     /// The destination (breaker, budget, timeouts) of one request on `route`, under the
     /// policies in force when it starts: it keeps them to its end, even across a reload.
-    pub(crate) fn destination(&self, route: &Route, authority: Option<&str>) -> Arc<Destination> {
+    /// `authority` (the request's) is asked only when name rules could match it.
+    pub(crate) fn destination<'a>(
+        &self,
+        route: &Route,
+        authority: impl FnOnce() -> Option<Cow<'a, str>>,
+    ) -> Arc<Destination> {
         let policies = self.policies.load();
         let label = || match (route.origin, &self.target_dest) {
             (Origin::Outbound(dst), _) => Arc::clone(

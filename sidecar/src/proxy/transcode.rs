@@ -9,6 +9,7 @@
 //! written: a unary answer whole (so a gRPC error is its HTTP status, never a 200), a stream up
 //! to its first message (so an immediate error is a non-200 too); then the rest of a stream is
 //! written as JSON lines as the messages arrive ([`Streamed`]).
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -146,7 +147,7 @@ async fn call(
         .and_then(|h| Authority::try_from(h.as_bytes()).ok())
         .or_else(|| req.uri().authority().cloned())
         .unwrap_or_else(|| proxy_route.authority.clone());
-    let dest = shared.destination(proxy_route, Some(host.as_str()));
+    let dest = shared.destination(proxy_route, || Some(Cow::Borrowed(host.as_str())));
     let deadline = Instant::now() + dest.policy().request_timeout;
 
     let too_large = || {
