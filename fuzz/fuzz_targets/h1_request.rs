@@ -44,8 +44,18 @@ fn oracle(data: &[u8], ours: &Read) {
     }
     match ours.length {
         Some(Some(n)) => {
-            assert!(codings.is_empty() && lengths.len() == 1, "{lengths:?} {codings:?}");
-            assert_eq!(std::str::from_utf8(&lengths[0]).unwrap().trim().parse::<u64>().ok(), Some(n));
+            assert!(
+                codings.is_empty() && lengths.len() == 1,
+                "{lengths:?} {codings:?}"
+            );
+            assert_eq!(
+                std::str::from_utf8(&lengths[0])
+                    .unwrap()
+                    .trim()
+                    .parse::<u64>()
+                    .ok(),
+                Some(n)
+            );
         }
         Some(None) => {
             assert!(lengths.is_empty() && codings.len() == 1 && ours.version == 1);
@@ -69,7 +79,10 @@ fn oracle(data: &[u8], ours: &Read) {
     again.extend_from_slice(b"\r\n");
     let mut headers = [httparse::EMPTY_HEADER; 100];
     let mut req = httparse::Request::new(&mut headers);
-    assert_eq!(req.parse(&again), Ok(httparse::Status::Complete(again.len())));
+    assert_eq!(
+        req.parse(&again),
+        Ok(httparse::Status::Complete(again.len()))
+    );
     assert_eq!(req.headers.len(), ours.forwarded.len());
 }
 

@@ -43,7 +43,10 @@ fuzz_target!(|data: &[u8]| {
             None => {}
         }
         if ours.until_close {
-            assert!(!ours.keep_alive, "a close-delimited body on a reusable connection");
+            assert!(
+                !ours.keep_alive,
+                "a close-delimited body on a reusable connection"
+            );
         }
     }
     for n in (0..data.len()).step_by(1 + data.len() / 64) {
