@@ -169,7 +169,12 @@ impl Destination {
 
     /// Asks the breaker to let one attempt through.
     pub fn admit(&self) -> Result<Permit<'_>, Rejected> {
-        let (permit, transition) = self.breaker.acquire(Instant::now());
+        self.admit_at(Instant::now())
+    }
+
+    /// [`Destination::admit`] at `now`.
+    pub fn admit_at(&self, now: Instant) -> Result<Permit<'_>, Rejected> {
+        let (permit, transition) = self.breaker.acquire(now);
         if let Some(t) = transition {
             self.transitioned(&t);
         }
@@ -211,10 +216,10 @@ impl Destination {
         }
     }
 
-    /// A request started: it pays into the retry budget.
-    pub fn count_request(&self) {
+    /// A request started at `now`: it pays into the retry budget.
+    pub fn count_request(&self, now: Instant) {
         if self.policy.retry.max_retries > 0 {
-            self.budget.deposit(Instant::now());
+            self.budget.deposit(now);
         }
     }
 

@@ -197,8 +197,9 @@ where
     F: Future<Output = Result<Response<B>, Failed>>,
 {
     let idempotent = is_idempotent(&head.method);
-    let deadline = Instant::now() + dest.policy().request_timeout;
-    let mut retrying = Retrying::begin(dest, idempotent)?;
+    let now = Instant::now();
+    let deadline = now + dest.policy().request_timeout;
+    let mut retrying = Retrying::begin(dest, idempotent, now)?;
     let prepared = match body {
         // A failure here is the client's: the permit is dropped unreported (ignored).
         Prepared::Stream(body) if retrying.may_replay() => {
@@ -237,7 +238,7 @@ where
 /// decision, the pause and the budget.
 ///
 /// ```text
-/// let mut r = Retrying::begin(dest, idempotent)?;   // breaker open: Err, nothing sent
+/// let mut r = Retrying::begin(dest, idempotent, now)?;   // breaker open: Err, nothing sent
 /// loop {
 ///     let result = /* attempt r.number() */;
 ///     if !r.again(outcome(&result), deadline).await { return result; }
@@ -252,11 +253,12 @@ pub struct Retrying<'a> {
 
 impl<'a> Retrying<'a> {
     /// Asks the breaker for the first attempt (open: the answer to give, nothing to send).
-    pub fn begin(dest: &'a Destination, idempotent: bool) -> Result<Self, Failed> {
-        let permit = dest.admit()?;
+    /// `now` is when the request started (the caller has it: one clock read fewer).
+    pub fn begin(dest: &'a Destination, idempotent: bool, now: Instant) -> Result<Self, Failed> {
+        let permit = dest.admit_at(now)?;
         // Only requests that are sent pay into the retry budget: an outage refused by the
         // breaker must not save up retries for the moment it ends.
-        dest.count_request();
+        dest.count_request(now);
         Ok(Retrying {
             dest,
             permit: Some(permit),

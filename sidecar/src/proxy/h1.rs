@@ -197,7 +197,7 @@ where
 /// status; the connection then closes.
 async fn refuse<D>(io: &mut D, err: ProxyError)
 where
-    D: AsyncWrite + Unpin,
+    D: AsyncWrite + Unpin + Send,
 {
     let unknown = Request {
         method: Method::GET,
@@ -283,17 +283,32 @@ where
     }
 }
 
-/// `fut` until `deadline`, on the connection's timer (`Err` when it passes first).
-async fn within<F: Future>(
-    mut timer: Pin<&mut Sleep>,
-    deadline: Instant,
-    fut: F,
-) -> Result<F::Output, ()> {
+/// `fut` until `deadline`, on the connection's timer (`Err` when it passes first). A future of
+/// its own rather than an `async fn`, which would hold `fut` twice (as its argument and as what
+/// it awaits).
+fn within<F: Future>(mut timer: Pin<&mut Sleep>, deadline: Instant, fut: F) -> Within<'_, F> {
     timer.as_mut().reset(deadline);
-    tokio::select! {
-        biased;
-        out = fut => Ok(out),
-        () = timer => Err(()),
+    Within { timer, fut }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`within`].
+    struct Within<'t, F> {
+        timer: Pin<&'t mut Sleep>,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: Future> Future for Within<'_, F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        this.timer.as_mut().poll(cx).map(|()| Err(()))
     }
 }
 
@@ -308,24 +323,36 @@ struct Request {
 }
 
 /// One request and its answer; true if the client connection can carry another.
-async fn exchange<D>(
-    c: &Client,
-    io: &mut D,
-    inbuf: &mut Inbuf,
+///
+/// A block rather than an `async fn`: the head is read and consumed before the first await, so
+/// the future (boxed per request) holds only what the exchange needs afterwards.
+fn exchange<'a, D>(
+    c: &'a Client,
+    io: &'a mut D,
+    inbuf: &'a mut Inbuf,
     head: Head,
-    timer: Pin<&mut Sleep>,
-) -> bool
+    timer: Pin<&'a mut Sleep>,
+) -> impl Future<Output = bool> + Send + 'a
 where
-    D: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let started = Instant::now();
     let label = method_label(&head.method);
     let log = c.observer.access_log.then(|| log_head(inbuf.data(), &head));
-    let (answer, elapsed, keep) = answer(c, io, inbuf, head, started, timer).await;
-    if let Some(answer) = answer {
-        record(&c.observer, label, log, &answer, elapsed);
+    let (req, admitted) = admit(c, inbuf, head);
+    async move {
+        let (answer, elapsed, keep) = match admitted {
+            Ok(ready) => forward(c, io, inbuf, &req, ready, started, timer).await,
+            Err(early) => {
+                let (answer, keep) = early.write(io, &req).await;
+                (Some(answer), started.elapsed(), keep)
+            }
+        };
+        if let Some(answer) = answer {
+            record(&c.observer, label, log, &answer, elapsed);
+        }
+        keep
     }
-    keep
 }
 
 /// The access log's view of a request.
@@ -365,19 +392,45 @@ fn local(err: ProxyError) -> Answer {
     }
 }
 
-/// Answers one request: (its record, none if the client went away first; the time to the
-/// response head; keep the connection).
-async fn answer<D>(
-    c: &Client,
-    io: &mut D,
-    inbuf: &mut Inbuf,
-    head: Head,
-    started: Instant,
-    mut timer: Pin<&mut Sleep>,
-) -> (Option<Answer>, Duration, bool)
-where
-    D: AsyncRead + AsyncWrite + Unpin,
-{
+/// A request stopped before anything went upstream: its local answer, and whether a request
+/// body is left unread (then the connection closes after it).
+enum Early {
+    Error(ProxyError, bool),
+    /// Authorization's refusal.
+    Response(Box<http::Response<ProxyBody>>, bool),
+}
+
+impl Early {
+    fn write<'a, D>(self, io: &'a mut D, req: &'a Request) -> Local<'a, (Answer, bool)>
+    where
+        D: AsyncWrite + Unpin + Send,
+    {
+        match self {
+            Early::Error(err, unread_body) => write_response(
+                io,
+                local_response(err).map(http_body_util::Either::Right),
+                req,
+                unread_body,
+            ),
+            Early::Response(resp, unread_body) => write_response(io, *resp, req, unread_body),
+        }
+    }
+}
+
+/// A request admitted: its upstream head, destination and authorization.
+struct Ready {
+    built: Built,
+    dest: Arc<crate::policy::Destination>,
+    /// The `x-sidecar-authz-rule` line for the answer, if any.
+    extra: Vec<u8>,
+    authz: Option<Arc<str>>,
+}
+
+/// Takes from the head all that the exchange needs (then its bytes are consumed, whatever the
+/// answer, a local one included, so the connection's next request starts at the front) and
+/// decides admission: a strict port's plaintext refusal, authorization, then the request's own
+/// validity.
+fn admit(c: &Client, inbuf: &mut Inbuf, head: Head) -> (Request, Result<Ready, Early>) {
     let req = Request {
         method: head.method.clone(),
         version: head.version,
@@ -386,11 +439,6 @@ where
         upgrade: head.upgrade,
         expect_continue: head.expect_continue,
     };
-    // A local answer leaves the connection usable only if no request body is left unread.
-    let bodiless = req.framing == Framing::Empty;
-
-    // Everything needed of the head's bytes is taken now: then they are consumed, whatever the
-    // answer (a local one included), so the connection's next request starts at the front.
     let admission =
         (c.strict || c.caller.is_some()).then(|| admission_request(inbuf.data(), &head));
     let hosts = head.count(Role::Host);
@@ -400,26 +448,30 @@ where
     });
     inbuf.consume(head.len);
     drop(head);
+    let ready = check(c, &req, admission.as_ref(), hosts, built, dest);
+    (req, ready)
+}
 
-    // Admission: a strict port's plaintext refusal, then authorization.
+/// The admission decisions of [`admit`], once the head's bytes are gone.
+fn check(
+    c: &Client,
+    req: &Request,
+    admission: Option<&http::Request<()>>,
+    hosts: usize,
+    built: Result<Built, &'static str>,
+    dest: Arc<crate::policy::Destination>,
+) -> Result<Ready, Early> {
+    // A local answer leaves the connection usable only if no request body is left unread.
+    let unread = req.framing != Framing::Empty;
     let mut allowed = None;
-    if let Some(probe_req) = &admission {
+    if let Some(probe_req) = admission {
         if c.strict && !authorize::is_probe(&c.shared, probe_req) {
-            let keep =
-                write_error(io, ProxyError::InboundMtlsRequired, None, &req, !bodiless).await;
-            return (
-                Some(local(ProxyError::InboundMtlsRequired)),
-                started.elapsed(),
-                keep,
-            );
+            return Err(Early::Error(ProxyError::InboundMtlsRequired, unread));
         }
         if let Some(caller) = &c.caller {
             match authorize::request(&c.shared, caller, probe_req) {
                 Ok(a) => allowed = a,
-                Err(resp) => {
-                    let (answer, keep) = write_response(io, *resp, &req, !bodiless).await;
-                    return (Some(answer), started.elapsed(), keep);
-                }
+                Err(resp) => return Err(Early::Response(resp, unread)),
             }
         }
     }
@@ -427,68 +479,197 @@ where
         // RFC 9112 3.2: a request with more than one Host is invalid; which one a server would
         // use is anybody's guess (a classic way around host-based routing).
         debug!(destination = %c.route.authority, "more than one Host header");
-        let keep = write_error(io, ProxyError::ProxyBadRequest, None, &req, !bodiless).await;
-        return (
-            Some(local(ProxyError::ProxyBadRequest)),
-            started.elapsed(),
-            keep,
-        );
+        return Err(Early::Error(ProxyError::ProxyBadRequest, unread));
     }
     if req.method == Method::CONNECT {
         // A CONNECT at the start of a connection was passed through opaquely by detection; one
         // in the middle of an HTTP connection cannot be (the bytes before it are gone).
         debug!(destination = %c.route.authority, "CONNECT inside an HTTP connection");
-        let keep = write_error(io, ProxyError::ProxyUnsupported, None, &req, true).await;
-        return (
-            Some(local(ProxyError::ProxyUnsupported)),
-            started.elapsed(),
-            keep,
-        );
+        return Err(Early::Error(ProxyError::ProxyUnsupported, true));
     }
-    let built = match built {
-        Ok(b) => b,
-        Err(why) => {
-            debug!(destination = %c.route.authority, error = why, "request cannot be forwarded");
-            let keep = write_error(io, ProxyError::ProxyBadRequest, None, &req, !bodiless).await;
-            return (
-                Some(local(ProxyError::ProxyBadRequest)),
-                started.elapsed(),
-                keep,
-            );
-        }
-    };
-    let extra = authz_lines(allowed.as_ref());
-    let authz = allowed.as_ref().map(|a| Arc::clone(a.rule()));
+    let built = built.map_err(|why| {
+        debug!(destination = %c.route.authority, error = why, "request cannot be forwarded");
+        Early::Error(ProxyError::ProxyBadRequest, unread)
+    })?;
+    Ok(Ready {
+        built,
+        dest,
+        extra: authz_lines(allowed.as_ref()),
+        authz: allowed.as_ref().map(|a| Arc::clone(a.rule())),
+    })
+}
 
-    let mut retrying = match Retrying::begin(&dest, is_idempotent(&req.method)) {
-        Ok(r) => r,
-        Err(f) => {
-            let (answer, keep) =
-                write_failed(io, f, &dest, &built.request_id(), &req, !bodiless).await;
-            return (Some(answer), started.elapsed(), keep);
+/// Sends an admitted request upstream (under the destination's breaker, timeout and retries)
+/// and relays the answer: (its record, none if the client went away first; the time to the
+/// response head; keep the connection).
+///
+/// A block rather than an `async fn`, which would keep `ready` twice in its future.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in its future"
+)]
+fn forward<'a, D>(
+    c: &'a Client,
+    io: &'a mut D,
+    inbuf: &'a mut Inbuf,
+    req: &'a Request,
+    ready: Ready,
+    started: Instant,
+    mut timer: Pin<&'a mut Sleep>,
+) -> impl Future<Output = (Option<Answer>, Duration, bool)> + Send + 'a
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async move {
+        let dest = &*ready.dest;
+        let built = &ready.built;
+        let bodiless = req.framing == Framing::Empty;
+        let mut retrying = match Retrying::begin(dest, is_idempotent(&req.method), started) {
+            Ok(r) => r,
+            Err(f) => {
+                let (answer, keep) =
+                    write_failed(io, f, dest, &built.request_id(), req, !bodiless).await;
+                return (Some(answer), started.elapsed(), keep);
+            }
+        };
+        let deadline = started + dest.policy().request_timeout;
+        if req.expect_continue && !bodiless {
+            // As hyper's server does when the body is first read: the client may send it now.
+            if io
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return (
+                    Some(local(ProxyError::DownstreamBody)),
+                    started.elapsed(),
+                    false,
+                );
+            }
         }
-    };
-    let deadline = started + dest.policy().request_timeout;
-    if req.expect_continue && !bodiless {
-        // As hyper's server does when the body is first read: the client may send it now.
-        if io
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .await
-            .is_err()
-        {
-            return (
-                Some(local(ProxyError::DownstreamBody)),
-                started.elapsed(),
-                false,
-            );
-        }
+        let max = dest.policy().retry.max_body_bytes;
+        let replayable = retrying.may_replay();
+        let plan = match plan(io, inbuf, req, replayable, max, timer.as_mut(), deadline).await {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(e)) => {
+                // The client's failure: the permit goes unreported.
+                debug!(error = %e, "reading the request body failed");
+                let f = Failed::new(
+                    ProxyError::DownstreamBody,
+                    format!("reading the request body: {e}"),
+                );
+                let (answer, _) = write_failed(io, f, dest, &built.request_id(), req, true).await;
+                return (Some(answer), started.elapsed(), false);
+            }
+            Err(()) => {
+                let f = Failed::new(
+                    ProxyError::DownstreamTimeout,
+                    "the request body did not arrive within the request timeout",
+                );
+                let (answer, keep) =
+                    write_failed(io, f, dest, &built.request_id(), req, true).await;
+                return (Some(answer), started.elapsed(), keep);
+            }
+        };
+        let (result, body_sent) = match plan {
+            Plan::Replay(body, framing) => {
+                let framing = framing.as_deref().unwrap_or_default();
+                let attempts = async {
+                    loop {
+                        let attempt = retrying.number();
+                        let result = within(
+                            timer.as_mut(),
+                            deadline,
+                            send_replay(c, built, framing, attempt, &body, &req.method),
+                        )
+                        .await
+                        .unwrap_or_else(|()| Err(Failed::timeout()));
+                        let outcome = result.as_ref().map(|r| r.status()).map_err(|f| f.err);
+                        if !retrying.again(outcome, deadline).await {
+                            break result;
+                        }
+                    }
+                };
+                // A client that goes away gives the exchange up: its upstream connection closes
+                // (as hyper's server drops the request's future).
+                // The client first: gone, it gets no answer even if one has just arrived.
+                tokio::select! {
+                    biased;
+                    () = client_gone(io, inbuf) => {
+                        // Not recorded: nobody got an answer (as when hyper drops the request).
+                        debug!(destination = %c.route.authority, "the client closed before the answer");
+                        return (None, started.elapsed(), false);
+                    }
+                    result = attempts => (result, true),
+                }
+            }
+            Plan::Stream(body, framing) => {
+                let (mut sent, mut gone) = (false, false);
+                // Boxed: a streamed body's state is paid for only by the requests that have one.
+                let result = within(
+                    timer.as_mut(),
+                    deadline,
+                    Box::pin(send_streaming(
+                        c,
+                        io,
+                        inbuf,
+                        built,
+                        framing,
+                        body,
+                        &req.method,
+                        &mut sent,
+                        &mut gone,
+                    )),
+                )
+                .await
+                .unwrap_or_else(|()| Err(Failed::timeout()));
+                if gone {
+                    // Given up, as below: not an answer, not an outcome.
+                    debug!(destination = %c.route.authority, "the client closed before the answer");
+                    return (None, started.elapsed(), false);
+                }
+                retrying.last(result.as_ref().map(|r| r.status()).map_err(|f| f.err));
+                (result, sent)
+            }
+        };
+        let elapsed = started.elapsed();
+        let reply = match result {
+            Ok(reply) => reply,
+            Err(f) => {
+                let (answer, keep) =
+                    write_failed(io, f, dest, &built.request_id(), req, !body_sent).await;
+                return (Some(answer), elapsed, keep);
+            }
+        };
+        let answer = Answer {
+            status: reply.status(),
+            local_error: None,
+            authz: ready.authz.clone(),
+            grpc: None,
+        };
+        let keep = relay_reply(c, io, inbuf, reply, req, body_sent, &ready.extra, dest).await;
+        (Some(answer), elapsed, keep)
     }
-    // How the body goes: kept whole (then it can be sent again) when it is empty, sized and
-    // small with retries on, or chunked and ending within the same limit (then it is checked
-    // whole before anything is sent, and goes as `content-length`); otherwise relayed as it
-    // arrives.
-    let max = dest.policy().retry.max_body_bytes;
-    let read = match req.framing {
+}
+
+/// How the request body goes (see [`Plan`]): kept whole (then it can be sent again) when it
+/// is empty, sized and small with retries on, or chunked and ending within the same limit
+/// (then it is checked whole before anything is sent, and goes as `content-length`); otherwise
+/// relayed as it arrives. `replayable`: retries are on; `max`: their body limit. `Err` when the
+/// body did not arrive by `deadline`.
+async fn plan<D>(
+    io: &mut D,
+    inbuf: &mut Inbuf,
+    req: &Request,
+    replayable: bool,
+    max: usize,
+    timer: Pin<&mut Sleep>,
+    deadline: Instant,
+) -> Result<io::Result<Plan>, ()>
+where
+    D: AsyncRead + Unpin,
+{
+    match req.framing {
         // An upgrade is one attempt, its body (rare) relayed before the tunnel.
         Framing::Length(n) if req.upgrade => Ok(Ok(Plan::Stream(
             Some(Body::new(Source::Length(n), Sink::Same)),
@@ -503,8 +684,8 @@ where
         ))),
         _ if req.upgrade => Ok(Ok(Plan::Stream(None, &[][..]))),
         Framing::Empty | Framing::UntilClose => Ok(Ok(Plan::Replay(Vec::new(), None))),
-        Framing::Length(n) if retrying.may_replay() && n <= max as u64 => {
-            within(timer.as_mut(), deadline, read_body(io, inbuf, n))
+        Framing::Length(n) if replayable && n <= max as u64 => {
+            within(timer, deadline, read_body(io, inbuf, n))
                 .await
                 .map(|r| r.map(|body| Plan::Replay(body, None)))
         }
@@ -512,112 +693,8 @@ where
             Some(Body::new(Source::Length(n), Sink::Same)),
             &[][..],
         ))),
-        Framing::Chunked => within(timer.as_mut(), deadline, read_chunked(io, inbuf, max)).await,
-    };
-    let plan = match read {
-        Ok(Ok(plan)) => plan,
-        Ok(Err(e)) => {
-            // The client's failure: the permit goes unreported.
-            debug!(error = %e, "reading the request body failed");
-            let f = Failed::new(
-                ProxyError::DownstreamBody,
-                format!("reading the request body: {e}"),
-            );
-            let (answer, _) = write_failed(io, f, &dest, &built.request_id(), &req, true).await;
-            return (Some(answer), started.elapsed(), false);
-        }
-        Err(_) => {
-            let f = Failed::new(
-                ProxyError::DownstreamTimeout,
-                "the request body did not arrive within the request timeout",
-            );
-            let (answer, keep) = write_failed(io, f, &dest, &built.request_id(), &req, true).await;
-            return (Some(answer), started.elapsed(), keep);
-        }
-    };
-    let (replay, streamed) = match plan {
-        Plan::Replay(body, framing) => (Some((body, framing)), None),
-        Plan::Stream(body, framing) => (None, Some((body, framing))),
-    };
-    let (result, body_sent) = match replay {
-        Some((body, framing)) => {
-            let framing = framing.as_deref().unwrap_or_default();
-            let attempts = async {
-                loop {
-                    let attempt = retrying.number();
-                    let result = within(
-                        timer.as_mut(),
-                        deadline,
-                        send_replay(c, &built, framing, attempt, &body, &req.method),
-                    )
-                    .await
-                    .unwrap_or_else(|_| Err(Failed::timeout()));
-                    let outcome = result.as_ref().map(|r| r.status()).map_err(|f| f.err);
-                    if !retrying.again(outcome, deadline).await {
-                        break result;
-                    }
-                }
-            };
-            // A client that goes away gives the exchange up: its upstream connection closes
-            // (as hyper's server drops the request's future).
-            // The client first: gone, it gets no answer even if one has just arrived.
-            tokio::select! {
-                biased;
-                () = client_gone(io, inbuf) => {
-                    // Not recorded: nobody got an answer (as when hyper drops the request).
-                    debug!(destination = %c.route.authority, "the client closed before the answer");
-                    return (None, started.elapsed(), false);
-                }
-                result = attempts => (result, true),
-            }
-        }
-        None => {
-            let (body, framing) = streamed.unwrap_or((None, &[][..]));
-            let (mut sent, mut gone) = (false, false);
-            let result = within(
-                timer.as_mut(),
-                deadline,
-                send_streaming(
-                    c,
-                    io,
-                    inbuf,
-                    &built,
-                    framing,
-                    body,
-                    &req.method,
-                    &mut sent,
-                    &mut gone,
-                ),
-            )
-            .await
-            .unwrap_or_else(|_| Err(Failed::timeout()));
-            if gone {
-                // Given up, as below: not an answer, not an outcome.
-                debug!(destination = %c.route.authority, "the client closed before the answer");
-                return (None, started.elapsed(), false);
-            }
-            retrying.last(result.as_ref().map(|r| r.status()).map_err(|f| f.err));
-            (result, sent)
-        }
-    };
-    let elapsed = started.elapsed();
-    let reply = match result {
-        Ok(reply) => reply,
-        Err(f) => {
-            let (answer, keep) =
-                write_failed(io, f, &dest, &built.request_id(), &req, !body_sent).await;
-            return (Some(answer), elapsed, keep);
-        }
-    };
-    let status = reply.status();
-    let answer = Answer {
-        status,
-        local_error: None,
-        authz,
-        grpc: None,
-    };
-    let keep = relay_reply(c, io, inbuf, reply, &req, body_sent, &extra, &dest).await;
-    (Some(answer), elapsed, keep)
+        Framing::Chunked => within(timer, deadline, read_chunked(io, inbuf, max)).await,
+    }
 }
 
 /// The parts of a request admission looks at (method, path, content type), as an
@@ -1152,7 +1229,7 @@ async fn relay_reply<D>(
     dest: &crate::policy::Destination,
 ) -> bool
 where
-    D: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let Reply {
         mut lease,
@@ -1186,13 +1263,14 @@ where
         if io.write_all(&out).await.is_err() {
             return false;
         }
-        tunnel(
+        // Boxed: only upgraded connections pay for the tunnel's state.
+        Box::pin(tunnel(
             io,
             inbuf,
             lease.conn(),
             &mut ubuf,
             dest.policy().idle_timeout,
-        )
+        ))
         .await;
         return false;
     }
@@ -1346,43 +1424,41 @@ where
     }
 }
 
+/// A local answer being written, boxed: only the requests that get one pay for its state (an
+/// exchange's future would otherwise hold the largest of them on every request).
+type Local<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
 /// Writes a local answer for `err`; true if the connection can go on.
-async fn write_error<D>(
-    io: &mut D,
+fn write_error<'a, D>(
+    io: &'a mut D,
     err: ProxyError,
     request_id: Option<&HeaderValue>,
-    req: &Request,
+    req: &'a Request,
     unread_body: bool,
-) -> bool
+) -> Local<'a, bool>
 where
-    D: AsyncWrite + Unpin,
+    D: AsyncWrite + Unpin + Send,
 {
     let mut resp = local_response(err);
     if let Some(id) = request_id {
         resp.headers_mut()
             .insert(crate::policy::headers::X_REQUEST_ID.clone(), id.clone());
     }
-    let (_, keep) = write_response(
-        io,
-        resp.map(http_body_util::Either::Right),
-        req,
-        unread_body,
-    )
-    .await;
-    keep
+    let resp = resp.map(http_body_util::Either::Right);
+    Box::pin(async move { respond(io, resp, req, unread_body).await.1 })
 }
 
 /// Writes the local answer to a failed request (see `crate::policy::exchange::answer`).
-async fn write_failed<D>(
-    io: &mut D,
+fn write_failed<'a, D>(
+    io: &'a mut D,
     f: Failed,
     dest: &crate::policy::Destination,
     request_id: &HeaderValue,
-    req: &Request,
+    req: &'a Request,
     unread_body: bool,
-) -> (Answer, bool)
+) -> Local<'a, (Answer, bool)>
 where
-    D: AsyncWrite + Unpin,
+    D: AsyncWrite + Unpin + Send,
 {
     let resp = failed_answer(f, dest, request_id);
     write_response(
@@ -1391,12 +1467,24 @@ where
         req,
         unread_body,
     )
-    .await
 }
 
 /// Writes an answer the proxy made (its body is in memory); its record, and true if the
 /// connection can go on (the client keeps it alive and no request body is left unread).
-async fn write_response<D>(
+fn write_response<'a, D>(
+    io: &'a mut D,
+    resp: http::Response<ProxyBody>,
+    req: &'a Request,
+    unread_body: bool,
+) -> Local<'a, (Answer, bool)>
+where
+    D: AsyncWrite + Unpin + Send,
+{
+    Box::pin(respond(io, resp, req, unread_body))
+}
+
+/// [`write_response`], unboxed.
+async fn respond<D>(
     io: &mut D,
     resp: http::Response<ProxyBody>,
     req: &Request,
