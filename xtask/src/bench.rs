@@ -576,12 +576,12 @@ fn phases(
     }
 
     for (rate, prefix) in plan.rates.iter().zip(["ol1k", "ol5k"]) {
-        let perf = match (&plan.perf_dir, &m.live.proxy_cgroup) {
-            (Some(dir), Some(cgroup)) if prefix == "ol5k" => Some(start_perf(
+        let perf = match &plan.perf_dir {
+            Some(dir) if prefix == "ol5k" && m.live.is_proxy() => Some(start_perf(
                 PerfKind::Record,
                 dir,
                 &m.tag,
-                cgroup,
+                &m.live.proxy_cgroups(),
                 plan.open_loop,
             )?),
             _ => None,
@@ -625,12 +625,12 @@ fn phases(
         }
     }
 
-    let perf = match (&plan.perf_dir, &m.live.proxy_cgroup) {
-        (Some(dir), Some(cgroup)) => Some(start_perf(
+    let perf = match &plan.perf_dir {
+        Some(dir) if m.live.is_proxy() => Some(start_perf(
             PerfKind::Trace,
             dir,
             &m.tag,
-            cgroup,
+            &m.live.proxy_cgroups(),
             plan.closed_loop,
         )?),
         _ => None,
@@ -732,12 +732,14 @@ fn start_perf(
     kind: PerfKind,
     dir: &Path,
     tag: &str,
-    cgroup: &Path,
+    cgroups: &[&Path],
     duration: Duration,
 ) -> Result<PerfRun> {
-    let pids = procfs::cgroup_pids(cgroup)
+    // Every process of the proxy: a server-side sidecar's and both of a two-proxy pair.
+    let pids = cgroups
         .iter()
-        .map(u32::to_string)
+        .flat_map(|cg| procfs::cgroup_pids(cg))
+        .map(|pid| pid.to_string())
         .collect::<Vec<_>>()
         .join(",");
     let mut cmd = std::process::Command::new("perf");

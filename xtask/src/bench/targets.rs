@@ -178,6 +178,11 @@ pub struct Live {
 }
 
 impl Live {
+    /// True if a proxy is measured (not the `direct` baseline).
+    pub fn is_proxy(&self) -> bool {
+        !self.proxy_cgroups().is_empty()
+    }
+
     /// Every cgroup whose processes are the proxy (one, or two for the mTLS pairs).
     pub fn proxy_cgroups(&self) -> Vec<&Path> {
         self.proxy_cgroup
