@@ -489,6 +489,14 @@ fn server_streams_are_json_lines_and_an_immediate_error_is_not_a_200() {
     assert_eq!(ids, vec![json!("1"), json!("2"), json!("3")], "{stream:?}");
     let limited = get(pod, "/v1/orders?item=stream&limit=2");
     assert_eq!(limited.lines().len(), 2, "{limited:?}");
+    // An HTTP/1.0 client cannot take chunks: the stream ends with the connection.
+    let old = curl(
+        pod,
+        &["--http1.0", &format!("http://{APP}/v1/orders?item=stream")],
+    );
+    assert_eq!(old.status, 200, "{old:?}");
+    assert_eq!(old.header("transfer-encoding"), None, "{old:?}");
+    assert_eq!(old.lines().len(), 3, "{old:?}");
     let none = get(pod, "/v1/orders?item=nothing-like-it");
     assert_eq!(
         (none.status, none.body.as_str()),
@@ -513,7 +521,11 @@ fn server_streams_are_json_lines_and_an_immediate_error_is_not_a_200() {
         json!({"error": {"code": 14, "message": "stream broken after 2", "details": []}})
     );
     let route = "/shop.v1.Orders/ListOrders";
-    assert_eq!(transcoded(pod, route, "OK"), 3.0);
+    assert_eq!(
+        transcoded(pod, route, "OK"),
+        4.0,
+        "the three streams and the HTTP/1.0 one"
+    );
     assert_eq!(transcoded(pod, route, "INVALID_ARGUMENT"), 1.0);
     assert_eq!(
         transcoded(pod, route, "UNAVAILABLE"),

@@ -11,11 +11,12 @@
 //! retries of idempotent requests with the body kept when small), the local answers and their
 //! error header, the request metrics and access log ([`record`]), and the drain.
 //!
-//! Decided per connection, before any byte is read (so one parser frames every message of a
-//! connection): transcoded gRPC ports keep hyper (their REST side needs the request as a whole).
+//! On a transcoded gRPC port, a REST call's body is read whole and handed to the transcoder,
+//! whose answer is written here (the last section); any other request is forwarded as usual.
 //!
-//! Size: about 1,400 lines. The exchange is one state machine over two sockets; split further,
-//! its steps would pass the same ten values back and forth.
+//! Size: about 1,750 lines. The exchange is one state machine over two sockets; split further,
+//! its steps would pass the same ten values back and forth (and a file below this one could not
+//! use them: the layering forbids a child importing its parent).
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
@@ -25,7 +26,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, StatusCode};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
@@ -34,10 +35,12 @@ use tracing::debug;
 
 use super::authorize::{self, Caller};
 use super::forward::ProxyBody;
+use super::h2::H2Upstream;
 use super::mesh::Conn;
 use super::pool::{Host, Lease, Pool, Pooled};
 use super::route::Route;
 use super::shared::Shared;
+use super::transcode::{self, Handled};
 use crate::error::{local_response, Failed, ProxyError};
 use crate::metrics::access::{record, Answer, Head as LogHead, Observer};
 use crate::metrics::{method_label, Dir};
@@ -46,6 +49,7 @@ use crate::policy::headers::{
     fresh_request_id, fresh_request_id_bytes, fresh_traceparent_bytes, is_valid_traceparent,
 };
 use crate::policy::retry::is_idempotent;
+use crate::transcode::Transcoder;
 
 mod chunked;
 #[doc(hidden)]
@@ -129,6 +133,8 @@ pub(crate) struct Client {
     /// Inbound: who is calling, for authorization.
     pub(crate) caller: Option<Caller>,
     pub(crate) dir: Dir,
+    /// A transcoded gRPC port: its REST calls go to the transcoder ([`rest_answer`]).
+    pub(crate) transcode: Option<Transcoding>,
 }
 
 /// Serves `io` until the client closes, breaks the protocol, or the drain ends it.
@@ -342,6 +348,10 @@ where
     let (req, admitted) = admit(c, inbuf, head);
     async move {
         let (answer, elapsed, keep) = match admitted {
+            // Boxed: only a transcoded port's REST calls pay for the transcoding's state.
+            Ok(ready) if ready.rest.is_some() => {
+                Box::pin(rest_answer(c, io, inbuf, &req, ready, started, timer)).await
+            }
             Ok(ready) => forward(c, io, inbuf, &req, ready, started, timer).await,
             Err(early) => {
                 let (answer, keep) = early.write(io, &req).await;
@@ -424,6 +434,8 @@ struct Ready {
     /// The `x-sidecar-authz-rule` line for the answer, if any.
     extra: Vec<u8>,
     authz: Option<Arc<str>>,
+    /// A REST call of a transcoded port (else the request is forwarded as it is).
+    rest: Option<RestCall>,
 }
 
 /// Takes from the head all that the exchange needs (then its bytes are consumed, whatever the
@@ -442,13 +454,18 @@ fn admit(c: &Client, inbuf: &mut Inbuf, head: Head) -> (Request, Result<Ready, E
     let admission =
         (c.strict || c.caller.is_some()).then(|| admission_request(inbuf.data(), &head));
     let hosts = head.count(Role::Host);
+    let rest = c
+        .transcode
+        .as_ref()
+        .and_then(|t| rest_call(c, t, inbuf.data(), &head));
     let built = build_head(inbuf.data(), &head, &c.route);
     let dest = c.shared.destination(&c.route, || {
         Some(request_authority(inbuf.data(), &head, &c.route))
     });
     inbuf.consume(head.len);
     drop(head);
-    let ready = check(c, &req, admission.as_ref(), hosts, built, dest);
+    let ready =
+        check(c, &req, admission.as_ref(), hosts, built, dest).map(|ready| Ready { rest, ..ready });
     (req, ready)
 }
 
@@ -496,6 +513,7 @@ fn check(
         dest,
         extra: authz_lines(allowed.as_ref()),
         authz: allowed.as_ref().map(|a| Arc::clone(a.rule())),
+        rest: None,
     })
 }
 
@@ -1493,6 +1511,24 @@ async fn respond<D>(
 where
     D: AsyncWrite + Unpin,
 {
+    respond_with(io, resp, req, unread_body, &[]).await
+}
+
+/// Writes an answer the proxy made, with `extra` header lines: a body in memory with its
+/// length, or a stream (a transcoded server stream's JSON lines) chunked as it arrives to an
+/// HTTP/1.1 client, to the close to an HTTP/1.0 one. Its record, and true if the connection
+/// can go on.
+async fn respond_with<D>(
+    io: &mut D,
+    resp: http::Response<ProxyBody>,
+    req: &Request,
+    unread_body: bool,
+    extra: &[u8],
+) -> (Answer, bool)
+where
+    D: AsyncWrite + Unpin,
+{
+    use http_body_util::Either;
     let (parts, body) = resp.into_parts();
     let answer = Answer {
         status: parts.status,
@@ -1501,17 +1537,25 @@ where
             .extensions
             .get::<crate::metrics::access::AuthzRule>()
             .map(|r| Arc::clone(&r.0)),
-        grpc: None,
+        grpc: parts
+            .extensions
+            .get::<crate::metrics::access::Transcoded>()
+            .map(|t| Arc::clone(&t.0)),
     };
-    let body: Bytes = match body {
-        http_body_util::Either::Right(full) => full
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default(),
-        http_body_util::Either::Left(_) => Bytes::new(),
+    let (body, stream) = match body {
+        Either::Right(full) => (
+            full.collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default(),
+            None,
+        ),
+        Either::Left(Either::Right(stream)) => (Bytes::new(), Some(stream)),
+        Either::Left(Either::Left(_)) => (Bytes::new(), None),
     };
-    let keep = req.keep_alive && !unread_body;
+    let stream = stream.filter(|_| req.method != Method::HEAD);
+    let chunked = stream.is_some() && req.version == 1;
+    let keep = req.keep_alive && !unread_body && (stream.is_none() || chunked);
     let mut out = Vec::with_capacity(256 + body.len());
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa3(parts.status.as_u16()).as_slice());
@@ -1521,11 +1565,16 @@ where
     for (name, value) in &parts.headers {
         push_line(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
-    push_line(
-        &mut out,
-        b"content-length",
-        body.len().to_string().as_bytes(),
-    );
+    out.extend_from_slice(extra);
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    } else if stream.is_none() {
+        push_line(
+            &mut out,
+            b"content-length",
+            body.len().to_string().as_bytes(),
+        );
+    }
     if !keep {
         out.extend_from_slice(b"connection: close\r\n");
     } else if req.version == 0 {
@@ -1535,6 +1584,173 @@ where
     if req.method != Method::HEAD {
         out.extend_from_slice(&body);
     }
-    let ok = io.write_all(&out).await.is_ok() && io.flush().await.is_ok();
+    let mut ok = io.write_all(&out).await.is_ok();
+    if let Some(mut stream) = stream {
+        while ok {
+            match stream.frame().await {
+                None => {
+                    if chunked {
+                        ok = io.write_all(b"0\r\n\r\n").await.is_ok();
+                    }
+                    break;
+                }
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    ok = if chunked {
+                        let size = format!("{:x}\r\n", data.len());
+                        let mut parts = [
+                            IoSlice::new(size.as_bytes()),
+                            IoSlice::new(&data),
+                            IoSlice::new(b"\r\n"),
+                        ];
+                        write_vectored_all(io, &mut parts).await.is_ok()
+                    } else {
+                        io.write_all(&data).await.is_ok()
+                    };
+                }
+                // Broken off: the client sees the body end without its last chunk.
+                Some(Err(e)) => {
+                    debug!(error = %e, "a streamed answer broke off");
+                    ok = false;
+                }
+            }
+        }
+    }
+    let ok = ok && io.flush().await.is_ok();
     (answer, keep && ok)
+}
+
+// ---- A transcoded gRPC port's REST calls ----------------------------------------------------
+//
+// A transcoded gRPC port's REST calls on the native engine: the head is turned into the parts
+// the transcoder reads, the body is read whole (up to the port's `max_body_bytes`, within the
+// request timeout), and the transcoder makes the call over the port's shared HTTP/2
+// connection ([`crate::proxy::transcode`], as for hyper's server); its answer is written here,
+// a server stream chunked as its messages arrive.
+//
+// What is not a REST call of the port (native gRPC's content type, or a path no route matches
+// on a port that passes those) is forwarded as any request: decided from the head alone, by
+// the same function the transcoder uses ([`transcode::passes`]).
+
+/// A transcoded port, as a connection's engine knows it.
+pub(crate) struct Transcoding {
+    /// The port's shared HTTP/2 connection to the app.
+    pub(crate) upstream: Arc<H2Upstream>,
+    /// The port (its transcoder is looked up per request: a reload may change or remove it).
+    pub(crate) port: u16,
+}
+
+/// A REST call: its head as the transcoder reads it, and the transcoder that decided it.
+struct RestCall {
+    parts: http::request::Parts,
+    transcoder: Arc<Transcoder>,
+}
+
+/// The REST call `head` is, if it is one (`None`: forward it as it is).
+fn rest_call(c: &Client, t: &Transcoding, buf: &[u8], head: &Head) -> Option<RestCall> {
+    if head.upgrade {
+        return None;
+    }
+    let policies = c.shared.policies.load();
+    let transcoder = policies.config().transcoder(t.port)?;
+    // A target the URI parser refuses is the forwarding path's 400.
+    let uri = http::Uri::try_from(head.target.of(buf)).ok()?;
+    let name_of = |line: &[u8]| -> usize { line.iter().position(|b| *b == b':').unwrap_or(0) };
+    let content_type = head
+        .lines
+        .iter()
+        .map(|l| (l.line.of(buf), l.value.of(buf)))
+        .find(|(line, _)| line[..name_of(line)].eq_ignore_ascii_case(b"content-type"))
+        .map(|(_, value)| value);
+    if transcode::passes(transcoder, &head.method, uri.path(), content_type) {
+        return None;
+    }
+    let mut req = http::Request::new(());
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = uri;
+    if head.version == 0 {
+        *req.version_mut() = http::Version::HTTP_10;
+    }
+    let headers = req.headers_mut();
+    for line in &head.lines {
+        let bytes = line.line.of(buf);
+        // httparse has checked every name and value; both parse.
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&bytes[..name_of(bytes)]),
+            HeaderValue::from_bytes(line.value.of(buf)),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    Some(RestCall {
+        parts: req.into_parts().0,
+        transcoder: Arc::clone(transcoder),
+    })
+}
+
+/// Answers a REST call (see the module documentation): (its record; the time to the answer's
+/// head; keep the connection).
+async fn rest_answer<D>(
+    c: &Client,
+    io: &mut D,
+    inbuf: &mut Inbuf,
+    req: &Request,
+    mut ready: Ready,
+    started: Instant,
+    timer: Pin<&mut Sleep>,
+) -> (Option<Answer>, Duration, bool)
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (Some(RestCall { parts, transcoder }), Some(t)) = (ready.rest.take(), &c.transcode) else {
+        unreachable!("rest_answer is called for REST calls of transcoded ports only");
+    };
+    let max = transcoder.settings().max_body_bytes;
+    let deadline = started + ready.dest.policy().request_timeout;
+    let body = match plan(io, inbuf, req, true, max, timer, deadline).await {
+        Ok(Ok(Plan::Replay(body, _))) => body,
+        Ok(Ok(Plan::Stream(..))) => {
+            // Over the limit: refused before anything reaches the app; the rest of the body is
+            // not read, so the connection closes after the answer.
+            let resp =
+                transcode::too_large(&c.shared, &transcoder, &parts.method, parts.uri.path());
+            let (answer, _) = write_response(io, resp, req, true).await;
+            return (Some(answer), started.elapsed(), false);
+        }
+        Ok(Err(e)) => {
+            let f = Failed::new(
+                ProxyError::DownstreamBody,
+                format!("reading the request body: {e}"),
+            );
+            let id = ready.built.request_id();
+            let (answer, _) = write_failed(io, f, &ready.dest, &id, req, true).await;
+            return (Some(answer), started.elapsed(), false);
+        }
+        Err(()) => {
+            let f = Failed::new(
+                ProxyError::DownstreamTimeout,
+                "the request body did not arrive within the request timeout",
+            );
+            let id = ready.built.request_id();
+            let (answer, keep) = write_failed(io, f, &ready.dest, &id, req, true).await;
+            return (Some(answer), started.elapsed(), keep);
+        }
+    };
+    let call = http::Request::from_parts(parts, http_body_util::Full::new(Bytes::from(body)));
+    let resp = match transcode::handle(&c.shared, &transcoder, &c.route, &t.upstream, call).await {
+        Handled::Answer(resp) => resp,
+        // `passes` decided otherwise with the same transcoder and head: not reached.
+        Handled::Pass(_) => {
+            local_response(ProxyError::ProxyUnsupported).map(http_body_util::Either::Right)
+        }
+    };
+    let elapsed = started.elapsed();
+    let (mut answer, keep) = respond_with(io, resp, req, false, &ready.extra).await;
+    answer.authz = answer.authz.or(ready.authz);
+    (Some(answer), elapsed, keep)
 }

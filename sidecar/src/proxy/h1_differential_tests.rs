@@ -127,6 +127,7 @@ async fn native(proxy: &Proxy, pieces: Vec<Vec<u8>>) -> Vec<u8> {
         strict: false,
         caller: None,
         dir: Dir::Inbound,
+        transcode: None,
     };
     let out = Arc::new(Mutex::new(Vec::new()));
     let io = Scripted {

@@ -126,10 +126,23 @@ impl H2Upstream {
     /// Hands over a connection dialled during detection, if none is open or waiting; else it
     /// is dropped (closed).
     pub(crate) async fn offer(&self, predial: Predial) {
-        let mut state = self.state.lock().await;
-        let open = state.sender.as_ref().is_some_and(|s| !s.is_closed());
-        if !open && state.predial.is_none() {
-            state.predial = Some(predial);
+        self.state.lock().await.keep(predial);
+    }
+
+    /// [`H2Upstream::offer`] without waiting: dropped if a call holds the state (it is dialling
+    /// its own connection then).
+    pub(crate) fn offer_now(&self, predial: Predial) {
+        if let Ok(mut state) = self.state.try_lock() {
+            state.keep(predial);
+        }
+    }
+}
+
+impl H2State {
+    fn keep(&mut self, predial: Predial) {
+        let open = self.sender.as_ref().is_some_and(|s| !s.is_closed());
+        if !open && self.predial.is_none() {
+            self.predial = Some(predial);
         }
     }
 }

@@ -248,30 +248,34 @@ impl Shared {
         route: &Route,
         predial: Option<Predial>,
     ) -> Arc<H2Upstream> {
-        let upstream = {
-            let mut map = self
-                .transcode_upstreams
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            Arc::clone(map.entry(dst).or_insert_with(|| {
-                let route = Route {
-                    upstream: None,
-                    forwarded_for: None,
-                    ..route.clone()
-                };
-                Arc::new(H2Upstream::new(
-                    dst,
-                    route,
-                    self.inbound.source,
-                    None,
-                    Arc::clone(&self.mesh),
-                ))
-            }))
-        };
+        let upstream = self.transcode_upstream_of(dst, route);
         if let Some(predial) = predial {
             upstream.offer(predial).await;
         }
         upstream
+    }
+
+    /// The shared HTTP/2 upstream of transcoded port `dst` (made on first use; it dials when
+    /// a call needs it).
+    pub(crate) fn transcode_upstream_of(&self, dst: SocketAddr, route: &Route) -> Arc<H2Upstream> {
+        let mut map = self
+            .transcode_upstreams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(map.entry(dst).or_insert_with(|| {
+            let route = Route {
+                upstream: None,
+                forwarded_for: None,
+                ..route.clone()
+            };
+            Arc::new(H2Upstream::new(
+                dst,
+                route,
+                self.inbound.source,
+                None,
+                Arc::clone(&self.mesh),
+            ))
+        }))
     }
 
     /// Whether `dst` is a transcoded gRPC port with its shared HTTP/2 connection made.

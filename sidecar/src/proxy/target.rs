@@ -62,6 +62,7 @@ pub(crate) fn serve(
                     strict: false,
                     caller: None,
                     dir: crate::metrics::Dir::Inbound,
+                    transcode: None,
                     shared: Arc::clone(&shared),
                 };
                 h1::serve(engine, CountedIo::new(client, conn)).await;

@@ -41,28 +41,48 @@ static APPLICATION_NDJSON: HeaderValue = HeaderValue::from_static("application/x
 static TRAILERS: HeaderValue = HeaderValue::from_static("trailers");
 
 /// What became of a request on a transcoded port.
-pub(crate) enum Handled {
+pub(crate) enum Handled<B> {
     /// Not a REST call of this port (native gRPC, or unmatched with `unmatched = "pass"`):
     /// forward it as it is.
-    Pass(Request<Incoming>),
+    Pass(Request<B>),
     Answer(Response<ProxyBody>),
 }
 
 /// Whether a request is native gRPC (`application/grpc`, `application/grpc+proto`, ...).
 fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(CONTENT_TYPE)
-        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
+    is_grpc_type(req.headers().get(CONTENT_TYPE).map(HeaderValue::as_bytes))
+}
+
+fn is_grpc_type(content_type: Option<&[u8]>) -> bool {
+    content_type.is_some_and(|ct| ct.starts_with(b"application/grpc"))
+}
+
+/// Whether [`handle`] passes a request through untouched: native gRPC, or a REST call that
+/// matches no route while the port passes those. Decided from the head alone, so that an
+/// engine can choose before it reads the body.
+pub(crate) fn passes(
+    transcoder: &Transcoder,
+    method: &Method,
+    path: &str,
+    content_type: Option<&[u8]>,
+) -> bool {
+    is_grpc_type(content_type)
+        || (transcoder.route_index(method, path).is_none()
+            && transcoder.settings().unmatched == Unmatched::Pass)
 }
 
 /// Serves `req` if it is a REST call of `transcoder`'s routes (see the module documentation).
-pub(crate) async fn handle(
+pub(crate) async fn handle<B>(
     shared: &Shared,
     transcoder: &Arc<Transcoder>,
     conn_route: &Route,
     upstream: &H2Upstream,
-    req: Request<Incoming>,
-) -> Handled {
+    req: Request<B>,
+) -> Handled<B>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if is_grpc(&req) {
         return Handled::Pass(req);
     }
@@ -99,6 +119,31 @@ pub(crate) async fn handle(
     Handled::Answer(resp)
 }
 
+/// The answer to a REST call whose body is over the port's `max_body_bytes`, counted and
+/// marked as [`handle`] does it, for an engine that reads the body itself (and stops reading at
+/// the limit).
+pub(crate) fn too_large(
+    shared: &Shared,
+    transcoder: &Transcoder,
+    method: &Method,
+    path: &str,
+) -> Response<ProxyBody> {
+    let max = transcoder.settings().max_body_bytes;
+    let message = format!("the request body is over {max} bytes (max_body_bytes)");
+    let mut resp = refusal(ProxyError::TranscodeTooLarge, 3, message);
+    if let Some((index, _)) = transcoder.route_index(method, path) {
+        let grpc_path = Arc::clone(&transcoder.routes()[index].grpc_path);
+        shared
+            .telemetry
+            .metrics
+            .transcode
+            .with_label_values(&[&*grpc_path, "too_large"])
+            .inc();
+        resp.extensions_mut().insert(Transcoded(grpc_path));
+    }
+    resp
+}
+
 /// The gRPC status a finished answer carries, to be counted.
 #[derive(Clone, Copy)]
 struct Code(u32);
@@ -129,15 +174,19 @@ fn refusal(err: ProxyError, code: u32, message: String) -> Response<ProxyBody> {
 }
 
 /// Reads the request, calls the method, and reads the answer as far as its status line needs.
-async fn call(
+async fn call<B>(
     shared: &Shared,
     transcoder: &Arc<Transcoder>,
     index: usize,
     proxy_route: &Route,
     upstream: &H2Upstream,
     bindings: Result<Vec<crate::transcode::template::Binding>, String>,
-    mut req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Refused> {
+    mut req: Request<B>,
+) -> Result<Response<ProxyBody>, Refused>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let route = &transcoder.routes()[index];
     let settings = transcoder.settings();
     let bindings = bindings.map_err(|e| Refused::new(ProxyError::TranscodeBadRequest, e))?;

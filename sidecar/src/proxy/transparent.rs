@@ -8,7 +8,7 @@
 //! for whichever side speaks first ([`Detecting`]):
 //! - the upstream (SMTP, MySQL, SSH, ...): opaque relay at once, no detection delay on any port;
 //! - the client: classify its first bytes; HTTP/1 is served by the native engine ([`super::h1`]),
-//!   h2c (and HTTP/1 on transcoded ports or under `--http1-engine hyper`) by hyper
+//!   h2c (and HTTP/1 under `--http1-engine hyper`) by hyper
 //!   ([`super::serve`]); the connection already dialled goes to the HTTP client's pool; anything
 //!   else is relayed opaquely.
 //!
@@ -912,8 +912,8 @@ enum Serving<D> {
         /// removed when this connection ends.
         parked: Option<StashGuard>,
     },
-    /// hyper (h2c, transcoded gRPC ports, `--http1-engine hyper`), boxed: its state is only
-    /// paid for by the connections that use it.
+    /// hyper (h2c, `--http1-engine hyper`), boxed: its state is only paid for by the
+    /// connections that use it.
     Hyper(Pin<Box<dyn Future<Output = ()> + Send>>),
 }
 
@@ -936,11 +936,8 @@ impl<D: Downstream> Serving<D> {
 /// Serves a captured HTTP connection: HTTP/1 through the direction's pool (the pre-dialled
 /// connection parked for it), h2c over one upstream h2 connection of its own.
 fn serve_http_conn<D: Downstream>(conn: HttpConn<D>) -> Serving<D> {
-    // A transcoded gRPC port: REST calls go over an HTTP/2 connection of their own, and the
-    // connection dialled during detection is the app's gRPC one.
     let native = conn.protocol == Protocol::Http1
-        && conn.shared.config.http.http1_engine == Http1Engine::Native
-        && !transcoding(&conn.shared, conn.direction, conn.dst);
+        && conn.shared.config.http.http1_engine == Http1Engine::Native;
     if !native {
         return Serving::Hyper(Box::pin(serve_hyper_conn(conn)));
     }
@@ -971,7 +968,18 @@ fn serve_http_conn<D: Downstream>(conn: HttpConn<D>) -> Serving<D> {
     let host = egress
         .raw
         .host(&route.authority, limit_conns, route.plan.clone());
-    let parked = predial.map(|p| egress.stash.put(dst, p));
+    // A transcoded gRPC port: REST calls go over the port's shared HTTP/2 connection, and the
+    // connection dialled during detection is offered to it (the app's gRPC one).
+    let (transcode, parked) = if transcoding(&shared, direction, dst) {
+        let upstream = shared.transcode_upstream_of(dst, &route);
+        if let Some(p) = predial {
+            upstream.offer_now(p);
+        }
+        let port = dst.port();
+        (Some(h1::Transcoding { upstream, port }), None)
+    } else {
+        (None, predial.map(|p| egress.stash.put(dst, p)))
+    };
     let engine = h1::Client {
         pool: Arc::clone(&egress.raw),
         host,
@@ -981,6 +989,7 @@ fn serve_http_conn<D: Downstream>(conn: HttpConn<D>) -> Serving<D> {
         strict,
         caller,
         dir: direction.dir(),
+        transcode,
         shared: Arc::clone(&shared),
     };
     Serving::Native {
@@ -1001,8 +1010,8 @@ fn transcoding(shared: &Shared, direction: Direction, dst: SocketAddr) -> bool {
             .is_some()
 }
 
-/// Serves a captured HTTP connection with hyper: h2c, a transcoded gRPC port's HTTP/1, or any
-/// HTTP/1 under `--http1-engine hyper`.
+/// Serves a captured HTTP connection with hyper: h2c, or HTTP/1 under `--http1-engine hyper`
+/// (a transcoded gRPC port's included).
 async fn serve_hyper_conn<D: Downstream>(conn: HttpConn<D>) {
     let (observer, route_client) = conn.observe();
     let HttpConn {
