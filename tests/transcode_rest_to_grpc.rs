@@ -326,6 +326,29 @@ fn rest_calls_reach_the_grpc_app_with_the_proto3_json_mapping() {
     assert_eq!(shipped.status, 200, "{shipped:?}");
     assert_eq!(shipped.json()["status"], "SHIPPED");
     assert_eq!(shipped.json()["tags"][2], "carrier:ups");
+    // A client that waits for `100 Continue` before its body gets it (without it, curl would
+    // wait its minute and the call would fail on curl's 20-second limit).
+    let continued = curl(
+        pod,
+        &[
+            "-H",
+            "expect: 100-continue",
+            "--expect100-timeout",
+            "60",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            r#"{"carrier":"dhl"}"#,
+            &format!("http://{APP}/v1/orders/42:ship"),
+        ],
+    );
+    assert_eq!(continued.status, 200, "{continued:?}");
+    let tags = continued.json()["tags"].clone();
+    assert!(
+        tags.as_array()
+            .is_some_and(|t| t.iter().any(|t| t == "carrier:dhl")),
+        "{continued:?}"
+    );
     // `{path=**}` and `response_body`.
     let file = get(pod, "/v1/files/a/b/c.txt");
     assert_eq!(

@@ -1712,6 +1712,22 @@ where
     };
     let max = transcoder.settings().max_body_bytes;
     let deadline = started + ready.dest.policy().request_timeout;
+    let declared_too_large = matches!(req.framing, Framing::Length(n) if n > max as u64);
+    if req.expect_continue && req.framing != Framing::Empty && !declared_too_large {
+        // As hyper's server does when the body is first read (one declared too large is
+        // refused without it).
+        if io
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return (
+                Some(local(ProxyError::DownstreamBody)),
+                started.elapsed(),
+                false,
+            );
+        }
+    }
     let body = match plan(io, inbuf, req, true, max, timer, deadline).await {
         Ok(Ok(Plan::Replay(body, _))) => body,
         Ok(Ok(Plan::Stream(..))) => {
