@@ -348,11 +348,13 @@ where
     let (req, admitted) = admit(c, inbuf, head);
     async move {
         let (answer, elapsed, keep) = match admitted {
-            // Boxed: only a transcoded port's REST calls pay for the transcoding's state.
-            Ok(ready) if ready.rest.is_some() => {
-                Box::pin(rest_answer(c, io, inbuf, &req, ready, started, timer)).await
-            }
-            Ok(ready) => forward(c, io, inbuf, &req, ready, started, timer).await,
+            Ok(mut ready) => match ready.rest.take() {
+                // Boxed: only a transcoded port's REST calls pay for the transcoding's state.
+                Some(call) => {
+                    Box::pin(rest_answer(c, io, inbuf, &req, ready, call, started, timer)).await
+                }
+                None => forward(c, io, inbuf, &req, ready, started, timer).await,
+            },
             Err(early) => {
                 let (answer, keep) = early.write(io, &req).await;
                 (Some(answer), started.elapsed(), keep)
@@ -1645,10 +1647,12 @@ pub(crate) struct Transcoding {
     pub(crate) port: u16,
 }
 
-/// A REST call: its head as the transcoder reads it, and the transcoder that decided it.
+/// A REST call: its head as the transcoder reads it, the transcoder that decided it, and the
+/// port's connection to the app.
 struct RestCall {
     parts: http::request::Parts,
     transcoder: Arc<Transcoder>,
+    upstream: Arc<H2Upstream>,
 }
 
 /// The REST call `head` is, if it is one (`None`: forward it as it is).
@@ -1690,26 +1694,31 @@ fn rest_call(c: &Client, t: &Transcoding, buf: &[u8], head: &Head) -> Option<Res
     Some(RestCall {
         parts: req.into_parts().0,
         transcoder: Arc::clone(transcoder),
+        upstream: Arc::clone(&t.upstream),
     })
 }
 
-/// Answers a REST call (see the module documentation): (its record; the time to the answer's
-/// head; keep the connection).
+/// Answers a REST call (see this section's opening comment): (its record; the time to the
+/// answer's head; keep the connection).
+#[allow(clippy::too_many_arguments)]
 async fn rest_answer<D>(
     c: &Client,
     io: &mut D,
     inbuf: &mut Inbuf,
     req: &Request,
-    mut ready: Ready,
+    ready: Ready,
+    call: RestCall,
     started: Instant,
     timer: Pin<&mut Sleep>,
 ) -> (Option<Answer>, Duration, bool)
 where
     D: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (Some(RestCall { parts, transcoder }), Some(t)) = (ready.rest.take(), &c.transcode) else {
-        unreachable!("rest_answer is called for REST calls of transcoded ports only");
-    };
+    let RestCall {
+        parts,
+        transcoder,
+        upstream,
+    } = call;
     let max = transcoder.settings().max_body_bytes;
     let deadline = started + ready.dest.policy().request_timeout;
     let declared_too_large = matches!(req.framing, Framing::Length(n) if n > max as u64);
@@ -1757,8 +1766,8 @@ where
             return (Some(answer), started.elapsed(), keep);
         }
     };
-    let call = http::Request::from_parts(parts, http_body_util::Full::new(Bytes::from(body)));
-    let resp = match transcode::handle(&c.shared, &transcoder, &c.route, &t.upstream, call).await {
+    let request = http::Request::from_parts(parts, http_body_util::Full::new(Bytes::from(body)));
+    let resp = match transcode::handle(&c.shared, &transcoder, &c.route, &upstream, request).await {
         Handled::Answer(resp) => resp,
         // `passes` decided otherwise with the same transcoder and head: not reached.
         Handled::Pass(_) => {
