@@ -553,42 +553,21 @@ where
             }
         };
         let deadline = started + dest.policy().request_timeout;
-        if req.expect_continue && !bodiless {
-            // As hyper's server does when the body is first read: the client may send it now.
-            if io
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await
-                .is_err()
-            {
-                return (
-                    Some(local(ProxyError::DownstreamBody)),
-                    started.elapsed(),
-                    false,
-                );
-            }
+        if !send_continue(io, req).await {
+            return (
+                Some(local(ProxyError::DownstreamBody)),
+                started.elapsed(),
+                false,
+            );
         }
         let max = dest.policy().retry.max_body_bytes;
         let replayable = retrying.may_replay();
         let plan = match plan(io, inbuf, req, replayable, max, timer.as_mut(), deadline).await {
-            Ok(Ok(plan)) => plan,
-            Ok(Err(e)) => {
+            Ok(plan) => plan,
+            Err(f) => {
                 // The client's failure: the permit goes unreported.
-                debug!(error = %e, "reading the request body failed");
-                let f = Failed::new(
-                    ProxyError::DownstreamBody,
-                    format!("reading the request body: {e}"),
-                );
                 let (answer, _) = write_failed(io, f, dest, &built.request_id(), req, true).await;
                 return (Some(answer), started.elapsed(), false);
-            }
-            Err(()) => {
-                let f = Failed::new(
-                    ProxyError::DownstreamTimeout,
-                    "the request body did not arrive within the request timeout",
-                );
-                let (answer, keep) =
-                    write_failed(io, f, dest, &built.request_id(), req, true).await;
-                return (Some(answer), started.elapsed(), keep);
             }
         };
         let (result, body_sent) = match plan {
@@ -675,8 +654,9 @@ where
 /// How the request body goes (see [`Plan`]): kept whole (then it can be sent again) when it
 /// is empty, sized and small with retries on, or chunked and ending within the same limit
 /// (then it is checked whole before anything is sent, and goes as `content-length`); otherwise
-/// relayed as it arrives. `replayable`: retries are on; `max`: their body limit. `Err` when the
-/// body did not arrive by `deadline`.
+/// relayed as it arrives. `replayable`: retries are on; `max`: their body limit. `Err`: the
+/// body broke off or did not arrive by `deadline` (the client's failure; its answer leaves the
+/// connection closing, the rest of the body unread).
 async fn plan<D>(
     io: &mut D,
     inbuf: &mut Inbuf,
@@ -685,11 +665,11 @@ async fn plan<D>(
     max: usize,
     timer: Pin<&mut Sleep>,
     deadline: Instant,
-) -> Result<io::Result<Plan>, ()>
+) -> Result<Plan, Failed>
 where
     D: AsyncRead + Unpin,
 {
-    match req.framing {
+    let read = match req.framing {
         // An upgrade is one attempt, its body (rare) relayed before the tunnel.
         Framing::Length(n) if req.upgrade => Ok(Ok(Plan::Stream(
             Some(Body::new(Source::Length(n), Sink::Same)),
@@ -714,7 +694,28 @@ where
             &[][..],
         ))),
         Framing::Chunked => within(timer, deadline, read_chunked(io, inbuf, max)).await,
+    };
+    match read {
+        Ok(Ok(plan)) => Ok(plan),
+        Ok(Err(e)) => {
+            debug!(error = %e, "reading the request body failed");
+            Err(Failed::new(
+                ProxyError::DownstreamBody,
+                format!("reading the request body: {e}"),
+            ))
+        }
+        Err(()) => Err(Failed::new(
+            ProxyError::DownstreamTimeout,
+            "the request body did not arrive within the request timeout",
+        )),
     }
+}
+
+/// `100 Continue` to a client that waits for it before sending its body, as hyper's server
+/// does when the body is first read; false if the client is gone.
+async fn send_continue<D: AsyncWrite + Unpin>(io: &mut D, req: &Request) -> bool {
+    let waits = req.expect_continue && req.framing != Framing::Empty;
+    !waits || io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_ok()
 }
 
 /// The parts of a request admission looks at (method, path, content type), as an
@@ -1722,24 +1723,17 @@ where
     let max = transcoder.settings().max_body_bytes;
     let deadline = started + ready.dest.policy().request_timeout;
     let declared_too_large = matches!(req.framing, Framing::Length(n) if n > max as u64);
-    if req.expect_continue && req.framing != Framing::Empty && !declared_too_large {
-        // As hyper's server does when the body is first read (one declared too large is
-        // refused without it).
-        if io
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .await
-            .is_err()
-        {
-            return (
-                Some(local(ProxyError::DownstreamBody)),
-                started.elapsed(),
-                false,
-            );
-        }
+    // A body declared too large is refused without asking for it.
+    if !declared_too_large && !send_continue(io, req).await {
+        return (
+            Some(local(ProxyError::DownstreamBody)),
+            started.elapsed(),
+            false,
+        );
     }
     let body = match plan(io, inbuf, req, true, max, timer, deadline).await {
-        Ok(Ok(Plan::Replay(body, _))) => body,
-        Ok(Ok(Plan::Stream(..))) => {
+        Ok(Plan::Replay(body, _)) => body,
+        Ok(Plan::Stream(..)) => {
             // Over the limit: refused before anything reaches the app; the rest of the body is
             // not read, so the connection closes after the answer.
             let resp =
@@ -1747,23 +1741,10 @@ where
             let (answer, _) = write_response(io, resp, req, true).await;
             return (Some(answer), started.elapsed(), false);
         }
-        Ok(Err(e)) => {
-            let f = Failed::new(
-                ProxyError::DownstreamBody,
-                format!("reading the request body: {e}"),
-            );
+        Err(f) => {
             let id = ready.built.request_id();
             let (answer, _) = write_failed(io, f, &ready.dest, &id, req, true).await;
             return (Some(answer), started.elapsed(), false);
-        }
-        Err(()) => {
-            let f = Failed::new(
-                ProxyError::DownstreamTimeout,
-                "the request body did not arrive within the request timeout",
-            );
-            let id = ready.built.request_id();
-            let (answer, keep) = write_failed(io, f, &ready.dest, &id, req, true).await;
-            return (Some(answer), started.elapsed(), keep);
         }
     };
     let request = http::Request::from_parts(parts, http_body_util::Full::new(Bytes::from(body)));

@@ -128,8 +128,7 @@ pub(crate) fn too_large(
     method: &Method,
     path: &str,
 ) -> Response<ProxyBody> {
-    let max = transcoder.settings().max_body_bytes;
-    let message = format!("the request body is over {max} bytes (max_body_bytes)");
+    let message = over_limit(transcoder.settings().max_body_bytes);
     let mut resp = refusal(ProxyError::TranscodeTooLarge, 3, message);
     if let Some((index, _)) = transcoder.route_index(method, path) {
         let grpc_path = Arc::clone(&transcoder.routes()[index].grpc_path);
@@ -142,6 +141,11 @@ pub(crate) fn too_large(
         resp.extensions_mut().insert(Transcoded(grpc_path));
     }
     resp
+}
+
+/// What a caller is told of a body over the port's limit.
+fn over_limit(max: usize) -> String {
+    format!("the request body is over {max} bytes (max_body_bytes)")
 }
 
 /// The gRPC status a finished answer carries, to be counted.
@@ -202,10 +206,7 @@ where
     let too_large = || {
         Refused::new(
             ProxyError::TranscodeTooLarge,
-            format!(
-                "the request body is over {} bytes (max_body_bytes)",
-                settings.max_body_bytes
-            ),
+            over_limit(settings.max_body_bytes),
         )
     };
     let declared = req
