@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::cmd::{self, probe, Ctx};
-use crate::{ebpf, host, prereq, say};
+use crate::{host, prereq, release, say};
 use json::Json;
 use lab::{Cpus, Lab, Place};
 use load::Tools;
@@ -207,19 +207,7 @@ pub fn run(ctx: &Ctx, opts: &Options) -> Result<()> {
             );
             path
         }
-        None => {
-            ebpf::build(ctx, ebpf::Profile::Release)?;
-            cmd::run(
-                ctx.cargo().args(["build", "--release", "-p", "sidecar"]),
-                "cargo build --release -p sidecar",
-                None,
-            )?;
-            let release = ctx.target_dir.join("release").join("sidecar");
-            if !release.is_file() {
-                bail!("{} is missing after the build", release.display());
-            }
-            release
-        }
+        None => release::build(ctx)?,
     };
 
     let mut plan = Plan::new(opts);
@@ -313,6 +301,58 @@ pub fn run(ctx: &Ctx, opts: &Options) -> Result<()> {
             "{} measurement(s) failed (see above); the tables show what was measured",
             failures.len()
         );
+    }
+    Ok(())
+}
+
+/// The sidecar targets, briefly, with `binary` (a PGO-instrumented build, see `release`): each
+/// proxy process writes its profile to `profile_file` (`%p` is its pid) when it exits. A target
+/// that fails fails the training: its paths would be missing from the profile.
+pub fn train(ctx: &Ctx, binary: &Path, profile_file: &Path) -> Result<()> {
+    host::require_privileged_host(ctx, "the PGO training of the release build")?;
+    let cgroup2 = host::require_cgroup2()?;
+    let found = tools::ensure(ctx)?;
+    let plan = Plan {
+        rounds: 1,
+        warmup: Duration::ZERO,
+        open_loop: Duration::from_secs(1),
+        closed_loop: Duration::from_secs(2),
+        churn: Duration::from_secs(1),
+        many_conns: Duration::from_secs(1),
+        rates: [1000, 5000],
+        connections: 50,
+        many_connections: 1000,
+        idle_connections: 1000,
+        perf_dir: None,
+    };
+    let targets: Vec<Target> = Target::ALL
+        .iter()
+        .copied()
+        .filter(|t| t.is_sidecar())
+        .collect();
+    say!(
+        "PGO training: {} with the instrumented binary",
+        targets
+            .iter()
+            .map(|t| t.key())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let cpus = Cpus::plan(&lab::allowed_cpus());
+    let mut lab = Lab::new(&cgroup2, cpus, binary)?;
+    lab.profile_file = Some(profile_file.as_os_str().to_owned());
+    let outcome = run_in_lab(&mut lab, &found, binary, &plan, &targets);
+    if outcome.as_ref().map_or(true, |(_, failed)| *failed) {
+        lab.failed = true;
+    }
+    drop(lab);
+    let (results, failed) = outcome?;
+    let failures = results.failures();
+    if failed || !failures.is_empty() {
+        for f in &failures {
+            say!("FAILED: {f}");
+        }
+        bail!("the PGO training failed (see above): the profile would miss what did not run");
     }
     Ok(())
 }
@@ -886,5 +926,13 @@ fn meta(
         .with("load_average_after", vec![after.0, after.1, after.2])
         .with("plan", plan.to_json())
         .with("sidecar_binary", sidecar.display().to_string())
+        .with(
+            "sidecar_build",
+            match (&opts.sidecar, release::pgo_enabled()) {
+                (Some(_), _) => "the given binary (--sidecar)",
+                (None, true) => "release, profile-guided (cargo xtask release)",
+                (None, false) => "release without a profile (SIDECAR_PGO=off)",
+            },
+        )
         .with("versions", versions))
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::cmd::{self, probe, Ctx};
-use crate::{ebpf, say};
+use crate::say;
 
 /// The image's name, as the manifests use it.
 pub const TAG: &str = "sidecar:0.1.0";
@@ -41,13 +41,7 @@ const RUN_FLAGS: [&str; 8] = [
 
 /// Builds the image and checks it; returns its size in bytes.
 pub fn run(ctx: &Ctx) -> Result<u64> {
-    ebpf::build(ctx, ebpf::Profile::Release)?;
-    cmd::run(
-        ctx.cargo().args(["build", "--release", "-p", "sidecar"]),
-        "cargo build --release -p sidecar",
-        None,
-    )?;
-    let binary = ctx.root.join("target/release/sidecar");
+    let binary = crate::release::build(ctx)?;
     let context = ctx.root.join("target/image");
     stage(ctx, &binary, &context)?;
     // The image the tag named before: removed once the tag moves, so rebuilds leave no

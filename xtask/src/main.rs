@@ -11,6 +11,7 @@ mod fuzz;
 mod host;
 mod image;
 mod prereq;
+mod release;
 mod test;
 
 use std::ffi::OsString;
@@ -43,6 +44,12 @@ const COMMANDS: &[(&str, &str)] = &[
         "build the container image sidecar:0.1.0 offline with podman (the release binary and the \
          shared objects it links, FROM scratch) and run it: --version, doctor, the proxy as UID \
          1337 on a read-only root filesystem (needs root)",
+    ),
+    (
+        "release",
+        "build target/release/sidecar as the image ships it and the bench measures it: \
+         profile-guided (an instrumented build trained on the bench's sidecar targets, needs \
+         root; SIDECAR_PGO=off builds without a profile) and print its path",
     ),
     (
         "check-host",
@@ -81,6 +88,7 @@ enum Command {
     Bench(bench::Options),
     Fuzz(fuzz::Options),
     Image,
+    Release,
 }
 
 fn parse(args: Vec<OsString>) -> Result<Parsed> {
@@ -141,6 +149,10 @@ fn parse(args: Vec<OsString>) -> Result<Parsed> {
             flags(&rest, &[])?;
             Command::Image
         }
+        Some("release") => {
+            flags(&rest, &[])?;
+            Command::Release
+        }
         Some("check-host") => {
             flags(&rest, &[])?;
             Command::CheckHost
@@ -175,6 +187,12 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Image => {
             prereq::ensure(ctx, prereq::Mode::Install)?;
             image::run(ctx).map(|_| ())
+        }
+        Command::Release => {
+            prereq::ensure(ctx, prereq::Mode::Install)?;
+            let binary = release::build(ctx)?;
+            println!("{}", binary.display());
+            Ok(())
         }
         Command::Fuzz(opts) => {
             prereq::ensure(ctx, prereq::Mode::Install)?;

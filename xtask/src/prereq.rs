@@ -21,7 +21,7 @@ use crate::say;
 pub const LLVM_MAJOR: u32 = 22;
 const BPF_LINKER_VERSION: &str = "~0.13";
 
-fn llvm_prefix() -> PathBuf {
+pub fn llvm_prefix() -> PathBuf {
     PathBuf::from(format!("/usr/lib/llvm-{LLVM_MAJOR}"))
 }
 

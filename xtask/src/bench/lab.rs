@@ -45,6 +45,8 @@ const CHILD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 /// See [`Lab::command`]; needs CAP_SYS_NICE (root has it).
 pub const NICE: &str = "-19";
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopped process may take to exit on SIGTERM before its cgroup is killed.
+const TERM_GRACE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +154,9 @@ pub struct Lab {
     procs: Vec<Proc>,
     counter: u32,
     pub failed: bool,
+    /// `LLVM_PROFILE_FILE` for every lab process (profile training of an instrumented sidecar:
+    /// one file per process, written by its own user, see `release`).
+    pub profile_file: Option<OsString>,
 }
 
 impl Lab {
@@ -170,6 +175,7 @@ impl Lab {
             procs: Vec::new(),
             counter: 0,
             failed: false,
+            profile_file: None,
         };
         // Readable by uid 1337, which runs the sidecar binary copied in here.
         fs::create_dir_all(&dir)
@@ -346,6 +352,7 @@ impl Lab {
             .args(args)
             .env_clear()
             .env("PATH", CHILD_PATH)
+            .envs(self.profile_env())
             .stdin(Stdio::null())
             .output()
             .context("cannot run sidecar init")?;
@@ -389,10 +396,17 @@ impl Lab {
         cmd.arg(program)
             .env_clear()
             .env("PATH", CHILD_PATH)
+            .envs(self.profile_env())
             .env("HOME", &self.dir)
             .current_dir(&self.dir)
             .stdin(Stdio::null());
         cmd
+    }
+
+    fn profile_env(&self) -> Option<(&'static str, OsString)> {
+        self.profile_file
+            .clone()
+            .map(|file| ("LLVM_PROFILE_FILE", file))
     }
 
     /// A unique file name in the lab directory.
@@ -435,8 +449,11 @@ impl Lab {
         self.procs.push(proc);
     }
 
-    /// Kills everything in the process's cgroup and waits until it is empty.
+    /// Stops the process as a pod's runtime would: SIGTERM, up to [`TERM_GRACE`] to exit (a
+    /// proxy drains; an instrumented one writes its profile on the way out), then kills
+    /// everything in its cgroup and waits until that is empty.
     pub fn stop(&mut self, mut proc: Proc) -> Result<()> {
+        terminate(&mut proc);
         kill_cgroup(&proc.cgroup);
         let _ = proc.child.kill();
         let _ = proc.child.wait();
@@ -507,6 +524,23 @@ fn sanitize(label: &str) -> String {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect()
+}
+
+/// SIGTERM to `proc` (the program itself: the start-up chain execs into it) and up to
+/// [`TERM_GRACE`] for it to exit.
+fn terminate(proc: &mut Proc) {
+    if proc.exited().is_some() {
+        return;
+    }
+    let sent = Command::new("kill")
+        .args(["-TERM", &proc.pid().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if sent {
+        poll(TERM_GRACE, || proc.exited().is_some());
+    }
 }
 
 fn kill_cgroup(cg: &Path) {

@@ -126,6 +126,14 @@ impl Target {
         self != Target::Direct
     }
 
+    /// A target whose proxies are all sidecars (the PGO training runs these).
+    pub fn is_sidecar(self) -> bool {
+        !matches!(
+            self,
+            Target::Direct | Target::Nginx | Target::Haproxy | Target::Envoy | Target::EnvoyMtls
+        )
+    }
+
     /// Listening port of a reverse-proxy target in the pod namespace.
     fn port(self) -> u16 {
         match self {
