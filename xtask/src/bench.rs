@@ -139,21 +139,26 @@ struct Plan {
 }
 
 impl Plan {
+    /// `--quick`: every phase once, short.
+    fn quick(rounds: u32) -> Plan {
+        Plan {
+            rounds,
+            warmup: Duration::ZERO,
+            open_loop: Duration::from_secs(1),
+            closed_loop: Duration::from_secs(1),
+            churn: Duration::from_secs(1),
+            many_conns: Duration::from_secs(1),
+            rates: [1000, 5000],
+            connections: 50,
+            many_connections: 1000,
+            idle_connections: 1000,
+            perf_dir: None,
+        }
+    }
+
     fn new(opts: &Options) -> Plan {
         if opts.quick {
-            Plan {
-                rounds: opts.rounds.unwrap_or(1),
-                warmup: Duration::ZERO,
-                open_loop: Duration::from_secs(1),
-                closed_loop: Duration::from_secs(1),
-                churn: Duration::from_secs(1),
-                many_conns: Duration::from_secs(1),
-                rates: [1000, 5000],
-                connections: 50,
-                many_connections: 1000,
-                idle_connections: 1000,
-                perf_dir: None,
-            }
+            Plan::quick(opts.rounds.unwrap_or(1))
         } else {
             Plan {
                 rounds: opts.rounds.unwrap_or(2),
@@ -312,18 +317,10 @@ pub fn train(ctx: &Ctx, binary: &Path, profile_file: &Path) -> Result<()> {
     host::require_privileged_host(ctx, "the PGO training of the release build")?;
     let cgroup2 = host::require_cgroup2()?;
     let found = tools::ensure(ctx)?;
+    // The quick plan, with a longer closed loop: most of the counts come from the hot path.
     let plan = Plan {
-        rounds: 1,
-        warmup: Duration::ZERO,
-        open_loop: Duration::from_secs(1),
         closed_loop: Duration::from_secs(2),
-        churn: Duration::from_secs(1),
-        many_conns: Duration::from_secs(1),
-        rates: [1000, 5000],
-        connections: 50,
-        many_connections: 1000,
-        idle_connections: 1000,
-        perf_dir: None,
+        ..Plan::quick(1)
     };
     let targets: Vec<Target> = Target::ALL
         .iter()
