@@ -78,8 +78,8 @@ pub fn build(ctx: &Ctx) -> Result<PathBuf> {
             .args(["build", "--release", "-p", "sidecar"])
             .arg("--target-dir")
             .arg(&build_dir)
-            .env("RUSTFLAGS", format!("-Cprofile-generate={}", raw.display()))
-            .env_remove("CARGO_ENCODED_RUSTFLAGS"),
+            .env("CARGO_ENCODED_RUSTFLAGS", flag("-Cprofile-generate=", &raw))
+            .env_remove("RUSTFLAGS"),
         "instrumented release build (PGO training binary)",
         None,
     )?;
@@ -97,8 +97,8 @@ pub fn build(ctx: &Ctx) -> Result<PathBuf> {
     cmd::run(
         ctx.cargo()
             .args(["build", "--release", "-p", "sidecar"])
-            .env("RUSTFLAGS", format!("-Cprofile-use={}", profile.display()))
-            .env_remove("CARGO_ENCODED_RUSTFLAGS"),
+            .env("CARGO_ENCODED_RUSTFLAGS", flag("-Cprofile-use=", &profile))
+            .env_remove("RUSTFLAGS"),
         "cargo build --release -p sidecar (with the PGO profile)",
         None,
     )?;
@@ -152,6 +152,14 @@ fn rustc_llvm_major(ctx: &Ctx) -> Result<u32> {
 fn parse_rustc_vv(vv: &str) -> Option<u32> {
     let version = vv.lines().find_map(|l| l.strip_prefix("LLVM version:"))?;
     version.trim().split('.').next()?.parse().ok()
+}
+
+/// One rustc flag with a path, for `CARGO_ENCODED_RUSTFLAGS` (a single flag, so a path with
+/// spaces stays whole; `RUSTFLAGS` would split it).
+fn flag(prefix: &str, path: &Path) -> std::ffi::OsString {
+    let mut flag = std::ffi::OsString::from(prefix);
+    flag.push(path);
+    flag
 }
 
 fn fingerprint(bin: &Path) -> Result<String> {
