@@ -53,17 +53,21 @@ pub fn build(ctx: &Ctx) -> Result<PathBuf> {
     }
     let llvm_major = rustc_llvm_major(ctx)?;
     let profdata_tool = prereq::llvm_prefix().join("bin").join("llvm-profdata");
-    if llvm_major != prereq::LLVM_MAJOR || !profdata_tool.is_file() {
+    if llvm_major != prereq::LLVM_MAJOR {
         bail!(
-            "profile-guided release build: rustc uses LLVM {llvm_major}, and the profile merger \
-             must be the same major version ({} {}). Run `cargo xtask prereqs` (it installs \
-             llvm-{}), or build without a profile: {PGO_VAR}=off",
+            "profile-guided release build: rustc uses LLVM {llvm_major}, but the profile merger \
+             this machine gets is LLVM {want}'s, and a profile only merges with the same major \
+             version. Use a stable rustc on LLVM {want}, or raise LLVM_MAJOR in \
+             xtask/src/prereq.rs (and run `cargo xtask prereqs`); or build without a profile: \
+             {PGO_VAR}=off",
+            want = prereq::LLVM_MAJOR
+        );
+    }
+    if !profdata_tool.is_file() {
+        bail!(
+            "profile-guided release build: {} is missing. Run `cargo xtask prereqs` (it installs \
+             llvm-{}-dev, which brings it), or build without a profile: {PGO_VAR}=off",
             profdata_tool.display(),
-            if profdata_tool.is_file() {
-                format!("is LLVM {}", prereq::LLVM_MAJOR)
-            } else {
-                "is missing".to_owned()
-            },
             prereq::LLVM_MAJOR
         );
     }

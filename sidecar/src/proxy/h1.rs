@@ -1665,13 +1665,11 @@ fn rest_call(c: &Client, t: &Transcoding, buf: &[u8], head: &Head) -> Option<Res
     let transcoder = policies.config().transcoder(t.port)?;
     // A target the URI parser refuses is the forwarding path's 400.
     let uri = http::Uri::try_from(head.target.of(buf)).ok()?;
-    let name_of = |line: &[u8]| -> usize { line.iter().position(|b| *b == b':').unwrap_or(0) };
     let content_type = head
         .lines
         .iter()
-        .map(|l| (l.line.of(buf), l.value.of(buf)))
-        .find(|(line, _)| line[..name_of(line)].eq_ignore_ascii_case(b"content-type"))
-        .map(|(_, value)| value);
+        .find(|l| name_is(l.line.of(buf), b"content-type"))
+        .map(|l| l.value.of(buf));
     if transcode::passes(transcoder, &head.method, uri.path(), content_type) {
         return None;
     }
@@ -1683,10 +1681,9 @@ fn rest_call(c: &Client, t: &Transcoding, buf: &[u8], head: &Head) -> Option<Res
     }
     let headers = req.headers_mut();
     for line in &head.lines {
-        let bytes = line.line.of(buf);
         // httparse has checked every name and value; both parse.
         if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&bytes[..name_of(bytes)]),
+            HeaderName::from_bytes(line.name(buf)),
             HeaderValue::from_bytes(line.value.of(buf)),
         ) {
             headers.append(name, value);

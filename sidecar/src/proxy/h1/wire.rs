@@ -87,6 +87,14 @@ pub(crate) struct Line {
     pub(crate) role: Role,
 }
 
+impl Line {
+    /// The header's name, as it came.
+    pub(crate) fn name<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        let line = self.line.of(buf);
+        &line[..name_len(line)]
+    }
+}
+
 thread_local! {
     /// Line vectors of heads dropped on this thread, for the next heads.
     static SPARE: std::cell::RefCell<Vec<Vec<Line>>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -334,8 +342,7 @@ fn read_lines(
     // `Connection: close, x` with a close: keep_alive false already; an `x` line is dropped.
     if !listed.is_empty() {
         for line in &mut head.lines {
-            let end = line.line.start as usize + name_len(line.line.of(buf));
-            let name = &buf[line.line.start as usize..end];
+            let name = line.name(buf);
             if line.role != Role::Host
                 && line.role != Role::ContentLength
                 && listed.iter().any(|l| l.eq_ignore_ascii_case(name))
