@@ -219,7 +219,7 @@ pub(crate) async fn forward_h1(
     if head.version == Version::HTTP_2 {
         head.version = Version::HTTP_11;
     }
-    let request_id = headers::apply(&mut head.headers, route.forwarded_for.as_ref());
+    let request_id = headers::apply(&mut head.headers, route.forwarded_for.as_deref());
     let dest = shared.destination(route, || {
         let host = head.headers.get(HOST)?.to_str().ok()?;
         Some(Cow::Borrowed(host))
@@ -306,7 +306,7 @@ pub(crate) async fn forward_h2(
         }
     }
     let route = upstream.route();
-    let request_id = headers::apply(req.headers_mut(), route.forwarded_for.as_ref());
+    let request_id = headers::apply(req.headers_mut(), route.forwarded_for.as_deref());
     let dest = shared.destination(route, || {
         req.uri().authority().map(|a| Cow::Borrowed(a.as_str()))
     });

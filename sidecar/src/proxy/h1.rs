@@ -158,7 +158,12 @@ where
         tokio::pin!(timer);
         let stopped = c.stop.clone().cancelled_owned();
         tokio::pin!(stopped);
+        // A head that could not be read, answered after the loop: awaiting the answer inside
+        // the `match` would keep the matched `Got` (a whole head) alive across that await, and
+        // so in every connection's future, idle ones included.
+        let mut refused = None;
         loop {
+            // The matched `Got` ends with this statement, before the exchange is awaited.
             let head = match read_head(
                 &c,
                 &mut io,
@@ -182,8 +187,7 @@ where
                     // Counted, not recorded as a request: there was no request to speak of.
                     debug!(peer = %c.observer.peer, reason = why, "request refused");
                     c.shared.telemetry.metrics.error(c.dir, err);
-                    // Boxed: the answer's state is only paid for by the connections refused.
-                    Box::pin(refuse(&mut io, err)).await;
+                    refused = Some(err);
                     break;
                 }
             };
@@ -194,6 +198,10 @@ where
                 break;
             }
             inbuf.release();
+        }
+        if let Some(err) = refused {
+            // Boxed: the answer's state is only paid for by the connections refused.
+            Box::pin(refuse(&mut io, err)).await;
         }
         let _ = io.shutdown().await;
     }
@@ -226,65 +234,74 @@ enum Got {
 /// Reads the next request head: within the header timeout (an idle kept-alive connection too),
 /// at most `max_header_bytes`. Once the drain begins, a connection that has not sent a byte of
 /// a new request is closed, except that its first request gets `limit` to arrive.
-async fn read_head<D>(
-    c: &Client,
-    io: &mut D,
-    inbuf: &mut Inbuf,
+///
+/// A block rather than an `async fn`, like [`serve`]: an idle connection's future holds this
+/// one, and an `async fn` would hold its arguments twice.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in its future"
+)]
+fn read_head<'a, D>(
+    c: &'a Client,
+    io: &'a mut D,
+    inbuf: &'a mut Inbuf,
     first: bool,
-    mut timeout: Pin<&mut Sleep>,
-    mut stopped: Pin<&mut WaitForCancellationFutureOwned>,
-) -> Got
+    mut timeout: Pin<&'a mut Sleep>,
+    mut stopped: Pin<&'a mut WaitForCancellationFutureOwned>,
+) -> impl Future<Output = Got> + 'a
 where
     D: AsyncRead + Unpin,
 {
-    let limits = &c.shared.config.http;
-    let header_deadline = Instant::now() + limits.header_timeout;
-    timeout.as_mut().reset(header_deadline);
-    // When the drain began, the connection's timer runs to whichever comes first of the header
-    // deadline and the drain's (no second timer in every idle connection).
-    let mut drain: Option<Instant> = None;
-    loop {
-        if !inbuf.is_empty() {
-            match wire::parse_request(inbuf.data()) {
-                Ok(Some(head)) => return Got::Head(head),
-                Ok(None) => {}
-                Err(Refusal::TooManyHeaders) => {
-                    return Got::Refused(ProxyError::DownstreamHeadTooLarge, "too many headers")
+    async move {
+        let limits = &c.shared.config.http;
+        let header_deadline = Instant::now() + limits.header_timeout;
+        timeout.as_mut().reset(header_deadline);
+        // When the drain began, the connection's timer runs to whichever comes first of the header
+        // deadline and the drain's (no second timer in every idle connection).
+        let mut drain: Option<Instant> = None;
+        loop {
+            if !inbuf.is_empty() {
+                match wire::parse_request(inbuf.data()) {
+                    Ok(Some(head)) => return Got::Head(head),
+                    Ok(None) => {}
+                    Err(Refusal::TooManyHeaders) => {
+                        return Got::Refused(ProxyError::DownstreamHeadTooLarge, "too many headers")
+                    }
+                    Err(r) => return Got::Refused(ProxyError::DownstreamProtocol, r.reason()),
                 }
-                Err(r) => return Got::Refused(ProxyError::DownstreamProtocol, r.reason()),
+                if inbuf.len() >= limits.max_header_bytes
+                    || (inbuf.is_full() && !inbuf.grow(limits.max_header_bytes))
+                {
+                    return Got::Refused(ProxyError::DownstreamHeadTooLarge, "head too large");
+                }
             }
-            if inbuf.len() >= limits.max_header_bytes
-                || (inbuf.is_full() && !inbuf.grow(limits.max_header_bytes))
-            {
-                return Got::Refused(ProxyError::DownstreamHeadTooLarge, "head too large");
+            if drain.is_none() && c.stop.is_cancelled() {
+                if inbuf.is_empty() && !first {
+                    return Got::Closed;
+                }
+                // A request under way when the drain begins (or a connection's first) gets the
+                // detection limit to arrive.
+                let at = Instant::now() + c.shared.config.detect_timeout;
+                drain = Some(at);
+                if at < header_deadline {
+                    timeout.as_mut().reset(at);
+                }
             }
-        }
-        if drain.is_none() && c.stop.is_cancelled() {
-            if inbuf.is_empty() && !first {
-                return Got::Closed;
+            let read = std::future::poll_fn(|cx| inbuf.poll_fill(cx, io));
+            tokio::select! {
+                biased;
+                r = read => match r {
+                    Ok(0) | Err(_) => return Got::Closed,
+                    Ok(_) => {}
+                },
+                () = timeout.as_mut() => {
+                    return match drain {
+                        Some(at) if at < header_deadline => Got::Closed,
+                        _ => Got::TimedOut,
+                    };
+                }
+                () = stopped.as_mut(), if drain.is_none() => {}
             }
-            // A request under way when the drain begins (or a connection's first) gets the
-            // detection limit to arrive.
-            let at = Instant::now() + c.shared.config.detect_timeout;
-            drain = Some(at);
-            if at < header_deadline {
-                timeout.as_mut().reset(at);
-            }
-        }
-        let read = std::future::poll_fn(|cx| inbuf.poll_fill(cx, io));
-        tokio::select! {
-            biased;
-            r = read => match r {
-                Ok(0) | Err(_) => return Got::Closed,
-                Ok(_) => {}
-            },
-            () = timeout.as_mut() => {
-                return match drain {
-                    Some(at) if at < header_deadline => Got::Closed,
-                    _ => Got::TimedOut,
-                };
-            }
-            () = stopped.as_mut(), if drain.is_none() => {}
         }
     }
 }
@@ -818,7 +835,7 @@ fn build_head(buf: &[u8], head: &Head, route: &Route) -> Result<Built, &'static 
     out.extend_from_slice(origin);
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
-    let forwarded = route.forwarded_for.as_ref();
+    let forwarded = route.forwarded_for.as_deref();
     let mut request_id = None;
     let first_id_empty = head
         .lines

@@ -30,7 +30,9 @@ pub(crate) struct Route {
     /// The port of an authority without one (the connection's destination port).
     pub(crate) default_port: u16,
     /// Requests from other hosts (inbound, `--target`): the client, for `x-forwarded-for`.
-    pub(crate) forwarded_for: Option<ForwardedClient>,
+    /// Boxed: an outbound route (none) is then 112 bytes smaller, and there is one per
+    /// connection.
+    pub(crate) forwarded_for: Option<Box<ForwardedClient>>,
     /// HTTP/1: the pool's entry for `authority`, looked up once per connection.
     pub(crate) upstream: Option<Arc<Host>>,
     /// How upstream connections are made: plaintext or mesh TLS (decided per connection).
@@ -41,7 +43,7 @@ impl Route {
     /// The same route for requests of the client at `peer` (adds the forwarding headers).
     pub(crate) fn for_client(&self, peer: SocketAddr) -> Route {
         Route {
-            forwarded_for: Some(ForwardedClient::new(peer.ip())),
+            forwarded_for: Some(Box::new(ForwardedClient::new(peer.ip()))),
             ..self.clone()
         }
     }

@@ -36,7 +36,9 @@ pub(crate) fn serve(
         }
         let stop = &shared.inbound_cancel;
         let limit = shared.config.detect_timeout;
-        let Some(h2) = sniff_h2(&client, stop, limit).await else {
+        // Boxed: the sniff's state (its timer) is freed once it has decided, instead of
+        // sizing the future every connection holds for its whole life.
+        let Some(h2) = Box::pin(sniff_h2(&client, stop, limit)).await else {
             return;
         };
         let observer = shared.target_observer(peer);

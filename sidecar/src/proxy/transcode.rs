@@ -259,7 +259,7 @@ where
             headers.append(name.clone(), value.clone());
         }
     }
-    let request_id = headers::apply(&mut headers, proxy_route.forwarded_for.as_ref());
+    let request_id = headers::apply(&mut headers, proxy_route.forwarded_for.as_deref());
     headers.insert(CONTENT_TYPE, APPLICATION_GRPC.clone());
     headers.insert(TE, TRAILERS.clone());
     let left = deadline.saturating_duration_since(Instant::now());

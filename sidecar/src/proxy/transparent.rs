@@ -1220,13 +1220,13 @@ fn route_for(
     let RouteClient { peer, id, plan } = client;
     let forwarded_for = (!outbound).then(|| {
         let client = ForwardedClient::new(peer.ip());
-        match &id {
+        Box::new(match &id {
             Some(id) => {
                 let own = shared.mesh.own_id();
                 client.with_client_cert(own.as_ref().map(SpiffeId::as_str), id.as_str())
             }
             None => client,
-        }
+        })
     });
     Route {
         upstream: http1.then(|| {
