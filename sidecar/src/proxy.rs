@@ -225,8 +225,9 @@ pub async fn start_observed(
     let inbound_cancel = cancel.child_token();
     let tracker = TaskTracker::new();
     let active = [
-        Arc::new(ActiveConns::default()),
-        Arc::new(ActiveConns::default()),
+        // In `Dir::index` order, as `Shared::active` reads them.
+        Arc::new(ActiveConns::new(&telemetry.metrics, Dir::Inbound)),
+        Arc::new(ActiveConns::new(&telemetry.metrics, Dir::Outbound)),
     ];
     let target_dest = config.target.as_ref().map(|t| {
         let name: Arc<str> = t.authority.as_str().into();
@@ -403,7 +404,7 @@ fn spawn_conn(shared: &Arc<Shared>, kind: Kind, stream: TcpStream, peer: SocketA
     {
         tracing::info!(direction = dir.as_str(), "below the connection limit again");
     }
-    let conn = ConnGuard::open(&shared.telemetry.metrics, dir, shared.active(dir));
+    let conn = ConnGuard::open(shared.active(dir));
     let conn_shared = Arc::clone(shared);
     match kind {
         Kind::Target => shared

@@ -9,17 +9,29 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-use super::{Dir, ProxyMetrics};
+use super::{ConnMetrics, Dir, ProxyMetrics};
 
 /// How many downstream connections of one direction a proxy has open, and a wake-up when that
 /// reaches zero (the drain waits for it). Per proxy, unlike the metrics, which are per registry.
-#[derive(Default)]
+/// It also holds where the direction's connection metrics are, so that a [`ConnGuard`] (held by
+/// every connection for its whole life) is one pointer.
 pub struct ActiveConns {
     count: AtomicUsize,
     idle: Notify,
+    metrics: Arc<ProxyMetrics>,
+    dir: Dir,
 }
 
 impl ActiveConns {
+    pub fn new(metrics: &Arc<ProxyMetrics>, dir: Dir) -> ActiveConns {
+        ActiveConns {
+            count: AtomicUsize::new(0),
+            idle: Notify::new(),
+            metrics: Arc::clone(metrics),
+            dir,
+        }
+    }
+
     pub fn get(&self) -> usize {
         self.count.load(Ordering::Acquire)
     }
@@ -41,36 +53,28 @@ impl ActiveConns {
 
 /// One accepted downstream connection, from accept to close (dropping it closes the books).
 pub struct ConnGuard {
-    metrics: Arc<ProxyMetrics>,
-    dir: Dir,
     active: Arc<ActiveConns>,
 }
 
 impl ConnGuard {
-    pub fn open(metrics: &Arc<ProxyMetrics>, dir: Dir, active: &Arc<ActiveConns>) -> ConnGuard {
-        let m = metrics.conns(dir);
+    pub fn open(active: &Arc<ActiveConns>) -> ConnGuard {
+        let m = active.metrics.conns(active.dir);
         m.opened.inc();
         m.active.inc();
         active.count.fetch_add(1, Ordering::AcqRel);
         ConnGuard {
-            metrics: Arc::clone(metrics),
-            dir,
             active: Arc::clone(active),
         }
     }
 
-    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
-        &self.metrics
-    }
-
-    pub fn dir(&self) -> Dir {
-        self.dir
+    fn books(&self) -> &ConnMetrics {
+        self.active.metrics.conns(self.active.dir)
     }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let m = self.metrics.conns(self.dir);
+        let m = self.books();
         m.closed.inc();
         m.active.dec();
         if self.active.count.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -103,11 +107,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for CountedIo<T> {
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         let n = buf.filled().len().saturating_sub(before);
         if n > 0 {
-            self.conn
-                .metrics
-                .conns(self.conn.dir)
-                .received
-                .inc_by(n as u64);
+            self.conn.books().received.inc_by(n as u64);
         }
         polled
     }
@@ -121,7 +121,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
-            self.conn.metrics.conns(self.conn.dir).sent.inc_by(n as u64);
+            self.conn.books().sent.inc_by(n as u64);
         }
         polled
     }
@@ -133,7 +133,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = polled {
-            self.conn.metrics.conns(self.conn.dir).sent.inc_by(n as u64);
+            self.conn.books().sent.inc_by(n as u64);
         }
         polled
     }
@@ -159,9 +159,9 @@ mod tests {
     #[tokio::test]
     async fn bytes_and_connections_are_counted() {
         let metrics = ProxyMetrics::unregistered();
-        let active = Arc::new(ActiveConns::default());
+        let active = Arc::new(ActiveConns::new(&metrics, Dir::Outbound));
         let (a, mut b) = tokio::io::duplex(64);
-        let guard = ConnGuard::open(&metrics, Dir::Outbound, &active);
+        let guard = ConnGuard::open(&active);
         assert_eq!(active.get(), 1);
         let mut io = CountedIo::new(a, guard);
         io.write_all(b"hello").await.unwrap();

@@ -160,6 +160,9 @@ impl Predial {
 struct StashInner {
     next_id: u64,
     by_dst: HashMap<SocketAddr, Vec<(u64, Predial)>>,
+    /// Where each parked entry is, so that its guard needs only the id (the guard lives as long
+    /// as the client connection, in every connection's task).
+    dst_of: HashMap<u64, SocketAddr>,
 }
 
 /// Parked pre-dialled connections, by destination.
@@ -181,9 +184,9 @@ impl Stash {
         let id = inner.next_id;
         inner.next_id += 1;
         inner.by_dst.entry(dst).or_default().push((id, predial));
+        inner.dst_of.insert(id, dst);
         StashGuard {
             stash: Arc::clone(self),
-            dst,
             id,
         }
     }
@@ -192,23 +195,31 @@ impl Stash {
     pub(crate) fn take(&self, dst: SocketAddr) -> Option<Predial> {
         let mut inner = self.lock();
         let list = inner.by_dst.get_mut(&dst)?;
-        let taken = list.pop().map(|(_, p)| p);
+        let taken = list.pop();
         if list.is_empty() {
             inner.by_dst.remove(&dst);
         }
-        taken
+        let (id, predial) = taken?;
+        inner.dst_of.remove(&id);
+        Some(predial)
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.lock().by_dst.values().map(Vec::len).sum()
+        let inner = self.lock();
+        let parked = inner.by_dst.values().map(Vec::len).sum();
+        assert_eq!(
+            parked,
+            inner.dst_of.len(),
+            "the stash's index is out of step"
+        );
+        parked
     }
 }
 
 /// Removes its parked connection (closing it) if nobody took it.
 pub(crate) struct StashGuard {
     stash: Arc<Stash>,
-    dst: SocketAddr,
     id: u64,
 }
 
@@ -216,7 +227,11 @@ impl Drop for StashGuard {
     fn drop(&mut self) {
         let removed = {
             let mut inner = self.stash.lock();
-            let Some(list) = inner.by_dst.get_mut(&self.dst) else {
+            // Absent once taken.
+            let Some(dst) = inner.dst_of.remove(&self.id) else {
+                return;
+            };
+            let Some(list) = inner.by_dst.get_mut(&dst) else {
                 return;
             };
             let removed = list
@@ -224,7 +239,7 @@ impl Drop for StashGuard {
                 .position(|(id, _)| *id == self.id)
                 .map(|i| list.swap_remove(i));
             if list.is_empty() {
-                inner.by_dst.remove(&self.dst);
+                inner.by_dst.remove(&dst);
             }
             removed
         };

@@ -976,7 +976,7 @@ fn serve_http_conn<D: Downstream>(conn: HttpConn<D>) -> Serving<D> {
             upstream.offer_now(p);
         }
         let port = dst.port();
-        (Some(h1::Transcoding { upstream, port }), None)
+        (Some(Box::new(h1::Transcoding { upstream, port })), None)
     } else {
         (None, predial.map(|p| egress.stash.put(dst, p)))
     };
@@ -987,7 +987,7 @@ fn serve_http_conn<D: Downstream>(conn: HttpConn<D>) -> Serving<D> {
         observer,
         stop: shared.stop_token(direction.dir()).clone(),
         strict,
-        caller,
+        caller: caller.map(Box::new),
         dir: direction.dir(),
         transcode,
         shared: Arc::clone(&shared),
