@@ -336,6 +336,31 @@ mod tests {
         assert_eq!(stash.len(), 0);
     }
 
+    /// Two clients' connections parked for one destination: the newest is taken, then each
+    /// guard goes. The guard of the taken one must not remove the other's (the index finds an
+    /// entry by its id, and forgets it once taken).
+    #[tokio::test]
+    async fn guards_of_one_destination_remove_only_their_own_entry() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        let stash = Arc::new(Stash::default());
+        let mut guards = Vec::new();
+        for _ in 0..2 {
+            let s = dial(dst, Duration::from_secs(5), Source::Any)
+                .await
+                .unwrap();
+            guards.push(stash.put(dst, Predial::Ready(Conn::Plain(s))));
+        }
+        assert_eq!(stash.len(), 2);
+        let _taken = stash.take(dst).expect("parked");
+        assert_eq!(stash.len(), 1);
+        let older = guards.remove(0);
+        drop(guards); // the taken entry's guard: nothing left to remove
+        assert_eq!(stash.len(), 1, "the other client's entry stays");
+        drop(older);
+        assert_eq!(stash.len(), 0);
+    }
+
     #[tokio::test]
     async fn taken_entry_outlives_guard() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
