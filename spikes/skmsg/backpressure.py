@@ -1,6 +1,7 @@
 """Spike check (not part of the product): does a redirected connection keep TCP's flow control?
 
-Run as root with spike-loader attached to /sys/fs/cgroup/unified/spike for PORT (see README.md).
+Run as root with spike-loader attached to /sys/fs/cgroup/unified/spike for PORT (see README.md):
+`backpressure.py PORT [reverse]` (reverse: the accepted end writes, the connecting end never reads).
 A client in that cgroup writes as fast as it can to a peer that never reads; without the
 redirect the writes stop (EAGAIN) once the peer's receive buffer and the client's send buffer
 are full. Prints how much was accepted and the peer socket's memory (ss -tm), then reads it all
@@ -20,6 +21,8 @@ srv.bind(("127.0.0.1", port))
 srv.listen()
 client = socket.create_connection(("127.0.0.1", port))
 peer, _ = srv.accept()
+if len(sys.argv) > 2 and sys.argv[2] == "reverse":
+    client, peer = peer, client
 client.setblocking(False)
 sent, chunk, start = 0, bytes(range(256)) * 256, time.time()
 while time.time() - start < 10:
@@ -32,7 +35,7 @@ while time.time() - start < 10:
         print("writes failed:", e)
         break
 print("accepted while the peer did not read:", sent, "bytes")
-os.system(f"ss -tmn 'sport = :{port}'")
+os.system(f"ss -tmn '( sport = :{port} or dport = :{port} )'")
 client.setblocking(True)
 client.shutdown(socket.SHUT_WR)
 pattern = bytes(range(256)) * ((1 << 20) // 256 + 1)  # byte i of the stream is i % 256
