@@ -30,6 +30,18 @@ sidecar = os.path.abspath(sys.argv[1])
 bound = sys.argv[2] if len(sys.argv) > 2 else "1"
 rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 10
 
+import socket
+
+for port in (18181, 15105, 15101):
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind(("127.0.0.1", port))
+    except OSError as e:
+        sys.exit(f"127.0.0.1:{port} is taken ({e}): stop what listens there first")
+    finally:
+        probe.close()
+
 os.makedirs(CGROUP, exist_ok=True)
 with open(f"{CGROUP}/cgroup.procs", "w") as f:
     f.write(str(os.getpid()))

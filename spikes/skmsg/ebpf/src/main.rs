@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::{sk_action, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_ANY},
-    helpers::generated::bpf_probe_read_kernel,
+    helpers::generated::{bpf_get_netns_cookie, bpf_probe_read_kernel},
     macros::{map, sk_msg, sock_ops},
     maps::{Array, LruHashMap, SockHash},
     programs::{SkMsgContext, SockOpsContext},
@@ -14,6 +14,8 @@ use aya_ebpf::{
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Key {
+    /// The network namespace's cookie: loopback 4-tuples repeat across pods.
+    ns: u64,
     lip: u32,
     rip: u32,
     lport: u32,
@@ -115,7 +117,9 @@ pub fn spike_ops(ctx: SockOpsContext) -> u32 {
     if lport != port && rport != port {
         return 1;
     }
-    let mut key = Key { lip, rip, lport, rport };
+    // SAFETY: `ops` is the program's context.
+    let ns = unsafe { bpf_get_netns_cookie(ops as *mut _) };
+    let mut key = Key { ns, lip, rip, lport, rport };
     // A new connection on a reused 4-tuple starts redirected again.
     let _ = OFF.remove(&key);
     let sk = rd!(ops, __bindgen_anon_2.sk) as u64;
@@ -136,13 +140,15 @@ pub fn spike_msg(ctx: SkMsgContext) -> u32 {
     let rip = rd!(msg, remote_ip4);
     let lport = rd!(msg, local_port);
     let rport = u32::from_be(rd!(msg, remote_port));
-    let own = Key { lip, rip, lport, rport };
+    // SAFETY: `msg` is the program's context.
+    let ns = unsafe { bpf_get_netns_cookie(msg as *mut _) };
+    let own = Key { ns, lip, rip, lport, rport };
     // SAFETY: a map value, read once.
     if unsafe { OFF.get(&own) }.is_some() {
         return sk_action::SK_PASS;
     }
     // The peer's key: its local end is our remote one.
-    let mut key = Key { lip: rip, rip: lip, lport: rport, rport: lport };
+    let mut key = Key { ns, lip: rip, rip: lip, lport: rport, rport: lport };
     if !peer_has_room(&key, rd!(msg, size) as u64) {
         // From here on this connection goes through TCP, for good: the peer reads its redirect
         // queue before its TCP receive queue, so the byte order holds this way round (and

@@ -11,7 +11,7 @@ use anyhow::Context;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Key { lip: u32, rip: u32, lport: u32, rport: u32 }
+struct Key { ns: u64, lip: u32, rip: u32, lport: u32, rport: u32 }
 // SAFETY: plain integers, no padding.
 unsafe impl aya::Pod for Key {}
 
