@@ -30,6 +30,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
+use tokio_util::either::Either;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
 
@@ -43,7 +44,7 @@ use super::shared::Shared;
 use super::transcode::{self, Handled};
 use crate::error::{local_response, Failed, ProxyError};
 use crate::metrics::access::{record, Answer, Head as LogHead, Observer};
-use crate::metrics::{method_label, Dir};
+use crate::metrics::{method_label, Dir, MethodLabel};
 use crate::policy::exchange::{answer as failed_answer, Retrying};
 use crate::policy::headers::{
     fresh_request_id, fresh_request_id_bytes, fresh_traceparent_bytes, is_valid_traceparent,
@@ -350,8 +351,8 @@ struct Request {
 
 /// One request and its answer; true if the client connection can carry another.
 ///
-/// A block rather than an `async fn`: the head is read and consumed before the first await, so
-/// the future (boxed per request) holds only what the exchange needs afterwards.
+/// Not an `async fn`: the head is read and consumed before the first poll, so the future (boxed
+/// per request) holds only what the exchange needs afterwards: the chosen work and its record.
 fn exchange<'a, D>(
     c: &'a Client,
     io: &'a mut D,
@@ -366,25 +367,96 @@ where
     let label = method_label(&head.method);
     let log = c.observer.access_log.then(|| log_head(inbuf.data(), &head));
     let (req, admitted) = admit(c, inbuf, head);
-    async move {
-        let (answer, elapsed, keep) = match admitted {
-            Ok(mut ready) => match ready.rest.take() {
-                // Boxed: only a transcoded port's REST calls pay for the transcoding's state.
-                Some(call) => {
-                    Box::pin(rest_answer(c, io, inbuf, &req, ready, call, started, timer)).await
-                }
-                None => forward(c, io, inbuf, &req, ready, started, timer).await,
-            },
-            Err(early) => {
-                let (answer, keep) = early.write(io, &req).await;
-                (Some(answer), started.elapsed(), keep)
-            }
+    // The work is chosen here and handed over whole: an `async` block that matched `admitted`
+    // itself would keep it (and what it moved out of it) for its whole life.
+    let work = match admitted {
+        Ok(mut ready) => match ready.rest.take() {
+            // Boxed: only a transcoded port's REST calls pay for the transcoding's state.
+            Some(call) => Either::Left(Either::Left(Box::pin(rest_answer(
+                c, io, inbuf, req, ready, call, started, timer,
+            )))),
+            None => Either::Left(Either::Right(forward(
+                c, io, inbuf, req, ready, started, timer,
+            ))),
+        },
+        Err(early) => Either::Right(early_answer(io, req, early, started)),
+    };
+    Recorded {
+        work,
+        observer: &c.observer,
+        label,
+        log,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An exchange's work, then its record (count, duration, access log line) once it is done.
+    /// A future of its own rather than an `async` block, which would hold `work` twice (as what
+    /// it captured and as what it awaits).
+    struct Recorded<'a, W> {
+        #[pin]
+        work: W,
+        observer: &'a Observer,
+        label: MethodLabel,
+        log: Option<LogHead>,
+    }
+}
+
+impl<W> Future for Recorded<'_, W>
+where
+    W: Future<Output = (Option<Answer>, Duration, bool)>,
+{
+    type Output = bool;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<bool> {
+        let this = self.project();
+        let Poll::Ready((answer, elapsed, keep)) = this.work.poll(cx) else {
+            return Poll::Pending;
         };
         if let Some(answer) = answer {
-            record(&c.observer, label, log, &answer, elapsed);
+            record(
+                this.observer,
+                *this.label,
+                this.log.take(),
+                &answer,
+                elapsed,
+            );
         }
-        keep
+        Poll::Ready(keep)
     }
+}
+
+/// Answers a request stopped before anything went upstream.
+async fn early_answer<D>(
+    io: &mut D,
+    req: Request,
+    early: Early,
+    started: Instant,
+) -> (Option<Answer>, Duration, bool)
+where
+    D: AsyncWrite + Unpin + Send,
+{
+    let (answer, keep) = early.write(io, &req).await;
+    (Some(answer), started.elapsed(), keep)
+}
+
+/// The size of one request's exchange future, which every request allocates (for the test that
+/// holds it).
+#[cfg(test)]
+pub(super) async fn exchange_size(c: &Client) -> usize {
+    let (mut io, mut app) = tokio::io::duplex(256);
+    app.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut inbuf = Inbuf::default();
+    std::future::poll_fn(|cx| inbuf.poll_fill(cx, &mut io))
+        .await
+        .unwrap();
+    let head = wire::parse_request(inbuf.data()).unwrap().unwrap();
+    let timer = tokio::time::sleep(Duration::from_secs(1));
+    tokio::pin!(timer);
+    let exchange = exchange(c, &mut io, &mut inbuf, head, timer);
+    size_of_val(&exchange)
 }
 
 /// The access log's view of a request.
@@ -457,7 +529,7 @@ struct Ready {
     extra: Vec<u8>,
     authz: Option<Arc<str>>,
     /// A REST call of a transcoded port (else the request is forwarded as it is).
-    rest: Option<RestCall>,
+    rest: Option<Box<RestCall>>,
 }
 
 /// Takes from the head all that the exchange needs (then its bytes are consumed, whatever the
@@ -479,7 +551,8 @@ fn admit(c: &Client, inbuf: &mut Inbuf, head: Head) -> (Request, Result<Ready, E
     let rest = c
         .transcode
         .as_ref()
-        .and_then(|t| rest_call(c, t, inbuf.data(), &head));
+        .and_then(|t| rest_call(c, t, inbuf.data(), &head))
+        .map(Box::new);
     let built = build_head(inbuf.data(), &head, &c.route);
     let dest = c.shared.destination(&c.route, || {
         Some(request_authority(inbuf.data(), &head, &c.route))
@@ -552,7 +625,7 @@ fn forward<'a, D>(
     c: &'a Client,
     io: &'a mut D,
     inbuf: &'a mut Inbuf,
-    req: &'a Request,
+    req: Request,
     ready: Ready,
     started: Instant,
     mut timer: Pin<&'a mut Sleep>,
@@ -561,6 +634,7 @@ where
     D: AsyncRead + AsyncWrite + Unpin + Send,
 {
     async move {
+        let req = &req;
         let dest = &*ready.dest;
         let built = &ready.built;
         let bodiless = req.framing == Framing::Empty;
@@ -1723,20 +1797,21 @@ async fn rest_answer<D>(
     c: &Client,
     io: &mut D,
     inbuf: &mut Inbuf,
-    req: &Request,
+    req: Request,
     ready: Ready,
-    call: RestCall,
+    call: Box<RestCall>,
     started: Instant,
     timer: Pin<&mut Sleep>,
 ) -> (Option<Answer>, Duration, bool)
 where
     D: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let req = &req;
     let RestCall {
         parts,
         transcoder,
         upstream,
-    } = call;
+    } = *call;
     let max = transcoder.settings().max_body_bytes;
     let deadline = started + ready.dest.policy().request_timeout;
     let declared_too_large = matches!(req.framing, Framing::Length(n) if n > max as u64);
