@@ -16,6 +16,7 @@ loader's counters (a redirect that falls back to TCP would show there).
 """
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -136,3 +137,4 @@ finally:
     with open(f"{work}/loader.log") as f:
         lines = [line.strip() for line in f if line.startswith("inserted")]
     print("loader:", lines[-1] if lines else "(no counters)")
+    shutil.rmtree(work, ignore_errors=True)
