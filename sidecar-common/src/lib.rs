@@ -30,6 +30,10 @@ pub mod globals {
     pub const POD_IP4: &str = "POD_IP4";
     /// `[u32; 4]`: the pod's first IPv6 address, network byte order (all zero: none).
     pub const POD_IP6: &str = "POD_IP6";
+    /// `[u32; 6]`: byte offsets of `sock.sk_user_data`, `sk_psock.msg_tot_len`,
+    /// `sock.sk_rcvbuf` (the in-pod redirect's bound), `sock.sk_socket`, `socket.file` and
+    /// `file.f_flags` (whether the app's socket is non-blocking) in this kernel, from its BTF.
+    pub const MSG_OFFSETS: &str = "MSG_OFFSETS";
 }
 
 /// Bits of the `FLAGS` global.
@@ -46,6 +50,8 @@ pub mod flags {
     pub const FAIL_OPEN_INBOUND: u32 = 1 << 4;
     /// Only ports present in the inbound include bitmap are captured.
     pub const INBOUND_INCLUDE_PORTS: u32 = 1 << 5;
+    /// The in-pod leg of outbound connections goes socket to socket (`sc_msg_redirect`).
+    pub const MSG_REDIRECT: u32 = 1 << 6;
 }
 
 /// Names of the maps in the eBPF object (kernel object names are limited to 15 bytes).
@@ -67,6 +73,13 @@ pub mod maps {
     /// The socket cookies of the proxy's listeners registered in [`INBOUND_LISTENERS`]: a
     /// listener's close is counted (`inbound_listener_gone`) only if it was registered here.
     pub const INBOUND_REGISTERED: &str = "SC_IN_REG";
+    /// The in-pod redirect's SOCKHASH: both ends of each redirected outbound connection (the
+    /// app's socket and the proxy's accepted one), keyed by the socket's own 4-tuple
+    /// ([`crate::SockTuple`] with `client` = the socket's local end).
+    pub const MSG_SOCKS: &str = "SC_MSG_SOCKS";
+    /// The same sockets ([`crate::SockTuple`], local end first) -> [`crate::MsgPeer`]: the
+    /// kernel address the bound reads through, and whether the connection went back to TCP.
+    pub const MSG_PEERS: &str = "SC_MSG_PEERS";
     /// Maps whose state a re-run of `init` keeps (it reuses the pinned ones): the proxy's
     /// registered listeners, the app's listeners, the original destinations of connections in
     /// flight, and the counters.
@@ -79,7 +92,7 @@ pub mod maps {
         STATS,
     ];
     /// All of our maps, for `status` and for removal checks.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         ORIG_DST_BY_COOKIE,
         ORIG_DST_BY_TUPLE,
         POD_IPS,
@@ -93,6 +106,8 @@ pub mod maps {
         INBOUND_INCLUDE_PORTS,
         APP_LISTENERS,
         INBOUND_REGISTERED,
+        MSG_SOCKS,
+        MSG_PEERS,
     ];
     /// Slots of the inbound listener SOCKMAP.
     pub const INBOUND_SLOT_V4: u32 = 0;
@@ -115,6 +130,8 @@ pub mod progs {
     pub const POST_BIND6: &str = "sc_post_bind6";
     /// Attached to the pod's network namespace, not its cgroup.
     pub const SK_LOOKUP: &str = "sc_sk_lookup";
+    /// sk_msg, attached to the [`crate::maps::MSG_SOCKS`] sockhash (only with `--msg-redirect`).
+    pub const MSG_REDIRECT: &str = "sc_msg_redirect";
 }
 
 /// Port bitmaps are arrays of `u64` words: port `p` is bit `p % 64` of word `p / 64`.
@@ -143,6 +160,26 @@ pub struct OrigDst {
     /// Host byte order.
     pub port: u16,
     pub _pad: u16,
+}
+
+/// A socket of the in-pod redirect ([`maps::MSG_PEERS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MsgPeer {
+    /// The socket's `struct sock` address, read (never written) by the sender's bound check.
+    pub sk: u64,
+    /// Non-zero once this socket's sends went back to TCP, for good (the byte order holds only
+    /// that way round). Set by its own sends, or by the app end's first send (atomically; 64
+    /// bits because the BPF target has fully ordered atomics of that width only).
+    pub to_tcp: u64,
+    /// Non-zero once a send of this socket went down the redirect path (set atomically before
+    /// the `to_tcp` check: the app end may leave only if the proxy end never started one).
+    pub redirected: u64,
+    /// Non-zero on the app's end until its first send (which checks whether it is blocking).
+    pub app: u32,
+    /// Non-zero once the app's end found itself blocking with nothing redirected either way:
+    /// sock_ops takes both ends out of the SOCKHASH at the first ACK.
+    pub leave: u32,
 }
 
 /// Key of the app-listener map: a listening socket's bound address (all zero for IPv6 any,
@@ -200,8 +237,29 @@ pub mod stats {
     /// One of the proxy's registered inbound listeners closed: `inbound_listener_seen` minus
     /// this is how many are registered now (what `/ready` checks).
     pub const INBOUND_LISTENER_GONE: u32 = 25;
+    /// A socket went into the in-pod redirect (an app's redirected connection, or the proxy's
+    /// end of one).
+    pub const MSG_SOCKET_ADDED: u32 = 26;
+    /// A send went socket to socket.
+    pub const MSG_REDIRECTED: u32 = 27;
+    /// A connection's sends went back to TCP for good because the peer had a receive buffer's
+    /// worth unread (the bound).
+    pub const MSG_BACK_TO_TCP: u32 = 28;
+    /// A send found no peer to go to (not yet, or no longer, in the map): it went by TCP, and so
+    /// does the rest of that connection's sends.
+    pub const MSG_PEER_MISSING: u32 = 29;
+    /// An app's connection kept out of the redirect because its socket was blocking, at connect
+    /// or at its first send (see `sidecar-ebpf`: the kernel's blocking receive on a socket in a
+    /// SOCKHASH is not safe).
+    pub const MSG_SKIP_BLOCKING: u32 = 30;
+    /// A connection's two sockets left the SOCKHASH (their app end was blocking at its first
+    /// send, before anything was redirected): plain TCP again.
+    pub const MSG_LEFT: u32 = 31;
+    /// An app end found blocking at its first send after the proxy had already redirected to it
+    /// (a server-first protocol): it stays in the SOCKHASH, both directions on TCP.
+    pub const MSG_BLOCKING_KEPT: u32 = 32;
     /// Number of counters (size of the array).
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 33;
     /// Counter names, indexed like the constants above (stable: they are metric label values).
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
@@ -230,6 +288,13 @@ pub mod stats {
         "sockname_rewritten",
         "app_listener_seen",
         "inbound_listener_gone",
+        "msg_socket_added",
+        "msg_redirected",
+        "msg_back_to_tcp",
+        "msg_peer_missing",
+        "msg_skip_blocking",
+        "msg_left",
+        "msg_blocking_kept",
     ];
 }
 
@@ -253,4 +318,6 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ListenKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MsgPeer {}
 }

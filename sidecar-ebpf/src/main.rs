@@ -21,6 +21,13 @@
 //! the proxy's uid/gid; `sc_getsockname4/6` report the pod's address as a redirected socket's
 //! local one.
 //!
+//! In-pod redirect (`--msg-redirect`, off by default): `sc_sockops` also puts both ends of each
+//! redirected outbound connection (the app's socket, the proxy's accepted one) into a SOCKHASH,
+//! and `sc_msg_redirect` (sk_msg) moves each send straight into the peer's receive queue instead
+//! of through loopback TCP, while the peer has less than its receive buffer unread; past that,
+//! or when the peer is missing, the connection goes back to TCP for good (the byte order holds
+//! only that way round).
+//!
 //! Fail modes are decided here, per connection: fail-open looks for the proxy's listener first
 //! and leaves the connection alone when there is none.
 //!
@@ -28,25 +35,35 @@
 //! because otherwise the compiler folds the default value in at build time.
 #![no_std]
 #![no_main]
+// The fully ordered fetch-and-add the in-pod redirect needs (core's atomic types are not built
+// for the BPF target).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_tuple, sk_action, BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        bpf_sock_tuple, sk_action, BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_INGRESS,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
     helpers::{
         bpf_get_current_uid_gid, bpf_get_socket_cookie,
-        generated::{bpf_sk_lookup_tcp, bpf_sk_release},
+        generated::{
+            bpf_map_delete_elem, bpf_probe_read_kernel, bpf_sk_lookup_tcp, bpf_sk_release,
+        },
     },
-    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
-    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
+    programs::{
+        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
+    },
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use sidecar_common::{
     flags, is_v4_mapped, maps::INBOUND_SLOT_V4, maps::INBOUND_SLOT_V6, stats, v4_mapped, ListenKey,
-    OrigDst, SockTuple, PORT_BITMAP_WORDS, SO_ORIGINAL_DST,
+    MsgPeer, OrigDst, SockTuple, PORT_BITMAP_WORDS, SO_ORIGINAL_DST,
 };
 
 // ---- configuration (.rodata, set at load time) --------------------------------------------------
@@ -68,6 +85,11 @@ static FLAGS: u32 = 0;
 static POD_IP4: u32 = 0;
 #[no_mangle]
 static POD_IP6: [u32; 4] = [0; 4];
+/// Offsets of `sock.sk_user_data`, `sk_psock.msg_tot_len`, `sock.sk_rcvbuf`, `sock.sk_socket`,
+/// `socket.file`, `file.f_flags` in the running kernel (the loader reads them from its BTF);
+/// only read with `--msg-redirect`.
+#[no_mangle]
+static MSG_OFFSETS: [u32; 6] = [0; 6];
 
 #[inline(always)]
 fn cfg<T: Copy>(v: &'static T) -> T {
@@ -139,6 +161,16 @@ static APP_LISTENERS: HashMap<ListenKey, u32> = HashMap::with_max_entries(4096, 
 /// Cookies of the proxy's listeners registered in INBOUND_LISTENERS (see on_listen).
 #[map(name = "SC_IN_REG")]
 static INBOUND_REGISTERED: HashMap<u64, u8> = HashMap::with_max_entries(16, 0);
+
+/// The in-pod redirect's sockets, by their own 4-tuple (`client` = local end). Sized 1 unless
+/// `--msg-redirect` (the loader sets the size).
+#[map(name = "SC_MSG_SOCKS")]
+static MSG_SOCKS: SockHash<SockTuple> = SockHash::with_max_entries(1, 0);
+
+/// The same sockets -> their kernel address and whether they went back to TCP. Allocated per
+/// entry (BPF_F_NO_PREALLOC), removed when the socket closes.
+#[map(name = "SC_MSG_PEERS")]
+static MSG_PEERS: HashMap<SockTuple, MsgPeer> = HashMap::with_max_entries(1, 1);
 
 #[map(name = "SC_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
@@ -391,7 +423,14 @@ pub fn sc_connect6(ctx: SockAddrContext) -> i32 {
 pub fn sc_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            if cfg(&FLAGS) & flags::MSG_REDIRECT != 0 {
+                on_passive_established(&ctx);
+            }
+        }
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
+        // Only an app end of the in-pod redirect asks for it, once (msg_add).
+        BPF_SOCK_OPS_RTT_CB => on_first_ack(&ctx),
         BPF_SOCK_OPS_STATE_CB => {
             // args[0] is the old state, args[1] the new one: forget the connection once it is
             // closed, and an app listener once it stops listening.
@@ -462,6 +501,108 @@ fn on_active_established(ctx: &SockOpsContext) {
     count(stats::TUPLE_SAVED);
     // Ask for state callbacks on this socket only, so both entries go when it closes.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    if cfg(&FLAGS) & flags::MSG_REDIRECT != 0 {
+        msg_add(ctx, &tuple, true);
+    }
+}
+
+/// Whether the app's socket file is O_NONBLOCK as it connects. Only such sockets join the in-pod
+/// redirect: for a socket in a SOCKHASH, the kernel's blocking receive (`tcp_bpf_recvmsg`)
+/// returns EAGAIN when woken by anything but data (send space freed by an ACK, a reset), which a
+/// blocking reader never expects; an event-driven one reads readiness, not the wake-up.
+/// `sk` is the socket's address as a plain number (the verifier allows no arithmetic on the
+/// context's socket pointer).
+#[inline(always)]
+fn is_nonblocking(sk: u64) -> bool {
+    const O_NONBLOCK: u32 = 0o4000;
+    let socket = kread::<u64>(sk + u64::from(cfg(&MSG_OFFSETS[3])));
+    if socket == 0 {
+        return false;
+    }
+    let file = kread::<u64>(socket + u64::from(cfg(&MSG_OFFSETS[4])));
+    if file == 0 {
+        return false;
+    }
+    kread::<u32>(file + u64::from(cfg(&MSG_OFFSETS[5]))) & O_NONBLOCK != 0
+}
+
+/// The proxy accepted a connection on its outbound listener: when the app's end joined the in-pod
+/// redirect (it established first), the proxy's end joins it too.
+#[inline(always)]
+fn on_passive_established(ctx: &SockOpsContext) {
+    // The accepted socket's own tuple: local = the outbound listener, remote = the app.
+    let Some(own) = app_tuple(ctx) else { return };
+    if own.client_port != cfg(&OUTBOUND_PORT) {
+        return;
+    }
+    let app = reversed(&own);
+    // SAFETY: read-only lookup; the value is not kept.
+    if unsafe { MSG_PEERS.get(&app) }.is_none() {
+        return;
+    }
+    // Its entry must go when it closes.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    msg_add(ctx, &own, false);
+}
+
+/// The other end's key: its local end is our remote one.
+#[inline(always)]
+fn reversed(t: &SockTuple) -> SockTuple {
+    SockTuple {
+        client_ip: t.server_ip,
+        server_ip: t.client_ip,
+        client_port: t.server_port,
+        server_port: t.client_port,
+    }
+}
+
+/// Puts the socket behind `ctx` (own tuple `key`) into the in-pod redirect: first its address
+/// (what the peer's bound check reads), then the SOCKHASH (which attaches `sc_msg_redirect`).
+/// `app`: the app's end, which joins only when non-blocking.
+#[inline(always)]
+fn msg_add(ctx: &SockOpsContext, key: &SockTuple, app: bool) {
+    let ops = ctx.ops;
+    // The socket's kernel address (a privileged loader may keep pointers in maps); only ever
+    // read with bpf_probe_read_kernel, which faults safely on a stale one.
+    let sk = ctx_read!(ops, __bindgen_anon_2.sk) as u64;
+    if sk == 0 {
+        return;
+    }
+    let peer = MsgPeer {
+        sk,
+        to_tcp: 0,
+        redirected: 0,
+        app: u32::from(app),
+        leave: 0,
+    };
+    if MSG_PEERS.insert(key, &peer, BPF_ANY as u64).is_err() {
+        count(stats::MAP_ERROR);
+        return;
+    }
+    // Read back from the map, the address is a number the bound and this check can add to.
+    // SAFETY: a map value, copied at once.
+    let sk = unsafe { MSG_PEERS.get(key) }.map_or(0, |p| p.sk);
+    if app && !is_nonblocking(sk) {
+        let _ = MSG_PEERS.remove(key);
+        count(stats::MSG_SKIP_BLOCKING);
+        return;
+    }
+    let mut k = *key;
+    // SAFETY: `ops` is this program's context, a full socket at ESTABLISHED.
+    if MSG_SOCKS
+        .update(&mut k, unsafe { &mut *ops }, BPF_ANY as u64)
+        .is_ok()
+    {
+        count(stats::MSG_SOCKET_ADDED);
+        if app {
+            // Told of the first ACK of its data (on_first_ack).
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+        }
+    } else {
+        // Full, or the socket is already in another set's SOCKHASH (a re-run of init, for a
+        // moment): it stays on TCP.
+        let _ = MSG_PEERS.remove(key);
+    }
 }
 
 /// A listening socket's bound address and port (the app-listener map's key), and its family.
@@ -564,6 +705,206 @@ fn forget(ctx: &SockOpsContext) {
     let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
     if let Some(tuple) = app_tuple(ctx) {
         let _ = ORIG_DST_BY_TUPLE.remove(&tuple);
+        // The SOCKHASH drops a closed socket by itself; its address must go too.
+        let _ = MSG_PEERS.remove(&tuple);
+    }
+}
+
+/// The first ACK of an app end's data. If its first send found it blocking with nothing
+/// redirected either way (`leave`), both ends leave the SOCKHASH now: nothing waits in either
+/// redirect queue, and plain TCP sockets are what a blocking reader needs.
+#[inline(always)]
+fn on_first_ack(ctx: &SockOpsContext) {
+    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+    let Some(own) = app_tuple(ctx) else { return };
+    // SAFETY: a map value, copied at once.
+    if !unsafe { MSG_PEERS.get(&own) }.is_some_and(|p| p.leave != 0) {
+        return;
+    }
+    for key in [own, reversed(&own)] {
+        // SAFETY: the map's definition and a key on our stack; sock_ops may delete from a
+        // SOCKHASH (the kernel unlinks the socket and gives it back its TCP handlers).
+        unsafe {
+            bpf_map_delete_elem(
+                &MSG_SOCKS as *const SockHash<SockTuple> as *mut _,
+                &key as *const SockTuple as *const _,
+            )
+        };
+    }
+    count(stats::MSG_LEFT);
+}
+
+// ---- sk_msg: the in-pod redirect ----------------------------------------------------------------
+
+/// Reads a `T` from kernel memory at `addr` (zero when the read faults).
+#[inline(always)]
+fn kread<T: Copy + Default>(addr: u64) -> T {
+    let mut v = T::default();
+    // SAFETY: the helper writes at most size_of::<T>() bytes into `v` and faults safely.
+    unsafe {
+        bpf_probe_read_kernel(
+            &mut v as *mut T as *mut _,
+            core::mem::size_of::<T>() as u32,
+            addr as *const _,
+        )
+    };
+    v
+}
+
+/// Every send of a socket in `MSG_SOCKS`: straight into the peer's receive queue while the peer
+/// has room, else by TCP from then on.
+#[sk_msg]
+pub fn sc_msg_redirect(ctx: SkMsgContext) -> u32 {
+    let msg = ctx.msg;
+    // All loads first, unconditionally (see ctx_read!).
+    let family = ctx_read!(msg, family);
+    let (l4, r4) = (ctx_read!(msg, local_ip4), ctx_read!(msg, remote_ip4));
+    let l6 = [
+        ctx_read!(msg, local_ip6[0]),
+        ctx_read!(msg, local_ip6[1]),
+        ctx_read!(msg, local_ip6[2]),
+        ctx_read!(msg, local_ip6[3]),
+    ];
+    let r6 = [
+        ctx_read!(msg, remote_ip6[0]),
+        ctx_read!(msg, remote_ip6[1]),
+        ctx_read!(msg, remote_ip6[2]),
+        ctx_read!(msg, remote_ip6[3]),
+    ];
+    let local_port = ctx_read!(msg, local_port);
+    let remote_port = ctx_read!(msg, remote_port);
+    let size = ctx_read!(msg, size);
+    let (local, remote) = if family == AF_INET {
+        (v4_mapped(l4), v4_mapped(r4))
+    } else {
+        (l6, r6)
+    };
+    let own = SockTuple {
+        client_ip: local,
+        server_ip: remote,
+        client_port: local_port as u16,
+        // As in sock_ops: network byte order in the upper half.
+        server_port: u32::from_be(remote_port) as u16,
+    };
+    let Some(me) = MSG_PEERS.get_ptr_mut(&own) else {
+        return sk_action::SK_PASS;
+    };
+    let mut peer_key = reversed(&own);
+    // SAFETY: a map value, valid for the program's run.
+    if unsafe { (*me).app } != 0 {
+        // SAFETY: as above; only this socket's own sends write `app`.
+        unsafe { (*me).app = 0 };
+        if !is_nonblocking(unsafe { (*me).sk }) {
+            return first_send_blocking(me, &peer_key);
+        }
+    }
+    // Marked before the check, atomically: see first_send_blocking.
+    // SAFETY: as above.
+    unsafe { fetch_or(&mut (*me).redirected, 1) };
+    // SAFETY: as above.
+    if unsafe { fetch_or(&mut (*me).to_tcp, 0) } != 0 {
+        return sk_action::SK_PASS;
+    }
+    let why = match peer_room(&peer_key, u64::from(size)) {
+        Room::Yes => {
+            // On a miss the helper sets no redirect: the message goes by TCP.
+            if MSG_SOCKS.redirect_msg(&ctx, &mut peer_key, BPF_F_INGRESS as u64)
+                == sk_action::SK_PASS as i64
+            {
+                count(stats::MSG_REDIRECTED);
+                return sk_action::SK_PASS;
+            }
+            stats::MSG_PEER_MISSING
+        }
+        Room::Full => stats::MSG_BACK_TO_TCP,
+        Room::Gone => stats::MSG_PEER_MISSING,
+    };
+    // From here on this connection's sends go by TCP: the peer reads its redirect queue before
+    // its TCP receive queue, so the byte order holds this way round, and a later redirect could
+    // overtake what TCP still carries.
+    // SAFETY: as above.
+    unsafe { fetch_or(&mut (*me).to_tcp, 1) };
+    count(why);
+    sk_action::SK_PASS
+}
+
+/// ORs `bits` into a map value's field and returns what it held, as one fully ordered BPF
+/// atomic (`BPF_ATOMIC | BPF_FETCH`; the only fetching kind LLVM emits for this target without
+/// alu32); `bits = 0` is a fully ordered load.
+///
+/// # Safety
+/// `field` points into a map value that lives for the program's run.
+#[inline(always)]
+unsafe fn fetch_or(field: *mut u64, bits: u64) -> u64 {
+    use core::intrinsics::{atomic_or, AtomicOrdering};
+    // SAFETY: aligned, in a live map value; the caller's contract.
+    let old = unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(field, bits) };
+    // Used, so that LLVM keeps the fetching (ordered) form: a plain BPF atomic add is relaxed on
+    // some architectures (arm64).
+    core::hint::black_box(old)
+}
+
+/// The app end's first send, and its socket is blocking (it was not at connect: a connect with
+/// a timeout): the connection goes back to TCP both ways, and, if the proxy end never started a
+/// redirect, both ends leave the SOCKHASH at the first ACK (on_first_ack). The proxy end marks
+/// `redirected` before it checks `to_tcp`, and this sets its `to_tcp` before it reads that
+/// mark, both with fully ordered atomics: either the mark shows a send that may have gone
+/// through, or that send saw `to_tcp` and went by TCP.
+#[inline(always)]
+fn first_send_blocking(me: *mut MsgPeer, peer_key: &SockTuple) -> u32 {
+    count(stats::MSG_SKIP_BLOCKING);
+    // SAFETY: a map value, valid for the program's run.
+    unsafe { fetch_or(&mut (*me).to_tcp, 1) };
+    let clean = match MSG_PEERS.get_ptr_mut(peer_key) {
+        // SAFETY: as above.
+        Some(peer) => unsafe {
+            fetch_or(&mut (*peer).to_tcp, 1);
+            fetch_or(&mut (*peer).redirected, 0) == 0
+        },
+        None => true,
+    };
+    if clean {
+        // SAFETY: as above.
+        unsafe { (*me).leave = 1 };
+    } else {
+        count(stats::MSG_BLOCKING_KEPT);
+    }
+    sk_action::SK_PASS
+}
+
+enum Room {
+    Yes,
+    /// The peer has its receive buffer's worth unread already.
+    Full,
+    /// The peer is not (or no longer) in the redirect.
+    Gone,
+}
+
+/// Whether the peer (`key`) may take `size` more redirected bytes: what waits in its redirect
+/// queue (`psock->msg_tot_len`) plus `size` within its receive buffer (`sk_rcvbuf`), as TCP
+/// would bound it.
+#[inline(always)]
+fn peer_room(key: &SockTuple, size: u64) -> Room {
+    // SAFETY: a map value, copied at once.
+    let Some(sk) = (unsafe { MSG_PEERS.get(key) }).map(|p| p.sk) else {
+        return Room::Gone;
+    };
+    let [user_data, msg_tot_len, rcvbuf] = [
+        cfg(&MSG_OFFSETS[0]),
+        cfg(&MSG_OFFSETS[1]),
+        cfg(&MSG_OFFSETS[2]),
+    ];
+    // The low bits of sk_user_data are SK_USER_DATA_* flags.
+    let psock = kread::<u64>(sk + u64::from(user_data)) & !7;
+    if psock == 0 {
+        return Room::Gone;
+    }
+    let queued = u64::from(kread::<u32>(psock + u64::from(msg_tot_len)));
+    let limit = kread::<i32>(sk + u64::from(rcvbuf)).max(0) as u64;
+    if queued + size <= limit {
+        Room::Yes
+    } else {
+        Room::Full
     }
 }
 

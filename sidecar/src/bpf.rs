@@ -14,6 +14,9 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 /// `BPF_CGROUP_GETSOCKOPT` in `enum bpf_attach_type`.
 pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+/// `BPF_SK_MSG_VERDICT` in `enum bpf_attach_type` (an sk_msg program on a SOCKHASH; as a link,
+/// kernels >= 6.10).
+pub const BPF_SK_MSG_VERDICT: u32 = 7;
 
 /// `union bpf_attr` is larger than any one command's fields; the kernel checks that the bytes past
 /// the command's fields are zero, so a zeroed buffer of the full size is passed.
@@ -30,8 +33,8 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
     }
 }
 
-/// BPF_LINK_CREATE for a cgroup: { prog_fd, target_fd, attach_type, flags = 0 } (cgroup links are
-/// always multi-attach; the kernel rejects flags).
+/// BPF_LINK_CREATE: { prog_fd, target_fd, attach_type, flags = 0 }; the target is a cgroup, a
+/// netns or a SOCKHASH (cgroup links are always multi-attach; the kernel rejects flags).
 pub fn link_create(
     prog: BorrowedFd<'_>,
     cgroup: BorrowedFd<'_>,
@@ -68,6 +71,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 pub const BPF_SK_LOOKUP: u32 = 36;
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 const BPF_LINK_TYPE_NETNS: u32 = 5;
+const BPF_LINK_TYPE_SOCKMAP: u32 = 14;
 
 /// What a link is attached to, from `struct bpf_link_info`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +83,10 @@ pub enum LinkTarget {
     /// A netns link; inode 0 once the namespace is gone.
     Netns {
         netns_ino: u32,
+    },
+    /// An sk_msg link on a SOCKHASH (the in-pod redirect).
+    Sockmap {
+        map_id: u32,
     },
     Other,
 }
@@ -108,6 +116,7 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         BPF_LINK_TYPE_NETNS => LinkTarget::Netns {
             netns_ino: u32_at(16),
         },
+        BPF_LINK_TYPE_SOCKMAP => LinkTarget::Sockmap { map_id: u32_at(16) },
         _ => LinkTarget::Other,
     };
     Ok(LinkInfo {

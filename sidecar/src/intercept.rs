@@ -7,10 +7,12 @@
 //! in, then detaches the old set, so there is never a moment without interception and never more
 //! than one set once it returns.
 //!
-//! Files, lowest first (each imports only those before it): `error`, `config` (flags),
+//! Files, lowest first (each imports only those before it): `error`, `btf` (the kernel offsets
+//! `--msg-redirect` needs), `config` (flags),
 //! `host` (cgroup2, netns, capabilities), `load` (the object: load, fill, attach, pin),
 //! `gc` (removal, garbage collection, `sidecar cleanup`), `status`, `trace`; this file is the
 //! install and remove steps.
+mod btf;
 mod config;
 mod error;
 mod gc;

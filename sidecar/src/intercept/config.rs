@@ -129,6 +129,12 @@ pub struct InitArgs {
     /// `sidecar trace`).
     #[arg(long, env = "SIDECAR_DEBUG_LOG")]
     pub debug_log: bool,
+
+    /// Move the in-pod leg of outbound connections (app <-> proxy) socket to socket with an
+    /// sk_msg program instead of through loopback TCP, bounded by the receiver's buffer (needs
+    /// kernel >= 6.10 with BTF; the proxy then closes those connections with FIN, never RST).
+    #[arg(long, env = "SIDECAR_MSG_REDIRECT")]
+    pub msg_redirect: bool,
 }
 
 pub use crate::net::Cidr;
@@ -204,6 +210,7 @@ pub struct InitConfig {
     pub include_cidrs: Option<Vec<Cidr>>,
     pub max_connections: u32,
     pub debug_log: bool,
+    pub msg_redirect: bool,
     pub netns: Option<PathBuf>,
     pub inbound_port: u16,
     pub admin_port: u16,
@@ -372,6 +379,7 @@ impl InitConfig {
             include_cidrs,
             max_connections: args.max_connections,
             debug_log: args.debug_log,
+            msg_redirect: args.msg_redirect,
             netns: args.netns.clone(),
             inbound_port: args.inbound_port,
             admin_port: args.admin_port,

@@ -12,7 +12,7 @@ use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapError},
     programs::{
         links::{CgroupAttachMode, FdLink, PinnedLink},
-        CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps,
+        CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -123,6 +123,15 @@ pub(crate) fn load_attach_pin(
     if cfg.include_inbound_ports.is_some() {
         flag_bits |= flags::INBOUND_INCLUDE_PORTS;
     }
+    // The in-pod redirect: its bound reads kernel structures at offsets only this kernel's BTF
+    // knows; its maps take room only when it is on.
+    let (msg_offsets, msg_entries) = if cfg.msg_redirect {
+        flag_bits |= flags::MSG_REDIRECT;
+        let offsets = super::btf::msg_offsets(Path::new(super::btf::VMLINUX))?;
+        (offsets, cfg.max_connections.saturating_mul(2))
+    } else {
+        ([0u32; 6], 1)
+    };
     let gid = cfg.proxy_gid.unwrap_or(u32::MAX);
     let pod4 = cfg
         .pod_ips
@@ -151,6 +160,9 @@ pub(crate) fn load_attach_pin(
         .override_global(globals::INBOUND_PORT, &cfg.inbound_port, true)
         .override_global(globals::ADMIN_PORT, &cfg.admin_port, true)
         .override_global(globals::FLAGS, &flag_bits, true)
+        .override_global(globals::MSG_OFFSETS, &msg_offsets, true)
+        .map_max_entries(maps::MSG_SOCKS, msg_entries)
+        .map_max_entries(maps::MSG_PEERS, msg_entries)
         .map_max_entries(maps::ORIG_DST_BY_COOKIE, cfg.max_connections)
         .map_max_entries(maps::ORIG_DST_BY_TUPLE, cfg.max_connections)
         .load(OBJECT)
@@ -176,6 +188,9 @@ pub(crate) fn load_attach_pin(
             bpffs_hint,
         )?;
         pinned.push(pin);
+    }
+    if cfg.msg_redirect {
+        pinned.push(attach_msg_redirect(&mut ebpf, dir, bpffs_hint)?);
     }
     if let Some(ns) = netns {
         // The app's listeners from before this attach (sockops sees every later one): a fresh
@@ -220,6 +235,54 @@ pub(crate) fn load_attach_pin(
             .map_err(InitError::io(format!("chmod 0755 {}", d.display())))?;
     }
     Ok((pinned, kept))
+}
+
+/// Loads `sc_msg_redirect` and links it to the in-pod redirect's SOCKHASH (a bpf_link, so that
+/// it is pinned, listed and removed like the cgroup programs; kernels before 6.10 cannot).
+fn attach_msg_redirect(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    bpffs_hint: &str,
+) -> Result<PinnedLink, InitError> {
+    let name = progs::MSG_REDIRECT;
+    let fix = "--msg-redirect needs kernel >= 6.10 (sk_msg links), CAP_BPF and CAP_PERFMON, and a lockdown mode other than `confidentiality` (its bound reads kernel memory with bpf_probe_read_kernel); drop the flag on this node";
+    let err = |what: &str| {
+        let what = format!("{what} {name}");
+        move |e: Box<dyn std::error::Error + Send + Sync>| InitError::kernel(what, fix)(e)
+    };
+    let socks = ebpf.map(maps::MSG_SOCKS).ok_or_else(|| InitError::Kernel {
+        what: format!("find map {} in the embedded object", maps::MSG_SOCKS),
+        detail: "missing".into(),
+        fix: "rebuild with `cargo xtask build-ebpf`: the object does not match this binary".into(),
+    })?;
+    let map_fd =
+        match socks {
+            aya::maps::Map::SockHash(data) => data.fd().as_fd().try_clone_to_owned(),
+            _ => return Err(InitError::Kernel {
+                what: format!("open map {}", maps::MSG_SOCKS),
+                detail: "not a SOCKHASH".into(),
+                fix: "rebuild with `cargo xtask build-ebpf`: the object does not match this binary"
+                    .into(),
+            }),
+        }
+        .map_err(|e| err("open the SOCKHASH for")(e.into()))?;
+    let program = ebpf.program_mut(name).ok_or_else(|| InitError::Kernel {
+        what: format!("find program {name} in the embedded object"),
+        detail: "missing".into(),
+        fix: "rebuild with `cargo xtask build-ebpf`: the object does not match this binary".into(),
+    })?;
+    let p: &mut SkMsg = program
+        .try_into()
+        .map_err(|e: ProgramError| err("load")(e.into()))?;
+    p.load().map_err(|e| err("load")(e.into()))?;
+    let prog_fd = p.fd().map_err(|e| err("load")(e.into()))?.as_fd();
+    let link = crate::bpf::link_create(prog_fd, map_fd.as_fd(), crate::bpf::BPF_SK_MSG_VERDICT)
+        .map_err(|e| err("attach")(e.into()))?;
+    let path = crate::pins::link(dir, name);
+    crate::bpf::obj_pin(link.as_fd(), &path)
+        .map_err(|e| InitError::kernel(format!("pin {}", path.display()), bpffs_hint)(e.into()))?;
+    PinnedLink::from_pin(&path)
+        .map_err(|e| InitError::kernel(format!("pin {}", path.display()), bpffs_hint)(e.into()))
 }
 
 /// Puts the sockets listening in the pod's netns now into the app-listener map (only where the

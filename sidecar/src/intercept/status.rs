@@ -73,6 +73,7 @@ fn attach_point(name: &str) -> &'static str {
         progs::POST_BIND4 => "cgroup/post_bind4",
         progs::POST_BIND6 => "cgroup/post_bind6",
         progs::SK_LOOKUP => "sk_lookup (netns)",
+        progs::MSG_REDIRECT => "sk_msg (sockhash)",
         _ => "?",
     }
 }
@@ -123,6 +124,7 @@ pub fn collect(args: &StatusArgs) -> Result<Status, InitError> {
             }
             crate::bpf::LinkTarget::Cgroup { cgroup_id } => format!("cgroup {cgroup_id}"),
             crate::bpf::LinkTarget::Netns { netns_ino } => format!("netns {netns_ino}"),
+            crate::bpf::LinkTarget::Sockmap { map_id } => format!("sockhash {map_id}"),
             crate::bpf::LinkTarget::Other => "?".into(),
         };
         programs.push(ProgramStatus {
@@ -340,6 +342,7 @@ fn rodata_config(dir: &Path) -> BTreeMap<&'static str, String> {
         out.insert("fail_mode_outbound", mode(flags::FAIL_OPEN_OUTBOUND).into());
         out.insert("fail_mode_inbound", mode(flags::FAIL_OPEN_INBOUND).into());
         out.insert("debug_log", (f & flags::DEBUG_LOG != 0).to_string());
+        out.insert("msg_redirect", (f & flags::MSG_REDIRECT != 0).to_string());
     }
     out
 }
