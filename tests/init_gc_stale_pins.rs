@@ -35,6 +35,17 @@ const LINK_PINS: [&str; 11] = [
     "link_sc_sockops",
 ];
 
+/// The link pins of one pod's set: LINK_PINS, and the sk_msg link when the suite runs with
+/// the in-pod redirect on.
+fn expected_link_pins() -> Vec<&'static str> {
+    let mut pins = LINK_PINS.to_vec();
+    if sidecar_tests::env::msg_redirect_everywhere() {
+        pins.push("link_sc_msg_redirect");
+        pins.sort_unstable();
+    }
+    pins
+}
+
 /// The pod's links as the kernel lists them: (cgroup link ids, netns link ids).
 fn kernel_links_of(cgroup_id: u64, netns_ino: u64) -> (Vec<u64>, Vec<u64>) {
     let all = links();
@@ -102,7 +113,11 @@ fn remove_detaches_the_netns_link_too_and_a_new_init_starts_clean() {
 
     assert_eq!(sk_lookup_links(netns_ino).len(), 1, "{:#?}", links());
     assert_eq!(cgroup_programs(pod.cgroup()).len(), 10);
-    assert_eq!(link_pins(&pin_dir), LINK_PINS, "exactly one set of pins");
+    assert_eq!(
+        link_pins(&pin_dir),
+        expected_link_pins(),
+        "exactly one set of pins"
+    );
     // No half-done staging or old set of this pod is left in the pin root.
     let pod_dir_name = pin_dir
         .file_name()
@@ -164,7 +179,7 @@ fn a_new_init_removes_the_pins_of_a_pod_whose_netns_and_cgroup_are_gone() {
         Vec::from_iter(fresh_name),
         "only the new pod's pins are left in {root}"
     );
-    assert_eq!(link_pins(&fresh), LINK_PINS);
+    assert_eq!(link_pins(&fresh), expected_link_pins());
 }
 
 #[test]

@@ -257,3 +257,68 @@ fn a_slow_app_holds_back_the_server_as_over_tcp() {
     server.say("close");
     assert_eq!(app.number(), sent, "the app got every byte, in order");
 }
+
+/// The proxy resets the app's connection when its upstream refuses (opaque TCP). Every kind of
+/// app sees its connection fail, never EAGAIN from a blocking read:
+/// - an event-driven one (non-blocking, poll) sees ECONNRESET, as over TCP;
+/// - a blocking one (never in the redirect) sees ECONNRESET;
+/// - one that connected with a timeout and reads blocking from a second thread before its first
+///   send (std's connect_timeout, as the probe does) may have a reader parked in the kernel's
+///   redirect path, which a reset would wake to EAGAIN: the proxy asks the kernel and closes
+///   that one with FIN, so it reads the end of the stream.
+#[test]
+fn every_kind_of_app_sees_a_refused_upstream_fail() {
+    let mut pod = Pod::new();
+    let _refusing = pod.refusing_upstream("10.200.0.1:9000", "refusing");
+    pod.init(&["--msg-redirect"]);
+    pod.start_proxy(&[]);
+
+    let before = pod.counters();
+    let out = pod.app_command(
+        "python3",
+        &[
+            "-c",
+            &format!(
+                "{STREAM}\ns = connect(('10.200.0.1', 9000))\ns.send(bytes(16))\n\
+                 p = select.poll()\np.register(s, select.POLLIN)\np.poll(10000)\n\
+                 try:\n    print('read', len(s.recv(100)))\nexcept OSError as e:\n    print(e.errno)\n"
+            ),
+        ],
+    );
+    let moved = pod.counters().since(&before);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        libc_econnreset(),
+        "an event-driven app: {out:?} ({:?})",
+        moved.nonzero()
+    );
+    assert_eq!(moved.get("msg_socket_added"), 2, "{:?}", moved.nonzero());
+
+    let out = pod.app_command(
+        "python3",
+        &[
+            "-c",
+            "import socket\ns = socket.create_connection(('10.200.0.1', 9000))\ns.sendall(bytes(16))\n\
+             try:\n    print('read', len(s.recv(100)))\nexcept OSError as e:\n    print(e.errno)\n",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        libc_econnreset(),
+        "a blocking app: {out:?}"
+    );
+
+    let before = pod.counters();
+    let tcp = pod.run_app_raw(&["tcp-echo", "--connect", "10.200.0.1:9000", "--bytes", "64"]);
+    let moved = pod.counters().since(&before);
+    assert!(
+        tcp.stdout.contains("closed before all bytes came back") && !tcp.stdout.contains("(os error 11)"),
+        "a connect-with-timeout app reading from another thread: {} ({:?})",
+        tcp.stdout,
+        moved.nonzero()
+    );
+}
+
+fn libc_econnreset() -> String {
+    "104".to_string()
+}

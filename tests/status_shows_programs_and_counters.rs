@@ -36,9 +36,11 @@ fn status_lists_programs_with_their_attach_points_and_the_config_in_force() {
 
     assert_eq!(status.cgroup_id, cgroup_id);
     let names: BTreeSet<&str> = status.programs.iter().map(|p| p.name.as_str()).collect();
+    let redirect = sidecar_tests::env::msg_redirect_everywhere();
     let expected: BTreeSet<&str> = CGROUP_PROGRAMS
         .into_iter()
         .chain(["sc_sk_lookup"])
+        .chain(redirect.then_some("sc_msg_redirect"))
         .collect();
     assert_eq!(names, expected, "{:#?}", status.programs);
     for name in CGROUP_PROGRAMS {
@@ -66,6 +68,8 @@ fn status_lists_programs_with_their_attach_points_and_the_config_in_force() {
         assert_eq!(link.prog_id, program.prog_id, "{program:?} vs {link:?}");
         if program.name == "sc_sk_lookup" {
             assert_eq!(link.netns_ino, Some(netns_ino), "{link:?}");
+        } else if program.name == "sc_msg_redirect" {
+            assert!(program.target.starts_with("sockhash "), "{program:?}");
         } else {
             assert_eq!(link.cgroup_id, Some(cgroup_id), "{link:?}");
         }
@@ -74,7 +78,7 @@ fn status_lists_programs_with_their_attach_points_and_the_config_in_force() {
     let reported: BTreeSet<u64> = status
         .programs
         .iter()
-        .filter(|p| p.name != "sc_sk_lookup")
+        .filter(|p| p.name != "sc_sk_lookup" && p.name != "sc_msg_redirect")
         .map(|p| p.prog_id)
         .collect();
     assert_eq!(

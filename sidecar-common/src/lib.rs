@@ -140,6 +140,15 @@ pub const PORT_BITMAP_WORDS: u32 = 65536 / 64;
 /// `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`: the getsockopt optname iptables' REDIRECT answers.
 pub const SO_ORIGINAL_DST: i32 = 80;
 
+/// A getsockopt(SOL_IP or SOL_IPV6) the proxy asks of an accepted outbound connection before it
+/// resets it; our cgroup/getsockopt program answers a `u32`: [`MSG_BLOCKING_APP`] when the app's
+/// end went through the in-pod redirect and its socket is blocking now (a reset may reach a
+/// reader parked in the kernel's redirect path as EAGAIN: close with FIN instead), else 0.
+/// Unanswered (no program, ENOPROTOOPT) means 0.
+pub const SO_SIDECAR_MSG: i32 = 0x5343_4d00;
+/// See [`SO_SIDECAR_MSG`].
+pub const MSG_BLOCKING_APP: u32 = 1;
+
 /// Key of the original-destination map keyed by connection. `client` is the application's socket
 /// (source of the redirected connection), `server` is the proxy's listener address it was sent to.
 #[repr(C)]
@@ -178,7 +187,7 @@ pub struct MsgPeer {
     /// Non-zero on the app's end until its first send (which checks whether it is blocking).
     pub app: u32,
     /// Non-zero once the app's end found itself blocking with nothing redirected either way:
-    /// sock_ops takes both ends out of the SOCKHASH at the first ACK.
+    /// sock_ops takes both ends out of the SOCKHASH as its first segment of data goes out.
     pub leave: u32,
 }
 

@@ -44,8 +44,8 @@ use aya_ebpf::{
     bindings::{
         bpf_sock_tuple, sk_action, BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_INGRESS,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
     helpers::{
         bpf_get_current_uid_gid, bpf_get_socket_cookie,
@@ -63,7 +63,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use sidecar_common::{
     flags, is_v4_mapped, maps::INBOUND_SLOT_V4, maps::INBOUND_SLOT_V6, stats, v4_mapped, ListenKey,
-    MsgPeer, OrigDst, SockTuple, PORT_BITMAP_WORDS, SO_ORIGINAL_DST,
+    MsgPeer, OrigDst, SockTuple, MSG_BLOCKING_APP, PORT_BITMAP_WORDS, SO_ORIGINAL_DST,
+    SO_SIDECAR_MSG,
 };
 
 // ---- configuration (.rodata, set at load time) --------------------------------------------------
@@ -429,8 +430,8 @@ pub fn sc_sockops(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
-        // Only an app end of the in-pod redirect asks for it, once (msg_add).
-        BPF_SOCK_OPS_RTT_CB => on_first_ack(&ctx),
+        // Only an app end of the in-pod redirect asks for it (msg_add), until its first send.
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => on_app_segment(&ctx),
         BPF_SOCK_OPS_STATE_CB => {
             // args[0] is the old state, args[1] the new one: forget the connection once it is
             // closed, and an app listener once it stops listening.
@@ -595,8 +596,9 @@ fn msg_add(ctx: &SockOpsContext, key: &SockTuple, app: bool) {
     {
         count(stats::MSG_SOCKET_ADDED);
         if app {
-            // Told of the first ACK of its data (on_first_ack).
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+            // Told of each segment it sends until its first send decided (on_app_segment).
+            let _ = ctx
+                .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
         }
     } else {
         // Full, or the socket is already in another set's SOCKHASH (a re-run of init, for a
@@ -710,20 +712,30 @@ fn forget(ctx: &SockOpsContext) {
     }
 }
 
-/// The first ACK of an app end's data. If its first send found it blocking with nothing
-/// redirected either way (`leave`), both ends leave the SOCKHASH now: nothing waits in either
-/// redirect queue, and plain TCP sockets are what a blocking reader needs.
+/// An app end of the in-pod redirect sends a TCP segment (the handshake's last ACK, its first
+/// data if that went by TCP, a FIN). If its first send found it blocking with nothing redirected
+/// either way (`leave`), both ends leave the SOCKHASH now, inside that send: nothing waits in
+/// either redirect queue, and by the time the send returns the app's socket is a plain TCP
+/// socket again, as a blocking reader needs. Once the first send decided, the callbacks stop.
 #[inline(always)]
-fn on_first_ack(ctx: &SockOpsContext) {
-    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+fn on_app_segment(ctx: &SockOpsContext) {
     let Some(own) = app_tuple(ctx) else { return };
     // SAFETY: a map value, copied at once.
-    if !unsafe { MSG_PEERS.get(&own) }.is_some_and(|p| p.leave != 0) {
+    let Some(me) = (unsafe { MSG_PEERS.get(&own) }).copied() else {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+        return;
+    };
+    if me.app != 0 {
+        return; // not sent anything yet (this is the handshake's ACK)
+    }
+    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+    if me.leave == 0 {
         return;
     }
     for key in [own, reversed(&own)] {
         // SAFETY: the map's definition and a key on our stack; sock_ops may delete from a
-        // SOCKHASH (the kernel unlinks the socket and gives it back its TCP handlers).
+        // SOCKHASH (the kernel unlinks the socket and gives it back its TCP handlers once the
+        // send in progress lets go of it).
         unsafe {
             bpf_map_delete_elem(
                 &MSG_SOCKS as *const SockHash<SockTuple> as *mut _,
@@ -846,7 +858,8 @@ unsafe fn fetch_or(field: *mut u64, bits: u64) -> u64 {
 
 /// The app end's first send, and its socket is blocking (it was not at connect: a connect with
 /// a timeout): the connection goes back to TCP both ways, and, if the proxy end never started a
-/// redirect, both ends leave the SOCKHASH at the first ACK (on_first_ack). The proxy end marks
+/// redirect, both ends leave the SOCKHASH as this send's first segment goes out
+/// (on_app_segment). The proxy end marks
 /// `redirected` before it checks `to_tcp`, and this sets its `to_tcp` before it reads that
 /// mark, both with fully ordered atomics: either the mark shows a send that may have gone
 /// through, or that send saw `to_tcp` and went by TCP.
@@ -917,8 +930,12 @@ pub fn sc_getsockopt(ctx: SockoptContext) -> i32 {
     // write into optval is preceded by the bounds check against optval_end it requires.
     unsafe {
         let level = (*so).level;
-        // Only SOL_IP/SOL_IPV6 + SO_ORIGINAL_DST; every other call passes through untouched.
-        if (*so).optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+        let optname = (*so).optname;
+        // Only SOL_IP/SOL_IPV6 + SO_ORIGINAL_DST or SO_SIDECAR_MSG; every other call passes
+        // through untouched.
+        if (optname != SO_ORIGINAL_DST && optname != SO_SIDECAR_MSG)
+            || (level != SOL_IP && level != SOL_IPV6)
+        {
             return 1;
         }
         // Already answered (by conntrack, or by another copy of us during a re-init): leave it.
@@ -955,6 +972,21 @@ pub fn sc_getsockopt(ctx: SockoptContext) -> i32 {
             client_port: u16::from_be(ctx_read!(sk, dst_port)),
             server_port: ctx_read!(sk, src_port) as u16,
         };
+        let optval = (*so).__bindgen_anon_2.optval as *mut u8;
+        let optval_end = (*so).__bindgen_anon_3.optval_end as *mut u8;
+        if optname == SO_SIDECAR_MSG {
+            // `tuple` is the app's end, local end first: its in-pod redirect entry's key.
+            let blocking = MSG_PEERS.get(&tuple).is_some_and(|app| !is_nonblocking(app.sk));
+            if optval.add(4) > optval_end {
+                return 1;
+            }
+            *(optval as *mut u32) = if blocking { MSG_BLOCKING_APP } else { 0 };
+            // Two separate 4-byte stores (LLVM would merge adjacent ones into an 8-byte store
+            // the verifier refuses on this context).
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*so).optlen), 4);
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*so).retval), 0);
+            return 1;
+        }
         let orig = match ORIG_DST_BY_TUPLE.get(&tuple) {
             Some(orig) => *orig,
             None => {
@@ -962,8 +994,6 @@ pub fn sc_getsockopt(ctx: SockoptContext) -> i32 {
                 return 1;
             }
         };
-        let optval = (*so).__bindgen_anon_2.optval as *mut u8;
-        let optval_end = (*so).__bindgen_anon_3.optval_end as *mut u8;
         if level == SOL_IP {
             if !is_v4_mapped(&orig.ip) {
                 count(stats::SOCKOPT_MISS);

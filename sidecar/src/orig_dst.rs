@@ -59,6 +59,34 @@ fn ipv6(fd: RawFd) -> io::Result<SocketAddr> {
     )))
 }
 
+/// Whether a reset of this accepted outbound connection may not reach the app: its end went
+/// through the in-pod redirect (`sidecar init --msg-redirect`) and its socket is blocking now,
+/// so a reader parked in the kernel's redirect path would wake to EAGAIN, not ECONNRESET. Asked
+/// of our cgroup/getsockopt program (`SO_SIDECAR_MSG`); any error (no program, not intercepted)
+/// means no.
+pub fn reset_may_not_reach_app(stream: &TcpStream) -> bool {
+    let level = match stream.local_addr() {
+        Ok(SocketAddr::V4(_)) => libc::SOL_IP,
+        Ok(SocketAddr::V6(_)) => libc::SOL_IPV6,
+        Err(_) => return false,
+    };
+    let mut value: u32 = 0;
+    let mut len = size_of::<u32>() as libc::socklen_t;
+    // SAFETY: `value` is a live, writable u32 for the call and `len` says so.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            level,
+            sidecar_common::SO_SIDECAR_MSG,
+            (&mut value as *mut u32).cast(),
+            &mut len,
+        )
+    };
+    rc == 0
+        && len as usize == size_of::<u32>()
+        && value & sidecar_common::MSG_BLOCKING_APP != 0
+}
+
 fn bad_family(family: libc::c_int) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,

@@ -393,9 +393,7 @@ fn spawn_conn(shared: &Arc<Shared>, kind: Kind, stream: TcpStream, peer: SocketA
                 "at the connection limit (--max-downstream-connections): refusing new connections"
             );
         }
-        if let Err(e) = stream.set_zero_linger() {
-            debug!(%peer, error = %e, "cannot set SO_LINGER 0");
-        }
+        mesh::reset(&stream);
         return;
     }
     if shared

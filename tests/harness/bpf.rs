@@ -129,8 +129,9 @@ pub fn inode(path: &Path) -> u64 {
 pub struct Link {
     pub id: u64,
     pub prog_id: u64,
-    /// "cgroup", "netns", ...
-    #[serde(rename = "type")]
+    /// "cgroup", "netns", ... (a bpftool older than the kernel prints a number for a link type
+    /// it has no name for, such as 14, sockmap: `--msg-redirect`'s sk_msg link)
+    #[serde(rename = "type", deserialize_with = "name_or_number")]
     pub kind: String,
     #[serde(default)]
     pub attach_type: String,
@@ -138,6 +139,13 @@ pub struct Link {
     pub cgroup_id: Option<u64>,
     /// For netns links; 0 once the namespace is gone.
     pub netns_ino: Option<u64>,
+}
+
+fn name_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    })
 }
 
 /// Every BPF link on the machine (`bpftool -j link show`).

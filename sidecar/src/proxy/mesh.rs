@@ -314,8 +314,27 @@ impl Mesh {
     }
 }
 
-/// Closes with RST.
+/// Closes with RST (once the caller drops it), so that the client sees a failure as it would have
+/// without us. Except for an app whose blocking reader a reset may not reach (its end went
+/// through the in-pod redirect, see `orig_dst::reset_may_not_reach_app`): that one gets a FIN,
+/// after what it sent and we did not read is discarded (unread data would turn the close into a
+/// reset again).
 pub(crate) fn reset(tcp: &TcpStream) {
+    if crate::orig_dst::reset_may_not_reach_app(tcp) {
+        let mut sink = [0u8; 4096];
+        // Bounded: what is queued now, at most 256 KiB.
+        for _ in 0..64 {
+            match tcp.try_read(&mut sink) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        // SAFETY: a plain syscall on a socket we own.
+        if unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(tcp), libc::SHUT_WR) } != 0 {
+            debug!(error = %io::Error::last_os_error(), "cannot shut down for writing");
+        }
+        return;
+    }
     if let Err(e) = tcp.set_zero_linger() {
         debug!(error = %e, "cannot set SO_LINGER 0");
     }
