@@ -322,3 +322,43 @@ fn every_kind_of_app_sees_a_refused_upstream_fail() {
 fn libc_econnreset() -> String {
     "104".to_string()
 }
+
+/// A re-run of `init` (same flags) replaces the programs under a live connection whose app has
+/// not read what the proxy redirected to it yet: nothing is lost, and the connection goes on.
+#[test]
+fn a_re_init_under_a_live_connection_loses_nothing() {
+    let mut pod = Pod::new();
+    pod.init(&["--msg-redirect"]);
+    pod.start_proxy(&[]);
+    let mut server = remote_python(
+        &pod,
+        &format!(
+            "{STREAM}\nl = socket.create_server(('10.200.0.1', 7000))\nprint('listening', flush=True)\n\
+             c, _ = l.accept()\nfirst = b''\nwhile len(first) < 16:\n    first += c.recv(16 - len(first))\n\
+             c.sendall((bytes(range(256)) * 256)[:65536])\nprint('sent', flush=True)\nline()\n\
+             c.sendall((bytes(range(256)) * 256)[:1000])\nc.shutdown(socket.SHUT_WR)\ndrain(c)\n"
+        ),
+    );
+    assert_eq!(server.hear(), "listening");
+    let mut app = Talker::new(pod.app_spawn(
+        "python3",
+        &[
+            "-c",
+            &format!(
+                "{STREAM}\ns = connect(('10.200.0.1', 7000))\ns.send(bytes(16))\n\
+                 line()\nprint(drain(s), flush=True)\n"
+            ),
+        ],
+    ));
+    assert_eq!(server.hear(), "sent");
+    // The 64 KiB reach the app's socket (the proxy relays them); then init runs again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pod.counters().get("msg_redirected") < 2 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", pod.counters().nonzero());
+        std::thread::yield_now();
+    }
+    pod.init(&["--msg-redirect"]);
+    server.say("more");
+    app.say("drain");
+    assert_eq!(app.number(), 65536 + 1000, "every byte, in order");
+}

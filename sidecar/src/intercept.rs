@@ -28,6 +28,7 @@ use std::{
     process::ExitCode,
 };
 
+pub(crate) use btf::msg_redirect_support;
 pub use config::{Cidr, ConfigErrors, FailMode, InitArgs, InitConfig, PortSet, DEFAULT_PIN_ROOT};
 pub use error::InitError;
 use gc::remove_pins;

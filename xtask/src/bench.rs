@@ -367,8 +367,11 @@ fn run_in_lab(
         load: lab.cgroup("load")?,
         pod: lab.cgroup("pod")?,
         pod_app: lab.cgroup("pod/app")?,
+        msg_pod: lab.cgroup("msgpod")?,
+        msg_pod_app: lab.cgroup("msgpod/app")?,
     };
     lab.init_ebpf(&sidecar, &cgroups.pod)?;
+    lab.init_ebpf_msg(&sidecar, &cgroups.msg_pod)?;
     let upstream = targets::start_upstream(lab, &found.nginx)?;
     let upstream_pid = upstream.pid();
     lab.keep(upstream);

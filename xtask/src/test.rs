@@ -1,5 +1,6 @@
 //! `cargo xtask test`: the project's one test command (README, CI). Runs every test, the privileged
-//! ones included, then the format check, clippy and the benchmark harness's smoke run
+//! ones included, the integration suite a second time with the in-pod redirect on
+//! (`SIDECAR_TEST_MSG_REDIRECT=1`), then the format check, clippy and the benchmark harness's smoke run
 //! (`bench --quick`, no speed assertions). It never skips: without root it fails.
 
 use std::ffi::OsString;
@@ -55,13 +56,40 @@ pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
         c.args(["test", "--workspace", "--no-fail-fast"]);
         c
     };
-    tests
-        .args(extra)
-        .env("SIDECAR_BIN", &sidecar)
-        .env("SIDECAR_PROBE_BIN", ctx.debug_bin("sidecar-probe"))
-        .env("KUBERNETES_VALIDATE", &tools.kubernetes_validate)
-        .env("GRPC_PYTHON", &tools.grpc_python);
+    let mut redirected = ctx.cargo();
+    for c in [&mut tests, &mut redirected] {
+        c.env("SIDECAR_BIN", &sidecar)
+            .env("SIDECAR_PROBE_BIN", ctx.debug_bin("sidecar-probe"))
+            .env("KUBERNETES_VALIDATE", &tools.kubernetes_validate)
+            .env("GRPC_PYTHON", &tools.grpc_python);
+    }
+    tests.args(extra);
     results.push(("tests", cmd::run(&mut tests, "tests", None)));
+    // The integration suite once more with every `sidecar init` given `--msg-redirect` (the
+    // in-pod leg socket to socket): what apps, upstreams and operators see must not change.
+    if probe(ctx.cargo().args(["nextest", "--version"])).is_some() {
+        redirected.args([
+            "nextest",
+            "run",
+            "-p",
+            "sidecar-tests",
+            "--no-fail-fast",
+            "--no-tests=warn",
+        ]);
+    } else {
+        redirected.args(["test", "-p", "sidecar-tests", "--no-fail-fast"]);
+    }
+    redirected
+        .args(extra)
+        .env("SIDECAR_TEST_MSG_REDIRECT", "1");
+    results.push((
+        "integration tests with --msg-redirect",
+        cmd::run(
+            &mut redirected,
+            "integration tests with --msg-redirect (SIDECAR_TEST_MSG_REDIRECT=1)",
+            None,
+        ),
+    ));
 
     results.push((
         "format check",

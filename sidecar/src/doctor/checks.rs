@@ -28,6 +28,7 @@ pub fn all(args: &DoctorArgs) -> Vec<Check> {
     checks.push(root.0);
     checks.push(bpffs(&args.bpffs));
     checks.push(btf());
+    checks.push(msg_redirect());
     checks.push(capabilities());
     checks.push(jit());
     checks.push(conflicts(root_dir.as_deref(), args.cgroup.as_deref()));
@@ -376,6 +377,28 @@ fn btf() -> Check {
             "/sys/kernel/btf/vmlinux missing",
             "the programs load without it; bpftool prints maps as raw bytes. Kernels built with CONFIG_DEBUG_INFO_BTF have it",
         )
+    }
+}
+
+/// `sidecar init --msg-redirect` (optional): kernel >= 6.10 for its sk_msg link, the offsets
+/// its bound reads from BTF, a lockdown mode that allows reading them. Only a warning when
+/// missing: nothing uses it unless asked.
+fn msg_redirect() -> Check {
+    const NAME: &str = "in-pod redirect (init --msg-redirect, optional)";
+    let fix = "leave `--msg-redirect` off on this node (everything else works without it)";
+    let version = nix::sys::utsname::uname().ok().and_then(|u| {
+        let release = u.release().to_string_lossy().into_owned();
+        let mut parts = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|p| p.parse::<u32>().ok());
+        parts.next().flatten().zip(parts.next().flatten())
+    });
+    if version.is_some_and(|v| v < (6, 10)) {
+        return Check::warn(NAME, "kernel older than 6.10 (no sk_msg links)", fix);
+    }
+    match crate::intercept::msg_redirect_support() {
+        Ok(found) => Check::pass(NAME, format!("available: {found}")),
+        Err(why) => Check::warn(NAME, why, fix),
     }
 }
 

@@ -40,6 +40,27 @@ pub(crate) fn msg_offsets(path: &Path) -> Result<[u32; 6], InitError> {
     Ok(out)
 }
 
+/// Whether this node can run `--msg-redirect`, for `sidecar doctor`: the offsets from BTF, and a
+/// lockdown mode that lets BPF programs read kernel memory. `Ok` says what was found; `Err` says
+/// what is missing.
+pub(crate) fn msg_redirect_support() -> Result<String, String> {
+    let offsets = msg_offsets(Path::new(VMLINUX)).map_err(|e| e.to_string())?;
+    // "none [integrity] confidentiality": the bracketed one is in force.
+    let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
+    if lockdown.contains("[confidentiality]") {
+        return Err("kernel lockdown is `confidentiality`: BPF programs may not read kernel memory (bpf_probe_read_kernel), which the redirect's bound needs".into());
+    }
+    Ok(format!(
+        "kernel offsets from BTF: {}",
+        MSG_MEMBERS
+            .iter()
+            .zip(offsets)
+            .map(|((s, m), o)| format!("{s}.{m} {o}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
 /// The byte offset of `member` in the first struct named `strukt` of a raw, little-endian BTF
 /// blob. `None` when either is missing, the blob is malformed, or the member is a bitfield.
 pub(crate) fn member_offset(btf: &[u8], strukt: &str, member: &str) -> Option<u32> {

@@ -314,6 +314,12 @@ impl Lab {
         self.init_with(sidecar, cgroup, &["--pod-ip", POD_IP])
     }
 
+    /// `sidecar init --msg-redirect` on `cgroup` (outbound capture, the app's leg socket to
+    /// socket); undone on drop.
+    pub fn init_ebpf_msg(&mut self, sidecar: &Path, cgroup: &Path) -> Result<()> {
+        self.init_with(sidecar, cgroup, &["--pod-ip", POD_IP, "--msg-redirect"])
+    }
+
     /// `sidecar init` on `cgroup` with inbound capture in `net` (its address `ip`), as for a pod
     /// serving there; undone by [`Lab::remove_ebpf`] or on drop.
     pub fn init_ebpf_inbound(

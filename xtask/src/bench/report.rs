@@ -427,7 +427,11 @@ impl Verdict {
 pub fn goals(r: &Results) -> Vec<Goal> {
     let mut goals = Vec::new();
     let m = |s: Option<Stat>| s.map(|s| s.median);
-    for sc in [Target::SidecarEbpf, Target::SidecarAddressed] {
+    for sc in [
+        Target::SidecarEbpf,
+        Target::SidecarEbpfMsg,
+        Target::SidecarAddressed,
+    ] {
         let name = sc.key();
         // CPU per request at 5k req/s vs nginx: at most 0.9x (goal 0.8x).
         let rs = r.ratio(sc, Target::Nginx, "ol5k_cpu_us_per_req");

@@ -19,6 +19,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Target {
     Direct,
     SidecarEbpf,
+    /// `SidecarEbpf` in a pod initialised with `--msg-redirect`: the app's leg to the proxy goes
+    /// socket to socket (sk_msg) instead of through loopback TCP.
+    SidecarEbpfMsg,
     SidecarIptables,
     SidecarAddressed,
     Nginx,
@@ -40,9 +43,10 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 12] = [
+    pub const ALL: [Target; 13] = [
         Target::Direct,
         Target::SidecarEbpf,
+        Target::SidecarEbpfMsg,
         Target::SidecarIptables,
         Target::SidecarAddressed,
         Target::Nginx,
@@ -59,6 +63,7 @@ impl Target {
         match self {
             Target::Direct => "direct",
             Target::SidecarEbpf => "sidecar-ebpf",
+            Target::SidecarEbpfMsg => "sidecar-ebpf-msg",
             Target::SidecarIptables => "sidecar-iptables",
             Target::SidecarAddressed => "sidecar",
             Target::Nginx => "nginx",
@@ -81,6 +86,10 @@ impl Target {
             Target::Direct => "load generator straight to the upstream (the baseline)",
             Target::SidecarEbpf => {
                 "sidecar in interception mode, app connections captured by the eBPF programs"
+            }
+            Target::SidecarEbpfMsg => {
+                "sidecar-ebpf in a pod initialised with --msg-redirect: the app's leg to the \
+                 proxy socket to socket (sk_msg), not through loopback TCP"
             }
             Target::SidecarIptables => {
                 "sidecar in interception mode behind iptables REDIRECT (nat OUTPUT, owner match) \
@@ -144,6 +153,7 @@ impl Target {
             Target::EnvoyMtls => 15105,
             Target::Direct
             | Target::SidecarEbpf
+            | Target::SidecarEbpfMsg
             | Target::SidecarIptables
             | Target::SidecarMtls
             | Target::SidecarMtlsAuthz
@@ -168,6 +178,9 @@ pub struct Cgroups {
     /// The eBPF pod: programs attached here; `app` and proxy leaves below it.
     pub pod: PathBuf,
     pub pod_app: PathBuf,
+    /// A second pod, initialised with `--msg-redirect` (`sidecar-ebpf-msg`).
+    pub msg_pod: PathBuf,
+    pub msg_pod_app: PathBuf,
 }
 
 /// A target that is up and answering.
@@ -310,6 +323,7 @@ pub fn start(
         Target::SidecarEbpf | Target::SidecarMtls | Target::SidecarMtlsAuthz => {
             (load_place(Net::Pod, &cgroups.pod_app), upstream_url.clone())
         }
+        Target::SidecarEbpfMsg => (load_place(Net::Pod, &cgroups.msg_pod_app), upstream_url.clone()),
         Target::SidecarIptables => (
             load_place(Net::Ipt, &cgroups.load),
             format!("http://{IPT_UPSTREAM_IP}:{UPSTREAM_PORT}/"),
@@ -343,6 +357,7 @@ pub fn start(
             Target::SidecarEbpf | Target::SidecarMtls | Target::SidecarMtlsAuthz => {
                 lab.cgroup(&format!("pod/proxy-{}", next()))?
             }
+            Target::SidecarEbpfMsg => lab.cgroup(&format!("msgpod/proxy-{}", next()))?,
             _ => lab.cgroup(&format!("proxy-{key}-{}", next()))?,
         };
         let place = Place {
@@ -357,6 +372,7 @@ pub fn start(
             proxy_user: matches!(
                 target,
                 Target::SidecarEbpf
+                    | Target::SidecarEbpfMsg
                     | Target::SidecarIptables
                     | Target::SidecarAddressed
                     | Target::SidecarMtls
@@ -660,7 +676,7 @@ fn proxy_command(
         Target::Direct | Target::SidecarInbound | Target::SidecarTranscode => {
             bail!("{} has no proxy of its own", target.key())
         }
-        Target::SidecarEbpf | Target::SidecarIptables => {
+        Target::SidecarEbpf | Target::SidecarEbpfMsg | Target::SidecarIptables => {
             let mut cmd = lab.command(place, &programs.sidecar);
             // Defaults: outbound 127.0.0.1:15001 (+[::1]), 1 worker; every feature at its default.
             cmd.arg("run").args(["--service-name", "bench"]);
