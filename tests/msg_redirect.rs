@@ -312,7 +312,8 @@ fn every_kind_of_app_sees_a_refused_upstream_fail() {
     let tcp = pod.run_app_raw(&["tcp-echo", "--connect", "10.200.0.1:9000", "--bytes", "64"]);
     let moved = pod.counters().since(&before);
     assert!(
-        tcp.stdout.contains("closed before all bytes came back") && !tcp.stdout.contains("(os error 11)"),
+        tcp.stdout.contains("closed before all bytes came back")
+            && !tcp.stdout.contains("(os error 11)"),
         "a connect-with-timeout app reading from another thread: {} ({:?})",
         tcp.stdout,
         moved.nonzero()
@@ -354,7 +355,11 @@ fn a_re_init_under_a_live_connection_loses_nothing() {
     // The 64 KiB reach the app's socket (the proxy relays them); then init runs again.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while pod.counters().get("msg_redirected") < 2 {
-        assert!(std::time::Instant::now() < deadline, "{:?}", pod.counters().nonzero());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            pod.counters().nonzero()
+        );
         std::thread::yield_now();
     }
     pod.init(&["--msg-redirect"]);

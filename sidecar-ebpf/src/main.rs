@@ -43,8 +43,8 @@
 use aya_ebpf::{
     bindings::{
         bpf_sock_tuple, sk_action, BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_INGRESS,
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
     helpers::{
@@ -597,8 +597,7 @@ fn msg_add(ctx: &SockOpsContext, key: &SockTuple, app: bool) {
         count(stats::MSG_SOCKET_ADDED);
         if app {
             // Told of each segment it sends until its first send decided (on_app_segment).
-            let _ = ctx
-                .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
         }
     } else {
         // Full, or the socket is already in another set's SOCKHASH (a re-run of init, for a
@@ -976,7 +975,9 @@ pub fn sc_getsockopt(ctx: SockoptContext) -> i32 {
         let optval_end = (*so).__bindgen_anon_3.optval_end as *mut u8;
         if optname == SO_SIDECAR_MSG {
             // `tuple` is the app's end, local end first: its in-pod redirect entry's key.
-            let blocking = MSG_PEERS.get(&tuple).is_some_and(|app| !is_nonblocking(app.sk));
+            let blocking = MSG_PEERS
+                .get(&tuple)
+                .is_some_and(|app| !is_nonblocking(app.sk));
             if optval.add(4) > optval_end {
                 return 1;
             }

@@ -82,9 +82,7 @@ pub fn reset_may_not_reach_app(stream: &TcpStream) -> bool {
             &mut len,
         )
     };
-    rc == 0
-        && len as usize == size_of::<u32>()
-        && value & sidecar_common::MSG_BLOCKING_APP != 0
+    rc == 0 && len as usize == size_of::<u32>() && value & sidecar_common::MSG_BLOCKING_APP != 0
 }
 
 fn bad_family(family: libc::c_int) -> io::Error {

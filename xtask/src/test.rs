@@ -79,9 +79,7 @@ pub fn run(ctx: &Ctx, extra: &[OsString]) -> Result<()> {
     } else {
         redirected.args(["test", "-p", "sidecar-tests", "--no-fail-fast"]);
     }
-    redirected
-        .args(extra)
-        .env("SIDECAR_TEST_MSG_REDIRECT", "1");
+    redirected.args(extra).env("SIDECAR_TEST_MSG_REDIRECT", "1");
     results.push((
         "integration tests with --msg-redirect",
         cmd::run(

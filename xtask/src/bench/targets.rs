@@ -323,7 +323,10 @@ pub fn start(
         Target::SidecarEbpf | Target::SidecarMtls | Target::SidecarMtlsAuthz => {
             (load_place(Net::Pod, &cgroups.pod_app), upstream_url.clone())
         }
-        Target::SidecarEbpfMsg => (load_place(Net::Pod, &cgroups.msg_pod_app), upstream_url.clone()),
+        Target::SidecarEbpfMsg => (
+            load_place(Net::Pod, &cgroups.msg_pod_app),
+            upstream_url.clone(),
+        ),
         Target::SidecarIptables => (
             load_place(Net::Ipt, &cgroups.load),
             format!("http://{IPT_UPSTREAM_IP}:{UPSTREAM_PORT}/"),
