@@ -444,6 +444,38 @@ fn run_in_lab(
 
 const MIB: f64 = 1024.0;
 
+/// `msg_redirected`, `msg_back_to_tcp`, `msg_peer_missing` of the pod at `cgroup`, from
+/// `sidecar status --json`.
+fn msg_counters(sidecar: &Path, cgroup: &Path) -> Result<[u64; 3]> {
+    let out = std::process::Command::new(sidecar)
+        .args(["status", "--json", "--cgroup"])
+        .arg(cgroup)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("cannot run sidecar status")?;
+    if !out.status.success() {
+        bail!(
+            "sidecar status failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let status = json::parse(&String::from_utf8_lossy(&out.stdout))?;
+    let mut found = [0; 3];
+    for (slot, name) in
+        found
+            .iter_mut()
+            .zip(["msg_redirected", "msg_back_to_tcp", "msg_peer_missing"])
+    {
+        *slot = status
+            .get("counters")
+            .and_then(|c| c.get(name))
+            .and_then(Json::as_f64)
+            .with_context(|| format!("no counter {name} in sidecar status --json"))?
+            as u64;
+    }
+    Ok(found)
+}
+
 /// All phases for one target in one round. Failures are recorded in the sample, not returned:
 /// the other targets still get measured.
 #[allow(clippy::too_many_arguments)]
@@ -474,8 +506,27 @@ fn measure(
         listen_drops: 0,
         tag: format!("{}-r{round}", target.key()),
     };
+    // The in-pod redirect's own counters around the phases: it must have carried the load.
+    let msg_before = (target == Target::SidecarEbpfMsg)
+        .then(|| msg_counters(&programs.sidecar, &cgroups.msg_pod));
     if let Err(e) = phases(lab, tools, plan, &mut m, &mut s) {
         s.failures.push(format!("{e:#}"));
+    }
+    if let Some(before) = msg_before {
+        match (before, msg_counters(&programs.sidecar, &cgroups.msg_pod)) {
+            (Ok(b), Ok(a)) => {
+                let moved = |i: usize| a[i].saturating_sub(b[i]) as f64;
+                s.set("msg_redirected_sends", moved(0));
+                s.set("msg_back_to_tcp", moved(1));
+                s.set("msg_peer_missing", moved(2));
+                if moved(0) == 0.0 {
+                    s.failures.push(
+                        "the in-pod redirect carried nothing (msg_redirected did not move)".into(),
+                    );
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => s.failures.push(format!("msg counters: {e:#}")),
+        }
     }
     s.set("errors", m.errors as f64);
     s.set("listen_drops", m.listen_drops as f64);

@@ -51,6 +51,18 @@ pub const METRICS: &[(&str, &str)] = &[
     ),
     ("max_rps", "closed loop (wrk, keep-alive): requests/s"),
     (
+        "msg_redirected_sends",
+        "sidecar-ebpf-msg: sends that went socket to socket over the run",
+    ),
+    (
+        "msg_back_to_tcp",
+        "sidecar-ebpf-msg: connections sent back to TCP by the bound over the run",
+    ),
+    (
+        "msg_peer_missing",
+        "sidecar-ebpf-msg: sends that found no peer over the run",
+    ),
+    (
         "max_rps_cpu_us_per_req",
         "closed loop: proxy CPU per request, µs",
     ),
