@@ -136,6 +136,11 @@ const ANNOTATIONS: &[Annotation] = &[
         kind: Kind::FailMode,
     },
     Annotation {
+        name: "msg-redirect",
+        init_env: Some("SIDECAR_MSG_REDIRECT"),
+        kind: Kind::OnOff,
+    },
+    Annotation {
         name: "proxy-cpu-request",
         init_env: None,
         kind: Kind::Quantity,
@@ -316,7 +321,7 @@ impl Settings {
         for spec in ANNOTATIONS {
             if let Some(env) = spec.init_env {
                 if let Some(value) = value_of(spec.name) {
-                    init_env.push((env, value));
+                    init_env.push((env, init_value(spec.kind, &value)));
                 }
             }
         }
@@ -410,6 +415,18 @@ pub struct PodInterception {
     pub init_flags: Vec<(String, String)>,
 }
 
+/// An init annotation's value as `sidecar init` takes it: on/off values as `true` / `false`
+/// (`enabled` and `disabled` are the annotation's words too).
+fn init_value(kind: Kind, value: &str) -> String {
+    match kind {
+        Kind::OnOff => match value.to_ascii_lowercase().as_str() {
+            "true" | "enabled" => "true".into(),
+            _ => "false".into(),
+        },
+        _ => value.to_owned(),
+    }
+}
+
 /// Reads a pod's annotations for the CNI plugin, with the injector's table and checks (the same
 /// annotations set the same flags in both install modes). Errors name the annotation.
 pub fn pod_interception<'a>(
@@ -444,7 +461,9 @@ pub fn pod_interception<'a>(
                 out.opted_out = matches!(value.to_ascii_lowercase().as_str(), "false" | "disabled");
             }
             "interception" => out.cni = value == "cni",
-            name => out.init_flags.push((format!("--{name}"), value.to_owned())),
+            name => out
+                .init_flags
+                .push((format!("--{name}"), init_value(spec.kind, value))),
         }
     }
     if errors.is_empty() {

@@ -133,7 +133,15 @@ pub struct InitArgs {
     /// Move the in-pod leg of outbound connections (app <-> proxy) socket to socket with an
     /// sk_msg program instead of through loopback TCP, bounded by the receiver's buffer (needs
     /// kernel >= 6.10 with BTF; the proxy then closes those connections with FIN, never RST).
-    #[arg(long, env = "SIDECAR_MSG_REDIRECT")]
+    /// `--msg-redirect`, `--msg-redirect true|false` (the annotation's form).
+    #[arg(
+        long,
+        env = "SIDECAR_MSG_REDIRECT",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub msg_redirect: bool,
 }
 
@@ -417,6 +425,19 @@ mod tests {
         assert_eq!(c.outbound_port, 15001);
         assert!(c.exclude_ports.is_empty());
         assert!(c.include_ports.is_none() && c.include_cidrs.is_none());
+    }
+
+    #[test]
+    fn msg_redirect_alone_or_with_a_value() {
+        assert!(!parse(&[]).unwrap().msg_redirect);
+        assert!(parse(&["--msg-redirect"]).unwrap().msg_redirect);
+        assert!(parse(&["--msg-redirect", "true"]).unwrap().msg_redirect);
+        assert!(!parse(&["--msg-redirect", "false"]).unwrap().msg_redirect);
+        // Followed by another flag, it takes no value.
+        let c = parse(&["--msg-redirect", "--outbound-port", "15009"]).unwrap();
+        assert!(c.msg_redirect && c.outbound_port == 15009);
+        let argv = ["sidecar", "--cgroup", "/x", "--msg-redirect", "sideways"];
+        assert!(Cli::try_parse_from(argv).is_err(), "not a bool");
     }
 
     #[test]

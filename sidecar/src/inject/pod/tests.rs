@@ -287,6 +287,25 @@ fn cni_interception_injects_only_the_proxy() {
         plugin.init_flags,
         [("--exclude-inbound-ports".to_owned(), "22".to_owned())]
     );
+    // On/off annotations reach init as `true` / `false`, whatever word the pod used.
+    let plugin =
+        pod_interception([("sidecar.mesh.dev/msg-redirect", "Enabled")].into_iter()).unwrap();
+    assert_eq!(
+        plugin.init_flags,
+        [("--msg-redirect".to_owned(), "true".to_owned())]
+    );
+    let out = crate::inject::inject(
+        &pod("    sidecar.mesh.dev/msg-redirect: disabled\n"),
+        "sidecar:test",
+    )
+    .unwrap()
+    .output;
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    let at = lines
+        .iter()
+        .position(|l| *l == "- name: SIDECAR_MSG_REDIRECT")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(lines[at + 1], "value: \"false\"", "{out}");
     let errors = pod_interception([("sidecar.mesh.dev/fail-mode-inbound", "maybe")].into_iter())
         .unwrap_err();
     assert!(
