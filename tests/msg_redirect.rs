@@ -114,6 +114,14 @@ def drain(s):
         got += len(d)
 def line():
     return sys.stdin.readline().strip()
+def accepted(first):
+    l = socket.create_server(('10.200.0.1', 7000))
+    print('listening', flush=True)
+    c, _ = l.accept()
+    got = b''
+    while len(got) < first:
+        got += c.recv(first - len(got))
+    return c
 "#;
 
 const CAP: u64 = 64 << 20;
@@ -180,10 +188,7 @@ fn an_app_that_outruns_the_proxy_is_held_back_as_over_tcp() {
     pod.start_proxy(&[]);
     let mut server = remote_python(
         &pod,
-        &format!(
-            "{STREAM}\nl = socket.create_server(('10.200.0.1', 7000))\nprint('listening', flush=True)\n\
-             c, _ = l.accept()\nline()\nprint(drain(c), flush=True)\n"
-        ),
+        &format!("{STREAM}\nc = accepted(0)\nline()\nprint(drain(c), flush=True)\n"),
     );
     assert_eq!(server.hear(), "listening");
     let before = pod.counters();
@@ -225,9 +230,7 @@ fn a_slow_app_holds_back_the_server_as_over_tcp() {
     let mut server = remote_python(
         &pod,
         &format!(
-            "{STREAM}\nl = socket.create_server(('10.200.0.1', 7000))\nprint('listening', flush=True)\n\
-             c, _ = l.accept()\nfirst = b''\nwhile len(first) < 16:\n    first += c.recv(16 - len(first))\n\
-             print(fill(c), flush=True)\nline()\nc.shutdown(socket.SHUT_WR)\ndrain(c)\n"
+            "{STREAM}\nc = accepted(16)\nprint(fill(c), flush=True)\nline()\nc.shutdown(socket.SHUT_WR)\ndrain(c)\n"
         ),
     );
     assert_eq!(server.hear(), "listening");
@@ -288,7 +291,7 @@ fn every_kind_of_app_sees_a_refused_upstream_fail() {
     let moved = pod.counters().since(&before);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        libc_econnreset(),
+        ECONNRESET,
         "an event-driven app: {out:?} ({:?})",
         moved.nonzero()
     );
@@ -304,7 +307,7 @@ fn every_kind_of_app_sees_a_refused_upstream_fail() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        libc_econnreset(),
+        ECONNRESET,
         "a blocking app: {out:?}"
     );
 
@@ -320,9 +323,8 @@ fn every_kind_of_app_sees_a_refused_upstream_fail() {
     );
 }
 
-fn libc_econnreset() -> String {
-    "104".to_string()
-}
+/// What python prints as `e.errno` for a reset connection.
+const ECONNRESET: &str = "104";
 
 /// A re-run of `init` (same flags) replaces the programs under a live connection whose app has
 /// not read what the proxy redirected to it yet: nothing is lost, and the connection goes on.
@@ -334,9 +336,7 @@ fn a_re_init_under_a_live_connection_loses_nothing() {
     let mut server = remote_python(
         &pod,
         &format!(
-            "{STREAM}\nl = socket.create_server(('10.200.0.1', 7000))\nprint('listening', flush=True)\n\
-             c, _ = l.accept()\nfirst = b''\nwhile len(first) < 16:\n    first += c.recv(16 - len(first))\n\
-             c.sendall((bytes(range(256)) * 256)[:65536])\nprint('sent', flush=True)\nline()\n\
+            "{STREAM}\nc = accepted(16)\nc.sendall((bytes(range(256)) * 256)[:65536])\nprint('sent', flush=True)\nline()\n\
              c.sendall((bytes(range(256)) * 256)[:1000])\nc.shutdown(socket.SHUT_WR)\ndrain(c)\n"
         ),
     );
