@@ -321,16 +321,20 @@ impl Mesh {
 /// reset again).
 pub(crate) fn reset(tcp: &TcpStream) {
     if crate::orig_dst::reset_may_not_reach_app(tcp) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(tcp);
         let mut sink = [0u8; 4096];
-        // Bounded: what is queued now, at most 256 KiB.
+        // Bounded: what is queued now, at most 256 KiB. A plain non-blocking recv: tokio's
+        // try_read would not even try without a readiness event it has not seen.
         for _ in 0..64 {
-            match tcp.try_read(&mut sink) {
-                Ok(n) if n > 0 => {}
-                _ => break,
+            // SAFETY: `sink` is a live, writable buffer of the length passed.
+            let n =
+                unsafe { libc::recv(fd, sink.as_mut_ptr().cast(), sink.len(), libc::MSG_DONTWAIT) };
+            if n <= 0 {
+                break;
             }
         }
         // SAFETY: a plain syscall on a socket we own.
-        if unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(tcp), libc::SHUT_WR) } != 0 {
+        if unsafe { libc::shutdown(fd, libc::SHUT_WR) } != 0 {
             debug!(error = %io::Error::last_os_error(), "cannot shut down for writing");
         }
         return;
