@@ -388,7 +388,6 @@ fn run_in_lab(
         curl: found.curl.clone(),
         python3: found.python3.clone(),
     };
-    let clk_tck = clock_ticks();
     let mut samples: Vec<(Target, Vec<Sample>)> =
         targets.iter().map(|t| (*t, Vec::new())).collect();
     for round in 0..plan.rounds {
@@ -413,7 +412,6 @@ fn run_in_lab(
                 plan,
                 target,
                 upstream_pid,
-                clk_tck,
                 round + 1,
             );
             say!(
@@ -487,7 +485,6 @@ fn measure(
     plan: &Plan,
     target: Target,
     upstream_pid: u32,
-    clk_tck: f64,
     round: u32,
 ) -> Sample {
     let mut s = Sample::default();
@@ -501,7 +498,6 @@ fn measure(
     let mut m = Meter {
         live: &live,
         upstream_pid,
-        clk_tck,
         errors: 0,
         listen_drops: 0,
         tag: format!("{}-r{round}", target.key()),
@@ -548,7 +544,6 @@ fn measure(
 struct Meter<'a> {
     live: &'a Live,
     upstream_pid: u32,
-    clk_tck: f64,
     errors: u64,
     listen_drops: u64,
     /// `<target>-r<round>`, for file names.
@@ -556,7 +551,7 @@ struct Meter<'a> {
 }
 
 struct Reading {
-    cpu_ticks: u64,
+    cpu_usec: u64,
     upstream: procfs::TcpCounters,
     listener: procfs::TcpCounters,
 }
@@ -572,11 +567,11 @@ impl Meter<'_> {
 
     fn read(&self) -> Reading {
         Reading {
-            cpu_ticks: self
+            cpu_usec: self
                 .live
                 .proxy_cgroups()
                 .iter()
-                .map(|cg| procfs::usage(cg).cpu_ticks)
+                .map(|cg| procfs::usage(cg).cpu_usec)
                 .sum(),
             upstream: procfs::TcpCounters::read(self.upstream_pid),
             listener: procfs::TcpCounters::read(self.listener_pid()),
@@ -586,7 +581,7 @@ impl Meter<'_> {
     /// Proxy CPU µs per unit of work between two readings (`None` without a proxy).
     fn cpu_us_per(&self, a: &Reading, b: &Reading, units: u64) -> Option<f64> {
         (!self.live.proxy_cgroups().is_empty() && units > 0).then(|| {
-            b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 * 1e6 / self.clk_tck / units as f64
+            b.cpu_usec.saturating_sub(a.cpu_usec) as f64 / units as f64
         })
     }
 
@@ -900,12 +895,6 @@ fn finish_perf(mut run: PerfRun, requests: u64) -> Result<()> {
         txt.display()
     );
     Ok(())
-}
-
-fn clock_ticks() -> f64 {
-    probe(std::process::Command::new("getconf").arg("CLK_TCK"))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 fn loadavg() -> (f64, f64, f64) {

@@ -39,7 +39,7 @@ pub const METRICS: &[(&str, &str)] = &[
     ("ol1k_rps", "open loop 1k req/s: achieved rate"),
     (
         "ol1k_cpu_us_per_req",
-        "open loop 1k req/s: proxy CPU (utime+stime) per request, µs",
+        "open loop 1k req/s: proxy CPU (its cgroup's cpu.stat usage_usec) per request, µs",
     ),
     ("ol5k_p50_us", "open loop 5k req/s: p50 latency, µs"),
     ("ol5k_p99_us", "open loop 5k req/s: p99 latency, µs"),
@@ -262,7 +262,7 @@ fn tables(r: &Results) -> Vec<Table> {
     }
 
     let mut cost = Table {
-        title: "Cost and capacity (proxy process only; CPU = utime+stime per request)".into(),
+        title: "Cost and capacity (proxy process only; CPU = cgroup cpu.stat usage_usec per request)".into(),
         head: vec![
             "target",
             "CPU µs/req 1k",
