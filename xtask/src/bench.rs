@@ -580,9 +580,8 @@ impl Meter<'_> {
 
     /// Proxy CPU µs per unit of work between two readings (`None` without a proxy).
     fn cpu_us_per(&self, a: &Reading, b: &Reading, units: u64) -> Option<f64> {
-        (!self.live.proxy_cgroups().is_empty() && units > 0).then(|| {
-            b.cpu_usec.saturating_sub(a.cpu_usec) as f64 / units as f64
-        })
+        (!self.live.proxy_cgroups().is_empty() && units > 0)
+            .then(|| b.cpu_usec.saturating_sub(a.cpu_usec) as f64 / units as f64)
     }
 
     fn account(&mut self, a: &Reading, b: &Reading, errors: u64) {

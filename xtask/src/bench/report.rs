@@ -262,7 +262,9 @@ fn tables(r: &Results) -> Vec<Table> {
     }
 
     let mut cost = Table {
-        title: "Cost and capacity (proxy process only; CPU = cgroup cpu.stat usage_usec per request)".into(),
+        title:
+            "Cost and capacity (proxy process only; CPU = cgroup cpu.stat usage_usec per request)"
+                .into(),
         head: vec![
             "target",
             "CPU µs/req 1k",
