@@ -167,14 +167,32 @@ impl Drop for Talker {
     }
 }
 
-fn remote_python(pod: &Pod, script: &str) -> Talker {
+/// A pod initialised with `--msg-redirect`, its proxy running.
+fn redirected_pod() -> Pod {
+    let mut pod = Pod::new();
+    pod.init(&["--msg-redirect"]);
+    pod.start_proxy(&[]);
+    pod
+}
+
+/// `STREAM` then `body` as a server in the remote namespace, once it has said it listens
+/// (`accepted` says so).
+fn remote_server(pod: &Pod, body: &str) -> Talker {
     let child = std::process::Command::new("ip")
-        .args(["netns", "exec", pod.remote_netns(), "python3", "-c", script])
+        .args(["netns", "exec", pod.remote_netns(), "python3", "-c"])
+        .arg(format!("{STREAM}\n{body}"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    Talker::new(child)
+    let mut server = Talker::new(child);
+    assert_eq!(server.hear(), "listening");
+    server
+}
+
+/// `STREAM` then `body` as the app.
+fn app_python(pod: &Pod, body: &str) -> Talker {
+    Talker::new(pod.app_spawn("python3", &["-c", &format!("{STREAM}\n{body}")]))
 }
 
 /// The app writes into a connection whose far end never reads. Without a bound, every send
@@ -183,25 +201,14 @@ fn remote_python(pod: &Pod, script: &str) -> Talker {
 /// buffer's worth unread, and TCP's flow control stops the app. Nothing is lost or reordered.
 #[test]
 fn an_app_that_outruns_the_proxy_is_held_back_as_over_tcp() {
-    let mut pod = Pod::new();
-    pod.init(&["--msg-redirect"]);
-    pod.start_proxy(&[]);
-    let mut server = remote_python(
-        &pod,
-        &format!("{STREAM}\nc = accepted(0)\nline()\nprint(drain(c), flush=True)\n"),
-    );
-    assert_eq!(server.hear(), "listening");
+    let mut pod = redirected_pod();
+    let mut server = remote_server(&pod, "c = accepted(0)\nline()\nprint(drain(c), flush=True)");
     let before = pod.counters();
-    let mut app = Talker::new(pod.app_spawn(
-        "python3",
-        &[
-            "-c",
-            &format!(
-                "{STREAM}\ns = connect(('10.200.0.1', 7000))\nprint(fill(s), flush=True)\n\
-                 line()\ns.shutdown(socket.SHUT_WR)\nprint('closed', drain(s), flush=True)\n"
-            ),
-        ],
-    ));
+    let mut app = app_python(
+        &pod,
+        "s = connect(('10.200.0.1', 7000))\nprint(fill(s), flush=True)\n\
+         line()\ns.shutdown(socket.SHUT_WR)\nprint('closed', drain(s), flush=True)",
+    );
     let sent = app.number();
     let moved = pod.counters().since(&before);
     assert!(
@@ -224,27 +231,16 @@ fn an_app_that_outruns_the_proxy_is_held_back_as_over_tcp() {
 /// reaches the server as it would without the redirect.
 #[test]
 fn a_slow_app_holds_back_the_server_as_over_tcp() {
-    let mut pod = Pod::new();
-    pod.init(&["--msg-redirect"]);
-    pod.start_proxy(&[]);
-    let mut server = remote_python(
+    let mut pod = redirected_pod();
+    let mut server = remote_server(
         &pod,
-        &format!(
-            "{STREAM}\nc = accepted(16)\nprint(fill(c), flush=True)\nline()\nc.shutdown(socket.SHUT_WR)\ndrain(c)\n"
-        ),
+        "c = accepted(16)\nprint(fill(c), flush=True)\nline()\nc.shutdown(socket.SHUT_WR)\ndrain(c)",
     );
-    assert_eq!(server.hear(), "listening");
     let before = pod.counters();
-    let mut app = Talker::new(pod.app_spawn(
-        "python3",
-        &[
-            "-c",
-            &format!(
-                "{STREAM}\ns = connect(('10.200.0.1', 7000))\ns.send(bytes(16))\n\
-                 line()\nprint(drain(s), flush=True)\n"
-            ),
-        ],
-    ));
+    let mut app = app_python(
+        &pod,
+        "s = connect(('10.200.0.1', 7000))\ns.send(bytes(16))\nline()\nprint(drain(s), flush=True)",
+    );
     let sent = server.number();
     let moved = pod.counters().since(&before);
     assert!(
@@ -271,10 +267,8 @@ fn a_slow_app_holds_back_the_server_as_over_tcp() {
 ///   that one with FIN, so it reads the end of the stream.
 #[test]
 fn every_kind_of_app_sees_a_refused_upstream_fail() {
-    let mut pod = Pod::new();
-    let _refusing = pod.refusing_upstream("10.200.0.1:9000", "refusing");
-    pod.init(&["--msg-redirect"]);
-    pod.start_proxy(&[]);
+    let mut pod = redirected_pod();
+    // Nothing listens on 10.200.0.1:9000: the proxy's dial is refused.
 
     let before = pod.counters();
     let out = pod.app_command(
@@ -330,27 +324,16 @@ const ECONNRESET: &str = "104";
 /// not read what the proxy redirected to it yet: nothing is lost, and the connection goes on.
 #[test]
 fn a_re_init_under_a_live_connection_loses_nothing() {
-    let mut pod = Pod::new();
-    pod.init(&["--msg-redirect"]);
-    pod.start_proxy(&[]);
-    let mut server = remote_python(
+    let mut pod = redirected_pod();
+    let mut server = remote_server(
         &pod,
-        &format!(
-            "{STREAM}\nc = accepted(16)\nc.sendall((bytes(range(256)) * 256)[:65536])\nprint('sent', flush=True)\nline()\n\
-             c.sendall((bytes(range(256)) * 256)[:1000])\nc.shutdown(socket.SHUT_WR)\ndrain(c)\n"
-        ),
+        "c = accepted(16)\nc.sendall((bytes(range(256)) * 256)[:65536])\nprint('sent', flush=True)\n\
+         line()\nc.sendall((bytes(range(256)) * 256)[:1000])\nc.shutdown(socket.SHUT_WR)\ndrain(c)",
     );
-    assert_eq!(server.hear(), "listening");
-    let mut app = Talker::new(pod.app_spawn(
-        "python3",
-        &[
-            "-c",
-            &format!(
-                "{STREAM}\ns = connect(('10.200.0.1', 7000))\ns.send(bytes(16))\n\
-                 line()\nprint(drain(s), flush=True)\n"
-            ),
-        ],
-    ));
+    let mut app = app_python(
+        &pod,
+        "s = connect(('10.200.0.1', 7000))\ns.send(bytes(16))\nline()\nprint(drain(s), flush=True)",
+    );
     assert_eq!(server.hear(), "sent");
     // The 64 KiB reach the app's socket (the proxy relays them); then init runs again.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

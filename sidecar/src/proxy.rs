@@ -393,7 +393,7 @@ fn spawn_conn(shared: &Arc<Shared>, kind: Kind, stream: TcpStream, peer: SocketA
                 "at the connection limit (--max-downstream-connections): refusing new connections"
             );
         }
-        mesh::reset(&stream);
+        mesh::reset_client(&stream, dir);
         return;
     }
     if shared

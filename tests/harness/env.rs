@@ -18,8 +18,6 @@ pub const CHILD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 /// The default bpffs pin root of `sidecar init` (see the CLI contract).
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sidecar";
 
-/// Panics (loudly, so the test fails instead of passing vacuously) unless this process can run the
-/// privileged tests: root, a cgroup2 mount, and the `ip` tool.
 /// `SIDECAR_TEST_MSG_REDIRECT=1`: every `sidecar init` of the suite runs with `--msg-redirect`
 /// (the in-pod leg socket to socket), so that the whole suite shows it changes nothing an app,
 /// an upstream or an operator can see.
@@ -27,6 +25,8 @@ pub fn msg_redirect_everywhere() -> bool {
     std::env::var_os("SIDECAR_TEST_MSG_REDIRECT").is_some_and(|v| v == "1")
 }
 
+/// Panics (loudly, so the test fails instead of passing vacuously) unless this process can run the
+/// privileged tests: root, a cgroup2 mount, and the `ip` tool.
 pub fn require_privileged() {
     // Checked once per process; the verdict is kept (not a poisoned Once) so that every test in
     // the process fails with the same explanation.

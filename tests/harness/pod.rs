@@ -385,7 +385,7 @@ impl Pod {
             .arg(format!("{POD_IP4},{POD_IP6}"))
             .args(extra);
         // The whole suite once more with the in-pod redirect on (`cargo xtask test` does).
-        if env::msg_redirect_everywhere() && !extra.contains(&"--remove") {
+        if env::msg_redirect_everywhere() {
             cmd.env("SIDECAR_MSG_REDIRECT", "true");
         }
         cmd

@@ -87,6 +87,14 @@ fn proxy_identity(pod: &Path) -> Check {
     }
 }
 
+/// The running kernel's (major, minor) from its release string ("6.18.44-..."), if readable.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    parts.next().flatten().zip(parts.next().flatten())
+}
+
 fn kernel() -> Check {
     let release = match nix::sys::utsname::uname() {
         Ok(u) => u.release().to_string_lossy().into_owned(),
@@ -98,12 +106,9 @@ fn kernel() -> Check {
             )
         }
     };
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>().ok());
-    let version = match (parts.next().flatten(), parts.next().flatten()) {
-        (Some(major), Some(minor)) => (major, minor),
-        _ => {
+    let version = match kernel_version(&release) {
+        Some(version) => version,
+        None => {
             return Check::warn(
                 "kernel",
                 format!("{release}: version not recognised"),
@@ -386,13 +391,9 @@ fn btf() -> Check {
 fn msg_redirect() -> Check {
     const NAME: &str = "in-pod redirect (init --msg-redirect, optional)";
     let fix = "leave `--msg-redirect` off on this node (everything else works without it)";
-    let version = nix::sys::utsname::uname().ok().and_then(|u| {
-        let release = u.release().to_string_lossy().into_owned();
-        let mut parts = release
-            .split(|c: char| !c.is_ascii_digit())
-            .map(|p| p.parse::<u32>().ok());
-        parts.next().flatten().zip(parts.next().flatten())
-    });
+    let version = nix::sys::utsname::uname()
+        .ok()
+        .and_then(|u| kernel_version(&u.release().to_string_lossy()));
     if version.is_some_and(|v| v < (6, 10)) {
         return Check::warn(NAME, "kernel older than 6.10 (no sk_msg links)", fix);
     }

@@ -131,9 +131,9 @@ pub struct InitArgs {
     pub debug_log: bool,
 
     /// Move the in-pod leg of outbound connections (app <-> proxy) socket to socket with an
-    /// sk_msg program instead of through loopback TCP, bounded by the receiver's buffer (needs
-    /// kernel >= 6.10 with BTF; the proxy then closes those connections with FIN, never RST).
-    /// `--msg-redirect`, `--msg-redirect true|false` (the annotation's form).
+    /// sk_msg program instead of through loopback TCP, bounded by the receiver's buffer; only
+    /// non-blocking app sockets take part (needs kernel >= 6.10 with BTF; `sidecar doctor`
+    /// checks the node). `--msg-redirect`, or `--msg-redirect true|false`.
     #[arg(
         long,
         env = "SIDECAR_MSG_REDIRECT",

@@ -190,7 +190,20 @@ pub(crate) fn load_attach_pin(
         pinned.push(pin);
     }
     if cfg.msg_redirect {
-        pinned.push(attach_msg_redirect(&mut ebpf, dir, bpffs_hint)?);
+        // Linked to the SOCKHASH (kernels >= 6.10), so that it is pinned, listed and removed
+        // like the others.
+        let socks = msg_socks_fd(&ebpf)?;
+        let name = progs::MSG_REDIRECT;
+        let path = crate::pins::link(dir, name);
+        let pin = load_attach_pin_one(
+            &mut ebpf,
+            name,
+            socks.as_fd(),
+            &path,
+            MSG_REDIRECT_FIX,
+            bpffs_hint,
+        )?;
+        pinned.push(pin);
     }
     if let Some(ns) = netns {
         // The app's listeners from before this attach (sockops sees every later one): a fresh
@@ -237,52 +250,28 @@ pub(crate) fn load_attach_pin(
     Ok((pinned, kept))
 }
 
-/// Loads `sc_msg_redirect` and links it to the in-pod redirect's SOCKHASH (a bpf_link, so that
-/// it is pinned, listed and removed like the cgroup programs; kernels before 6.10 cannot).
-fn attach_msg_redirect(
-    ebpf: &mut Ebpf,
-    dir: &Path,
-    bpffs_hint: &str,
-) -> Result<PinnedLink, InitError> {
-    let name = progs::MSG_REDIRECT;
-    let fix = "--msg-redirect needs kernel >= 6.10 (sk_msg links), CAP_BPF and CAP_PERFMON, and a lockdown mode other than `confidentiality` (its bound reads kernel memory with bpf_probe_read_kernel); drop the flag on this node";
-    let err = |what: &str| {
-        let what = format!("{what} {name}");
-        move |e: Box<dyn std::error::Error + Send + Sync>| InitError::kernel(what, fix)(e)
-    };
-    let socks = ebpf.map(maps::MSG_SOCKS).ok_or_else(|| InitError::Kernel {
-        what: format!("find map {} in the embedded object", maps::MSG_SOCKS),
+/// `what` (a program or map this binary expects) is not in the embedded eBPF object.
+fn not_in_object(what: String) -> InitError {
+    InitError::Kernel {
+        what: format!("find {what} in the embedded object"),
         detail: "missing".into(),
         fix: "rebuild with `cargo xtask build-ebpf`: the object does not match this binary".into(),
-    })?;
-    let map_fd =
-        match socks {
-            aya::maps::Map::SockHash(data) => data.fd().as_fd().try_clone_to_owned(),
-            _ => return Err(InitError::Kernel {
-                what: format!("open map {}", maps::MSG_SOCKS),
-                detail: "not a SOCKHASH".into(),
-                fix: "rebuild with `cargo xtask build-ebpf`: the object does not match this binary"
-                    .into(),
-            }),
-        }
-        .map_err(|e| err("open the SOCKHASH for")(e.into()))?;
-    let program = ebpf.program_mut(name).ok_or_else(|| InitError::Kernel {
-        what: format!("find program {name} in the embedded object"),
-        detail: "missing".into(),
-        fix: "rebuild with `cargo xtask build-ebpf`: the object does not match this binary".into(),
-    })?;
-    let p: &mut SkMsg = program
-        .try_into()
-        .map_err(|e: ProgramError| err("load")(e.into()))?;
-    p.load().map_err(|e| err("load")(e.into()))?;
-    let prog_fd = p.fd().map_err(|e| err("load")(e.into()))?.as_fd();
-    let link = crate::bpf::link_create(prog_fd, map_fd.as_fd(), crate::bpf::BPF_SK_MSG_VERDICT)
-        .map_err(|e| err("attach")(e.into()))?;
-    let path = crate::pins::link(dir, name);
-    crate::bpf::obj_pin(link.as_fd(), &path)
-        .map_err(|e| InitError::kernel(format!("pin {}", path.display()), bpffs_hint)(e.into()))?;
-    PinnedLink::from_pin(&path)
-        .map_err(|e| InitError::kernel(format!("pin {}", path.display()), bpffs_hint)(e.into()))
+    }
+}
+
+/// What to do when the kernel refuses the in-pod redirect's program.
+const MSG_REDIRECT_FIX: &str = "--msg-redirect needs kernel >= 6.10 (sk_msg links), CAP_BPF and CAP_PERFMON, and a lockdown mode other than `confidentiality` (its bound reads kernel memory with bpf_probe_read_kernel); `sidecar doctor` checks the node. Drop the flag on this node";
+
+/// A descriptor of the in-pod redirect's SOCKHASH, the target `sc_msg_redirect` links to.
+fn msg_socks_fd(ebpf: &Ebpf) -> Result<std::os::fd::OwnedFd, InitError> {
+    match ebpf.map(maps::MSG_SOCKS) {
+        Some(aya::maps::Map::SockHash(data)) => data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| InitError::io(format!("open map {}", maps::MSG_SOCKS))(e)),
+        _ => Err(not_in_object(format!("SOCKHASH {}", maps::MSG_SOCKS))),
+    }
 }
 
 /// Puts the sockets listening in the pod's netns now into the app-listener map (only where the
@@ -318,8 +307,8 @@ fn seed_app_listeners(ebpf: &mut Ebpf, ns: &host::PodNetns) -> Result<(), InitEr
     Ok(())
 }
 
-/// Loads one program, attaches it through a bpf_link to `target` (the pod's cgroup, or its netns
-/// for sk_lookup) and pins the link at `path`.
+/// Loads one program, attaches it through a bpf_link to `target` (the pod's cgroup, its netns for
+/// sk_lookup, the SOCKHASH for the in-pod redirect) and pins the link at `path`.
 fn load_attach_pin_one(
     ebpf: &mut Ebpf,
     name: &str,
@@ -333,11 +322,9 @@ fn load_attach_pin_one(
     let pin_err = |e: Box<dyn std::error::Error + Send + Sync>| {
         InitError::kernel(format!("pin {}", path.display()), bpffs_hint)(e)
     };
-    let program = ebpf.program_mut(name).ok_or_else(|| InitError::Kernel {
-        what: format!("find program {name} in the embedded object"),
-        detail: "missing".into(),
-        fix: "rebuild with `cargo xtask build-ebpf`: the object does not match this binary".into(),
-    })?;
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| not_in_object(format!("program {name}")))?;
     // Cgroup bpf_links always behave as BPF_F_ALLOW_MULTI (the kernel rejects any flag on link
     // creation): other agents' programs on the same cgroup keep working, and a re-init can attach
     // the new set before detaching the old. `Single` is aya's name for "no flags".
@@ -361,23 +348,21 @@ fn load_attach_pin_one(
         progs::POST_BIND4 | progs::POST_BIND6 => {
             cgroup_link!(CgroupSock)
         }
-        // aya 0.14 attaches these two but cannot turn their links into pinnable ones: create and
-        // pin the link directly.
-        progs::GETSOCKOPT | progs::SK_LOOKUP => {
-            let (prog_fd, attach_type) = if name == progs::GETSOCKOPT {
-                let p: &mut CgroupSockopt = program.try_into().map_err(attach_err)?;
-                p.load().map_err(attach_err)?;
-                (
-                    p.fd().map_err(attach_err)?.as_fd(),
-                    crate::bpf::BPF_CGROUP_GETSOCKOPT,
-                )
-            } else {
-                let p: &mut SkLookup = program.try_into().map_err(attach_err)?;
-                p.load().map_err(attach_err)?;
-                (
-                    p.fd().map_err(attach_err)?.as_fd(),
-                    crate::bpf::BPF_SK_LOOKUP,
-                )
+        // aya 0.14 attaches these but cannot turn their links into pinnable ones (nor link an
+        // sk_msg program at all): create and pin the link directly.
+        progs::GETSOCKOPT | progs::SK_LOOKUP | progs::MSG_REDIRECT => {
+            // Loads the program as its type and gives its descriptor.
+            macro_rules! loaded {
+                ($program:ty) => {{
+                    let p: &mut $program = program.try_into().map_err(attach_err)?;
+                    p.load().map_err(attach_err)?;
+                    p.fd().map_err(attach_err)?.as_fd()
+                }};
+            }
+            let (prog_fd, attach_type) = match name {
+                progs::GETSOCKOPT => (loaded!(CgroupSockopt), crate::bpf::BPF_CGROUP_GETSOCKOPT),
+                progs::SK_LOOKUP => (loaded!(SkLookup), crate::bpf::BPF_SK_LOOKUP),
+                _ => (loaded!(SkMsg), crate::bpf::BPF_SK_MSG_VERDICT),
             };
             let link = crate::bpf::link_create(prog_fd, target, attach_type)
                 .map_err(|e| InitError::kernel(format!("attach {name}"), load_fix)(e.into()))?;

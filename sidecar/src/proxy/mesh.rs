@@ -315,32 +315,36 @@ impl Mesh {
 }
 
 /// Closes with RST (once the caller drops it), so that the client sees a failure as it would have
-/// without us. Except for an app whose blocking reader a reset may not reach (its end went
-/// through the in-pod redirect, see `orig_dst::reset_may_not_reach_app`): that one gets a FIN,
-/// after what it sent and we did not read is discarded (unread data would turn the close into a
-/// reset again).
+/// without us.
 pub(crate) fn reset(tcp: &TcpStream) {
-    if crate::orig_dst::reset_may_not_reach_app(tcp) {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(tcp);
-        let mut sink = [0u8; 4096];
-        // Bounded: what is queued now, at most 256 KiB. A plain non-blocking recv: tokio's
-        // try_read would not even try without a readiness event it has not seen.
-        for _ in 0..64 {
-            // SAFETY: `sink` is a live, writable buffer of the length passed.
-            let n =
-                unsafe { libc::recv(fd, sink.as_mut_ptr().cast(), sink.len(), libc::MSG_DONTWAIT) };
-            if n <= 0 {
-                break;
-            }
-        }
-        // SAFETY: a plain syscall on a socket we own.
-        if unsafe { libc::shutdown(fd, libc::SHUT_WR) } != 0 {
-            debug!(error = %io::Error::last_os_error(), "cannot shut down for writing");
-        }
-        return;
-    }
     if let Err(e) = tcp.set_zero_linger() {
         debug!(error = %e, "cannot set SO_LINGER 0");
+    }
+}
+
+/// [`reset`] for a client of `dir`. An app's outbound connection whose blocking reader a reset
+/// may not reach (its end went through the in-pod redirect, see
+/// `orig_dst::reset_may_not_reach_app`) gets a FIN instead, after what it sent and we did not
+/// read is discarded (unread data would turn the close into a reset again). Only outbound
+/// connections are asked about: the redirect never holds an inbound one.
+pub(crate) fn reset_client(tcp: &TcpStream, dir: Dir) {
+    if dir != Dir::Outbound || !crate::orig_dst::reset_may_not_reach_app(tcp) {
+        return reset(tcp);
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(tcp);
+    let mut sink = [0u8; 4096];
+    // Bounded: what is queued now, at most 256 KiB. A plain non-blocking recv: tokio's try_read
+    // would not even try without a readiness event it has not seen.
+    for _ in 0..64 {
+        // SAFETY: `sink` is a live, writable buffer of the length passed.
+        let n = unsafe { libc::recv(fd, sink.as_mut_ptr().cast(), sink.len(), libc::MSG_DONTWAIT) };
+        if n <= 0 {
+            break;
+        }
+    }
+    // SAFETY: a plain syscall on a socket we own.
+    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } != 0 {
+        debug!(error = %io::Error::last_os_error(), "cannot shut down for writing");
     }
 }
 

@@ -390,7 +390,7 @@ impl Accepted {
             Decision::Close | Decision::Tls => return Next::Done,
             Decision::Reset(err) => {
                 shared.telemetry.metrics.error(dir, err);
-                reset(client.tcp());
+                reset(client.tcp(), dir);
                 return Next::Done;
             }
             _ => {}
@@ -411,7 +411,7 @@ impl Accepted {
                     .telemetry
                     .metrics
                     .error(dir, ProxyError::InboundMtlsRequired);
-                reset(client.tcp());
+                reset(client.tcp(), dir);
                 Next::Done
             }
             Decision::Opaque
@@ -424,7 +424,7 @@ impl Accepted {
                     .telemetry
                     .metrics
                     .error(dir, ProxyError::InboundAuthzDenied);
-                reset(client.tcp());
+                reset(client.tcp(), dir);
                 Next::Done
             }
             Decision::Opaque => Next::Opaque(Opaque {
@@ -1316,7 +1316,7 @@ impl OpaqueCtx<'_> {
             }
             Err(err) => {
                 shared.telemetry.metrics.error(direction.dir(), err);
-                reset(client.tcp());
+                reset(client.tcp(), direction.dir());
             }
         }
     }
@@ -1348,8 +1348,8 @@ async fn relay<D: Downstream>(
 
 /// Closes with RST so that the client sees a failure (as it would have without us), not an
 /// orderly end of stream.
-fn reset(client: &TcpStream) {
-    super::mesh::reset(client);
+fn reset(client: &TcpStream, dir: Dir) {
+    super::mesh::reset_client(client, dir);
 }
 
 /// True if the upstream's first bytes are an HTTP/2 SETTINGS frame header (RFC 9113 3.4).
