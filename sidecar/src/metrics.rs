@@ -64,7 +64,7 @@ impl Dir {
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         match self {
             Dir::Inbound => 0,
             Dir::Outbound => 1,
@@ -79,6 +79,8 @@ pub struct ConnMetrics {
     pub opened: IntCounter,
     pub closed: IntCounter,
     pub active: IntGauge,
+    /// Idle kept-alive connections parked (also in `active`).
+    pub parked: IntGauge,
     pub received: IntCounter,
     pub sent: IntCounter,
     /// Upstream HTTP/1 connections open in the pool (idle, in use or being dialled).
@@ -219,6 +221,15 @@ impl ProxyMetrics {
             ),
             &["direction"],
         )?;
+        let parked = IntGaugeVec::new(
+            Opts::new(
+                "sidecar_tcp_connections_parked",
+                "Idle kept-alive HTTP/1 connections parked: no task, buffer or reactor \
+                 registration of their own until they speak (after --park-idle-after); also \
+                 counted as active",
+            ),
+            &["direction"],
+        )?;
         let received = dir_counter(
             "sidecar_tcp_received_bytes_total",
             "Bytes read from downstream connections",
@@ -302,6 +313,7 @@ impl ProxyMetrics {
             Box::new(opened.clone()),
             Box::new(closed.clone()),
             Box::new(active.clone()),
+            Box::new(parked.clone()),
             Box::new(received.clone()),
             Box::new(sent.clone()),
             Box::new(refused.clone()),
@@ -315,6 +327,7 @@ impl ProxyMetrics {
                 opened: opened.get_metric_with_label_values(&l)?,
                 closed: closed.get_metric_with_label_values(&l)?,
                 active: active.get_metric_with_label_values(&l)?,
+                parked: parked.get_metric_with_label_values(&l)?,
                 received: received.get_metric_with_label_values(&l)?,
                 sent: sent.get_metric_with_label_values(&l)?,
                 upstream_open: upstream_open.get_metric_with_label_values(&l)?,

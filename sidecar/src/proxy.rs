@@ -25,6 +25,8 @@ mod h2;
 #[cfg(test)]
 mod h2_abuse_tests;
 mod mesh;
+mod park;
+mod parked;
 mod pool;
 mod route;
 mod serve;
@@ -284,6 +286,18 @@ pub async fn start_observed(
         ..r
     });
     let max_connections = config.max_connections;
+    let parker = config.http.park_idle_after.and_then(|after| {
+        let gauges = [Dir::Inbound, Dir::Outbound]
+            .map(|dir| telemetry.metrics.conns(dir).parked.clone());
+        park::Parker::new(after, gauges)
+            .map_err(|e| {
+                warn!(
+                    error = %e,
+                    "cannot make the set of parked idle connections: idle ones keep their tasks"
+                );
+            })
+            .ok()
+    });
     let shared = Arc::new(Shared {
         outbound,
         inbound,
@@ -302,7 +316,17 @@ pub async fn start_observed(
         inbound_silent_dials: Default::default(),
         target_dest,
         transcode_upstreams: Default::default(),
+        parker,
     });
+    if shared.parker.is_some() {
+        let watcher = Arc::clone(&shared);
+        let stops = [Dir::Inbound, Dir::Outbound].map(|dir| watcher.stop_token(dir).clone());
+        tracker.spawn(async move {
+            if let Some(parker) = &watcher.parker {
+                parker.watch(stops).await;
+            }
+        });
+    }
     let outbound_kind = if shared.target_route.is_some() {
         Kind::Target
     } else {

@@ -95,6 +95,11 @@ impl<T> CountedIo<T> {
     pub fn new(io: T, conn: ConnGuard) -> Self {
         CountedIo { io, conn }
     }
+
+    /// The socket and the connection's books, apart (a parked connection keeps both).
+    pub fn into_parts(self) -> (T, ConnGuard) {
+        (self.io, self.conn)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for CountedIo<T> {

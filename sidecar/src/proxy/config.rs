@@ -30,6 +30,11 @@ pub const DEFAULT_H2_KEEPALIVE: Duration = Duration::from_secs(30);
 /// HTTP/2: a connection with no stream open for this long is closed (GOAWAY): nginx closes idle
 /// HTTP/2 connections after 75 s, Go after its IdleTimeout; clients reconnect when they need to.
 pub const DEFAULT_H2_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// HTTP/1 (native engine, plain sockets): a kept-alive client connection that has said nothing
+/// for this long gives up its task, its reactor registration and its buffers until it speaks
+/// again (`proxy/park.rs`), like nginx's idle keep-alive connections. Parking and waking cost
+/// a few system calls, so a connection busier than once a second never pays them.
+pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// Downstream connections per direction (outbound, inbound or `--target`); past it new ones
 /// are refused at accept (reset and counted) rather than everyone slowing down.
 pub const DEFAULT_MAX_DOWNSTREAM_CONNECTIONS: usize = 10_000;
@@ -54,6 +59,8 @@ pub struct HttpLimits {
     pub h2_idle_timeout: Duration,
     /// `--http1-engine`: who serves HTTP/1 clients.
     pub http1_engine: Http1Engine,
+    /// See [`DEFAULT_PARK_IDLE_AFTER`]; `None`: never.
+    pub park_idle_after: Option<Duration>,
 }
 
 /// Who serves HTTP/1 clients (`--http1-engine`).
@@ -86,6 +93,7 @@ impl Default for HttpLimits {
             h2_keepalive: DEFAULT_H2_KEEPALIVE,
             h2_idle_timeout: DEFAULT_H2_IDLE_TIMEOUT,
             http1_engine: Http1Engine::Native,
+            park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
         }
     }
 }

@@ -149,16 +149,26 @@ pub(crate) struct Client {
     clippy::manual_async_fn,
     reason = "an async fn keeps its arguments twice in its future"
 )]
-pub(crate) fn serve<D>(c: Client, mut io: D) -> impl Future<Output = ()> + Send
+pub(crate) fn serve<D>(
+    c: Client,
+    mut io: D,
+    how: Serve,
+) -> impl Future<Output = Option<Idle<D>>> + Send
 where
     D: AsyncRead + AsyncWrite + Unpin + Send,
 {
     async move {
         let mut inbuf = Inbuf::default();
-        let mut first = true;
         // One timer for the connection: the header timeout, then each exchange's deadline; and
-        // one registration with the drain.
-        let timer = tokio::time::sleep(c.shared.config.http.header_timeout);
+        // one registration with the drain. A resumed connection is past its first request, and
+        // its head is due by the deadline its wait began with (on the timer).
+        let (timer, mut wait) = match how {
+            Serve::Resumed(deadline) => (tokio::time::sleep_until(deadline), Wait::Resumed),
+            _ => (
+                tokio::time::sleep(c.shared.config.http.header_timeout),
+                Wait::First,
+            ),
+        };
         tokio::pin!(timer);
         let stopped = c.stop.clone().cancelled_owned();
         tokio::pin!(stopped);
@@ -172,7 +182,7 @@ where
                 &c,
                 &mut io,
                 &mut inbuf,
-                first,
+                wait,
                 timer.as_mut(),
                 stopped.as_mut(),
             )
@@ -180,6 +190,13 @@ where
             {
                 Got::Head(head) => head,
                 Got::Closed => break,
+                Got::Park(deadline) => {
+                    return Some(Idle {
+                        client: c,
+                        io,
+                        deadline,
+                    })
+                }
                 Got::TimedOut => {
                     c.shared
                         .telemetry
@@ -195,7 +212,11 @@ where
                     break;
                 }
             };
-            first = false;
+            wait = if matches!(how, Serve::Parkable | Serve::Resumed(_)) {
+                Wait::Parkable
+            } else {
+                Wait::Next
+            };
             // Boxed: an idle connection's task holds only the loop above, not an exchange's state.
             let keep = Box::pin(exchange(&c, &mut io, &mut inbuf, head, timer.as_mut())).await;
             if !keep || c.stop.is_cancelled() {
@@ -208,7 +229,44 @@ where
             Box::pin(refuse(&mut io, err)).await;
         }
         let _ = io.shutdown().await;
+        None
     }
+}
+
+/// How [`serve`] takes a connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Serve {
+    /// From its first request; never parked (a mesh TLS session: its state is not the socket's).
+    Whole,
+    /// From its first request; handed back as [`Idle`] once it has waited `--park-idle-after`
+    /// for its next one (a plain socket, which [`super::park`] can hold).
+    Parkable,
+    /// Woken from the parked set: its next request began to arrive (or the peer closed, or the
+    /// drain began). The head must be complete by this deadline, the one its wait began with;
+    /// parkable again after that request.
+    Resumed(Instant),
+}
+
+/// A kept-alive connection that said nothing for `--park-idle-after`, handed back by [`serve`]
+/// (nothing of its own is held but the client's state and the socket): its next request must
+/// be complete by `deadline`.
+pub(crate) struct Idle<D> {
+    pub(crate) client: Client,
+    pub(crate) io: D,
+    pub(crate) deadline: Instant,
+}
+
+/// Which head [`read_head`] waits for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// The connection's first.
+    First,
+    /// A next one.
+    Next,
+    /// A next one, parked (it returns [`Got::Park`]) after `--park-idle-after` of silence.
+    Parkable,
+    /// A next one, on a connection woken from the parked set: due by the timer's deadline.
+    Resumed,
 }
 
 /// Answers a request that could not be read (a malformed or oversized head) with `err`'s
@@ -232,6 +290,8 @@ enum Got {
     Head(Head),
     Closed,
     TimedOut,
+    /// Idle for `--park-idle-after` with nothing read: to be parked, its head due by then.
+    Park(Instant),
     Refused(ProxyError, &'static str),
 }
 
@@ -249,7 +309,7 @@ fn read_head<'a, D>(
     c: &'a Client,
     io: &'a mut D,
     inbuf: &'a mut Inbuf,
-    first: bool,
+    wait: Wait,
     mut timeout: Pin<&'a mut Sleep>,
     mut stopped: Pin<&'a mut WaitForCancellationFutureOwned>,
 ) -> impl Future<Output = Got> + 'a
@@ -257,13 +317,31 @@ where
     D: AsyncRead + Unpin,
 {
     async move {
+        let first = wait == Wait::First;
         // Read from the config where used, not held in a local: this future is in every idle
         // connection's.
-        let header_deadline = Instant::now() + c.shared.config.http.header_timeout;
-        timeout.as_mut().reset(header_deadline);
+        let now = Instant::now();
+        let header_deadline = if wait == Wait::Resumed {
+            timeout.deadline()
+        } else {
+            now + c.shared.config.http.header_timeout
+        };
+        // A kept-alive connection with nothing read is parked once it has waited this long: the
+        // timer runs to then first (and `parking` says so).
+        let park_at = match &c.shared.parker {
+            Some(parker) if wait == Wait::Parkable && inbuf.is_empty() => {
+                Some(now + parker.after).filter(|at| *at < header_deadline)
+            }
+            _ => None,
+        };
+        let mut parking = park_at.is_some();
+        timeout
+            .as_mut()
+            .reset(park_at.unwrap_or(header_deadline));
         // When the drain began, the connection's timer runs to whichever comes first of the header
-        // deadline and the drain's (no second timer in every idle connection).
-        let mut drain: Option<Instant> = None;
+        // deadline and the drain's (no second timer in every idle connection): a timer that
+        // fires before the header deadline is the drain's.
+        let mut draining = false;
         loop {
             if !inbuf.is_empty() {
                 match wire::parse_request(inbuf.data()) {
@@ -279,32 +357,40 @@ where
                     return Got::Refused(ProxyError::DownstreamHeadTooLarge, "head too large");
                 }
             }
-            if drain.is_none() && c.stop.is_cancelled() {
+            if !draining && c.stop.is_cancelled() {
                 if inbuf.is_empty() && !first {
                     return Got::Closed;
                 }
                 // A request under way when the drain begins (or a connection's first) gets the
                 // detection limit to arrive.
                 let at = Instant::now() + c.shared.config.detect_timeout;
-                drain = Some(at);
-                if at < header_deadline {
-                    timeout.as_mut().reset(at);
-                }
+                draining = true;
+                parking = false;
+                timeout.as_mut().reset(at.min(header_deadline));
             }
             let read = std::future::poll_fn(|cx| inbuf.poll_fill(cx, io));
             tokio::select! {
                 biased;
                 r = read => match r {
                     Ok(0) | Err(_) => return Got::Closed,
-                    Ok(_) => {}
+                    Ok(_) => {
+                        // The next request is arriving: its head has until the deadline.
+                        if parking {
+                            parking = false;
+                            timeout.as_mut().reset(header_deadline);
+                        }
+                    }
                 },
                 () = timeout.as_mut() => {
-                    return match drain {
+                    if parking {
+                        return Got::Park(header_deadline);
+                    }
+                    return match draining.then(|| timeout.deadline()) {
                         Some(at) if at < header_deadline => Got::Closed,
                         _ => Got::TimedOut,
                     };
                 }
-                () = stopped.as_mut(), if drain.is_none() => {}
+                () = stopped.as_mut(), if !draining => {}
             }
         }
     }

@@ -11,6 +11,7 @@ use super::config::{ProxyConfig, Resolvers, Telemetry};
 use super::connect::{Connector, Mesh, Predial, Source, Stash};
 use super::h2::H2Upstream;
 use super::mesh::Conn;
+use super::park::Parker;
 use super::pool::Pool;
 use super::route::{Origin, Route};
 use crate::metrics::access::{Observer, UpstreamName};
@@ -140,6 +141,8 @@ pub(crate) struct Shared {
     /// Transcoded gRPC ports: one HTTP/2 connection to the app per original destination,
     /// multiplexing the calls of every HTTP/1 client (bounded by the configured ports).
     pub(crate) transcode_upstreams: std::sync::Mutex<HashMap<SocketAddr, Arc<H2Upstream>>>,
+    /// Idle kept-alive connections without a task (`--park-idle-after`; `None`: never).
+    pub(crate) parker: Option<Parker>,
 }
 
 impl Shared {

@@ -12,7 +12,8 @@ use tracing::debug;
 use super::config::Http1Engine;
 use super::detect::{client_bytes, wait_until, H2_PREFACE};
 use super::forward::{error_response, forward_h1};
-use super::h1;
+use super::h1::{self, Serve};
+use super::parked;
 use super::serve::{serve_http, Protocol};
 use super::shared::Shared;
 use crate::error::{Chain, ProxyError};
@@ -67,7 +68,10 @@ pub(crate) fn serve(
                     transcode: None,
                     shared: Arc::clone(&shared),
                 };
-                h1::serve(engine, CountedIo::new(client, conn)).await;
+                let io = CountedIo::new(client, conn);
+                if let Some(idle) = h1::serve(engine, io, Serve::Parkable).await {
+                    parked::park(idle, None);
+                }
             }
             return;
         }

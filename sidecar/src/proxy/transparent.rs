@@ -59,7 +59,8 @@ use super::detect::{
 };
 use super::forward::error_response;
 use super::forward::{forward_h1, forward_h2};
-use super::h1;
+use super::h1::{self, Serve};
+use super::parked;
 use super::h2::H2Upstream;
 use super::mesh::Downstream;
 use super::route::{Origin, Resolved, Route};
@@ -129,7 +130,7 @@ pub(crate) fn serve(
         phase: Phase::Detecting {
             fut: Box::pin(detect(shared, direction, client, peer, conn)),
         },
-        native: h1::serve::<CountedIo<TcpStream>>,
+        native: |engine, client| h1::serve::<CountedIo<TcpStream>>(engine, client, Serve::Parkable),
     }
 }
 
@@ -157,7 +158,7 @@ pin_project! {
 impl<M, H> Future for Connection<M, H>
 where
     M: FnMut(h1::Client, CountedIo<TcpStream>) -> H,
-    H: Future<Output = ()>,
+    H: Future<Output = Option<h1::Idle<CountedIo<TcpStream>>>>,
 {
     type Output = ();
 
@@ -192,8 +193,12 @@ where
                     };
                     this.phase.set(next);
                 }
-                PhaseProj::Native { fut, .. } => {
-                    ready!(fut.poll(cx));
+                PhaseProj::Native { fut, parked } => {
+                    // Idle for `--park-idle-after`: parked (this task ends), with the
+                    // connection dialled during its detection if nobody took it yet.
+                    if let Some(idle) = ready!(fut.poll(cx)) {
+                        parked::park(idle, parked.take());
+                    }
                     this.phase.set(Phase::Done);
                 }
                 PhaseProj::Boxed { fut } => {
@@ -925,7 +930,8 @@ impl<D: Downstream> Serving<D> {
                 client,
                 parked,
             } => {
-                h1::serve(engine, client).await;
+                // A mesh TLS session (its state is not the socket's): never parked.
+                h1::serve(engine, client, Serve::Whole).await;
                 drop(parked);
             }
             Serving::Hyper(fut) => fut.await,

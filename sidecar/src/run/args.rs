@@ -163,6 +163,16 @@ pub struct RunArgs {
     )]
     pub http2_idle_timeout: String,
 
+    /// HTTP/1: a kept-alive client connection that has said nothing for this long gives up its
+    /// task and buffers until it speaks again (0s: never)
+    #[arg(
+        long,
+        env = "SIDECAR_PARK_IDLE_AFTER",
+        value_name = "DURATION",
+        default_value = "1s"
+    )]
+    pub park_idle_after: String,
+
     /// Downstream connections per direction (outbound, inbound); past it new ones are reset at
     /// accept and counted
     #[arg(

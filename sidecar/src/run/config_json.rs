@@ -125,6 +125,7 @@ pub fn config_json(settings: &Settings, proxy: &proxy::Proxy) -> serde_json::Val
         "http2_max_concurrent_streams": p.http.h2_max_concurrent_streams,
         "http2_keepalive": fmt_duration(p.http.h2_keepalive),
         "http2_idle_timeout": fmt_duration(p.http.h2_idle_timeout),
+        "park_idle_after": fmt_duration(p.http.park_idle_after.unwrap_or_default()),
         "max_downstream_connections": p.max_connections,
         "inbound_max_connections": p.inbound_max_connections,
         "workers": settings.workers,

@@ -316,6 +316,11 @@ impl Settings {
             &args.http2_keepalive,
             false,
         );
+        let park_idle_after = duration(
+            "--park-idle-after / SIDECAR_PARK_IDLE_AFTER",
+            &args.park_idle_after,
+            true,
+        );
         let h2_idle_timeout = duration(
             "--http2-idle-timeout / SIDECAR_HTTP2_IDLE_TIMEOUT",
             &args.http2_idle_timeout,
@@ -388,6 +393,7 @@ impl Settings {
             h2_max_concurrent_streams,
             h2_keepalive,
             h2_idle_timeout,
+            park_idle_after,
         ) {
             (
                 Some(header_timeout),
@@ -395,6 +401,7 @@ impl Settings {
                 Some(streams),
                 Some(h2_keepalive),
                 Some(h2_idle_timeout),
+                Some(park_idle_after),
             ) => Some(HttpLimits {
                 header_timeout,
                 max_header_bytes,
@@ -402,6 +409,7 @@ impl Settings {
                 h2_keepalive,
                 h2_idle_timeout,
                 http1_engine: http1_engine.unwrap_or_default(),
+                park_idle_after: Some(park_idle_after).filter(|d| !d.is_zero()),
             }),
             _ => None,
         };

@@ -85,16 +85,29 @@ fn give_buf(buf: Vec<u8>) {
 }
 
 /// Bytes read from one side and not yet used: `buf[start..end]`. Without a buffer while idle.
+/// The offsets are `u32` (a buffer never grows past [`MAX_INBUF`]): 8 bytes less in every
+/// connection's future.
 #[derive(Default)]
 pub(crate) struct Inbuf {
     buf: Vec<u8>,
-    start: usize,
-    end: usize,
+    start: u32,
+    end: u32,
 }
 
+/// The most an [`Inbuf`] grows to, whatever `max_header_bytes` says.
+const MAX_INBUF: usize = u32::MAX as usize;
+
 impl Inbuf {
+    fn start(&self) -> usize {
+        self.start as usize
+    }
+
+    fn end(&self) -> usize {
+        self.end as usize
+    }
+
     pub(crate) fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
+        &self.buf[self.start()..self.end()]
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -102,12 +115,13 @@ impl Inbuf {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.end - self.start
+        self.end() - self.start()
     }
 
     pub(crate) fn consume(&mut self, n: usize) {
-        self.start += n;
-        debug_assert!(self.start <= self.end);
+        debug_assert!(n <= self.len());
+        // At most `len()`, which fits.
+        self.start += n as u32;
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -125,12 +139,13 @@ impl Inbuf {
     /// True if the buffer is full and holds one unfinished item from its start: growing it is
     /// the only way to read more.
     pub(crate) fn is_full(&self) -> bool {
-        !self.buf.is_empty() && self.start == 0 && self.end == self.buf.len()
+        !self.buf.is_empty() && self.start == 0 && self.end() == self.buf.len()
     }
 
     /// Grows the buffer by half a [`BUF`], up to `max` bytes; false if it is that big already (a head
     /// just over one buffer costs half a buffer more, not a whole one).
     pub(crate) fn grow(&mut self, max: usize) -> bool {
+        let max = max.min(MAX_INBUF);
         let len = self.buf.len();
         if len >= max {
             return false;
@@ -152,19 +167,22 @@ impl Inbuf {
             // nothing, no buffer is held.
             self.buf = take_buf();
         }
-        if self.end == self.buf.len() && self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
+        if self.end() == self.buf.len() && self.start > 0 {
+            let live = self.start()..self.end();
+            self.buf.copy_within(live, 0);
             self.end -= self.start;
             self.start = 0;
         }
-        if self.end == self.buf.len() {
+        if self.end() == self.buf.len() {
             return Poll::Ready(Err(io::Error::other("buffer full")));
         }
-        let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
+        let end = self.end();
+        let mut rb = ReadBuf::new(&mut self.buf[end..]);
         match Pin::new(src).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
-                self.end += n;
+                // The buffer is at most MAX_INBUF long: the new end fits.
+                self.end += n as u32;
                 Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),

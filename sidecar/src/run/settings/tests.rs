@@ -104,6 +104,7 @@ fn defaults() -> RunArgs {
         http2_max_concurrent_streams: "100".into(),
         http2_keepalive: "30s".into(),
         http2_idle_timeout: "5m".into(),
+        park_idle_after: "1s".into(),
         max_downstream_connections: "10000".into(),
         inbound_max_connections: "1024".into(),
         max_connections_per_destination: None,
