@@ -26,6 +26,8 @@ mod h2;
 mod h2_abuse_tests;
 mod mesh;
 mod park;
+#[cfg(test)]
+mod park_tests;
 mod parked;
 mod pool;
 mod route;

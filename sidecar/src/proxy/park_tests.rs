@@ -1,0 +1,268 @@
+//! Parked idle connections (`park.rs`, `parked.rs`) on a real proxy: a kept-alive connection
+//! that goes quiet leaves its task and comes back for its next request, in both modes and in
+//! numbers past one look at the set; it keeps its header deadline, closes when its peer does,
+//! and the drain closes it.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use super::*;
+use crate::error::ProxyError;
+use crate::metrics::ProxyMetrics;
+
+const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+async fn guard<T>(fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), fut)
+        .await
+        .expect("test hung")
+}
+
+/// Yields until `done` holds (`guard` bounds it): the proxy's tasks and timers run meanwhile.
+async fn until(mut done: impl FnMut() -> bool) {
+    while !done() {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// An upstream that answers every request head on a connection with [`ANSWER`], keeping it
+/// open.
+async fn keep_alive_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        if s.write_all(ANSWER).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A proxy in front of `upstream` (interception, or `--target` mode) that parks idle
+/// connections after 50 ms, its configuration adjusted by `configure`.
+async fn parking_proxy(
+    upstream: SocketAddr,
+    target: bool,
+    configure: impl FnOnce(&mut ProxyConfig),
+) -> (Proxy, SocketAddr, Arc<ProxyMetrics>) {
+    let metrics = ProxyMetrics::unregistered();
+    let mut config = ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]);
+    if target {
+        config.target = Some(Target::parse(&format!("http://{upstream}")).unwrap());
+    }
+    config.http.park_idle_after = Some(Duration::from_millis(50));
+    config.http.header_timeout = Duration::from_secs(600);
+    configure(&mut config);
+    let telemetry = Telemetry {
+        metrics: Arc::clone(&metrics),
+        access_log: false,
+    };
+    let fixed: Resolver = Arc::new(move |_: &TcpStream| Ok(upstream));
+    let resolvers = Resolvers {
+        outbound: Arc::clone(&fixed),
+        inbound: fixed,
+    };
+    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
+    let addr = proxy.local_addrs()[0];
+    (proxy, addr, metrics)
+}
+
+/// Sends one request on `c` and reads its answer.
+async fn exchange(c: &mut TcpStream, path: &str) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nX-Case: Kept\r\n\r\n");
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.ends_with(b"ok") {
+        let n = c.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"), "{got:?}");
+}
+
+async fn read_to_close(c: &mut TcpStream) -> Vec<u8> {
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest).await;
+    rest
+}
+
+fn dir_of(target: bool) -> Dir {
+    if target {
+        Dir::Inbound
+    } else {
+        Dir::Outbound
+    }
+}
+
+/// A quiet connection is parked (still open and counted active) and its next request is
+/// served as if it had never left; it parks again, and closing it while parked ends it.
+#[tokio::test]
+async fn a_quiet_connection_parks_and_its_next_request_is_served() {
+    for target in [false, true] {
+        let upstream = keep_alive_upstream().await;
+        let (proxy, addr, metrics) = parking_proxy(upstream, target, |_| {}).await;
+        let conns = metrics.conns(dir_of(target)).clone();
+        guard(async {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            exchange(&mut c, "/one").await;
+            until(|| conns.parked.get() == 1).await;
+            assert_eq!(conns.active.get(), 1, "a parked connection is open");
+            for path in ["/two", "/three"] {
+                exchange(&mut c, path).await;
+                until(|| conns.parked.get() == 1).await;
+            }
+            drop(c);
+            until(|| conns.active.get() == 0).await;
+            assert_eq!(conns.parked.get(), 0, "target={target}");
+            assert_eq!(
+                metrics.error_count(dir_of(target), ProxyError::DownstreamHeaderTimeout),
+                0
+            );
+        })
+        .await;
+        proxy.stop_all();
+    }
+}
+
+/// More connections than one look at the set takes (64) park and all come back at once.
+#[tokio::test]
+async fn hundreds_of_parked_connections_wake_together() {
+    let upstream = keep_alive_upstream().await;
+    let (proxy, addr, metrics) = parking_proxy(upstream, false, |_| {}).await;
+    let conns = metrics.conns(Dir::Outbound).clone();
+    const N: usize = 200;
+    guard(async {
+        let mut clients = Vec::new();
+        for i in 0..N {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            exchange(&mut c, &format!("/first/{i}")).await;
+            clients.push(c);
+        }
+        until(|| conns.parked.get() == N as i64).await;
+        // Every client speaks before any answer is read: they wake together.
+        for c in &mut clients {
+            c.write_all(b"GET /again HTTP/1.1\r\nHost: app.test\r\n\r\n")
+                .await
+                .unwrap();
+        }
+        for c in &mut clients {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 256];
+            while !got.ends_with(b"ok") {
+                let n = c.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&chunk[..n]);
+            }
+        }
+        until(|| conns.parked.get() == N as i64).await;
+        assert_eq!(conns.active.get(), N as i64);
+    })
+    .await;
+    proxy.stop_all();
+}
+
+/// Parked, a connection keeps the deadline its wait began with: silent, it is closed then and
+/// counted as a header timeout; a head begun after it woke does not get a new one (a client
+/// cannot stretch the header timeout by parking).
+#[tokio::test]
+async fn a_parked_connection_keeps_its_header_deadline() {
+    let upstream = keep_alive_upstream().await;
+    let timeout = Duration::from_millis(1500);
+    let (proxy, addr, metrics) =
+        parking_proxy(upstream, false, |c| c.http.header_timeout = timeout).await;
+    let conns = metrics.conns(Dir::Outbound).clone();
+    guard(async {
+        // Silent.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        exchange(&mut silent, "/").await;
+        let answered = Instant::now();
+        until(|| conns.parked.get() == 1).await;
+        assert!(read_to_close(&mut silent).await.is_empty());
+        assert!(answered.elapsed() >= timeout - Duration::from_millis(100));
+        let timeouts = || metrics.error_count(Dir::Outbound, ProxyError::DownstreamHeaderTimeout);
+        until(|| timeouts() == 1).await;
+
+        // A head begun late: woken with the header timeout nearly spent.
+        let mut late = TcpStream::connect(addr).await.unwrap();
+        exchange(&mut late, "/").await;
+        let answered = Instant::now();
+        until(|| conns.parked.get() == 1).await;
+        tokio::time::sleep_until(answered + timeout * 2 / 3).await;
+        late.write_all(b"GET /late HTTP/1.1\r\n").await.unwrap();
+        until(|| conns.parked.get() == 0).await;
+        let rest = read_to_close(&mut late).await;
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+        // Closed at the first deadline, not one renewed when it woke (2/3 later).
+        let took = answered.elapsed();
+        assert!(
+            took < timeout + timeout * 2 / 3 - Duration::from_millis(200),
+            "closed {took:?} after its answer: the deadline was renewed"
+        );
+        until(|| timeouts() == 2).await;
+        until(|| conns.active.get() == 0).await;
+    })
+    .await;
+    proxy.stop_all();
+}
+
+/// The drain wakes parked connections and they close as idle connections do; the proxy's
+/// shutdown finishes with them.
+#[tokio::test]
+async fn the_drain_closes_parked_connections() {
+    let upstream = keep_alive_upstream().await;
+    let (proxy, addr, metrics) = parking_proxy(upstream, false, |_| {}).await;
+    let conns = metrics.conns(Dir::Outbound).clone();
+    guard(async {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        exchange(&mut c, "/").await;
+        until(|| conns.parked.get() == 1).await;
+        let closing = tokio::spawn(async move { read_to_close(&mut c).await });
+        assert!(
+            proxy.shutdown(Duration::from_secs(10)).await,
+            "every connection ended within the drain"
+        );
+        assert!(closing.await.unwrap().is_empty(), "closed without a word");
+        assert_eq!(conns.parked.get(), 0);
+        assert_eq!(conns.active.get(), 0);
+    })
+    .await;
+}
+
+/// `--park-idle-after 0s`: idle connections keep their tasks (nothing is parked).
+#[tokio::test]
+async fn parking_can_be_turned_off() {
+    let upstream = keep_alive_upstream().await;
+    let (proxy, addr, metrics) =
+        parking_proxy(upstream, false, |c| c.http.park_idle_after = None).await;
+    let conns = metrics.conns(Dir::Outbound).clone();
+    guard(async {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        exchange(&mut c, "/").await;
+        assert!(proxy.shared.parker.is_none(), "no parked set");
+        // Idle long past when it would have parked: still served by its own task.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(conns.parked.get(), 0);
+        exchange(&mut c, "/again").await;
+    })
+    .await;
+    proxy.stop_all();
+}
