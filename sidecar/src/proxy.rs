@@ -289,9 +289,10 @@ pub async fn start_observed(
     });
     let max_connections = config.max_connections;
     let parker = config.http.park_idle_after.and_then(|after| {
-        let gauges = [Dir::Inbound, Dir::Outbound]
-            .map(|dir| telemetry.metrics.conns(dir).parked.clone());
-        park::Parker::new(after, gauges)
+        let gauges =
+            [Dir::Inbound, Dir::Outbound].map(|dir| telemetry.metrics.conns(dir).parked.clone());
+        park::Parker::<parked::Dormant>::new(after, gauges)
+            .map(|p| Box::new(p) as Box<dyn park::ParkSet>)
             .map_err(|e| {
                 warn!(
                     error = %e,

@@ -119,6 +119,11 @@ impl Options {
 
 /// How long holding the idle connections may take to set up (1,000 requests one after another).
 const IDLE_HOLD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the sidecar may take to park the held connections (it parks after 1 s of silence).
+const IDLE_PARK_TIMEOUT: Duration = Duration::from_secs(20);
+/// The sidecar's admin port, in the network namespace of the load generator for the targets
+/// whose held connections it parks (see [`Target::parks_idle`]).
+const SIDECAR_METRICS: &str = "http://127.0.0.1:15090/metrics";
 
 /// Durations and loads of one run.
 #[derive(Debug, Clone)]
@@ -619,6 +624,47 @@ impl Meter<'_> {
     }
 }
 
+/// Waits until the sidecar (its admin port seen from `load`'s network) has parked `n`
+/// connections.
+fn wait_parked(lab: &mut Lab, tools: &Tools, load: &Place, n: u32) -> Result<()> {
+    let want = f64::from(n);
+    let mut last = Ok(0.0);
+    let parked = lab::poll(IDLE_PARK_TIMEOUT, || {
+        last = parked_count(lab, tools, load);
+        matches!(last, Ok(p) if p >= want)
+    });
+    if parked {
+        return Ok(());
+    }
+    let active = admin_metric(lab, tools, load, "sidecar_tcp_connections_active");
+    bail!(
+        "the sidecar did not park the {n} held idle connections within {IDLE_PARK_TIMEOUT:?} \
+         (sidecar_tcp_connections_parked: {last:?}, sidecar_tcp_connections_active: {active:?})"
+    )
+}
+
+/// `sidecar_tcp_connections_parked` of the sidecar whose admin port is in `load`'s network.
+fn parked_count(lab: &mut Lab, tools: &Tools, load: &Place) -> Result<f64> {
+    admin_metric(lab, tools, load, "sidecar_tcp_connections_parked")
+}
+
+/// The sum of `series` on the sidecar's admin port in `load`'s network. Asked from a cgroup of
+/// its own: stopping a process stops its cgroup's, and the load's holds connections (outside
+/// the pod, the question is not captured either).
+fn admin_metric(lab: &mut Lab, tools: &Tools, load: &Place, series: &str) -> Result<f64> {
+    let cgroup = match lab.cgroup_path("admin-client") {
+        made if made.exists() => made,
+        _ => lab.cgroup("admin-client")?,
+    };
+    let place = Place {
+        net: load.net,
+        cgroup,
+        cpu: load.cpu,
+        proxy_user: false,
+    };
+    load::metric_sum(lab, tools, &place, SIDECAR_METRICS, series)
+}
+
 fn phases(
     lab: &mut Lab,
     tools: &Tools,
@@ -635,16 +681,45 @@ fn phases(
     }
     // Memory per idle client connection, first, on a fresh proxy: what its RSS grows by while
     // it holds connections that were each answered once and then say nothing (with the
-    // upstream's keep-alive pool, as for every proxy here).
+    // upstream's keep-alive pool, as for every proxy here), sampled as soon as all are held
+    // (`idle_conn_kib`). Then what the next as many cost on top (`idle_next_conn_kib`): the
+    // sidecar parks a connection quiet for a second (freeing its task for the next ones), so
+    // the first ones are given that time first, and the sidecar says when it has parked them;
+    // the others have nothing to wait for.
+    if m.live.target.parks_idle() {
+        // Asked once before too, so that what its first answer allocates is not counted as
+        // the connections'.
+        parked_count(lab, tools, &place).context("the sidecar's metrics before holding")?;
+    }
     if let Some(before) = m.rss_mib() {
-        let mut holding = load::hold_idle(lab, tools, &place, &url, plan.idle_connections)?;
-        let held = holding.wait_held(IDLE_HOLD_TIMEOUT);
-        let during = m.rss_mib();
-        holding.stop(lab)?;
-        held.context("idle connections")?;
-        if let Some(during) = during {
-            let kib = (during - before) * 1024.0 / f64::from(plan.idle_connections);
-            s.set("idle_conn_kib", kib);
+        let n = plan.idle_connections;
+        let per_conn = |from: f64, to: f64| (to - from) * 1024.0 / f64::from(n);
+        let mut first = load::hold_idle(lab, tools, &place, &url, n)?;
+        let held = first.wait_held(IDLE_HOLD_TIMEOUT);
+        let fresh = m.rss_mib();
+        let mut next = None;
+        let measured = held.and_then(|()| {
+            if m.live.target.parks_idle() {
+                wait_parked(lab, tools, &place, n)?;
+            }
+            let mid = m.rss_mib();
+            let second = next.insert(load::hold_idle(lab, tools, &place, &url, n)?);
+            second.wait_held(IDLE_HOLD_TIMEOUT)?;
+            if m.live.target.parks_idle() {
+                wait_parked(lab, tools, &place, 2 * n)?;
+            }
+            Ok((mid, m.rss_mib()))
+        });
+        if let Some(second) = next {
+            second.stop(lab)?;
+        }
+        first.stop(lab)?;
+        let (mid, after) = measured.context("idle connections")?;
+        if let Some(fresh) = fresh {
+            s.set("idle_conn_kib", per_conn(before, fresh));
+        }
+        if let (Some(mid), Some(after)) = (mid, after) {
+            s.set("idle_next_conn_kib", per_conn(mid, after));
         }
     }
     if !plan.warmup.is_zero() {

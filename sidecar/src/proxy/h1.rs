@@ -330,14 +330,12 @@ where
         // timer runs to then first (and `parking` says so).
         let park_at = match &c.shared.parker {
             Some(parker) if wait == Wait::Parkable && inbuf.is_empty() => {
-                Some(now + parker.after).filter(|at| *at < header_deadline)
+                Some(now + parker.after()).filter(|at| *at < header_deadline)
             }
             _ => None,
         };
         let mut parking = park_at.is_some();
-        timeout
-            .as_mut()
-            .reset(park_at.unwrap_or(header_deadline));
+        timeout.as_mut().reset(park_at.unwrap_or(header_deadline));
         // When the drain began, the connection's timer runs to whichever comes first of the header
         // deadline and the drain's (no second timer in every idle connection): a timer that
         // fires before the header deadline is the drain's.

@@ -116,9 +116,12 @@ async fn native(proxy: &Proxy, pieces: Vec<Vec<u8>>) -> Vec<u8> {
         pieces: pieces.into(),
         out: Arc::clone(&out),
     };
-    tokio::time::timeout(Duration::from_secs(10), h1::serve(client, io, h1::Serve::Whole))
-        .await
-        .expect("the engine ended the connection");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        h1::serve(client, io, h1::Serve::Whole),
+    )
+    .await
+    .expect("the engine ended the connection");
     let out = out.lock().unwrap().clone();
     out
 }

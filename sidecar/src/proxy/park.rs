@@ -15,13 +15,20 @@
 //! Only plain sockets are parked (a mesh TLS session's state is not the socket's), and only
 //! after a request was answered and nothing of the next one was read.
 //!
+//! A parked connection is kept inline in the set's vector, and what it held on the heap while
+//! it had a task (the task, the readiness registration, its route and observer) is freed, for
+//! the next connections to use.
+//!
 //! This file is the set itself; what a parked HTTP/1 connection keeps, and how it is served
-//! again, is `parked.rs` (the set knows it as a [`Sleeper`]: this file imports nothing of the
-//! engine, which reads `--park-idle-after` from the set).
+//! again, is `parked.rs` (the set knows it as a [`Sleeper`], and the proxy's shared state knows
+//! the set as a [`ParkSet`]: this file imports nothing of the engine).
+use std::any::Any;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -37,36 +44,63 @@ use crate::metrics::Dir;
 /// Events taken from the parked set per look.
 const EVENTS: usize = 64;
 
-/// A parked connection, as the set sees it.
-pub(crate) trait Sleeper: Send {
+/// A parked connection, as the set sees it (kept inline in the set's vector).
+pub(crate) trait Sleeper: Send + Sized + 'static {
     /// Its socket.
     fn fd(&self) -> RawFd;
     fn dir(&self) -> Dir;
     /// Its next request head is due by then.
     fn deadline(&self) -> Instant;
     /// Serves it again in a task of its own: it spoke, closed, or its direction is draining.
-    fn wake(self: Box<Self>);
+    fn wake(self);
     /// Its deadline passed: closes it, counted as the header timeout it is.
-    fn expire(self: Box<Self>);
+    fn expire(self);
+}
+
+/// A parked set as the proxy's shared state holds it, without naming what it parks.
+pub(crate) trait ParkSet: Send + Sync {
+    /// `--park-idle-after`.
+    fn after(&self) -> Duration;
+    /// See [`Parker::watch`].
+    fn watch(&self, stops: [CancellationToken; 2])
+        -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// The set itself, for the code that parks into it ([`Parker::of`]).
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Sleeper> ParkSet for Parker<T> {
+    fn after(&self) -> Duration {
+        self.after
+    }
+
+    fn watch(
+        &self,
+        stops: [CancellationToken; 2],
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(Parker::watch(self, stops))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
 
 /// The parked set of one proxy.
-pub(crate) struct Parker {
+pub(crate) struct Parker<T> {
     epoll: AsyncFd<OwnedFd>,
     /// `--park-idle-after`.
-    pub(crate) after: Duration,
-    state: Mutex<State>,
+    after: Duration,
+    state: Mutex<State<T>>,
     /// An earlier deadline than the watcher's timer, or the first one.
     changed: Notify,
     /// `sidecar_tcp_connections_parked`, per direction (`Dir::index`).
     gauges: [IntGauge; 2],
 }
 
-#[derive(Default)]
-struct State {
+struct State<T> {
     /// Index = the low half of a connection's epoll key; the generation (the high half) tells a
     /// reused slot from the one an old event or deadline meant.
-    slots: Vec<Slot>,
+    slots: Vec<Slot<T>>,
     free: Vec<u32>,
     /// (deadline, key), earliest first; entries of connections woken since are stale, and
     /// skipped when they come up.
@@ -75,10 +109,20 @@ struct State {
     draining: [bool; 2],
 }
 
-#[derive(Default)]
-struct Slot {
+impl<T> Default for State<T> {
+    fn default() -> Self {
+        State {
+            slots: Vec::new(),
+            free: Vec::new(),
+            deadlines: BinaryHeap::new(),
+            draining: [false; 2],
+        }
+    }
+}
+
+struct Slot<T> {
     generation: u32,
-    sleeper: Option<Box<dyn Sleeper>>,
+    sleeper: Option<T>,
 }
 
 fn key(index: u32, generation: u32) -> u64 {
@@ -90,10 +134,10 @@ fn split(key: u64) -> (usize, u32) {
     ((key & 0xffff_ffff) as usize, (key >> 32) as u32)
 }
 
-impl Parker {
+impl<T: Sleeper> Parker<T> {
     /// The parked set, or the reason there cannot be one (the proxy then keeps idle connections
     /// in their tasks). `gauges`: the parked connections per direction (`Dir::index`).
-    pub(crate) fn new(after: Duration, gauges: [IntGauge; 2]) -> io::Result<Parker> {
+    pub(crate) fn new(after: Duration, gauges: [IntGauge; 2]) -> io::Result<Parker<T>> {
         // SAFETY: no pointers; the result is checked.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -114,7 +158,12 @@ impl Parker {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    /// The set of `T`s behind `set`, if that is what it is.
+    pub(crate) fn of(set: &dyn ParkSet) -> Option<&Parker<T>> {
+        set.as_any().downcast_ref()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
         // Every operation under the lock leaves the state consistent before anything can panic.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -134,13 +183,13 @@ impl Parker {
 
     /// Parks `sleeper` (the caller's task may end), or wakes it at once if its direction is
     /// draining or the kernel refuses to watch it.
-    pub(crate) fn park(&self, sleeper: Box<dyn Sleeper>) {
+    pub(crate) fn park(&self, sleeper: T) {
         if let Err(sleeper) = self.insert(sleeper) {
             sleeper.wake();
         }
     }
 
-    fn insert(&self, sleeper: Box<dyn Sleeper>) -> Result<(), Box<dyn Sleeper>> {
+    fn insert(&self, sleeper: T) -> Result<(), T> {
         let dir = sleeper.dir();
         let mut state = self.lock();
         if state.draining[dir.index()] {
@@ -152,7 +201,10 @@ impl Parker {
                 let Ok(i) = u32::try_from(state.slots.len()) else {
                     return Err(sleeper);
                 };
-                state.slots.push(Slot::default());
+                state.slots.push(Slot {
+                    generation: 0,
+                    sleeper: None,
+                });
                 i
             }
         };
@@ -180,7 +232,7 @@ impl Parker {
     }
 
     /// Takes the connection `key` names out of the set, if it is still there.
-    fn take(&self, state: &mut State, key: u64) -> Option<Box<dyn Sleeper>> {
+    fn take(&self, state: &mut State<T>, key: u64) -> Option<T> {
         let (index, generation) = split(key);
         let slot = state.slots.get_mut(index)?;
         if slot.generation != generation {
@@ -321,4 +373,10 @@ impl Parker {
             sleeper.wake();
         }
     }
+}
+
+/// The bytes one parked connection of type `T` takes in the set's vector.
+#[cfg(test)]
+pub(crate) fn slot_size<T>() -> usize {
+    size_of::<Slot<T>>()
 }

@@ -266,3 +266,14 @@ async fn parking_can_be_turned_off() {
     .await;
     proxy.stop_all();
 }
+
+/// What a parked connection keeps is its slot in the set's vector (plus the kernel's epoll
+/// entry): its engine state, with its route and observer by value, its socket, its books and its
+/// deadline. The task (640 bytes), readiness registration (256) and the route's and observer's
+/// allocations it had are freed.
+#[test]
+fn a_parked_connection_is_its_slot() {
+    let size = super::park::slot_size::<super::parked::Dormant>();
+    eprintln!("a parked connection's slot: {size} bytes");
+    assert!(size <= 400, "a parked connection's slot is {size} bytes");
+}

@@ -11,7 +11,7 @@ use super::config::{ProxyConfig, Resolvers, Telemetry};
 use super::connect::{Connector, Mesh, Predial, Source, Stash};
 use super::h2::H2Upstream;
 use super::mesh::Conn;
-use super::park::Parker;
+use super::park::ParkSet;
 use super::pool::Pool;
 use super::route::{Origin, Route};
 use crate::metrics::access::{Observer, UpstreamName};
@@ -142,7 +142,7 @@ pub(crate) struct Shared {
     /// multiplexing the calls of every HTTP/1 client (bounded by the configured ports).
     pub(crate) transcode_upstreams: std::sync::Mutex<HashMap<SocketAddr, Arc<H2Upstream>>>,
     /// Idle kept-alive connections without a task (`--park-idle-after`; `None`: never).
-    pub(crate) parker: Option<Parker>,
+    pub(crate) parker: Option<Box<dyn ParkSet>>,
 }
 
 impl Shared {

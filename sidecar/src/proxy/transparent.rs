@@ -60,9 +60,9 @@ use super::detect::{
 use super::forward::error_response;
 use super::forward::{forward_h1, forward_h2};
 use super::h1::{self, Serve};
-use super::parked;
 use super::h2::H2Upstream;
 use super::mesh::Downstream;
+use super::parked;
 use super::route::{Origin, Resolved, Route};
 use super::serve::{serve_http, Protocol};
 use super::shared::{Direction, Shared, SilentDial};

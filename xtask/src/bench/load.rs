@@ -338,6 +338,37 @@ impl Holding {
     }
 }
 
+/// The sum of every `series{...}` line in the Prometheus text at `url` (curl from `place`).
+pub fn metric_sum(
+    lab: &mut Lab,
+    tools: &Tools,
+    place: &Place,
+    url: &str,
+    series: &str,
+) -> Result<f64> {
+    let args = vec!["-sS".into(), "--max-time".into(), "3".into(), url.into()];
+    let run = start(
+        lab,
+        place,
+        "curl",
+        &tools.curl,
+        &args,
+        Duration::from_secs(3),
+    )?;
+    let out = run.finish(lab)?;
+    let prefix = format!("{series}{{");
+    let values: Vec<f64> = out
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    if values.is_empty() {
+        let start: String = out.chars().take(300).collect();
+        bail!("no {series} at {url}: {start}");
+    }
+    Ok(values.iter().sum())
+}
+
 pub fn check(lab: &mut Lab, tools: &Tools, place: &Place, url: &str) -> Result<Check> {
     let args = vec![
         "-sS".into(),

@@ -59,6 +59,20 @@ impl Target {
         Target::SidecarTranscode,
     ];
 
+    /// A sidecar that parks idle client connections (`--park-idle-after`), its admin port in
+    /// the load generator's network namespace.
+    pub fn parks_idle(self) -> bool {
+        matches!(
+            self,
+            Target::SidecarEbpf
+                | Target::SidecarEbpfMsg
+                | Target::SidecarIptables
+                | Target::SidecarAddressed
+                | Target::SidecarMtls
+                | Target::SidecarMtlsAuthz
+        )
+    }
+
     pub fn key(self) -> &'static str {
         match self {
             Target::Direct => "direct",
