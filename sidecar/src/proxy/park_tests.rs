@@ -273,7 +273,7 @@ async fn parking_can_be_turned_off() {
 /// allocations it had are freed.
 #[test]
 fn a_parked_connection_is_its_slot() {
-    let size = super::park::slot_size::<super::parked::Dormant>();
+    let size = park::slot_size::<parked::Dormant>();
     eprintln!("a parked connection's slot: {size} bytes");
     assert!(size <= 400, "a parked connection's slot is {size} bytes");
 }
