@@ -371,17 +371,19 @@ where
                 biased;
                 r = read => match r {
                     Ok(0) | Err(_) => return Got::Closed,
-                    Ok(_) => {
-                        // The next request is arriving: its head has until the deadline.
-                        if parking {
-                            parking = false;
-                            timeout.as_mut().reset(header_deadline);
-                        }
-                    }
+                    // The next request is arriving. The timer may still run to the parking
+                    // time (the exchange sets its own deadline; a head still incomplete then
+                    // gets the rest of its time below): no second reset per request.
+                    Ok(_) => {}
                 },
                 () = timeout.as_mut() => {
                     if parking {
-                        return Got::Park(header_deadline);
+                        if inbuf.is_empty() {
+                            return Got::Park(header_deadline);
+                        }
+                        parking = false;
+                        timeout.as_mut().reset(header_deadline);
+                        continue;
                     }
                     return match draining.then(|| timeout.deadline()) {
                         Some(at) if at < header_deadline => Got::Closed,

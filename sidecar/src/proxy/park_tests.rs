@@ -277,3 +277,33 @@ fn a_parked_connection_is_its_slot() {
     eprintln!("a parked connection's slot: {size} bytes");
     assert!(size <= 400, "a parked connection's slot is {size} bytes");
 }
+
+/// A head begun before the parking time and finished after it is served: a connection with
+/// bytes of a request read is never parked (they are in its buffer, not the socket's).
+#[tokio::test]
+async fn a_head_begun_before_the_parking_time_is_served() {
+    let upstream = keep_alive_upstream().await;
+    let (proxy, addr, metrics) = parking_proxy(upstream, false, |_| {}).await;
+    let conns = metrics.conns(Dir::Outbound).clone();
+    guard(async {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        exchange(&mut c, "/").await;
+        c.write_all(b"GET /slow HTTP/1.1\r\n").await.unwrap();
+        // Past the parking time (50 ms) with half a head read.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(conns.parked.get(), 0, "parked with a head under way");
+        c.write_all(b"Host: app.test\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 256];
+        while !got.ends_with(b"ok") {
+            let n = c.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        // And then it parks as any quiet connection does.
+        until(|| conns.parked.get() == 1).await;
+    })
+    .await;
+    proxy.stop_all();
+}
