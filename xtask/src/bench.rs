@@ -122,7 +122,7 @@ const IDLE_HOLD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the sidecar may take to park the held connections (it parks after 1 s of silence).
 const IDLE_PARK_TIMEOUT: Duration = Duration::from_secs(20);
 /// The sidecar's admin port, in the network namespace of the load generator for the targets
-/// whose held connections it parks (see [`Target::parks_idle`]).
+/// whose held connections it parks (see [`Target::sidecar_in_front`]).
 const SIDECAR_METRICS: &str = "http://127.0.0.1:15090/metrics";
 
 /// Durations and loads of one run.
@@ -686,7 +686,7 @@ fn phases(
     // sidecar parks a connection quiet for a second (freeing its task for the next ones), so
     // the first ones are given that time first, and the sidecar says when it has parked them;
     // the others have nothing to wait for.
-    if m.live.target.parks_idle() {
+    if m.live.target.sidecar_in_front() {
         // Asked once before too, so that what its first answer allocates is not counted as
         // the connections'.
         parked_count(lab, tools, &place).context("the sidecar's metrics before holding")?;
@@ -699,13 +699,13 @@ fn phases(
         let fresh = m.rss_mib();
         let mut next = None;
         let measured = held.and_then(|()| {
-            if m.live.target.parks_idle() {
+            if m.live.target.sidecar_in_front() {
                 wait_parked(lab, tools, &place, n)?;
             }
             let mid = m.rss_mib();
             let second = next.insert(load::hold_idle(lab, tools, &place, &url, n)?);
             second.wait_held(IDLE_HOLD_TIMEOUT)?;
-            if m.live.target.parks_idle() {
+            if m.live.target.sidecar_in_front() {
                 wait_parked(lab, tools, &place, 2 * n)?;
             }
             Ok((mid, m.rss_mib()))

@@ -217,6 +217,21 @@ impl<T: Sleeper> Parker<T> {
             return Err(sleeper);
         }
         let deadline = sleeper.deadline();
+        // Woken connections leave their entries behind until their deadline: past twice as
+        // many as are parked, they go (a connection that wakes every second would otherwise
+        // leave a header timeout's worth of them).
+        let parked = state.slots.len() - state.free.len();
+        if state.deadlines.len() > 2 * parked + 64 {
+            let State {
+                slots, deadlines, ..
+            } = &mut *state;
+            deadlines.retain(|Reverse((_, key))| {
+                let (index, generation) = split(*key);
+                slots
+                    .get(index)
+                    .is_some_and(|s| s.generation == generation && s.sleeper.is_some())
+            });
+        }
         let earliest = state
             .deadlines
             .peek()
@@ -379,4 +394,67 @@ impl<T: Sleeper> Parker<T> {
 #[cfg(test)]
 pub(crate) fn slot_size<T>() -> usize {
     size_of::<Slot<T>>()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    /// A parked "connection": one end of a socket pair.
+    struct Fake {
+        end: UnixStream,
+        deadline: Instant,
+    }
+
+    impl Sleeper for Fake {
+        fn fd(&self) -> RawFd {
+            self.end.as_raw_fd()
+        }
+
+        fn dir(&self) -> Dir {
+            Dir::Outbound
+        }
+
+        fn deadline(&self) -> Instant {
+            self.deadline
+        }
+
+        fn wake(self) {}
+
+        fn expire(self) {}
+    }
+
+    fn gauges() -> [IntGauge; 2] {
+        [0, 1].map(|i| IntGauge::new(format!("parked_{i}"), "test").unwrap())
+    }
+
+    /// A connection that is parked and woken again and again (a client that speaks every
+    /// second or so) leaves no more than a bounded number of stale deadlines behind, and its
+    /// slot is reused.
+    #[tokio::test]
+    async fn parking_again_and_again_keeps_the_set_bounded() {
+        let parker = Parker::<Fake>::new(Duration::from_secs(1), gauges()).unwrap();
+        let (end, _peer) = UnixStream::pair().unwrap();
+        let mut fake = Fake {
+            end,
+            deadline: Instant::now() + Duration::from_secs(30),
+        };
+        for round in 0..1000u32 {
+            parker.park(fake);
+            let mut state = parker.lock();
+            assert_eq!(state.slots.len(), 1, "one slot, reused");
+            // Compacted once past twice the parked plus 64, before the new one is added.
+            assert!(
+                state.deadlines.len() <= 2 + 64 + 1,
+                "round {round}: {} deadlines for one parked connection",
+                state.deadlines.len()
+            );
+            let key = key(0, state.slots[0].generation);
+            fake = parker.take(&mut state, key).expect("parked");
+            assert!(parker.take(&mut state, key).is_none(), "taken once");
+        }
+        assert_eq!(parker.gauges[Dir::Outbound.index()].get(), 0);
+    }
 }

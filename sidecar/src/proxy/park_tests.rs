@@ -89,6 +89,11 @@ async fn parking_proxy(
 async fn exchange(c: &mut TcpStream, path: &str) {
     let req = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nX-Case: Kept\r\n\r\n");
     c.write_all(req.as_bytes()).await.unwrap();
+    read_answer(c).await;
+}
+
+/// Reads one [`ANSWER`] from `c`.
+async fn read_answer(c: &mut TcpStream) {
     let mut got = Vec::new();
     let mut chunk = [0u8; 1024];
     while !got.ends_with(b"ok") {
@@ -165,13 +170,7 @@ async fn hundreds_of_parked_connections_wake_together() {
                 .unwrap();
         }
         for c in &mut clients {
-            let mut got = Vec::new();
-            let mut chunk = [0u8; 256];
-            while !got.ends_with(b"ok") {
-                let n = c.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-                got.extend_from_slice(&chunk[..n]);
-            }
+            read_answer(c).await;
         }
         until(|| conns.parked.get() == N as i64).await;
         assert_eq!(conns.active.get(), N as i64);
@@ -293,14 +292,7 @@ async fn a_head_begun_before_the_parking_time_is_served() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(conns.parked.get(), 0, "parked with a head under way");
         c.write_all(b"Host: app.test\r\n\r\n").await.unwrap();
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 256];
-        while !got.ends_with(b"ok") {
-            let n = c.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&chunk[..n]);
-        }
-        assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        read_answer(&mut c).await;
         // And then it parks as any quiet connection does.
         until(|| conns.parked.get() == 1).await;
     })

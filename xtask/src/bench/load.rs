@@ -346,16 +346,7 @@ pub fn metric_sum(
     url: &str,
     series: &str,
 ) -> Result<f64> {
-    let args = vec!["-sS".into(), "--max-time".into(), "3".into(), url.into()];
-    let run = start(
-        lab,
-        place,
-        "curl",
-        &tools.curl,
-        &args,
-        Duration::from_secs(3),
-    )?;
-    let out = run.finish(lab)?;
+    let out = curl(lab, tools, place, &[url])?;
     let prefix = format!("{series}{{");
     let values: Vec<f64> = out
         .lines()
@@ -370,13 +361,17 @@ pub fn metric_sum(
 }
 
 pub fn check(lab: &mut Lab, tools: &Tools, place: &Place, url: &str) -> Result<Check> {
-    let args = vec![
-        "-sS".into(),
-        "--max-time".into(),
-        "3".into(),
-        "-i".into(),
-        url.into(),
-    ];
+    let out = curl(lab, tools, place, &["-i", url])?;
+    parse_curl(&out).with_context(|| format!("unexpected curl output:\n{out}"))
+}
+
+/// What `curl -sS --max-time 3 ARGS` run at `place` printed.
+fn curl(lab: &mut Lab, tools: &Tools, place: &Place, args: &[&str]) -> Result<String> {
+    let args: Vec<String> = ["-sS", "--max-time", "3"]
+        .iter()
+        .chain(args)
+        .map(|a| (*a).to_owned())
+        .collect();
     let run = start(
         lab,
         place,
@@ -385,8 +380,7 @@ pub fn check(lab: &mut Lab, tools: &Tools, place: &Place, url: &str) -> Result<C
         &args,
         Duration::from_secs(3),
     )?;
-    let out = run.finish(lab)?;
-    parse_curl(&out).with_context(|| format!("unexpected curl output:\n{out}"))
+    run.finish(lab)
 }
 
 fn parse_curl(out: &str) -> Result<Check> {

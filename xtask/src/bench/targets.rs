@@ -59,9 +59,10 @@ impl Target {
         Target::SidecarTranscode,
     ];
 
-    /// A sidecar that parks idle client connections (`--park-idle-after`), its admin port in
-    /// the load generator's network namespace.
-    pub fn parks_idle(self) -> bool {
+    /// The load generator talks to a sidecar of its own network namespace (run as the proxy
+    /// user, whom both capture mechanisms exempt): one that parks idle client connections
+    /// (`--park-idle-after`) and answers on its admin port there.
+    pub fn sidecar_in_front(self) -> bool {
         matches!(
             self,
             Target::SidecarEbpf
@@ -386,15 +387,7 @@ pub fn start(
             cgroup: cgroup.clone(),
             cpu: lab.cpus.proxy,
             // Both capture mechanisms exempt uid 1337; the others run as root like the load.
-            proxy_user: matches!(
-                target,
-                Target::SidecarEbpf
-                    | Target::SidecarEbpfMsg
-                    | Target::SidecarIptables
-                    | Target::SidecarAddressed
-                    | Target::SidecarMtls
-                    | Target::SidecarMtlsAuthz
-            ),
+            proxy_user: target.sidecar_in_front(),
         };
         let cmd = proxy_command(lab, programs, &place, target, &upstream_url)?;
         live.proc = Some(lab.spawn(key, &cgroup, cmd, None)?);
