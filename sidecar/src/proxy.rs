@@ -296,7 +296,9 @@ pub async fn start_observed(
             .map_err(|e| {
                 warn!(
                     error = %e,
-                    "cannot make the set of parked idle connections: idle ones keep their tasks"
+                    "cannot create the epoll instance for parked connections: idle keep-alive \
+                     connections stay in full (--park-idle-after has no effect); check the \
+                     process's open-file limit"
                 );
             })
             .ok()

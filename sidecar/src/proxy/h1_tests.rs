@@ -20,7 +20,7 @@ async fn guard<T>(fut: impl std::future::Future<Output = T>) -> T {
 
 /// An upstream that reports each request (head and body, as received) on `seen` and answers
 /// every one with `answer`; counts its connections.
-async fn scripted_upstream(
+pub(super) async fn scripted_upstream(
     answer: &'static [u8],
 ) -> (
     SocketAddr,

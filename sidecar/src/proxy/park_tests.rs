@@ -6,54 +6,20 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::tests::{guard, until};
 use super::*;
 use crate::error::ProxyError;
 use crate::metrics::ProxyMetrics;
 
 const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
-async fn guard<T>(fut: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(30), fut)
-        .await
-        .expect("test hung")
-}
-
-/// Yields until `done` holds (`guard` bounds it): the proxy's tasks and timers run meanwhile.
-async fn until(mut done: impl FnMut() -> bool) {
-    while !done() {
-        tokio::task::yield_now().await;
-    }
-}
-
 /// An upstream that answers every request head on a connection with [`ANSWER`], keeping it
 /// open.
 async fn keep_alive_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        if s.write_all(ANSWER).await.is_err() {
-                            return;
-                        }
-                    }
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
-    addr
+    h1_tests::scripted_upstream(ANSWER).await.0
 }
 
 /// A proxy in front of `upstream` (interception, or `--target` mode) that parks idle
@@ -75,10 +41,9 @@ async fn parking_proxy(
         metrics: Arc::clone(&metrics),
         access_log: false,
     };
-    let fixed: Resolver = Arc::new(move |_: &TcpStream| Ok(upstream));
     let resolvers = Resolvers {
-        outbound: Arc::clone(&fixed),
-        inbound: fixed,
+        outbound: tests::fixed(upstream),
+        inbound: tests::fixed(upstream),
     };
     let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
     let addr = proxy.local_addrs()[0];

@@ -27,13 +27,13 @@ use crate::metrics::ProxyMetrics;
 use crate::net::bind;
 
 /// Turns a hang into a failure; never an assertion about speed.
-async fn guard<T>(fut: impl Future<Output = T>) -> T {
+pub(super) async fn guard<T>(fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(20), fut)
         .await
         .expect("test hung")
 }
 
-fn fixed(addr: SocketAddr) -> Resolver {
+pub(super) fn fixed(addr: SocketAddr) -> Resolver {
     Arc::new(move |_: &TcpStream| Ok(addr))
 }
 
@@ -873,7 +873,7 @@ async fn configured_proxy(
 
 /// Yields to the runtime until `done` holds (the proxy and the clients run on this same
 /// single-threaded runtime, so each yield lets them make progress); `guard` bounds it.
-async fn until(mut done: impl FnMut() -> bool) {
+pub(super) async fn until(mut done: impl FnMut() -> bool) {
     while !done() {
         tokio::task::yield_now().await;
     }

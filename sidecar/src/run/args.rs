@@ -163,8 +163,8 @@ pub struct RunArgs {
     )]
     pub http2_idle_timeout: String,
 
-    /// HTTP/1: a kept-alive client connection that has said nothing for this long gives up its
-    /// task and buffers until it speaks again (0s: never)
+    /// HTTP/1: a kept-alive client connection silent this long after an answer is parked, kept
+    /// in a compact form (about 0.4 KiB) until it speaks again (0s: never)
     #[arg(
         long,
         env = "SIDECAR_PARK_IDLE_AFTER",
