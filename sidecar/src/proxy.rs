@@ -322,6 +322,7 @@ pub async fn start_observed(
         target_dest,
         transcode_upstreams: Default::default(),
         parker,
+        routes: Default::default(),
     });
     if shared.parker.is_some() {
         let watcher = Arc::clone(&shared);

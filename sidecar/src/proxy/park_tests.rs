@@ -232,14 +232,69 @@ async fn parking_can_be_turned_off() {
 }
 
 /// What a parked connection keeps is its slot in the set's vector (plus the kernel's epoll
-/// entry): its engine state, with its route and observer by value, its socket, its books and its
-/// deadline. The task (640 bytes), readiness registration (256) and the route's and observer's
-/// allocations it had are freed.
+/// entry, and its observer): its engine state, its socket, its books and its deadline. Its
+/// route is shared with the other connections on it. The task (640 bytes) and readiness
+/// registration (256) it had are freed.
 #[test]
 fn a_parked_connection_is_its_slot() {
     let size = park::slot_size::<parked::Dormant>();
     eprintln!("a parked connection's slot: {size} bytes");
-    assert!(size <= 400, "a parked connection's slot is {size} bytes");
+    assert!(size <= 128, "a parked connection's slot is {size} bytes");
+}
+
+/// Connections on one destination (interception) or from one client (`--target`) share one
+/// route, parked or not; a connection begun after a reload gets a route of the new policies,
+/// and a route goes with the last connection on it.
+#[tokio::test]
+async fn connections_on_one_destination_share_their_route() {
+    for target in [false, true] {
+        let upstream = keep_alive_upstream().await;
+        let (proxy, addr, metrics) = parking_proxy(upstream, target, |_| {}).await;
+        let conns = metrics.conns(dir_of(target)).clone();
+        let routes = &proxy.shared.routes;
+        guard(async {
+            let mut clients = Vec::new();
+            for _ in 0..20 {
+                let mut c = TcpStream::connect(addr).await.unwrap();
+                exchange(&mut c, "/").await;
+                clients.push(c);
+            }
+            until(|| conns.parked.get() == 20).await;
+            let live = routes.live();
+            assert_eq!(live.len(), 1, "target={target}");
+            let first = Arc::clone(&live[0]);
+            drop(live);
+            // The 20 parked connections' references, and this one.
+            assert_eq!(Arc::strong_count(&first), 21, "target={target}");
+            if !target {
+                let mut changed = crate::policy::PolicyConfig::default();
+                changed.defaults.request_timeout = Duration::from_secs(7);
+                proxy.policies().replace(&changed);
+                let mut c = TcpStream::connect(addr).await.unwrap();
+                exchange(&mut c, "/").await;
+                until(|| conns.parked.get() == 21).await;
+                let live = routes.live();
+                assert_eq!(live.len(), 1);
+                assert!(
+                    !Arc::ptr_eq(&live[0], &first),
+                    "the new connection got a route of the old policies"
+                );
+                assert_eq!((first.generation, live[0].generation), (0, 1));
+                assert_eq!(
+                    Arc::strong_count(&first),
+                    21,
+                    "the old connections keep theirs"
+                );
+                clients.push(c);
+            }
+            drop(first);
+            drop(clients);
+            until(|| conns.active.get() == 0).await;
+            assert!(routes.live().is_empty(), "target={target}");
+        })
+        .await;
+        proxy.stop_all();
+    }
 }
 
 /// A head begun before the parking time and finished after it is served: a connection with

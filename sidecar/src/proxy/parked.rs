@@ -1,63 +1,25 @@
 //! A parked HTTP/1 client connection (see `park.rs` for the set): what it keeps while it has
 //! no task (the engine's client state, the plain socket, the connection's books and the
 //! connection dialled during its detection if nobody took it), and how it is served again.
-//! Its route and observer, its own alone, are kept by value in its slot: what the connection
-//! held on the heap is freed when it parks, and allocated again when it wakes.
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::connect::StashGuard;
 use super::h1::{self, Serve};
-use super::mesh::Conn;
 use super::park::{Parker, Sleeper};
-use super::pool::{Host, Pool};
-use super::route::Route;
-use super::shared::Shared;
 use crate::error::ProxyError;
-use crate::metrics::access::Observer;
 use crate::metrics::conn::{ConnGuard, CountedIo};
 use crate::metrics::Dir;
 
-/// A value behind an `Arc`, taken out of it when nothing else holds it.
-enum Held<T> {
-    Alone(T),
-    Shared(Arc<T>),
-}
-
-impl<T> Held<T> {
-    fn new(arc: Arc<T>) -> Held<T> {
-        match Arc::try_unwrap(arc) {
-            Ok(value) => Held::Alone(value),
-            Err(arc) => Held::Shared(arc),
-        }
-    }
-
-    fn into_arc(self) -> Arc<T> {
-        match self {
-            Held::Alone(value) => Arc::new(value),
-            Held::Shared(arc) => arc,
-        }
-    }
-}
-
-/// What a parked connection keeps: its engine state ([`h1::Client`], field by field), its
-/// socket and books, when its next head is due, and its detection's stashed connection.
+/// What a parked connection keeps: its engine state (its route shared with the connections
+/// on the same one, see `route.rs`), its socket and books, when its next head is due, and its
+/// detection's stashed connection.
 pub(crate) struct Dormant {
-    shared: Arc<Shared>,
-    route: Held<Route>,
-    observer: Held<Observer>,
-    pool: Arc<Pool<Conn>>,
-    host: Arc<Host<Conn>>,
-    stop: CancellationToken,
-    strict: bool,
-    caller: Option<Box<super::authorize::Caller>>,
-    dir: Dir,
-    transcode: Option<Box<h1::Transcoding>>,
+    client: h1::Client,
     tcp: std::net::TcpStream,
     conn: ConnGuard,
     deadline: Instant,
@@ -81,29 +43,9 @@ pub(crate) fn park(idle: h1::Idle<CountedIo<TcpStream>>, stash: Option<StashGuar
             return;
         }
     };
-    let h1::Client {
-        shared,
-        route,
-        observer,
-        pool,
-        host,
-        stop,
-        strict,
-        caller,
-        dir,
-        transcode,
-    } = client;
+    let shared = Arc::clone(&client.shared);
     let dormant = Dormant {
-        shared: Arc::clone(&shared),
-        route: Held::new(route),
-        observer: Held::new(observer),
-        pool,
-        host,
-        stop,
-        strict,
-        caller,
-        dir,
-        transcode,
+        client,
         tcp,
         conn,
         deadline,
@@ -122,7 +64,7 @@ impl Sleeper for Dormant {
     }
 
     fn dir(&self) -> Dir {
-        self.dir
+        self.client.dir
     }
 
     fn deadline(&self) -> Instant {
@@ -131,34 +73,13 @@ impl Sleeper for Dormant {
 
     fn wake(self) {
         let Dormant {
-            shared,
-            route,
-            observer,
-            pool,
-            host,
-            stop,
-            strict,
-            caller,
-            dir,
-            transcode,
+            client,
             tcp,
             conn,
             deadline,
             stash,
         } = self;
-        let tracker = shared.tracker.clone();
-        let client = h1::Client {
-            shared,
-            route: route.into_arc(),
-            observer: observer.into_arc(),
-            pool,
-            host,
-            stop,
-            strict,
-            caller,
-            dir,
-            transcode,
-        };
+        let tracker = client.shared.tracker.clone();
         // Tracked like every connection's task: the drain waits for it.
         tracker.spawn(async move {
             let tcp = match TcpStream::from_std(tcp) {
@@ -177,10 +98,11 @@ impl Sleeper for Dormant {
 
     fn expire(self) {
         // What the engine does when a head does not come in time: count it and close.
-        self.shared
+        self.client
+            .shared
             .telemetry
             .metrics
-            .error(self.dir, ProxyError::DownstreamHeaderTimeout);
+            .error(self.client.dir, ProxyError::DownstreamHeaderTimeout);
         let _ = self.tcp.shutdown(std::net::Shutdown::Write);
     }
 }

@@ -13,7 +13,7 @@ use super::h2::H2Upstream;
 use super::mesh::Conn;
 use super::park::ParkSet;
 use super::pool::Pool;
-use super::route::{Origin, Route};
+use super::route::{Origin, Route, Routes};
 use crate::metrics::access::{Observer, UpstreamName};
 use crate::metrics::conn::ActiveConns;
 use crate::metrics::{DestinationMetrics, Dir, PoolMetrics};
@@ -143,6 +143,8 @@ pub(crate) struct Shared {
     pub(crate) transcode_upstreams: std::sync::Mutex<HashMap<SocketAddr, Arc<H2Upstream>>>,
     /// Idle kept-alive connections without a task (`--park-idle-after`; `None`: never).
     pub(crate) parker: Option<Box<dyn ParkSet>>,
+    /// The open connections' routes, shared by those whose routes are the same.
+    pub(crate) routes: Routes,
 }
 
 impl Shared {

@@ -14,6 +14,7 @@ use super::detect::{client_bytes, wait_until, H2_PREFACE};
 use super::forward::{error_response, forward_h1};
 use super::h1::{self, Serve};
 use super::parked;
+use super::route::RouteKey;
 use super::serve::{serve_http, Protocol};
 use super::shared::Shared;
 use crate::error::{Chain, ProxyError};
@@ -44,10 +45,10 @@ pub(crate) fn serve(
         };
         let observer = shared.target_observer(peer);
         // A reverse proxy in front of one service: its requests come from other hosts.
-        let route = shared
-            .target_route
-            .as_ref()
-            .map(|r| Arc::new(r.for_client(peer)));
+        let route = shared.target_route.as_ref().map(|r| {
+            let key = RouteKey::Target(peer.ip());
+            shared.routes.share(key, |_| true, || r.for_client(peer))
+        });
         if !h2 && shared.config.http.http1_engine == Http1Engine::Native {
             if let Some(route) = route {
                 let egress = &shared.outbound;

@@ -63,7 +63,7 @@ use super::h1::{self, Serve};
 use super::h2::H2Upstream;
 use super::mesh::Downstream;
 use super::parked;
-use super::route::{Origin, Resolved, Route};
+use super::route::{Origin, Resolved, Route, RouteKey};
 use super::serve::{serve_http, Protocol};
 use super::shared::{Direction, Shared, SilentDial};
 use super::transcode::{self, Handled};
@@ -960,15 +960,32 @@ fn serve_http_conn<D: Downstream>(conn: HttpConn<D>) -> Serving<D> {
         strict,
         ..
     } = conn;
-    let route = Arc::new(route_for(
-        &shared,
-        direction,
-        authority,
-        dst,
-        route_client,
-        dest,
-        false,
-    ));
+    // Shared with the other connections whose routes are the same (plaintext, no client
+    // identity in the forwarding headers), as of the same policy generation.
+    let key = match direction {
+        _ if route_client.plan.is_tls() || route_client.id.is_some() => None,
+        Direction::Outbound => Some(RouteKey::Outbound(dst)),
+        Direction::Inbound { .. } => Some(RouteKey::Inbound(dst, route_client.peer.ip())),
+    };
+    let make = || {
+        route_for(
+            &shared,
+            direction,
+            authority,
+            dst,
+            route_client,
+            dest.clone(),
+            false,
+        )
+    };
+    let route = match key {
+        Some(key) => shared.routes.share(
+            key,
+            |r| r.generation == dest.generation && Arc::ptr_eq(&r.dest, &dest.dest),
+            make,
+        ),
+        None => Arc::new(make()),
+    };
     let egress = shared.egress(direction);
     let limit_conns = pool_limit(&shared, direction, &route.dest);
     let host = egress
