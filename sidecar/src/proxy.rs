@@ -33,6 +33,7 @@ mod pool;
 mod route;
 mod serve;
 mod shared;
+mod shares;
 #[cfg(test)]
 mod smuggling_tests;
 mod target;
@@ -323,6 +324,7 @@ pub async fn start_observed(
         transcode_upstreams: Default::default(),
         parker,
         routes: Default::default(),
+        observers: Default::default(),
     });
     if shared.parker.is_some() {
         let watcher = Arc::clone(&shared);

@@ -13,14 +13,13 @@ use crate::error::ProxyError;
 /// The tracing target of access log lines (`SIDECAR_LOG=warn,access=info` keeps them alone).
 pub const ACCESS_TARGET: &str = "access";
 
-/// What the requests of one downstream connection are recorded against; built once per
-/// connection.
+/// What the requests of downstream connections are recorded against: shared by the
+/// connections to one destination (each connection's client is in its access log [`Head`]s).
 #[derive(Clone)]
 pub(crate) struct Observer {
     pub(crate) metrics: Arc<ProxyMetrics>,
     pub(crate) dest: Arc<DestinationMetrics>,
     pub(crate) access_log: bool,
-    pub(crate) peer: SocketAddr,
     /// The client's verified SPIFFE ID (inbound mesh TLS), for the access log.
     pub(crate) peer_id: Option<Arc<str>>,
     /// Where requests go, for the access log.
@@ -36,6 +35,34 @@ pub struct AuthzRule(pub Arc<str>);
 /// log's `grpc` field).
 #[derive(Debug, Clone)]
 pub struct Transcoded(pub Arc<str>);
+
+/// A connection's client, for the access log: 18 bytes where a `SocketAddr` takes 32, in every
+/// connection's task (an IPv4 address is kept mapped, and printed as IPv4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Peer {
+    ip: [u8; 16],
+    port: u16,
+}
+
+impl From<SocketAddr> for Peer {
+    fn from(addr: SocketAddr) -> Peer {
+        let ip = match addr.ip() {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            std::net::IpAddr::V6(v6) => v6,
+        };
+        Peer {
+            ip: ip.octets(),
+            port: addr.port(),
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ip = std::net::Ipv6Addr::from(self.ip).to_canonical();
+        SocketAddr::new(ip, self.port).fmt(f)
+    }
+}
 
 /// The original destination (no allocation per connection), or the `--target` authority.
 #[derive(Debug, Clone)]
@@ -73,15 +100,16 @@ impl std::fmt::Display for Field<'_> {
 }
 
 /// The request fields the access log prints, taken before the request is forwarded (only when
-/// the access log is on: they cost a clone).
+/// the access log is on: they cost a clone), and the client that sent it.
 pub(crate) struct Head {
     pub(crate) method: http::Method,
     pub(crate) authority: String,
     pub(crate) path: String,
+    pub(crate) peer: Peer,
 }
 
 impl Head {
-    fn of<B>(req: &Request<B>) -> Head {
+    fn of<B>(req: &Request<B>, peer: Peer) -> Head {
         let authority = req
             .uri()
             .authority()
@@ -101,14 +129,16 @@ impl Head {
             method: req.method().clone(),
             authority,
             path,
+            peer,
         }
     }
 }
 
-/// Forwards `req` with `forward` and records the outcome: counts, duration to the response head,
-/// the reason of a locally made answer, and the access log line.
+/// Forwards `req` (from the client at `peer`) with `forward` and records the outcome: counts,
+/// duration to the response head, the reason of a locally made answer, and the access log line.
 pub(crate) async fn observe<B, R, F, Fut>(
     obs: &Observer,
+    peer: Peer,
     req: Request<B>,
     forward: F,
 ) -> Response<R>
@@ -118,7 +148,7 @@ where
 {
     let start = Instant::now();
     let method = method_label(req.method());
-    let head = obs.access_log.then(|| Head::of(&req));
+    let head = obs.access_log.then(|| Head::of(&req, peer));
     let resp = forward(req).await;
     let elapsed = start.elapsed();
     // Only answers the proxy made itself carry the error (see `crate::error::local_response`):
@@ -173,7 +203,7 @@ pub(crate) fn record(
             status = status.as_u16(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             upstream = %obs.upstream,
-            peer = %obs.peer,
+            peer = %head.peer,
             peer_id = %obs.peer_id.as_deref().unwrap_or("-"),
             authz = %answer.authz.as_deref().unwrap_or("-"),
             grpc = %answer.grpc.as_deref().unwrap_or("-"),

@@ -43,7 +43,7 @@ use super::route::Route;
 use super::shared::Shared;
 use super::transcode::{self, Handled};
 use crate::error::{local_response, Failed, ProxyError};
-use crate::metrics::access::{record, Answer, Head as LogHead, Observer};
+use crate::metrics::access::{record, Answer, Head as LogHead, Observer, Peer};
 use crate::metrics::{method_label, Dir, MethodLabel};
 use crate::policy::exchange::{answer as failed_answer, Retrying};
 use crate::policy::headers::{
@@ -125,20 +125,40 @@ pub(crate) struct Client {
     pub(crate) shared: Arc<Shared>,
     pub(crate) route: Arc<Route>,
     pub(crate) observer: Arc<Observer>,
+    /// The client, for the access log.
+    pub(crate) peer: Peer,
     pub(crate) pool: Arc<Pool<Conn>>,
     pub(crate) host: Arc<Host<Conn>>,
-    /// The drain of the connection's direction.
-    pub(crate) stop: CancellationToken,
     /// A strict mesh TLS port reached in plaintext: only probe paths are served.
     pub(crate) strict: bool,
-    /// Inbound: who is calling, for authorization. Boxed: 40 bytes less in every connection's
-    /// future (see `a_captured_connection_task_holds_one_phase_at_a_time`), and none at all for
-    /// outbound ones.
-    pub(crate) caller: Option<Box<Caller>>,
     pub(crate) dir: Dir,
+    /// What only captured inbound connections have. Boxed: 48 bytes less in every
+    /// connection's future (see `a_captured_connection_task_holds_one_phase_at_a_time`), and
+    /// none at all for outbound ones.
+    pub(crate) inbound: Option<Box<Inbound>>,
+}
+
+/// What only captured inbound connections have (see [`Client::inbound`]).
+pub(crate) struct Inbound {
+    /// Who is calling, for authorization.
+    pub(crate) caller: Caller,
     /// A transcoded gRPC port: its REST calls go to the transcoder ([`rest_answer`]).
-    /// Boxed, like `caller`: only transcoded ports have one.
-    pub(crate) transcode: Option<Box<Transcoding>>,
+    pub(crate) transcode: Option<Transcoding>,
+}
+
+impl Client {
+    /// The drain of the connection's direction.
+    fn stop(&self) -> &CancellationToken {
+        self.shared.stop_token(self.dir)
+    }
+
+    fn caller(&self) -> Option<&Caller> {
+        self.inbound.as_ref().map(|i| &i.caller)
+    }
+
+    fn transcoding(&self) -> Option<&Transcoding> {
+        self.inbound.as_ref()?.transcode.as_ref()
+    }
 }
 
 /// Serves `io` until the client closes, breaks the protocol, or the drain ends it.
@@ -170,7 +190,7 @@ where
             ),
         };
         tokio::pin!(timer);
-        let stopped = c.stop.clone().cancelled_owned();
+        let stopped = c.stop().clone().cancelled_owned();
         tokio::pin!(stopped);
         // A head that could not be read, answered after the loop: awaiting the answer inside
         // the `match` would keep the matched `Got` (a whole head) alive across that await, and
@@ -206,7 +226,7 @@ where
                 }
                 Got::Refused(err, why) => {
                     // Counted, not recorded as a request: there was no request to speak of.
-                    debug!(peer = %c.observer.peer, reason = why, "request refused");
+                    debug!(peer = %c.peer, reason = why, "request refused");
                     c.shared.telemetry.metrics.error(c.dir, err);
                     refused = Some(err);
                     break;
@@ -219,7 +239,7 @@ where
             };
             // Boxed: an idle connection's task holds only the loop above, not an exchange's state.
             let keep = Box::pin(exchange(&c, &mut io, &mut inbuf, head, timer.as_mut())).await;
-            if !keep || c.stop.is_cancelled() {
+            if !keep || c.stop().is_cancelled() {
                 break;
             }
             inbuf.release();
@@ -355,7 +375,7 @@ where
                     return Got::Refused(ProxyError::DownstreamHeadTooLarge, "head too large");
                 }
             }
-            if !draining && c.stop.is_cancelled() {
+            if !draining && c.stop().is_cancelled() {
                 if inbuf.is_empty() && !first {
                     return Got::Closed;
                 }
@@ -451,7 +471,10 @@ where
 {
     let started = Instant::now();
     let label = method_label(&head.method);
-    let log = c.observer.access_log.then(|| log_head(inbuf.data(), &head));
+    let log = c
+        .observer
+        .access_log
+        .then(|| log_head(inbuf.data(), &head, c.peer));
     let (req, admitted) = admit(c, inbuf, head);
     // The work is chosen here and handed over whole: an `async` block that matched `admitted`
     // itself would keep it (and what it moved out of it) for its whole life.
@@ -546,7 +569,7 @@ pub(super) async fn exchange_size(c: &Client) -> usize {
 }
 
 /// The access log's view of a request.
-fn log_head(buf: &[u8], head: &Head) -> LogHead {
+fn log_head(buf: &[u8], head: &Head, peer: Peer) -> LogHead {
     let target = head.target.of(buf);
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let (authority, path) = if target.first() == Some(&b'/') || target == b"*" {
@@ -569,6 +592,7 @@ fn log_head(buf: &[u8], head: &Head) -> LogHead {
         method: head.method.clone(),
         authority: authority.unwrap_or_else(|| "-".to_owned()),
         path,
+        peer,
     }
 }
 
@@ -632,11 +656,10 @@ fn admit(c: &Client, inbuf: &mut Inbuf, head: Head) -> (Request, Result<Ready, E
         expect_continue: head.expect_continue,
     };
     let admission =
-        (c.strict || c.caller.is_some()).then(|| admission_request(inbuf.data(), &head));
+        (c.strict || c.caller().is_some()).then(|| admission_request(inbuf.data(), &head));
     let hosts = head.count(Role::Host);
     let rest = c
-        .transcode
-        .as_ref()
+        .transcoding()
         .and_then(|t| rest_call(c, t, inbuf.data(), &head))
         .map(Box::new);
     let built = build_head(inbuf.data(), &head, &c.route);
@@ -666,7 +689,7 @@ fn check(
         if c.strict && !authorize::is_probe(&c.shared, probe_req) {
             return Err(Early::Error(ProxyError::InboundMtlsRequired, unread));
         }
-        if let Some(caller) = &c.caller {
+        if let Some(caller) = c.caller() {
             match authorize::request(&c.shared, caller, probe_req) {
                 Ok(a) => allowed = a,
                 Err(resp) => return Err(Early::Response(resp, unread)),
@@ -1487,7 +1510,7 @@ where
     };
     let close_delimited =
         sink == Sink::Plain || (sink == Sink::Same && matches!(source, Some(Source::UntilClose)));
-    let keep_client = req.keep_alive && body_sent && !close_delimited && !c.stop.is_cancelled();
+    let keep_client = req.keep_alive && body_sent && !close_delimited && !c.stop().is_cancelled();
     let mut out = relay::scratch();
     status_line(&mut out, ubuf.data(), &head);
     for line in &head.lines {

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use super::smuggling_tests::{answers, recording_upstream as oracle_upstream, Seen};
 use super::*;
@@ -137,15 +136,14 @@ fn engine_client(proxy: &Proxy) -> h1::Client {
         .host(&route.authority, 128, route.plan.clone());
     h1::Client {
         shared: Arc::clone(shared),
-        observer: shared.target_observer(peer),
+        observer: shared.target_observer(),
+        peer: peer.into(),
         pool: Arc::clone(&shared.outbound.raw),
         host,
         route,
-        stop: CancellationToken::new(),
         strict: false,
-        caller: None,
+        inbound: None,
         dir: Dir::Inbound,
-        transcode: None,
     }
 }
 

@@ -2,6 +2,7 @@
 //! that goes quiet leaves its task and comes back for its next request, in both modes and in
 //! numbers past one look at the set; it keeps its header deadline, closes when its peer does,
 //! and the drain closes it.
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -243,8 +244,8 @@ fn a_parked_connection_is_its_slot() {
 }
 
 /// Connections on one destination (interception) or from one client (`--target`) share one
-/// route, parked or not; a connection begun after a reload gets a route of the new policies,
-/// and a route goes with the last connection on it.
+/// route and one observer, parked or not; a connection begun after a reload gets a route of the
+/// new policies, and both go with the last connection on them.
 #[tokio::test]
 async fn connections_on_one_destination_share_their_route() {
     for target in [false, true] {
@@ -266,6 +267,10 @@ async fn connections_on_one_destination_share_their_route() {
             drop(live);
             // The 20 parked connections' references, and this one.
             assert_eq!(Arc::strong_count(&first), 21, "target={target}");
+            let observers = proxy.shared.observers.live();
+            assert_eq!(observers.len(), 1, "target={target}");
+            assert_eq!(Arc::strong_count(&observers[0]), 21, "target={target}");
+            drop(observers);
             if !target {
                 let mut changed = crate::policy::PolicyConfig::default();
                 changed.defaults.request_timeout = Duration::from_secs(7);
@@ -291,9 +296,100 @@ async fn connections_on_one_destination_share_their_route() {
             drop(clients);
             until(|| conns.active.get() == 0).await;
             assert!(routes.live().is_empty(), "target={target}");
+            assert!(proxy.shared.observers.live().is_empty(), "target={target}");
         })
         .await;
         proxy.stop_all();
+    }
+}
+
+/// The access log names each request's own client, although the connections to one
+/// destination share their observer: both engines, both modes.
+#[tokio::test]
+async fn the_access_log_names_each_connection_s_client() {
+    let lines = Lines::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(lines.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    for (target, engine) in [
+        (false, Http1Engine::Native),
+        (true, Http1Engine::Native),
+        (false, Http1Engine::Hyper),
+    ] {
+        let upstream = keep_alive_upstream().await;
+        let metrics = ProxyMetrics::unregistered();
+        let mut config = ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]);
+        if target {
+            config.target = Some(Target::parse(&format!("http://{upstream}")).unwrap());
+        }
+        config.http.http1_engine = engine;
+        let telemetry = Telemetry {
+            metrics,
+            access_log: true,
+        };
+        let resolvers = Resolvers {
+            outbound: tests::fixed(upstream),
+            inbound: tests::fixed(upstream),
+        };
+        let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
+        let addr = proxy.local_addrs()[0];
+        guard(async {
+            let mut a = TcpStream::connect(addr).await.unwrap();
+            let mut b = TcpStream::connect(addr).await.unwrap();
+            exchange(&mut a, "/from-a").await;
+            exchange(&mut b, "/from-b").await;
+            for (c, path) in [(&a, "/from-a"), (&b, "/from-b")] {
+                let peer = c.local_addr().unwrap();
+                let line = lines.with(path);
+                assert!(
+                    line.contains(&format!("peer={peer}")),
+                    "target={target} {engine:?}: {line}"
+                );
+            }
+        })
+        .await;
+        lines.clear();
+        proxy.stop_all();
+    }
+}
+
+/// What the tracing subscriber of a test writes.
+#[derive(Clone, Default)]
+struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Lines {
+    /// The line that mentions `needle`.
+    fn with(&self, needle: &str) -> String {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        let line = text.lines().find(|l| l.contains(needle));
+        line.unwrap_or_else(|| panic!("no line with {needle}:\n{text}"))
+            .to_owned()
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+}
+
+impl Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
+    type Writer = Lines;
+
+    fn make_writer(&'a self) -> Lines {
+        self.clone()
     }
 }
 

@@ -1,13 +1,13 @@
 //! Where the HTTP requests of one downstream connection go, and under which policies.
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::Arc;
 
 use http::uri::Authority;
 
 use super::mesh::Plan;
 use super::pool::Host;
+use super::shares::Shares;
 use crate::policy::headers::ForwardedClient;
 use crate::policy::{Destination, Policies};
 
@@ -103,7 +103,8 @@ pub(crate) enum Origin {
     Target,
 }
 
-/// What makes two connections' routes the same (see [`Routes`]).
+/// What makes two connections' routes the same (see [`Routes`]): with the same policy
+/// generation and destination, checked when one is shared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum RouteKey {
     /// An outbound connection to this original destination.
@@ -115,113 +116,5 @@ pub(crate) enum RouteKey {
     Target(IpAddr),
 }
 
-/// The routes of the open connections, shared by the connections whose routes are the same:
-/// one allocation for a thousand connections to one destination, and none in each parked
-/// connection. Held weakly: a route lives as long as a connection on it. At most twice as many
-/// entries as there were live routes at the last sweep (plus 64), so a stream of new
-/// destinations or clients cannot grow it.
-#[derive(Default)]
-pub(crate) struct Routes {
-    inner: Mutex<RouteMap>,
-}
-
-#[derive(Default)]
-struct RouteMap {
-    map: HashMap<RouteKey, Weak<Route>>,
-    /// Entries at the last sweep.
-    swept: usize,
-}
-
-impl Routes {
-    /// The route for `key` that connections on it hold, if it is still `fits`; else `make`'s,
-    /// from now on the one for `key`.
-    pub(crate) fn share(
-        &self,
-        key: RouteKey,
-        fits: impl FnOnce(&Route) -> bool,
-        make: impl FnOnce() -> Route,
-    ) -> Arc<Route> {
-        let found = self.lock().map.get(&key).and_then(Weak::upgrade);
-        if let Some(route) = found.filter(|r| fits(r)) {
-            return route;
-        }
-        let route = Arc::new(make());
-        let mut routes = self.lock();
-        if routes.map.len() > 2 * routes.swept + 64 {
-            routes.map.retain(|_, r| r.strong_count() > 0);
-            routes.swept = routes.map.len();
-        }
-        routes.map.insert(key, Arc::downgrade(&route));
-        route
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, RouteMap> {
-        // Nothing under the lock can panic half-way.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The routes connections hold now.
-    #[cfg(test)]
-    pub(crate) fn live(&self) -> Vec<Arc<Route>> {
-        self.lock().map.values().filter_map(Weak::upgrade).collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::PolicyConfig;
-
-    /// A route to `dst`, as an outbound connection's.
-    fn route(policies: &Policies, dst: SocketAddr) -> Route {
-        Route {
-            authority: Authority::try_from(dst.to_string()).unwrap(),
-            prefix: None,
-            dest: policies.outbound(dst, None),
-            generation: policies.generation(),
-            origin: Origin::Outbound(dst),
-            by_name: true,
-            default_port: dst.port(),
-            forwarded_for: None,
-            upstream: None,
-            plan: Plan::Plain,
-        }
-    }
-
-    /// Connections to ever new destinations (a scan, a crawler) leave at most twice as many
-    /// entries as there are routes in use (plus 64); a route in use is found again.
-    #[test]
-    fn new_destinations_keep_the_routes_bounded() {
-        let policies = Policies::new(&PolicyConfig::default());
-        let routes = Routes::default();
-        let dst = |port: u16| SocketAddr::from(([10, 0, 0, 1], port));
-        let mut held = Vec::new();
-        for port in 1..=5000 {
-            let key = RouteKey::Outbound(dst(port));
-            let r = routes.share(key, |_| true, || route(&policies, dst(port)));
-            if port % 250 == 0 {
-                held.push(r);
-            }
-            let entries = routes.lock().map.len();
-            assert!(
-                entries <= 2 * held.len() + 64 + 1,
-                "{entries} entries at {port}"
-            );
-        }
-        assert_eq!(held.len(), 20);
-        let again = routes.share(
-            RouteKey::Outbound(dst(250)),
-            |_| true,
-            || unreachable!("in use, so shared"),
-        );
-        assert!(Arc::ptr_eq(&again, &held[0]));
-        // One that does not fit (another generation's, say) is replaced.
-        let fresh = routes.share(
-            RouteKey::Outbound(dst(250)),
-            |_| false,
-            || route(&policies, dst(250)),
-        );
-        assert!(!Arc::ptr_eq(&fresh, &held[0]));
-        assert!(routes.live().iter().any(|r| Arc::ptr_eq(r, &fresh)));
-    }
-}
+/// The open connections' routes, shared by those whose routes are the same.
+pub(crate) type Routes = Shares<RouteKey, Route>;

@@ -8,6 +8,7 @@
 //! the connection with GOAWAY).
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::HttpLimits;
 use super::forward::ProxyBody;
 use crate::lifecycle::{serve_until_drained, FirstRequest};
-use crate::metrics::access::{observe, Observer};
+use crate::metrics::access::{observe, Observer, Peer};
 use crate::metrics::conn::CountedIo;
 
 /// Which HTTP server a connection gets.
@@ -40,7 +41,7 @@ pub(crate) enum Protocol {
 
 /// Serves `client` until it closes, or until `stop` fires and the request in progress (or the
 /// first one, given up to `limit` to arrive) is answered. Each request is recorded against
-/// `observer` and handed to `forward`. `limits` bound what one client can make the server hold:
+/// `observer` (as the client at `peer`'s) and handed to `forward`. `limits` bound what one client can make the server hold:
 /// the time and size of a request head, HTTP/2 streams, and dead HTTP/2 peers.
 // The connection's pieces are passed as they are: bundling them would only rename them.
 #[allow(clippy::too_many_arguments)]
@@ -51,6 +52,7 @@ pub(crate) async fn serve_http<I, F, Fut>(
     stop: &CancellationToken,
     limit: Duration,
     observer: Arc<Observer>,
+    peer: SocketAddr,
     forward: F,
 ) -> Result<(), hyper::Error>
 where
@@ -61,11 +63,15 @@ where
     let first = Arc::new(FirstRequest::default());
     let svc_first = Arc::clone(&first);
     let forward = Arc::new(forward);
+    let peer = Peer::from(peer);
     let service = service_fn(move |req: Request<Incoming>| {
         svc_first.mark();
         let observer = Arc::clone(&observer);
         let forward = Arc::clone(&forward);
-        async move { Ok::<_, Infallible>(observe(&observer, req, |req| forward(req)).await) }
+        async move {
+            let resp = observe(&observer, peer, req, |req| forward(req)).await;
+            Ok::<_, Infallible>(resp)
+        }
     });
     let io = TokioIo::new(client);
     match protocol {

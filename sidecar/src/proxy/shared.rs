@@ -14,6 +14,7 @@ use super::mesh::Conn;
 use super::park::ParkSet;
 use super::pool::Pool;
 use super::route::{Origin, Route, Routes};
+use super::shares::Shares;
 use crate::metrics::access::{Observer, UpstreamName};
 use crate::metrics::conn::ActiveConns;
 use crate::metrics::{DestinationMetrics, Dir, PoolMetrics};
@@ -145,6 +146,17 @@ pub(crate) struct Shared {
     pub(crate) parker: Option<Box<dyn ParkSet>>,
     /// The open connections' routes, shared by those whose routes are the same.
     pub(crate) routes: Routes,
+    /// The open connections' observers, shared by those on one destination.
+    pub(crate) observers: Shares<ObserverKey, Observer>,
+}
+
+/// What makes two connections' observers the same (see [`Shared::observer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum ObserverKey {
+    /// A captured connection of this direction to this destination.
+    Conn(Dir, SocketAddr),
+    /// A `--target` connection.
+    Target,
 }
 
 impl Shared {
@@ -181,43 +193,54 @@ impl Shared {
         }
     }
 
-    /// How requests of one `--target` connection are recorded.
-    pub(crate) fn target_observer(&self, peer: SocketAddr) -> Arc<Observer> {
-        let (dest, upstream) = match &self.target_dest {
-            Some((dest, name)) => (Arc::clone(dest), Arc::clone(name)),
-            // Not reached: target connections only exist in `--target` mode.
-            None => (
-                self.telemetry.metrics.named_destination(Dir::Inbound, "-"),
-                Arc::from("-"),
-            ),
-        };
-        Arc::new(Observer {
-            metrics: Arc::clone(&self.telemetry.metrics),
-            dest,
-            access_log: self.telemetry.access_log,
-            peer,
-            peer_id: None,
-            upstream: UpstreamName::Name(upstream),
-        })
+    /// How requests of `--target` connections are recorded (one observer for them all).
+    pub(crate) fn target_observer(&self) -> Arc<Observer> {
+        self.observers.share(
+            ObserverKey::Target,
+            |_| true,
+            || {
+                let (dest, upstream) = match &self.target_dest {
+                    Some((dest, name)) => (Arc::clone(dest), Arc::clone(name)),
+                    // Not reached: target connections only exist in `--target` mode.
+                    None => (
+                        self.telemetry.metrics.named_destination(Dir::Inbound, "-"),
+                        Arc::from("-"),
+                    ),
+                };
+                Observer {
+                    metrics: Arc::clone(&self.telemetry.metrics),
+                    dest,
+                    access_log: self.telemetry.access_log,
+                    peer_id: None,
+                    upstream: UpstreamName::Name(upstream),
+                }
+            },
+        )
     }
 
-    /// How requests of one connection to `dst` are recorded. Shared by the connection's
-    /// requests: one reference count per request, no more.
+    /// How requests of connections to `dst` are recorded: one observer for those of a
+    /// direction, unless the client has a mesh identity (which its access log lines name).
+    /// Shared by a connection's requests: one reference count per request, no more.
     pub(crate) fn observer(
         &self,
         dir: Dir,
         dst: SocketAddr,
-        peer: SocketAddr,
         peer_id: Option<Arc<str>>,
     ) -> Arc<Observer> {
-        Arc::new(Observer {
+        let alone = peer_id.is_some();
+        let make = || Observer {
             metrics: Arc::clone(&self.telemetry.metrics),
             dest: self.telemetry.metrics.destination(dir, dst),
             access_log: self.telemetry.access_log,
-            peer,
             peer_id,
             upstream: UpstreamName::Addr(dst),
-        })
+        };
+        if alone {
+            return Arc::new(make());
+        }
+        // The destination's metrics, once made, stay the same (see `ProxyMetrics::destination`).
+        self.observers
+            .share(ObserverKey::Conn(dir, dst), |_| true, make)
     }
 }
 

@@ -43,7 +43,7 @@ pub(crate) fn serve(
         let Some(h2) = Box::pin(sniff_h2(&client, stop, limit)).await else {
             return;
         };
-        let observer = shared.target_observer(peer);
+        let observer = shared.target_observer();
         // A reverse proxy in front of one service: its requests come from other hosts.
         let route = shared.target_route.as_ref().map(|r| {
             let key = RouteKey::Target(peer.ip());
@@ -62,11 +62,10 @@ pub(crate) fn serve(
                     host,
                     route,
                     observer,
-                    stop: stop.clone(),
+                    peer: peer.into(),
                     strict: false,
-                    caller: None,
+                    inbound: None,
                     dir: crate::metrics::Dir::Inbound,
-                    transcode: None,
                     shared: Arc::clone(&shared),
                 };
                 let io = CountedIo::new(client, conn);
@@ -99,6 +98,7 @@ pub(crate) fn serve(
             stop,
             limit,
             observer,
+            peer,
             forward,
         ))
         .await;

@@ -895,7 +895,6 @@ impl<D> HttpConn<D> {
         let observer = self.shared.observer(
             self.direction.dir(),
             self.dst,
-            self.peer,
             self.client_id.as_ref().map(|id| Arc::from(id.as_str())),
         );
         let client = RouteClient {
@@ -953,6 +952,7 @@ fn serve_http_conn<D: Downstream>(conn: HttpConn<D>) -> Serving<D> {
         client,
         caller,
         direction,
+        peer,
         dst,
         authority,
         predial,
@@ -999,7 +999,7 @@ fn serve_http_conn<D: Downstream>(conn: HttpConn<D>) -> Serving<D> {
             upstream.offer_now(p);
         }
         let port = dst.port();
-        (Some(Box::new(h1::Transcoding { upstream, port })), None)
+        (Some(h1::Transcoding { upstream, port }), None)
     } else {
         (None, predial.map(|p| egress.stash.put(dst, p)))
     };
@@ -1008,11 +1008,11 @@ fn serve_http_conn<D: Downstream>(conn: HttpConn<D>) -> Serving<D> {
         host,
         route,
         observer,
-        stop: shared.stop_token(direction.dir()).clone(),
+        peer: peer.into(),
         strict,
-        caller: caller.map(Box::new),
         dir: direction.dir(),
-        transcode,
+        // Every captured inbound connection has a caller, and only those are transcoded.
+        inbound: caller.map(|caller| Box::new(h1::Inbound { caller, transcode })),
         shared: Arc::clone(&shared),
     };
     Serving::Native {
@@ -1118,6 +1118,7 @@ async fn serve_hyper_conn<D: Downstream>(conn: HttpConn<D>) {
                 &stop,
                 limit,
                 observer,
+                peer,
                 forward,
             ))
             .await
@@ -1178,6 +1179,7 @@ async fn serve_hyper_conn<D: Downstream>(conn: HttpConn<D>) {
                 &stop,
                 limit,
                 observer,
+                peer,
                 forward,
             ))
             .await
