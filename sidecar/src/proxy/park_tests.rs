@@ -30,17 +30,31 @@ async fn parking_proxy(
     target: bool,
     configure: impl FnOnce(&mut ProxyConfig),
 ) -> (Proxy, SocketAddr, Arc<ProxyMetrics>) {
+    proxy_in_front(upstream, target, false, |config| {
+        config.http.park_idle_after = Some(Duration::from_millis(50));
+        config.http.header_timeout = Duration::from_secs(600);
+        configure(config);
+    })
+    .await
+}
+
+/// A proxy in front of `upstream` (interception, or `--target` mode), its access log on or off
+/// and its configuration adjusted by `configure`.
+async fn proxy_in_front(
+    upstream: SocketAddr,
+    target: bool,
+    access_log: bool,
+    configure: impl FnOnce(&mut ProxyConfig),
+) -> (Proxy, SocketAddr, Arc<ProxyMetrics>) {
     let metrics = ProxyMetrics::unregistered();
     let mut config = ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]);
     if target {
         config.target = Some(Target::parse(&format!("http://{upstream}")).unwrap());
     }
-    config.http.park_idle_after = Some(Duration::from_millis(50));
-    config.http.header_timeout = Duration::from_secs(600);
     configure(&mut config);
     let telemetry = Telemetry {
         metrics: Arc::clone(&metrics),
-        access_log: false,
+        access_log,
     };
     let resolvers = Resolvers {
         outbound: tests::fixed(upstream),
@@ -320,22 +334,10 @@ async fn the_access_log_names_each_connection_s_client() {
         (false, Http1Engine::Hyper),
     ] {
         let upstream = keep_alive_upstream().await;
-        let metrics = ProxyMetrics::unregistered();
-        let mut config = ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]);
-        if target {
-            config.target = Some(Target::parse(&format!("http://{upstream}")).unwrap());
-        }
-        config.http.http1_engine = engine;
-        let telemetry = Telemetry {
-            metrics,
-            access_log: true,
-        };
-        let resolvers = Resolvers {
-            outbound: tests::fixed(upstream),
-            inbound: tests::fixed(upstream),
-        };
-        let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
-        let addr = proxy.local_addrs()[0];
+        let (proxy, addr, _) = proxy_in_front(upstream, target, true, |config| {
+            config.http.http1_engine = engine;
+        })
+        .await;
         guard(async {
             let mut a = TcpStream::connect(addr).await.unwrap();
             let mut b = TcpStream::connect(addr).await.unwrap();
