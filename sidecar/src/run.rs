@@ -24,7 +24,7 @@
 //! | `--max-header-bytes` | `SIDECAR_MAX_HEADER_BYTES` | `32KiB` | HTTP/1: the largest request head, larger gets 431; also the HTTP/2 header list limit |
 //! | `--http2-max-concurrent-streams` | `SIDECAR_HTTP2_MAX_CONCURRENT_STREAMS` | `100` | HTTP/2 streams one client connection may have open |
 //! | `--http2-keepalive` | `SIDECAR_HTTP2_KEEPALIVE` | `30s` | HTTP/2: ping a quiet connection after this; no answer within as long closes it |
-//! | `--park-idle-after` | `SIDECAR_PARK_IDLE_AFTER` | `1s` | HTTP/1: a kept-alive client connection silent this long after an answer is parked, kept in a compact form (about 0.3 KiB) until it speaks (`0s`: never) |
+//! | `--park-idle-after` | `SIDECAR_PARK_IDLE_AFTER` | `1s` | HTTP/1: a kept-alive client connection silent this long after an answer is parked, kept in a compact form (about 0.4 KiB) until it speaks (`0s`: never) |
 //! | `--http2-idle-timeout` | `SIDECAR_HTTP2_IDLE_TIMEOUT` | `5m` | HTTP/2: a connection with no stream open for this long is closed (GOAWAY) |
 //! | `--max-downstream-connections` | `SIDECAR_MAX_DOWNSTREAM_CONNECTIONS` | `10000` | connections per direction; past it new ones are reset at accept (`sidecar_tcp_connections_refused_total`) |
 //! | `--inbound-max-connections` | `SIDECAR_INBOUND_MAX_CONNECTIONS` | `1024` | upstream HTTP/1 connections to the app; past it requests queue for one. Separate from outbound's per-destination limit: slow inbound clients cannot starve outbound, nor (up to this many) other inbound clients |

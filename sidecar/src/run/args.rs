@@ -164,7 +164,7 @@ pub struct RunArgs {
     pub http2_idle_timeout: String,
 
     /// HTTP/1: a kept-alive client connection silent this long after an answer is parked, kept
-    /// in a compact form (about 0.3 KiB) until it speaks again (0s: never)
+    /// in a compact form (about 0.4 KiB) until it speaks again (0s: never)
     #[arg(
         long,
         env = "SIDECAR_PARK_IDLE_AFTER",
