@@ -15,9 +15,9 @@ use crate::error::ProxyError;
 use crate::metrics::conn::{ConnGuard, CountedIo};
 use crate::metrics::Dir;
 
-/// What a parked connection keeps: its engine state (its route shared with the connections
-/// on the same one, see `route.rs`), its socket and books, when its next head is due, and its
-/// detection's stashed connection.
+/// What a parked connection keeps: its engine state (its route and observer shared with the
+/// other connections to its destination, see `shares.rs`), its socket and books, when its next
+/// head is due, and its detection's stashed connection.
 pub(crate) struct Dormant {
     client: h1::Client,
     tcp: std::net::TcpStream,
