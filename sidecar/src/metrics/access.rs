@@ -214,7 +214,15 @@ pub(crate) fn record(
 
 #[cfg(test)]
 mod tests {
-    use super::Field;
+    use super::{Field, Peer};
+
+    #[test]
+    fn a_peer_prints_as_the_address_it_was() {
+        for addr in ["10.1.2.3:40000", "[2001:db8::7]:443", "[::1]:1"] {
+            let a: std::net::SocketAddr = addr.parse().unwrap();
+            assert_eq!(Peer::from(a).to_string(), addr);
+        }
+    }
 
     #[test]
     fn client_values_cannot_forge_fields() {

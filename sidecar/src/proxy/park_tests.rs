@@ -317,6 +317,36 @@ async fn connections_on_one_destination_share_their_route() {
     }
 }
 
+/// A client that comes from ever new addresses (here 300 loopback ones, one connection each,
+/// closed after its answer) leaves no route behind, and the shared map no more entries than
+/// its sweep allows: it cannot grow the proxy's memory by changing addresses.
+#[tokio::test]
+async fn clients_from_ever_new_addresses_leave_the_shared_routes_bounded() {
+    let upstream = keep_alive_upstream().await;
+    let (proxy, addr, metrics) = parking_proxy(upstream, true, |_| {}).await;
+    let conns = metrics.conns(Dir::Inbound).clone();
+    guard(async {
+        for i in 0..300u32 {
+            let from = std::net::Ipv4Addr::from(0x7f01_0000 + i);
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::from((from, 0))).unwrap();
+            let mut c = socket.connect(addr).await.unwrap();
+            exchange(&mut c, "/").await;
+            drop(c);
+            until(|| conns.active.get() == 0).await;
+        }
+        let routes = &proxy.shared.routes;
+        assert!(routes.live().is_empty());
+        assert!(
+            routes.entries() <= 2 + 64 + 1,
+            "{} entries for no connection",
+            routes.entries()
+        );
+    })
+    .await;
+    proxy.stop_all();
+}
+
 /// The access log names each request's own client, although the connections to one
 /// destination share their observer: both engines, both modes.
 #[tokio::test]

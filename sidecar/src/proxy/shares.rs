@@ -56,6 +56,12 @@ impl<K: Hash + Eq, V> Shares<K, V> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Entries in the map, dead ones included.
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> usize {
+        self.lock().map.len()
+    }
+
     /// The values connections hold now.
     #[cfg(test)]
     pub(crate) fn live(&self) -> Vec<Arc<V>> {
