@@ -29,7 +29,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::either::Either;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::debug;
@@ -56,10 +56,12 @@ mod chunked;
 #[doc(hidden)]
 pub mod fuzzing;
 mod relay;
+mod timer;
 pub(crate) mod wire;
 
 use relay::{Body, Fault, Inbuf, Sink, Source};
-use wire::{Framing, Head, Refusal, Role};
+use timer::Timer;
+use wire::{Framing, Head, LineCopy, Refusal, Role};
 
 /// The largest response head read from an upstream.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -183,12 +185,14 @@ where
         // one registration with the drain. A resumed connection is past its first request, and
         // its head is due by the deadline its wait began with (on the timer).
         let (timer, mut wait) = match how {
-            Serve::Resumed(deadline) => (tokio::time::sleep_until(deadline), Wait::Resumed),
+            Serve::Resumed(deadline) => (Timer::at(deadline), Wait::Resumed),
             _ => (
-                tokio::time::sleep(c.shared.config.http.header_timeout),
+                Timer::after(c.shared.config.http.header_timeout),
                 Wait::First,
             ),
         };
+        // Not `how` itself: its deadline would stay in every connection's future.
+        let parkable = matches!(how, Serve::Parkable | Serve::Resumed(_));
         tokio::pin!(timer);
         let stopped = c.stop().clone().cancelled_owned();
         tokio::pin!(stopped);
@@ -232,11 +236,7 @@ where
                     break;
                 }
             };
-            wait = if matches!(how, Serve::Parkable | Serve::Resumed(_)) {
-                Wait::Parkable
-            } else {
-                Wait::Next
-            };
+            wait = if parkable { Wait::Parkable } else { Wait::Next };
             // Boxed: an idle connection's task holds only the loop above, not an exchange's state.
             let keep = Box::pin(exchange(&c, &mut io, &mut inbuf, head, timer.as_mut())).await;
             if !keep || c.stop().is_cancelled() {
@@ -330,7 +330,7 @@ fn read_head<'a, D>(
     io: &'a mut D,
     inbuf: &'a mut Inbuf,
     wait: Wait,
-    mut timeout: Pin<&'a mut Sleep>,
+    mut timeout: Pin<&'a mut Timer>,
     mut stopped: Pin<&'a mut WaitForCancellationFutureOwned>,
 ) -> impl Future<Output = Got> + 'a
 where
@@ -355,7 +355,7 @@ where
             _ => None,
         };
         let mut parking = park_at.is_some();
-        timeout.as_mut().reset(park_at.unwrap_or(header_deadline));
+        timeout.as_mut().set(park_at.unwrap_or(header_deadline));
         // When the drain began, the connection's timer runs to whichever comes first of the header
         // deadline and the drain's (no second timer in every idle connection): a timer that
         // fires before the header deadline is the drain's.
@@ -384,7 +384,7 @@ where
                 let at = Instant::now() + c.shared.config.detect_timeout;
                 draining = true;
                 parking = false;
-                timeout.as_mut().reset(at.min(header_deadline));
+                timeout.as_mut().set(at.min(header_deadline));
             }
             let read = std::future::poll_fn(|cx| inbuf.poll_fill(cx, io));
             tokio::select! {
@@ -402,7 +402,7 @@ where
                             return Got::Park(header_deadline);
                         }
                         parking = false;
-                        timeout.as_mut().reset(header_deadline);
+                        timeout.as_mut().set(header_deadline);
                         continue;
                     }
                     return match draining.then(|| timeout.deadline()) {
@@ -419,15 +419,15 @@ where
 /// `fut` until `deadline`, on the connection's timer (`Err` when it passes first). A future of
 /// its own rather than an `async fn`, which would hold `fut` twice (as its argument and as what
 /// it awaits).
-fn within<F: Future>(mut timer: Pin<&mut Sleep>, deadline: Instant, fut: F) -> Within<'_, F> {
-    timer.as_mut().reset(deadline);
+fn within<F: Future>(mut timer: Pin<&mut Timer>, deadline: Instant, fut: F) -> Within<'_, F> {
+    timer.as_mut().set(deadline);
     Within { timer, fut }
 }
 
 pin_project_lite::pin_project! {
     /// See [`within`].
     struct Within<'t, F> {
-        timer: Pin<&'t mut Sleep>,
+        timer: Pin<&'t mut Timer>,
         #[pin]
         fut: F,
     }
@@ -464,7 +464,7 @@ fn exchange<'a, D>(
     io: &'a mut D,
     inbuf: &'a mut Inbuf,
     head: Head,
-    timer: Pin<&'a mut Sleep>,
+    timer: Pin<&'a mut Timer>,
 ) -> impl Future<Output = bool> + Send + 'a
 where
     D: AsyncRead + AsyncWrite + Unpin + Send,
@@ -562,7 +562,7 @@ pub(super) async fn exchange_size(c: &Client) -> usize {
         .await
         .unwrap();
     let head = wire::parse_request(inbuf.data()).unwrap().unwrap();
-    let timer = tokio::time::sleep(Duration::from_secs(1));
+    let timer = Timer::after(Duration::from_secs(1));
     tokio::pin!(timer);
     let exchange = exchange(c, &mut io, &mut inbuf, head, timer);
     size_of_val(&exchange)
@@ -737,7 +737,7 @@ fn forward<'a, D>(
     req: Request,
     ready: Ready,
     started: Instant,
-    mut timer: Pin<&'a mut Sleep>,
+    mut timer: Pin<&'a mut Timer>,
 ) -> impl Future<Output = (Option<Answer>, Duration, bool)> + Send + 'a
 where
     D: AsyncRead + AsyncWrite + Unpin + Send,
@@ -866,7 +866,7 @@ async fn plan<D>(
     req: &Request,
     replayable: bool,
     max: usize,
-    timer: Pin<&mut Sleep>,
+    timer: Pin<&mut Timer>,
     deadline: Instant,
 ) -> Result<Plan, Failed>
 where
@@ -985,6 +985,8 @@ impl Built {
     }
 }
 
+/// Inlined: most names (and some values) are constants, copied as such rather than by call.
+#[inline(always)]
 fn push_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -1037,8 +1039,8 @@ fn build_head(buf: &[u8], head: &Head, route: &Route) -> Result<Built, &'static 
     let mut has_proto = false;
     let mut host = None;
     let mut client_attempt = Vec::new();
+    let mut copy = LineCopy::default();
     for line in &head.lines {
-        let bytes = line.line.of(buf);
         let keep = match line.role {
             Role::Plain | Role::ContentLength => true,
             Role::HopByHop => false,
@@ -1075,22 +1077,22 @@ fn build_head(buf: &[u8], head: &Head, route: &Route) -> Result<Built, &'static 
             }
             Role::ClientCert => forwarded.is_none(),
             Role::Attempt => {
-                client_attempt.extend_from_slice(bytes);
+                client_attempt.extend_from_slice(line.line.of(buf));
                 client_attempt.extend_from_slice(b"\r\n");
                 false
             }
         };
         if keep {
-            out.extend_from_slice(bytes);
-            out.extend_from_slice(b"\r\n");
+            copy.push(&mut out, buf, line);
         }
     }
+    copy.flush(&mut out, buf);
     if host.is_none() {
         // HTTP/1.0 requests without Host: the authority names it.
         let a = authority.as_deref().unwrap_or(route.authority.as_str());
         push_line(&mut out, b"host", a.as_bytes());
     }
-    push_line(&mut out, b"x-forwarded-by", b"sidecar");
+    out.extend_from_slice(b"x-forwarded-by: sidecar\r\n");
     let fresh_id = fresh_request_id_bytes();
     let client_id = match request_id {
         Some(id) => Some(HeaderValue::from_bytes(id).unwrap_or_else(|_| fresh_request_id())),
@@ -1474,13 +1476,13 @@ where
         }
         let mut out = Vec::with_capacity(256);
         status_line(&mut out, ubuf.data(), &head);
+        let mut copy = LineCopy::default();
         for line in &head.lines {
-            if matches!(line.role, Role::HopByHop) {
-                continue;
+            if !matches!(line.role, Role::HopByHop) {
+                copy.push(&mut out, ubuf.data(), line);
             }
-            out.extend_from_slice(line.line.of(ubuf.data()));
-            out.extend_from_slice(b"\r\n");
         }
+        copy.flush(&mut out, ubuf.data());
         out.extend_from_slice(extra);
         out.extend_from_slice(b"connection: upgrade\r\n\r\n");
         ubuf.consume(head.len);
@@ -1513,13 +1515,13 @@ where
     let keep_client = req.keep_alive && body_sent && !close_delimited && !c.stop().is_cancelled();
     let mut out = relay::scratch();
     status_line(&mut out, ubuf.data(), &head);
+    let mut copy = LineCopy::default();
     for line in &head.lines {
-        if matches!(line.role, Role::HopByHop | Role::Upgrade) {
-            continue;
+        if !matches!(line.role, Role::HopByHop | Role::Upgrade) {
+            copy.push(&mut out, ubuf.data(), line);
         }
-        out.extend_from_slice(line.line.of(ubuf.data()));
-        out.extend_from_slice(b"\r\n");
     }
+    copy.flush(&mut out, ubuf.data());
     out.extend_from_slice(extra);
     if sink == Sink::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -1910,7 +1912,7 @@ async fn rest_answer<D>(
     ready: Ready,
     call: Box<RestCall>,
     started: Instant,
-    timer: Pin<&mut Sleep>,
+    timer: Pin<&mut Timer>,
 ) -> (Option<Answer>, Duration, bool)
 where
     D: AsyncRead + AsyncWrite + Unpin + Send,

@@ -20,7 +20,7 @@ pub(crate) const BUF: usize = 16 * 1024;
 const KEEP: usize = 64;
 
 thread_local! {
-    static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static FREE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
     static SCRATCH: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -67,12 +67,12 @@ impl Drop for Scratch {
 }
 
 /// A buffer of [`BUF`] bytes (initialised: reads write into it directly).
-fn take_buf() -> Vec<u8> {
+fn take_buf() -> Box<[u8]> {
     FREE.with(|f| f.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0; BUF])
+        .unwrap_or_else(|| vec![0; BUF].into_boxed_slice())
 }
 
-fn give_buf(buf: Vec<u8>) {
+fn give_buf(buf: Box<[u8]>) {
     if buf.len() != BUF {
         return;
     }
@@ -85,11 +85,11 @@ fn give_buf(buf: Vec<u8>) {
 }
 
 /// Bytes read from one side and not yet used: `buf[start..end]`. Without a buffer while idle.
-/// The offsets are `u32` (a buffer never grows past [`MAX_INBUF`]): 8 bytes less in every
-/// connection's future.
+/// The offsets are `u32` (a buffer never grows past [`MAX_INBUF`]) and the buffer a boxed
+/// slice (its length is its capacity): 16 bytes less in every connection's future.
 #[derive(Default)]
 pub(crate) struct Inbuf {
-    buf: Vec<u8>,
+    buf: Box<[u8]>,
     start: u32,
     end: u32,
 }
@@ -150,7 +150,9 @@ impl Inbuf {
         if len >= max {
             return false;
         }
-        self.buf.resize((len + BUF / 2).min(max), 0);
+        let mut grown = std::mem::take(&mut self.buf).into_vec();
+        grown.resize((len + BUF / 2).min(max), 0);
+        self.buf = grown.into_boxed_slice();
         true
     }
 

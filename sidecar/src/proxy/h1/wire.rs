@@ -14,6 +14,9 @@
 //! | a request target hyper's URI parser would refuse | the same character classes as the `http` crate |
 //!
 //! Pure: no I/O; fuzzed by `fuzz/fuzz_targets/h1_head.rs` against hyper's own reading.
+//!
+//! Size: over 700 lines, about half of them tests: the head reader, its strict framing rules, the
+//! name matching and line copying every request goes through, and the tests of each.
 use std::mem::MaybeUninit;
 
 use http::Method;
@@ -92,6 +95,43 @@ impl Line {
     pub(crate) fn name<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
         let line = self.line.of(buf);
         &line[..name_len(line)]
+    }
+}
+
+/// Copies header lines into a head being built, each ending in CRLF, in as few copies as it
+/// can: lines that follow one another in their buffer, each ended there by a CRLF, go in one
+/// copy (most of a head's kept lines are one such run); any other line is copied with a CRLF of
+/// its own. What it writes is what copying line by line would. [`LineCopy::flush`] ends a head's
+/// lines.
+#[derive(Default)]
+pub(crate) struct LineCopy {
+    /// The run not yet copied: `buf[start..end]` (empty when equal).
+    start: usize,
+    end: usize,
+}
+
+impl LineCopy {
+    pub(crate) fn push(&mut self, out: &mut Vec<u8>, buf: &[u8], line: &Line) {
+        let (start, end) = (line.line.start as usize, line.line.end as usize);
+        let crlf = buf.get(end..end + 2) == Some(b"\r\n".as_slice());
+        if crlf && self.start != self.end && start == self.end {
+            self.end = end + 2;
+            return;
+        }
+        self.flush(out, buf);
+        if crlf {
+            (self.start, self.end) = (start, end + 2);
+        } else {
+            out.extend_from_slice(&buf[start..end]);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    pub(crate) fn flush(&mut self, out: &mut Vec<u8>, buf: &[u8]) {
+        if self.start != self.end {
+            out.extend_from_slice(&buf[self.start..self.end]);
+            self.end = self.start;
+        }
     }
 }
 
@@ -289,11 +329,11 @@ fn read_lines(
                 lengths += 1;
                 length = Some(parse_length(value)?);
             }
-            Role::HopByHop if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+            Role::HopByHop if is_named(name, b"transfer-encoding") => {
                 codings += 1;
                 chunked = trim(value).eq_ignore_ascii_case(b"chunked");
             }
-            Role::HopByHop if name.eq_ignore_ascii_case(b"connection") => {
+            Role::HopByHop if is_named(name, b"connection") => {
                 for token in value.split(|b| *b == b',').map(trim) {
                     if token.eq_ignore_ascii_case(b"close") {
                         head.keep_alive = false;
@@ -407,10 +447,40 @@ fn trim(v: &[u8]) -> &[u8] {
     &v[start..=end]
 }
 
+/// Whether `name`, a token (httparse refuses any other name), is `lower` (lowercase letters and
+/// `-`) in any case. OR-ing 0x20 folds the case of a letter, and of no token byte onto another
+/// letter or onto `-` (only CR, never in a token, folds onto `-`): so names compare eight bytes
+/// at a time, not byte by byte through a lowercase table.
+#[inline]
+fn is_named(name: &[u8], lower: &[u8]) -> bool {
+    const FOLD: u64 = 0x2020_2020_2020_2020;
+    let n = name.len();
+    if n != lower.len() {
+        return false;
+    }
+    if n < 8 {
+        return name.iter().zip(lower).all(|(a, b)| a | 0x20 == *b);
+    }
+    let word = |s: &[u8], at: usize| {
+        let mut w = [0; 8];
+        w.copy_from_slice(&s[at..at + 8]);
+        u64::from_ne_bytes(w)
+    };
+    let mut at = 0;
+    while at + 8 < n {
+        if word(name, at) | FOLD != word(lower, at) {
+            return false;
+        }
+        at += 8;
+    }
+    // The last (possibly overlapping) eight.
+    word(name, n - 8) | FOLD == word(lower, n - 8)
+}
+
 /// What a header name is to the proxy (case-insensitive; the common names first).
 fn role_of(name: &[u8]) -> Role {
     // Dispatch on length: most names match no candidate of their length.
-    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    let is = |n: &[u8]| is_named(name, n);
     match name.len() {
         2 if is(b"te") => Role::HopByHop,
         4 if is(b"host") => Role::Host,
@@ -480,6 +550,83 @@ mod tests {
 
     fn req(raw: &[u8]) -> Head {
         parse_request(raw).unwrap().unwrap()
+    }
+
+    /// The names `role_of` and `read_lines` look for.
+    const NAMES: &[&[u8]] = &[
+        b"te",
+        b"host",
+        b"expect",
+        b"upgrade",
+        b"connection",
+        b"keep-alive",
+        b"tracestate",
+        b"traceparent",
+        b"x-request-id",
+        b"content-length",
+        b"x-forwarded-by",
+        b"x-forwarded-for",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"x-forwarded-proto",
+        b"x-sidecar-attempt",
+        b"x-forwarded-client-cert",
+    ];
+
+    #[test]
+    fn names_compare_as_a_case_blind_comparison_would_for_every_token_byte() {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        for name in NAMES {
+            assert!(is_named(&name.to_ascii_uppercase(), name));
+            for at in 0..name.len() {
+                for b in (0..=255u8).filter(|b| token(*b)) {
+                    let mut other = name.to_vec();
+                    other[at] = b;
+                    assert_eq!(
+                        is_named(&other, name),
+                        other.eq_ignore_ascii_case(name),
+                        "{:?} against {:?}",
+                        String::from_utf8_lossy(&other),
+                        String::from_utf8_lossy(name)
+                    );
+                }
+            }
+            assert!(!is_named(&name[1..], name));
+        }
+    }
+
+    #[test]
+    fn lines_copied_in_runs_are_what_a_copy_line_by_line_is() {
+        let heads: [&[u8]; 4] = [
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nX-Empty:\r\nX-B: 2\r\nX-C: 3\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\nX-A: 1\r\nX-B: 2\nX-C: 3\r\n\n",
+            b"GET / HTTP/1.1\r\nHost: a \t\r\nX-A:  1  \r\nX-B:\t2\r\nX-Empty:  \r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nX-B: 2\r\nX-C: 3\r\nX-D: 4\r\n\r\n",
+        ];
+        for raw in heads {
+            let head = req(raw);
+            let n = head.lines.len();
+            // Every choice of lines kept.
+            for kept in 0..1u32 << n {
+                let keep = |i: usize| kept & (1 << i) != 0;
+                let mut by_line = Vec::new();
+                let mut runs = Vec::new();
+                let mut copy = LineCopy::default();
+                for (i, line) in head.lines.iter().enumerate().filter(|(i, _)| keep(*i)) {
+                    by_line.extend_from_slice(line.line.of(raw));
+                    by_line.extend_from_slice(b"\r\n");
+                    copy.push(&mut runs, raw, line);
+                    assert!(i < n);
+                }
+                copy.flush(&mut runs, raw);
+                assert_eq!(
+                    String::from_utf8_lossy(&runs),
+                    String::from_utf8_lossy(&by_line),
+                    "lines {kept:b} of {:?}",
+                    String::from_utf8_lossy(raw)
+                );
+            }
+        }
     }
 
     #[test]
