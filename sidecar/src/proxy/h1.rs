@@ -358,8 +358,10 @@ where
         timeout.as_mut().set(park_at.unwrap_or(header_deadline));
         // When the drain began, the connection's timer runs to whichever comes first of the header
         // deadline and the drain's (no second timer in every idle connection): a timer that
-        // fires before the header deadline is the drain's.
+        // fires before the header deadline is the drain's (`drain_first`, decided when it is set:
+        // the timer's deadline is kept to the millisecond).
         let mut draining = false;
+        let mut drain_first = false;
         loop {
             if !inbuf.is_empty() {
                 match wire::parse_request(inbuf.data()) {
@@ -384,6 +386,7 @@ where
                 let at = Instant::now() + c.shared.config.detect_timeout;
                 draining = true;
                 parking = false;
+                drain_first = at < header_deadline;
                 timeout.as_mut().set(at.min(header_deadline));
             }
             let read = std::future::poll_fn(|cx| inbuf.poll_fill(cx, io));
@@ -405,10 +408,7 @@ where
                         timeout.as_mut().set(header_deadline);
                         continue;
                     }
-                    return match draining.then(|| timeout.deadline()) {
-                        Some(at) if at < header_deadline => Got::Closed,
-                        _ => Got::TimedOut,
-                    };
+                    return if drain_first { Got::Closed } else { Got::TimedOut };
                 }
                 () = stopped.as_mut(), if !draining => {}
             }

@@ -319,7 +319,8 @@ async fn a_long_chunked_body_is_streamed_from_where_buffering_stopped() {
 
 /// The drain, as a connection of the engine sees it: an idle kept-alive connection closes at
 /// once; a request under way when the drain begins gets the detection limit to arrive (one
-/// completed in time is answered; a stalled one is closed then, not at the header timeout).
+/// completed in time is answered; a stalled one is closed then, not at the header timeout, and
+/// not counted as one).
 #[tokio::test]
 async fn the_drain_closes_idle_connections_and_gives_a_request_under_way_the_detection_limit() {
     let (upstream, _seen, _) =
@@ -329,7 +330,16 @@ async fn the_drain_closes_idle_connections_and_gives_a_request_under_way_the_det
     config.detect_timeout = Duration::from_millis(300);
     // Far beyond the test's own bound: a connection closed at all was closed by the drain.
     config.http.header_timeout = Duration::from_secs(600);
-    let proxy = start(config, original_dst_resolver()).await.unwrap();
+    let metrics = crate::metrics::ProxyMetrics::unregistered();
+    let telemetry = Telemetry {
+        metrics: Arc::clone(&metrics),
+        access_log: false,
+    };
+    let resolvers = Resolvers {
+        outbound: original_dst_resolver(),
+        inbound: local_addr_resolver(),
+    };
+    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
     let addr = proxy.local_addrs()[0];
     guard(async {
         let mut idle = TcpStream::connect(addr).await.unwrap();
@@ -358,6 +368,73 @@ async fn the_drain_closes_idle_connections_and_gives_a_request_under_way_the_det
             let n = s.read_to_end(&mut rest).await.unwrap_or(0);
             assert_eq!(n, 0, "{name}: closed without an answer: {}", text(&rest));
         }
+        let timeouts = metrics.error_count(
+            Dir::Inbound,
+            crate::error::ProxyError::DownstreamHeaderTimeout,
+        );
+        assert_eq!(
+            timeouts, 0,
+            "a connection the drain closed counted as a header timeout"
+        );
     })
     .await;
+}
+
+/// The header timeout still ends a head that stalls, at its deadline, and is counted, whatever
+/// the connection's timer was moved to before (it is moved later lazily: `h1/timer.rs`).
+#[tokio::test]
+async fn a_stalled_head_after_a_request_meets_the_header_timeout_and_is_counted() {
+    let (upstream, _seen, _) =
+        scripted_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let mut config = ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]);
+    config.target = Some(Target::parse(&format!("http://{upstream}")).unwrap());
+    config.http.header_timeout = Duration::from_millis(600);
+    let metrics = crate::metrics::ProxyMetrics::unregistered();
+    let telemetry = Telemetry {
+        metrics: Arc::clone(&metrics),
+        access_log: false,
+    };
+    let resolvers = Resolvers {
+        outbound: original_dst_resolver(),
+        inbound: local_addr_resolver(),
+    };
+    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
+    let addr = proxy.local_addrs()[0];
+    guard(async {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        // Requests 100 ms apart move the timer later each time (the exchange's deadline, then
+        // the next head's); then, 300 ms after the last answer, a head begun and never finished.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .unwrap();
+            read_until(&mut c, |b| b.ends_with(b"ok")).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let begun = tokio::time::Instant::now();
+        c.write_all(b"GET /stalled HTTP/1.1\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        let n = c.read_to_end(&mut rest).await.unwrap_or(0);
+        let took = begun.elapsed();
+        assert_eq!(n, 0, "closed without an answer: {}", text(&rest));
+        // Its deadline ran from when its wait began, 300 ms before the head did: closed about
+        // 300 ms after the head began, neither at a deadline the timer had before (earlier) nor
+        // at one renewed by the head (600 ms).
+        assert!(
+            took >= Duration::from_millis(250),
+            "closed after {took:?}: too early"
+        );
+        assert!(
+            took < Duration::from_millis(590),
+            "closed after {took:?}: renewed"
+        );
+        let timeouts = metrics.error_count(
+            Dir::Inbound,
+            crate::error::ProxyError::DownstreamHeaderTimeout,
+        );
+        assert_eq!(timeouts, 1);
+    })
+    .await;
+    proxy.stop_all();
 }
