@@ -317,19 +317,15 @@ async fn a_long_chunked_body_is_streamed_from_where_buffering_stopped() {
     proxy.stop_all();
 }
 
-/// The drain, as a connection of the engine sees it: an idle kept-alive connection closes at
-/// once; a request under way when the drain begins gets the detection limit to arrive (one
-/// completed in time is answered; a stalled one is closed then, not at the header timeout, and
-/// not counted as one).
-#[tokio::test]
-async fn the_drain_closes_idle_connections_and_gives_a_request_under_way_the_detection_limit() {
-    let (upstream, _seen, _) =
-        scripted_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+/// A `--target` proxy to `upstream`, its configuration adjusted by `configure`, with its
+/// metrics (the header-timeout count, where these tests look).
+async fn observed_target_proxy(
+    upstream: SocketAddr,
+    configure: impl FnOnce(&mut ProxyConfig),
+) -> (Proxy, Arc<crate::metrics::ProxyMetrics>) {
     let mut config = ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]);
     config.target = Some(Target::parse(&format!("http://{upstream}")).unwrap());
-    config.detect_timeout = Duration::from_millis(300);
-    // Far beyond the test's own bound: a connection closed at all was closed by the drain.
-    config.http.header_timeout = Duration::from_secs(600);
+    configure(&mut config);
     let metrics = crate::metrics::ProxyMetrics::unregistered();
     let telemetry = Telemetry {
         metrics: Arc::clone(&metrics),
@@ -340,6 +336,23 @@ async fn the_drain_closes_idle_connections_and_gives_a_request_under_way_the_det
         inbound: local_addr_resolver(),
     };
     let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
+    (proxy, metrics)
+}
+
+/// The drain, as a connection of the engine sees it: an idle kept-alive connection closes at
+/// once; a request under way when the drain begins gets the detection limit to arrive (one
+/// completed in time is answered; a stalled one is closed then, not at the header timeout, and
+/// not counted as one).
+#[tokio::test]
+async fn the_drain_closes_idle_connections_and_gives_a_request_under_way_the_detection_limit() {
+    let (upstream, _seen, _) =
+        scripted_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let (proxy, metrics) = observed_target_proxy(upstream, |config| {
+        config.detect_timeout = Duration::from_millis(300);
+        // Far beyond the test's own bound: a connection closed at all was closed by the drain.
+        config.http.header_timeout = Duration::from_secs(600);
+    })
+    .await;
     let addr = proxy.local_addrs()[0];
     guard(async {
         let mut idle = TcpStream::connect(addr).await.unwrap();
@@ -386,19 +399,10 @@ async fn the_drain_closes_idle_connections_and_gives_a_request_under_way_the_det
 async fn a_stalled_head_after_a_request_meets_the_header_timeout_and_is_counted() {
     let (upstream, _seen, _) =
         scripted_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-    let mut config = ProxyConfig::new(["127.0.0.1:0".parse().unwrap()]);
-    config.target = Some(Target::parse(&format!("http://{upstream}")).unwrap());
-    config.http.header_timeout = Duration::from_millis(1000);
-    let metrics = crate::metrics::ProxyMetrics::unregistered();
-    let telemetry = Telemetry {
-        metrics: Arc::clone(&metrics),
-        access_log: false,
-    };
-    let resolvers = Resolvers {
-        outbound: original_dst_resolver(),
-        inbound: local_addr_resolver(),
-    };
-    let proxy = start_observed(config, resolvers, telemetry).await.unwrap();
+    let (proxy, metrics) = observed_target_proxy(upstream, |config| {
+        config.http.header_timeout = Duration::from_millis(1000);
+    })
+    .await;
     let addr = proxy.local_addrs()[0];
     guard(async {
         let mut c = TcpStream::connect(addr).await.unwrap();

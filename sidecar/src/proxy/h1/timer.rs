@@ -123,7 +123,7 @@ mod tests {
     }
 
     #[test]
-    fn it_costs_a_connection_no_more_than_its_sleep_and_four_bytes() {
+    fn it_costs_a_connection_no_more_than_its_sleep_and_one_word() {
         assert!(size_of::<Timer>() <= size_of::<Sleep>() + 8);
     }
 }

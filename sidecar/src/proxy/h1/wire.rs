@@ -612,11 +612,10 @@ mod tests {
                 let mut by_line = Vec::new();
                 let mut runs = Vec::new();
                 let mut copy = LineCopy::default();
-                for (i, line) in head.lines.iter().enumerate().filter(|(i, _)| keep(*i)) {
+                for (_, line) in head.lines.iter().enumerate().filter(|(i, _)| keep(*i)) {
                     by_line.extend_from_slice(line.line.of(raw));
                     by_line.extend_from_slice(b"\r\n");
                     copy.push(&mut runs, raw, line);
-                    assert!(i < n);
                 }
                 copy.flush(&mut runs, raw);
                 assert_eq!(
